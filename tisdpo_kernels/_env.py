@@ -1,0 +1,63 @@
+"""Every environment variable the library reads is parsed here (and listed in the README).
+
+Read at call time, never at import time, so tests and users may set them late.
+"""
+from __future__ import annotations
+
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r}: expected one of 0/1/true/false")
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: must be >= {minimum}")
+    return value
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: run Triton kernels on the CPU through Triton's interpreter."""
+    return _flag("TRITON_INTERPRET", False)
+
+
+def autotune() -> bool:
+    """TISDPO_AUTOTUNE=1: search kernel configs instead of using the one tuned config."""
+    return _flag("TISDPO_AUTOTUNE", False)
+
+
+def torch_chunk_tokens() -> int:
+    """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most)."""
+    return _int("TISDPO_CHUNK_TOKENS", 2048)
+
+
+def value_checks() -> str:
+    """TISDPO_CHECKS: how data-dependent input checks run.
+
+    ``auto`` (default): full ValueError checks on CPU tensors; on CUDA an asynchronous
+    device assertion (no host sync). ``full``: ValueError checks everywhere (one host sync
+    per call on CUDA). ``off``: shape and dtype checks only.
+    """
+    raw = os.environ.get("TISDPO_CHECKS", "auto").strip().lower()
+    if raw not in {"auto", "full", "off"}:
+        raise ValueError(f"environment variable TISDPO_CHECKS={raw!r}: expected auto, full or off")
+    return raw

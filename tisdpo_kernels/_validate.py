@@ -1,0 +1,121 @@
+"""Input checks shared by every public op: clear ValueErrors that name the argument.
+
+Shape and dtype checks are free. Value checks (targets in range, finite inputs) look at
+data: on CPU they raise ValueError; on CUDA they default to an asynchronous device
+assertion so a training step never syncs with the host (see ``_env.value_checks``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require(t.dtype in _FLOAT_DTYPES, f"{name} must be a floating tensor, got dtype {t.dtype}")
+
+
+def check_index(name: str, t: torch.Tensor) -> None:
+    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require(
+        t.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8),
+        f"{name} must be an integer tensor, got dtype {t.dtype}",
+    )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
+
+
+def check_scalar(name: str, value: float, *, low=None, high=None, low_open=False,
+                 high_open=False) -> None:
+    """Finite ``value`` inside [low, high] (open ends when ``*_open``)."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{name} must be a number, got {value!r}")
+    require(math.isfinite(value), f"{name} must be finite, got {value!r}")
+    if low is not None:
+        bad = value <= low if low_open else value < low
+        require(not bad, f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None:
+        bad = value >= high if high_open else value > high
+        require(not bad, f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+
+def _value_check(cond_bad: torch.Tensor, msg_fn) -> None:
+    """Raise when any element of ``cond_bad`` is true, without a host sync on CUDA."""
+    from tisdpo_kernels import _env
+
+    mode = _env.value_checks()
+    if mode == "off" or cond_bad.numel() == 0:
+        return
+    if cond_bad.device.type == "cpu" or mode == "full":
+        if bool(cond_bad.any()):
+            raise ValueError(msg_fn(cond_bad))
+        return
+    torch._assert_async(~cond_bad.any(), msg_fn(None))
+
+
+def check_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is in [0, vocab) or equals ``ignore_index``."""
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+
+    def msg(b):
+        if b is None:
+            return f"{name}: a target lies outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        idx = torch.nonzero(b)[0].tolist()
+        return (f"{name}[{', '.join(map(str, idx))}] = {int(targets[tuple(idx)])} lies outside "
+                f"[0, {vocab}) and is not ignore_index={ignore_index}")
+
+    _value_check(bad, msg)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    bad = ~torch.isfinite(t)
+
+    def msg(b):
+        if b is None:
+            return f"{name} contains a non-finite value"
+        idx = torch.nonzero(b)[0].tolist()
+        return f"{name}[{', '.join(map(str, idx))}] = {t[tuple(idx)].item()} is not finite"
+
+    _value_check(bad, msg)
+
+
+def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "") -> None:
+    """hidden [..., D], weight [V, D], targets [...] matching hidden[..., :-1], bias [V]."""
+    p = prefix
+    check_float(f"{p}hidden", hidden)
+    check_float(f"{p}weight", weight)
+    check_index("targets", targets)
+    require(weight.dim() == 2, f"{p}weight must be [V, D], got shape {tuple(weight.shape)}")
+    require(hidden.dim() >= 1, f"{p}hidden must be [..., D], got shape {tuple(hidden.shape)}")
+    require(hidden.shape[-1] == weight.shape[1],
+            f"{p}hidden has D={hidden.shape[-1]} but {p}weight has D={weight.shape[1]} "
+            f"(weight is [V, D] = {tuple(weight.shape)})")
+    require(tuple(hidden.shape[:-1]) == tuple(targets.shape),
+            f"targets shape {tuple(targets.shape)} must equal {p}hidden shape without its last "
+            f"dim {tuple(hidden.shape[:-1])}")
+    require(hidden.dtype == weight.dtype,
+            f"{p}hidden dtype {hidden.dtype} differs from {p}weight dtype {weight.dtype}")
+    if bias is not None:
+        check_float(f"{p}bias", bias)
+        require(tuple(bias.shape) == (weight.shape[0],),
+                f"{p}bias must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+
+
+def check_softcap(softcap) -> None:
+    if softcap is not None:
+        check_scalar("softcap", softcap, low=0.0, low_open=True)

@@ -1,0 +1,197 @@
+"""Frozen option dataclasses for the O(tokens) ops and the named loss presets.
+
+The unified formulation (reference/algorithms.md §8), per pair b and side s ∈ {w, l}:
+
+    A_s = (1/N_s) Σ_t m_t ω_t (lp_t − ρ·lr_t)         N_s = 1 ("sum") or Σ_t m_t ("mean")
+    K_s = Σ_t m_t ν_t k_t                              ν = ω ("kl_token_weighted") or 1
+    z   = A_w − A_l + c_w·K̂_w + c_l·K_l − γ₀           K̂_w = sg(K_w) when kl_stop_grad_chosen
+    ℓ   = link_β,ε(z)                                   loss = Σ_b ℓ_b / #pairs
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from tisdpo_kernels._validate import check_scalar, require
+
+Link = Literal["sigmoid", "conservative", "robust", "ipo", "hinge"]
+KLDirection = Literal["policy_ref", "ref_policy"]
+WeightMethod = Literal[
+    "exp_clamp", "rank_based", "threshold_and_scale", "threshold", "binary", "origin", "cdpo"
+]
+LINKS = ("sigmoid", "conservative", "robust", "ipo", "hinge")
+KL_DIRECTIONS = ("policy_ref", "ref_policy")
+WEIGHT_METHODS = (
+    "exp_clamp", "rank_based", "threshold_and_scale", "threshold", "binary", "origin", "cdpo"
+)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """Options of ``preference_loss`` (algorithms.md §8).
+
+    link: sigmoid | conservative | robust | ipo | hinge.  beta: β > 0.
+    epsilon: label-smoothing ε ∈ [0, 0.5) for conservative / robust.
+    margin: γ₀ subtracted from z before the link (SimPO's gamma_beta_ratio).
+    reduction: "sum" (N_s = 1) or "mean" (N_s = response tokens of the sequence).
+    reference_free: ρ = 0 (SimPO); reference log-probs are then not needed.
+    kl: None, "policy_ref" (KL(π‖ref), TIS-DPO's η) or "ref_policy" (KL(ref‖π), TDPO).
+    kl_chosen_coef, kl_rejected_coef: c_w and c_l.  kl_stop_grad_chosen: K̂_w = sg(K_w).
+    kl_token_weighted: ν_t = ω_t (TIS-DPO) instead of 1 (TDPO).
+    granularity: "seq" (everything above) or "pos" (cDPO's released code: pairs position t of
+    the chosen row with position t of the rejected row, mean over all B×T slots; padded only).
+    """
+
+    link: Link = "sigmoid"
+    beta: float = 0.1
+    epsilon: float = 0.0
+    margin: float = 0.0
+    reduction: Literal["sum", "mean"] = "sum"
+    reference_free: bool = False
+    kl: KLDirection | None = None
+    kl_chosen_coef: float = 0.0
+    kl_rejected_coef: float = 0.0
+    kl_stop_grad_chosen: bool = False
+    kl_token_weighted: bool = False
+    granularity: Literal["seq", "pos"] = "seq"
+
+    def __post_init__(self):
+        require(self.link in LINKS, f"link must be one of {LINKS}, got {self.link!r}")
+        check_scalar("beta", self.beta, low=0.0, low_open=True)
+        check_scalar("epsilon", self.epsilon, low=0.0, high=0.5, high_open=True)
+        check_scalar("margin", self.margin)
+        require(self.reduction in ("sum", "mean"),
+                f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        require(self.kl is None or self.kl in KL_DIRECTIONS,
+                f"kl must be None or one of {KL_DIRECTIONS}, got {self.kl!r}")
+        check_scalar("kl_chosen_coef", self.kl_chosen_coef)
+        check_scalar("kl_rejected_coef", self.kl_rejected_coef)
+        require(self.granularity in ("seq", "pos"),
+                f"granularity must be 'seq' or 'pos', got {self.granularity!r}")
+        require(not (self.granularity == "pos" and self.kl is not None),
+                "granularity='pos' does not support KL terms")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.kl is not None and (self.kl_chosen_coef != 0 or self.kl_rejected_coef != 0)
+
+    def replace(self, **changes) -> PreferenceConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class WeightParams:
+    """Parameters of ``token_weights`` (algorithms.md §2, §6.2).
+
+    exp_clamp (paper): w = k·exp(μ·clamp(c, lower, upper)), μ = +1 chosen / −1 rejected.
+    threshold_and_scale: clip(s, clip_lower, clip_upper) mapped linearly onto [w_min, w_max].
+    threshold: clip(s, clip_lower, clip_upper) (may be negative).  origin: s.
+    rank_based: rank of s within its sequence mapped linearly onto [w_min, w_max]; a
+    length-1 sequence gets (w_min + w_max) / 2.  binary: 1 for the top ``top_percent``% of
+    s within the sequence, else 0.  cdpo: chosen 1 (``only_neg``) or s, rejected 1 − s, where
+    s = exp(log-score) is cDPO's contrastive probability.
+    round_decimals: round c to this many decimals first (the official code stores 2).
+    """
+
+    k: float = 1.0
+    lower: float = -0.5
+    upper: float = 1.5
+    clip_lower: float = -1.5
+    clip_upper: float = 1.5
+    w_min: float = 0.7
+    w_max: float = 1.3
+    top_percent: float = 100.0
+    only_neg: bool = True
+    round_decimals: int | None = None
+
+    def __post_init__(self):
+        check_scalar("k", self.k, low=0.0, low_open=True)
+        check_scalar("lower", self.lower)
+        check_scalar("upper", self.upper)
+        require(self.lower <= self.upper,
+                f"lower (L={self.lower}) must not exceed upper (U={self.upper})")
+        check_scalar("clip_lower", self.clip_lower)
+        check_scalar("clip_upper", self.clip_upper)
+        require(self.clip_lower < self.clip_upper,
+                f"clip_lower ({self.clip_lower}) must be below clip_upper ({self.clip_upper})")
+        check_scalar("w_min", self.w_min)
+        check_scalar("w_max", self.w_max)
+        require(self.w_min <= self.w_max,
+                f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        check_scalar("top_percent", self.top_percent, low=0.0, high=100.0, low_open=True)
+        require(self.round_decimals is None or
+                (isinstance(self.round_decimals, int) and 0 <= self.round_decimals <= 8),
+                f"round_decimals must be None or an int in [0, 8], got {self.round_decimals!r}")
+
+    def replace(self, **changes) -> WeightParams:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LossPreset:
+    """A named method: the loss options plus the weight rule used when weights are estimated."""
+
+    name: str
+    config: PreferenceConfig
+    weight_method: WeightMethod | None
+    description: str
+
+
+def _p(name, weight_method, description, **cfg) -> LossPreset:
+    return LossPreset(name, PreferenceConfig(**cfg), weight_method, description)
+
+
+PRESETS: dict[str, LossPreset] = {p.name: p for p in (
+    _p("dpo", None, "−log σ(β(M_w − M_l))"),
+    _p("conservative", None, "label-smoothed DPO, ε = 0.1", link="conservative", epsilon=0.1),
+    _p("robust", None, "robust DPO (Chowdhury et al.), ε = 0.1", link="robust", epsilon=0.1),
+    _p("ipo", None, "(h − 1/(2β))², h on per-token means (TRL)", link="ipo", reduction="mean"),
+    _p("ipo_sum", None, "(h − 1/(2β))², h on token sums (DPO reference code)", link="ipo"),
+    _p("hinge", None, "max(0, 1 − β(M_w − M_l))", link="hinge"),
+    _p("simpo", None, "−log σ(β(ā_w − ā_l) − γ), no reference; β=2, γ/β=0.25",
+       beta=2.0, margin=0.25, reduction="mean", reference_free=True),
+    _p("tdpo1", None, "z = M_w − M_l − (K_l − K_w), K = Σ KL(ref‖π)",
+       kl="ref_policy", kl_chosen_coef=1.0, kl_rejected_coef=-1.0),
+    _p("tdpo2", None, "z = M_w − M_l − α(K_l − sg(K_w)), α = 0.5",
+       kl="ref_policy", kl_chosen_coef=0.5, kl_rejected_coef=-0.5, kl_stop_grad_chosen=True),
+    _p("cdpo", "cdpo", "DPO with rejected tokens weighted 1 − s_t (critical tokens)"),
+    _p("cdpo_code", "cdpo", "cDPO released code: per-position pairs, mean over B×T",
+       granularity="pos"),
+    _p("tisdpo", "rank_based",
+       "official code default: −log σ(β(Σ ω_w Δ_w − Σ ω_l Δ_l)), rank-based weights"),
+    _p("tisdpo_paper", "exp_clamp",
+       "paper with η: z = Σ ω_w Δ_w − Σ ω_l Δ_l − (Σ ω_w KL_w − Σ ω_l KL_l), KL(π‖ref)",
+       kl="policy_ref", kl_chosen_coef=-1.0, kl_rejected_coef=1.0, kl_token_weighted=True),
+    _p("tisdpo_paper_no_eta", "exp_clamp", "paper w.o. η: exp-clamp weights, no KL"),
+    _p("tisdpo_token_level", "rank_based",
+       "official code token_level: z = Σ ω_w Δ_w − Σ ω_l Δ_l − α(K_w − K_l), α = 0.5",
+       kl="policy_ref", kl_chosen_coef=-0.5, kl_rejected_coef=0.5, kl_token_weighted=True),
+    _p("tisdpo_threshold_and_scale", "threshold_and_scale",
+       "official code: weights 1 + 0.2·clip(s, −1.5, 1.5)"),
+    _p("tisdpo_binary", "binary", "official code: weight 1 on the top p% tokens, else 0"),
+)}
+
+
+def get_preset(name: str) -> LossPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; valid methods are {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Non-tensor options of the fused LM-head ops, crossing the autograd boundary as one."""
+
+    ignore_index: int = -100
+    softcap: float | None = None
+    return_lse: bool = False
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    """Non-tensor options of ``linear_token_kl``."""
+
+    direction: KLDirection = "policy_ref"
+    ignore_index: int = -100
+    softcap: float | None = None

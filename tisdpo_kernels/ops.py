@@ -1,0 +1,263 @@
+"""Public ops: validate, pick the backend, reshape, dispatch.
+
+Backends receive canonical, validated inputs and return canonical outputs:
+
+- head ops: hidden [N, D] (2-D, may be a strided view), weight [V, D], targets [N] int64;
+  options as a frozen dataclass (``HeadOptions`` / ``KLOptions``).
+- token_weights: flat [N] float tensors, ``mu`` [N] (+1 chosen, −1 rejected), ``seq_ids``
+  [N] int64 (−1 = outside every sequence), ``num_seqs`` an upper bound on sequence ids.
+- preference_loss: the packed form (flat [N] tensors, ``seq_ids``, pair index tensors
+  ``chosen_seq``/``rejected_seq`` [P], ``num_seqs``); the padded form is converted here.
+"""
+from __future__ import annotations
+
+import torch
+
+from tisdpo_kernels import _validate as V
+from tisdpo_kernels._impl import Impl, resolve_impl
+from tisdpo_kernels.config import (
+    WEIGHT_METHODS, HeadOptions, KLOptions, PreferenceConfig, WeightParams,
+)
+
+__all__ = ["linear_logprobs", "linear_token_kl", "contrastive_logscores", "token_weights",
+           "preference_loss"]
+
+
+def _backend(impl: Impl, op: str):
+    """The module implementing ``op`` for ``impl`` (imported lazily: no import-time work)."""
+    if impl is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference
+    if impl is Impl.TORCH:
+        from tisdpo_kernels import _torch
+        return getattr(_torch, op)
+    from tisdpo_kernels import _triton
+    return getattr(_triton, op)
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
+                    return_lse=False, impl="auto"):
+    """Per-token log-probabilities of ``targets`` under the LM head, without logits.
+
+    hidden [..., D], weight [V, D], targets [...] (already shifted: target i is predicted
+    from hidden i), optional bias [V] and logit softcap (``softcap·tanh(z/softcap)``).
+    Returns logp with the shape of targets (float32; float64 for float64 inputs), 0 where
+    ``targets == ignore_index``; with ``return_lse`` also the per-token logsumexp (0 where
+    ignored). Differentiable in hidden, weight and bias.
+
+        logp_t = z_t[y_t] − logsumexp(z_t),  z_t = softcap(W h_t + b)
+
+    impl: "auto" (triton on CUDA, torch on CPU), "triton", "torch" or "reference".
+    """
+    V.check_linear_inputs(hidden, weight, targets, bias)
+    V.check_softcap(softcap)
+    which = resolve_impl(impl, hidden.device, op="linear_logprobs")
+    V.check_targets("targets", targets, weight.shape[0], ignore_index)
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.linear_logprobs(hidden, weight, targets, bias=bias,
+                                         ignore_index=ignore_index, softcap=softcap,
+                                         return_lse=return_lse)
+    shape = targets.shape
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, return_lse=return_lse)
+    logp, lse = _backend(which, "linear_logprobs").linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), bias, opts)
+    logp = logp.view(shape)
+    return (logp, lse.view(shape)) if return_lse else logp
+
+
+def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None,
+                    ref_bias=None, direction="policy_ref", ignore_index=-100, softcap=None,
+                    impl="auto"):
+    """Per-token full-vocabulary KL between a policy head and a reference head, no logits.
+
+    hidden [..., D] with weight [V, D] (policy), ref_hidden [..., D′] with ref_weight [V, D′]
+    (reference, treated as constant), targets [...]. direction "policy_ref" gives
+    Σ_v p_v(log p_v − log q_v) (TIS-DPO's η); "ref_policy" gives Σ_v q_v(log q_v − log p_v)
+    (TDPO). softcap applies to both heads. Returns (kl, logp, ref_logp), each with the shape
+    of targets and 0 where ignored; gradients reach hidden, weight and bias only.
+    """
+    V.check_linear_inputs(hidden, weight, targets, bias)
+    V.check_linear_inputs(ref_hidden, ref_weight, targets, ref_bias, prefix="ref_")
+    V.require(ref_weight.shape[0] == weight.shape[0],
+              f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}")
+    V.require(direction in ("policy_ref", "ref_policy"),
+              f"direction must be 'policy_ref' or 'ref_policy', got {direction!r}")
+    V.check_softcap(softcap)
+    which = resolve_impl(impl, hidden.device, op="linear_token_kl")
+    V.check_targets("targets", targets, weight.shape[0], ignore_index)
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets,
+                                         bias=bias, ref_bias=ref_bias, direction=direction,
+                                         ignore_index=ignore_index, softcap=softcap)
+    shape = targets.shape
+    opts = KLOptions(direction=direction, ignore_index=ignore_index, softcap=softcap)
+    outs = _backend(which, "linear_token_kl").linear_token_kl(
+        hidden.reshape(-1, hidden.shape[-1]), weight,
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach(), ref_weight.detach(),
+        targets.reshape(-1).long(), bias, None if ref_bias is None else ref_bias.detach(), opts)
+    return tuple(o.view(shape) for o in outs)
+
+
+def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, targets, *, b=1.0,
+                          bias_pos=None, bias_neg=None, ignore_index=-100, impl="auto"):
+    """cDPO's per-token log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[y_t], without logits.
+
+    Since (1+b)·W⁺h⁺ − b·W⁻h⁻ = [W⁺ W⁻]·[(1+b)h⁺; −b·h⁻], this is ``linear_logprobs`` on
+    the concatenated heads (a [V, D⁺+D⁻] copy of the weights; meant for offline passes).
+    """
+    V.check_linear_inputs(hidden_pos, weight_pos, targets, bias_pos, prefix="pos_")
+    V.check_linear_inputs(hidden_neg, weight_neg, targets, bias_neg, prefix="neg_")
+    V.check_scalar("b", b)
+    hidden = torch.cat([(1 + b) * hidden_pos, -b * hidden_neg], dim=-1)
+    weight = torch.cat([weight_pos, weight_neg.to(weight_pos.dtype)], dim=-1)
+    bias = None
+    if bias_pos is not None or bias_neg is not None:
+        zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        bias = (1 + b) * (zeros if bias_pos is None else bias_pos) \
+            - b * (zeros if bias_neg is None else bias_neg)
+    return linear_logprobs(hidden.to(weight.dtype), weight, targets, bias=bias,
+                           ignore_index=ignore_index, impl=impl)
+
+
+def _segments_from(x, seq_ids, mask, *, name):
+    """(flat seq_ids [N], num_seqs bound) for a [N] packed or [B, T] padded input."""
+    if x.dim() == 2:
+        if mask is not None:
+            V.require(tuple(mask.shape) == tuple(x.shape),
+                      f"mask shape {tuple(mask.shape)} must equal {name} shape {tuple(x.shape)}")
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(x)
+        ids = rows if mask is None else torch.where(mask.bool(), rows, -1)
+        return ids.reshape(-1), x.shape[0]
+    V.require(x.dim() == 1, f"{name} must be [N] (packed) or [B, T] (padded), got shape "
+              f"{tuple(x.shape)}")
+    if seq_ids is None:
+        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if mask is not None:
+            V.require(tuple(mask.shape) == tuple(x.shape),
+                      f"mask shape {tuple(mask.shape)} must equal {name} shape {tuple(x.shape)}")
+            ids = torch.where(mask.bool(), ids, -1)
+        return ids, 1
+    V.check_index("seq_ids", seq_ids)
+    V.require(tuple(seq_ids.shape) == tuple(x.shape),
+              f"seq_ids has {seq_ids.shape[0] if seq_ids.dim() else 0} entries but {name} has "
+              f"{x.shape[0]} tokens")
+    ids = seq_ids.long()
+    if mask is not None:
+        ids = torch.where(mask.bool(), ids, -1)
+    return ids, max(x.shape[0], 1)
+
+
+def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=None,
+                  seq_ids=None, mask=None, impl="auto"):
+    """Per-token importance weights from contrastive log-probs (algorithms.md §2, §6.2).
+
+    logp_pos / logp_neg: log π⁺(y_t) and log π⁻(y_t), either [N] packed with ``seq_ids`` [N]
+    (−1 outside every response; needed by the per-sequence methods rank_based and binary) or
+    [B, T] padded with ``mask`` [B, T] (each row one sequence). side: "chosen" (μ = +1),
+    "rejected" (μ = −1) or a bool tensor of logp's shape (True = chosen). method: exp_clamp
+    (paper), rank_based, threshold_and_scale, threshold, binary, origin (official code), or
+    cdpo (logp_pos is cDPO's log-score, logp_neg unused). Returns weights of logp's shape
+    (0 outside every sequence); constants, no gradient.
+    """
+    V.check_float("logp_pos", logp_pos)
+    V.require(method in WEIGHT_METHODS, f"method must be one of {WEIGHT_METHODS}, got {method!r}")
+    params = WeightParams() if params is None else params
+    V.require(isinstance(params, WeightParams),
+              f"params must be a WeightParams, got {type(params).__name__}")
+    if method != "cdpo":
+        V.require(logp_neg is not None, f"method={method!r} needs logp_neg")
+        V.check_float("logp_neg", logp_neg)
+        V.require(tuple(logp_neg.shape) == tuple(logp_pos.shape),
+                  f"logp_neg shape {tuple(logp_neg.shape)} must equal logp_pos shape "
+                  f"{tuple(logp_pos.shape)}")
+    if isinstance(side, str):
+        V.require(side in ("chosen", "rejected"),
+                  f"side must be 'chosen', 'rejected' or a bool tensor, got {side!r}")
+    else:
+        V.require(isinstance(side, torch.Tensor) and tuple(side.shape) == tuple(logp_pos.shape),
+                  f"side as a tensor must have logp_pos's shape {tuple(logp_pos.shape)}")
+    which = resolve_impl(impl, logp_pos.device, op="token_weights")
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.token_weights(logp_pos, logp_neg, side=side, method=method,
+                                       params=params, seq_ids=seq_ids, mask=mask)
+    ids, num_seqs = _segments_from(logp_pos, seq_ids, mask, name="logp_pos")
+    if isinstance(side, str):
+        mu = torch.full((logp_pos.numel(),), 1.0 if side == "chosen" else -1.0,
+                        device=logp_pos.device)
+    else:
+        mu = torch.where(side.reshape(-1).bool(), 1.0, -1.0)
+    neg = None if logp_neg is None else logp_neg.reshape(-1).detach()
+    w = _backend(which, "token_weights").token_weights(
+        logp_pos.reshape(-1).detach(), neg, mu, ids, num_seqs, method, params)
+    return w.view(logp_pos.shape)
+
+
+def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq_ids=None,
+                    chosen_seq=None, rejected_seq=None, kl=None, normalizer=None, impl="auto"):
+    """The unified weighted preference loss (algorithms.md §8) and per-pair metrics.
+
+    Padded: logp [2B, T], chosen rows first, ``mask`` [2B, T] marks response tokens; pair b is
+    (row b, row b+B). Packed: logp [N], ``seq_ids`` [N] (−1 outside every response),
+    ``chosen_seq``/``rejected_seq`` [P] sequence ids of each pair. ref_logp (required unless
+    ``config.reference_free``), weights ω (default 1) and kl (required when config.uses_kl)
+    have logp's shape. normalizer: divide the summed pair losses by this (e.g. the pairs of
+    the whole accumulated batch); default: pairs with at least one response token, ≥ 1.
+
+    Returns (loss, metrics): a scalar, and per-pair detached tensors named as TRL names them
+    (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected; kl/chosen, kl/rejected with KL terms).
+    """
+    V.require(isinstance(config, PreferenceConfig),
+              f"config must be a PreferenceConfig, got {type(config).__name__}")
+    V.check_float("logp", logp)
+    for name, t in (("ref_logp", ref_logp), ("weights", weights), ("kl", kl)):
+        if t is not None:
+            V.check_float(name, t)
+            V.require(tuple(t.shape) == tuple(logp.shape),
+                      f"{name} shape {tuple(t.shape)} must equal logp shape {tuple(logp.shape)}")
+    V.require(config.reference_free or ref_logp is not None,
+              "ref_logp is required unless config.reference_free is set")
+    V.require(not config.uses_kl or kl is not None,
+              f"config uses KL terms ({config.kl}) but kl was not given")
+    if logp.dim() == 2:
+        V.require(logp.shape[0] % 2 == 0 and logp.shape[0] > 0,
+                  f"padded logp must have 2B rows (chosen then rejected), got {logp.shape[0]}")
+        V.require(mask is not None, "padded layout needs mask [2B, T] of response tokens")
+        V.require(tuple(mask.shape) == tuple(logp.shape),
+                  f"mask shape {tuple(mask.shape)} must equal logp shape {tuple(logp.shape)}")
+        V.require(seq_ids is None and chosen_seq is None and rejected_seq is None,
+                  "padded layout takes mask only; seq_ids/chosen_seq/rejected_seq are packed")
+    else:
+        V.require(config.granularity == "seq", "granularity='pos' needs the padded layout")
+        V.require(logp.dim() == 1, f"logp must be [2B, T] or [N], got {tuple(logp.shape)}")
+        V.require(seq_ids is not None and chosen_seq is not None and rejected_seq is not None,
+                  "packed layout needs seq_ids, chosen_seq and rejected_seq")
+        V.check_index("chosen_seq", chosen_seq)
+        V.check_index("rejected_seq", rejected_seq)
+        V.require(chosen_seq.shape == rejected_seq.shape and chosen_seq.dim() == 1,
+                  f"chosen_seq {tuple(chosen_seq.shape)} and rejected_seq "
+                  f"{tuple(rejected_seq.shape)} must be 1-D of equal length")
+    if weights is not None:
+        V.check_finite("weights", weights)
+    which = resolve_impl(impl, logp.device, op="preference_loss")
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.preference_loss(
+            logp, ref_logp, weights, config=config, mask=mask, seq_ids=seq_ids,
+            chosen_seq=chosen_seq, rejected_seq=rejected_seq, kl=kl, normalizer=normalizer)
+    backend = _backend(which, "preference_loss")
+    if config.granularity == "pos":
+        return backend.preference_loss_pos(logp, ref_logp, weights, mask, config, normalizer)
+    if logp.dim() == 2:
+        half = logp.shape[0] // 2
+        ids, num_seqs = _segments_from(logp, None, mask, name="logp")
+        chosen_seq = torch.arange(half, device=logp.device)
+        rejected_seq = torch.arange(half, 2 * half, device=logp.device)
+    else:
+        ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp")
+    flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
+    return backend.preference_loss(*flat, ids, chosen_seq.long(), rejected_seq.long(),
+                                   num_seqs, config, normalizer)
