@@ -1,0 +1,120 @@
+"""Math shared by the torch backend's LM-head ops (``linear_logprobs``, ``linear_token_kl``).
+
+Both ops walk the tokens in chunks of C rows. A chunk's logits [C, V] are formed, reduced to
+per-token statistics and dropped, so no pass holds more than C × V logits (plus that chunk's
+gradient). The backward recomputes each chunk's logits from the saved inputs, turns them
+into the per-logit gradient dz [C, V] and hands it to :class:`HeadGrads`, which pushes it
+into d_hidden (per chunk), d_weight and d_bias (float32 sums across chunks).
+
+Dtype convention (the reference's): logits are formed in the input dtype, as an eager
+``hidden @ weight.T + bias`` would, then upcast to the statistics dtype (float32; float64
+for float64 inputs) before the softcap and every softmax statistic.
+"""
+from __future__ import annotations
+
+import torch
+
+from tisdpo_kernels import _env
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of softmax statistics and per-token outputs for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_size(chunk_tokens: int | None) -> int:
+    """Tokens per chunk: ``chunk_tokens`` when given, else ``TISDPO_CHUNK_TOKENS`` (2048)."""
+    if chunk_tokens is None:
+        return _env.torch_chunk_tokens()
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def chunks(n: int, size: int):
+    """(start, end) row ranges covering [0, n) in steps of ``size`` (from shapes: no sync)."""
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def no_autocast(device: torch.device):
+    """Both passes compute in the input dtype, whatever autocast the caller has on; so the
+    backward's recomputed logits are the forward's."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 softcap: float | None) -> torch.Tensor:
+    """softcap(h @ weight.T + bias) for one chunk h [C, D], in the statistics dtype [C, V].
+
+    The returned tensor is freshly allocated: callers may overwrite it in place.
+    """
+    z = h @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.to(stat_dtype(h.dtype))
+    if softcap is not None:
+        z = z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def softcap_grad_factor(z: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
+    """d softcap(x) / dx = 1 − tanh², recovered from the capped logits z = softcap·tanh(·).
+
+    Returns None without a softcap. Call it before overwriting ``z``.
+    """
+    if softcap is None:
+        return None
+    t = z / softcap
+    return t.mul_(t).neg_().add_(1.0)
+
+
+def log_softmax_(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """z − lse per row, in place: the log-softmax form (finite where probabilities underflow)."""
+    return z.sub_(lse.unsqueeze(1))
+
+
+def valid_and_safe(targets: torch.Tensor, ignore_index: int):
+    """(valid mask [N], targets with ignored entries replaced by 0 [N]); no host sync."""
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, 0)
+
+
+def masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x where valid, exactly 0 elsewhere (also stops NaN/inf upstream grads of ignored rows)."""
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class HeadGrads:
+    """Accumulates the head's input gradients from per-chunk logit gradients dz [C, V].
+
+    Only the gradients asked for get work. d_hidden is written per chunk in the input dtype
+    (dz cast to it, as eager autograd does); d_weight and d_bias are summed over chunks in
+    the statistics dtype and cast to the parameter dtype once, in :meth:`finish`.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 needs_hidden: bool, needs_weight: bool, needs_bias: bool):
+        sd = stat_dtype(hidden.dtype)
+        dev = hidden.device
+        self.weight, self.bias = weight, bias
+        self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
+                   if needs_hidden else None)
+        self.dw = torch.zeros(weight.shape, dtype=sd, device=dev) if needs_weight else None
+        self.db = (torch.zeros(bias.shape, dtype=sd, device=dev)
+                   if (needs_bias and bias is not None) else None)
+
+    def add(self, start: int, end: int, h: torch.Tensor, dz: torch.Tensor) -> None:
+        """Add chunk rows [start, end): h [C, D] its hidden states, dz [C, V] d loss / d logits
+        before the bias (the softcap factor already applied)."""
+        if self.dh is not None:
+            torch.matmul(dz.to(self.weight.dtype), self.weight, out=self.dh[start:end])
+        if self.dw is not None:
+            self.dw.addmm_(dz.T, h.to(self.dw.dtype))
+        if self.db is not None:
+            self.db.add_(dz.sum(0))
+
+    def finish(self):
+        """(d_hidden, d_weight, d_bias), each None when not asked for."""
+        dw = None if self.dw is None else self.dw.to(self.weight.dtype)
+        db = None if self.db is None else self.db.to(self.bias.dtype)
+        return self.dh, dw, db

@@ -1,0 +1,90 @@
+"""Torch backend of ``linear_logprobs``: token-chunked, logits recomputed in the backward.
+
+Forward, per chunk of C tokens: z = softcap(h W^T + b) [C, V], lse = logsumexp(z),
+logp = z[y] − lse. Saved for the backward: the inputs and the raw lse [N] (O(N) extras).
+Backward, per chunk: recompute z, p = exp(z − lse) and
+
+    dz = g_logp · (onehot(y) − p) + g_lse · p  =  (g_lse − g_logp) · p + g_logp · onehot(y)
+
+(times 1 − tanh² under a softcap), then dH = dz W, dW += dz^T H, db += Σ dz. Neither pass
+holds more than C × V logits plus that chunk's gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from tisdpo_kernels._torch._head_common import (
+    HeadGrads, chunk_logits, chunk_size, chunks, masked, no_autocast, softcap_grad_factor,
+    stat_dtype, valid_and_safe,
+)
+from tisdpo_kernels.config import HeadOptions
+
+__all__ = ["linear_logprobs"]
+
+
+def linear_logprobs_fwd(hidden, weight, targets, bias, opts: HeadOptions, chunk: int):
+    """(logp [N], raw lse [N]): logp is 0 where ignored; lse is unmasked (for the backward)."""
+    n = hidden.shape[0]
+    sd = stat_dtype(hidden.dtype)
+    valid, safe = valid_and_safe(targets, opts.ignore_index)
+    logp = torch.empty(n, dtype=sd, device=hidden.device)
+    lse = torch.empty(n, dtype=sd, device=hidden.device)
+    with no_autocast(hidden.device):
+        for s, e in chunks(n, chunk):
+            z = chunk_logits(hidden[s:e], weight, bias, opts.softcap)      # [C, V]
+            lse[s:e] = torch.logsumexp(z, dim=1)
+            logp[s:e] = z.gather(1, safe[s:e, None]).squeeze(1) - lse[s:e]
+    return masked(logp, valid), lse
+
+
+def linear_logprobs_bwd(hidden, weight, targets, bias, lse, g_logp, g_lse, opts: HeadOptions,
+                        chunk: int, needs: tuple[bool, bool, bool]):
+    """(d_hidden, d_weight, d_bias) for upstream grads g_logp, g_lse [N]; None where not needed."""
+    sd = stat_dtype(hidden.dtype)
+    valid, safe = valid_and_safe(targets, opts.ignore_index)
+    g_logp = masked(g_logp.to(sd), valid)
+    p_coef = masked(g_lse.to(sd), valid) - g_logp                        # multiplies p
+    grads = HeadGrads(hidden, weight, bias, *needs)
+    with no_autocast(hidden.device):
+        for s, e in chunks(hidden.shape[0], chunk):
+            h = hidden[s:e]
+            z = chunk_logits(h, weight, bias, opts.softcap)                # [C, V]
+            cap = softcap_grad_factor(z, opts.softcap)
+            dz = z.sub_(lse[s:e, None]).exp_().mul_(p_coef[s:e, None])     # (g_lse − g_logp)·p
+            dz.scatter_add_(1, safe[s:e, None], g_logp[s:e, None])         # + g_logp·onehot
+            if cap is not None:
+                dz.mul_(cap)
+            grads.add(s, e, h, dz)
+    return grads.finish()
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, opts: HeadOptions, chunk: int):
+        logp, lse = linear_logprobs_fwd(hidden, weight, targets, bias, opts, chunk)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse)
+        ctx.opts, ctx.chunk = opts, chunk
+        valid = targets != opts.ignore_index
+        return logp, masked(lse, valid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp, g_lse):
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dh, dw, db = linear_logprobs_bwd(hidden, weight, targets, bias, lse, g_logp, g_lse,
+                                         ctx.opts, ctx.chunk, (needs[0], needs[1], needs[3]))
+        return dh, dw, None, db, None, None
+
+
+def linear_logprobs(hidden, weight, targets, bias, opts: HeadOptions, *,
+                    chunk_tokens: int | None = None):
+    """(logp [N], lse [N]) for hidden [N, D], weight [V, D], targets [N] int64, bias [V]|None.
+
+    float32 outputs (float64 for float64 inputs), 0 where ``targets == opts.ignore_index``;
+    differentiable in hidden, weight and bias through both outputs. ``chunk_tokens``
+    overrides ``TISDPO_CHUNK_TOKENS`` (tokens per chunk; C × V logits at most).
+    """
+    return LinearLogprobsFunction.apply(hidden, weight, targets, bias, opts,
+                                        chunk_size(chunk_tokens))

@@ -1,0 +1,121 @@
+"""Torch backend of ``linear_token_kl``: token-chunked, logits recomputed in the backward.
+
+Per chunk of C tokens, with log p = log_softmax(softcap(H W^T + b)) for the policy and
+log q the same for the (constant) reference head:
+
+    policy_ref:  KL = Σ_v p_v (log p_v − log q_v)      G_v = p_v (log p_v − log q_v − KL)
+    ref_policy:  KL = Σ_v q_v (log q_v − log p_v)      G_v = p_v − q_v
+
+where G = d KL / d z (algorithms.md §8). The backward's per-logit gradient is
+
+    dz = g_kl · G + g_logp · (onehot(y) − p)
+
+(times 1 − tanh² under a softcap). Everything is in log-softmax form, so probabilities that
+underflow give 0 · finite = 0, never 0 · log 0. Saved for the backward: the inputs and the
+raw policy lse, reference lse and KL, each [N]. No pass holds more than a few C × V tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from tisdpo_kernels._torch._head_common import (
+    HeadGrads, chunk_logits, chunk_size, chunks, log_softmax_, masked, no_autocast,
+    softcap_grad_factor, stat_dtype, valid_and_safe,
+)
+from tisdpo_kernels.config import KLOptions
+
+__all__ = ["linear_token_kl"]
+
+
+def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
+                 opts: KLOptions, chunk: int):
+    """(kl, logp, ref_logp, raw lse_p, raw lse_q, raw kl), each [N]; the first three are 0
+    where ignored, the raw ones are unmasked (for the backward)."""
+    n = hidden.shape[0]
+    sd = stat_dtype(hidden.dtype)
+    dev = hidden.device
+    valid, safe = valid_and_safe(targets, opts.ignore_index)
+    kl, logp, ref_logp, lse_p = (torch.empty(n, dtype=sd, device=dev) for _ in range(4))
+    lse_q = torch.empty(n, dtype=stat_dtype(ref_hidden.dtype), device=dev)
+    with no_autocast(dev):
+        for s, e in chunks(n, chunk):
+            lp = chunk_logits(hidden[s:e], weight, bias, opts.softcap)            # [C, V]
+            lse_p[s:e] = torch.logsumexp(lp, dim=1)
+            lp = log_softmax_(lp, lse_p[s:e])
+            zq = chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap)
+            lse_q[s:e] = torch.logsumexp(zq, dim=1)
+            lq = log_softmax_(zq, lse_q[s:e]).to(sd)                              # [C, V]
+            if opts.direction == "policy_ref":
+                kl[s:e] = (lp.exp() * (lp - lq)).sum(1)
+            else:
+                kl[s:e] = (lq.exp() * (lq - lp)).sum(1)
+            logp[s:e] = lp.gather(1, safe[s:e, None]).squeeze(1)
+            ref_logp[s:e] = lq.gather(1, safe[s:e, None]).squeeze(1)
+    return masked(kl, valid), masked(logp, valid), masked(ref_logp, valid), lse_p, lse_q, kl
+
+
+def token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse_p, lse_q,
+                 kl, g_kl, g_logp, opts: KLOptions, chunk: int, needs: tuple[bool, bool, bool]):
+    """(d_hidden, d_weight, d_bias) for upstream grads g_kl, g_logp [N]; None where not needed."""
+    sd = stat_dtype(hidden.dtype)
+    valid, safe = valid_and_safe(targets, opts.ignore_index)
+    g_kl = masked(g_kl.to(sd), valid)
+    g_logp = masked(g_logp.to(sd), valid)
+    grads = HeadGrads(hidden, weight, bias, *needs)
+    with no_autocast(hidden.device):
+        for s, e in chunks(hidden.shape[0], chunk):
+            h = hidden[s:e]
+            lp = chunk_logits(h, weight, bias, opts.softcap)                      # [C, V]
+            cap = softcap_grad_factor(lp, opts.softcap)
+            lp = log_softmax_(lp, lse_p[s:e])
+            lq = chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap)
+            lq = log_softmax_(lq, lse_q[s:e]).to(sd)                              # [C, V]
+            p = lp.exp()
+            if opts.direction == "policy_ref":
+                dz = lp.sub_(lq).sub_(kl[s:e, None]).mul_(p)                     # G
+            else:
+                dz = p - lq.exp_()                                                # G
+            dz.mul_(g_kl[s:e, None]).sub_(p.mul_(g_logp[s:e, None]))             # − g_logp·p
+            dz.scatter_add_(1, safe[s:e, None], g_logp[s:e, None])               # + g_logp·onehot
+            if cap is not None:
+                dz.mul_(cap)
+            grads.add(s, e, h, dz)
+    return grads.finish()
+
+
+class LinearTokenKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
+                opts: KLOptions, chunk: int):
+        kl, logp, ref_logp, lse_p, lse_q, kl_raw = token_kl_fwd(
+            hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts, chunk)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
+                              lse_p, lse_q, kl_raw)
+        ctx.opts, ctx.chunk = opts, chunk
+        ctx.mark_non_differentiable(ref_logp)
+        return kl, logp, ref_logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_kl, g_logp, _g_ref_logp):
+        hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse_p, lse_q, kl = \
+            ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dh, dw, db = token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias,
+                                  ref_bias, lse_p, lse_q, kl, g_kl, g_logp, ctx.opts, ctx.chunk,
+                                  (needs[0], needs[1], needs[5]))
+        return dh, dw, None, None, None, db, None, None, None
+
+
+def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
+                    opts: KLOptions, *, chunk_tokens: int | None = None):
+    """(kl, logp, ref_logp), each [N], for policy hidden [N, D] / weight [V, D] and reference
+    ref_hidden [N, D'] / ref_weight [V, D'] (constants), targets [N] int64.
+
+    float32 outputs (float64 for float64 policy inputs), 0 where ignored; gradients reach
+    hidden, weight and bias from kl and logp. ``chunk_tokens`` overrides
+    ``TISDPO_CHUNK_TOKENS``.
+    """
+    return LinearTokenKLFunction.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
+                                       ref_bias, opts, chunk_size(chunk_tokens))
