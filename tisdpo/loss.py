@@ -1,0 +1,329 @@
+"""``TISDPOLoss``: the drop-in token-weighted preference loss (algorithms.md §2, §3, §6, §8).
+
+Takes the policy's last hidden states and its LM-head weight instead of logits, so the
+tokens × vocab logits are never materialised. Built only from the public ops of
+``tisdpo_kernels`` (``linear_logprobs``, ``linear_token_kl``, ``token_weights``,
+``preference_loss``); ``impl=`` picks their backend.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tisdpo_kernels import _validate as V
+from tisdpo_kernels import linear_logprobs, linear_token_kl, preference_loss, token_weights
+from tisdpo_kernels._impl import Impl
+from tisdpo_kernels.config import PRESETS, WEIGHT_METHODS, WeightParams, get_preset
+
+__all__ = ["TISDPOLoss", "presets_markdown"]
+
+# Presets whose KL coefficients are ±α (algorithms.md §3.2 token_level, §6.1 TDPO2).
+_ALPHA_METHODS = ("tdpo2", "tisdpo_token_level")
+
+
+class TISDPOLoss(nn.Module):
+    """Token-weighted DPO-family loss from hidden states and the LM-head weight.
+
+    ``method`` is any name of ``tisdpo_kernels.PRESETS`` (see :func:`presets_markdown`).
+    ``"tisdpo"`` is the official code's default objective, the weighted log-ratio sums
+    ``−log σ(β(Σ ω_w Δ_w − Σ ω_l Δ_l))`` without η; the paper's η term (a token-weighted
+    KL(π‖ref)) is opt-in via ``"tisdpo_paper"`` or ``"tisdpo_token_level"``.
+
+    Hyperparameters (None = the preset's default, algorithms.md names):
+      beta: β > 0 (0.1; SimPO 2.0).
+      epsilon / label_smoothing (aliases): ε ∈ [0, 0.5) for conservative / robust (0.1);
+        with a sigmoid-link method ε > 0 gives the conservative (label-smoothed) form.
+      alpha: α > 0 on the KL terms of tdpo2 and tisdpo_token_level (0.5).
+      gamma_beta_ratio: γ/β ≥ 0 of simpo (0.25).
+      weight_method: override the preset's rule for weights computed on the fly (one of
+        ``tisdpo_kernels.config.WEIGHT_METHODS``); weight_params: its ``WeightParams``
+        (L, U, k, ranges; defaults of algorithms.md §2).
+      ignore_index (-100), softcap (logit softcap, both heads), impl ("auto" | "triton" |
+        "torch" | "reference", passed to every op).
+
+    Call (padded layout, as TRL and Liger batch it)::
+
+        loss, metrics = loss_fn(lm_head_weight, hidden, labels, *, bias=None,
+                                ref_hidden=None, ref_weight=None, ref_bias=None,
+                                ref_logps=None, weights=None, pos_logps=None,
+                                neg_logps=None, normalizer=None)
+
+    hidden [2B, T, D], labels [2B, T] (already shifted: labels[i, t] is predicted from
+    hidden[i, t]); rows 0..B−1 are the chosen responses, rows B..2B−1 the rejected ones,
+    pair b = (row b, row b + B); ``ignore_index`` on prompt and padding tokens.
+
+    Packed layout (padding-free): add ``seq_offsets`` [S+1] (cu_seqlens-style, sequence s
+    is tokens offsets[s]..offsets[s+1]−1; tokens past the last offset belong to no sequence)
+    and ``pairs`` [P, 2] (chosen sequence, rejected sequence); hidden [N, D] or [1, N, D],
+    labels and every per-token tensor [N] or [1, N].
+
+    Reference (one of): ``ref_hidden`` [same tokens, D′] with ``ref_weight`` [V, D′]
+    (default: ``lm_head_weight``) and ``ref_bias`` (default: ``bias`` when ref_weight is
+    not given), evaluated under no_grad; or precomputed ``ref_logps`` (per token); or none
+    for reference-free methods (simpo). KL methods (tisdpo_paper, tisdpo_token_level,
+    tdpo1, tdpo2) need ``ref_hidden``: the full-vocabulary KL cannot come from ref_logps.
+
+    Token weights ω (one of): ``weights`` per token, used exactly as given (only response
+    tokens count); or ``pos_logps``/``neg_logps`` (log π⁺(y_t), log π⁻(y_t); for cdpo
+    ``pos_logps`` is the log-score log s_t) turned into weights by the method's rule; or
+    none: unit weights — for ``"tisdpo"`` that is exactly DPO on the same tokens.
+
+    normalizer: divide the summed pair losses by this (e.g. the number of pairs in the whole
+    accumulated batch); default: the pairs that have a response token.
+
+    Returns ``loss`` (scalar) and ``metrics``: detached 0-d tensors, batch means over pairs —
+    rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected (TRL's names), weights/chosen and weights/rejected (mean token weight over
+    response tokens), and kl/chosen, kl/rejected for KL methods. No host synchronisation.
+    """
+
+    def __init__(self, method: str = "tisdpo", beta: float | None = None, *,
+                 epsilon: float | None = None, label_smoothing: float | None = None,
+                 alpha: float | None = None, gamma_beta_ratio: float | None = None,
+                 weight_method: str | None = None, weight_params: WeightParams | None = None,
+                 ignore_index: int = -100, softcap: float | None = None, impl: str = "auto"):
+        super().__init__()
+        preset = get_preset(method)
+        cfg = preset.config
+        changes = {}
+        if beta is not None:
+            V.check_scalar("beta", beta, low=0.0, low_open=True)
+            changes["beta"] = float(beta)
+        if epsilon is not None and label_smoothing is not None:
+            raise ValueError(f"pass epsilon or its alias label_smoothing, not both (got "
+                             f"epsilon={epsilon!r}, label_smoothing={label_smoothing!r})")
+        eps_name = "epsilon" if epsilon is not None else "label_smoothing"
+        eps = epsilon if epsilon is not None else label_smoothing
+        if eps is not None:
+            V.check_scalar(eps_name, eps, low=0.0, high=0.5, high_open=True)
+            if cfg.link in ("ipo", "hinge") and eps != 0:
+                raise ValueError(f"{eps_name}={eps!r}: method {method!r} uses the {cfg.link} "
+                                 f"link, which has no label smoothing")
+            changes["epsilon"] = float(eps)
+            if cfg.link == "sigmoid" and eps != 0:
+                changes["link"] = "conservative"
+        if alpha is not None:
+            V.require(method in _ALPHA_METHODS,
+                      f"alpha={alpha!r}: alpha scales the KL terms of {_ALPHA_METHODS} only, "
+                      f"not of method {method!r}")
+            V.check_scalar("alpha", alpha, low=0.0, low_open=True)
+            changes["kl_chosen_coef"] = float(alpha) * (1 if cfg.kl_chosen_coef > 0 else -1)
+            changes["kl_rejected_coef"] = float(alpha) * (1 if cfg.kl_rejected_coef > 0 else -1)
+        if gamma_beta_ratio is not None:
+            V.require(method == "simpo",
+                      f"gamma_beta_ratio={gamma_beta_ratio!r} applies to method 'simpo' only, "
+                      f"not {method!r}")
+            V.check_scalar("gamma_beta_ratio", gamma_beta_ratio, low=0.0)
+            changes["margin"] = float(gamma_beta_ratio)
+        if weight_method is not None:
+            V.require(weight_method in WEIGHT_METHODS,
+                      f"weight_method must be one of {WEIGHT_METHODS}, got {weight_method!r}")
+        if weight_params is not None:
+            V.require(isinstance(weight_params, WeightParams),
+                      f"weight_params must be a tisdpo_kernels.WeightParams, got "
+                      f"{type(weight_params).__name__}")
+            V.require(weight_method is not None or preset.weight_method is not None,
+                      f"weight_params given but method {method!r} has no weight rule; pass "
+                      f"weight_method= to compute weights on the fly")
+        V.require(isinstance(ignore_index, int) and not isinstance(ignore_index, bool),
+                  f"ignore_index must be an int, got {ignore_index!r}")
+        V.check_softcap(softcap)
+        try:
+            Impl(impl)
+        except ValueError:
+            raise ValueError(f"unknown impl={impl!r}; valid choices are "
+                             f"{[i.value for i in Impl]}") from None
+        self.method = method
+        self.config = cfg.replace(**changes)
+        self.weight_method = weight_method or preset.weight_method
+        self.weight_params = weight_params or WeightParams()
+        self.ignore_index = ignore_index
+        self.softcap = softcap
+        self.impl = impl
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"method={self.method!r}, beta={c.beta}, link={c.link!r}, "
+                f"weight_method={self.weight_method!r}, impl={self.impl!r}")
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(self, lm_head_weight, hidden, labels, *, bias=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_logps=None, weights=None, pos_logps=None,
+                neg_logps=None, seq_offsets=None, pairs=None, normalizer=None):
+        cfg = self.config
+        V.check_float("lm_head_weight", lm_head_weight)
+        V.check_float("hidden", hidden)
+        V.check_index("labels", labels)
+        if seq_offsets is not None or pairs is not None:
+            hidden, labels, ref_hidden, tok, layout = self._packed(
+                hidden, labels, ref_hidden, seq_offsets, pairs,
+                ref_logps=ref_logps, weights=weights, pos_logps=pos_logps, neg_logps=neg_logps)
+            ref_logps, weights, pos_logps, neg_logps = tok
+        else:
+            layout = self._padded(hidden, labels)
+        mask = labels != self.ignore_index
+        side = layout.pop("side")
+        self._check_reference(ref_hidden, ref_weight, ref_bias, ref_logps)
+        for name, t in (("ref_logps", ref_logps), ("weights", weights),
+                        ("pos_logps", pos_logps), ("neg_logps", neg_logps)):
+            if t is not None:
+                V.check_float(name, t)
+                V.require(tuple(t.shape) == tuple(labels.shape),
+                          f"{name} shape {tuple(t.shape)} must equal labels shape "
+                          f"{tuple(labels.shape)}")
+        if ref_hidden is not None and ref_weight is None:
+            ref_weight = lm_head_weight
+            ref_bias = bias if ref_bias is None else ref_bias
+        head = dict(ignore_index=self.ignore_index, softcap=self.softcap, impl=self.impl)
+
+        kl = ref_logp = None
+        if cfg.uses_kl:
+            kl, logp, ref_logp = linear_token_kl(
+                hidden, lm_head_weight, ref_hidden, ref_weight, labels, bias=bias,
+                ref_bias=ref_bias, direction=cfg.kl, **head)
+        else:
+            logp = linear_logprobs(hidden, lm_head_weight, labels, bias=bias, **head)
+            if ref_hidden is not None:
+                with torch.no_grad():
+                    ref_logp = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,
+                                               bias=None if ref_bias is None
+                                               else ref_bias.detach(), **head)
+            elif ref_logps is not None:
+                ref_logp = torch.where(mask, ref_logps.detach().to(logp.dtype), 0.0)
+        w = self._weights(logp, mask, side, layout, weights, pos_logps, neg_logps)
+
+        loss, per_pair = preference_loss(logp, ref_logp, w, config=cfg, kl=kl,
+                                         normalizer=normalizer, impl=self.impl, **layout)
+        metrics = {k: v.mean() for k, v in per_pair.items()}
+        unit = torch.ones_like(logp) if w is None else w
+        for name, sel in (("weights/chosen", mask & side), ("weights/rejected", mask & ~side)):
+            metrics[name] = ((unit * sel).sum() / sel.sum().clamp(min=1)).detach()
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _padded(self, hidden, labels):
+        V.require(hidden.dim() == 3,
+                  f"hidden must be [2B, T, D] (padded) or [N, D] with seq_offsets and pairs "
+                  f"(packed), got shape {tuple(hidden.shape)}")
+        V.require(labels.dim() == 2 and tuple(labels.shape) == tuple(hidden.shape[:2]),
+                  f"labels shape {tuple(labels.shape)} must be hidden's [2B, T] = "
+                  f"{tuple(hidden.shape[:2])}")
+        V.require(hidden.shape[0] % 2 == 0 and hidden.shape[0] > 0,
+                  f"hidden must have 2B rows (chosen rows first, then rejected), got "
+                  f"{hidden.shape[0]}")
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        side = (rows < labels.shape[0] // 2).unsqueeze(1).expand_as(labels)
+        return {"mask": labels != self.ignore_index, "side": side}
+
+    def _packed(self, hidden, labels, ref_hidden, seq_offsets, pairs, **tok):
+        V.require(seq_offsets is not None and pairs is not None,
+                  "the packed layout needs both seq_offsets [S+1] and pairs [P, 2]")
+        V.require(self.config.granularity == "seq",
+                  f"method {self.method!r} pairs positions of padded rows; it needs the padded "
+                  f"layout (no seq_offsets/pairs)")
+        if hidden.dim() == 3:
+            V.require(hidden.shape[0] == 1,
+                      f"packed hidden must be [N, D] or [1, N, D], got {tuple(hidden.shape)}")
+            hidden = hidden[0]
+            labels = labels[0] if labels.dim() == 2 else labels
+            ref_hidden = ref_hidden[0] if ref_hidden is not None and ref_hidden.dim() == 3 \
+                else ref_hidden
+            tok = {k: (t[0] if t is not None and t.dim() == 2 else t) for k, t in tok.items()}
+        V.require(hidden.dim() == 2,
+                  f"packed hidden must be [N, D] or [1, N, D], got {tuple(hidden.shape)}")
+        V.require(labels.dim() == 1 and labels.shape[0] == hidden.shape[0],
+                  f"packed labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
+        V.check_index("seq_offsets", seq_offsets)
+        V.check_index("pairs", pairs)
+        V.require(seq_offsets.dim() == 1 and seq_offsets.shape[0] >= 2,
+                  f"seq_offsets must be [S+1] with S >= 1, got {tuple(seq_offsets.shape)}")
+        V.require(pairs.dim() == 2 and pairs.shape[1] == 2 and pairs.shape[0] >= 1,
+                  f"pairs must be [P, 2] (chosen, rejected) with P >= 1, got "
+                  f"{tuple(pairs.shape)}")
+        n, s = hidden.shape[0], seq_offsets.shape[0] - 1
+        off = seq_offsets.to(device=hidden.device, dtype=torch.long)
+        pairs = pairs.to(device=hidden.device, dtype=torch.long)
+        _value_check((off[1:] < off[:-1]).any() | (off[0] < 0) | (off[-1] > n),
+                     f"seq_offsets must be non-decreasing within [0, N={n}]")
+        _value_check(((pairs < 0) | (pairs >= s)).any(),
+                     f"pairs must hold sequence indices in [0, S={s})")
+        pos = torch.arange(n, device=hidden.device)
+        seq = torch.searchsorted(off[1:], pos, right=True)        # offsets[s] <= t < offsets[s+1]
+        inside = (pos >= off[0]) & (seq < s) & (labels != self.ignore_index)
+        seq_ids = torch.where(inside, seq, -1)
+        is_chosen = torch.zeros(s + 1, dtype=torch.bool, device=hidden.device)
+        is_chosen[pairs[:, 0]] = True
+        side = is_chosen[torch.where(seq_ids >= 0, seq_ids, s)]
+        layout = {"seq_ids": seq_ids, "chosen_seq": pairs[:, 0], "rejected_seq": pairs[:, 1],
+                  "side": side}
+        keys = ("ref_logps", "weights", "pos_logps", "neg_logps")
+        return hidden, labels, ref_hidden, tuple(tok[k] for k in keys), layout
+
+    def _check_reference(self, ref_hidden, ref_weight, ref_bias, ref_logps):
+        cfg, method = self.config, self.method
+        if ref_hidden is None:
+            V.require(ref_weight is None and ref_bias is None,
+                      "ref_weight/ref_bias given without ref_hidden")
+        if cfg.reference_free:
+            V.require(ref_hidden is None and ref_logps is None,
+                      f"method {method!r} is reference-free; do not pass ref_hidden or ref_logps")
+            return
+        V.require(ref_hidden is None or ref_logps is None,
+                  "pass either ref_hidden (+ ref_weight) or ref_logps, not both")
+        if cfg.uses_kl:
+            V.require(ref_hidden is not None,
+                      f"method {method!r} uses the full-vocabulary KL ({cfg.kl}), which needs "
+                      f"ref_hidden (+ ref_weight); ref_logps alone cannot give it")
+        V.require(ref_hidden is not None or ref_logps is not None,
+                  f"method {method!r} needs a reference: pass ref_hidden (+ ref_weight) or "
+                  f"ref_logps")
+
+    def _weights(self, logp, mask, side, layout, weights, pos_logps, neg_logps):
+        V.require(weights is None or (pos_logps is None and neg_logps is None),
+                  "pass either weights or pos_logps/neg_logps, not both")
+        if weights is not None:
+            return torch.where(mask, weights.detach().to(logp.dtype), 0.0)
+        if pos_logps is None and neg_logps is None:
+            return None
+        rule = self.weight_method
+        V.require(rule is not None,
+                  f"method {self.method!r} has no weight rule; pass weights=, or "
+                  f"weight_method= to compute weights from pos_logps/neg_logps")
+        V.require(pos_logps is not None, "neg_logps given without pos_logps")
+        V.require(rule == "cdpo" or neg_logps is not None,
+                  f"weight rule {rule!r} needs both pos_logps and neg_logps")
+        seg = {"mask": mask} if "mask" in layout else {"seq_ids": layout["seq_ids"]}
+        w = token_weights(pos_logps.detach(), None if rule == "cdpo" else neg_logps.detach(),
+                          side=side, method=rule, params=self.weight_params, impl=self.impl,
+                          **seg)
+        return torch.where(mask, w.to(logp.dtype), 0.0)
+
+
+def _value_check(bad: torch.Tensor, msg: str) -> None:
+    """ValueError on CPU; an asynchronous device assertion on CUDA (no host sync)."""
+    V._value_check(bad, lambda _: msg)
+
+
+def presets_markdown() -> str:
+    """The README table of methods, derived from ``tisdpo_kernels.PRESETS``."""
+    rows = ["| method | token weights | link | β | sequence score | reference | KL term | "
+            "formula |", "|---|---|---|---|---|---|---|---|"]
+    for name, p in PRESETS.items():
+        c = p.config
+        link = c.link + (f" ε={c.epsilon}" if c.link in ("conservative", "robust") else "")
+        score = "per-position pairs" if c.granularity == "pos" else (
+            "token mean" if c.reduction == "mean" else "token sum")
+        kl = "–"
+        if c.uses_kl:
+            d = "KL(π‖ref)" if c.kl == "policy_ref" else "KL(ref‖π)"
+            kl = (f"{d}, c_w={c.kl_chosen_coef:+g}, c_l={c.kl_rejected_coef:+g}"
+                  + (", sg(K_w)" if c.kl_stop_grad_chosen else "")
+                  + (", ν=ω" if c.kl_token_weighted else ""))
+        ref = "none" if c.reference_free else "yes"
+        if c.margin:
+            ref += f", γ/β={c.margin:g}"
+        rows.append(f"| `{name}` | {p.weight_method or 'unit'} | {link} | {c.beta:g} | {score} | "
+                    f"{ref} | {kl} | {p.description} |")
+    return "\n".join(rows)
