@@ -9,17 +9,51 @@ find. :class:`SyntheticInfo` labels every completion token (+1 good, −1 bad, 0
 for the AUC of estimated weights, and scores any generated text (the task reward).
 
 The tokenizer: a byte-level BPE trained (``tokenizers``) on a corpus of the task's words so
-each word is one or a few tokens, ~512 entries, with special tokens ``<|pad|>``, ``<|bos|>``,
+each word is one or a few tokens, 512 entries, with special tokens ``<|pad|>``, ``<|bos|>``,
 ``<|eos|>``, ``<|system|>``, ``<|user|>``, ``<|assistant|>`` and a chat template whose
 assistant turns are ``{% generation %}`` blocks ending in ``<|eos|>``. It is committed under
-``tisdpo/assets/`` (built by :func:`build_tokenizer`, loaded offline by
-:func:`load_tokenizer`).
+``tisdpo/assets/`` (``tokenizer.json`` written by :func:`save_tokenizer_assets`;
+:func:`load_tokenizer` wraps it offline exactly as :func:`build_tokenizer` does). Regenerate with
+``python -c "from tisdpo.synthetic import save_tokenizer_assets; save_tokenizer_assets()"``.
 """
 from __future__ import annotations
 
+import random
+import re
+from pathlib import Path
+
 __all__ = ["GOOD_WORDS", "BAD_WORDS", "NEUTRAL_WORDS", "TOPICS", "CHAT_TEMPLATE",
-           "SyntheticInfo", "make_synthetic_task", "build_tokenizer", "load_tokenizer",
-           "save_tokenizer_assets", "ASSETS_DIR"]
+           "SPECIAL_TOKENS", "SyntheticInfo", "make_synthetic_task", "build_tokenizer",
+           "load_tokenizer", "save_tokenizer_assets", "ASSETS_DIR"]
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+GOOD_WORDS = ("bright", "clear", "kind", "honest", "helpful", "precise", "warm", "gentle",
+              "vivid", "calm", "wise", "fair", "brave", "lovely", "careful", "joyful")
+BAD_WORDS = ("rude", "vague", "wrong", "harmful", "lazy", "false", "cruel", "sloppy",
+             "dull", "bitter", "nasty", "broken", "toxic", "angry", "messy", "awful")
+NEUTRAL_WORDS = ("the", "a", "and", "of", "in", "on", "with", "is", "was", "it", "this",
+                 "that", "river", "city", "house", "tree", "road", "stone", "light", "water",
+                 "day", "night", "people", "story", "place", "time", "world", "small",
+                 "old", "near", "under", "over")
+TOPICS = ("rivers", "cats", "mountains", "cities", "music", "gardens", "the sea", "winter",
+          "books", "friends", "trains", "cooking")
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
+#: Chat template: BOS, then turns "<|role|>content"; assistant turns are generation blocks
+#: that end with <|eos|> (so the completion mask covers the content and its EOS).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|eos|>{% endgeneration %}"
+    "{% elif message['role'] in ['system', 'user'] %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_WORD_RE = re.compile(r"[A-Za-z]+")
 
 
 class SyntheticInfo:
@@ -36,8 +70,71 @@ class SyntheticInfo:
       aligned 1:1 with ``ids`` — e.g. with ``chosen_ids`` from ``tokenize_pairs``.
     """
 
-    def __init__(self, good_words, bad_words, neutral_words, topics):
-        raise NotImplementedError
+    def __init__(self, good_words=GOOD_WORDS, bad_words=BAD_WORDS,
+                 neutral_words=NEUTRAL_WORDS, topics=TOPICS):
+        self.good_words, self.bad_words = tuple(good_words), tuple(bad_words)
+        self.neutral_words, self.topics = tuple(neutral_words), tuple(topics)
+        self._cls = {w: 1 for w in self.good_words}
+        self._cls.update({w: -1 for w in self.bad_words})
+
+    def word_class(self, word: str) -> int:
+        return self._cls.get(word.lower(), 0)
+
+    def balance(self, text: str) -> int:
+        return sum(self.word_class(w) for w in _WORD_RE.findall(text))
+
+    def reward(self, text: str) -> float:
+        words = _WORD_RE.findall(text)
+        return sum(self.word_class(w) for w in words) / max(len(words), 1)
+
+    def token_labels(self, ids, tokenizer) -> list[int]:
+        """+1/−1/0 per token of ``ids`` (a completion), from the word each token is part of."""
+        ids = [int(i) for i in ids]
+        special = set(tokenizer.all_special_ids)
+        pieces = ["" if i in special else tokenizer.decode([i]) for i in ids]
+        text = "".join(pieces)
+        char_cls = [0] * len(text)
+        for m in _WORD_RE.finditer(text):
+            c = self.word_class(m.group())
+            for k in range(m.start(), m.end()):
+                char_cls[k] = c
+        labels, pos = [], 0
+        for piece in pieces:
+            span = char_cls[pos:pos + len(piece)]
+            labels.append(next((c for c in span if c != 0), 0))
+            pos += len(piece)
+        return labels
+
+
+def _response(rng: random.Random, info: SyntheticInfo, p_good=0.2, p_bad=0.2) -> str:
+    words = []
+    for _ in range(rng.randint(8, 20)):
+        u = rng.random()
+        pool = info.good_words if u < p_good else \
+            info.bad_words if u < p_good + p_bad else info.neutral_words
+        words.append(rng.choice(pool))
+    return " " + " ".join(words)
+
+
+def _pairs(n: int, rng: random.Random, info: SyntheticInfo, chat: bool) -> list[dict]:
+    records = []
+    while len(records) < n:
+        topic = rng.choice(info.topics)
+        a, b = _response(rng, info), _response(rng, info)
+        ba, bb = info.balance(a), info.balance(b)
+        if ba == bb:
+            continue
+        (chosen, bc), (rejected, br) = sorted([(a, ba), (b, bb)], key=lambda x: -x[1])
+        prompt = f"Write about {topic}:"
+        if chat:
+            rec = {"prompt": [{"role": "user", "content": prompt}],
+                   "chosen": [{"role": "assistant", "content": chosen}],
+                   "rejected": [{"role": "assistant", "content": rejected}]}
+        else:
+            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        rec.update(chosen_balance=bc, rejected_balance=br)
+        records.append(rec)
+    return records
 
 
 def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool = False):
@@ -46,17 +143,81 @@ def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool 
     Records: ``prompt`` ("Write about rivers:"), ``chosen`` and ``rejected`` (" word word …",
     a leading space so prompt + completion reads naturally and every word tokenises as in
     running text), plus ``chosen_balance``/``rejected_balance`` (ints, for inspection).
-    Deterministic in ``seed``; train and test prompts/responses are drawn independently.
+    With ``chat`` the three fields are chat messages (a user turn; one assistant turn each).
+    Each response has 8–20 words, each good or bad with probability 0.2, else neutral;
+    pairs with equal balance are redrawn. Deterministic in ``seed``; train and test are
+    drawn independently from the same distribution.
     """
-    raise NotImplementedError
+    for name, v in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    info = SyntheticInfo()
+    train = _pairs(n_train, random.Random(f"train-{seed}"), info, chat)
+    test = _pairs(n_test, random.Random(f"test-{seed}"), info, chat)
+    return train, test, info
+
+
+def _corpus(n_lines: int = 3000) -> list[str]:
+    """Task-like text (prompts, responses, chat role words) for training the BPE."""
+    rng = random.Random("tokenizer-corpus")
+    info = SyntheticInfo()
+    lines = [f"Write about {t}:" for t in info.topics] * 20
+    all_words = info.good_words + info.bad_words + info.neutral_words
+    lines += [" ".join(all_words)] * 30
+    for _ in range(n_lines):
+        lines.append(f"Write about {rng.choice(info.topics)}:" + _response(rng, info))
+    return lines
+
+
+def _train_bpe(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _wrap(**source):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        **source, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        chat_template=CHAT_TEMPLATE, model_max_length=4096)
 
 
 def build_tokenizer(vocab_size: int = 512):
     """Train the byte-level BPE on the task corpus; a ``PreTrainedTokenizerFast`` with the
-    special tokens and :data:`CHAT_TEMPLATE`. Deterministic; no network."""
-    raise NotImplementedError
+    special tokens (pad 0, bos 1, eos 2) and :data:`CHAT_TEMPLATE`. Deterministic; no
+    network. The BPE runs out of merges before 512: the vocabulary has 499 entries, and
+    every task word is a single token (with its leading space)."""
+    return _wrap(tokenizer_object=_train_bpe(vocab_size))
+
+
+def save_tokenizer_assets(directory=None):
+    """Train the BPE and write its ``tokenizer.json`` (default: the package's assets).
+
+    Only tokenizer.json is stored; the special-token roles and the chat template live in
+    this module, so :func:`load_tokenizer` works with any transformers version.
+    """
+    directory = Path(directory) if directory is not None else ASSETS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer.json"
+    _train_bpe(512).save(str(path), pretty=True)
+    return path
 
 
 def load_tokenizer():
-    """The committed tokenizer from ``tisdpo/assets/`` (local files only, no network)."""
-    raise NotImplementedError
+    """The committed tokenizer (``tisdpo/assets/tokenizer.json``), wrapped as
+    :func:`build_tokenizer` wraps it — local file only, no network."""
+    path = ASSETS_DIR / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {ASSETS_DIR}: regenerate it with "
+                                "tisdpo.synthetic.save_tokenizer_assets()")
+    return _wrap(tokenizer_file=str(path))
