@@ -1,0 +1,201 @@
+"""Shared Triton helpers for the LM-head kernels (lm_head.py, token_kl.py, ...).
+
+@triton.jit helpers first (they inline into the caller), then small host-side helpers.
+Conventions every helper follows:
+
+- ``UPCAST`` (constexpr) is true only under the Triton interpreter with 16-bit inputs: the
+  interpreter computes bf16 ``tl.dot``/adds on raw bits, so tiles are cast to fp32 right after
+  ``tl.load``. On a GPU it is false and ``tl.dot`` runs on bf16/fp16 tensor cores.
+- ``DOT_PRECISION`` (constexpr) is "ieee" or "tf32"; it only matters for fp32 inputs and
+  follows ``torch.get_float32_matmul_precision()`` (see :func:`dot_precision`).
+- Statistics (max, sum-exp, lse, softmax) are always fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tanh(x):
+    """tanh in fp32, accurate to ~2 ulp, portable (libdevice is unavailable when interpreting).
+
+    |x| < 0.4: odd Taylor polynomial (9 terms, truncation < 1e-10 relative); otherwise
+    sign(x)·(1 − e)/(1 + e) with e = exp(−2|x|), which has no cancellation there.
+    """
+    ax = tl.abs(x)
+    x2 = x * x
+    p = 0.000590027440945586
+    p = p * x2 - 0.0014558343870513183
+    p = p * x2 + 0.003592128036572481
+    p = p * x2 - 0.008863235529902197
+    p = p * x2 + 0.021869488536155203
+    p = p * x2 - 0.05396825396825397
+    p = p * x2 + 0.13333333333333333
+    p = p * x2 - 0.3333333333333333
+    p = p * x2 + 1.0
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.4, x * p, big)
+
+
+@triton.jit
+def softcap_fwd(z, cap):
+    """Logit softcap (Gemma): cap · tanh(z / cap)."""
+    return cap * tanh(z / cap)
+
+
+@triton.jit
+def softcap_grad(zc, cap):
+    """d softcap(z)/dz from the capped value zc = cap·tanh(z/cap): 1 − (zc/cap)²."""
+    t = zc / cap
+    return 1.0 - t * t
+
+
+@triton.jit
+def load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c, UPCAST: tl.constexpr):
+    """[R, C] tile ptr[offs_r, offs_c] (0 outside the masks), fp32 when UPCAST."""
+    offs_r = offs_r.to(tl.int64)
+    x = tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D,
+                stride_hn, stride_hd, stride_wv, stride_wd,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols]ᵀ, looping over D in BLOCK_D steps.
+
+    ``rows`` / ``cols`` are index vectors (rows may be a gathered, non-contiguous set); rows or
+    columns outside their mask contribute 0.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = rows.to(tl.int64)   # N·D and V·D may exceed 2^31 elements
+    cols = cols.to(tl.int64)
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd   # [BN, BD]
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd   # [BD, BV]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_D)):
+        d_mask = offs_d < D - k * BLOCK_D
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    return acc
+
+
+@triton.jit
+def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The head's fp32 logit tile softcap(hidden[rows] @ weight[cols]ᵀ + bias[cols]).
+
+    Columns outside ``col_mask`` hold garbage-free finite values (bias 0): mask them before any
+    reduction (use :func:`mask_cols`).
+    """
+    z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D,
+                    stride_hn, stride_hd, stride_wv, stride_wd,
+                    BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)
+        z += b[None, :]
+    if HAS_SOFTCAP:
+        z = softcap_fwd(z, cap)
+    return z
+
+
+@triton.jit
+def mask_cols(z, col_mask):
+    """−inf outside the valid vocabulary columns (so they vanish from max and sum-exp)."""
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def online_lse_step(m, s, z):
+    """One online-logsumexp update with a tile z [BN, BV] (masked columns = −inf).
+
+    m: running max [BN] (start at −inf), s: running Σ exp(z − m) [BN] (start at 0). Each tile
+    must contain at least one finite column, so the new max is finite and exp(m − m_new) is 0
+    on the first tile. Returns (m_new, s_new); lse = m + log(s) at the end.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s_new = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s_new
+
+
+@triton.jit
+def gather_cols(z, cols, target):
+    """z[i, target[i]] when target[i] is among ``cols``, else 0: Σ_j where(cols_j == t_i, z_ij)."""
+    return tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# host helpers
+# --------------------------------------------------------------------------------------------
+
+
+def interpreting(t: torch.Tensor) -> bool:
+    """True when this tensor's kernels run under the Triton interpreter (a CPU tensor)."""
+    return t.device.type != "cuda"
+
+
+def upcast(t: torch.Tensor) -> bool:
+    """The UPCAST constexpr: interpreted and 16-bit (the interpreter's bf16 math is wrong)."""
+    return interpreting(t) and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """DOT_PRECISION for ``dtype``: fp32 dots follow torch's float32 matmul precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """Triton kernels take fp32/bf16/fp16; float64 is for impl='torch' or 'reference'."""
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{op}: impl='triton' supports float32, bfloat16 and float16 {name}, got {t.dtype}; "
+            f"use impl='torch' or impl='reference' for {t.dtype}")
+
+
+def check_blocks(op: str, **blocks: int) -> None:
+    """Block sizes must be powers of two >= 16 (tl.dot's minimum on a GPU)."""
+    for name, b in blocks.items():
+        assert b >= 16 and (b & (b - 1)) == 0, f"{op}: {name}={b} must be a power of two >= 16"
+
+
+def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A permutation of the rows with the kept ones first (in order), and their count; no sync.
+
+    keep: bool [N]. Returns (rows [N] int64, count [1] int32 on the device): rows[:count] are
+    the kept row ids. Kernels read ``count`` and give programs past it no work, so ignored
+    rows cost (almost) nothing. Every slot is written once: no duplicate scatter indices.
+    """
+    n = keep.shape[0]
+    if n == 0:
+        return (torch.zeros(0, dtype=torch.int64, device=keep.device),
+                torch.zeros(1, dtype=torch.int32, device=keep.device))
+    kept_before = torch.cumsum(keep.to(torch.int64), 0)          # kept rows in [0, i]
+    count = kept_before[-1:]
+    idx = torch.arange(n, dtype=torch.int64, device=keep.device)
+    # kept row i -> slot kept_before[i] − 1; dropped row i -> count + (dropped rows before i)
+    dest = torch.where(keep, kept_before - 1, count + idx - kept_before)
+    rows = torch.empty(n, dtype=torch.int64, device=keep.device).scatter_(0, dest, idx)
+    return rows, count.to(torch.int32)
