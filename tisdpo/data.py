@@ -39,15 +39,18 @@ completion exceed ``max_length``, the prompt is cut to ``max_prompt_length`` (it
 with ``truncation="keep_start"``, its end with ``"keep_end"``); if still too long, both
 completions are cut to ``max_length − max_prompt_length`` tokens, keeping their start — the
 per-token columns are cut together with them, so they stay aligned (a cut completion loses
-its EOS). Unlike the official code, the last kept token's weight is *not* zeroed.
+its EOS). Two deliberate differences from the official code: completions are cut to
+``max_length − len(prompt)`` (≥ ``max_length − max_prompt_length``, what the official code
+always uses), and the last kept token's weight is *not* zeroed.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Literal
 
 __all__ = [
     "PER_TOKEN_COLUMNS", "TokenizeConfig", "TokenizeReport", "load_preference_dataset",
@@ -144,6 +147,35 @@ class TokenizeReport:
         return s
 
 
+class _RecordError(Exception):
+    """An invalid record: ``record {index}, field {field!r}: {message}``."""
+
+    def __init__(self, index, field_name, message):
+        super().__init__(f"record {index}, field {field_name!r}: {message}")
+
+
+def _pick_split(available, split, where):
+    available = list(available)
+    if split is not None:
+        if split not in available:
+            raise ValueError(f"split={split!r} not found in {where}; available splits: "
+                             f"{available}")
+        return split
+    if "train" in available:
+        return "train"
+    if len(available) == 1:
+        return available[0]
+    raise ValueError(f"{where} has splits {available}: pass split=")
+
+
+def _builder_for(files):
+    kinds = {_DATA_EXTS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"path_or_dir: expected .json, .jsonl or .parquet files of one kind, "
+                         f"got {[str(f) for f in files]}")
+    return kinds.pop()
+
+
 def load_preference_dataset(path_or_dir, split: str | None = None):
     """Load preference records as a ``datasets.Dataset``.
 
@@ -153,7 +185,195 @@ def load_preference_dataset(path_or_dir, split: str | None = None):
     (default: "train" if present, else the only one). Nothing is fetched from the network.
     Records are not validated here (see :func:`tokenize_pairs`).
     """
-    raise NotImplementedError
+    import datasets
+
+    if isinstance(path_or_dir, (list, tuple)):
+        files = [str(Path(f)) for f in path_or_dir]
+        for f in files:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"path_or_dir: no such file {f!r}")
+        return datasets.load_dataset(_builder_for(files), data_files=files, split="train")
+    path = Path(path_or_dir)
+    if path.is_file():
+        return datasets.load_dataset(_builder_for([path]), data_files=str(path), split="train")
+    if not path.is_dir():
+        raise FileNotFoundError(f"path_or_dir: no such file or directory {str(path)!r}")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[_pick_split(ds.keys(), split, str(path))]
+        elif split is not None:
+            raise ValueError(f"split={split!r} given but {str(path)!r} holds a single Dataset")
+        return ds
+    by_split = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix.lower() in _DATA_EXTS:
+            by_split.setdefault(f.stem, []).append(str(f))
+    if not by_split:
+        raise ValueError(f"path_or_dir: {str(path)!r} has no .json/.jsonl/.parquet files and "
+                         "is not a save_to_disk directory")
+    files = by_split[_pick_split(by_split, split, str(path))]
+    return datasets.load_dataset(_builder_for(files), data_files=files, split="train")
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _ids(out):
+    """input_ids from whatever apply_chat_template returned (dict-like or list)."""
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return list(out["input_ids"])
+    return list(out)
+
+
+def _check_messages(value, index, name, *, allow_string):
+    if isinstance(value, str) and allow_string:
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _RecordError(index, name, "expected a non-empty list of chat messages"
+                           + (" or a string" if allow_string else "")
+                           + f", got {type(value).__name__}")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise _RecordError(index, name, f"message {k} must be a dict with string 'role' "
+                               f"and 'content', got {m!r}"[:300])
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _plain_ids(tokenizer, text, index, name, eos_id):
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if eos_id is not None and eos_id in ids:
+        raise _RecordError(index, name, "contains the EOS token (the EOS rule appends it)")
+    return ids
+
+
+def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, index, name, has_gen):
+    try:
+        out = tokenizer.apply_chat_template(
+            prompt_msgs + messages, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=has_gen)
+    except Exception as e:  # jinja errors, unknown roles, ...
+        raise _RecordError(index, name, f"chat template failed: {e}") from None
+    full = list(out["input_ids"])
+    n = len(prompt_ids)
+    if full[:n] != prompt_ids:
+        raise _RecordError(index, name, "the chat template does not render the prompt (with "
+                           "add_generation_prompt) as a prefix of prompt + completion")
+    comp = full[n:]
+    if has_gen:
+        mask = list(out["assistant_masks"])[n:]
+        keep = 0
+        while keep < len(mask) and mask[keep]:
+            keep += 1
+        if any(mask[keep:]) or keep == 0:
+            raise _RecordError(index, name, "the completion's tokens must be one generation "
+                               "block followed only by template tokens (multi-turn or "
+                               "header-in-completion templates are not supported)")
+        comp = comp[:keep]
+    return comp
+
+
+def _per_token(value, index, name, n_tokens):
+    if value is None:
+        raise _RecordError(index, name, "missing")
+    if not isinstance(value, (list, tuple)):
+        raise _RecordError(index, name, f"expected a list of floats, got {type(value).__name__}")
+    if len(value) != n_tokens:
+        raise _RecordError(index, name, f"{len(value)} values for {n_tokens} completion tokens")
+    out = []
+    for k, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _RecordError(index, name, f"value {k} is {v!r}, not a finite number")
+        out.append(float(v))
+    return out
+
+
+def _truncate(prompt, comps, lists, cfg):
+    """The official truncation; per-token lists are cut with their completion."""
+    longer = max(len(c) for c in comps)
+    prompt_cut = comp_cut = False
+    if len(prompt) + longer > cfg.max_length and len(prompt) > cfg.max_prompt_length:
+        prompt = prompt[:cfg.max_prompt_length] if cfg.truncation == "keep_start" \
+            else prompt[-cfg.max_prompt_length:]
+        prompt_cut = True
+    if len(prompt) + longer > cfg.max_length:
+        keep = cfg.max_length - len(prompt)
+        comp_cut = True
+        comps = [c[:keep] for c in comps]
+        lists = {k: v[:keep] for k, v in lists.items()}
+    return prompt, comps, lists, prompt_cut, comp_cut
+
+
+def _tokenize_record(rec, index, tokenizer, cfg, list_cols, has_gen):
+    eos_id = tokenizer.eos_token_id
+    for f in _TEXT_FIELDS:
+        if rec[f] is None:
+            raise _RecordError(index, f, "missing")
+    chat = not isinstance(rec["prompt"], str)
+    if chat:
+        prompt_msgs = _check_messages(rec["prompt"], index, "prompt", allow_string=False)
+        try:
+            prompt_ids = _ids(tokenizer.apply_chat_template(
+                prompt_msgs, tokenize=True, add_generation_prompt=True, return_dict=True))
+        except Exception as e:
+            raise _RecordError(index, "prompt", f"chat template failed: {e}") from None
+    else:
+        prompt_ids = _plain_ids(tokenizer, rec["prompt"], index, "prompt", eos_id)
+        if cfg.add_bos and tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if not prompt_ids:
+        raise _RecordError(index, "prompt", "empty: no position predicts the first completion "
+                           "token (give a prompt or add_bos=True)")
+    comps = []
+    for side in ("chosen", "rejected"):
+        value = rec[side]
+        if chat:
+            msgs = _check_messages(value, index, side, allow_string=True)
+            if not "".join(m["content"] for m in msgs if m["role"] == "assistant").strip():
+                raise _RecordError(index, side, "empty response")
+            comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, index, side,
+                                    has_gen)
+            if not cfg.add_eos and comp and comp[-1] == eos_id:
+                comp = comp[:-1]
+        else:
+            if not isinstance(value, str):
+                raise _RecordError(index, side, f"expected a string (the prompt is a string), "
+                                   f"got {type(value).__name__}")
+            if not value.strip():
+                raise _RecordError(index, side, "empty response")
+            comp = _plain_ids(tokenizer, value, index, side, eos_id)
+        if cfg.add_eos and (not comp or comp[-1] != eos_id):
+            comp = comp + [eos_id]
+        if not comp:
+            raise _RecordError(index, side, "empty response (no completion tokens)")
+        comps.append(comp)
+    lists = {}
+    for c_col, r_col in list_cols:
+        lists[c_col] = _per_token(rec[c_col], index, c_col, len(comps[0]))
+        lists[r_col] = _per_token(rec[r_col], index, r_col, len(comps[1]))
+    prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg)
+    row = {"record_index": index, "prompt_ids": prompt_ids, "chosen_ids": comps[0],
+           "rejected_ids": comps[1], **lists}
+    return row, p_cut, c_cut
+
+
+def _features(list_cols):
+    import datasets
+
+    seq = getattr(datasets, "List", None) or datasets.Sequence
+    feats = {"record_index": datasets.Value("int64"),
+             "prompt_ids": seq(datasets.Value("int32")),
+             "chosen_ids": seq(datasets.Value("int32")),
+             "rejected_ids": seq(datasets.Value("int32"))}
+    for pair in list_cols:
+        for col in pair:
+            feats[col] = seq(datasets.Value("float32"))
+    feats.update({"_error": datasets.Value("string"), "_prompt_cut": datasets.Value("bool"),
+                  "_comp_cut": datasets.Value("bool")})
+    return datasets.Features(feats)
 
 
 def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
@@ -171,12 +391,76 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
     non-finite value. With ``cfg.skip_invalid`` they are dropped instead and counted in the
     report (a column missing from every record still raises).
     """
-    raise NotImplementedError
+    cfg = TokenizeConfig() if cfg is None else cfg
+    if not isinstance(cfg, TokenizeConfig):
+        raise ValueError(f"cfg must be a TokenizeConfig, got {type(cfg).__name__}")
+    cols = list(dataset.column_names)
+    for f in _TEXT_FIELDS:
+        if f not in cols:
+            raise ValueError(f"record 0, field {f!r}: missing (no record has it; columns: "
+                             f"{cols})")
+    list_cols = []
+    for c_col, r_col in PER_TOKEN_COLUMNS.values():
+        if (c_col in cols) != (r_col in cols):
+            have, lack = (c_col, r_col) if c_col in cols else (r_col, c_col)
+            raise ValueError(f"record 0, field {lack!r}: missing (the dataset has {have!r} "
+                             f"but no record has {lack!r})")
+        if c_col in cols:
+            list_cols.append((c_col, r_col))
+    if cfg.add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos_token")
+    template = getattr(tokenizer, "chat_template", None)
+    has_gen = isinstance(template, str) and bool(_GENERATION_RE.search(template))
+    needed = list(_TEXT_FIELDS) + [c for pair in list_cols for c in pair]
+    features = _features(list_cols)
+
+    def fn(batch, indices):
+        out = {k: [] for k in features}
+        for j, index in enumerate(indices):
+            rec = {k: batch[k][j] for k in needed}
+            try:
+                row, p_cut, c_cut = _tokenize_record(rec, index, tokenizer, cfg, list_cols,
+                                                     has_gen)
+                error = ""
+            except _RecordError as e:
+                if not cfg.skip_invalid:
+                    raise ValueError(str(e)) from None
+                row = {k: [] for k in features}
+                row["record_index"], error, p_cut, c_cut = index, str(e), False, False
+            for k in row:
+                out[k].append(row[k])
+            out["_error"].append(error)
+            out["_prompt_cut"].append(p_cut)
+            out["_comp_cut"].append(c_cut)
+        return out
+
+    tok = dataset.map(fn, batched=True, with_indices=True, remove_columns=cols,
+                      features=features, desc="tokenize_pairs")
+    errors = tok["_error"]
+    bad = [e for e in errors if e]
+    report = TokenizeReport(n_records=len(errors), n_kept=len(errors) - len(bad),
+                            n_skipped=len(bad), reasons=bad[:5])
+    p_cut, c_cut = tok["_prompt_cut"], tok["_comp_cut"]
+    report.n_prompt_truncated = sum(1 for e, x in zip(errors, p_cut) if x and not e)
+    report.n_completion_truncated = sum(1 for e, x in zip(errors, c_cut) if x and not e)
+    if bad:
+        tok = tok.filter(lambda e: e == "", input_columns="_error", desc="skip_invalid")
+    return tok.remove_columns(["_error", "_prompt_cut", "_comp_cut"]), report
 
 
 def reverse_pairs(dataset):
     """Swap chosen and rejected (and their weight/ref columns): the data for π⁻.
 
-    Works on raw records and on :func:`tokenize_pairs` output alike.
+    Every column whose name contains "chosen" is swapped with the column named the same
+    with "rejected" (when both exist), so it works on raw records and on
+    :func:`tokenize_pairs` output alike.
     """
-    raise NotImplementedError
+    mapping = {}
+    for col in dataset.column_names:
+        if "chosen" in col and col.replace("chosen", "rejected") in dataset.column_names:
+            other = col.replace("chosen", "rejected")
+            mapping[col], mapping[other] = other, col
+    if not mapping:
+        raise ValueError(f"dataset has no chosen/rejected column pairs (columns: "
+                         f"{dataset.column_names})")
+    return dataset.rename_columns(mapping)
