@@ -1,0 +1,386 @@
+"""One run configuration, as nested dataclasses.
+
+Every option has a default here, may be set in a YAML file (``--config run.yaml``, nested
+by section) and on the command line as ``--section.option value``. Precedence, lowest
+first: dataclass defaults < YAML file < command-line flags. The resolved configuration is
+written to ``<run_dir>/config.yaml`` and printed when a command starts.
+
+    seed: 0
+    run_dir: runs/my-run
+    model: {path: ./my-llama, dtype: bfloat16}
+    policy: {method: tisdpo, lr: 5.0e-7}
+
+Sections: ``model`` (which network), ``data`` (records, tokenisation), ``sft`` /
+``contrastive`` / ``policy`` (one training stage each: optimiser, schedule, batch, loop),
+``weights`` (offline token-weight estimation and the weight rule), ``pipeline`` (which
+stages run), ``log`` (metrics and progress), ``demo`` (the synthetic demo's sizes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
+    "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig", "RunConfig",
+    "apply_overrides", "build_config", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
+]
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its ``--help`` text (and the allowed values, when a closed set)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = opt(None, "local directory of any AutoModelForCausalLM (save_pretrained "
+                                 "layout); empty builds the tiny demo Llama from the tiny_* sizes")
+    tokenizer: str | None = opt(None, "tokenizer directory; default: the model directory, or the "
+                                      "byte-level BPE tokenizer shipped with tisdpo")
+    dtype: str = opt("float32", "compute dtype", ("float32", "bfloat16"))
+    bf16_mode: str = opt("autocast", "with dtype=bfloat16: 'autocast' keeps fp32 weights and "
+                                     "runs the forward under bf16 autocast; 'weights' stores the "
+                                     "weights in bf16", ("autocast", "weights"))
+    gradient_checkpointing: bool = opt(False, "activation checkpointing "
+                                              "(model.gradient_checkpointing_enable)")
+    attn_implementation: str = opt("sdpa", "attention backend passed to transformers "
+                                           "(sdpa, eager, flash_attention_2, flex_attention)")
+    tiny_hidden_size: int = opt(64, "tiny demo model: hidden size")
+    tiny_layers: int = opt(2, "tiny demo model: decoder layers")
+    tiny_heads: int = opt(4, "tiny demo model: attention heads")
+    tiny_kv_heads: int = opt(2, "tiny demo model: key/value heads")
+    tiny_intermediate_size: int = opt(128, "tiny demo model: MLP width")
+    tiny_max_positions: int = opt(512, "tiny demo model: max position embeddings")
+    tiny_tie_embeddings: bool = opt(True, "tiny demo model: tie input embeddings and LM head")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = opt(None, "training records: a .json/.jsonl/.parquet file or a "
+                                  "save_to_disk directory with prompt/chosen/rejected; empty "
+                                  "uses the synthetic demo task")
+    eval: str | None = opt(None, "held-out records (same formats); empty holds out "
+                                 "eval_fraction of train")
+    eval_fraction: float = opt(0.05, "fraction of train held out when no eval file is given")
+    max_records: int | None = opt(None, "use at most this many training records")
+    max_length: int = opt(512, "max prompt+response tokens per sequence")
+    max_prompt_length: int = opt(256, "max prompt tokens (the prompt is cut first)")
+    truncation: str = opt("keep_start", "which end of an over-long prompt to keep",
+                          ("keep_start", "keep_end"))
+    chat_template: bool = opt(False, "render chat-message records with the tokenizer's template")
+    eos: str = opt("preset", "whether the EOS token after each response counts in the loss: "
+                             "'preset' follows the method (TIS-DPO presets: no, others: yes)",
+                   ("preset", "count", "ignore"))
+    skip_invalid: bool = opt(False, "drop invalid records (and report how many) instead of "
+                                    "raising an error that names the record")
+    packing: bool = opt(False, "padding-free packing of pairs into rows (attention does not "
+                               "cross sequences)")
+    pack_tokens: int = opt(2048, "tokens per packed row when packing")
+    num_proc: int | None = opt(None, "processes for tokenisation (datasets.map)")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage: optimiser, schedule, batching and the loop."""
+
+    optimizer: str = opt("adamw", "optimiser", ("adamw", "rmsprop"))
+    lr: float = opt(5e-7, "peak learning rate")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) / L2 (RMSprop)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    eps: float = opt(1e-8, "optimiser epsilon")
+    schedule: str = opt("constant", "after warmup: constant, linear decay to 0, or cosine to 0",
+                        ("constant", "linear", "cosine"))
+    warmup_steps: int = opt(150, "linear warmup steps (from 0 to lr)")
+    batch_size: int = opt(8, "pairs (or sequences for SFT) per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step; the loss is normalised over "
+                             "the pairs of the whole accumulated batch")
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimiser steps; 0 means derive from epochs")
+    max_grad_norm: float | None = opt(10.0, "clip the gradient norm to this (empty: no clipping)")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    eval_batch_size: int = opt(16, "pairs per evaluation batch")
+    eval_max_pairs: int | None = opt(None, "evaluate on at most this many held-out pairs")
+    save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = opt(2, "how many step checkpoints to keep")
+    stop_after: int | None = opt(None, "stop this process after N steps (checkpointed), "
+                                       "leaving the stage resumable; for tests and preemption")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    enabled: bool = opt(False, "pipeline: run supervised fine-tuning on chosen responses first")
+    lr: float = opt(5e-5, "peak learning rate")
+    weight_decay: float = opt(0.01, "decoupled weight decay (AdamW) / L2 (RMSprop)")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    epochs: float = opt(3.0, "passes over the data")
+
+
+@dataclass
+class ContrastiveConfig(TrainConfig):
+    variant: str = opt("dpo", "how pi+ and pi- are made: 'dpo' = DPO on the pairs and on the "
+                              "reversed pairs (TIS-DPO(D)); 'sft' = SFT on chosen and on "
+                              "rejected (TIS-DPO(S)); 'prompt' = one model with a positive and "
+                              "a negative system prompt, no training (TIS-DPO(P))",
+                       ("dpo", "sft", "prompt"))
+    method: str = opt("dpo", "loss preset for the 'dpo' variant")
+    beta: float = opt(0.1, "beta of the contrastive DPO runs")
+    positive_prompt: str = opt(
+        "You are a helpful and harmless assistant. Answer well and safely.\n\n",
+        "'prompt' variant: text prepended to every prompt for pi+")
+    negative_prompt: str = opt(
+        "You are an unhelpful and harmful assistant. Answer badly.\n\n",
+        "'prompt' variant: text prepended to every prompt for pi-")
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.01, "decoupled weight decay")
+
+
+@dataclass
+class PolicyConfig(TrainConfig):
+    method: str = opt("tisdpo", "loss preset (tisdpo_kernels.PRESETS): dpo, ipo, simpo, tdpo1, "
+                                "tdpo2, cdpo, tisdpo, tisdpo_paper, ...")
+    beta: float | None = opt(None, "override the preset's beta")
+    token_weights: str = opt(
+        "auto", "token weights used in the loss: 'auto' = the stored weight columns when the "
+                "preset is token-weighted, none otherwise; 'stored' = require them; 'recompute' "
+                "= apply the weights.* rule to the stored scores; 'equal' = 1 on every response "
+                "token; 'random' = U(weights.w_min, weights.w_max) per token (ablation)",
+        ("auto", "stored", "recompute", "equal", "random"))
+    impl: str = opt("auto", "kernel backend: auto (triton on CUDA, torch on CPU), triton, torch, "
+                            "reference", ("auto", "triton", "torch", "reference"))
+    optimizer: str = opt("rmsprop", "optimiser", ("adamw", "rmsprop"))
+
+
+@dataclass
+class WeightsConfig:
+    method: str | None = opt(None, "weight rule: exp_clamp (paper), rank_based (official code), "
+                                   "threshold_and_scale, threshold, binary, origin; empty: the "
+                                   "policy preset's rule (rank_based for tisdpo)")
+    k: float = opt(1.0, "exp_clamp: scale k")
+    lower: float = opt(-0.5, "exp_clamp: L, the clamp on c_t before exp")
+    upper: float = opt(1.5, "exp_clamp: U")
+    clip_lower: float = opt(-1.5, "threshold(_and_scale): lower clip of the score")
+    clip_upper: float = opt(1.5, "threshold(_and_scale): upper clip of the score")
+    w_min: float = opt(0.7, "rank_based / threshold_and_scale / random: lowest weight")
+    w_max: float = opt(1.3, "rank_based / threshold_and_scale / random: highest weight")
+    top_percent: float = opt(100.0, "binary: weight 1 on this top percentage of tokens")
+    round_decimals: int | None = opt(None, "round c_t to this many decimals (official code: 2)")
+    batch_size: int = opt(16, "pairs per batch in the estimation pass")
+    ref_logps: bool = opt(True, "also store reference log-probs so policy training needs no "
+                                "reference model (unless its loss has a KL term)")
+    jsonl: bool = opt(True, "also export the weighted datasets as JSONL next to the "
+                            "save_to_disk directories")
+    impl: str = opt("auto", "kernel backend for the log-prob pass",
+                    ("auto", "triton", "torch", "reference"))
+
+
+@dataclass
+class PipelineConfig:
+    reference: str = opt("auto", "reference model of every DPO-family stage: 'auto' = the SFT "
+                                 "model when SFT ran, else the base model; 'base'; 'sft'",
+                         ("auto", "base", "sft"))
+    resume: bool = opt(True, "continue a stage from its latest checkpoint and skip finished "
+                             "stages; false starts each stage afresh")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(10, "log metrics to metrics.jsonl (and the progress bar) every N steps")
+    tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
+    progress: bool = opt(True, "show a tqdm progress bar")
+
+
+@dataclass
+class DemoConfig:
+    fast: bool = opt(False, "tiny sizes for tests (seconds, numbers meaningless)")
+    train_pairs: int = opt(1200, "synthetic training pairs")
+    eval_pairs: int = opt(200, "synthetic held-out pairs")
+    sample_prompts: int = opt(100, "held-out prompts sampled for the task reward")
+    max_new_tokens: int = opt(24, "tokens generated per sampled response")
+    do_sample: bool = opt(False, "sample (fixed seed) instead of greedy decoding")
+    temperature: float = opt(1.0, "sampling temperature (with do_sample)")
+
+
+@dataclass
+class RunConfig:
+    seed: int = opt(0, "seed for model init, data order, sampling and ablation weights")
+    run_dir: str = opt("runs/tisdpo", "directory holding every stage's outputs and checkpoints")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# ---------------------------------------------------------------- introspection and parsing
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One leaf option: its dotted name, base type, whether it may be empty, help, choices."""
+
+    name: str
+    type: type
+    optional: bool
+    default: Any
+    help: str
+    choices: tuple | None
+
+
+def _leaf_type(tp) -> tuple[type, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    if origin is Literal:
+        return type(typing.get_args(tp)[0]), False
+    return tp, False
+
+
+def field_specs(cls=RunConfig, prefix: str = "") -> list[FieldSpec]:
+    """Every leaf option of ``cls`` with its dotted name, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out: list[FieldSpec] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += field_specs(tp, f"{prefix}{f.name}.")
+            continue
+        base, optional = _leaf_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(FieldSpec(prefix + f.name, base, optional, default,
+                             f.metadata.get("help", ""), f.metadata.get("choices")))
+    return out
+
+
+_SPECS: dict[str, FieldSpec] | None = None
+
+
+def _spec(name: str) -> FieldSpec:
+    global _SPECS
+    if _SPECS is None:
+        _SPECS = {s.name: s for s in field_specs()}
+    if name not in _SPECS:
+        close = [k for k in _SPECS if k.split(".")[-1] == name.split(".")[-1]]
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"unknown config option {name!r}{hint}")
+    return _SPECS[name]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` (from YAML or a command-line string) converted to option ``name``'s type."""
+    spec = _spec(name)
+    empty = value is None or (isinstance(value, str) and value.strip().lower() in
+                              ("", "none", "null"))
+    if empty and spec.optional:
+        return None
+    if value is None or (empty and spec.type is not str):
+        raise ValueError(f"config option {name} may not be empty (got {value!r})")
+    tp = spec.type
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            out = str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config option {name} expects {tp.__name__}"
+                         f"{' or empty' if spec.optional else ''}, got {value!r}") from None
+    if spec.choices is not None and out not in spec.choices:
+        raise ValueError(f"config option {name} must be one of {list(spec.choices)}, got {out!r}")
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise ValueError(f"config key {k!r} under {prefix or 'the top level'} must be a string")
+        name = prefix + k
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Set options from a nested dict or a flat ``{"section.option": value}`` dict, in place."""
+    for name, value in _flatten(overrides).items():
+        spec = _spec(name)
+        obj = cfg
+        *path, leaf = spec.name.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, coerce(name, value))
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    """The option dict of a YAML config file (nested sections)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of sections, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig, path: str | None = None) -> str:
+    """The resolved configuration as YAML (written to ``path`` when given)."""
+    import yaml
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return text
+
+
+def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None,
+                 base: RunConfig | None = None) -> RunConfig:
+    """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags)."""
+    cfg = base if base is not None else RunConfig()
+    if yaml_path:
+        apply_overrides(cfg, load_yaml(yaml_path))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg

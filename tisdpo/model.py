@@ -1,0 +1,215 @@
+"""Models: load a local causal LM (or build the tiny demo one) and run it up to the head.
+
+The training code never asks a model for logits. :func:`hidden_states` runs the decoder
+(``model.<base_model_prefix>``, i.e. ``model.model`` for Llama/Qwen/Mistral) and returns the
+last hidden state, the input of ``lm_head``; :func:`head` returns the LM-head weight and bias
+and the logit softcap, which the fused ops take instead of logits. Tied embeddings need
+nothing special: the head weight *is* the embedding matrix and gets both gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tisdpo.config import ModelConfig
+
+__all__ = [
+    "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
+    "disable_dropout", "autocast", "compute_dtype", "resolve_device", "save_model",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
+def _weight_dtype(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if (cfg.dtype == "bfloat16" and cfg.bf16_mode == "weights") \
+        else torch.float32
+
+
+def autocast(cfg: ModelConfig, device: torch.device):
+    """bf16 autocast for ``dtype=bfloat16, bf16_mode=autocast``; a no-op context otherwise."""
+    if cfg.dtype == "bfloat16" and cfg.bf16_mode == "autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer of ``cfg.tokenizer``, else of the model directory, else tisdpo's own.
+
+    A tokenizer without a pad token gets EOS as pad (labels, not the pad id, mark padding).
+    """
+    src = cfg.tokenizer or path or cfg.path
+    if src:
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(src):
+            raise ValueError(f"model.tokenizer / model.path {src!r} is not a local directory "
+                             f"(tisdpo never downloads)")
+        tok = AutoTokenizer.from_pretrained(src)
+    else:
+        from tisdpo.synthetic import load_tokenizer as shipped
+
+        tok = shipped()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny_model(cfg: ModelConfig, vocab_size: int, *, seed: int = 0, tokenizer=None):
+    """A small random-initialised Llama (seeded; no download): the demo's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    extra = {}
+    if tokenizer is not None:
+        extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id",
+                                                     "pad_token_id")}
+    conf = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_intermediate_size, num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads, num_key_value_heads=cfg.tiny_kv_heads,
+        max_position_embeddings=cfg.tiny_max_positions,
+        tie_word_embeddings=cfg.tiny_tie_embeddings, attention_dropout=0.0,
+        attn_implementation=cfg.attn_implementation, **extra)
+    with _fork_rng(seed):
+        model = LlamaForCausalLM(conf)
+    if cfg.tiny_tie_embeddings:
+        model.tie_weights()
+    return model
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int):
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.device,
+               tokenizer=None, seed: int = 0, trainable: bool = True):
+    """The model at ``path`` (or ``cfg.path``; the tiny demo model when both are empty).
+
+    Returns it on ``device`` in the weight dtype of ``cfg`` with dropout disabled, in train
+    mode with activation checkpointing as configured when ``trainable``, else frozen in eval
+    mode (reference and contrastive models).
+    """
+    src = path or cfg.path
+    if src:
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isdir(src):
+            raise ValueError(f"model path {src!r} is not a local directory (tisdpo never "
+                             f"downloads; save the model with save_pretrained first)")
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=_weight_dtype(cfg), attn_implementation=cfg.attn_implementation)
+    else:
+        if tokenizer is None:
+            raise ValueError("building the tiny demo model needs the tokenizer (vocab size)")
+        model = build_tiny_model(cfg, len(tokenizer), seed=seed, tokenizer=tokenizer)
+    model.to(device=device, dtype=_weight_dtype(cfg))
+    disable_dropout(model)
+    if trainable:
+        model.train()
+        if cfg.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def save_model(model, out_dir: str, tokenizer=None) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (as the official TIS-DPO code): modules and attention rates.
+
+    The model stays in train mode (activation checkpointing only runs in train mode).
+    """
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(mod, attr, None), float):
+                setattr(mod, attr, 0.0)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the fused ops need instead of logits: z = softcap(W·(scale·h) + b)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    scale: float
+
+
+def head(model) -> HeadSpec:
+    """The LM head's weight [V, D] and bias, and the model's logit softcap / scale.
+
+    Cohere-style ``logit_scale`` and Granite-style ``logits_scaling`` are folded into a
+    scale on the hidden states (exact: W·(s·h) = s·(W·h)).
+    """
+    lm = model.get_output_embeddings()
+    if lm is None or not hasattr(lm, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse")
+    conf = model.config
+    softcap = getattr(conf, "final_logit_softcapping", None)
+    scale = 1.0
+    if getattr(conf, "logit_scale", None) not in (None, 1, 1.0):
+        scale *= float(conf.logit_scale)
+    if getattr(conf, "logits_scaling", None) not in (None, 1, 1.0):
+        scale /= float(conf.logits_scaling)
+    return HeadSpec(lm.weight, getattr(lm, "bias", None), softcap, scale)
+
+
+def decoder(model):
+    """The transformer body whose ``last_hidden_state`` feeds ``lm_head``."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder body "
+                         f"(model.{getattr(model, 'base_model_prefix', 'model')})")
+    return base
+
+
+def hidden_states(model, batch: dict, *, attention=None) -> torch.Tensor:
+    """Last hidden states [rows, T, D] for ``batch`` (input_ids, attention_mask, position_ids).
+
+    ``attention`` overrides the attention mask passed to the model (e.g. a block-diagonal
+    mask or flash-attn varlen kwargs for packed rows, as a dict of keyword arguments).
+    """
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if attention is not None:
+        kwargs.update(attention)
+    else:
+        if batch.get("attention_mask") is not None:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        if batch.get("position_ids") is not None:
+            kwargs["position_ids"] = batch["position_ids"]
+    out = decoder(model)(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    spec_scale = head(model).scale
+    return hidden * spec_scale if spec_scale != 1.0 else hidden

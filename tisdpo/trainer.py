@@ -1,0 +1,486 @@
+"""The thin training loop: one objective, one optimiser, resumable to the bit.
+
+A stage hands the loop a model, an *objective* (``objective(model, batch, normalizer) ->
+(loss, metrics)`` plus ``objective.count(batch)``, the batch's share of the normaliser),
+tokenised records and a collator. Per optimiser step the loop takes ``grad_accum``
+micro-batches, sums their counts on the host (pairs for preference losses, tokens for SFT;
+the batches are still on the CPU, so this is no device sync), and backpropagates each
+micro-batch's loss divided by that total: the accumulated gradient equals the gradient of
+one big batch. Then gradient clipping, the optimiser and the schedule step.
+
+Checkpoints (``<out_dir>/checkpoints/step-N/state.pt``) hold the model, optimiser and
+scheduler state, the torch/CUDA/python/numpy RNG states and the data position (epoch and
+micro-batch index; each epoch's order is a permutation seeded by (seed, epoch)). A run
+stopped between steps and resumed from its checkpoint performs exactly the same
+computations as an uninterrupted one, so it ends with the same parameters bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from tisdpo.config import LogConfig, TrainConfig
+
+__all__ = ["Trainer", "TrainState", "PreferenceObjective", "SFTObjective", "make_optimizer",
+           "make_scheduler", "lr_factor", "latest_checkpoint", "stage_done", "read_done"]
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0          # optimiser steps taken
+    epoch: int = 0         # current epoch
+    micro: int = 0         # next micro-batch index within the epoch
+    total_steps: int = 0
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'rmsprop', got {cfg.optimizer!r}")
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr for the update made at ``step`` (0-based).
+
+    Warmup ramps as the official TIS-DPO code, min(1, (step+1)/(warmup+1)); then constant,
+    linear to 0 at ``total``, or cosine to 0 at ``total``.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(total - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be constant, linear or cosine, got {schedule!r}")
+
+
+def make_scheduler(opt, cfg: TrainConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total_steps,
+                                 schedule=cfg.schedule))
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((int(d.split("-")[1]), d) for d in os.listdir(root)
+                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "state.pt")))
+    return os.path.join(root, steps[-1][1]) if steps else None
+
+
+def stage_done(out_dir: str) -> bool:
+    return os.path.isfile(os.path.join(out_dir, DONE_FILE))
+
+
+def read_done(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, DONE_FILE), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
+
+
+class _MetricSink:
+    """metrics.jsonl (+ TensorBoard when installed)."""
+
+    def __init__(self, out_dir: str, tensorboard: bool, resume_step: int | None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.isfile(self.path):
+            # drop lines logged after the checkpoint we resume from (they will be redone)
+            with open(self.path, encoding="utf-8") as fh:
+                keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0)
+                        <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as fh:
+                fh.writelines(keep)
+        elif resume_step is None and os.path.isfile(self.path):
+            os.remove(self.path)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        row = {"step": step, **values}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _mean_metrics(chunks: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+    """Per-key mean of batch-mean metrics, weighted by each batch's count; on device."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+    for metrics, count in chunks:
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().mean() * count
+                sums[k] = sums[k] + v if k in sums else v
+                counts[k] = counts.get(k, 0.0) + count
+    return {k: sums[k] / max(counts[k], 1e-12) for k in sums}
+
+
+class Trainer:
+    """Runs one stage's optimisation; see the module docstring.
+
+    model: trained in place. objective: callable (model, batch, normalizer) -> (loss,
+    metrics) with ``count(batch) -> float``. train_data: indexable records (e.g. a tokenised
+    ``datasets.Dataset``). collate_fn: list of records -> batch dict (CPU tensors).
+    eval_data: optional held-out records, evaluated with the same objective (no gradient).
+    out_dir: this stage's directory (checkpoints/, metrics.jsonl, final/, done.json).
+    """
+
+    def __init__(self, *, model, objective, train_data, collate_fn, cfg: TrainConfig,
+                 out_dir: str, device: torch.device, seed: int = 0, eval_data=None,
+                 log: LogConfig | None = None, tokenizer=None, desc: str = "train",
+                 extra_done: dict | None = None):
+        if len(train_data) == 0:
+            raise ValueError(f"{desc}: train_data is empty")
+        self.model, self.objective = model, objective
+        self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
+        self.cfg, self.out_dir, self.device, self.seed = cfg, out_dir, device, seed
+        self.log = log or LogConfig()
+        self.tokenizer, self.desc = tokenizer, desc
+        self.extra_done = extra_done or {}
+        self.micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs *
+                                                                   self.steps_per_epoch)
+        self.state = TrainState(total_steps=max(int(total), 1))
+        self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.state.total_steps)
+        self._order: tuple[int, list[int]] | None = None
+
+    # ------------------------------------------------------------------ data position
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_data), generator=g).tolist())
+        return self._order[1]
+
+    def _next_window(self) -> list[list[int]]:
+        """Index lists of the next step's micro-batches (never crossing an epoch's end)."""
+        st, bs = self.state, self.cfg.batch_size
+        if st.micro >= self.micro_per_epoch:
+            st.epoch, st.micro = st.epoch + 1, 0
+        order = self._epoch_order(st.epoch)
+        window = []
+        while len(window) < self.cfg.grad_accum and st.micro < self.micro_per_epoch:
+            window.append(order[st.micro * bs:(st.micro + 1) * bs])
+            st.micro += 1
+        return window
+
+    def _records(self, data, idx: list[int]) -> list[dict]:
+        return [data[int(i)] for i in idx]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str:
+        root = os.path.join(self.out_dir, "checkpoints")
+        final = os.path.join(root, f"step-{self.state.step:07d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "state": asdict(self.state),
+        }, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        kept = sorted(d for d in os.listdir(root) if d.startswith("step-")
+                      and not d.endswith(".tmp"))
+        for old in kept[:-max(self.cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu",
+                          weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        saved = TrainState(**ckpt["state"])
+        if saved.total_steps != self.state.total_steps:
+            raise ValueError(f"{self.desc}: checkpoint {path} was made for {saved.total_steps} "
+                             f"steps but this run has {self.state.total_steps}; the data or "
+                             f"the step settings changed (start afresh with "
+                             f"--pipeline.resume false)")
+        self.state = saved
+        _set_rng_state(ckpt["rng"])
+
+    # ------------------------------------------------------------------ the loop
+    def _step(self) -> tuple[torch.Tensor, dict]:
+        window = self._next_window()
+        batches = [self.collate_fn(self._records(self.train_data, idx)) for idx in window]
+        counts = [float(self.objective.count(b)) for b in batches]
+        normalizer = sum(counts)
+        total = torch.zeros((), device=self.device)
+        chunks = []
+        for b, c in zip(batches, counts):
+            loss, metrics = self.objective(self.model, _to_device(b, self.device),
+                                           normalizer=max(normalizer, 1.0))
+            loss.backward()
+            total = total + loss.detach().float()
+            chunks.append((metrics, c))
+        metrics = _mean_metrics(chunks)
+        if self.cfg.max_grad_norm is not None:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return total, metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective's loss and metrics on the held-out records (means over pairs)."""
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return {}
+        n = len(self.eval_data)
+        if self.cfg.eval_max_pairs:
+            n = min(n, self.cfg.eval_max_pairs)
+        was_training = self.model.training
+        self.model.eval()
+        chunks, weighted, count = [], 0.0, 0.0
+        for start in range(0, n, self.cfg.eval_batch_size):
+            batch = self.collate_fn(self._records(
+                self.eval_data, list(range(start, min(start + self.cfg.eval_batch_size, n)))))
+            c = float(self.objective.count(batch))
+            loss, metrics = self.objective(self.model, _to_device(batch, self.device),
+                                           normalizer=max(c, 1.0))
+            weighted += float(loss) * c
+            count += c
+            chunks.append((metrics, c))
+        self.model.train(was_training)
+        out = {f"eval/{k}": float(v) for k, v in _mean_metrics(chunks).items()}
+        out["eval/loss"] = weighted / max(count, 1.0)
+        return out
+
+    def train(self, *, resume: bool = True) -> dict:
+        """Run (or continue) the stage; returns the final metrics (also in done.json).
+
+        Stops early, checkpointed and resumable, when ``cfg.stop_after`` steps are reached;
+        the return value then has ``"stopped": True``.
+        """
+        os.makedirs(self.out_dir, exist_ok=True)
+        ckpt = latest_checkpoint(self.out_dir) if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        elif not resume:
+            shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
+        sink = _MetricSink(self.out_dir, self.log.tensorboard,
+                           self.state.step if ckpt is not None else None)
+        bar = _progress(self.log.progress, self.state.total_steps, self.state.step, self.desc)
+        cfg, t0 = self.cfg, time.perf_counter()
+        last: dict = {}
+        try:
+            while self.state.step < self.state.total_steps:
+                if cfg.stop_after is not None and self.state.step >= cfg.stop_after:
+                    self.save_checkpoint()
+                    return {"stopped": True, "step": self.state.step}
+                loss, metrics = self._step()
+                step = self.state.step
+                bar.update(1)
+                if step % max(self.log.every, 1) == 0 or step == self.state.total_steps:
+                    last = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
+                            "epoch": self.state.epoch + self.state.micro /
+                            self.micro_per_epoch,
+                            **{k: float(v) for k, v in metrics.items()},
+                            "elapsed_s": time.perf_counter() - t0}
+                    sink.write(step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and \
+                        step != self.state.total_steps:
+                    sink.write(step, self.evaluate())
+                if cfg.save_every and step % cfg.save_every == 0 and \
+                        step != self.state.total_steps:
+                    self.save_checkpoint()
+            final_eval = self.evaluate()
+            sink.write(self.state.step, final_eval)
+            self.save_checkpoint()
+            self._finish({**last, **final_eval})
+            return {**last, **final_eval}
+        finally:
+            bar.close()
+            sink.close()
+
+    def _finish(self, metrics: dict) -> None:
+        from tisdpo.model import save_model
+
+        save_model(self.model, os.path.join(self.out_dir, "final"), self.tokenizer)
+        done = {"stage": self.desc, "steps": self.state.step, "metrics": metrics,
+                **self.extra_done}
+        with open(os.path.join(self.out_dir, DONE_FILE), "w", encoding="utf-8") as fh:
+            json.dump(done, fh, indent=2)
+
+
+class _NoBar:
+    def update(self, n): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+
+
+# ---------------------------------------------------------------------------- objectives
+
+def _is_packed(batch: dict) -> bool:
+    return "seq_offsets" in batch
+
+
+def _forward_hidden(model, batch: dict, model_cfg, device, *, grad: bool = True):
+    """Hidden states before the head and the head spec; packed rows attend per sequence."""
+    from tisdpo.model import autocast, head, hidden_states
+
+    attention = None
+    if _is_packed(batch):
+        from tisdpo.collate import packed_attention_kwargs
+
+        attention = packed_attention_kwargs(batch, model)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), autocast(model_cfg, device):
+        hidden = hidden_states(model, batch, attention=attention)
+    spec = head(model)
+    weight = spec.weight if spec.weight.dtype == hidden.dtype else spec.weight.to(hidden.dtype)
+    bias = spec.bias if spec.bias is None or spec.bias.dtype == hidden.dtype \
+        else spec.bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
+class PreferenceObjective:
+    """A DPO-family loss (:class:`tisdpo.loss.TISDPOLoss`) on the policy's hidden states.
+
+    The reference comes from the batch's precomputed ``ref_logps`` when present (and the
+    loss has no KL term), else from ``ref_model``'s hidden states under no_grad. Token
+    weights come from the batch's ``weights`` when ``use_weights``, else unit weights.
+    """
+
+    def __init__(self, loss_fn, *, model_cfg, device, ref_model=None, use_weights=False):
+        self.loss_fn, self.model_cfg, self.device = loss_fn, model_cfg, device
+        self.ref_model, self.use_weights = ref_model, use_weights
+        cfg = loss_fn.config
+        self.reference_free, self.needs_ref_hidden = cfg.reference_free, cfg.uses_kl
+
+    def count(self, batch: dict) -> float:
+        """Pairs in the batch (the loss is a mean over pairs)."""
+        return float(batch["pairs"].shape[0] if _is_packed(batch)
+                     else batch["input_ids"].shape[0] // 2)
+
+    def __call__(self, model, batch: dict, *, normalizer: float):
+        hidden, weight, bias = _forward_hidden(model, batch, self.model_cfg, self.device)
+        kwargs: dict = {}
+        if not self.reference_free:
+            if self.needs_ref_hidden or batch.get("ref_logps") is None:
+                if self.ref_model is None:
+                    raise ValueError("this loss needs a reference model (no precomputed "
+                                     "ref_logps in the data, or a KL term)")
+                with torch.no_grad():
+                    ref_hidden, ref_weight, ref_bias = _forward_hidden(
+                        self.ref_model, batch, self.model_cfg, self.device, grad=False)
+                kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+            else:
+                kwargs["ref_logps"] = batch["ref_logps"]
+        if self.use_weights and batch.get("weights") is not None:
+            kwargs["weights"] = batch["weights"]
+        if _is_packed(batch):
+            kwargs.update(seq_offsets=batch["seq_offsets"], pairs=batch["pairs"])
+        return self.loss_fn(weight, hidden, batch["labels"], bias=bias, normalizer=normalizer,
+                            **kwargs)
+
+
+class SFTObjective:
+    """Token-mean negative log-likelihood of one side's completions (chosen or rejected).
+
+    Padded batches forward only that side's rows; packed batches mask the other side's
+    labels. The normaliser is the completion tokens of the whole accumulated batch.
+    """
+
+    def __init__(self, *, model_cfg, device, side: str = "chosen", impl: str = "auto",
+                 softcap: float | None = None):
+        if side not in ("chosen", "rejected"):
+            raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
+        self.model_cfg, self.device, self.side = model_cfg, device, side
+        self.impl, self.softcap = impl, softcap
+
+    def _select(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        if _is_packed(batch):
+            ids, pairs = batch["seq_ids"], batch["pairs"]
+            keep = torch.isin(ids, pairs[:, 0 if self.side == "chosen" else 1]) & (ids >= 0)
+            return batch, torch.where(keep.view(batch["labels"].shape), batch["labels"], -100)
+        half = batch["input_ids"].shape[0] // 2
+        rows = slice(0, half) if self.side == "chosen" else slice(half, 2 * half)
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                   and v.shape[0] == 2 * half else v) for k, v in batch.items()}
+        return sub, sub["labels"]
+
+    def count(self, batch: dict) -> float:
+        _, labels = self._select(batch)
+        return float((labels != -100).sum())
+
+    def __call__(self, model, batch: dict, *, normalizer: float):
+        from tisdpo_kernels import linear_logprobs
+
+        sub, labels = self._select(batch)
+        hidden, weight, bias = _forward_hidden(model, sub, self.model_cfg, self.device)
+        logp = linear_logprobs(hidden, weight, labels, bias=bias, softcap=self.softcap,
+                               impl=self.impl)
+        total = logp.sum()
+        tokens = (labels != -100).sum().clamp(min=1)
+        return -total / normalizer, {"nll": (-total / tokens).detach()}
