@@ -53,3 +53,15 @@ def test_weight_params_validation():
         PreferenceConfig(beta=0.0)
     with pytest.raises(ValueError, match="epsilon"):
         PreferenceConfig(epsilon=0.5)
+
+
+def test_rank_and_binary_ignore_masked_tokens_in_packed_layout():
+    # packed [N] with seq_ids AND mask: a masked-out token is outside its sequence, so it must
+    # not take a rank (or move the binary threshold); it used to, giving [0, .7, .9, 1.1].
+    lp, ln = torch.tensor([5.0, 1.0, 2.0, 3.0]), torch.zeros(4)
+    ids, mask = torch.zeros(4, dtype=torch.long), torch.tensor([False, True, True, True])
+    w = R.token_weights(lp, ln, side="chosen", method="rank_based", seq_ids=ids, mask=mask)
+    assert w.tolist() == pytest.approx([0.0, 0.7, 1.0, 1.3])
+    b = R.token_weights(lp, ln, side="chosen", method="binary", seq_ids=ids, mask=mask,
+                        params=WeightParams(top_percent=34))
+    assert b.tolist() == [0.0, 0.0, 1.0, 1.0]  # top ceil(3·0.34) = 2 of the 3 kept tokens

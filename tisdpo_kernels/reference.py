@@ -106,8 +106,10 @@ def _as_sequences(x, seq_ids, mask):
         idx = torch.arange(x.numel(), device=x.device)
         yield idx if mask is None else idx[mask.flatten().bool()]
         return
+    keep = torch.ones_like(seq_ids, dtype=torch.bool) if mask is None else mask.bool()
     for s in torch.unique(seq_ids[seq_ids >= 0]).tolist():
-        yield torch.nonzero(seq_ids == s).flatten()
+        # a masked-out token is outside its sequence: it takes no part in ranks/thresholds
+        yield torch.nonzero((seq_ids == s) & keep).flatten()
 
 
 def _side_sign(side, shape, device):
