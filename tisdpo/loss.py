@@ -251,8 +251,9 @@ class TISDPOLoss(nn.Module):
                      f"pairs must hold sequence indices in [0, S={s})")
         pos = torch.arange(n, device=hidden.device)
         seq = torch.searchsorted(off[1:], pos, right=True)        # offsets[s] <= t < offsets[s+1]
-        inside = (pos >= off[0]) & (seq < s) & (labels != self.ignore_index)
-        seq_ids = torch.where(inside, seq, -1)
+        # tokens outside every sequence count nowhere, whatever their label says
+        labels = torch.where((pos >= off[0]) & (seq < s), labels, self.ignore_index)
+        seq_ids = torch.where(labels != self.ignore_index, seq, -1)
         is_chosen = torch.zeros(s + 1, dtype=torch.bool, device=hidden.device)
         is_chosen[pairs[:, 0]] = True
         side = is_chosen[torch.where(seq_ids >= 0, seq_ids, s)]

@@ -1,0 +1,393 @@
+"""tisdpo.TISDPOLoss against the float64 reference path, in both layouts, for every preset.
+
+Truth: the same module with impl="reference" on float64 inputs. Eager error: impl="reference"
+at the test dtype. Actual: impl="torch" (and "triton" where a kernel exists and is cheap).
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.numerics import assert_oracle, nan_buffer_view
+from tisdpo import TISDPOLoss
+from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs, token_weights
+from tisdpo_kernels import reference as R
+
+B, T, D, V = 3, 11, 31, 123
+IGNORE = -100
+# prompt length, response length per row (chosen rows 0..B−1, rejected rows B..2B−1);
+# row 5 is one token long, so a rank-based sequence of length 1 is covered too.
+ROWS = [(2, 7), (3, 8), (1, 5), (2, 9), (4, 3), (2, 1)]
+CONTINUOUS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+              "logps/rejected", "weights/chosen", "weights/rejected", "kl/chosen", "kl/rejected")
+
+
+def make_case(seed=0):
+    """Float64 master tensors of one padded batch (plus the packing index)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((2 * B, T), IGNORE)
+    for r, (p, n) in enumerate(ROWS):
+        labels[r, p:p + n] = torch.randint(0, V, (n,), generator=g)
+    f64 = dict(dtype=torch.float64)
+    case = {
+        "hidden": torch.randn(2 * B, T, D, generator=g, **f64),
+        "weight": torch.randn(V, D, generator=g, **f64) * 0.4,
+        "bias": torch.randn(V, generator=g, **f64) * 0.5,
+        "ref_hidden": torch.randn(2 * B, T, D, generator=g, **f64),
+        "ref_weight": torch.randn(V, D, generator=g, **f64) * 0.4,
+        "weights": 0.5 + torch.rand(2 * B, T, generator=g, **f64),
+        "pos_logps": -3 * torch.rand(2 * B, T, generator=g, **f64),
+        "neg_logps": -3 * torch.rand(2 * B, T, generator=g, **f64),
+        "labels": labels,
+    }
+    # packed order: chosen 0, rejected 0, chosen 1, ... (prompt + response tokens of each row),
+    # then 3 trailing tokens outside every sequence (the second has a real label: it must
+    # not count)
+    idx, offsets, pairs = [], [0], []
+    for b in range(B):
+        pairs.append([len(offsets) - 1, len(offsets)])
+        for r in (b, b + B):
+            p, n = ROWS[r]
+            idx += [r * T + t for t in range(p + n)]
+            offsets.append(len(idx))
+    idx += [T - 1, 2 * T - 1, 3 * T - 1]
+    case["pack_index"] = torch.tensor(idx)
+    case["seq_offsets"] = torch.tensor(offsets, dtype=torch.int32)
+    case["pairs"] = torch.tensor(pairs)
+    return case
+
+
+def inputs(case, dtype, layout, *, nan_views=True):
+    """(leaves {hidden, weight, bias} at dtype, call args) for one layout."""
+    view = nan_buffer_view if nan_views else (lambda t: t)
+    leaves = {k: view(case[k].to(dtype)).requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    ref_hidden = case["ref_hidden"].to(dtype)
+    tok = {k: case[k].to(torch.float32 if dtype != torch.float64 else dtype)
+           for k in ("weights", "pos_logps", "neg_logps")}
+    hidden, labels = leaves["hidden"], case["labels"]
+    extra = {}
+    if layout == "packed":
+        idx = case["pack_index"]
+        hidden = hidden.reshape(-1, D)[idx]
+        ref_hidden = ref_hidden.reshape(-1, D)[idx]
+        labels = labels.reshape(-1)[idx]
+        tok = {k: v.reshape(-1)[idx] for k, v in tok.items()}
+        extra = {"seq_offsets": case["seq_offsets"], "pairs": case["pairs"]}
+    args = {"lm_head_weight": leaves["weight"], "hidden": hidden, "labels": labels,
+            "bias": leaves["bias"], "ref_hidden": ref_hidden,
+            "ref_weight": case["ref_weight"].to(dtype), **tok, **extra}
+    return leaves, args
+
+
+def call_kwargs(method, args, *, reference="hidden", weights="auto"):
+    """The call arguments a method takes: its reference and its weights."""
+    preset = PRESETS[method]
+    kw = {k: args[k] for k in ("lm_head_weight", "hidden", "labels", "bias")}
+    kw.update({k: args[k] for k in ("seq_offsets", "pairs") if k in args})
+    if not preset.config.reference_free:
+        if reference == "hidden":
+            kw.update(ref_hidden=args["ref_hidden"], ref_weight=args["ref_weight"])
+        else:
+            kw["ref_logps"] = args["ref_logps"]
+    if weights == "auto":
+        weights = "onthefly" if preset.weight_method else None
+    if weights == "onthefly":
+        kw["pos_logps"] = args["pos_logps"]
+        if preset.weight_method != "cdpo":
+            kw["neg_logps"] = args["neg_logps"]
+    elif weights == "given":
+        kw["weights"] = args["weights"]
+    return kw
+
+
+def run(method, impl, case, dtype, layout, *, module_kw=None, loss_kw=None, nan_views=True,
+        override=None, **call):
+    """One forward + backward: (loss, metrics, grads of hidden / weight / bias)."""
+    leaves, args = inputs(case, dtype, layout, nan_views=nan_views)
+    args.update(override or {})
+    loss, metrics = TISDPOLoss(method, impl=impl, **(module_kw or {}))(
+        **call_kwargs(method, args, **call), **(loss_kw or {}))
+    loss.backward()
+    return loss, metrics, {k: v.grad for k, v in leaves.items()}
+
+
+def check(actual, ref, truth, dtype, label):
+    assert_oracle(actual[0], ref[0], truth[0], dtype=dtype, name=f"{label} loss")
+    for k in truth[2]:
+        assert_oracle(actual[2][k], ref[2][k], truth[2][k], dtype=dtype, name=f"{label} d{k}")
+    assert set(actual[1]) == set(truth[1]), f"{label}: metric names differ"
+    for k in CONTINUOUS:
+        if k in truth[1]:
+            assert_oracle(actual[1][k], ref[1][k], truth[1][k], dtype=dtype,
+                          name=f"{label} {k}")
+
+
+def three_way(method, impl, dtype, layout, case=None, truth_layout=None, **kw):
+    case = make_case() if case is None else case
+    tl = truth_layout or layout
+    truth = run(method, "reference", case, torch.float64, tl, **kw)
+    ref = run(method, "reference", case, dtype, tl, **kw)
+    actual = run(method, impl, case, dtype, layout, **kw)
+    check(actual, ref, truth, dtype, f"{method}/{layout}/{impl}/{dtype}")
+    return actual
+
+
+# ---------------------------------------------------------------------------- every preset
+
+SEQ_PRESETS = [m for m in PRESETS if PRESETS[m].config.granularity == "seq"]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("method", SEQ_PRESETS)
+def test_preset_torch_fp32(method, layout):
+    three_way(method, "torch", torch.float32, layout)
+
+
+def test_cdpo_code_padded_torch_fp32():
+    three_way("cdpo_code", "torch", torch.float32, "padded")
+
+
+def test_cdpo_code_rejects_packed():
+    case = make_case()
+    with pytest.raises(ValueError, match="padded"):
+        run("cdpo_code", "torch", case, torch.float32, "packed")
+
+
+@pytest.mark.parametrize("method", ["dpo", "tisdpo", "tisdpo_paper", "tdpo2", "simpo", "ipo"])
+def test_preset_torch_bf16(method):
+    three_way(method, "torch", torch.bfloat16, "padded")
+
+
+@pytest.mark.parametrize("method", ["tisdpo", "tdpo1"])
+def test_preset_triton(method):
+    pytest.importorskip("triton")
+    three_way(method, "triton", torch.float32, "packed")
+
+
+@pytest.mark.parametrize("method", ["tisdpo", "tisdpo_paper", "simpo", "cdpo"])
+def test_packed_equals_padded(method):
+    """Packed (interleaved pairs, trailing padding) vs padded: same loss, grads, metrics."""
+    three_way(method, "torch", torch.float32, "packed", truth_layout="padded")
+
+
+# ---------------------------------------------------------------------------- paths agree
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("method", ["dpo", "tisdpo", "ipo", "cdpo_code"])
+def test_ref_logps_path_equals_ref_hidden_path(method, layout):
+    if method == "cdpo_code" and layout == "packed":
+        pytest.skip("cdpo_code is padded only")
+    case = make_case()
+    with torch.no_grad():   # precomputed the way an offline pass would (fp32 torch backend)
+        ref_logps = linear_logprobs(case["ref_hidden"].float(), case["ref_weight"].float(),
+                                    case["labels"], impl="torch")
+    truth = run(method, "reference", case, torch.float64, layout)
+    ref = run(method, "reference", case, torch.float32, layout)
+    packed_lp = ref_logps.reshape(-1)[case["pack_index"]] if layout == "packed" else ref_logps
+    actual = run(method, "torch", case, torch.float32, layout, reference="logps",
+                 override={"ref_logps": packed_lp})
+    check(actual, ref, truth, torch.float32, f"{method}/{layout} ref_logps")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("method,weight_method", [
+    ("tisdpo", None), ("tisdpo_paper", None), ("tisdpo_binary", None), ("cdpo", None),
+    ("tisdpo_threshold_and_scale", None), ("dpo", "threshold"),
+])
+def test_onthefly_weights_equal_precomputed(method, weight_method, layout):
+    """pos/neg log-probs → weights inside the loss == the same weights passed precomputed."""
+    case = make_case()
+    rule = weight_method or PRESETS[method].weight_method
+    params = WeightParams(top_percent=60.0) if rule == "binary" else WeightParams()
+    side = (torch.arange(2 * B) < B)[:, None].expand(2 * B, T)
+    mask = case["labels"] != IGNORE
+    def precomputed(dtype):  # the weights an offline pass would store, from dtype log-probs
+        pos, neg = case["pos_logps"].to(dtype), case["neg_logps"].to(dtype)
+        w = R.token_weights(pos, None if rule == "cdpo" else neg, side=side, method=rule,
+                            params=params, mask=mask)
+        return dict(case, weights=w)
+
+    mkw = {"weight_method": weight_method, "weight_params": params}
+    truth = run(method, "reference", precomputed(torch.float64), torch.float64, layout,
+                weights="given", module_kw=mkw)
+    ref = run(method, "reference", precomputed(torch.float32), torch.float32, layout,
+              weights="given", module_kw=mkw)
+    actual = run(method, "torch", case, torch.float32, layout, weights="onthefly", module_kw=mkw)
+    check(actual, ref, truth, torch.float32, f"{method}/{rule}/{layout} on-the-fly weights")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_precomputed_weights_used_as_given(layout):
+    """weights= enters the loss unchanged: a weighted dpo equals the reference formula."""
+    case = make_case()
+    three_way("dpo", "torch", torch.float32, layout, case=case, weights="given")
+    _, metrics, _ = run("dpo", "torch", case, torch.float32, layout, weights="given")
+    m = case["labels"] != IGNORE
+    w = case["weights"].float()
+    for name, rows in (("weights/chosen", slice(0, B)), ("weights/rejected", slice(B, 2 * B))):
+        want = (w[rows] * m[rows]).sum() / m[rows].sum()
+        assert_oracle(metrics[name], want, want.double(), dtype=torch.float32, name=name)
+
+
+def test_unit_weights_tisdpo_equals_dpo():
+    case = make_case()
+    truth = run("dpo", "reference", case, torch.float64, "padded")
+    ref = run("dpo", "reference", case, torch.float32, "padded")
+    actual = run("tisdpo", "torch", case, torch.float32, "padded", weights=None)
+    check(actual, ref, truth, torch.float32, "tisdpo unit weights vs dpo")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("method", ["dpo", "tisdpo_paper"])
+def test_softcap_and_normalizer_pass_through(method, layout):
+    """softcap reaches both heads; normalizer (a global pair count) divides the pair sum."""
+    three_way(method, "torch", torch.float32, layout, module_kw={"softcap": 4.0},
+              loss_kw={"normalizer": 7})
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("method", ["tisdpo", "tdpo2", "simpo"])
+def test_all_ignored_batch_zero_loss_and_grads(method, layout):
+    case = make_case()
+    case["labels"] = torch.full_like(case["labels"], IGNORE)
+    loss, metrics, grads = run(method, "torch", case, torch.float32, layout)
+    zero = torch.zeros((), dtype=torch.float64)
+    assert_oracle(loss, zero, zero, dtype=torch.float32, name="loss")
+    for k, g in grads.items():
+        z = torch.zeros_like(g, dtype=torch.float64)
+        assert_oracle(g, z, z, dtype=torch.float32, name=f"d{k}")
+    for k, v in metrics.items():
+        assert torch.isfinite(v), f"metric {k} is {v}"
+
+
+# ---------------------------------------------------------------------------- API behaviour
+
+def test_metrics_are_detached_scalars_with_trl_names():
+    case = make_case()
+    _, metrics, _ = run("tisdpo_token_level", "torch", case, torch.float32, "padded")
+    trl = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected"}
+    assert trl | {"weights/chosen", "weights/rejected", "kl/chosen", "kl/rejected"} == \
+        set(metrics)
+    for k, v in metrics.items():
+        assert v.dim() == 0 and not v.requires_grad, k
+
+
+def test_reference_inputs_get_no_gradient():
+    case = make_case()
+    leaves, args = inputs(case, torch.float32, "padded")
+    ref_hidden = args["ref_hidden"].requires_grad_(True)
+    ref_weight = args["ref_weight"].requires_grad_(True)
+    for method in ("dpo", "tdpo1"):
+        loss, _ = TISDPOLoss(method, impl="torch")(
+            leaves["weight"], leaves["hidden"], args["labels"], ref_hidden=ref_hidden,
+            ref_weight=ref_weight)
+        loss.backward()
+    assert ref_hidden.grad is None and ref_weight.grad is None
+
+
+def test_hyperparameters_map_to_the_config():
+    assert TISDPOLoss("dpo", label_smoothing=0.2).config == \
+        TISDPOLoss("conservative", epsilon=0.2).config
+    assert TISDPOLoss("dpo").config.link == "sigmoid"
+    c = TISDPOLoss("tdpo2", alpha=0.3).config
+    assert (c.kl_chosen_coef, c.kl_rejected_coef, c.kl_stop_grad_chosen) == (0.3, -0.3, True)
+    c = TISDPOLoss("tisdpo_token_level", alpha=0.3).config
+    assert (c.kl_chosen_coef, c.kl_rejected_coef) == (-0.3, 0.3)
+    assert TISDPOLoss("simpo", gamma_beta_ratio=0.5).config.margin == 0.5
+    assert TISDPOLoss("simpo").config.beta == 2.0 and TISDPOLoss("tisdpo").config.beta == 0.1
+    assert TISDPOLoss("robust", epsilon=0.25).config.epsilon == 0.25
+
+
+@pytest.mark.parametrize("ctor,match", [
+    ({"method": "tis-dpo"}, "unknown method 'tis-dpo'"),
+    ({"beta": 0.0}, "beta must be > 0"),
+    ({"beta": float("nan")}, "beta must be finite"),
+    ({"epsilon": 0.5}, "epsilon must be < 0.5"),
+    ({"label_smoothing": -0.1}, "label_smoothing must be >= 0"),
+    ({"epsilon": 0.1, "label_smoothing": 0.1}, "not both"),
+    ({"method": "ipo", "epsilon": 0.1}, "ipo link"),
+    ({"alpha": 0.5}, "alpha=0.5"),
+    ({"method": "tdpo2", "alpha": -1.0}, "alpha must be > 0"),
+    ({"gamma_beta_ratio": 0.3}, "gamma_beta_ratio=0.3 applies to method 'simpo'"),
+    ({"method": "simpo", "gamma_beta_ratio": -1.0}, "gamma_beta_ratio must be >= 0"),
+    ({"weight_method": "softmax"}, "weight_method must be one of"),
+    ({"method": "dpo", "weight_params": WeightParams()}, "weight_params given"),
+    ({"weight_params": {"lower": 0}}, "weight_params must be a"),
+    ({"softcap": -1.0}, "softcap must be > 0"),
+    ({"impl": "cuda"}, "unknown impl='cuda'"),
+])
+def test_constructor_validation(ctor, match):
+    with pytest.raises(ValueError, match=match):
+        TISDPOLoss(**ctor)
+
+
+def _call_error(method, **changes):
+    case = make_case()
+    leaves, args = inputs(case, torch.float32, "padded", nan_views=False)
+    kw = call_kwargs(method, args)
+    kw.update(changes)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return lambda: TISDPOLoss(method, impl="torch")(**kw)
+
+
+@pytest.mark.parametrize("method,changes,match", [
+    ("dpo", {"ref_hidden": None, "ref_weight": None}, "needs a reference"),
+    ("tdpo1", {"ref_hidden": None, "ref_weight": None,
+               "ref_logps": torch.zeros(2 * B, T)}, "needs ref_hidden"),
+    ("dpo", {"ref_logps": torch.zeros(2 * B, T)}, "not both"),
+    ("simpo", {"ref_logps": torch.zeros(2 * B, T)}, "reference-free"),
+    ("dpo", {"ref_hidden": None}, "without ref_hidden"),
+    ("dpo", {"pos_logps": torch.zeros(2 * B, T)}, "no weight rule"),
+    ("tisdpo", {"neg_logps": None}, "needs both pos_logps and neg_logps"),
+    ("tisdpo", {"weights": torch.ones(2 * B, T)}, "either weights or pos_logps"),
+    ("dpo", {"weights": torch.ones(2 * B, T - 1)}, "weights shape"),
+    ("dpo", {"hidden": torch.zeros(2 * B, T, D + 1)}, "hidden has D="),
+    ("dpo", {"hidden": torch.zeros(5, T, D), "labels": torch.zeros(5, T, dtype=torch.long)},
+     "2B rows"),
+    ("dpo", {"labels": torch.zeros(2 * B, T - 1, dtype=torch.long)}, "labels shape"),
+    ("dpo", {"labels": torch.full((2 * B, T), V)}, "lies outside"),
+    ("dpo", {"seq_offsets": torch.tensor([0, 5])}, "needs both seq_offsets"),
+])
+def test_call_validation(method, changes, match):
+    with pytest.raises(ValueError, match=match):
+        _call_error(method, **changes)()
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"pairs": torch.tensor([[0, 9]])}, r"pairs must hold sequence indices in \[0, S=6\)"),
+    ({"pairs": torch.tensor([0, 1])}, r"pairs must be \[P, 2\]"),
+    ({"seq_offsets": torch.tensor([0, 9, 4, 30])}, "seq_offsets must be non-decreasing"),
+    ({"seq_offsets": torch.tensor([0, 5, 999])}, "seq_offsets must be non-decreasing"),
+    ({"seq_offsets": torch.tensor([0.0, 5.0])}, "seq_offsets must be an integer tensor"),
+    ({"hidden": torch.zeros(2, 5, D)}, r"packed hidden must be \[N, D\] or \[1, N, D\]"),
+])
+def test_packed_validation(changes, match):
+    case = make_case()
+    _, args = inputs(case, torch.float32, "packed", nan_views=False)
+    kw = call_kwargs("dpo", args)
+    kw.update(changes)
+    with pytest.raises(ValueError, match=match):
+        TISDPOLoss("dpo", impl="torch")(**kw)
+
+
+def test_packed_accepts_leading_batch_dim():
+    case = make_case()
+    truth = run("tisdpo", "reference", case, torch.float64, "packed")
+    ref = run("tisdpo", "reference", case, torch.float32, "packed")
+    leaves, args = inputs(case, torch.float32, "packed")
+    kw = call_kwargs("tisdpo", args)
+    for k in ("hidden", "labels", "ref_hidden", "pos_logps", "neg_logps"):
+        kw[k] = kw[k].unsqueeze(0)
+    loss, metrics = TISDPOLoss("tisdpo", impl="torch")(**kw)
+    loss.backward()
+    check((loss, metrics, {k: v.grad for k, v in leaves.items()}), ref, truth, torch.float32,
+          "packed [1, N, D]")
+
+
+def test_import_is_light():
+    code = ("import sys; from tisdpo import TISDPOLoss; "
+            "bad = [m for m in ('transformers', 'datasets', 'triton') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
