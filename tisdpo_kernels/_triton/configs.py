@@ -1,0 +1,139 @@
+"""Launch configurations of every Triton kernel, in one table.
+
+``CONFIGS[kernel][device_class]`` is the one tuned config used by default; device classes are
+``"sm90"`` (Hopper and newer), ``"sm80"`` (Ampere/Ada), ``"interpret"`` (CPU tensors under
+``TRITON_INTERPRET=1``: one large-block config, since the interpreter's cost is per program and
+per tile, not per flop) and ``"default"`` (anything else; falls back to it when a class is
+missing). ``TISDPO_AUTOTUNE=1`` (``_env.autotune()``) makes launchers search
+``AUTOTUNE[kernel]`` instead, on a GPU only.
+
+Adding a kernel = one ``CONFIGS`` entry (and optionally an ``AUTOTUNE`` list):
+
+    CONFIGS["my_kernel"] = {
+        "sm90": KernelConfig({"BLOCK_N": 128, "BLOCK_V": 128}, num_warps=8, num_stages=3),
+        "default": KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128}, num_warps=4, num_stages=2),
+        "interpret": KernelConfig({"BLOCK_N": 128, "BLOCK_V": 512}),
+    }
+
+and in the launcher ``cfg = configs.get("my_kernel", tensor)``, then
+``kernel[grid](..., **cfg.meta, **cfg.launch_kwargs(tensor))``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from tisdpo_kernels import _env
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """meta: the kernel's tuning constexprs (block sizes, group size); num_warps/num_stages:
+    Triton launch options; host: launcher-side knobs that are not kernel arguments (e.g. the
+    minimum number of vocabulary splits)."""
+
+    meta: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    host: dict = field(default_factory=dict)
+
+    def launch_kwargs(self, t: torch.Tensor) -> dict:
+        """num_warps / num_stages for a GPU launch (the interpreter takes neither)."""
+        if t.device.type != "cuda":
+            return {}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def triton_config(self):
+        import triton
+        return triton.Config(dict(self.meta), num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
+
+def _c(num_warps=4, num_stages=2, host=None, **meta) -> KernelConfig:
+    return KernelConfig(meta, num_warps, num_stages, host or {})
+
+
+CONFIGS: dict[str, dict[str, KernelConfig]] = {
+    # lm_head.py forward: one program = a token block × one vocabulary split; a GEMM with an
+    # online-logsumexp epilogue. min_splits ≥ 16 on GPUs so that the programs running at once
+    # share hidden strips (same token block, different splits) and weight tiles (same split,
+    # different token blocks) in L2; more splits when the token blocks cannot fill the GPU.
+    "lm_head_fwd": {
+        "sm90": _c(8, 4, {"min_splits": 16}, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64),
+        "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32),
+        "default": _c(4, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32),
+        "interpret": _c(host={"min_splits": 1}, BLOCK_N=128, BLOCK_V=512, BLOCK_D=128),
+    },
+    "lm_head_fwd_combine": {
+        "default": _c(4, 1, BLOCK_N=1024),
+        "interpret": _c(BLOCK_N=1024),
+    },
+    # lm_head.py backward: one program = one (token block, vocab block) tile, grouped by
+    # GROUP_N token blocks for L2 reuse; recompute the logits, then dH/dW/db by fp32 atomics.
+    "lm_head_bwd": {
+        "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
+        "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
+        "default": _c(4, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
+        "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, GROUP_N=1),
+    },
+}
+
+# Searched only with TISDPO_AUTOTUNE=1 on a GPU (several configs cannot run interpreted).
+AUTOTUNE: dict[str, list[KernelConfig]] = {
+    "lm_head_fwd": [
+        _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+        for bn, bv, bd, w, s in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3),
+                                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                 (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+                                 (128, 64, 64, 4, 4)]
+    ],
+    "lm_head_bwd": [
+        _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
+        for bn, bv, bd, w, s, g in [(128, 128, 64, 8, 3, 8), (128, 128, 32, 8, 4, 8),
+                                    (64, 128, 64, 4, 3, 8), (128, 64, 64, 4, 3, 8),
+                                    (128, 256, 32, 8, 3, 8), (128, 128, 64, 8, 3, 16)]
+    ],
+}
+
+_OVERRIDES: dict[str, KernelConfig] = {}
+
+
+def device_class(t: torch.Tensor) -> str:
+    """The row of ``CONFIGS`` for kernels launched on ``t``'s device."""
+    if t.device.type != "cuda":
+        return "interpret"
+    major, _ = torch.cuda.get_device_capability(t.device)
+    if major >= 9:
+        return "sm90"
+    if major == 8:
+        return "sm80"
+    return "default"
+
+
+def get(kernel: str, t: torch.Tensor) -> KernelConfig:
+    """The config for ``kernel`` on ``t``'s device (an active :func:`override` wins)."""
+    if kernel in _OVERRIDES:
+        return _OVERRIDES[kernel]
+    table = CONFIGS[kernel]
+    return table.get(device_class(t), table["default"] if "default" in table
+                     else next(iter(table.values())))
+
+
+def autotuning(t: torch.Tensor) -> bool:
+    """Search configs: TISDPO_AUTOTUNE=1, a GPU tensor, and no override in force."""
+    return t.device.type == "cuda" and _env.autotune() and not _OVERRIDES
+
+
+@contextlib.contextmanager
+def override(**configs: KernelConfig):
+    """Temporarily force configs by kernel name (tests use it to reach GPU-like block sizes
+    under the interpreter). Not thread-safe; not for production use."""
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(configs)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
