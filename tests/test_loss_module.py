@@ -391,3 +391,112 @@ def test_import_is_light():
             "bad = [m for m in ('transformers', 'datasets', 'triton') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ref_weight_defaults_to_the_policy_head():
+    """ref_hidden alone: the reference uses lm_head_weight and bias (a shared, frozen head)."""
+    case = make_case()
+    res = []
+    for impl, dt, explicit in (("torch", torch.float32, False),
+                               ("reference", torch.float32, True),
+                               ("reference", torch.float64, True)):
+        leaves, args = inputs(case, dt, "padded")
+        kw = call_kwargs("tdpo1", args)
+        kw["ref_weight"] = leaves["weight"].detach() if explicit else None
+        if explicit:
+            kw["ref_bias"] = leaves["bias"].detach()
+        loss, metrics = TISDPOLoss("tdpo1", impl=impl)(**kw)
+        loss.backward()
+        res.append((loss, metrics, {k: v.grad for k, v in leaves.items()}))
+    check(*res, torch.float32, "ref_weight default")
+
+
+# ---------------------------------------------------------------------------- a HF model
+
+def tiny_llama(tied, seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def hf_batch(npairs=2, length=14, vocab=128):
+    """input_ids [2B, L] (chosen rows first, a shared prompt per pair, right padding),
+    attention_mask, shifted labels [2B, L−1] and token weights [2B, L−1]."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2 * npairs, length), generator=g)
+    am = torch.ones_like(ids)
+    labels = ids[:, 1:].clone()
+    for b, (prompt, n_w, n_l) in enumerate([(3, 9, 6), (5, 4, 8)][:npairs]):
+        ids[b + npairs, :prompt] = ids[b, :prompt]
+        for row, n in ((b, n_w), (b + npairs, n_l)):
+            am[row, prompt + n:] = 0
+            labels[row, :prompt - 1] = IGNORE           # label t is token t+1
+            labels[row, prompt - 1 + n:] = IGNORE
+    weights = 0.7 + 0.6 * torch.rand(labels.shape, generator=g, dtype=torch.float64)
+    return ids, am, labels, weights
+
+
+def materialised_loss(model, ref_model, batch, method):
+    """The eager path: full logits, log_softmax, the reference preference loss."""
+    ids, am, labels, weights = batch
+    cfg = PRESETS[method].config
+    logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
+    with torch.no_grad():
+        ref_logits = ref_model(input_ids=ids, attention_mask=am).logits[:, :-1]
+    sd = R.stat_dtype(logits.dtype)
+    lp_all, lq_all = logits.to(sd).log_softmax(-1), ref_logits.to(sd).log_softmax(-1)
+    mask = labels != IGNORE
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    logp = lp_all.gather(-1, safe).squeeze(-1) * mask
+    ref_logp = lq_all.gather(-1, safe).squeeze(-1) * mask
+    kl = None
+    if cfg.kl == "policy_ref":
+        kl = (lp_all.exp() * (lp_all - lq_all)).sum(-1) * mask
+    elif cfg.kl == "ref_policy":
+        kl = (lq_all.exp() * (lq_all - lp_all)).sum(-1) * mask
+    w = weights.to(sd) if PRESETS[method].weight_method else None
+    return R.preference_loss(logp, ref_logp, w, config=cfg, mask=mask, kl=kl)[0]
+
+
+def fused_loss(model, ref_model, batch, method):
+    ids, am, labels, weights = batch
+    hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        ref_hidden = ref_model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, :-1]
+    w = weights.float() if PRESETS[method].weight_method else None
+    loss, _ = TISDPOLoss(method, impl="torch")(
+        model.lm_head.weight, hidden, labels, ref_hidden=ref_hidden,
+        ref_weight=ref_model.lm_head.weight, weights=w)
+    return loss
+
+
+@pytest.mark.parametrize("method,tied", [("tisdpo", True), ("tisdpo", False),
+                                         ("tisdpo_paper", True), ("tdpo2", False)])
+def test_one_sgd_step_on_a_tiny_llama(method, tied):
+    """Fused (hidden states + lm_head weight) and materialised logits: same SGD update."""
+    import copy
+
+    base, ref_base = tiny_llama(tied, 0), tiny_llama(tied, 1)
+    assert (base.lm_head.weight is base.model.embed_tokens.weight) == tied
+    batch = hf_batch()
+    runs = {}
+    for name, dtype, fn in (("truth", torch.float64, materialised_loss),
+                            ("eager", torch.float32, materialised_loss),
+                            ("fused", torch.float32, fused_loss)):
+        model = copy.deepcopy(base).to(dtype)
+        ref_model = copy.deepcopy(ref_base).to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = fn(model, ref_model, batch, method)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        runs[name] = (loss.detach(), grads, dict(model.named_parameters()))
+    (lt, gt, pt), (le, ge, pe), (lf, gf, pf) = runs["truth"], runs["eager"], runs["fused"]
+    assert_oracle(lf, le, lt, dtype=torch.float32, name="loss")
+    assert set(pf) == set(pt) and ("lm_head.weight" in pf) == (not tied)
+    for k in pt:
+        assert_oracle(gf[k], ge[k], gt[k], dtype=torch.float32, name=f"grad {k}")
+        assert_oracle(pf[k], pe[k], pt[k], dtype=torch.float32, name=f"updated {k}")
