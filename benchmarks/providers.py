@@ -1,0 +1,293 @@
+"""The providers compared: ours and the peers, behind three small call signatures.
+
+- logprobs: ``fn(hidden[N, D], weight[V, D], targets[N]) -> logp[N]`` (float32, 0 where
+  ignored). Peers that return a per-token loss are negated (an O(N) op).
+- loss: ``fn(hidden[2B, T, D], weight, labels[2B, T], *, ref_hidden, ref_weight, ref_logps,
+  weights) -> scalar``: the TIS-DPO loss of the official code (−log σ(β(Σ ω_w Δ_w − Σ ω_l
+  Δ_l)), summed log-ratios, mean over pairs), with either an online reference head or
+  precomputed reference log-probs. Peers without a fused loss are composed: their per-token
+  logp for the policy (and, under no_grad, the reference) plus the same O(N) reduction.
+- kl: ``fn(hidden, weight, ref_hidden, ref_weight, targets) -> (kl[N], logp[N])``,
+  KL(π‖ref) over the full vocabulary.
+
+Every provider is optional: ``skip_reason`` says why one cannot run here (package missing,
+no CUDA, op or option not supported) and nothing falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Provider", "PROVIDERS", "OPS", "resolve_providers", "skip_reason", "make_logprobs",
+    "make_loss", "make_kl", "eager_logprobs", "eager_token_kl", "dpo_reduce",
+]
+
+OPS = ("logprobs", "loss", "kl")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    ops: tuple[str, ...]
+    strategy: str                    # flop model, see measure.FLOP_MODELS
+    description: str
+    packages: tuple[str, ...] = ()   # importable module names it needs
+    cuda_only: bool = False
+    token_weights: bool = True       # honours per-token weights in the loss op
+    softcap: bool = True             # supports a logit softcap
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("ours-triton", OPS, "recompute",
+             "tisdpo fused Triton kernels (impl='triton'; interpreter on CPU)"),
+    Provider("ours-torch", OPS, "recompute",
+             "tisdpo token-chunked PyTorch backend (impl='torch')"),
+    Provider("eager", OPS, "materialise",
+             "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),
+    Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
+    Provider("cce", ("logprobs", "loss"), "recompute",
+             "Cut Cross-Entropy linear_cross_entropy(reduction='none'), default filtering",
+             packages=("cut_cross_entropy",), cuda_only=True),
+    Provider("cce_exact", ("logprobs", "loss"), "recompute",
+             "Cut Cross-Entropy with gradient filtering off (filter_eps=None)",
+             packages=("cut_cross_entropy",), cuda_only=True),
+    Provider("liger-flce", ("logprobs", "loss"), "recompute",
+             "Liger fused linear cross entropy, reduction='none' (recomputes in backward)",
+             packages=("liger_kernel",), cuda_only=True),
+    Provider("liger-dpo", ("loss",), "grads_in_forward",
+             "Liger LigerFusedLinearDPOLoss (chunks whole pairs; no per-token weights)",
+             packages=("liger_kernel",), cuda_only=True, token_weights=False, softcap=False),
+)}
+
+_OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch"}
+
+
+def resolve_providers(text: str | None) -> list[str]:
+    """``"all"``/None → every provider; else a comma list, each checked against the registry."""
+    if text is None or text.strip().lower() == "all":
+        return list(PROVIDERS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in PROVIDERS:
+            raise ValueError(f"--providers: unknown provider {n!r}; valid providers are "
+                             f"{', '.join(PROVIDERS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------- eager code
+
+def eager_logprobs(hidden, weight, targets, softcap=None):
+    """Materialised [N, V] logits, fp32 log_softmax, gather; 0 where ignored."""
+    z = (hidden @ weight.T).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = targets != IGNORE
+    lp = torch.log_softmax(z, dim=-1)
+    out = lp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def eager_token_kl(hidden, weight, ref_hidden, ref_weight, targets, softcap=None):
+    """KL(π‖ref) per token from two materialised heads; (kl, logp), 0 where ignored."""
+    def logsm(h, w):
+        z = (h @ w.T).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return torch.log_softmax(z, dim=-1)
+
+    lp = logsm(hidden, weight)
+    with torch.no_grad():
+        lq = logsm(ref_hidden, ref_weight)
+    valid = targets != IGNORE
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    logp = lp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    return torch.where(valid, kl, zero), torch.where(valid, logp, zero)
+
+
+def dpo_reduce(logp, ref_logp, weights, mask, beta):
+    """−mean_b log σ(β(Σ_t ω Δ over chosen row b − the same over rejected row b+B))."""
+    delta = (logp - ref_logp) * mask
+    if weights is not None:
+        delta = delta * weights
+    s = delta.sum(-1)
+    half = s.shape[0] // 2
+    return -F.logsigmoid(beta * (s[:half] - s[half:])).mean()
+
+
+# ----------------------------------------------------------------------------- factories
+
+def _cce(filter_eps, softcap):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def fn(hidden, weight, targets):
+        nll = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, softcap=softcap,
+                                   reduction="none", filter_eps=filter_eps)
+        return -nll.float()
+    return fn
+
+
+def _liger_flce(softcap):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    def fn(hidden, weight, targets):
+        nll = liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE,
+                                               reduction="none", softcap=softcap)
+        return -nll.float()
+    return fn
+
+
+def make_logprobs(name: str, softcap: float | None) -> Callable:
+    if name in _OURS_IMPL:
+        from tisdpo_kernels import linear_logprobs
+        return functools.partial(linear_logprobs, softcap=softcap, impl=_OURS_IMPL[name])
+    if name == "eager":
+        return functools.partial(eager_logprobs, softcap=softcap)
+    if name == "torch-compile":
+        return torch.compile(functools.partial(eager_logprobs, softcap=softcap))
+    if name == "cce":
+        return _cce("auto", softcap)
+    if name == "cce_exact":
+        return _cce(None, softcap)
+    if name == "liger-flce":
+        return _liger_flce(softcap)
+    raise ValueError(f"provider {name!r} has no logprobs op")
+
+
+def _composed_loss(logprobs_fn: Callable, beta: float) -> Callable:
+    def fn(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
+           weights=None):
+        rows, seq, dim = hidden.shape
+        flat = labels.reshape(-1)
+        lp = logprobs_fn(hidden.reshape(-1, dim), weight, flat).view(rows, seq)
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps = logprobs_fn(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight,
+                                        flat).view(rows, seq)
+        return dpo_reduce(lp, ref_logps, weights, labels != IGNORE, beta)
+    return fn
+
+
+def _ours_loss(impl: str, beta: float, softcap: float | None) -> Callable:
+    from tisdpo import TISDPOLoss
+
+    params = inspect.signature(TISDPOLoss).parameters
+    kwargs = {"method": "tisdpo", "beta": beta}
+    if "impl" not in params:
+        raise NotImplementedError("tisdpo.TISDPOLoss takes no impl= argument")
+    kwargs["impl"] = impl
+    if softcap is not None:
+        if "softcap" not in params:
+            raise NotImplementedError("tisdpo.TISDPOLoss takes no softcap= argument")
+        kwargs["softcap"] = softcap
+    module = TISDPOLoss(**kwargs)
+
+    def fn(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
+           weights=None):
+        loss, _metrics = module(weight, hidden, labels, ref_hidden=ref_hidden,
+                                ref_weight=ref_weight, ref_logps=ref_logps, weights=weights)
+        return loss
+    return fn
+
+
+def _liger_dpo(beta: float) -> Callable:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    online = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=True)
+    # Liger cannot take precomputed reference log-probs: with them it runs reference-free,
+    # which costs the same as subtracting constants.
+    offline = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=False)
+
+    def fn(hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
+           weights=None):
+        if ref_logps is None:
+            out = online(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
+        else:
+            out = offline(weight, hidden, labels)
+        return out[0] if isinstance(out, tuple) else out
+    return fn
+
+
+def make_loss(name: str, beta: float, softcap: float | None) -> Callable:
+    if name in _OURS_IMPL:
+        return _ours_loss(_OURS_IMPL[name], beta, softcap)
+    if name == "liger-dpo":
+        if softcap is not None:
+            raise NotImplementedError("LigerFusedLinearDPOLoss has no softcap")
+        return _liger_dpo(beta)
+    if name == "torch-compile":
+        return torch.compile(_composed_loss(functools.partial(eager_logprobs, softcap=softcap),
+                                            beta))
+    return _composed_loss(make_logprobs(name, softcap), beta)
+
+
+def make_kl(name: str, softcap: float | None) -> Callable:
+    if name in _OURS_IMPL:
+        from tisdpo_kernels import linear_token_kl
+
+        def fn(hidden, weight, ref_hidden, ref_weight, targets):
+            kl, logp, _ref_logp = linear_token_kl(hidden, weight, ref_hidden, ref_weight,
+                                                  targets, direction="policy_ref",
+                                                  softcap=softcap, impl=_OURS_IMPL[name])
+            return kl, logp
+        return fn
+    if name == "eager":
+        return functools.partial(eager_token_kl, softcap=softcap)
+    if name == "torch-compile":
+        return torch.compile(functools.partial(eager_token_kl, softcap=softcap))
+    raise ValueError(f"provider {name!r} has no kl op")
+
+
+# ----------------------------------------------------------------------------- availability
+
+def _probe(name: str, op: str, device: torch.device, dtype: torch.dtype,
+           softcap: float | None) -> str | None:
+    """Run our op once at a tiny size: a missing backend or impl says why here."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(4, 16, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(40, 16, generator=g).to(device=device, dtype=dtype)
+    t = torch.randint(0, 40, (4,), generator=g).to(device)
+    try:
+        if op == "logprobs":
+            make_logprobs(name, softcap)(h, w, t)
+        elif op == "kl":
+            make_kl(name, softcap)(h, w, h, w, t)
+        else:
+            h3 = h.view(2, 2, 16)
+            make_loss(name, 0.1, softcap)(h3, w, t.view(2, 2), ref_hidden=h3, ref_weight=w,
+                                          weights=torch.ones(2, 2, device=device))
+    except (ImportError, NotImplementedError, ValueError, TypeError, AttributeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_probe(name, op, device_str, dtype, softcap):
+    return _probe(name, op, torch.device(device_str), dtype, softcap)
+
+
+def skip_reason(name: str, op: str, device: torch.device, *, dtype: torch.dtype,
+                softcap: float | None = None) -> str | None:
+    """Why provider ``name`` cannot run ``op`` here, or None when it can."""
+    p = PROVIDERS[name]
+    if op not in p.ops:
+        return f"{name} has no {op} op"
+    for pkg in p.packages:
+        if importlib.util.find_spec(pkg) is None:
+            return (f"package {pkg!r} is not installed (pip install the wheel from "
+                    f"shared/wheels, see benchmarks/README.md)")
+    if p.cuda_only and device.type != "cuda":
+        return f"{name} needs a CUDA device"
+    if softcap is not None and not p.softcap:
+        return f"{name} has no logit softcap"
+    if name in _OURS_IMPL:
+        return _cached_probe(name, op, str(device), dtype, softcap)
+    return None
