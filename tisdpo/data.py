@@ -82,7 +82,8 @@ class TokenizeConfig:
     """How :func:`tokenize_pairs` tokenises, truncates and validates.
 
     max_length: prompt + completion tokens at most (per side), ≥ 2.
-    max_prompt_length: the prompt's cap when truncation is needed, < max_length.
+    max_prompt_length: the prompt's cap when truncation is needed, < max_length (default
+        max_length // 2: the official 512 / 256).
     truncation: "keep_start" or "keep_end" — which part of an over-long prompt is kept
         (completions always keep their start).
     add_eos: whether EOS ends each completion and counts as a completion token (see the
@@ -92,7 +93,7 @@ class TokenizeConfig:
     """
 
     max_length: int = 512
-    max_prompt_length: int = 256
+    max_prompt_length: int | None = None
     truncation: Literal["keep_start", "keep_end"] = "keep_start"
     add_eos: bool = True
     add_bos: bool = False
@@ -101,6 +102,8 @@ class TokenizeConfig:
     def __post_init__(self):
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
+        if self.max_prompt_length is None:
+            object.__setattr__(self, "max_prompt_length", self.max_length // 2)
         if not isinstance(self.max_prompt_length, int) or not \
                 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(f"max_prompt_length must be an int in [1, max_length="
@@ -332,7 +335,10 @@ def _tokenize_record(rec, index, tokenizer, cfg, list_cols, has_gen):
         value = rec[side]
         if chat:
             msgs = _check_messages(value, index, side, allow_string=True)
-            if not "".join(m["content"] for m in msgs if m["role"] == "assistant").strip():
+            replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+            if not replies:
+                raise _RecordError(index, side, "no assistant message")
+            if not "".join(replies).strip():
                 raise _RecordError(index, side, "empty response")
             comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, index, side,
                                     has_gen)
@@ -425,7 +431,7 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
             except _RecordError as e:
                 if not cfg.skip_invalid:
                     raise ValueError(str(e)) from None
-                row = {k: [] for k in features}
+                row = {k: [] for k in features if not k.startswith("_")}
                 row["record_index"], error, p_cut, c_cut = index, str(e), False, False
             for k in row:
                 out[k].append(row[k])

@@ -1,0 +1,343 @@
+"""Data layer: loading, plain and chat tokenisation, the EOS rule, truncation alignment,
+bad-data errors (record index + field), skip_invalid, reverse_pairs."""
+import json
+import math
+
+import datasets
+import pytest
+
+from tisdpo.data import (
+    TokenizeConfig, eos_counted_for_preset, load_preference_dataset, reverse_pairs,
+    tokenize_pairs,
+)
+from tisdpo.synthetic import load_tokenizer, make_synthetic_task
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    train, _, _ = make_synthetic_task(6, 0, seed=3)
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train]
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _with_weights(tok, recs, add_eos=True, ref=True):
+    out = []
+    for r in recs:
+        r = dict(r)
+        nc = len(_ids(tok, r["chosen"])) + add_eos
+        nr = len(_ids(tok, r["rejected"])) + add_eos
+        r["chosen_weight"] = [1.0 + 0.01 * j for j in range(nc)]
+        r["rejected_weight"] = [2.0 + 0.01 * j for j in range(nr)]
+        if ref:
+            r["ref_chosen_logps"] = [-1.0 - 0.01 * j for j in range(nc)]
+            r["ref_rejected_logps"] = [-2.0 - 0.01 * j for j in range(nr)]
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------------- loading
+
+def _as_rows(ds):
+    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in ds]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "disk", "disk_dict", "dir", "list"])
+def test_load_formats(tmp_path, records, fmt):
+    ds = datasets.Dataset.from_list(records)
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif fmt == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(records))
+    elif fmt == "parquet":
+        path = tmp_path / "d.parquet"
+        ds.to_parquet(str(path))
+    elif fmt == "disk":
+        path = tmp_path / "saved"
+        ds.save_to_disk(str(path))
+    elif fmt == "disk_dict":
+        path = tmp_path / "saved_dict"
+        datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(path))
+    elif fmt == "dir":
+        path = tmp_path / "files"
+        path.mkdir()
+        (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (path / "test.jsonl").write_text(json.dumps(records[0]) + "\n")
+    else:
+        path = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+        path[0].write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+        path[1].write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    assert _as_rows(load_preference_dataset(path)) == records
+    if fmt in ("disk_dict", "dir"):
+        assert _as_rows(load_preference_dataset(path, split="test")) == records[:1]
+        with pytest.raises(ValueError, match="split='validation' not found"):
+            load_preference_dataset(path, split="validation")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path_or_dir"):
+        load_preference_dataset(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="path_or_dir"):
+        load_preference_dataset(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="no .json/.jsonl/.parquet"):
+        load_preference_dataset(tmp_path)
+
+
+def test_load_chat_and_weights_jsonl(tmp_path, tok):
+    train, _, _ = make_synthetic_task(3, 0, seed=1, chat=True)
+    recs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in train]
+    recs[0]["chosen_weight"], recs[0]["rejected_weight"] = [0.5], [0.25]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = load_preference_dataset(path)
+    assert ds[0]["prompt"] == recs[0]["prompt"] and ds[1]["chosen"] == recs[1]["chosen"]
+    assert ds[0]["chosen_weight"] == [0.5] and ds[1]["chosen_weight"] is None
+
+
+# ---------------------------------------------------------------------------- tokenisation
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_plain_records(tok, records, add_eos):
+    ds = datasets.Dataset.from_list(_with_weights(tok, records, add_eos))
+    out, report = tokenize_pairs(ds, tok, TokenizeConfig(add_eos=add_eos))
+    assert report.n_records == report.n_kept == len(records) and report.n_skipped == 0
+    assert set(out.column_names) == {"record_index", "prompt_ids", "chosen_ids",
+                                     "rejected_ids", "chosen_weight", "rejected_weight",
+                                     "ref_chosen_logps", "ref_rejected_logps"}
+    eos = [tok.eos_token_id] if add_eos else []
+    for i, (row, rec) in enumerate(zip(out, records)):
+        assert row["record_index"] == i
+        # prompt and completion tokenised separately: the completion tokens are exactly
+        # the tokens of the completion text (+ EOS under add_eos)
+        assert row["prompt_ids"] == _ids(tok, rec["prompt"])
+        assert row["chosen_ids"] == _ids(tok, rec["chosen"]) + eos
+        assert row["rejected_ids"] == _ids(tok, rec["rejected"]) + eos
+        assert len(row["chosen_weight"]) == len(row["ref_chosen_logps"]) == len(row["chosen_ids"])
+        assert row["rejected_weight"][0] == 2.0
+
+
+def test_add_bos(tok, records):
+    out, _ = tokenize_pairs(datasets.Dataset.from_list(records), tok,
+                            TokenizeConfig(add_bos=True))
+    assert out[0]["prompt_ids"] == [tok.bos_token_id] + _ids(tok, records[0]["prompt"])
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_chat_records_match_plain(tok, add_eos):
+    plain, _, _ = make_synthetic_task(4, 0, seed=5)
+    chat, _, _ = make_synthetic_task(4, 0, seed=5, chat=True)
+    cfg = TokenizeConfig(add_eos=add_eos)
+    out_p, _ = tokenize_pairs(datasets.Dataset.from_list(plain), tok, cfg)
+    out_c, _ = tokenize_pairs(datasets.Dataset.from_list(chat), tok, cfg)
+    for p, c, rec in zip(out_p, out_c, chat):
+        # the template's generation block is the content then <|eos|>: same completion tokens
+        assert c["chosen_ids"] == p["chosen_ids"] and c["rejected_ids"] == p["rejected_ids"]
+        assert c["prompt_ids"] == tok.apply_chat_template(
+            rec["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        assert c["prompt_ids"][-1] == tok.convert_tokens_to_ids("<|assistant|>")
+
+
+def test_chat_completion_as_string(tok):
+    rec = {"prompt": [{"role": "user", "content": "Write about cats:"}],
+           "chosen": " kind cat", "rejected": " rude cat"}
+    msgs = dict(rec, chosen=[{"role": "assistant", "content": " kind cat"}],
+                rejected=[{"role": "assistant", "content": " rude cat"}])
+    # a string completion next to a chat prompt is one assistant message
+    out, _ = tokenize_pairs(datasets.Dataset.from_list([rec]), tok)
+    ref, _ = tokenize_pairs(datasets.Dataset.from_list([msgs]), tok)
+    assert out[0] == ref[0]
+
+
+def _long_record(tok):
+    prompt = "Write about" + " rivers" * 14                    # 16 tokens
+    chosen = " kind" + " river" * 9                            # 10 tokens
+    rejected = " rude" + " stone" * 11                         # 12 tokens
+    nc, nr = len(_ids(tok, chosen)) + 1, len(_ids(tok, rejected)) + 1
+    assert (len(_ids(tok, prompt)), nc, nr) == (16, 11, 13)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "chosen_weight": [float(j) for j in range(nc)],
+            "rejected_weight": [100.0 + j for j in range(nr)],
+            "ref_chosen_logps": [-float(j) for j in range(nc)],
+            "ref_rejected_logps": [-100.0 - j for j in range(nr)]}
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_truncation_keeps_alignment(tok, mode):
+    rec = _long_record(tok)
+    p_ids, c_ids, r_ids = (_ids(tok, rec[k]) for k in ("prompt", "chosen", "rejected"))
+    eos = tok.eos_token_id
+    # prompt 16 + longer completion 13 > 20: the prompt is cut to 6; 6 + 13 ≤ 20: done
+    cfg = TokenizeConfig(max_length=20, max_prompt_length=6, truncation=mode)
+    out, report = tokenize_pairs(datasets.Dataset.from_list([rec]), tok, cfg)
+    row = out[0]
+    assert row["prompt_ids"] == (p_ids[:6] if mode == "keep_start" else p_ids[-6:])
+    assert row["chosen_ids"] == c_ids + [eos] and row["rejected_ids"] == r_ids + [eos]
+    assert (report.n_prompt_truncated, report.n_completion_truncated) == (1, 0)
+    # now completions too: 6 + 13 > 16 → cut to 16 − 6 = 10 tokens, weights with them
+    cfg = cfg.replace(max_length=16)
+    row = tokenize_pairs(datasets.Dataset.from_list([rec]), tok, cfg)[0][0]
+    assert len(row["prompt_ids"]) == 6
+    assert row["chosen_ids"] == c_ids[:10] and row["rejected_ids"] == r_ids[:10]
+    assert row["chosen_weight"] == [float(j) for j in range(10)]
+    assert row["rejected_weight"] == [100.0 + j for j in range(10)]
+    assert row["ref_chosen_logps"] == [-float(j) for j in range(10)]
+    assert row["ref_rejected_logps"] == [-100.0 - j for j in range(10)]
+    assert len(row["prompt_ids"]) + len(row["rejected_ids"]) <= cfg.max_length
+
+
+def test_short_prompt_not_truncated(tok):
+    rec = _long_record(tok)
+    rec["prompt"] = "Write about cats:"                          # 4 tokens
+    cfg = TokenizeConfig(max_length=12, max_prompt_length=6)
+    row = tokenize_pairs(datasets.Dataset.from_list([rec]), tok, cfg)[0][0]
+    assert len(row["prompt_ids"]) == 4                           # under the cap: kept whole
+    assert len(row["chosen_ids"]) == len(row["rejected_ids"]) == 8 == len(row["chosen_weight"])
+
+
+# ------------------------------------------------------------------------- bad data errors
+
+def _bad_cases(tok, good):
+    """(records, index, field, message regex); the bad record is always index 2."""
+    def edit(**changes):
+        recs = [dict(r) for r in good]
+        recs[2].update(changes)
+        return recs
+    n = len(_ids(tok, good[2]["chosen"])) + 1
+    return [
+        (edit(chosen=None), "chosen", "missing"),
+        (edit(prompt=None), "prompt", "missing"),
+        (edit(rejected=""), "rejected", "empty response"),
+        (edit(chosen="   "), "chosen", "empty response"),
+        (edit(prompt=""), "prompt", "empty"),
+        (edit(chosen_weight=good[2]["chosen_weight"] + [1.0]), "chosen_weight",
+         f"{n + 1} values for {n} completion tokens"),
+        (edit(ref_rejected_logps=good[2]["ref_rejected_logps"][:-1]), "ref_rejected_logps",
+         r"\d+ values for \d+ completion tokens"),
+        (edit(chosen_weight=None), "chosen_weight", "missing"),
+        (edit(rejected_weight=[float("nan")] * len(good[2]["rejected_weight"])),
+         "rejected_weight", "value 0 is nan, not a finite number"),
+        (edit(chosen=" kind <|eos|> cat"), "chosen", "contains the EOS token"),
+    ]
+
+
+def test_bad_data_errors_name_record_and_field(tok, records):
+    good = _with_weights(tok, records)
+    for recs, field, msg in _bad_cases(tok, good):
+        ds = datasets.Dataset.from_list(recs)
+        with pytest.raises(ValueError, match=rf"^record 2, field '{field}': {msg}"):
+            tokenize_pairs(ds, tok)
+
+
+def test_non_string_and_bad_chat(tok, records):
+    ds = datasets.Dataset.from_dict({"prompt": ["a", "b"], "chosen": [1, 2],
+                                     "rejected": [" x", " y"]})
+    with pytest.raises(ValueError, match=r"^record 0, field 'chosen': expected a string"):
+        tokenize_pairs(ds, tok)
+    chat = [{"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": " kind"}],
+             "rejected": [{"role": "assistant", "content": " rude"}]} for _ in range(3)]
+    chat[1]["rejected"] = [{"role": "assistant"}]
+    with pytest.raises(ValueError, match=r"^record 1, field 'rejected': message 0 must be"):
+        tokenize_pairs(datasets.Dataset.from_list(chat), tok)
+    chat[1]["rejected"] = [{"role": "assistant", "content": " "}]
+    with pytest.raises(ValueError, match=r"^record 1, field 'rejected': empty response"):
+        tokenize_pairs(datasets.Dataset.from_list(chat), tok)
+    chat[1]["rejected"] = [{"role": "user", "content": " rude"}]
+    with pytest.raises(ValueError, match=r"^record 1, field 'rejected': no assistant message"):
+        tokenize_pairs(datasets.Dataset.from_list(chat), tok)
+    chat[1]["rejected"] = [{"role": "assistant", "content": " rude"},
+                           {"role": "robot", "content": " rude"}]
+    with pytest.raises(ValueError, match=r"^record 1, field 'rejected': chat template failed"):
+        tokenize_pairs(datasets.Dataset.from_list(chat), tok)
+
+
+def test_missing_columns(tok, records):
+    ds = datasets.Dataset.from_list(records).remove_columns(["rejected"])
+    with pytest.raises(ValueError, match=r"^record 0, field 'rejected': missing"):
+        tokenize_pairs(ds, tok, TokenizeConfig(skip_invalid=True))
+    ds = datasets.Dataset.from_list(_with_weights(tok, records, ref=False))
+    with pytest.raises(ValueError, match=r"^record 0, field 'rejected_weight': missing"):
+        tokenize_pairs(ds.remove_columns(["rejected_weight"]), tok)
+
+
+def test_skip_invalid_counts_and_reports(tok, records):
+    good = _with_weights(tok, records)
+    recs = [dict(r) for r in good]
+    recs[1]["chosen"] = ""
+    recs[4]["rejected_weight"] = recs[4]["rejected_weight"][:-2]
+    out, report = tokenize_pairs(datasets.Dataset.from_list(recs), tok,
+                                 TokenizeConfig(skip_invalid=True))
+    assert (report.n_records, report.n_kept, report.n_skipped) == (6, 4, 2)
+    assert out["record_index"] == [0, 2, 3, 5]
+    assert report.reasons[0].startswith("record 1, field 'chosen': empty response")
+    assert report.reasons[1].startswith("record 4, field 'rejected_weight':")
+    assert "2 invalid skipped" in report.summary()
+    full, _ = tokenize_pairs(datasets.Dataset.from_list(good), tok)
+    assert out[1] == full[2]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        TokenizeConfig(max_length=8, max_prompt_length=8)
+    with pytest.raises(ValueError, match="truncation"):
+        TokenizeConfig(truncation="middle")
+    with pytest.raises(ValueError, match="add_eos"):
+        TokenizeConfig(add_eos=1)
+    with pytest.raises(ValueError, match="cfg must be a TokenizeConfig"):
+        tokenize_pairs(datasets.Dataset.from_list([{"prompt": "a"}]), None, cfg={})
+
+
+def test_eos_rule_per_preset():
+    assert not eos_counted_for_preset("tisdpo") and not eos_counted_for_preset("tisdpo_paper")
+    assert eos_counted_for_preset("dpo") and eos_counted_for_preset("simpo")
+    assert TokenizeConfig.for_preset("tisdpo", max_length=64).add_eos is False
+    assert TokenizeConfig.for_preset("dpo").add_eos is True
+    assert TokenizeConfig.for_preset("tisdpo", add_eos=True).add_eos is True
+
+
+# --------------------------------------------------------------------------- reverse_pairs
+
+def test_reverse_pairs(tok, records):
+    raw = datasets.Dataset.from_list(_with_weights(tok, records))
+    rev = reverse_pairs(raw)
+    for a, b in zip(raw, rev):
+        assert (b["chosen"], b["rejected"]) == (a["rejected"], a["chosen"])
+        assert (b["chosen_weight"], b["rejected_weight"]) == (a["rejected_weight"],
+                                                              a["chosen_weight"])
+        assert b["ref_chosen_logps"] == a["ref_rejected_logps"]
+    tok_ds, _ = tokenize_pairs(raw, tok)
+    tok_rev = reverse_pairs(tok_ds)
+    assert tok_rev["chosen_ids"] == tok_ds["rejected_ids"]
+    assert tok_rev["rejected_weight"] == tok_ds["chosen_weight"]
+    assert tok_rev["prompt_ids"] == tok_ds["prompt_ids"]
+    assert reverse_pairs(tok_rev)[:] == tok_ds[:]
+    with pytest.raises(ValueError, match="no chosen/rejected"):
+        reverse_pairs(datasets.Dataset.from_list([{"a": 1}]))
+
+
+def test_tokenized_weights_reach_collated_labels(tok, records):
+    """End to end: the weight of completion token j sits where the label is that token."""
+    from tisdpo.collate import PaddedPairCollator
+
+    out, _ = tokenize_pairs(datasets.Dataset.from_list(_with_weights(tok, records)), tok)
+    batch = PaddedPairCollator(tok.pad_token_id)(list(out))
+    b = len(records)
+    for row in range(2 * b):
+        ex = out[row % b]
+        side = "chosen" if row < b else "rejected"
+        valid = batch["labels"][row] != -100
+        assert batch["labels"][row][valid].tolist() == ex[f"{side}_ids"]
+        got = batch["weights"][row][valid].tolist()
+        assert all(math.isclose(g, w, rel_tol=1e-6) for g, w in zip(got, ex[f"{side}_weight"]))
