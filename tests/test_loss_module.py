@@ -41,6 +41,8 @@ def make_case(seed=0):
         "neg_logps": -3 * torch.rand(2 * B, T, generator=g, **f64),
         "labels": labels,
     }
+    for k in ("weights", "pos_logps", "neg_logps"):  # padding may hold anything: it must not count
+        case[k][labels == IGNORE] = float("nan")
     # packed order: chosen 0, rejected 0, chosen 1, ... (prompt + response tokens of each row),
     # then 3 trailing tokens outside every sequence (the second has a real label: it must
     # not count)
@@ -184,6 +186,7 @@ def test_ref_logps_path_equals_ref_hidden_path(method, layout):
                                     case["labels"], impl="torch")
     truth = run(method, "reference", case, torch.float64, layout)
     ref = run(method, "reference", case, torch.float32, layout)
+    ref_logps[case["labels"] == IGNORE] = float("nan")
     packed_lp = ref_logps.reshape(-1)[case["pack_index"]] if layout == "packed" else ref_logps
     actual = run(method, "torch", case, torch.float32, layout, reference="logps",
                  override={"ref_logps": packed_lp})
@@ -226,7 +229,7 @@ def test_precomputed_weights_used_as_given(layout):
     m = case["labels"] != IGNORE
     w = case["weights"].float()
     for name, rows in (("weights/chosen", slice(0, B)), ("weights/rejected", slice(B, 2 * B))):
-        want = (w[rows] * m[rows]).sum() / m[rows].sum()
+        want = torch.where(m[rows], w[rows], 0).sum() / m[rows].sum()
         assert_oracle(metrics[name], want, want.double(), dtype=torch.float32, name=name)
 
 
@@ -344,6 +347,8 @@ def _call_error(method, **changes):
     ("tisdpo", {"weights": torch.ones(2 * B, T)}, "either weights or pos_logps"),
     ("dpo", {"weights": torch.ones(2 * B, T - 1)}, "weights shape"),
     ("dpo", {"hidden": torch.zeros(2 * B, T, D + 1)}, "hidden has D="),
+    ("dpo", {"hidden": torch.zeros(2 * B, T, D, dtype=torch.bfloat16)},
+     r"lm_head_weight.to\(hidden.dtype\)"),
     ("dpo", {"hidden": torch.zeros(5, T, D), "labels": torch.zeros(5, T, dtype=torch.long)},
      "2B rows"),
     ("dpo", {"labels": torch.zeros(2 * B, T - 1, dtype=torch.long)}, "labels shape"),

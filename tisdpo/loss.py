@@ -155,6 +155,10 @@ class TISDPOLoss(nn.Module):
         V.check_float("lm_head_weight", lm_head_weight)
         V.check_float("hidden", hidden)
         V.check_index("labels", labels)
+        V.require(hidden.dtype == lm_head_weight.dtype,
+                  f"hidden dtype {hidden.dtype} differs from lm_head_weight dtype "
+                  f"{lm_head_weight.dtype}; pass lm_head_weight.to(hidden.dtype) (differentiable; "
+                  f"under autocast F.linear casts the same way)")
         if seq_offsets is not None or pairs is not None:
             hidden, labels, ref_hidden, tok, layout = self._packed(
                 hidden, labels, ref_hidden, seq_offsets, pairs,
