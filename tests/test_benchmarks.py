@@ -1,0 +1,286 @@
+"""Smoke tests of the benchmark suite (benchmarks/): toy sizes on CPU, CUDA-only ones skip.
+
+Run in CI with ``--benchmark-disable`` (pyproject addopts): each pytest-benchmark body runs
+once. These check that rows are produced, that failures become rows, and that the CSV,
+table, plot and README writers work; they make no claim about speed.
+"""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("benchmarks") is None:   # pytest run from outside the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks import e2e_long, measure, ops, providers, readme_table  # noqa: E402
+from benchmarks import results as R  # noqa: E402
+from benchmarks.runner import RunConfig, run  # noqa: E402
+from benchmarks.shapes import PRESETS, HeadShape, parse_tokens  # noqa: E402
+from markers import requires_cuda  # noqa: E402
+
+CPU = torch.device("cpu")
+TINY = HeadShape("tiny", hidden=32, vocab=200, tokens=(32,), toy=True)
+TINY_CAP = HeadShape("tiny-softcap", hidden=24, vocab=131, softcap=30.0, tokens=(16,), toy=True)
+
+
+def _env(device=CPU):
+    return R.environment(device, ["--test"])
+
+
+def _by(rows, **where):
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def _value(rows, **where):
+    (row,) = _by(rows, **where)
+    return float(row["value"])
+
+
+# ----------------------------------------------------------------------------- units
+
+def test_presets_and_tokens():
+    assert HeadShape.from_name("llama3-8b").vocab == 128256
+    assert HeadShape.from_name("Gemma2-2B").softcap == 30.0
+    assert {"llama3-8b", "llama3.2-1b", "qwen2.5-7b", "gemma2-2b", "toy"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown shape preset 'gpt5'.*llama3-8b"):
+        HeadShape.from_name("gpt5")
+    assert parse_tokens("4k, 8192,64K") == (4096, 8192, 65536)
+    with pytest.raises(ValueError, match="'abc'"):
+        parse_tokens("4k,abc")
+
+
+def test_flop_models_and_quantiles():
+    ndv = 8192 * 4096 * 128256
+    assert measure.flops("logprobs", "recompute", "fwd", 8192, 4096, 128256) == 2 * ndv
+    assert measure.flops("logprobs", "recompute", "fwdbwd", 8192, 4096, 128256) == 8 * ndv
+    assert measure.flops("loss", "recompute", "fwdbwd", 8192, 4096, 128256) == 10 * ndv
+    assert measure.flops("loss", "grads_in_forward", "bwd", 8192, 4096, 128256) == 0
+    with pytest.raises(ValueError, match="no flop model"):
+        measure.flops("logprobs", "magic", "fwd", 1, 1, 1)
+    s = measure.Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median_ms, s.p20_ms, s.p80_ms, s.reps) == (3.0, 1.8, 4.2, 5)
+
+
+def test_provider_registry_and_skips():
+    assert providers.resolve_providers("all") == list(providers.PROVIDERS)
+    with pytest.raises(ValueError, match="unknown provider 'nope'"):
+        providers.resolve_providers("eager,nope")
+    why = providers.skip_reason("liger-dpo", "logprobs", CPU, dtype=torch.bfloat16)
+    assert "no logprobs op" in why
+    for name in ("cce", "cce_exact", "liger-flce", "liger-dpo"):
+        assert providers.skip_reason(name, "loss", CPU, dtype=torch.bfloat16) is not None
+    assert providers.skip_reason("eager", "kl", CPU, dtype=torch.bfloat16) is None
+
+
+# ----------------------------------------------------------------------------- runs on CPU
+
+def _config(**kw):
+    base = dict(ops=["logprobs"], modes=["fwd", "bwd", "fwdbwd"], shapes=[TINY],
+                providers=["ours-torch", "eager"], device=CPU, reps=2, warmup=0)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_logprobs_rows_and_writers(benchmark, tmp_path):
+    cfg = _config()
+    rows = benchmark.pedantic(run, args=(cfg, _env()), rounds=1, iterations=1)
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert _value(rows, op="ceiling", metric="tflops") > 0
+    for prov in ("ours-torch", "eager"):
+        for mode in cfg.modes:
+            ms = _value(rows, provider=prov, mode=mode, metric="time")
+            tf = _value(rows, provider=prov, mode=mode, metric="tflops")
+            assert ms > 0 and tf > 0 and math.isfinite(_value(
+                rows, provider=prov, mode=mode, metric="pct_ceiling"))
+            extra = json.loads(_by(rows, provider=prov, mode=mode, metric="time")[0]["extra"])
+            model = providers.PROVIDERS[prov].strategy
+            assert extra["flops"] == measure.flops("logprobs", model, mode, 32, 32, 200)
+        for out in ("logp", "dhidden", "dweight"):
+            (row,) = _by(rows, provider=prov, mode="check", metric=f"err_{out}")
+            assert math.isfinite(float(row["value"])) and json.loads(row["extra"])["ref_max"] > 0
+    assert not _by(rows, metric="peak_memory")           # no memory figure on CPU
+    path = R.append_csv(rows, tmp_path / "r.csv")
+    R.append_csv(rows[:3], path)                          # appends, one header
+    back = R.read_csv(path)
+    assert len(back) == len(rows) + 3 and back[0] == rows[0]
+    table = R.format_table(back)
+    assert table.startswith("device: CPU") and "× vs eager" in table
+    assert "[logprobs] tiny N=32 mode=fwdbwd" in table and "ours-torch" in table
+    assert "max |error| vs the fp32 reference" in table
+
+
+def test_loss_and_kl_rows(benchmark):
+    cfg = _config(ops=["loss", "kl"], modes=["fwdbwd"], shapes=[TINY_CAP], pairs=2,
+                  ceiling=False)
+    rows = benchmark.pedantic(run, args=(cfg, _env()), rounds=1, iterations=1)
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    for op, outs in (("loss", ("loss", "dhidden", "dweight")),
+                     ("kl", ("kl", "logp", "dhidden", "dweight"))):
+        for prov in ("ours-torch", "eager"):
+            assert _value(rows, op=op, provider=prov, mode="fwdbwd", metric="time") > 0
+            for out in outs:
+                assert _by(rows, op=op, provider=prov, metric=f"err_{out}")
+    extra = json.loads(_by(rows, op="loss", provider="eager", metric="time")[0]["extra"])
+    assert extra["pairs"] == 2 and extra["flop_model"] == "materialise"
+    assert not _by(rows, op="ceiling")
+
+
+def test_triton_provider_under_interpreter(benchmark):
+    why = providers.skip_reason("ours-triton", "logprobs", CPU, dtype=torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"ours-triton unavailable on CPU here: {why}")
+    cfg = _config(modes=["fwdbwd"], providers=["ours-triton"], reps=1, ceiling=False)
+    rows = benchmark.pedantic(run, args=(cfg, _env()), rounds=1, iterations=1)
+    assert _value(rows, provider="ours-triton", mode="fwdbwd", metric="time") > 0
+    assert _by(rows, provider="ours-triton", metric="err_dweight")
+
+
+def test_oom_and_errors_become_rows(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    real = providers.make_logprobs
+
+    def fake(name, softcap):
+        if name == "eager":
+            return oom
+        if name == "ours-torch":
+            return lambda *a: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
+        return real(name, softcap)
+    monkeypatch.setattr(providers, "make_logprobs", fake)
+    rows = run(_config(modes=["fwd", "fwdbwd"], ceiling=False), _env())
+    assert [r["status"] for r in _by(rows, provider="eager")] == ["oom", "oom"]
+    assert [r["status"] for r in _by(rows, provider="ours-torch")] == ["error", "error"]
+    msg = json.loads(_by(rows, provider="ours-torch")[0]["extra"])["message"]
+    assert "kernel exploded" in msg
+    assert "OOM" in R.format_table(rows)
+
+
+def test_inputs_are_seeded_and_loss_layout_checked():
+    case = ops.Case("loss", TINY, 32, torch.bfloat16, CPU, pairs=2)
+    a, b = ops.make_inputs(case), ops.make_inputs(case)
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.targets, b.targets)
+    assert a.weights.shape == (4, 8) and a.ref_weight.shape == a.weight.shape
+    with pytest.raises(ValueError, match="multiple of 2·pairs"):
+        ops.Case("loss", TINY, 30, torch.bfloat16, CPU, pairs=2)
+    with pytest.raises(ValueError, match="tokens: 30"):
+        run(_config(ops=["loss"], tokens=(30,), pairs=2), _env())
+
+
+# ----------------------------------------------------------------------------- CLI, files
+
+def test_cli_writes_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "res" / "cpu.csv"
+    rc = cli.main(["--op", "logprobs", "--mode", "fwd,fwdbwd", "--shapes", "toy",
+                   "--tokens", "64", "--providers", "eager", "--reps", "1", "--warmup", "0",
+                   "--out", str(out), "--plot", "--no-check"])
+    assert rc == 0
+    rows = R.read_csv(out)
+    assert rows and all(r["command"].startswith("python -m benchmarks --op logprobs")
+                        for r in rows)
+    assert {r["device_kind"] for r in rows} == {"cpu"}
+    pngs = list((out.parent / "plots").glob("*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
+    printed = capsys.readouterr().out
+    assert "device: CPU" in printed and f"rows appended to {out}" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--providers", "nope"], "unknown provider"),
+    (["--tokens", "abc"], "'abc'"),
+    (["--mode", "sideways"], "unknown mode"),
+    (["--shapes", "gpt5"], "unknown shape preset"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    assert cli.main(argv + ["--out", "-"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _fake_gpu_rows():
+    """Rows shaped like a GPU run's, for testing the writer only (never committed)."""
+    env = dict(_env(), device_kind="cuda", device="Test GPU", cuda="12.8")
+    rows = []
+    for prov, ms in (("eager", 20.0), ("ours-triton", 10.0)):
+        for metric, unit, v in (("time", "ms", ms), ("peak_memory", "MiB", 100.0),
+                                ("tflops", "TFLOP/s", 1.0), ("pct_ceiling", "%", 50.0)):
+            rows.append(R.make_row(env, op="logprobs", provider=prov, mode="fwdbwd",
+                                   shape="llama3-8b", tokens=8192, metric=metric, unit=unit,
+                                   value=v, p20=v, p80=v, dtype="bf16"))
+    rows.append(R.make_row(env, op="loss", provider="liger-dpo", mode="fwdbwd",
+                           shape="llama3-8b", tokens=8192, metric="status", unit="",
+                           status="oom", dtype="bf16"))
+    rows.append(R.make_row(env, op="e2e_step", provider="ours-triton", mode="summary",
+                           shape="llama3.2-1b", tokens=131072, metric="longest_pair_fits",
+                           unit="pair_tokens", value=131072, x_name="pair_tokens"))
+    return rows
+
+
+def test_readme_table(tmp_path):
+    cpu_rows = run(_config(modes=["fwd"], providers=["eager"], reps=1, check=False), _env())
+    R.append_csv(cpu_rows, tmp_path / "cpu-toy.csv")
+    text = readme_table.render(readme_table.load(tmp_path))
+    assert "No GPU results are available yet" in text and readme_table.GPU_COMMAND in text
+    assert "benchmarks/results/cpu-toy.csv" in text
+    assert "| eager |" not in text                      # CPU timings never become results
+    R.append_csv(_fake_gpu_rows(), tmp_path / "gpu.csv")
+    text = readme_table.render(readme_table.load(tmp_path))
+    assert "### Test GPU" in text and "No GPU results" not in text
+    assert "| llama3-8b | 8192 | ours-triton | 10.00 (10.00–10.00) | 100 | 1 | 50 | 2.00 |" \
+        in text
+    assert "| llama3-8b | 8192 | liger-dpo | OOM |" in text
+    assert "Longest pair that fits: ours-triton: 131072" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{readme_table.BEGIN}\nold\n{readme_table.END}\ntail\n")
+    assert readme_table.main(["--results", str(tmp_path), "--write", str(readme)]) == 0
+    new = readme.read_text()
+    assert "old" not in new and "### Test GPU" in new and new.endswith("tail\n")
+    readme.write_text("# no markers\n")
+    assert readme_table.main(["--results", str(tmp_path), "--write", str(readme)]) == 2
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_e2e_long_toy(benchmark, tmp_path):
+    out = tmp_path / "e2e.csv"
+    rc = benchmark.pedantic(e2e_long.main, args=([
+        "--toy", "--device", "cpu", "--lengths", "32", "--steps", "1", "--warmup", "0",
+        "--providers", "ours-torch,eager", "--out", str(out)],), rounds=1, iterations=1)
+    assert rc == 0
+    rows = R.read_csv(out)
+    for prov in ("ours-torch", "eager"):
+        assert _value(rows, provider=prov, metric="step_time") > 0
+        assert _value(rows, provider=prov, metric="longest_pair_fits") == 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_e2e_long_needs_gpu_without_toy(capsys):
+    assert e2e_long.main(["--out", "-"]) == 2
+    assert "pass --toy" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@requires_cuda
+def test_cuda_logprobs_llama3_8b(benchmark):
+    cuda = torch.device("cuda")
+    case = ops.Case("logprobs", PRESETS["llama3-8b"], 4096, torch.bfloat16, cuda)
+    inp = ops.make_inputs(case)
+    work = ops.build_workload(case, inp, "ours-triton")
+    benchmark.pedantic(lambda: (work.backward(work.call(), False), torch.cuda.synchronize()),
+                       rounds=5, iterations=1, warmup_rounds=1)
+
+
+@requires_cuda
+def test_cuda_run_all_providers():
+    cfg = RunConfig(ops=["logprobs", "loss", "kl"], modes=["fwdbwd"],
+                    shapes=[PRESETS["llama3.2-1b"]], tokens=(2048,),
+                    providers=list(providers.PROVIDERS), device=torch.device("cuda"), reps=3,
+                    warmup=1)
+    rows = run(cfg, _env(torch.device("cuda")))
+    assert _by(rows, op="ceiling", metric="tflops")
+    assert _by(rows, provider="ours-triton", op="logprobs", metric="peak_memory")
