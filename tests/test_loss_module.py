@@ -161,10 +161,11 @@ def test_preset_torch_bf16(method):
     three_way(method, "torch", torch.bfloat16, "padded")
 
 
-@pytest.mark.parametrize("method", ["tisdpo", "tdpo1"])
-def test_preset_triton(method):
+@pytest.mark.parametrize("method,layout", [("tisdpo", "packed"), ("tdpo1", "padded"),
+                                           ("tisdpo_paper", "packed"), ("simpo", "padded")])
+def test_preset_triton(method, layout):
     pytest.importorskip("triton")
-    three_way(method, "triton", torch.float32, "packed")
+    three_way(method, "triton", torch.float32, layout)
 
 
 @pytest.mark.parametrize("method", ["tisdpo", "tisdpo_paper", "simpo", "cdpo"])
