@@ -75,16 +75,17 @@ class DataConfig:
     max_prompt_length: int = opt(256, "max prompt tokens (the prompt is cut first)")
     truncation: str = opt("keep_start", "which end of an over-long prompt to keep",
                           ("keep_start", "keep_end"))
-    chat_template: bool = opt(False, "render chat-message records with the tokenizer's template")
+    add_bos: bool = opt(False, "prepend the tokenizer's BOS to plain-text prompts (chat records "
+                               "get what their template renders)")
     eos: str = opt("preset", "whether the EOS token after each response counts in the loss: "
                              "'preset' follows the method (TIS-DPO presets: no, others: yes)",
                    ("preset", "count", "ignore"))
     skip_invalid: bool = opt(False, "drop invalid records (and report how many) instead of "
                                     "raising an error that names the record")
-    packing: bool = opt(False, "padding-free packing of pairs into rows (attention does not "
-                               "cross sequences)")
-    pack_tokens: int = opt(2048, "tokens per packed row when packing")
-    num_proc: int | None = opt(None, "processes for tokenisation (datasets.map)")
+    packing: bool = opt(False, "padding-free packing: each micro-batch's pairs become one row "
+                               "(attention does not cross sequences)")
+    pad_to_multiple_of: int | None = opt(None, "round each batch's length up to a multiple of "
+                                               "this (shape-stable compilation)")
 
 
 @dataclass
@@ -205,7 +206,7 @@ class DemoConfig:
     eval_pairs: int = opt(200, "synthetic held-out pairs")
     sample_prompts: int = opt(100, "held-out prompts sampled for the task reward")
     max_new_tokens: int = opt(24, "tokens generated per sampled response")
-    do_sample: bool = opt(False, "sample (fixed seed) instead of greedy decoding")
+    do_sample: bool = opt(True, "sample one response per prompt (fixed seed); false: greedy")
     temperature: float = opt(1.0, "sampling temperature (with do_sample)")
 
 
