@@ -155,12 +155,13 @@ def _tiny_llama(attn):
 
 def _random_examples(n_pairs=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    exs = []
-    for _ in range(n_pairs):
-        ids = lambda lo, hi: torch.randint(3, 128, (int(torch.randint(lo, hi, (1,), generator=g)),),  # noqa: E731
-                                           generator=g).tolist()
-        exs.append({"prompt_ids": ids(2, 7), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9)})
-    return exs
+
+    def ids(lo, hi):
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(3, 128, (n,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(2, 7), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9)}
+            for _ in range(n_pairs)]
 
 
 def _padded_logps(model, batch):
