@@ -52,6 +52,16 @@ def _load_f64(ptr, offs, stride, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _store_f64(ptr, offs, x, mask):
+    """Store float64 ``x`` at ptr's dtype; to half types via fp32 (the interpreter's direct
+    float64 -> bf16 cast is wrong, and fp32 is the dtype the reference's gradients pass)."""
+    if ptr.dtype.element_ty == tl.float64:
+        tl.store(ptr + offs, x, mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(tl.float32).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _log1p(x):
     """log(1 + x) for x ≥ 0, accurate for tiny x (Goldberg's trick)."""
     u = 1.0 + x
@@ -231,16 +241,16 @@ def preference_bwd_kernel(
     else:
         aw = alpha
     if NEED_LP:
-        tl.store(DLP + offs, aw.to(DLP.dtype.element_ty), mask=inb)
+        _store_f64(DLP, offs, aw, inb)
     if NEED_LR:
-        tl.store(DLR + offs, (-aw).to(DLR.dtype.element_ty), mask=inb)
+        _store_f64(DLR, offs, -aw, inb)
     if HAS_KL:
         kappa = tl.load(row + 1, mask=valid, other=0.0)
         if NEED_KL:
             if KL_WEIGHTED and HAS_W:
-                tl.store(DKL + offs, (kappa * w).to(DKL.dtype.element_ty), mask=inb)
+                _store_f64(DKL, offs, kappa * w, inb)
             else:
-                tl.store(DKL + offs, kappa.to(DKL.dtype.element_ty), mask=inb)
+                _store_f64(DKL, offs, kappa, inb)
     if NEED_W:
         d = _load_f64(LP, offs, stride_lp, valid, UPCAST)
         if HAS_REF:
@@ -249,7 +259,7 @@ def preference_bwd_kernel(
         if HAS_KL:
             if KL_WEIGHTED:
                 gw += kappa * _load_f64(KL, offs, stride_kl, valid, UPCAST)
-        tl.store(DW + offs, gw.to(DW.dtype.element_ty), mask=inb)
+        _store_f64(DW, offs, gw, inb)
 
 
 # ----------------------------------------------------------------------------- launchers
