@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from tests.markers import requires_cuda
 from tests.numerics import assert_oracle, nan_buffer_view
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs, token_weights
@@ -390,6 +391,25 @@ def test_packed_accepts_leading_batch_dim():
     loss.backward()
     check((loss, metrics, {k: v.grad for k, v in leaves.items()}), ref, truth, torch.float32,
           "packed [1, N, D]")
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_host_sync_on_cuda(layout):
+    """A whole step (KL, on-the-fly rank weights, metrics) runs under sync-debug 'error'."""
+    _, args = inputs(make_case(), torch.float32, layout)
+    kw = {k: v.detach().cuda().requires_grad_(v.requires_grad)
+          for k, v in call_kwargs("tisdpo_token_level", args).items()}
+    loss_fn = TISDPOLoss("tisdpo_token_level")
+    loss_fn(**kw)[0].backward()                 # warm-up: compile kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, metrics = loss_fn(**kw)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert set(metrics) >= {"rewards/margins", "kl/chosen", "weights/rejected"}
 
 
 def test_import_is_light():
