@@ -331,9 +331,12 @@ def test_tokenized_weights_reach_collated_labels(tok, records):
     """End to end: the weight of completion token j sits where the label is that token."""
     from tisdpo.collate import PaddedPairCollator
 
+    from torch.utils.data import DataLoader
+
     out, _ = tokenize_pairs(datasets.Dataset.from_list(_with_weights(tok, records)), tok)
-    batch = PaddedPairCollator(tok.pad_token_id)(list(out))
     b = len(records)
+    loader = DataLoader(out, batch_size=b, collate_fn=PaddedPairCollator(tok.pad_token_id))
+    batch = next(iter(loader))
     for row in range(2 * b):
         ex = out[row % b]
         side = "chosen" if row < b else "rejected"

@@ -29,19 +29,19 @@ EOS rule (``TokenizeConfig.add_eos``): when on, the completion ends with the tok
 (appended for plain text; kept, or appended if the template did not emit it, for chat) and
 that EOS is a completion token like any other — labelled, counted and weighted (1.0 when the
 dataset has no weights). When off, no EOS is a completion token (a chat template's trailing
-EOS is dropped). The official TIS-DPO code appends EOS but gives it weight 0, which for every
-weighted loss equals not counting it: the ``tisdpo*`` presets use ``add_eos=False``; every
+EOS is dropped). The official TIS-DPO code appends EOS but gives it weight 0, which for its
+sum-reduced loss equals not counting it: the ``tisdpo*`` presets use ``add_eos=False``; every
 other preset (DPO, IPO, SimPO, TDPO, cDPO, ...) counts EOS as the DPO reference code does
 (``add_eos=True``). :meth:`TokenizeConfig.for_preset` applies this rule.
 
 Truncation (as the official code, ``tokenize_batch_element``): if prompt + the longer
 completion exceed ``max_length``, the prompt is cut to ``max_prompt_length`` (its start kept
 with ``truncation="keep_start"``, its end with ``"keep_end"``); if still too long, both
-completions are cut to ``max_length − max_prompt_length`` tokens, keeping their start — the
+completions are cut to ``max_length − len(prompt)`` tokens, keeping their start — the
 per-token columns are cut together with them, so they stay aligned (a cut completion loses
-its EOS). Two deliberate differences from the official code: completions are cut to
-``max_length − len(prompt)`` (≥ ``max_length − max_prompt_length``, what the official code
-always uses), and the last kept token's weight is *not* zeroed.
+its EOS). Two deliberate differences from the official code: it cuts completions to
+``max_length − max_prompt_length`` (≤ ours) even when the prompt is shorter than its cap,
+and it zeroes the last kept token's weight; we do neither.
 """
 from __future__ import annotations
 
