@@ -1,0 +1,402 @@
+"""Fused LM-head log-probabilities: logp_t = z_t[y_t] − logsumexp(z_t), z = softcap(H Wᵀ + b).
+
+Nothing of size tokens × vocab is ever stored.
+
+Forward (``linear_logprobs_fwd_kernel``): one program per (token block, vocabulary split). It
+walks its split's vocabulary tiles; each tile is a [BLOCK_N, BLOCK_V] GEMM over D in BLOCK_D
+steps with fp32 accumulation (bf16/fp16 tensor cores on a GPU), followed by bias, softcap, an
+online fp32 logsumexp and the target-logit gather. With one split the program writes logp and
+lse; with S splits it writes per-split lse partials [S, N] and the split holding the target
+writes the target logit, and ``linear_logprobs_fwd_combine_kernel`` merges them exactly
+(max, then Σ exp). Splits exist for parallelism (few tokens) and for L2 reuse (programs that
+run together share hidden strips and weight tiles). Flops: 2·N·D·V.
+
+Backward (``linear_logprobs_bwd_kernel``): one program per (token block, vocabulary block)
+tile, grouped GROUP_N token blocks at a time for L2 reuse. It recomputes the logit tile, forms
+
+    dz = g_logp·(onehot(y) − p) + g_lse·p,   p = exp(z − lse)   (× softcap′(z) with softcap)
+
+for arbitrary per-token upstream gradients (any sign, zero), then loops over D adding
+dz @ W[tile] into d_hidden and dzᵀ @ H[tile] into d_weight, and Σ_rows dz into d_bias, with
+fp32 atomic adds into fp32 buffers. Flops: 2·N·D·V (recompute) + 2·N·D·V per requested
+gradient, i.e. 8·N·D·V for forward + backward with both. fp32 atomics make the summation
+order, hence the last bits of d_hidden/d_weight/d_bias, run-to-run nondeterministic. Exact
+mode only: no tile is skipped for a small softmax.
+
+Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
+out on the device (``common.compact_rows``, no host sync): programs past the kept count do no
+work. Ignored tokens get logp = lse = 0 and zero gradient.
+
+Dispatch: CUDA tensors run compiled; CPU tensors run under TRITON_INTERPRET=1, where 16-bit
+tiles are upcast to fp32 after loading (UPCAST) and dz is not rounded to the input dtype.
+The public function goes through ``torch.library`` custom ops (registered on first use) so
+``torch.compile`` sees one opaque node with a fake implementation and an autograd formula.
+float64 inputs are rejected (use impl="torch" or "reference").
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tisdpo_kernels._triton import configs
+from tisdpo_kernels._triton.common import (
+    check_blocks, check_dtype, compact_rows, dot_precision, gather_cols, head_logits,
+    load_tile, mask_cols, online_lse_step, softcap_grad, upcast,
+)
+
+__all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
+           "LinearLogprobsFunction"]
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def linear_logprobs_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr,
+        part_ptr, tlogit_ptr, logp_ptr, lse_ptr,
+        N, V, D, NUM_SPLITS,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, cap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_SPLITS           # splits of one token block are adjacent programs
+    split = pid % NUM_SPLITS
+    count = tl.load(count_ptr)
+    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # positions in the packed row list
+    row_mask = slots < count
+    rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
+    tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
+    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
+    v_lo = split * tiles * BLOCK_V
+    v_hi = tl.minimum(v_lo + tiles * BLOCK_V, V)
+    n_tiles = tl.maximum(tl.cdiv(v_hi - v_lo, BLOCK_V), 0)
+    n_tiles = tl.where(pid_n * BLOCK_N < count, n_tiles, 0)   # no kept rows: no work
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(0, n_tiles):
+        cols = v_lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        zt += gather_cols(z, cols, tgt)
+        m, s = online_lse_step(m, s, mask_cols(z, col_mask))
+    lse = m + tl.log(tl.maximum(s, 1e-30))     # s ≥ 1 unless the split is empty (then −inf)
+    if FINAL:
+        tl.store(logp_ptr + rows, zt - lse, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+    else:
+        tl.store(part_ptr + split.to(tl.int64) * N + slots, lse, mask=row_mask)
+        owns_target = row_mask & (tgt >= v_lo) & (tgt < v_hi)
+        tl.store(tlogit_ptr + slots, zt, mask=owns_target)
+
+
+@triton.jit
+def linear_logprobs_fwd_combine_kernel(
+        part_ptr, tlogit_ptr, rows_ptr, count_ptr, logp_ptr, lse_ptr, N, NUM_SPLITS,
+        BLOCK_N: tl.constexpr):
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = slots < tl.load(count_ptr)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    ptrs = part_ptr + slots                                  # part [S, N]: step N per split
+    for _ in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(ptrs, mask=mask, other=0.0))
+        ptrs += N
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    ptrs = part_ptr + slots
+    for _ in range(0, NUM_SPLITS):
+        acc += tl.exp(tl.load(ptrs, mask=mask, other=0.0) - m)   # empty split: exp(−inf) = 0
+        ptrs += N
+    lse = m + tl.log(acc)
+    rows = tl.load(rows_ptr + slots, mask=mask, other=0)
+    zt = tl.load(tlogit_ptr + slots, mask=mask, other=0.0)
+    tl.store(logp_ptr + rows, zt - lse, mask=mask)
+    tl.store(lse_ptr + rows, lse, mask=mask)
+
+
+@triton.jit
+def linear_logprobs_bwd_kernel(
+        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr,
+        dh_ptr, dw_ptr, db_ptr,
+        N, V, D,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, stride_gl, stride_gs,
+        cap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP_N: tl.constexpr):
+    # grouped tile order: GROUP_N token blocks × all vocab blocks, token block fastest
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    count = tl.load(count_ptr)
+    if pid_n * BLOCK_N < count:
+        slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = slots < count
+        rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
+        tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
+        g_lse = tl.load(gs_ptr + rows * stride_gs, mask=row_mask, other=0.0).to(tl.float32)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        p = tl.exp(z - lse[:, None])
+        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        dz = (g_lse - g_lp)[:, None] * p
+        dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
+        if HAS_SOFTCAP:
+            dz *= softcap_grad(z, cap)
+        if COMPUTE_DB:
+            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+        if not UPCAST:
+            dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        for k in range(0, tl.cdiv(D, BLOCK_D)):
+            dcols = k * BLOCK_D + offs_d
+            d_mask = dcols < D
+            if COMPUTE_DH:
+                w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
+                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
+                tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
+                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
+                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
+                tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
+                              mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _autotuned(name: str):
+    """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
+    fn, reset = {
+        "lm_head_fwd": (linear_logprobs_fwd_kernel, []),
+        "lm_head_bwd": (linear_logprobs_bwd_kernel, ["dh_ptr", "dw_ptr", "db_ptr"]),
+    }[name]
+    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
+                           key=["V", "D"], reset_to_zero=reset or None)(fn)
+
+
+def _launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict):
+    """Run ``fn`` with the configured blocks, or its autotuned variant; grid_of(meta) -> grid."""
+    if configs.autotuning(t):
+        _autotuned(name)[lambda meta: grid_of(meta)](*args, **flags)
+        return
+    cfg = configs.get(name, t)
+    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
+    fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
+
+
+def _num_splits(cfg: configs.KernelConfig, t: torch.Tensor, N: int, V: int) -> int:
+    """Vocabulary splits: ≥ min_splits, and enough programs to fill the GPU twice over."""
+    n_blocks = triton.cdiv(N, cfg.meta["BLOCK_N"])
+    n_vtiles = triton.cdiv(V, cfg.meta["BLOCK_V"])
+    want = cfg.host.get("min_splits", 1)
+    if t.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        want = max(want, triton.cdiv(2 * sms, n_blocks))
+    return max(1, min(want, n_vtiles))
+
+
+def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
+                        softcap: float | None):
+    """(logp [N], lse [N]) float32, 0 where ``targets == ignore_index``. hidden [N, D] and
+    weight [V, D] may be strided views; targets [N] int64; bias [V] or None."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return logp, lse
+    rows, count = compact_rows(targets != ignore_index)
+    cfg = configs.get("lm_head_fwd", hidden)
+    splits = _num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
+    final = splits == 1
+    part = torch.empty((splits, N) if not final else (1,), dtype=torch.float32,
+                       device=hidden.device)
+    tlogit = torch.empty(N if not final else 1, dtype=torch.float32, device=hidden.device)
+    b = bias if bias is not None else weight
+    args = (hidden, weight, b, targets, rows, count, part, tlogit, logp, lse, N, V, D, splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            b.stride(0), targets.stride(0), float(softcap or 1.0))
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FINAL=final,
+                 UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
+    with _device_guard(hidden):
+        _launch("lm_head_fwd", linear_logprobs_fwd_kernel,
+                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags)
+        if not final:
+            cc = configs.get("lm_head_fwd_combine", hidden)
+            check_blocks("lm_head_fwd_combine", **cc.meta)
+            linear_logprobs_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
+                part, tlogit, rows, count, logp, lse, N, splits, **cc.meta,
+                **cc.launch_kwargs(hidden))
+    return logp, lse
+
+
+def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index: int,
+                        softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool):
+    """(d_hidden, d_weight, d_bias) in the inputs' dtypes, each None unless requested.
+
+    g_logp, g_lse: [N] upstream gradients of logp and lse (any values; may be strided or
+    expanded); lse: the forward's [N] float32 lse. Accumulates in fp32 buffers.
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    need_db = need_db and bias is not None
+    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    if N > 0 and (need_dh or need_dw or need_db):
+        keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
+        rows, count = compact_rows(keep)
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        b = bias if bias is not None else weight
+        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse,
+                dummy if dh is None else dh, dummy if dw is None else dw,
+                dummy if db is None else db, N, V, D,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),
+                float(softcap or 1.0))
+        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                     COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+                     UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
+        with _device_guard(hidden):
+            _launch("lm_head_bwd", linear_logprobs_bwd_kernel,
+                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
+                                  * triton.cdiv(V, meta["BLOCK_V"]),),
+                    hidden, args, flags)
+    # rebinding frees each fp32 buffer right after its cast: peak = both fp32 buffers + one cast
+    dw = None if dw is None else dw.to(weight.dtype)
+    dh = None if dh is None else dh.to(hidden.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# autograd (registered on torch.library custom ops so torch.compile sees one opaque node)
+# --------------------------------------------------------------------------------------------
+
+
+class LinearLogprobsFunction:
+    """The autograd formula of ``tisdpo::linear_logprobs_fwd``, registered with
+    ``torch.library.register_autograd`` (a custom op rather than a torch.autograd.Function so
+    that torch.compile traces it as one node instead of breaking the graph on the launcher).
+    Only the inputs that need a gradient get kernel work."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, bias, ignore_index, softcap = inputs
+        ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+        ctx.ignore_index, ctx.softcap = ignore_index, softcap
+
+    @staticmethod
+    def backward(ctx, g_logp, g_lse):
+        hidden, weight, targets, bias, lse = ctx.saved_tensors
+        need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
+        need_db = need_db and bias is not None
+        if not (need_dh or need_dw or need_db):
+            return None, None, None, None, None, None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        dh, dw, db = _ops()[1](g_logp, g_lse, hidden, weight, targets, bias, lse,
+                               ctx.ignore_index, ctx.softcap, need_dh, need_dw, need_db)
+        return (dh if need_dh else None, dw if need_dw else None, None,
+                db if need_db else None, None, None)
+
+
+_OPS: tuple = ()
+
+
+def _ops():
+    """The custom ops (forward op, backward op), registered on first use, never at import.
+    (A plain global, not functools.cache, so torch.compile traces the lookup cleanly.)"""
+    global _OPS
+    if not _OPS:
+        _OPS = _register_ops()
+    return _OPS
+
+
+def _register_ops():
+    @torch.library.custom_op("tisdpo::linear_logprobs_fwd", mutates_args=())
+    def fwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+               ignore_index: int, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+        return linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index, softcap)
+
+    @fwd_op.register_fake
+    def _(hidden, weight, targets, bias, ignore_index, softcap):
+        n = hidden.shape[0]
+        return (hidden.new_empty(n, dtype=torch.float32),
+                hidden.new_empty(n, dtype=torch.float32))
+
+    @torch.library.custom_op("tisdpo::linear_logprobs_bwd", mutates_args=())
+    def bwd_op(g_logp: Tensor, g_lse: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
+               bias: Optional[Tensor], lse: Tensor, ignore_index: int, softcap: Optional[float],
+               need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+        dh, dw, db = linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse,
+                                         ignore_index, softcap, need_dh, need_dw, need_db)
+        empty = hidden.new_empty(0)   # custom ops cannot return None: unrequested = empty
+        return (empty if dh is None else dh, empty.clone() if dw is None else dw,
+                empty.clone() if db is None else db)
+
+    @bwd_op.register_fake
+    def _(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index, softcap,
+          need_dh, need_dw, need_db):
+        return (torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+                torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+                torch.empty_like(bias) if need_db and bias is not None else hidden.new_empty(0))
+
+    fwd_op.register_autograd(LinearLogprobsFunction.backward,
+                             setup_context=LinearLogprobsFunction.setup_context)
+    return fwd_op, bwd_op
+
+
+# --------------------------------------------------------------------------------------------
+# public
+# --------------------------------------------------------------------------------------------
+
+
+def linear_logprobs(hidden, weight, targets, bias, opts):
+    """Backend entry (see ``tisdpo_kernels.ops``): hidden [N, D], weight [V, D], targets [N]
+    int64, bias [V] or None, opts: ``HeadOptions`` -> (logp [N], lse [N]) float32, 0 where
+    ignored; differentiable in hidden, weight and bias through both outputs.
+
+        logp_t = z_t[y_t] − logsumexp(z_t),  z_t = softcap(W h_t + b)
+    """
+    check_dtype("linear_logprobs", "hidden", hidden)
+    check_dtype("linear_logprobs", "weight", weight)
+    if bias is not None:
+        check_dtype("linear_logprobs", "bias", bias)
+    if weight.shape[0] == 0:
+        raise ValueError("linear_logprobs: weight has V=0 rows; the vocabulary must be non-empty")
+    return _ops()[0](hidden, weight, targets, bias, opts.ignore_index, opts.softcap)
