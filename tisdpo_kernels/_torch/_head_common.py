@@ -32,8 +32,18 @@ def chunk_size(chunk_tokens: int | None) -> int:
 
 
 def chunks(n: int, size: int):
-    """(start, end) row ranges covering [0, n) in steps of ``size`` (from shapes: no sync)."""
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+    """(start, end) row ranges covering [0, n), at most ``size`` rows each, balanced.
+
+    ceil(n / size) chunks of near-equal length, so there is no thin tail chunk: BLAS runs
+    matrices of a few rows through matrix-vector code that sums the whole reduction
+    sequentially (up to ~40x the rounding error of its blocked GEMM at V = 32k).
+    From shapes only: no host sync.
+    """
+    if n == 0:
+        return []
+    count = -(-n // size)
+    bounds = [(i * n) // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def no_autocast(device: torch.device):
@@ -68,9 +78,22 @@ def softcap_grad_factor(z: torch.Tensor, softcap: float | None) -> torch.Tensor 
     return t.mul_(t).neg_().add_(1.0)
 
 
-def log_softmax_(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """z − lse per row, in place: the log-softmax form (finite where probabilities underflow)."""
-    return z.sub_(lse.unsqueeze(1))
+def log_softmax_stats_(z: torch.Tensor):
+    """Turn z [C, V] into its log-softmax in place; return it with the row max m and the
+    log-sum s [C] (lse = m + s) that :func:`log_softmax_` needs to redo it exactly.
+
+    Computed as (z − m) − s, as torch.log_softmax does: subtracting a rounded m + s instead
+    loses ~eps·|lse| per log-probability. Finite where probabilities underflow.
+    """
+    m = z.amax(dim=1)
+    z = z.sub_(m.unsqueeze(1))
+    s = torch.logsumexp(z, dim=1)
+    return z.sub_(s.unsqueeze(1)), m, s
+
+
+def log_softmax_(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(z − m) − s per row, in place, with m and s from :func:`log_softmax_stats_`."""
+    return z.sub_(m.unsqueeze(1)).sub_(s.unsqueeze(1))
 
 
 def valid_and_safe(targets: torch.Tensor, ignore_index: int):
@@ -82,6 +105,12 @@ def valid_and_safe(targets: torch.Tensor, ignore_index: int):
 def masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """x where valid, exactly 0 elsewhere (also stops NaN/inf upstream grads of ignored rows)."""
     return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# A chunk thinner than this may go through BLAS matrix-vector code, which sums d_hidden's
+# V-long reduction sequentially; in full precision it is then summed in V-blocks instead.
+_THIN_ROWS = 16
+_DH_BLOCK_V = 1024
 
 
 class HeadGrads:
@@ -107,11 +136,21 @@ class HeadGrads:
         """Add chunk rows [start, end): h [C, D] its hidden states, dz [C, V] d loss / d logits
         before the bias (the softcap factor already applied)."""
         if self.dh is not None:
-            torch.matmul(dz.to(self.weight.dtype), self.weight, out=self.dh[start:end])
+            self._add_dh(self.dh[start:end], dz.to(self.weight.dtype))
         if self.dw is not None:
             self.dw.addmm_(dz.T, h.to(self.dw.dtype))
         if self.db is not None:
             self.db.add_(dz.sum(0))
+
+    def _add_dh(self, out: torch.Tensor, dz: torch.Tensor) -> None:
+        """out = dz @ weight; a thin full-precision chunk sums V-blocks of the product."""
+        v = self.weight.shape[0]
+        if dz.shape[0] >= _THIN_ROWS or v <= _DH_BLOCK_V or dz.dtype != stat_dtype(dz.dtype):
+            torch.matmul(dz, self.weight, out=out)
+            return
+        torch.matmul(dz[:, :_DH_BLOCK_V], self.weight[:_DH_BLOCK_V], out=out)
+        for s in range(_DH_BLOCK_V, v, _DH_BLOCK_V):
+            out.add_(dz[:, s:s + _DH_BLOCK_V] @ self.weight[s:s + _DH_BLOCK_V])
 
     def finish(self):
         """(d_hidden, d_weight, d_bias), each None when not asked for."""

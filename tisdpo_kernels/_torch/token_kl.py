@@ -11,8 +11,9 @@ where G = d KL / d z (algorithms.md §8). The backward's per-logit gradient is
     dz = g_kl · G + g_logp · (onehot(y) − p)
 
 (times 1 − tanh² under a softcap). Everything is in log-softmax form, so probabilities that
-underflow give 0 · finite = 0, never 0 · log 0. Saved for the backward: the inputs and the
-raw policy lse, reference lse and KL, each [N]. No pass holds more than a few C × V tensors.
+underflow give 0 · finite = 0, never 0 · log 0. Saved for the backward: the inputs, each
+head's log-softmax statistics (row max and log-sum) and the raw KL, each [N]. No pass holds
+more than a few C × V tensors.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from tisdpo_kernels._torch._head_common import (
-    HeadGrads, chunk_logits, chunk_size, chunks, log_softmax_, masked, no_autocast,
-    softcap_grad_factor, stat_dtype, valid_and_safe,
+    HeadGrads, chunk_logits, chunk_size, chunks, log_softmax_, log_softmax_stats_, masked,
+    no_autocast, softcap_grad_factor, stat_dtype, valid_and_safe,
 )
 from tisdpo_kernels.config import KLOptions
 
@@ -30,47 +31,48 @@ __all__ = ["linear_token_kl"]
 
 def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                  opts: KLOptions, chunk: int):
-    """(kl, logp, ref_logp, raw lse_p, raw lse_q, raw kl), each [N]; the first three are 0
-    where ignored, the raw ones are unmasked (for the backward)."""
+    """(kl, logp, ref_logp, stats, raw kl): the first three [N] are 0 where ignored; stats
+    (policy max, log-sum, reference max, log-sum) and the raw KL are for the backward."""
     n = hidden.shape[0]
-    sd = stat_dtype(hidden.dtype)
+    sd, sd_ref = stat_dtype(hidden.dtype), stat_dtype(ref_hidden.dtype)
     dev = hidden.device
     valid, safe = valid_and_safe(targets, opts.ignore_index)
-    kl, logp, ref_logp, lse_p = (torch.empty(n, dtype=sd, device=dev) for _ in range(4))
-    lse_q = torch.empty(n, dtype=stat_dtype(ref_hidden.dtype), device=dev)
+    kl, logp, ref_logp, m_p, s_p = (torch.empty(n, dtype=sd, device=dev) for _ in range(5))
+    m_q, s_q = (torch.empty(n, dtype=sd_ref, device=dev) for _ in range(2))
     with no_autocast(dev):
         for s, e in chunks(n, chunk):
-            lp = chunk_logits(hidden[s:e], weight, bias, opts.softcap)            # [C, V]
-            lse_p[s:e] = torch.logsumexp(lp, dim=1)
-            lp = log_softmax_(lp, lse_p[s:e])
-            zq = chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap)
-            lse_q[s:e] = torch.logsumexp(zq, dim=1)
-            lq = log_softmax_(zq, lse_q[s:e]).to(sd)                              # [C, V]
+            lp, m_p[s:e], s_p[s:e] = log_softmax_stats_(
+                chunk_logits(hidden[s:e], weight, bias, opts.softcap))            # [C, V]
+            lq, m_q[s:e], s_q[s:e] = log_softmax_stats_(
+                chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap))
+            lq = lq.to(sd)                                                        # [C, V]
             if opts.direction == "policy_ref":
                 kl[s:e] = (lp.exp() * (lp - lq)).sum(1)
             else:
                 kl[s:e] = (lq.exp() * (lq - lp)).sum(1)
             logp[s:e] = lp.gather(1, safe[s:e, None]).squeeze(1)
             ref_logp[s:e] = lq.gather(1, safe[s:e, None]).squeeze(1)
-    return masked(kl, valid), masked(logp, valid), masked(ref_logp, valid), lse_p, lse_q, kl
+    return (masked(kl, valid), masked(logp, valid), masked(ref_logp, valid),
+            (m_p, s_p, m_q, s_q), kl)
 
 
-def token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse_p, lse_q,
-                 kl, g_kl, g_logp, opts: KLOptions, chunk: int, needs: tuple[bool, bool, bool]):
+def token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats, kl,
+                 g_kl, g_logp, opts: KLOptions, chunk: int, needs: tuple[bool, bool, bool]):
     """(d_hidden, d_weight, d_bias) for upstream grads g_kl, g_logp [N]; None where not needed."""
     sd = stat_dtype(hidden.dtype)
     valid, safe = valid_and_safe(targets, opts.ignore_index)
     g_kl = masked(g_kl.to(sd), valid)
     g_logp = masked(g_logp.to(sd), valid)
+    m_p, s_p, m_q, s_q = stats
     grads = HeadGrads(hidden, weight, bias, *needs)
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
             h = hidden[s:e]
             lp = chunk_logits(h, weight, bias, opts.softcap)                      # [C, V]
             cap = softcap_grad_factor(lp, opts.softcap)
-            lp = log_softmax_(lp, lse_p[s:e])
+            lp = log_softmax_(lp, m_p[s:e], s_p[s:e])
             lq = chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap)
-            lq = log_softmax_(lq, lse_q[s:e]).to(sd)                              # [C, V]
+            lq = log_softmax_(lq, m_q[s:e], s_q[s:e]).to(sd)                      # [C, V]
             p = lp.exp()
             if opts.direction == "policy_ref":
                 dz = lp.sub_(lq).sub_(kl[s:e, None]).mul_(p)                     # G
@@ -88,10 +90,10 @@ class LinearTokenKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                 opts: KLOptions, chunk: int):
-        kl, logp, ref_logp, lse_p, lse_q, kl_raw = token_kl_fwd(
+        kl, logp, ref_logp, stats, kl_raw = token_kl_fwd(
             hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts, chunk)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                              lse_p, lse_q, kl_raw)
+                              kl_raw, *stats)
         ctx.opts, ctx.chunk = opts, chunk
         ctx.mark_non_differentiable(ref_logp)
         return kl, logp, ref_logp
@@ -99,11 +101,11 @@ class LinearTokenKLFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_kl, g_logp, _g_ref_logp):
-        hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse_p, lse_q, kl = \
+        hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, kl, *stats = \
             ctx.saved_tensors
         needs = ctx.needs_input_grad
         dh, dw, db = token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias,
-                                  ref_bias, lse_p, lse_q, kl, g_kl, g_logp, ctx.opts, ctx.chunk,
+                                  ref_bias, stats, kl, g_kl, g_logp, ctx.opts, ctx.chunk,
                                   (needs[0], needs[1], needs[5]))
         return dh, dw, None, None, None, db, None, None, None
 
