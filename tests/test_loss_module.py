@@ -3,6 +3,7 @@
 Truth: the same module with impl="reference" on float64 inputs. Eager error: impl="reference"
 at the test dtype. Actual: impl="torch" (and "triton" where a kernel exists and is cheap).
 """
+import copy
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from tests.markers import requires_cuda
 from tests.numerics import assert_oracle, nan_buffer_view
 from tisdpo import TISDPOLoss
-from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs, token_weights
+from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs
 from tisdpo_kernels import reference as R
 
 B, T, D, V = 3, 11, 31, 123
@@ -503,8 +504,6 @@ def fused_loss(model, ref_model, batch, method):
                                          ("tisdpo_paper", True), ("tdpo2", False)])
 def test_one_sgd_step_on_a_tiny_llama(method, tied):
     """Fused (hidden states + lm_head weight) and materialised logits: same SGD update."""
-    import copy
-
     base, ref_base = tiny_llama(tied, 0), tiny_llama(tied, 1)
     assert (base.lm_head.weight is base.model.embed_tokens.weight) == tied
     batch = hf_batch()
