@@ -13,12 +13,14 @@ from markers import requires_triton
 from numerics import assert_oracle, nan_buffer_view
 
 from tisdpo_kernels import PRESETS, PreferenceConfig, get_preset, preference_loss
+from tisdpo_kernels._triton import configs
 
 IMPLS = ["torch", pytest.param("triton", marks=requires_triton)]
 DTYPES = [torch.float32, torch.bfloat16]
 SEQ_PRESETS = [n for n, p in PRESETS.items() if p.config.granularity == "seq"]
 B, T = 3, 13
 F64 = torch.float64
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU: compiled kernels
 
 
 def _inputs(seed=0, b=B, t=T):
@@ -60,6 +62,8 @@ def _run(impl, cfg, x, dtype, layout="padded", *, poison=True, normalizer=None, 
         kw = dict(seq_ids=ids, chosen_seq=cs, rejected_seq=rs)
     else:
         kw = dict(mask=mask)
+    vals = {k: v.to(DEV) for k, v in vals.items()}
+    kw = {k: v.to(DEV) for k, v in kw.items()}
     if impl != "reference":
         vals = {k: nan_buffer_view(v) for k, v in vals.items()}
     for k in grads:
@@ -73,10 +77,11 @@ def _run(impl, cfg, x, dtype, layout="padded", *, poison=True, normalizer=None, 
     for k in grads:
         g = vals[k].grad
         g = torch.zeros_like(vals[k]) if g is None else g
+        g = g.cpu()
         if layout == "packed":
             g = torch.zeros(mask.numel(), dtype=g.dtype).index_put_((order,), g).view(mask.shape)
         out[k] = g
-    return loss, metrics, out
+    return loss.detach().cpu(), {k: v.cpu() for k, v in metrics.items()}, out
 
 
 def _oracle(impl, cfg, x, dtype, layout, **kw):
@@ -126,17 +131,17 @@ def test_pairs_sharing_a_sequence(impl):
     x = _inputs(seed=5)
     cfg = get_preset("tisdpo_token_level").config
     mask = x["mask"]
-    ids = torch.where(mask, torch.arange(2 * B).unsqueeze(1), -1).flatten()
-    cs, rs = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([3, 4, 5, 3, 4])
+    ids = torch.where(mask, torch.arange(2 * B).unsqueeze(1), -1).flatten().to(DEV)
+    cs, rs = torch.tensor([0, 1, 2, 1, 0], device=DEV), torch.tensor([3, 4, 5, 3, 4], device=DEV)
     res = {}
     for which, dt in ((impl, torch.float32), ("reference", torch.float32), ("reference", F64)):
-        v = {k: x[k].to(torch.float32).to(dt).flatten().requires_grad_(k in ("lp", "kl"))
-             for k in ("lp", "lr", "w", "kl")}
+        v = {k: x[k].to(torch.float32).to(dt).flatten().to(DEV).requires_grad_(
+            k in ("lp", "lr", "w", "kl")) for k in ("lp", "lr", "w", "kl")}
         loss, met = preference_loss(v["lp"], v["lr"], v["w"], config=cfg, kl=v["kl"],
                                     seq_ids=ids, chosen_seq=cs, rejected_seq=rs, impl=which)
         loss.backward()
-        res[which, dt] = (loss, met["rewards/margins"], v["lp"].grad, v["kl"].grad)
-    for i, name in enumerate(("loss", "margins", "dlp", "dkl")):
+        res[which, dt] = (loss, met["rewards/margins"], v["lp"].grad, v["kl"].grad, v["w"].grad)
+    for i, name in enumerate(("loss", "margins", "dlp", "dkl", "dw")):
         assert_oracle(res[impl, torch.float32][i], res["reference", torch.float32][i],
                       res["reference", F64][i], dtype=torch.float32, name=name)
 
@@ -185,7 +190,8 @@ def test_preset_by_hand(impl, preset):
     lr = torch.tensor([[-1.5, -1.5, -1.0], [-0.5, -2.0, nan]])
     w = torch.tensor([[2.0, 1.0, 1.0], [1.0, 0.5, 9.0]])
     kl = torch.tensor([[0.125, 0.25, 0.375], [0.5, 0.5, nan]])
-    mask = torch.tensor([[True, True, True], [True, True, False]])
+    mask = torch.tensor([[True, True, True], [True, True, False]], device=DEV)
+    lp, lr, w, kl = (t.to(DEV) for t in (lp, lr, w, kl))
     if preset == "cdpo_code":  # the per-position link multiplies by the mask: no NaN there
         lp, lr, w, kl = (t.nan_to_num(0.0) for t in (lp, lr, w, kl))
     if impl == "reference":  # the reference computes at the input dtype: give it float64
@@ -345,11 +351,11 @@ def test_all_ignored_gives_zero_loss_and_grads(impl, preset):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_validation_errors_name_the_argument(impl):
-    x = _inputs()
+    x = {k: v.to(DEV) for k, v in _inputs().items()}
     lp, lr, w, mask = x["lp"].float(), x["lr"].float(), x["w"].float(), x["mask"]
     cfg = PreferenceConfig()
-    ids = torch.where(mask, torch.arange(2 * B).unsqueeze(1), -1).flatten()
-    cs, rs = torch.arange(B), torch.arange(B, 2 * B)
+    ids = torch.where(mask, torch.arange(2 * B, device=DEV).unsqueeze(1), -1).flatten()
+    cs, rs = torch.arange(B, device=DEV), torch.arange(B, 2 * B, device=DEV)
     flat = dict(seq_ids=ids, chosen_seq=cs, rejected_seq=rs, impl=impl)
 
     def raises(match, fn):
@@ -382,3 +388,43 @@ def test_validation_errors_name_the_argument(impl):
     raises("epsilon", lambda: PreferenceConfig(link="conservative", epsilon=-0.1))
     raises("lower", lambda: get_preset("tisdpo_paper") and
            __import__("tisdpo_kernels").WeightParams(lower=1.5, upper=-0.5))
+
+
+@requires_triton
+@pytest.mark.parametrize("preset", ["tisdpo_paper", "ipo", "tdpo2"])
+def test_triton_many_programs(preset):
+    """GPU-like small blocks: many token programs (atomics from several programs into one
+    sequence), more pairs than one pair block (the forward's pair loop, several backward
+    programs), pairs sharing sequences."""
+    small = dict(preference_tokens=configs.KernelConfig({"BLOCK": 16}),
+                 preference_pairs=configs.KernelConfig({"BLOCK_P": 16}))
+    with configs.override(**small):
+        _oracle("triton", get_preset(preset).config, _inputs(seed=14, b=37, t=21),
+                torch.float32, "packed", grads=("lp", "lr", "w", "kl"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_no_host_sync_on_cuda(impl, layout):
+    x = _inputs(seed=15)
+    cfg = get_preset("tisdpo_paper").config
+    _run(impl, cfg, x, torch.float32, layout, poison=False)  # warm-up: compile kernels
+    # inputs are copied to the GPU before the check (host-to-device copies synchronise)
+    leaves = {k: x[k].float().to(DEV).requires_grad_(k in ("lp", "kl"))
+              for k in ("lp", "lr", "w", "kl")}
+    vals = dict(leaves)
+    if layout == "packed":
+        order, ids, cs, rs = (t.to(DEV) for t in _packing(x["mask"]))
+        vals = {k: v.flatten()[order] for k, v in vals.items()}
+        kw = dict(seq_ids=ids, chosen_seq=cs, rejected_seq=rs)
+    else:
+        kw = dict(mask=x["mask"].to(DEV))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, metrics = preference_loss(vals["lp"], vals["lr"], vals["w"], config=cfg,
+                                        kl=vals["kl"], impl=impl, **kw)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

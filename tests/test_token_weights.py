@@ -12,7 +12,9 @@ from markers import requires_triton
 from numerics import assert_oracle, nan_buffer_view
 
 from tisdpo_kernels import WeightParams, token_weights
+from tisdpo_kernels._triton import configs
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU: compiled kernels
 IMPLS = ["torch", pytest.param("triton", marks=requires_triton)]
 ALL_IMPLS = ["reference", *IMPLS]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -52,8 +54,13 @@ def _inputs(layout, method, *, ties=False, n=47, rows=4, cols=13):
     return pos, neg, ids, mask, torch.rand(shape) > 0.5
 
 
+def _dev(t):
+    return t.to(DEV) if isinstance(t, torch.Tensor) else t
+
+
 def _check(impl, dtype, pos, neg, *, name, **kw):
-    p, q = pos.to(dtype), None if neg is None else neg.to(dtype)
+    kw = {k: _dev(v) for k, v in kw.items()}
+    p, q = _dev(pos.to(dtype)), None if neg is None else _dev(neg.to(dtype))
     actual = token_weights(nan_buffer_view(p), None if q is None else nan_buffer_view(q),
                            impl=impl, **kw)
     ref = token_weights(p, q, impl="reference", **kw)
@@ -96,10 +103,10 @@ def test_per_sequence_methods(impl, dtype, layout, method, ties):
 def test_packed_with_mask_and_padded_agree(impl, method):
     """[B, T] + mask, and the same tokens packed (with seq_ids, and with a mask on top)."""
     pos, neg, _, mask, _ = _inputs("padded", method, ties=True)
-    pos, neg = pos.nan_to_num(0.0).float(), neg.float()
+    pos, neg, mask = _dev(pos.nan_to_num(0.0).float()), _dev(neg.float()), _dev(mask)
     kw = dict(side="rejected", method=method, params=WeightParams(top_percent=40.0))
     padded = token_weights(pos, neg, mask=mask, impl=impl, **kw)
-    rows = torch.arange(pos.shape[0]).unsqueeze(1).expand_as(pos)
+    rows = torch.arange(pos.shape[0], device=DEV).unsqueeze(1).expand_as(pos)
     ids = torch.where(mask, rows, -1).flatten()
     packed = token_weights(pos.flatten(), neg.flatten(), seq_ids=ids, impl=impl, **kw)
     masked = token_weights(pos.flatten(), neg.flatten(), seq_ids=rows.flatten(),
@@ -115,8 +122,10 @@ def test_packed_with_mask_and_padded_agree(impl, method):
 
 def _hand(impl, pos, neg, expected, **kw):
     dt = torch.float32
-    got = token_weights(torch.tensor(pos, dtype=dt),
-                        None if neg is None else torch.tensor(neg, dtype=dt), impl=impl, **kw)
+    kw = {k: _dev(v) for k, v in kw.items()}
+    got = token_weights(torch.tensor(pos, dtype=dt, device=DEV),
+                        None if neg is None else torch.tensor(neg, dtype=dt, device=DEV),
+                        impl=impl, **kw)
     want = torch.tensor(expected, dtype=torch.float64)
     assert_oracle(got, want, want, dtype=dt, name=f"{kw.get('method')}")
 
@@ -179,33 +188,59 @@ def test_cdpo_by_hand(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_and_all_outside(impl):
-    empty = torch.zeros(0)
+    empty = torch.zeros(0, device=DEV)
     assert token_weights(empty, empty, side="chosen", method="rank_based",
-                         seq_ids=torch.zeros(0, dtype=torch.long), impl=impl).shape == (0,)
-    x = torch.full((2, 5), float("nan"))
+                         seq_ids=torch.zeros(0, dtype=torch.long, device=DEV),
+                         impl=impl).shape == (0,)
+    x = torch.full((2, 5), float("nan"), device=DEV)
     for method in ("exp_clamp", "rank_based", "binary"):
         w = token_weights(x, x, side="chosen", method=method,
-                          mask=torch.zeros(2, 5, dtype=torch.bool), impl=impl)
+                          mask=torch.zeros(2, 5, dtype=torch.bool, device=DEV), impl=impl)
         assert_oracle(w, torch.zeros(2, 5), torch.zeros(2, 5), dtype=torch.float32, name=method)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_validation(impl):
-    x = torch.zeros(6)
+    x = torch.zeros(6, device=DEV)
     with pytest.raises(ValueError, match="logp_neg"):
-        token_weights(x, torch.zeros(5), side="chosen", impl=impl)
+        token_weights(x, torch.zeros(5, device=DEV), side="chosen", impl=impl)
     with pytest.raises(ValueError, match="logp_neg"):
         token_weights(x, None, side="chosen", method="rank_based", impl=impl)
     with pytest.raises(ValueError, match="seq_ids"):
         token_weights(x, x, side="chosen", method="rank_based",
-                      seq_ids=torch.zeros(5, dtype=torch.long), impl=impl)
+                      seq_ids=torch.zeros(5, dtype=torch.long, device=DEV), impl=impl)
     with pytest.raises(ValueError, match="side"):
         token_weights(x, x, side="winner", impl=impl)
     with pytest.raises(ValueError, match="side"):
-        token_weights(x, x, side=torch.ones(5, dtype=torch.bool), impl=impl)
+        token_weights(x, x, side=torch.ones(5, dtype=torch.bool, device=DEV), impl=impl)
     with pytest.raises(ValueError, match="method"):
         token_weights(x, x, side="chosen", method="random", impl=impl)
     with pytest.raises(ValueError, match="lower"):
         token_weights(x, x, side="chosen", params=WeightParams(lower=1.0, upper=0.0), impl=impl)
     with pytest.raises(ValueError, match="top_percent"):
         WeightParams(top_percent=0.0)
+
+
+@requires_triton
+def test_triton_many_programs():
+    """GPU-like small blocks: many programs per launch, ragged last block, multiple sequences."""
+    pos, neg, ids, _, side = _inputs("packed", "exp_clamp", n=301)
+    with configs.override(token_weights_fwd=configs.KernelConfig({"BLOCK": 16})):
+        for method in ("exp_clamp", "threshold_and_scale", "rank_based"):
+            _check("triton", torch.float32, pos, neg, side=side, method=method, seq_ids=ids,
+                   params=PARAMS["custom"], name=method)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_host_sync_on_cuda(impl):
+    pos, neg, ids, _, side = (_dev(t) for t in _inputs("packed", "exp_clamp", n=301))
+    for method in ("exp_clamp", "rank_based", "binary", "cdpo"):  # warm-up: compile kernels
+        token_weights(pos, neg, side=side, method=method, seq_ids=ids, impl=impl)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for method in ("exp_clamp", "rank_based", "binary", "cdpo"):
+            token_weights(pos, neg, side=side, method=method, seq_ids=ids, impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -64,7 +64,7 @@ def per_sequence_weights(s, seq_ids, method: str, params: WeightParams):
         w_sorted = (s_sorted >= thresh).to(_F64)
     else:
         raise ValueError(f"per_sequence_weights: method must be rank_based or binary, got {method!r}")
-    return torch.empty_like(s).index_put_((perm,), w_sorted)
+    return torch.empty_like(s).scatter_(0, perm, w_sorted)
 
 
 def token_weights(lp_pos, lp_neg, mu, seq_ids, num_seqs: int, method: str,

@@ -137,3 +137,20 @@ def override(**configs: KernelConfig):
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(saved)
+
+
+# token_weights.py / preference.py: O(tokens) elementwise and segmented-sum kernels (grid over
+# token blocks) and the per-pair kernels (one program looping over pairs in forward, a grid of
+# pair blocks in backward). Memory-bound and tiny next to the head: large blocks, 4 warps.
+CONFIGS["token_weights_fwd"] = {
+    "default": _c(4, 1, BLOCK=1024),
+    "interpret": _c(BLOCK=1024),
+}
+CONFIGS["preference_tokens"] = {  # preference_fwd_kernel and preference_bwd_kernel
+    "default": _c(4, 1, BLOCK=1024),
+    "interpret": _c(BLOCK=1024),
+}
+CONFIGS["preference_pairs"] = {  # preference_pair_fwd_kernel and preference_pair_bwd_kernel
+    "default": _c(4, 1, BLOCK_P=256),
+    "interpret": _c(BLOCK_P=256),
+}

@@ -28,14 +28,12 @@ import triton
 import triton.language as tl
 
 from tisdpo_kernels._torch import preference as _torch_pref
+from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.token_weights import _upcast, f64_constants
 from tisdpo_kernels.config import PreferenceConfig
 
 __all__ = ["preference_loss", "preference_loss_pos", "PreferenceLossFunction"]
 
-# Launch configs (local until _triton/configs.py holds entries for these kernels).
-BLOCK_TOKENS = 1024
-BLOCK_PAIRS = 256
 _NCOL = 4  # columns of the per-sequence accumulator
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "kl/chosen", "kl/rejected")
@@ -275,19 +273,25 @@ class _Options:
     has_kl: bool
 
 
+def _configs(t):
+    tok, pair = configs.get("preference_tokens", t), configs.get("preference_pairs", t)
+    assert tok.meta["BLOCK"] >= 16 and pair.meta["BLOCK_P"] >= 16, (tok, pair)
+    return tok, pair
+
+
 def _stride(t, fallback):
     return (fallback if t is None else t).stride(0)
 
 
 def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
     """-> loss (0-d), metrics [8, P], gz [P] float64, normaliser (0-d float64), acc [S, 4]."""
-    assert BLOCK_TOKENS >= 16 and BLOCK_PAIRS >= 16
     cfg, dev = opts.cfg, lp.device
+    tok, pair = _configs(lp)
     out_dtype = torch.float64 if lp.dtype == torch.float64 else torch.float32
     n, p = lp.shape[0], cs.shape[0]
     acc = torch.zeros(opts.num_seqs, _NCOL, dtype=torch.float64, device=dev)
     if n > 0:
-        preference_fwd_kernel[(triton.cdiv(n, BLOCK_TOKENS),)](
+        preference_fwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
             lp, lr if opts.has_ref else lp, w if opts.has_w else lp, kl if opts.has_kl else lp,
             ids, acc, n,
             lp.stride(0), _stride(lr if opts.has_ref else None, lp),
@@ -295,7 +299,7 @@ def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
             ids.stride(0),
             HAS_REF=opts.has_ref, HAS_W=opts.has_w, HAS_KL=opts.has_kl,
             KL_WEIGHTED=cfg.kl_token_weighted, UPCAST=_upcast(lp, lr, w, kl), NCOL=_NCOL,
-            BLOCK=BLOCK_TOKENS,
+            **tok.meta, **tok.launch_kwargs(lp),
         )
     sc = f64_constants([cfg.beta, cfg.epsilon, cfg.margin, cfg.kl_chosen_coef,
                         cfg.kl_rejected_coef], dev)
@@ -306,7 +310,7 @@ def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
     preference_pair_fwd_kernel[(1,)](
         acc, cs, rs, sc, norm if norm is not None else norm_out, loss, met, gz, norm_out, p,
         LINK=cfg.link, MEAN=cfg.reduction == "mean", USES_KL=opts.has_kl,
-        HAS_NORM=norm is not None, NCOL=_NCOL, BLOCK_P=BLOCK_PAIRS,
+        HAS_NORM=norm is not None, NCOL=_NCOL, **pair.meta, **pair.launch_kwargs(lp),
     )
     return loss, met, gz, norm_out, acc, sc
 
@@ -315,13 +319,15 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
                    need):
     """-> (d_lp, d_lr, d_w, d_kl), None where not needed."""
     cfg, dev = opts.cfg, lp.device
+    tok, pair = _configs(lp)
     n, p = lp.shape[0], cs.shape[0]
     coef = torch.zeros(opts.num_seqs, 2, dtype=torch.float64, device=dev)
     if p > 0:
-        preference_pair_bwd_kernel[(triton.cdiv(p, BLOCK_PAIRS),)](
+        preference_pair_bwd_kernel[(triton.cdiv(p, pair.meta["BLOCK_P"]),)](
             acc, cs, rs, sc, norm, dloss, gz, coef, p,
             MEAN=cfg.reduction == "mean", USES_KL=opts.has_kl,
-            SG_CHOSEN=cfg.kl_stop_grad_chosen, NCOL=_NCOL, BLOCK_P=BLOCK_PAIRS,
+            SG_CHOSEN=cfg.kl_stop_grad_chosen, NCOL=_NCOL, **pair.meta,
+            **pair.launch_kwargs(lp),
         )
     need_lp, need_lr, need_w, need_kl = need
     need_lr, need_w, need_kl = need_lr and opts.has_ref, need_w and opts.has_w, \
@@ -330,7 +336,7 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
              for t, flag in ((lp, need_lp), (lr, need_lr), (w, need_w), (kl, need_kl))]
     if n > 0 and any(g is not None for g in grads):
         d_lp, d_lr, d_w, d_kl = (g if g is not None else lp for g in grads)
-        preference_bwd_kernel[(triton.cdiv(n, BLOCK_TOKENS),)](
+        preference_bwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
             lp, lr if opts.has_ref else lp, w if opts.has_w else lp, kl if opts.has_kl else lp,
             ids, coef, d_lp, d_lr, d_w, d_kl, n,
             lp.stride(0), _stride(lr if opts.has_ref else None, lp),
@@ -338,7 +344,8 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
             ids.stride(0),
             HAS_REF=opts.has_ref, HAS_W=opts.has_w, HAS_KL=opts.has_kl,
             KL_WEIGHTED=cfg.kl_token_weighted, NEED_LP=need_lp, NEED_LR=need_lr,
-            NEED_W=need_w, NEED_KL=need_kl, UPCAST=_upcast(lp, lr, w, kl), BLOCK=BLOCK_TOKENS,
+            NEED_W=need_w, NEED_KL=need_kl, UPCAST=_upcast(lp, lr, w, kl),
+            **tok.meta, **tok.launch_kwargs(lp),
         )
     return tuple(grads)
 

@@ -26,13 +26,12 @@ import triton
 import triton.language as tl
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._triton import configs
 from tisdpo_kernels._torch.token_weights import per_sequence_weights
 from tisdpo_kernels.config import WeightParams
 
 __all__ = ["token_weights", "token_weights_fwd", "f64_constants"]
 
-# Launch config (local until _triton/configs.py holds an entry for this kernel).
-BLOCK_TOKENS = 1024
 _ELEMENTWISE = ("exp_clamp", "threshold_and_scale", "threshold", "origin", "cdpo")
 
 
@@ -119,7 +118,9 @@ def token_weights_fwd(lp_pos, lp_neg, mu, seq_ids, method: str, params: WeightPa
                       out_dtype: torch.dtype) -> torch.Tensor:
     """Launch the elementwise kernel for ``method`` (one of the elementwise rules) -> [N]."""
     assert method in _ELEMENTWISE, method
-    assert BLOCK_TOKENS >= 16
+    cfg = configs.get("token_weights_fwd", lp_pos)
+    block = cfg.meta["BLOCK"]
+    assert block >= 16, f"BLOCK={block} must be >= 16"
     n = lp_pos.shape[0]
     out = torch.empty(n, dtype=out_dtype, device=lp_pos.device)
     if n == 0:
@@ -129,11 +130,11 @@ def token_weights_fwd(lp_pos, lp_neg, mu, seq_ids, method: str, params: WeightPa
     prm = f64_constants([p.k, p.lower, p.upper, p.clip_lower, p.clip_upper, p.w_min, p.w_max,
                          scale], lp_pos.device)
     neg = lp_pos if lp_neg is None else lp_neg
-    token_weights_fwd_kernel[(triton.cdiv(n, BLOCK_TOKENS),)](
+    token_weights_fwd_kernel[(triton.cdiv(n, block),)](
         lp_pos, neg, mu, seq_ids, prm, out, n,
         lp_pos.stride(0), neg.stride(0), mu.stride(0), seq_ids.stride(0),
         METHOD=method, HAS_ROUND=p.round_decimals is not None, ONLY_NEG=bool(p.only_neg),
-        UPCAST=_upcast(lp_pos, lp_neg), BLOCK=BLOCK_TOKENS,
+        UPCAST=_upcast(lp_pos, lp_neg), **cfg.meta, **cfg.launch_kwargs(lp_pos),
     )
     return out
 
