@@ -84,7 +84,7 @@ def pair_metrics(cfg: PreferenceConfig, score_w, score_l, logps_w, logps_l, kl_w
 
 def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: int,
                     cfg: PreferenceConfig, normalizer):
-    """Packed layout: lp/lr/w/kl [N], seq_ids [N] (−1 = no sequence), pairs [P] -> (loss, metrics)."""
+    """Packed: lp/lr/w/kl [N], seq_ids [N] (−1 = no sequence), pairs [P] -> (loss, metrics)."""
     out_dtype = _out_dtype(lp.dtype)
     device = lp.device
     check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)

@@ -63,7 +63,7 @@ def per_sequence_weights(s, seq_ids, method: str, params: WeightParams):
         thresh = s_sorted[start + (length - k).long()]
         w_sorted = (s_sorted >= thresh).to(_F64)
     else:
-        raise ValueError(f"per_sequence_weights: method must be rank_based or binary, got {method!r}")
+        raise ValueError(f"method must be rank_based or binary, got {method!r}")
     return torch.empty_like(s).scatter_(0, perm, w_sorted)
 
 

@@ -15,9 +15,12 @@ Backward (algorithms.md §8 "Gradients for a fused backward")
         ∂loss/∂lp_t = a_t·ω_t,  ∂/∂lr_t = −ρ·a_t·ω_t,  ∂/∂k_t = κ_{s(t)}·ν_t,
         ∂/∂ω_t = a_t·(lp_t − ρ·lr_t) + κ_{s(t)}·k_t [ν = ω],
      written only for inputs that need a gradient.
-All arithmetic is float64 (O(tokens); the atomics then give the same float32 result in any
-order). Nothing syncs with the host: the normaliser stays on the device. The cDPO "pos"
-granularity (a per-slot quirk of one released code base) runs the torch implementation.
+Besides these, a step costs one memset per direction (the float64 buffers), one async copy
+of five float64 constants from pinned memory, and the public op's range checks (device
+assertions on CUDA; TISDPO_CHECKS=off drops them). All arithmetic is float64 (O(tokens); the
+float64 atomics then give the same float32 result in any order). Nothing syncs with the
+host: the normaliser stays on the device. The cDPO "pos" granularity (a per-slot quirk of
+one released code base) runs the torch implementation.
 """
 from __future__ import annotations
 
