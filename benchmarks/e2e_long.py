@@ -162,7 +162,7 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
                 print(f"  {name} L={length}: {st}: {out}", file=sys.stderr)
                 rows.append(R.make_row(env, metric="status", unit="", status=st,
                                        extra={**extra, "message": out}, **common))
-                del batch, step
+                batch = step = None
                 M.free_memory(device)
                 if args.stop_at_oom:
                     break
@@ -182,7 +182,7 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
             print(f"  {name:<12} L={length:>7}  {stats.median_ms:10.1f} ms/step"
                   + (f"  peak {rows[-1]['value']} MiB" if device.type == "cuda" else ""),
                   file=sys.stderr)
-            del batch, step
+            batch = step = None
             M.free_memory(device)
         rows.append(R.make_row(env, op="e2e_step", provider=name, mode="summary",
                                tokens=max(lengths), metric="longest_pair_fits",
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               "pass --toy for a toy-sized smoke run on the CPU", file=sys.stderr)
         return 2
     if args.steps < 1 or args.warmup < 0:
-        print(f"error: need --steps >= 1 and --warmup >= 0", file=sys.stderr)
+        print("error: need --steps >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     default = "ours-triton,eager,liger-dpo" if device.type == "cuda" else "ours-torch,eager"
     try:

@@ -4,7 +4,8 @@ CUDA: CUDA events around each repetition, after warm-up, with the L2 cache flush
 gradients of the inputs reset to None before each one (``triton.testing.do_bench`` style, but
 with warm-up and repetitions given as counts); median and p20/p80 over the repetitions; peak
 memory is ``torch.cuda.max_memory_allocated`` during one call minus what was allocated just
-before it. CPU: ``time.perf_counter`` around each repetition and no memory figure.
+before it. The backward mode times each backward after a fresh, untimed forward.
+CPU: ``time.perf_counter`` around each repetition and no memory figure.
 """
 from __future__ import annotations
 
@@ -81,15 +82,23 @@ def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
         t.grad = None
 
 
-def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int, reps: int,
-            grad_to_none: Iterable[torch.Tensor] = ()) -> Stats:
-    """Median/p20/p80 wall time of ``fn()`` in ms, after ``warmup`` untimed calls."""
+def time_fn(fn: Callable, *, device: torch.device, warmup: int, reps: int,
+            grad_to_none: Iterable[torch.Tensor] = (), setup: Callable | None = None) -> Stats:
+    """Median/p20/p80 time of ``fn()`` in ms, after ``warmup`` untimed calls.
+
+    With ``setup``, each repetition first runs ``state = setup()`` untimed and then times
+    ``fn(state)`` (e.g. a fresh forward, then the timed backward).
+    """
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     grad_to_none = tuple(grad_to_none)
-    for _ in range(warmup):
+
+    def prepare():
         _clear_grads(grad_to_none)
-        fn()
+        return (setup(),) if setup is not None else ()
+
+    for _ in range(warmup):
+        fn(*prepare())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         # Flush L2 between repetitions (256 MB is larger than any current L2).
@@ -97,40 +106,43 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, warmup: int, reps
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
-            _clear_grads(grad_to_none)
+            args = prepare()
             flush.zero_()
             starts[i].record()
-            fn()
+            fn(*args)
             ends[i].record()
+            del args
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         del flush
     else:
         times = []
         for _ in range(reps):
-            _clear_grads(grad_to_none)
+            args = prepare()
             t0 = time.perf_counter()
-            fn()
+            fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
+            del args
     return Stats.of(times)
 
 
-def peak_memory_mb(fn: Callable[[], object], *, device: torch.device,
-                   grad_to_none: Iterable[torch.Tensor] = ()) -> float | None:
-    """Peak allocated memory of one ``fn()`` beyond what was allocated before it (MiB).
-
-    None off CUDA: the CPU allocator keeps no peak statistics.
-    """
+def peak_memory_mb(fn: Callable, *, device: torch.device,
+                   grad_to_none: Iterable[torch.Tensor] = (),
+                   setup: Callable | None = None) -> float | None:
+    """Peak allocated memory of one ``fn()`` (or ``fn(setup())``) beyond what was allocated
+    just before it, setup's results included (MiB). None off CUDA: the CPU allocator keeps
+    no peak statistics."""
     _clear_grads(grad_to_none)
     if device.type != "cuda":
         return None
+    args = (setup(),) if setup is not None else ()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    out = fn()
+    out = fn(*args)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del out
+    del out, args
     return peak / 2**20
 
 

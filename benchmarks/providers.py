@@ -125,6 +125,14 @@ def dpo_reduce(logp, ref_logp, weights, mask, beta):
 
 # ----------------------------------------------------------------------------- factories
 
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile`` specialised to this case's shapes: the compile caches are reset first
+    so that a sweep over many shapes never hits Dynamo's recompile limit (which would fall
+    back to eager silently) nor times a dynamic-shape kernel."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def _cce(filter_eps, softcap):
     from cut_cross_entropy import linear_cross_entropy
 
@@ -152,7 +160,7 @@ def make_logprobs(name: str, softcap: float | None) -> Callable:
     if name == "eager":
         return functools.partial(eager_logprobs, softcap=softcap)
     if name == "torch-compile":
-        return torch.compile(functools.partial(eager_logprobs, softcap=softcap))
+        return _compiled(functools.partial(eager_logprobs, softcap=softcap))
     if name == "cce":
         return _cce("auto", softcap)
     if name == "cce_exact":
@@ -224,8 +232,8 @@ def make_loss(name: str, beta: float, softcap: float | None) -> Callable:
             raise NotImplementedError("LigerFusedLinearDPOLoss has no softcap")
         return _liger_dpo(beta)
     if name == "torch-compile":
-        return torch.compile(_composed_loss(functools.partial(eager_logprobs, softcap=softcap),
-                                            beta))
+        return _compiled(_composed_loss(functools.partial(eager_logprobs, softcap=softcap),
+                                        beta))
     return _composed_loss(make_logprobs(name, softcap), beta)
 
 
@@ -242,7 +250,7 @@ def make_kl(name: str, softcap: float | None) -> Callable:
     if name == "eager":
         return functools.partial(eager_token_kl, softcap=softcap)
     if name == "torch-compile":
-        return torch.compile(functools.partial(eager_token_kl, softcap=softcap))
+        return _compiled(functools.partial(eager_token_kl, softcap=softcap))
     raise ValueError(f"provider {name!r} has no kl op")
 
 

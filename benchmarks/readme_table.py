@@ -72,7 +72,8 @@ def _op_table(rows: list[dict], op: str, tokens: tuple[int, ...]) -> list[str]:
     ceil = {(r["shape"], int(r["x_value"])): r for r in rows
             if r["op"] == "ceiling" and r["metric"] == "tflops"}
     out = [f"**{OP_TITLES[op]}** (bf16 unless noted; × = eager time / provider time)", "",
-           "| shape | N | provider | median ms (p20–p80) | peak MiB | TFLOP/s | % of dense | × |",
+           "| shape | N | provider | median ms (p20–p80) | peak MiB | TFLOP/s | % of dense "
+           "| × |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]
     for shape, n in sorted({(s, k) for s, k, _ in cells}):
         base = cells.get((shape, n, "eager"), {}).get("time", {}).get("value")
@@ -106,7 +107,8 @@ def _e2e_table(rows: list[dict]) -> list[str]:
     out = ["**End to end**: TIS-DPO training steps of a Llama-3.2-1B-shaped model (random "
            "weights, bf16, activation checkpointing, packed pair, precomputed reference "
            "log-probs)", "",
-           "| provider | pair tokens | ms/step | tokens/s | peak MiB |", "|---|---:|---:|---:|---:|"]
+           "| provider | pair tokens | ms/step | tokens/s | peak MiB |",
+           "|---|---:|---:|---:|---:|"]
     fits = []
     for (prov, n, mode) in sorted(cells):
         m = cells[(prov, n, mode)]

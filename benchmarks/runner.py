@@ -85,14 +85,15 @@ def _measure_ceiling(cfg: RunConfig, case: O.Case, inp: O.Inputs, env: dict) -> 
     return rows, tflops
 
 
-def _mode_fn(work: O.Workload, mode: str):
-    """(callable to time, state to drop afterwards) for one mode."""
+def _mode_fns(work: O.Workload, mode: str):
+    """(timed callable, untimed per-repetition setup or None) for one mode. ``bwd`` runs a
+    fresh forward untimed before each timed backward (no retain_graph: every backward
+    frees what it would free in training)."""
     if mode == "fwd":
         return work.call, None
     if mode == "fwdbwd":
-        return (lambda: work.backward(work.call(), False)), None
-    outs = work.call()
-    return (lambda: work.backward(outs, True)), outs
+        return (lambda: work.backward(work.call())), None
+    return work.backward, work.call
 
 
 def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: dict,
@@ -108,7 +109,7 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
     st, work = M.guarded(lambda: O.build_workload(case, inp, name))
     if st == "ok":
         # First call outside the timings: compilation, autotuning, allocator warm-up.
-        st, msg = M.guarded(lambda: work.backward(work.call(), False))
+        st, msg = M.guarded(lambda: work.backward(work.call()))
     else:
         msg = work
     if st != "ok":
@@ -117,11 +118,11 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
         return status_rows(cfg.modes, st, msg)
     for mode in cfg.modes:
         def measure_mode():
-            fn, keep = _mode_fn(work, mode)
+            fn, setup = _mode_fns(work, mode)
             stats = M.time_fn(fn, device=cfg.device, warmup=cfg.warmup, reps=cfg.reps,
-                              grad_to_none=work.leaves)
-            mem = M.peak_memory_mb(fn, device=cfg.device, grad_to_none=work.leaves)
-            del keep
+                              grad_to_none=work.leaves, setup=setup)
+            mem = M.peak_memory_mb(fn, device=cfg.device, grad_to_none=work.leaves,
+                                   setup=setup)
             return stats, mem
         st, out = M.guarded(measure_mode)
         for leaf in work.leaves:
@@ -160,8 +161,6 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
                 rows.append(R.make_row(env, op=case.op, provider=name, mode="check",
                                        metric=f"err_{out_name}", unit="max_abs", value=err,
                                        extra={"ref_max": ref_max, "reference": "fp32"}, **cols))
-    del work
-    M.free_memory(cfg.device)
     return rows
 
 
@@ -211,6 +210,7 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                             _log(f"  {name}: skipped: {why}")
                         continue
                     rows += _provider_rows(cfg, case, inp, name, env, ceiling)
+                    M.free_memory(cfg.device)      # the provider's workload is gone by now
                 del inp
                 M.free_memory(cfg.device)
                 emit(rows)
