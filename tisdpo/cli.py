@@ -150,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s", args.command,
                                      text)
-    return _run(args, cfg)
+    from tisdpo.stages import StageStopped
+
+    try:
+        return _run(args, cfg)
+    except StageStopped as stop:
+        logging.getLogger("tisdpo").info("%s", stop)
+        return 0
 
 
 def _flag_in(args, name: str) -> bool:

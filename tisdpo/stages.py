@@ -44,7 +44,7 @@ from tisdpo.trainer import (
     PreferenceObjective, SFTObjective, Trainer, _forward_hidden, read_done, stage_done,
 )
 
-__all__ = ["Context", "make_context", "load_records", "tokenize_cfg", "run_sft",
+__all__ = ["Context", "StageStopped", "make_context", "load_records", "tokenize_cfg", "run_sft",
            "run_contrastive", "run_weights", "run_policy", "run_pipeline", "completion_logps",
            "make_collator", "weight_rule", "SCORE_COLUMNS"]
 
@@ -53,6 +53,15 @@ SCORE_COLUMNS = ("chosen_score", "rejected_score")
 WEIGHT_COLUMNS = ("chosen_weight", "rejected_weight")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _SHARD = 2048
+
+
+class StageStopped(Exception):
+    """A training stage stopped early (``stop_after``), checkpointed and resumable."""
+
+    def __init__(self, stage: str, step: int):
+        super().__init__(f"{stage}: stopped after step {step}; run the same command again to "
+                         f"resume")
+        self.stage, self.step = stage, step
 
 
 @dataclass
@@ -187,9 +196,8 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
                       extra_done={"init": init, **(extra or {})})
     result = trainer.train(resume=ctx.cfg.pipeline.resume)
     if result.get("stopped"):
-        log.info("%s: stopped after step %d (resumable)", desc, result["step"])
-    else:
-        log.info("%s: done, %s", desc, _short(result))
+        raise StageStopped(desc, result["step"])
+    log.info("%s: done, %s", desc, _short(result))
     return final
 
 

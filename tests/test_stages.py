@@ -1,0 +1,219 @@
+"""Pipeline stages on a tiny model: weights alignment, resumability, weight modes, variants."""
+import json
+import math
+import os
+
+import datasets
+import pytest
+import torch
+
+from tests.numerics import assert_oracle
+from tisdpo import stages
+from tisdpo.demo import demo_config
+from tisdpo.model import load_model
+from tisdpo.trainer import stage_done
+from tisdpo_kernels import reference as R
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(root, **overrides):
+    cfg = demo_config(fast=True)
+    cfg.run_dir, cfg.device = str(root), "cpu"
+    m = cfg.model
+    m.tiny_hidden_size, m.tiny_layers, m.tiny_heads, m.tiny_kv_heads = 32, 1, 2, 1
+    m.tiny_intermediate_size = 48
+    cfg.demo.train_pairs, cfg.demo.eval_pairs = 20, 6
+    cfg.sft.enabled = False
+    for t in (cfg.sft, cfg.contrastive, cfg.policy):
+        t.batch_size, t.max_steps, t.lr, t.warmup_steps = 4, 2, 2e-3, 0
+    cfg.log.tensorboard, cfg.log.every = False, 1
+    for name, value in overrides.items():
+        section, _, leaf = name.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, leaf, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def weighted_run(tmp_path_factory):
+    """contrastive (D) -> weights, once for the module."""
+    datasets.disable_progress_bars()
+    torch.set_num_threads(1)
+    ctx = stages.make_context(tiny_cfg(tmp_path_factory.mktemp("run")))
+    stages.run_contrastive(ctx)
+    stages.run_weights(ctx)
+    return ctx
+
+
+def _batch_logps(model, batch, rows):
+    """Per completion token log-probs from the model's own full logits on a padded batch,
+    gathered at positions computed from the prompt/completion lengths (not the labels)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+    logp = torch.log_softmax(logits, -1).double()        # eager: in the model's dtype
+    out = []
+    for side in ("chosen", "rejected"):
+        for b, rec in enumerate(rows):
+            r = b if side == "chosen" else b + len(rows)
+            n_p, comp = len(rec["prompt_ids"]), list(rec[f"{side}_ids"])
+            pos = torch.arange(n_p - 1, n_p + len(comp) - 1)
+            out.append(logp[r, pos, torch.tensor(comp)])
+    return out
+
+
+def test_weights_are_contrastive_logprobs_aligned_with_completion_tokens(weighted_run):
+    ctx = weighted_run
+    wdir = ctx.path("weights")
+    meta = json.load(open(os.path.join(wdir, "meta.json")))
+    assert meta["weight_method"] == "rank_based" and meta["tokenize"]["add_eos"] is False
+    raw = datasets.load_from_disk(os.path.join(wdir, "train"))
+    from tisdpo.data import TokenizeConfig, tokenize_pairs
+
+    tok, _ = tokenize_pairs(raw, ctx.tokenizer, TokenizeConfig(**meta["tokenize"]))
+    rows = list(tok)[:ctx.cfg.weights.batch_size]          # the stage's first batch
+    batch = stages.make_collator(ctx, packed=False)(rows)
+    paths = {k: meta[k] for k in ("positive", "negative", "reference")}
+    got, eager, truth = {}, {}, {}
+    for dtype, out in ((torch.float32, eager), (torch.float64, truth)):
+        lp = {k: _batch_logps(load_model(ctx.cfg.model, p, device=ctx.device,
+                                         trainable=False).to(dtype), batch, rows)
+              for k, p in paths.items()}
+        out["c"] = torch.cat([a - b for a, b in zip(lp["positive"], lp["negative"])])
+        out["ref"] = torch.cat(lp["reference"])
+    for key, fmt in (("c", "{}_score"), ("ref", "ref_{}_logps")):
+        got[key] = torch.cat([torch.tensor(raw[int(r["record_index"])][fmt.format(side)])
+                              for side in ("chosen", "rejected") for r in rows])
+    for k in ("c", "ref"):
+        assert_oracle(got[k], eager[k], truth[k], dtype=torch.float32, name=f"stored {k}",
+                      metric="rms")
+    # the stored weights are the rank-based rule applied per sequence to the stored scores
+    for side in ("chosen", "rejected"):
+        for i in range(4):
+            c = torch.tensor(raw[i][f"{side}_score"], dtype=torch.float64)
+            w_ref = R.token_weights(c, torch.zeros_like(c), side=side, method="rank_based")
+            w = torch.tensor(raw[i][f"{side}_weight"], dtype=torch.float64)
+            assert_oracle(w, w_ref, w_ref, dtype=torch.float32, name=f"{side} weights {i}")
+    assert os.path.isfile(os.path.join(wdir, "train.jsonl")) and stage_done(wdir)
+
+
+def test_policy_weight_modes(weighted_run):
+    ctx = weighted_run
+    pcfg = ctx.cfg.policy
+    import dataclasses
+
+    def data(**kw):
+        return stages._policy_data(ctx, dataclasses.replace(pcfg, **kw))
+
+    train, _, use, has_ref = data(method="tisdpo", token_weights="auto")
+    assert use and has_ref and "chosen_weight" in train.column_names
+    train_r, _, use_r, _ = data(method="tisdpo", token_weights="random")
+    train_r2, _, _, _ = data(method="tisdpo", token_weights="random")
+    w = [x for row in train_r["chosen_weight"] for x in row]
+    assert use_r and min(w) >= 0.7 and max(w) <= 1.3 and len(set(w)) > len(w) // 2
+    assert train_r["chosen_weight"] == train_r2["chosen_weight"]          # seeded
+    _, _, use_e, _ = data(method="tisdpo", token_weights="equal")
+    assert not use_e
+    train_d, _, use_d, has_ref_d = data(method="dpo", token_weights="auto")
+    # dpo counts EOS: the stored columns (made without EOS) are not used, nor weights
+    assert not use_d and not has_ref_d and "chosen_weight" not in train_d.column_names
+    ctx.cfg.weights.method = "exp_clamp"
+    try:
+        train_x, _, _, _ = data(method="tisdpo", token_weights="recompute")
+    finally:
+        ctx.cfg.weights.method = None
+    for side, mu in (("chosen", 1.0), ("rejected", -1.0)):
+        c = torch.tensor([x for r in train_x[f"{side}_score"] for x in r], dtype=torch.float64)
+        got = torch.tensor([x for r in train_x[f"{side}_weight"] for x in r])
+        truth = torch.exp(mu * c.clamp(-0.5, 1.5))
+        assert_oracle(got, truth.float(), truth, dtype=torch.float32, name=f"exp_clamp {side}")
+
+
+def test_policy_trains_from_stored_reference_logps_and_packed(weighted_run, tmp_path):
+    ctx = weighted_run
+    out = stages.run_policy(ctx, name="policy-test")
+    done = json.load(open(os.path.join(ctx.path("policy-test"), "done.json")))
+    assert done["reference"] == "precomputed ref_logps" and done["steps"] == 2
+    assert os.path.isfile(os.path.join(out, "config.json"))
+    ctx.cfg.data.packing = True
+    try:
+        stages.run_policy(ctx, name="policy-packed")
+    finally:
+        ctx.cfg.data.packing = False
+    assert stage_done(ctx.path("policy-packed"))
+
+
+def test_stage_stop_resume_and_skip(tmp_path):
+    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.stop_after": 1,
+                                                    "contrastive.max_steps": 3}))
+    with pytest.raises(stages.StageStopped, match="contrastive\\+: stopped after step 1"):
+        stages.run_contrastive(ctx)
+    assert not stage_done(ctx.path("contrastive"))
+    ctx.cfg.contrastive.stop_after = None
+    pos, neg = stages.run_contrastive(ctx)
+    rows = [json.loads(x) for x in open(ctx.path("contrastive", "positive", "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert stage_done(ctx.path("contrastive"))
+    mtime = os.path.getmtime(os.path.join(pos, "config.json"))
+    assert stages.run_contrastive(ctx) == (pos, neg)                  # finished: skipped
+    assert os.path.getmtime(os.path.join(pos, "config.json")) == mtime
+
+
+def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
+    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt"}))
+    stages.run_contrastive(ctx)
+    monkeypatch.setattr(stages, "_SHARD", 8)                 # 20 pairs -> shards 8, 8, 4
+    calls, killed = [], []
+    real = stages._estimate_shard
+
+    def flaky(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "_estimate_shard", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        stages.run_weights(ctx)
+    calls.clear()
+    stages.run_weights(ctx)
+    assert calls == [8, 4, 6]            # train shards 2 and 3, then the eval split
+    raw = datasets.load_from_disk(ctx.path("weights", "train"))
+    assert len(raw) == 20 and all(len(s) > 0 for s in raw["chosen_score"])
+    assert json.load(open(ctx.path("weights", "meta.json")))["variant"] == "prompt"
+
+
+def test_sft_based_contrastive_variant(tmp_path):
+    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "sft",
+                                                    "contrastive.max_steps": 1}))
+    pos, neg = stages.run_contrastive(ctx)
+    side = {p: json.load(open(os.path.join(os.path.dirname(p), "done.json")))["side"]
+            for p in (pos, neg)}
+    assert side == {pos: "chosen", neg: "rejected"}
+
+
+def test_truncated_completions_get_zero_padded_columns(tmp_path):
+    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
+                                                    "data.max_length": 12,
+                                                    "data.max_prompt_length": 6}))
+    stages.run_contrastive(ctx)
+    stages.run_weights(ctx)
+    raw = datasets.load_from_disk(ctx.path("weights", "train"))
+    from tisdpo.data import TokenizeConfig, tokenize_pairs
+
+    full, _ = tokenize_pairs(raw, ctx.tokenizer, TokenizeConfig(add_eos=False))
+    cut, _ = tokenize_pairs(raw, ctx.tokenizer, stages.tokenize_cfg(ctx.cfg, "tisdpo"))
+    for f, c, rec in zip(full, cut, raw):
+        n, k = len(f["chosen_ids"]), len(c["chosen_ids"])
+        assert len(rec["chosen_weight"]) == n and k <= 12
+        assert all(x == 0.0 for x in rec["chosen_score"][k:])
+    assert any(len(c["chosen_ids"]) < len(f["chosen_ids"]) for f, c in zip(full, cut))
+    assert math.isfinite(sum(raw[0]["chosen_weight"]))

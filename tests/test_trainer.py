@@ -1,0 +1,196 @@
+"""The thin loop: resume equality, accumulation normalisation, schedules, outputs."""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.numerics import assert_oracle
+from tisdpo.collate import PackedPairCollator, PaddedPairCollator
+from tisdpo.config import LogConfig, ModelConfig, TrainConfig
+from tisdpo.loss import TISDPOLoss
+from tisdpo.model import build_tiny_model, head, hidden_states
+from tisdpo.trainer import (
+    PreferenceObjective, SFTObjective, Trainer, latest_checkpoint, lr_factor, stage_done,
+)
+
+MCFG = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1,
+                   tiny_intermediate_size=48)
+VOCAB = 61
+CPU = torch.device("cpu")
+QUIET = LogConfig(every=1, tensorboard=False, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _records(n, seed=0, ref=True, weights=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        rec = {"prompt_ids": torch.randint(3, VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),),
+                                           generator=g).tolist()}
+        for side in ("chosen", "rejected"):
+            k = int(torch.randint(1, 9, (1,), generator=g))
+            rec[f"{side}_ids"] = torch.randint(3, VOCAB, (k,), generator=g).tolist()
+            if weights:
+                rec[f"{side}_weight"] = (0.7 + 0.6 * torch.rand(k, generator=g)).tolist()
+            if ref:
+                rec[f"ref_{side}_logps"] = (-4 - torch.rand(k, generator=g)).tolist()
+        out.append(rec)
+    return out
+
+
+def _model(seed=0, dtype=torch.float32):
+    return build_tiny_model(MCFG, VOCAB, seed=seed).to(dtype).train()
+
+
+def _pref_objective(impl="torch", method="tisdpo"):
+    return PreferenceObjective(TISDPOLoss(method=method, impl=impl), model_cfg=MCFG, device=CPU,
+                               use_weights=True)
+
+
+def _trainer(model, objective, data, out_dir, *, collate=None, **cfg):
+    base = dict(optimizer="adamw", lr=3e-3, warmup_steps=2, schedule="cosine", batch_size=3,
+                grad_accum=2, epochs=2.0, max_grad_norm=1.0, weight_decay=0.01)
+    base.update(cfg)
+    return Trainer(model=model, objective=objective, train_data=data,
+                   collate_fn=collate or PaddedPairCollator(0), cfg=TrainConfig(**base),
+                   out_dir=str(out_dir), device=CPU, seed=7, log=QUIET, desc="test")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_resume_between_steps_is_bitwise_identical(tmp_path, optimizer):
+    # 16 pairs, micro-batch 3, accumulation 2 -> 6 micro-batches (3 steps) per epoch, last
+    # window of each epoch holding a partial micro-batch; 2 epochs -> 6 steps. Stop after
+    # step 4 (inside epoch 2), resume with new objects, compare with an uninterrupted run.
+    data = _records(16)
+    full = _trainer(_model(), _pref_objective(), data, tmp_path / "full", optimizer=optimizer)
+    full.train()
+    assert full.state.step == 6
+
+    first = _trainer(_model(), _pref_objective(), data, tmp_path / "cut", optimizer=optimizer,
+                     stop_after=4)
+    out = first.train()
+    assert out == {"stopped": True, "step": 4} and not stage_done(str(tmp_path / "cut"))
+    assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000004")
+    torch.manual_seed(1234)                     # disturb the global RNG: resume restores it
+    resumed_model = _model(seed=99)             # different init: everything must come from disk
+    resumed = _trainer(resumed_model, _pref_objective(), data, tmp_path / "cut",
+                       optimizer=optimizer)
+    resumed.train()
+    assert resumed.state.step == 6 and stage_done(str(tmp_path / "cut"))
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    rows = [json.loads(x) for x in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def _captured_grads(trainer):
+    grads = {}
+
+    def capture(*_, **__):
+        for name, p in trainer.model.named_parameters():
+            grads[name] = p.grad.detach().clone()
+    trainer.optimizer.step = capture
+    trainer._step()
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
+@pytest.mark.parametrize("kind", ["preference", "preference_packed", "sft"])
+def test_grad_accumulation_equals_one_big_batch(tmp_path, kind):
+    # 8 pairs: one micro-batch of 8 vs 4 accumulated micro-batches of 2 (same pairs: the
+    # epoch order depends only on the seed). Truth: the big batch in float64 (reference ops);
+    # eager: the big batch in float32 (reference ops); actual: the accumulated float32 run.
+    data = _records(8)
+    collate = PackedPairCollator(0) if kind == "preference_packed" else PaddedPairCollator(0)
+
+    def objective(impl):
+        if kind == "sft":
+            return SFTObjective(model_cfg=MCFG, device=CPU, impl=impl)
+        return _pref_objective(impl)
+
+    def grads(dtype, impl, bs, accum):
+        t = _trainer(_model(dtype=dtype), objective(impl), data, tmp_path / f"{dtype}{bs}",
+                     collate=collate, batch_size=bs, grad_accum=accum, max_grad_norm=None)
+        return _captured_grads(t)
+
+    truth = grads(torch.float64, "reference", 8, 1)
+    eager = grads(torch.float32, "reference", 8, 1)
+    actual = grads(torch.float32, "torch", 2, 4)
+    for name in truth:
+        assert_oracle(actual[name], eager[name], truth[name], dtype=torch.float32,
+                      name=f"{kind} grad {name}", metric="rms")
+
+
+def test_accumulation_normaliser_is_the_whole_window(tmp_path):
+    # the objective sees normalizer = pairs of the whole accumulated batch, not its own
+    seen = []
+
+    class Spy:
+        def count(self, batch):
+            return batch["input_ids"].shape[0] // 2
+
+        def __call__(self, model, batch, *, normalizer):
+            seen.append(normalizer)
+            h = hidden_states(model, batch)
+            return h.float().mean() * 0, {}
+
+    t = _trainer(_model(), Spy(), _records(7), tmp_path, batch_size=2, grad_accum=3,
+                 epochs=1.0)
+    t._step()
+    t._step()
+    assert seen == [6.0, 6.0, 6.0, 1.0]      # 7 pairs: windows of 2+2+2 and then 1
+
+
+def test_lr_schedules():
+    assert lr_factor(0, warmup=4, total=10, schedule="constant") == 1 / 5
+    assert lr_factor(3, warmup=4, total=10, schedule="constant") == 4 / 5
+    assert lr_factor(9, warmup=4, total=10, schedule="constant") == 1.0
+    assert lr_factor(4, warmup=4, total=10, schedule="linear") == 1.0
+    assert lr_factor(7, warmup=4, total=10, schedule="linear") == 0.5
+    assert lr_factor(7, warmup=4, total=10, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor(10, warmup=4, total=10, schedule="cosine") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(5, warmup=0, total=10, schedule="exp")
+
+
+def test_outputs_metrics_and_eval(tmp_path):
+    data, held = _records(6), _records(5, seed=1)
+    t = _trainer(_model(), _pref_objective(), data, tmp_path, epochs=1.0)
+    t.eval_data = held
+    result = t.train()
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+            "eval/rewards/chosen", "eval/rewards/rejected"} <= set(result)
+    assert 0.0 <= result["eval/rewards/accuracies"] <= 1.0
+    assert os.path.isfile(tmp_path / "final" / "config.json")
+    assert any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "final"))
+    done = json.load(open(tmp_path / "done.json"))
+    assert done["steps"] == 1 and "eval/loss" in done["metrics"]
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert rows[0]["step"] == 1 and {"loss", "lr", "grad_norm"} <= set(rows[0])
+
+
+def test_model_hidden_states_feed_the_head():
+    # hidden states before the head + the head weight reproduce the model's own logits
+    model = _model().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        h = hidden_states(model, {"input_ids": ids})
+        spec = head(model)
+        ours = h @ spec.weight.T
+        eager = model(input_ids=ids).logits
+        truth = _model(dtype=torch.float64).eval()(input_ids=ids).logits
+    assert spec.weight is model.get_input_embeddings().weight      # tied
+    assert_oracle(ours, eager, truth, dtype=torch.float32, name="logits")
+
+
+def test_empty_data_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        _trainer(_model(), _pref_objective(), [], tmp_path)
