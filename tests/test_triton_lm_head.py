@@ -5,7 +5,6 @@ same tests run the compiled kernels. Each value and gradient is checked three wa
 (tests/numerics.py): reference in float64 (truth), reference at the test dtype (eager), the
 Triton backend (actual).
 """
-import contextlib
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from tisdpo_kernels._impl import Impl, resolve_impl
 pytestmark = requires_triton
 
 N, D, V = 47, 31, 123
-DTYPES = [torch.float32, torch.bfloat16]
-DT_IDS = ["fp32", "bf16"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
 ALL = ("hidden", "weight", "bias")
 
 
@@ -127,6 +126,14 @@ def test_no_grad_forward_and_shapes(device):
     assert torch.all(logp[1, :2] == 0) and torch.all(logp <= 0)
     assert_oracle(logp, tk.linear_logprobs(h, w, y, impl="reference"), ref,
                   dtype=torch.float32, name="logp")
+
+
+@pytest.mark.parametrize("n,d,v", [(0, 8, 20), (1, 1, 17), (2, 17, 1)])
+def test_degenerate_sizes(n, d, v, device):
+    """No tokens, D=1, a one-word vocabulary (logp = 0 exactly)."""
+    masters, y, grads = make_inputs(n, d, v, ignored=())
+    act = check(masters, y, grads, dtype=torch.float32, device=device, softcap=2.0)
+    assert act["logp"].shape == (n,)
 
 
 # GPU-like block sizes: several token blocks, 4 vocabulary splits (V=1000: 8 vocab tiles, 2 per
@@ -282,3 +289,78 @@ def test_realistic_shape_cuda():
     for name, a, r, t in zip(("logp", "lse", "d_hidden", "d_weight"), act, ref, truth):
         assert_oracle(a, r, t, dtype=torch.bfloat16, name=name,
                       metric="max" if name in ("logp", "lse") else "rms")
+
+
+# --- the GPU build, checked without a GPU ----------------------------------------------------
+
+_SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic shared memory per block, H100 / A100
+
+
+def _aot_compile_matrix():
+    """Compile the kernels with the tuned configs for sm90/sm80 (Triton AOT, no GPU needed;
+    run with TRITON_INTERPRET=0). Returns [(name, shared bytes, ptx)]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tisdpo_kernels._triton import lm_head as L
+    from tisdpo_kernels._triton.configs import CONFIGS
+
+    fns = {"fwd": (L.linear_logprobs_fwd_kernel, "lm_head_fwd"),
+           "bwd": (L.linear_logprobs_bwd_kernel, "lm_head_bwd"),
+           "combine": (L.linear_logprobs_fwd_combine_kernel, "lm_head_fwd_combine")}
+    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "dh_ptr",
+                 "dw_ptr", "db_ptr"}
+    out = []
+    for kind, arch, dt, flags in [
+            ("fwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, FINAL=False)),
+            ("combine", 90, "fp32", {}),
+            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DH=True,
+                                     COMPUTE_DW=True, COMPUTE_DB=True)),
+            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, COMPUTE_DH=True,
+                                     COMPUTE_DW=False, COMPUTE_DB=False))]:
+        fn, name = fns[kind]
+        table = CONFIGS[name]
+        cfg = table.get("sm90" if arch >= 90 else "sm80", table["default"])
+        cx = {**flags, **cfg.meta}
+        if kind != "combine":   # what Triton specialises at a real launch: unit inner strides
+            cx.update(stride_hd=1, stride_wd=1, UPCAST=False, DOT_PRECISION="ieee")
+        sig, attrs = {}, {}
+        for i, n in enumerate(fn.arg_names):
+            if n in cx:
+                sig[n] = "constexpr"
+            elif n.endswith("_ptr"):
+                sig[n] = {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
+                    n, "*fp32" if n in fp32_ptrs else f"*{dt}")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[n] = "fp32" if n == "cap" else "i32"
+                attrs[(i,)] = [] if n == "cap" else [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append((f"{kind}-sm{arch}-{dt}", arch, k.metadata.shared, k.asm["ptx"]))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real tests compile them")
+def test_kernels_compile_for_hopper_and_ampere():
+    """The tuned GPU configs compile (AOT, no GPU), fit in shared memory, pipeline their loads
+    (cp.async) and use Hopper's wgmma for bf16."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, pickle; sys.path.insert(0, %r); import test_triton_lm_head as t; "
+            "sys.stdout.buffer.write(pickle.dumps(t._aot_compile_matrix()))" % here)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    for name, arch, shared, ptx in pickle.loads(proc.stdout):
+        assert shared <= _SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
+        if not name.startswith("combine"):
+            assert "cp.async" in ptx, f"{name}: loads are not pipelined"
+        if name.endswith("sm90-bf16"):
+            assert "wgmma" in ptx, f"{name}: no wgmma"
