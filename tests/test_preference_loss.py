@@ -59,11 +59,12 @@ def _run(impl, cfg, x, dtype, layout="padded", *, poison=True, normalizer=None, 
     if layout == "packed":
         order, ids, cs, rs = _packing(mask)
         vals = {k: v.flatten()[order] for k, v in vals.items()}
-        kw = dict(seq_ids=ids, chosen_seq=cs, rejected_seq=rs)
+        pairs = torch.stack([cs, rs], dim=1)  # pairs as strided column views
+        kw = dict(seq_ids=ids, chosen_seq=pairs[:, 0], rejected_seq=pairs[:, 1])
     else:
         kw = dict(mask=mask)
     vals = {k: v.to(DEV) for k, v in vals.items()}
-    kw = {k: v.to(DEV) for k, v in kw.items()}
+    kw = {k: (v.to(DEV) if v.device != DEV else v) for k, v in kw.items()}
     if impl != "reference":
         vals = {k: nan_buffer_view(v) for k, v in vals.items()}
     for k in grads:

@@ -385,9 +385,9 @@ def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: 
     has_ref = not cfg.reference_free and lr is not None
     opts = _Options(cfg=cfg, num_seqs=num_seqs, has_ref=has_ref, has_w=w is not None,
                     has_kl=cfg.uses_kl)
-    loss, met = PreferenceLossFunction.apply(
+    loss, met = PreferenceLossFunction.apply(  # pairs may be strided views ([P, 2] columns)
         lp, lr if has_ref else None, w, kl if cfg.uses_kl else None, seq_ids,
-        chosen_seq, rejected_seq, norm, opts)
+        chosen_seq.contiguous(), rejected_seq.contiguous(), norm, opts)
     names = _METRICS if cfg.uses_kl else _METRICS[:6]
     return loss, {name: met[i] for i, name in enumerate(names)}
 
