@@ -93,10 +93,21 @@ def test_views_in_nan_buffers(dtype, device):
 
 @pytest.mark.parametrize("wrt", [("hidden",), ("weight",), ("bias",), ("weight", "bias"), ()],
                          ids=["hidden", "weight", "bias", "weight+bias", "none"])
-def test_partial_requires_grad(wrt, device):
+def test_partial_requires_grad(wrt, device, monkeypatch):
+    """Correct gradients for what requires grad, and kernel work only for that."""
+    from tisdpo_kernels._triton import lm_head
+    calls, real = [], lm_head.linear_logprobs_bwd
+
+    def spy(*args):
+        calls.append(args[-3:])   # need_dh, need_dw, need_db
+        return real(*args)
+
+    monkeypatch.setattr(lm_head, "linear_logprobs_bwd", spy)
     masters, y, grads = make_inputs()
     act = check(masters, y, grads, dtype=torch.float32, device=device, wrt=wrt)
     assert set(act) == {"logp", "lse"} | {f"d_{k}" for k in wrt}
+    want = tuple(k in wrt for k in ALL)
+    assert calls == ([want] if wrt else []), calls
 
 
 def test_gradient_through_lse_only(device):
