@@ -30,7 +30,7 @@ def tiny_cfg(root, **overrides):
     m = cfg.model
     m.tiny_hidden_size, m.tiny_layers, m.tiny_heads, m.tiny_kv_heads = 32, 1, 2, 1
     m.tiny_intermediate_size = 48
-    cfg.demo.train_pairs, cfg.demo.eval_pairs = 20, 6
+    cfg.data.synthetic_train, cfg.data.synthetic_eval = 20, 6
     cfg.sft.enabled = False
     for t in (cfg.sft, cfg.contrastive, cfg.policy):
         t.batch_size, t.max_steps, t.lr, t.warmup_steps = 4, 2, 2e-3, 0

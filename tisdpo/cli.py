@@ -71,7 +71,7 @@ def _add_options(parser: argparse.ArgumentParser, sections) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tisdpo", description=__doc__.split("\n\n")[0],
+        prog="tisdpo", description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `tisdpo <command> --help` for the options of a command.")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)

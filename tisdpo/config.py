@@ -66,9 +66,11 @@ class ModelConfig:
 class DataConfig:
     train: str | None = opt(None, "training records: a .json/.jsonl/.parquet file or a "
                                   "save_to_disk directory with prompt/chosen/rejected; empty "
-                                  "uses the synthetic demo task")
+                                  "uses the synthetic demo task (tisdpo.synthetic)")
     eval: str | None = opt(None, "held-out records (same formats); empty holds out "
                                  "eval_fraction of train")
+    synthetic_train: int = opt(1200, "with data.train empty: synthetic task training pairs")
+    synthetic_eval: int = opt(200, "with data.train empty: synthetic task held-out pairs")
     eval_fraction: float = opt(0.05, "fraction of train held out when no eval file is given")
     max_records: int | None = opt(None, "use at most this many training records")
     max_length: int = opt(512, "max prompt+response tokens per sequence")
@@ -202,8 +204,6 @@ class LogConfig:
 @dataclass
 class DemoConfig:
     fast: bool = opt(False, "tiny sizes for tests (seconds, numbers meaningless)")
-    train_pairs: int = opt(1200, "synthetic training pairs")
-    eval_pairs: int = opt(200, "synthetic held-out pairs")
     sample_prompts: int = opt(100, "held-out prompts sampled for the task reward")
     max_new_tokens: int = opt(24, "tokens generated per sampled response")
     do_sample: bool = opt(True, "sample one response per prompt (fixed seed); false: greedy")

@@ -70,11 +70,11 @@ def demo_config(fast: bool = False) -> RunConfig:
     cfg.policy.lr, cfg.policy.epochs = 5e-4, 2.0
     cfg.weights.batch_size = 64
     cfg.log.every = 10
-    cfg.demo.train_pairs, cfg.demo.eval_pairs = 1200, 200
+    cfg.data.synthetic_train, cfg.data.synthetic_eval = 1200, 200
     cfg.demo.sample_prompts = 100
     if fast:
         cfg.demo.fast = True
-        cfg.demo.train_pairs, cfg.demo.eval_pairs = 48, 16
+        cfg.data.synthetic_train, cfg.data.synthetic_eval = 48, 16
         cfg.demo.sample_prompts, cfg.demo.max_new_tokens = 8, 8
         for t in (cfg.sft, cfg.contrastive, cfg.policy):
             t.epochs, t.warmup_steps, t.eval_max_pairs = 1.0, 1, 16
@@ -264,7 +264,7 @@ def run_demo(cfg: RunConfig) -> dict:
     from tisdpo.trainer import read_done
 
     res = {
-        "train_pairs": cfg.demo.train_pairs, "eval_pairs": len(tok_eval),
+        "train_pairs": cfg.data.synthetic_train, "eval_pairs": len(tok_eval),
         "policy_steps": read_done(ctx.path("policy-tisdpo"))["steps"],
         "weight_method": stages.weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,

@@ -131,7 +131,7 @@ def load_records(ctx: Context):
     if not cfg.data.train:
         from tisdpo.synthetic import make_synthetic_task
 
-        train, test, _ = make_synthetic_task(cfg.demo.train_pairs, cfg.demo.eval_pairs,
+        train, test, _ = make_synthetic_task(cfg.data.synthetic_train, cfg.data.synthetic_eval,
                                              seed=cfg.seed)
         train, test = datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
     else:

@@ -1,0 +1,127 @@
+"""The `tisdpo` command line: --help, YAML parsing, precedence, errors, resume in a new process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tisdpo import cli
+from tisdpo.config import RunConfig, build_config, coerce, field_specs
+
+SUBCOMMANDS = ("sft", "contrastive", "weights", "train", "pipeline", "inspect", "demo")
+TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
+        "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "48",
+        "--data.synthetic_train", "16", "--data.synthetic_eval", "4", "--device", "cpu",
+        "--log.progress", "false", "--log.tensorboard", "false", "--log.every", "1"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_explains_every_option_of_each_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--seed" in out and "--run_dir" in out
+    sections = cli.COMMANDS[command][1]
+    for spec in field_specs():
+        if spec.name.split(".")[0] in sections:
+            assert f"--{spec.name}" in out, f"{command} --help lacks --{spec.name}"
+    assert all(spec.help for spec in field_specs()), "every option needs a help text"
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in SUBCOMMANDS)
+
+
+def _resolved(argv, capsys):
+    assert cli.main(argv + ["--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_yaml_then_flags_precedence(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed": 3, "run_dir": "runs/from-yaml",
+        "policy": {"lr": 1.0e-4, "method": "tisdpo_paper", "max_grad_norm": None},
+        "sft": {"enabled": True}, "data": {"max_length": 128}}))
+    got = _resolved(["train", "--config", str(path), "--policy.lr", "3e-4", "--data.eos",
+                     "count"], capsys)
+    assert got["policy"]["lr"] == 3e-4                     # flag beats YAML
+    assert got["policy"]["method"] == "tisdpo_paper"       # YAML beats default
+    assert got["policy"]["max_grad_norm"] is None          # YAML null on an optional
+    assert got["sft"]["enabled"] is True and got["seed"] == 3
+    assert got["data"] == {**got["data"], "max_length": 128, "eos": "count"}
+    assert got["contrastive"]["lr"] == RunConfig().contrastive.lr    # untouched default
+
+
+def test_bool_flags_and_optional_values(capsys):
+    got = _resolved(["pipeline", "--sft.enabled", "--weights.round_decimals", "2",
+                     "--model.path", "none"], capsys)
+    assert got["sft"]["enabled"] is True and got["model"]["path"] is None
+    cfg = build_config(overrides={"log.progress": "false", "weights.round_decimals": "null"})
+    assert cfg.log.progress is False and cfg.weights.round_decimals is None
+
+
+def test_demo_defaults_sit_below_yaml_and_flags(capsys):
+    got = _resolved(["demo", "--policy.lr", "0.01"], capsys)
+    assert got["policy"]["lr"] == 0.01 and got["sft"]["enabled"] is True
+    assert got["run_dir"] == "runs/demo" and got["demo"]["fast"] is False
+    assert _resolved(["demo", "--fast"], capsys)["data"]["synthetic_train"] < 100
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"policy": {"lrr": 1}}, "unknown config option 'policy.lrr'"),
+    ({"policy": {"lr": "fast"}}, "policy.lr expects float"),
+    ({"policy": {"optimizer": "sgd"}}, "policy.optimizer must be one of"),
+    ({"sft": {"enabled": "maybe"}}, "sft.enabled expects bool"),
+    ({"lr": 1}, "did you mean"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_yaml_names_the_option(tmp_path, capsys, bad, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_coerce_rejects_empty_required_values():
+    with pytest.raises(ValueError, match="may not be empty"):
+        coerce("policy.lr", None)
+    with pytest.raises(ValueError, match="expects int"):
+        coerce("policy.batch_size", 2.5)
+
+
+def test_train_stopped_then_resumed_in_a_new_process_matches_uninterrupted(tmp_path):
+    # `tisdpo train` (DPO, no weights stage needed) for 4 steps: once straight through, once
+    # stopped after step 2 in this process and finished by a fresh `python -m tisdpo.cli`.
+    common = ["train", "--policy.method", "dpo", "--policy.max_steps", "4",
+              "--policy.batch_size", "4", "--policy.lr", "1e-3", "--policy.warmup_steps", "1",
+              "--policy.optimizer", "adamw"] + TINY
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                  # same thread count as the subprocess below
+    try:
+        assert cli.main(common + ["--run_dir", full]) == 0
+        assert cli.main(common + ["--run_dir", cut, "--policy.stop_after", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert not os.path.isfile(os.path.join(cut, "policy", "done.json"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tisdpo.cli"] + common + ["--run_dir", cut],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(os.path.join(cut, "policy", "done.json")))["steps"] == 4
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(full, "policy", "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "policy", "final", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming in a new process"
+    assert os.path.isfile(os.path.join(cut, "config.yaml"))

@@ -1,0 +1,89 @@
+"""`tisdpo demo --fast` end to end, its table, the AUC helper, and `tisdpo inspect`."""
+import json
+import os
+
+import pytest
+import torch
+
+from tisdpo import cli
+from tisdpo.demo import POLICIES, _verdict, auc, format_table
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("demo"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(["demo", "--fast", "--run_dir", run_dir, "--device", "cpu",
+                         "--log.tensorboard", "false"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return run_dir
+
+
+def test_demo_fast_runs_every_stage_and_reports(demo_run, capsys):
+    res = json.load(open(os.path.join(demo_run, "demo_results.json")))
+    for stage in ("sft", "contrastive/positive", "contrastive/negative", "weights",
+                  *(f"policy-{name}" for _, name, _, _ in POLICIES)):
+        assert os.path.isfile(os.path.join(demo_run, stage, "done.json")), stage
+    methods = [r["method"] for r in res["rows"]]
+    assert methods == ["reference (SFT)"] + [label for label, *_ in POLICIES]
+    for r in res["rows"][1:]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and -1.0 <= r["reward"] <= 1.0
+    for key, value in res["auc"].items():
+        if not key.endswith("tokens"):
+            assert 0.0 <= value <= 1.0, key
+    md = open(os.path.join(demo_run, "demo_results.md")).read()
+    assert "| TIS-DPO |" in md and "AUC" in md and res["note"] in md
+    steps = {json.load(open(os.path.join(demo_run, f"policy-{n}", "done.json")))["steps"]
+             for _, n, _, _ in POLICIES}
+    assert steps == {res["policy_steps"]}                        # equal steps per method
+    # a second run resumes: every stage is skipped, the table is printed again
+    capsys.readouterr()
+    assert cli.main(["demo", "--fast", "--run_dir", demo_run, "--device", "cpu"]) == 0
+    assert "| equal weights |" in capsys.readouterr().out
+
+
+def test_inspect_writes_html_and_png(demo_run, tmp_path):
+    out = str(tmp_path / "views")
+    assert cli.main(["inspect", "--run_dir", demo_run, "--pairs", "2", "--out", out]) == 0
+    html = open(os.path.join(out, "inspect.html")).read()
+    assert html.count("class='pair'") == 2 and "title='w=" in html
+    with open(os.path.join(out, "inspect.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # from an exported JSONL as well
+    jsonl = os.path.join(demo_run, "weights", "train.jsonl")
+    assert cli.main(["inspect", "--run_dir", demo_run, "--data", jsonl, "--pairs", "1",
+                     "--out", out]) == 0
+    assert open(os.path.join(out, "inspect.html")).read().count("class='pair'") == 1
+
+
+def test_inspect_without_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="tisdpo weights"):
+        cli.main(["inspect", "--run_dir", str(tmp_path)])
+
+
+def test_auc_mann_whitney():
+    assert auc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert auc([0, 1], [2, 3]) == 0.0
+    assert auc([1, 1], [1, 1]) == 0.5
+    assert auc([1, 2], [1, 0]) == 0.875          # pairs: (1,1)=.5, (1,0)=1, (2,1)=1, (2,0)=1
+    assert auc([], [1]) != auc([], [1])          # nan
+
+
+def test_table_reports_a_loss_for_tisdpo_honestly():
+    rows = {"DPO": {"accuracy": 0.8, "reward": 0.3}, "TIS-DPO": {"accuracy": 0.7,
+                                                                "reward": 0.2}}
+    assert "did NOT beat DPO" in _verdict(rows, 200)
+    rows["TIS-DPO"]["reward"] = 0.4
+    assert "Mixed" in _verdict(rows, 200)
+    res = {"train_pairs": 10, "eval_pairs": 5, "policy_steps": 3, "wall_s": 1.0,
+           "weight_method": "rank_based", "note": "n",
+           "auc": {f"{s}/{side}/{k}": 0.5 for s in ("train", "eval")
+                   for side in ("chosen", "rejected") for k in ("score", "weight")},
+           "rows": [{"method": "reference (SFT)", "accuracy": None, "reward": 0.0},
+                    {"method": "DPO", "accuracy": 0.5, "reward": -0.25}]}
+    table = format_table(res)
+    assert "| reference (SFT) | - | +0.000 |" in table and "| DPO | 0.500 | -0.250 |" in table
