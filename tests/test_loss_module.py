@@ -380,6 +380,18 @@ def test_packed_validation(changes, match):
         TISDPOLoss("dpo", impl="torch")(**kw)
 
 
+def test_packed_unpaired_sequence_counts_nowhere():
+    """A sequence that no pair names (the 3 trailing tokens, one labelled) changes nothing."""
+    case = make_case()
+    truth = run("tisdpo_paper_no_eta", "reference", case, torch.float64, "packed")
+    ref = run("tisdpo_paper_no_eta", "reference", case, torch.float32, "packed")
+    extra = dict(case, seq_offsets=torch.cat([case["seq_offsets"],
+                                              torch.tensor([len(case["pack_index"])],
+                                                           dtype=torch.int32)]))
+    actual = run("tisdpo_paper_no_eta", "torch", extra, torch.float32, "packed")
+    check(actual, ref, truth, torch.float32, "unpaired sequence")
+
+
 def test_packed_accepts_leading_batch_dim():
     case = make_case()
     truth = run("tisdpo", "reference", case, torch.float64, "packed")

@@ -167,7 +167,7 @@ class TISDPOLoss(nn.Module):
         else:
             layout = self._padded(hidden, labels)
         mask = labels != self.ignore_index
-        side = layout.pop("side")
+        side, rejected = layout.pop("side"), layout.pop("rejected")   # per token, bool
         self._check_reference(ref_hidden, ref_weight, ref_bias, ref_logps)
         for name, t in (("ref_logps", ref_logps), ("weights", weights),
                         ("pos_logps", pos_logps), ("neg_logps", neg_logps)):
@@ -201,7 +201,8 @@ class TISDPOLoss(nn.Module):
                                          normalizer=normalizer, impl=self.impl, **layout)
         metrics = {k: v.mean() for k, v in per_pair.items()}
         unit = torch.ones_like(logp) if w is None else w
-        for name, sel in (("weights/chosen", mask & side), ("weights/rejected", mask & ~side)):
+        for name, sel in (("weights/chosen", mask & side),
+                          ("weights/rejected", mask & rejected)):
             metrics[name] = ((unit * sel).sum() / sel.sum().clamp(min=1)).detach()
         return loss, metrics
 
@@ -219,7 +220,7 @@ class TISDPOLoss(nn.Module):
                   f"{hidden.shape[0]}")
         rows = torch.arange(labels.shape[0], device=labels.device)
         side = (rows < labels.shape[0] // 2).unsqueeze(1).expand_as(labels)
-        return {"mask": labels != self.ignore_index, "side": side}
+        return {"mask": labels != self.ignore_index, "side": side, "rejected": ~side}
 
     def _packed(self, hidden, labels, ref_hidden, seq_offsets, pairs, **tok):
         V.require(seq_offsets is not None and pairs is not None,
@@ -258,11 +259,12 @@ class TISDPOLoss(nn.Module):
         # tokens outside every sequence count nowhere, whatever their label says
         labels = torch.where((pos >= off[0]) & (seq < s), labels, self.ignore_index)
         seq_ids = torch.where(labels != self.ignore_index, seq, -1)
-        is_chosen = torch.zeros(s + 1, dtype=torch.bool, device=hidden.device)
-        is_chosen[pairs[:, 0]] = True
-        side = is_chosen[torch.where(seq_ids >= 0, seq_ids, s)]
+        role = torch.zeros(2, s + 1, dtype=torch.bool, device=hidden.device)
+        role[0, pairs[:, 0]] = True                              # a chosen sequence
+        role[1, pairs[:, 1]] = True                              # a rejected sequence
+        role = role[:, torch.where(seq_ids >= 0, seq_ids, s)]   # per token; False outside
         layout = {"seq_ids": seq_ids, "chosen_seq": pairs[:, 0], "rejected_seq": pairs[:, 1],
-                  "side": side}
+                  "side": role[0], "rejected": role[1]}
         keys = ("ref_logps", "weights", "pos_logps", "neg_logps")
         return hidden, labels, ref_hidden, tuple(tok[k] for k in keys), layout
 
