@@ -1,7 +1,7 @@
 """PNG plots from result rows: time and peak memory against token count, one line per provider.
 
-One figure per (op, shape, mode, dtype, device), two panels; OOM and error points are marked
-with a cross at the top of the time panel. ``python -m benchmarks.plot FILE.csv [--out DIR]``.
+One figure per (op, shape, mode, dtype, device), two panels (one without memory figures); OOM and error points are marked
+with a labelled cross above the measured points. ``python -m benchmarks.plot FILE.csv [--out DIR]``.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ __all__ = ["plot_rows", "main"]
 
 
 def _series(rows):
-    """{(op, shape, mode, dtype, device): {provider: {metric: {tokens: value}}}} + failures."""
+    """{(op, shape, mode, dtype, device, kind): {provider: {metric: {N: value}}}}, failures."""
     data = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     fails = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["op"] == "ceiling" or r["mode"] == "check":
             continue
-        key = (r["op"], r["shape"], r["mode"], r["dtype"], r["device"])
+        key = (r["op"], r["shape"], r["mode"], r["dtype"], r["device"], r["device_kind"])
         n = int(r["x_value"])
         if r["metric"] == "status":
             fails[key][r["provider"]].append((n, r["status"]))
@@ -42,13 +42,15 @@ def plot_rows(rows: list[dict], out_dir: str | Path) -> list[Path]:
     data, fails = _series(rows)
     written = []
     for key in sorted(set(data) | set(fails)):
-        op, shape, mode, dtype, device = key
+        op, shape, mode, dtype, device, kind = key
         has_mem = any("peak_memory" in m for m in data[key].values())
         fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4.2),
                                  squeeze=False)
         panels = [("time", "median time (ms)")] + ([("peak_memory", "peak memory (MiB)")]
                                                   if has_mem else [])
+        failing = sorted(p for p, f in fails[key].items() if f)
         for ax, (metric, label) in zip(axes[0], panels):
+            peak = max((v for m in data[key].values() for v in m[metric].values()), default=1.0)
             for prov in sorted(set(data[key]) | set(fails[key])):
                 pts = sorted(data[key][prov][metric].items())
                 if pts:
@@ -57,19 +59,28 @@ def plot_rows(rows: list[dict], out_dir: str | Path) -> list[Path]:
                     color = line.get_color()
                 else:
                     color = None
-                bad = [n for n, _ in fails[key].get(prov, [])]
-                if bad and metric == "time":
-                    top = max((v for m in data[key].values() for v in m[metric].values()),
-                              default=1.0)
-                    ax.scatter(bad, [top] * len(bad), marker="x", s=60, color=color,
-                               label=None if pts else f"{prov} (OOM/error)")
+                bad = fails[key].get(prov, [])
+                if bad:   # above every measured point, one level per provider, labelled
+                    top = peak * 1.6 ** (1 + failing.index(prov))
+                    ax.scatter([n for n, _ in bad], [top] * len(bad), marker="x", s=70,
+                               color=color, label=None if pts else prov)
+                    for n, status in bad:
+                        ax.annotate(status.upper(), (n, top), textcoords="offset points",
+                                    xytext=(0, 6), ha="center", fontsize=7, color=color)
             ax.set_xscale("log", base=2)
+            ns = sorted({n for m in data[key].values() for n in m[metric]}
+                        | {n for f in fails[key].values() for n, _ in f})
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
             ax.set_yscale("log")
+            if failing:
+                ax.set_ylim(top=peak * 1.6 ** (len(failing) + 1.2))
             ax.set_xlabel("tokens N")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{op} {mode} — {shape}, {dtype} — {device}", fontsize=10)
+        note = "" if kind == "cuda" else "\nCPU toy run: a smoke test, not performance numbers"
+        fig.suptitle(f"{op} {mode} — {shape}, {dtype} — {device}{note}", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{op}-{shape}-{mode}-{dtype}-{R.device_slug(device)}.png"
         fig.savefig(path, dpi=110)

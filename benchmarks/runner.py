@@ -184,8 +184,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
 
     for shape in cfg.shapes:
         for tokens in (cfg.tokens or shape.tokens):
-            ceiling = float("nan")
-            for i, op in enumerate(cfg.ops):
+            ceiling, ceiling_done = float("nan"), not cfg.ceiling
+            for op in cfg.ops:
                 case = O.Case(op, shape, tokens, dtype, cfg.device, pairs=cfg.pairs,
                               beta=cfg.beta, seed=cfg.seed)
                 _log(f"[{op}] {shape.name} N={tokens} {cfg.dtype} on {env['device']}")
@@ -199,9 +199,9 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                     M.free_memory(cfg.device)
                     continue
                 rows = []
-                if cfg.ceiling and i == 0:
+                if not ceiling_done:        # once per (shape, tokens), before the providers
                     crow, ceiling = _measure_ceiling(cfg, case, inp, env)
-                    rows += crow
+                    rows, ceiling_done = rows + crow, True
                 for name in cfg.providers:
                     why = P.skip_reason(name, op, cfg.device, dtype=dtype, softcap=shape.softcap)
                     if why is not None:
