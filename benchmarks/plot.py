@@ -1,7 +1,8 @@
 """PNG plots from result rows: time and peak memory against token count, one line per provider.
 
-One figure per (op, shape, mode, dtype, device), two panels (one without memory figures); OOM and error points are marked
-with a labelled cross above the measured points. ``python -m benchmarks.plot FILE.csv [--out DIR]``.
+One figure per (op, shape, mode, dtype, device), two panels (one without memory figures);
+OOM and error points are marked with a labelled cross above the measured points.
+``python -m benchmarks.plot FILE.csv [--out DIR]``.
 """
 from __future__ import annotations
 
