@@ -12,6 +12,8 @@ for float64 inputs) before the softcap and every softmax statistic.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from tisdpo_kernels import _env
@@ -43,7 +45,7 @@ def chunks(n: int, size: int):
         return []
     count = -(-n // size)
     bounds = [(i * n) // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def no_autocast(device: torch.device):
