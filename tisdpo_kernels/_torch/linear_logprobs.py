@@ -6,8 +6,10 @@ Backward, per chunk: recompute z, p = exp(z − lse) and
 
     dz = g_logp · (onehot(y) − p) + g_lse · p  =  (g_lse − g_logp) · p + g_logp · onehot(y)
 
-(times 1 − tanh² under a softcap), then dH = dz W, dW += dz^T H, db += Σ dz. Neither pass
-holds more than C × V logits plus that chunk's gradient.
+(times 1 − tanh² under a softcap), then dH = dz W, dW += dz^T H, db += Σ dz. Each chunk's
+work is a function, so its [C, V] buffers die before the next chunk's are made: neither
+pass holds more than a few C × V tensors (the logits, a softmax temporary, the softcap
+factor).
 """
 from __future__ import annotations
 
@@ -15,12 +17,28 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from tisdpo_kernels._torch._head_common import (
-    HeadGrads, chunk_logits, chunk_size, chunks, masked, no_autocast, softcap_grad_factor,
-    stat_dtype, valid_and_safe,
+    HeadGrads, chunk_logits, chunk_size, chunks, logsumexp, masked, no_autocast,
+    softcap_grad_factor, stat_dtype, valid_and_safe,
 )
 from tisdpo_kernels.config import HeadOptions
 
 __all__ = ["linear_logprobs"]
+
+
+def _chunk_fwd(h, weight, bias, safe, softcap):
+    """(logp, lse) [C] of one chunk; its [C, V] logits die on return."""
+    z = chunk_logits(h, weight, bias, softcap)                              # [C, V]
+    lse = logsumexp(z)
+    return z.gather(1, safe[:, None]).squeeze(1) - lse, lse
+
+
+def _chunk_dz(h, weight, bias, safe, lse, p_coef, g_logp, softcap):
+    """d loss / d (pre-bias logits) [C, V] of one chunk, from its recomputed logits."""
+    z = chunk_logits(h, weight, bias, softcap)                              # [C, V]
+    cap = softcap_grad_factor(z, softcap)
+    dz = z.sub_(lse[:, None]).exp_().mul_(p_coef[:, None])                  # (g_lse − g_logp)·p
+    dz.scatter_add_(1, safe[:, None], g_logp[:, None])                      # + g_logp·onehot
+    return dz if cap is None else dz.mul_(cap)
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, opts: HeadOptions, chunk: int):
@@ -32,30 +50,27 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, opts: HeadOptions, chunk:
     lse = torch.empty(n, dtype=sd, device=hidden.device)
     with no_autocast(hidden.device):
         for s, e in chunks(n, chunk):
-            z = chunk_logits(hidden[s:e], weight, bias, opts.softcap)      # [C, V]
-            lse[s:e] = torch.logsumexp(z, dim=1)
-            logp[s:e] = z.gather(1, safe[s:e, None]).squeeze(1) - lse[s:e]
+            logp[s:e], lse[s:e] = _chunk_fwd(hidden[s:e], weight, bias, safe[s:e], opts.softcap)
     return masked(logp, valid), lse
 
 
 def linear_logprobs_bwd(hidden, weight, targets, bias, lse, g_logp, g_lse, opts: HeadOptions,
                         chunk: int, needs: tuple[bool, bool, bool]):
-    """(d_hidden, d_weight, d_bias) for upstream grads g_logp, g_lse [N]; None where not needed."""
+    """(d_hidden, d_weight, d_bias) for upstream grads g_logp, g_lse [N]; None where not needed.
+
+    Each chunk's dz goes straight into :class:`HeadGrads` (no name holds it across chunks,
+    so one chunk's [C, V] buffers are freed before the next chunk's are made).
+    """
     sd = stat_dtype(hidden.dtype)
     valid, safe = valid_and_safe(targets, opts.ignore_index)
     g_logp = masked(g_logp.to(sd), valid)
-    p_coef = masked(g_lse.to(sd), valid) - g_logp                        # multiplies p
+    p_coef = masked(g_lse.to(sd), valid) - g_logp                           # multiplies p
     grads = HeadGrads(hidden, weight, bias, *needs)
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
-            h = hidden[s:e]
-            z = chunk_logits(h, weight, bias, opts.softcap)                # [C, V]
-            cap = softcap_grad_factor(z, opts.softcap)
-            dz = z.sub_(lse[s:e, None]).exp_().mul_(p_coef[s:e, None])     # (g_lse − g_logp)·p
-            dz.scatter_add_(1, safe[s:e, None], g_logp[s:e, None])         # + g_logp·onehot
-            if cap is not None:
-                dz.mul_(cap)
-            grads.add(s, e, h, dz)
+            grads.add(s, e, hidden[s:e], _chunk_dz(hidden[s:e], weight, bias, safe[s:e],
+                                                    lse[s:e], p_coef[s:e], g_logp[s:e],
+                                                    opts.softcap))
     return grads.finish()
 
 

@@ -12,8 +12,9 @@ where G = d KL / d z (algorithms.md §8). The backward's per-logit gradient is
 
 (times 1 − tanh² under a softcap). Everything is in log-softmax form, so probabilities that
 underflow give 0 · finite = 0, never 0 · log 0. Saved for the backward: the inputs, each
-head's log-softmax statistics (row max and log-sum) and the raw KL, each [N]. No pass holds
-more than a few C × V tensors.
+head's log-softmax statistics (row max and log-sum) and the raw KL, each [N]. Each chunk's
+work is a function whose [C, V] tensors die before the next chunk's are made: no pass
+holds more than a few C × V tensors.
 """
 from __future__ import annotations
 
@@ -29,6 +30,41 @@ from tisdpo_kernels.config import KLOptions
 __all__ = ["linear_token_kl"]
 
 
+def _chunk_fwd(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: KLOptions, sd):
+    """(kl, logp, ref_logp, m_p, s_p, m_q, s_q) [C] of one chunk; m/s are each head's row
+    max and log-sum. Its [C, V] tensors die on return."""
+    lp, m_p, s_p = log_softmax_stats_(chunk_logits(h, weight, bias, opts.softcap))
+    lq, m_q, s_q = log_softmax_stats_(chunk_logits(ref_h, ref_weight, ref_bias, opts.softcap))
+    lq = lq.to(sd)                                                            # [C, V] each
+    logp = lp.gather(1, safe[:, None]).squeeze(1)
+    ref_logp = lq.gather(1, safe[:, None]).squeeze(1)
+    if opts.direction == "ref_policy":                                       # swap roles:
+        lp, lq = lq, lp                                                       # KL(q‖p)
+    diff = lq.neg_().add_(lp)                                                 # lp − lq
+    kl = lp.exp_().mul_(diff).sum(1)                                          # Σ p·diff
+    return kl, logp, ref_logp, m_p, s_p, m_q, s_q
+
+
+def _chunk_dz(h, weight, bias, ref_h, ref_weight, ref_bias, safe, stats, kl, g_kl, g_logp,
+              opts: KLOptions, sd):
+    """d loss / d (pre-bias policy logits) [C, V] of one chunk: g_kl·G + g_logp·(onehot − p)."""
+    m_p, s_p, m_q, s_q = stats
+    lp = chunk_logits(h, weight, bias, opts.softcap)                          # [C, V]
+    cap = softcap_grad_factor(lp, opts.softcap)
+    lp = log_softmax_(lp, m_p, s_p)
+    lq = log_softmax_(chunk_logits(ref_h, ref_weight, ref_bias, opts.softcap), m_q, s_q).to(sd)
+    p = lp.exp()
+    if opts.direction == "policy_ref":
+        dz = lp.sub_(lq).sub_(kl[:, None]).mul_(p)                           # G
+    else:
+        dz = lq.exp_().neg_().add_(p)                                         # G = p − q
+    del lp, lq
+    dz.mul_(g_kl[:, None]).sub_(p.mul_(g_logp[:, None]))                     # − g_logp·p
+    del p
+    dz.scatter_add_(1, safe[:, None], g_logp[:, None])                       # + g_logp·onehot
+    return dz if cap is None else dz.mul_(cap)
+
+
 def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                  opts: KLOptions, chunk: int):
     """(kl, logp, ref_logp, stats, raw kl): the first three [N] are 0 where ignored; stats
@@ -41,17 +77,9 @@ def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias
     m_q, s_q = (torch.empty(n, dtype=sd_ref, device=dev) for _ in range(2))
     with no_autocast(dev):
         for s, e in chunks(n, chunk):
-            lp, m_p[s:e], s_p[s:e] = log_softmax_stats_(
-                chunk_logits(hidden[s:e], weight, bias, opts.softcap))            # [C, V]
-            lq, m_q[s:e], s_q[s:e] = log_softmax_stats_(
-                chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap))
-            lq = lq.to(sd)                                                        # [C, V]
-            if opts.direction == "policy_ref":
-                kl[s:e] = (lp.exp() * (lp - lq)).sum(1)
-            else:
-                kl[s:e] = (lq.exp() * (lq - lp)).sum(1)
-            logp[s:e] = lp.gather(1, safe[s:e, None]).squeeze(1)
-            ref_logp[s:e] = lq.gather(1, safe[s:e, None]).squeeze(1)
+            kl[s:e], logp[s:e], ref_logp[s:e], m_p[s:e], s_p[s:e], m_q[s:e], s_q[s:e] = \
+                _chunk_fwd(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
+                           safe[s:e], opts, sd)
     return (masked(kl, valid), masked(logp, valid), masked(ref_logp, valid),
             (m_p, s_p, m_q, s_q), kl)
 
@@ -63,26 +91,14 @@ def token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias
     valid, safe = valid_and_safe(targets, opts.ignore_index)
     g_kl = masked(g_kl.to(sd), valid)
     g_logp = masked(g_logp.to(sd), valid)
-    m_p, s_p, m_q, s_q = stats
     grads = HeadGrads(hidden, weight, bias, *needs)
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
-            h = hidden[s:e]
-            lp = chunk_logits(h, weight, bias, opts.softcap)                      # [C, V]
-            cap = softcap_grad_factor(lp, opts.softcap)
-            lp = log_softmax_(lp, m_p[s:e], s_p[s:e])
-            lq = chunk_logits(ref_hidden[s:e], ref_weight, ref_bias, opts.softcap)
-            lq = log_softmax_(lq, m_q[s:e], s_q[s:e]).to(sd)                      # [C, V]
-            p = lp.exp()
-            if opts.direction == "policy_ref":
-                dz = lp.sub_(lq).sub_(kl[s:e, None]).mul_(p)                     # G
-            else:
-                dz = p - lq.exp_()                                                # G
-            dz.mul_(g_kl[s:e, None]).sub_(p.mul_(g_logp[s:e, None]))             # − g_logp·p
-            dz.scatter_add_(1, safe[s:e, None], g_logp[s:e, None])               # + g_logp·onehot
-            if cap is not None:
-                dz.mul_(cap)
-            grads.add(s, e, h, dz)
+            dz = _chunk_dz(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
+                           safe[s:e], tuple(t[s:e] for t in stats), kl[s:e], g_kl[s:e],
+                           g_logp[s:e], opts, sd)
+            grads.add(s, e, hidden[s:e], dz)
+            del dz                                  # free it before the next chunk's is made
     return grads.finish()
 
 
