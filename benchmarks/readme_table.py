@@ -48,14 +48,54 @@ def _f(s: str, fmt: str) -> str:
         return "—"
 
 
+TARGETS = [
+    "fused head fwd+bwd (llama3-8b head, N=8192, bf16) ≤ 40 ms on an H100, faster than every "
+    "peer in the same run, at floor memory",
+    "preference-loss step ≥ 2× faster than Liger's fused DPO loss, with memory flat in T",
+    "a 128k-token pair trains on one 80 GB GPU (e2e_long)",
+]
+
+
+def _value(rows, **where) -> float | None:
+    for r in rows:
+        if all(r[k] == v for k, v in where.items()) and r["value"] != "":
+            return float(r["value"])
+    return None
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    """Where each target of issue 7 stands in ``rows`` (one device)."""
+    head = _value(rows, op="logprobs", provider="ours-triton", mode="fwdbwd",
+                  shape="llama3-8b", x_value="8192", metric="time")
+    peers = [float(r["value"]) for r in rows if r["op"] == "logprobs" and r["mode"] == "fwdbwd"
+             and r["shape"] == "llama3-8b" and r["x_value"] == "8192" and r["metric"] == "time"
+             and not r["provider"].startswith("ours")]
+    loss = {(r["shape"], r["x_value"], r["provider"]): float(r["value"]) for r in rows
+            if r["op"] == "loss" and r["mode"] == "fwdbwd" and r["metric"] == "time"}
+    ratios = [loss[(s, n, "liger-dpo")] / t for (s, n, p), t in loss.items()
+              if p == "ours-triton" and (s, n, "liger-dpo") in loss]
+    fit = _value(rows, op="e2e_step", provider="ours-triton", metric="longest_pair_fits")
+    out = ["Targets (issue 7) and where they stand on this device:", ""]
+    out.append(f"- {TARGETS[0]}: " + ("not measured" if head is None else
+               f"{head:.1f} ms ({'met' if head <= 40 else 'not met'}; fastest peer "
+               f"{min(peers):.1f} ms)" if peers else f"{head:.1f} ms (no peer measured)"))
+    out.append(f"- {TARGETS[1]}: " + ("not measured" if not ratios else
+               f"{min(ratios):.2f}×–{max(ratios):.2f}× over the shapes and N measured"))
+    out.append(f"- {TARGETS[2]}: " + ("not measured" if fit is None else
+               f"longest pair that fitted: {int(fit)} tokens"))
+    return out + [""]
+
+
 def _no_gpu(cpu_rows: list[dict]) -> list[str]:
     lines = ["**No GPU results are available yet**: no benchmark has been run on a CUDA GPU for "
              "this repository, so this section has no performance numbers."]
     if cpu_rows:
         files = sorted({r["_file"] for r in cpu_rows})
+        lines.append("")
         lines.append(f"The suite has run on CPU at toy sizes only ({', '.join(files)}): that "
                      "checks that it works end to end; CPU toy timings are not performance "
                      "numbers and are not shown.")
+    lines += ["", "Targets (issue 7), not measured yet:", ""] + [f"- {t}" for t in TARGETS]
     lines += ["", "To produce the numbers on a CUDA host (see `benchmarks/README.md`):", "",
               "```bash", GPU_COMMAND, E2E_COMMAND, "python -m benchmarks.readme_table "
               "--write README.md", "```"]
@@ -138,6 +178,7 @@ def render(rows: list[dict], tokens: tuple[int, ...] = HEADLINE_TOKENS) -> str:
                   f"{h['peers'] or 'no peer packages'}; latest run {h['date']}, commit "
                   f"{h['git_commit']}. Files: {', '.join(sorted({r['_file'] for r in dev}))}.",
                   ""]
+        lines += _targets(dev)
         for op in ("logprobs", "loss", "kl"):
             lines += _op_table(dev, op, tokens)
         lines += _e2e_table(dev)

@@ -226,6 +226,7 @@ def test_readme_table(tmp_path):
     R.append_csv(cpu_rows, tmp_path / "cpu-toy.csv")
     text = readme_table.render(readme_table.load(tmp_path))
     assert "No GPU results are available yet" in text and readme_table.GPU_COMMAND in text
+    assert "Targets (issue 7), not measured yet" in text
     assert "benchmarks/results/cpu-toy.csv" in text
     assert "| eager |" not in text                      # CPU timings never become results
     R.append_csv(_fake_gpu_rows(), tmp_path / "gpu.csv")
@@ -235,6 +236,9 @@ def test_readme_table(tmp_path):
         in text
     assert "| llama3-8b | 8192 | liger-dpo | OOM |" in text
     assert "Longest pair that fits: ours-triton: 131072" in text
+    assert "at floor memory: 10.0 ms (met; fastest peer 20.0 ms)" in text
+    assert "memory flat in T: not measured" in text
+    assert "longest pair that fitted: 131072 tokens" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{readme_table.BEGIN}\nold\n{readme_table.END}\ntail\n")
     assert readme_table.main(["--results", str(tmp_path), "--write", str(readme)]) == 0
