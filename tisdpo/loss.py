@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tisdpo.distributed import check_not_sharded
 from tisdpo_kernels import _validate as V
 from tisdpo_kernels import linear_logprobs, linear_token_kl, preference_loss, token_weights
 from tisdpo_kernels._impl import Impl
@@ -152,6 +153,8 @@ class TISDPOLoss(nn.Module):
                 ref_weight=None, ref_bias=None, ref_logps=None, weights=None, pos_logps=None,
                 neg_logps=None, seq_offsets=None, pairs=None, normalizer=None):
         cfg = self.config
+        check_not_sharded(lm_head_weight, "lm_head_weight")   # an FSDP2 shard: see the error
+        check_not_sharded(ref_weight, "ref_weight")
         V.check_float("lm_head_weight", lm_head_weight)
         V.check_float("hidden", hidden)
         V.check_index("labels", labels)
