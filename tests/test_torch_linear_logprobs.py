@@ -55,11 +55,11 @@ def run(impl, masters, y, grads, *, dtype, softcap=None, wrt=("hidden", "weight"
     logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
                                    softcap=softcap, return_lse=True, impl=impl)
     out = {"logp": logp, "lse": lse}
-    inputs = [ts[k] for k in wrt if ts[k] is not None]
-    if inputs:
-        gs = torch.autograd.grad((logp, lse), inputs,
+    names = [k for k in wrt if ts[k] is not None]
+    if names:
+        gs = torch.autograd.grad((logp, lse), [ts[k] for k in names],
                                  tuple(g.to(logp.dtype) for g in grads))
-        out.update({f"d_{k}": g for k, g in zip([k for k in wrt if ts[k] is not None], gs)})
+        out.update({f"d_{k}": g for k, g in zip(names, gs)})
     return out
 
 
