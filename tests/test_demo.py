@@ -74,11 +74,16 @@ def test_auc_mann_whitney():
 
 
 def test_table_reports_a_loss_for_tisdpo_honestly():
-    rows = {"DPO": {"accuracy": 0.8, "reward": 0.3}, "TIS-DPO": {"accuracy": 0.7,
-                                                                "reward": 0.2}}
-    assert "did NOT beat DPO" in _verdict(rows, 200)
+    se = {"accuracy_se": 0.02, "reward_se": 0.01}
+    rows = {"DPO": {"accuracy": 0.8, "reward": 0.3, **se},
+            "TIS-DPO": {"accuracy": 0.7, "reward": 0.2, **se}}
+    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in _verdict(rows)
+    rows["TIS-DPO"].update(accuracy=0.81, reward=0.305)
+    assert "did NOT beat DPO beyond noise" in _verdict(rows)
     rows["TIS-DPO"]["reward"] = 0.4
-    assert "Mixed" in _verdict(rows, 200)
+    assert "TIS-DPO beat DPO on task reward by more than 2" in _verdict(rows)
+    rows["TIS-DPO"]["accuracy"] = 0.6
+    assert "Mixed: better on task reward, worse on held-out accuracy" in _verdict(rows)
     res = {"train_pairs": 10, "eval_pairs": 5, "policy_steps": 3, "wall_s": 1.0,
            "weight_method": "rank_based", "note": "n",
            "auc": {f"{s}/{side}/{k}": 0.5 for s in ("train", "eval")
@@ -86,4 +91,5 @@ def test_table_reports_a_loss_for_tisdpo_honestly():
            "rows": [{"method": "reference (SFT)", "accuracy": None, "reward": 0.0},
                     {"method": "DPO", "accuracy": 0.5, "reward": -0.25}]}
     table = format_table(res)
-    assert "| reference (SFT) | - | +0.000 |" in table and "| DPO | 0.500 | -0.250 |" in table
+    assert "| reference (SFT) | - | +0.000 | - |" in table
+    assert "| DPO | 0.500 | -0.250 | - |" in table

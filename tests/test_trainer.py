@@ -106,8 +106,9 @@ def _captured_grads(trainer):
 @pytest.mark.parametrize("kind", ["preference", "preference_packed", "sft"])
 def test_grad_accumulation_equals_one_big_batch(tmp_path, kind):
     # 8 pairs: one micro-batch of 8 vs 4 accumulated micro-batches of 2 (same pairs: the
-    # epoch order depends only on the seed). Truth: the big batch in float64 (reference ops);
-    # eager: the big batch in float32 (reference ops); actual: the accumulated float32 run.
+    # epoch order depends only on the seed). Truth: the big padded batch in float64
+    # (reference ops); eager: the same in float32; actual: the accumulated float32 run
+    # (padded, or padding-free packed rows with block-diagonal attention).
     data = _records(8)
     collate = PackedPairCollator(0) if kind == "preference_packed" else PaddedPairCollator(0)
 
@@ -116,14 +117,14 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, kind):
             return SFTObjective(model_cfg=MCFG, device=CPU, impl=impl)
         return _pref_objective(impl)
 
-    def grads(dtype, impl, bs, accum):
+    def grads(dtype, impl, bs, accum, collate=PaddedPairCollator(0)):
         t = _trainer(_model(dtype=dtype), objective(impl), data, tmp_path / f"{dtype}{bs}",
                      collate=collate, batch_size=bs, grad_accum=accum, max_grad_norm=None)
         return _captured_grads(t)
 
     truth = grads(torch.float64, "reference", 8, 1)
     eager = grads(torch.float32, "reference", 8, 1)
-    actual = grads(torch.float32, "torch", 2, 4)
+    actual = grads(torch.float32, "torch", 2, 4, collate)       # packed rows for _packed
     for name in truth:
         assert_oracle(actual[name], eager[name], truth[name], dtype=torch.float32,
                       name=f"{kind} grad {name}", metric="rms")

@@ -6,6 +6,7 @@
     tisdpo weights --run_dir runs/x               # offline token weights (+ reference log-probs)
     tisdpo train --run_dir runs/x --policy.method tisdpo --policy.lr 5e-7
     tisdpo inspect --run_dir runs/x               # token-weight heat map (HTML + PNG)
+    torchrun --nproc_per_node=8 -m tisdpo.cli train --run_dir runs/x --distributed.mode fsdp2
 
 Every option is ``--section.option value`` (``tisdpo <command> --help`` lists them with their
 defaults) and may instead be set in the YAML file given by ``--config``; flags win over the
@@ -22,19 +23,20 @@ from tisdpo.config import RunConfig, build_config, dump_yaml, field_specs
 
 COMMANDS = {
     "sft": ("supervised fine-tuning on the chosen responses (optional first stage)",
-            ("model", "data", "sft", "pipeline", "log")),
+            ("model", "data", "sft", "pipeline", "log", "distributed")),
     "contrastive": ("train pi+ (DPO on the pairs) and pi- (DPO on reversed pairs), or the "
                     "SFT-/prompt-based variants",
-                    ("model", "data", "contrastive", "pipeline", "log")),
+                    ("model", "data", "contrastive", "pipeline", "log", "distributed")),
     "weights": ("offline token-weight estimation with pi+/pi- (+ reference log-probs); "
                 "writes a weighted dataset", ("model", "data", "contrastive", "weights",
-                                               "policy", "pipeline", "log")),
+                                               "policy", "pipeline", "log",
+                                               "distributed")),
     "train": ("train the policy with any loss preset (TIS-DPO by default) on the weighted data",
-              ("model", "data", "policy", "weights", "pipeline", "log")),
+              ("model", "data", "policy", "weights", "pipeline", "log", "distributed")),
     "pipeline": ("run every stage in order: sft (if sft.enabled) -> contrastive -> weights -> "
                  "train; finished stages are skipped, unfinished ones resume",
                  ("model", "data", "sft", "contrastive", "weights", "policy", "pipeline",
-                  "log")),
+                  "log", "distributed")),
     "inspect": ("render chosen/rejected token weights as a colour heat map (HTML + PNG)",
                 ("model", "data", "weights", "policy")),
     "demo": ("the whole pipeline on a synthetic task with planted good/bad tokens, on CPU in "
@@ -42,7 +44,7 @@ COMMANDS = {
              ("model", "data", "sft", "contrastive", "weights", "policy", "pipeline", "log",
               "demo")),
 }
-_TOP = ("seed", "run_dir", "device")
+_TOP = ("seed", "run_dir", "device", "threads")
 
 
 def _add_options(parser: argparse.ArgumentParser, sections) -> None:

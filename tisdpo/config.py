@@ -13,7 +13,8 @@ written to ``<run_dir>/config.yaml`` and printed when a command starts.
 Sections: ``model`` (which network), ``data`` (records, tokenisation), ``sft`` /
 ``contrastive`` / ``policy`` (one training stage each: optimiser, schedule, batch, loop),
 ``weights`` (offline token-weight estimation and the weight rule), ``pipeline`` (which
-stages run), ``log`` (metrics and progress), ``demo`` (the synthetic demo's sizes).
+stages run), ``log`` (metrics and progress), ``demo`` (the synthetic demo's sizes),
+``distributed`` (DDP / FSDP2 under torchrun).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from typing import Any, Literal
 
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
-    "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig", "RunConfig",
+    "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig",
+    "DistributedConfig", "RunConfig",
     "apply_overrides", "build_config", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
 ]
 
@@ -204,10 +206,30 @@ class LogConfig:
 @dataclass
 class DemoConfig:
     fast: bool = opt(False, "tiny sizes for tests (seconds, numbers meaningless)")
-    sample_prompts: int = opt(100, "held-out prompts sampled for the task reward")
+    sample_prompts: int = opt(200, "held-out prompts sampled for the task reward")
+    samples_per_prompt: int = opt(2, "responses sampled per prompt (with do_sample)")
     max_new_tokens: int = opt(24, "tokens generated per sampled response")
     do_sample: bool = opt(True, "sample one response per prompt (fixed seed); false: greedy")
     temperature: float = opt(1.0, "sampling temperature (with do_sample)")
+
+
+@dataclass
+class DistributedConfig:
+    """Several processes under torchrun (tisdpo.distributed); ``none`` = one process."""
+
+    mode: str = opt("none", "none: one process; ddp: DistributedDataParallel (full replica "
+                            "per GPU); fsdp2: torch.distributed.fsdp.fully_shard (parameters, "
+                            "gradients and optimiser state sharded). Launch with torchrun; each "
+                            "stage's batch_size is then per process", ("none", "ddp", "fsdp2"))
+    mixed_precision: str = opt("auto", "fsdp2: bf16 = gather parameters and compute in bf16, "
+                                       "fp32 sharded master weights and fp32 gradient "
+                                       "reduction; none = the model's dtype; auto = bf16 when "
+                                       "model.dtype=bfloat16", ("auto", "bf16", "none"))
+    reshard_after_forward: bool = opt(True, "fsdp2: free gathered layer weights after "
+                                            "forward (re-gathered for backward); false keeps "
+                                            "them, trading memory for fewer all-gathers")
+    timeout_minutes: int = opt(30, "collective timeout (also how long ranks wait for rank 0 "
+                                   "to write checkpoints and merged datasets)")
 
 
 @dataclass
@@ -215,6 +237,8 @@ class RunConfig:
     seed: int = opt(0, "seed for model init, data order, sampling and ablation weights")
     run_dir: str = opt("runs/tisdpo", "directory holding every stage's outputs and checkpoints")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
+    threads: int | None = opt(None, "CPU threads for torch (torch.set_num_threads); empty: "
+                                    "torch's default")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -224,6 +248,7 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------- introspection and parsing

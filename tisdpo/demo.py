@@ -26,15 +26,16 @@ Reported, as measured (nothing is tuned per method):
 - per policy: held-out preference accuracy — the fraction of held-out pairs whose implicit
   reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the response's text tokens (no EOS, no
   weights: one yardstick for every method) is higher for the chosen response — and the task
-  reward (#good − #bad words)/#words of responses sampled for held-out prompts (one sample
+  reward (#good − #bad words)/#words of responses sampled for held-out prompts (two samples
   per prompt at temperature 1, the same seed for every model; ``demo.do_sample=false`` for
-  greedy), with the SFT reference as a baseline row.
+  greedy), with the SFT reference as a baseline row; each ± one standard error.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 
@@ -71,11 +72,15 @@ def demo_config(fast: bool = False) -> RunConfig:
     cfg.weights.batch_size = 64
     cfg.log.every = 10
     cfg.data.synthetic_train, cfg.data.synthetic_eval = 1200, 200
-    cfg.demo.sample_prompts = 100
+    cfg.demo.sample_prompts = 200
+    # one CPU thread: these matmuls are tiny, and on a busy 2-core machine torch's default
+    # two threads made a training step 17x slower (measured); override with --threads
+    cfg.threads = 1
     if fast:
         cfg.demo.fast = True
         cfg.data.synthetic_train, cfg.data.synthetic_eval = 48, 16
         cfg.demo.sample_prompts, cfg.demo.max_new_tokens = 8, 8
+        cfg.demo.samples_per_prompt = 1
         for t in (cfg.sft, cfg.contrastive, cfg.policy):
             t.epochs, t.warmup_steps, t.eval_max_pairs = 1.0, 1, 16
         cfg.log.progress = False
@@ -118,8 +123,8 @@ def weight_aucs(ctx, info) -> dict:
         raw = datasets.load_from_disk(os.path.join(wdir, split))
         tok, _ = tokenize_pairs(raw, ctx.tokenizer, tok_cfg)
         for side in ("chosen", "rejected"):
-            scores = raw[f"{side}_score"]
-            weights = raw[f"{side}_weight"]
+            scores = list(raw[f"{side}_score"])
+            weights = list(raw[f"{side}_weight"])
             c = {1: [], -1: []}
             w = {1: [], -1: []}
             for rec in tok:
@@ -142,11 +147,12 @@ def weight_aucs(ctx, info) -> dict:
 def _sequence_sums(ctx, model, tok, impl: str) -> torch.Tensor:
     """[n, 2] summed completion log-probs (chosen, rejected) of tokenised pairs."""
     from tisdpo.stages import completion_logps, make_collator
+    from tisdpo.trainer import rows_of
 
     collate = make_collator(ctx, packed=False)
     out = []
     for start in range(0, len(tok), 64):
-        rows = [tok[i] for i in range(start, min(start + 64, len(tok)))]
+        rows = rows_of(tok, range(start, min(start + 64, len(tok))))
         lps = completion_logps(ctx, model, collate(rows), impl)
         b = len(rows)
         out.append(torch.stack([torch.stack([lps[j].sum(), lps[j + b].sum()])
@@ -159,6 +165,7 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
     """Mean task reward of one response per prompt (same RNG stream for every model)."""
     d, tok = ctx.cfg.demo, ctx.tokenizer
     pad = tok.pad_token_id
+    prompts = [p for p in prompts for _ in range(d.samples_per_prompt if d.do_sample else 1)]
     rewards, examples = [], []
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -179,7 +186,14 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
                 rewards.append(info.reward(text))
                 if len(examples) < 3:
                     examples.append(text)
-    return {"reward": float(np.mean(rewards)), "examples": examples}
+    return {"reward": float(np.mean(rewards)), "reward_se": _se(rewards),
+            "samples": len(rewards), "examples": examples}
+
+
+def _se(values) -> float:
+    """Standard error of the mean."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
 
 
 # ---------------------------------------------------------------------------- table
@@ -204,27 +218,54 @@ def format_table(res: dict) -> str:
         "",
         "Policies (same data, steps, optimiser, lr and beta):",
         "",
-        "| method | held-out preference accuracy | task reward of sampled responses |",
-        "|---|---|---|",
+        "| method | held-out preference accuracy | task reward of sampled responses | "
+        "accuracy by its own training reward |",
+        "|---|---|---|---|",
     ]
     for row in res["rows"]:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        lines.append(f"| {row['method']} | {acc} | {row['reward']:+.3f} |")
+        rew = f"{row['reward']:+.3f}"
+        if row.get("accuracy_se") is not None:
+            acc += f" ± {row['accuracy_se']:.3f}"
+        if row.get("reward_se") is not None:
+            rew += f" ± {row['reward_se']:.3f}"
+        own = "-" if row.get("own_accuracy") is None else f"{row['own_accuracy']:.3f}"
+        lines.append(f"| {row['method']} | {acc} | {rew} | {own} |")
+    lines += ["", f"± one standard error; accuracy over {res['eval_pairs']} held-out pairs "
+              f"(implicit reward = summed log-ratio over the text tokens, unweighted, for every "
+              f"method); reward over {res['rows'][0].get('samples', '?')} sampled responses "
+              f"({res.get('sampling', '')}); last column: the held-out accuracy of the implicit "
+              f"reward each method trains (weighted for TIS-DPO and random, EOS counted for "
+              f"DPO)."]
     lines += ["", res["note"]]
     return "\n".join(lines)
 
 
-def _verdict(rows: dict, n_eval: int) -> str:
+def _verdict(rows: dict) -> str:
+    """TIS-DPO against DPO, per metric in standard errors of the difference, plainly."""
     t, d = rows["TIS-DPO"], rows["DPO"]
-    better = [k for k in ("accuracy", "reward") if t[k] > d[k]]
-    if len(better) == 2:
-        return "TIS-DPO beat DPO on both held-out accuracy and task reward in this run."
-    if not better:
-        return ("TIS-DPO did NOT beat DPO in this run (neither accuracy nor reward); see the "
-                "AUC rows: the weights only help as far as they separate good from bad tokens, "
-                "and at this size and step count the difference can be noise.")
-    return (f"Mixed: TIS-DPO beat DPO on {better[0]} only in this run; small differences on "
-            f"{n_eval} held-out pairs can be noise.")
+    parts, wins, losses = [], [], []
+    for key, name in (("reward", "task reward"), ("accuracy", "held-out accuracy")):
+        diff = t[key] - d[key]
+        se = math.hypot(t.get(f"{key}_se") or 0.0, d.get(f"{key}_se") or 0.0)
+        z = diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
+        parts.append(f"{name} {diff:+.3f} ({z:+.1f} SE)")
+        if z > 2:
+            wins.append(name)
+        elif z < -2:
+            losses.append(name)
+    if wins and losses:
+        summary = f"Mixed: better on {', '.join(wins)}, worse on {', '.join(losses)}."
+    elif wins:
+        summary = f"TIS-DPO beat DPO on {' and '.join(wins)} by more than 2 standard errors."
+    elif losses:
+        summary = f"TIS-DPO did NOT beat DPO: worse on {' and '.join(losses)}."
+    else:
+        summary = ("TIS-DPO did NOT beat DPO beyond noise (no difference exceeds 2 standard "
+                   "errors).")
+    return (f"TIS-DPO vs DPO: {', '.join(parts)}. {summary} One seed and one run each: the "
+            f"standard errors cover sampling and held-out-set noise, not run-to-run training "
+            f"variance.")
 
 
 def run_demo(cfg: RunConfig) -> dict:
@@ -245,20 +286,24 @@ def run_demo(cfg: RunConfig) -> dict:
     log.info("demo: evaluating")
     impl = cfg.policy.impl
     _, eval_raw = stages.load_records(ctx)
-    tok_eval = stages._tokenize(ctx, eval_raw, "tisdpo", "demo eval")   # text tokens, no EOS
+    tok_eval = stages.tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")   # text tokens, no EOS
     ref_path = stages.reference_path(ctx)
-    ref = stages._load(ctx, ref_path, trainable=False)
+    ref = stages.load_stage_model(ctx, ref_path, trainable=False)
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
     prompts = [tok_eval[i]["prompt_ids"] for i in range(min(cfg.demo.sample_prompts,
                                                             len(tok_eval)))]
     rows = [{"method": "reference (SFT)", "accuracy": None,
              **sample_rewards(ctx, ref, prompts, info, seed=cfg.seed)}]
     by_label = {}
+    from tisdpo.trainer import read_done
+
     for label, path in finals.items():
-        model = stages._load(ctx, path, trainable=False)
+        model = stages.load_stage_model(ctx, path, trainable=False)
         sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
-        row = {"method": label, "accuracy": float((sums[:, 0] > sums[:, 1]).double().mean()),
-               **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)}
+        wins = (sums[:, 0] > sums[:, 1]).double().numpy()
+        own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")
+        row = {"method": label, "accuracy": float(wins.mean()), "accuracy_se": _se(wins),
+               "own_accuracy": own, **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)}
         rows.append(row)
         by_label[label] = row
     from tisdpo.trainer import read_done
@@ -268,9 +313,10 @@ def run_demo(cfg: RunConfig) -> dict:
         "policy_steps": read_done(ctx.path("policy-tisdpo"))["steps"],
         "weight_method": stages.weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,
-        "note": _verdict(by_label, len(tok_eval)), "wall_s": time.perf_counter() - t0,
+        "note": _verdict(by_label), "wall_s": time.perf_counter() - t0,
         "device": str(ctx.device), "sampling": "greedy" if not cfg.demo.do_sample else
-        f"one sample per prompt, temperature {cfg.demo.temperature}, seed {cfg.seed}",
+        f"{cfg.demo.samples_per_prompt} per prompt, temperature {cfg.demo.temperature}, "
+        f"seed {cfg.seed}",
     }
     table = format_table(res)
     print(table)

@@ -41,12 +41,12 @@ import torch
 from tisdpo.config import PolicyConfig, RunConfig, TrainConfig
 from tisdpo.model import head, load_model, load_tokenizer, resolve_device, save_model
 from tisdpo.trainer import (
-    PreferenceObjective, SFTObjective, Trainer, _forward_hidden, read_done, stage_done,
+    PreferenceObjective, SFTObjective, Trainer, forward_hidden, read_done, rows_of, stage_done,
 )
 
 __all__ = ["Context", "StageStopped", "make_context", "load_records", "tokenize_cfg", "run_sft",
            "run_contrastive", "run_weights", "run_policy", "run_pipeline", "completion_logps",
-           "make_collator", "weight_rule", "SCORE_COLUMNS"]
+           "make_collator", "weight_rule", "tokenize_records", "load_stage_model", "SCORE_COLUMNS"]
 
 log = logging.getLogger("tisdpo")
 SCORE_COLUMNS = ("chosen_score", "rejected_score")
@@ -69,14 +69,32 @@ class Context:
     cfg: RunConfig
     device: torch.device
     tokenizer: object
+    par: object = None      # tisdpo.distributed.Parallel (None: one process)
+
+    def __post_init__(self):
+        if self.par is None:
+            from tisdpo.distributed import Parallel
+
+            self.par = Parallel()
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.cfg.run_dir, *parts)
 
 
 def make_context(cfg: RunConfig) -> Context:
+    """Device, tokenizer and run directory of a command (sets torch's CPU threads if asked)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
-    return Context(cfg, resolve_device(cfg.device), load_tokenizer(cfg.model))
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+    from tisdpo.distributed import setup
+
+    par = setup(cfg.distributed, cfg.device, cfg.model.dtype)   # torchrun: one rank of many
+    if not par.is_main:
+        log.setLevel(logging.WARNING)
+    device = par.device if par.distributed else resolve_device(cfg.device)
+    return Context(cfg, device, load_tokenizer(cfg.model), par)
 
 
 # ---------------------------------------------------------------------------- models
@@ -86,12 +104,13 @@ def base_model_path(ctx: Context) -> str:
     if ctx.cfg.model.path:
         return ctx.cfg.model.path
     out = ctx.path("base")
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
-                           tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
-        save_model(model, out + ".tmp", ctx.tokenizer)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(out + ".tmp", out)
+    with ctx.par.main_first():
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
+                               tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
+            save_model(model, out + ".tmp", ctx.tokenizer)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(out + ".tmp", out)
     return out
 
 
@@ -114,7 +133,7 @@ def reference_path(ctx: Context) -> str:
     return init_path(ctx)
 
 
-def _load(ctx: Context, path: str, *, trainable: bool):
+def load_stage_model(ctx: Context, path: str, *, trainable: bool):
     return load_model(ctx.cfg.model, path, device=ctx.device, tokenizer=ctx.tokenizer,
                       seed=ctx.cfg.seed, trainable=trainable)
 
@@ -159,7 +178,7 @@ def tokenize_cfg(cfg: RunConfig, method: str):
                           skip_invalid=d.skip_invalid)
 
 
-def _tokenize(ctx: Context, raw, method: str, what: str, tok_cfg=None):
+def tokenize_records(ctx: Context, raw, method: str, what: str, tok_cfg=None):
     from tisdpo.data import tokenize_pairs
 
     tok, report = tokenize_pairs(raw, ctx.tokenizer, tok_cfg or tokenize_cfg(ctx.cfg, method))
@@ -188,12 +207,12 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
     if ctx.cfg.pipeline.resume and stage_done(out_dir):
         log.info("%s: already done (%s), skipping", desc, out_dir)
         return final
-    model = _load(ctx, init, trainable=True)
+    model = load_stage_model(ctx, init, trainable=True)
     trainer = Trainer(model=model, objective=objective_fn(model), train_data=train_tok,
                       eval_data=eval_tok, collate_fn=make_collator(ctx), cfg=tcfg,
                       out_dir=out_dir, device=ctx.device, seed=ctx.cfg.seed, log=ctx.cfg.log,
                       tokenizer=ctx.tokenizer, desc=desc,
-                      extra_done={"init": init, **(extra or {})})
+                      extra_done={"init": init, **(extra or {})}, parallel=ctx.par)
     result = trainer.train(resume=ctx.cfg.pipeline.resume)
     if result.get("stopped"):
         raise StageStopped(desc, result["step"])
@@ -210,8 +229,8 @@ def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
             init: str | None = None, tcfg: TrainConfig | None = None) -> str:
     """Supervised fine-tuning on one side's responses (token-mean NLL); returns final dir."""
     train_raw, eval_raw = load_records(ctx) if raw is None else raw
-    tok_train = _tokenize(ctx, train_raw, "sft", f"{name} train")
-    tok_eval = _tokenize(ctx, eval_raw, "sft", f"{name} eval")
+    tok_train = tokenize_records(ctx, train_raw, "sft", f"{name} train")
+    tok_eval = tokenize_records(ctx, eval_raw, "sft", f"{name} eval")
 
     def objective(model):
         return SFTObjective(model_cfg=ctx.cfg.model, device=ctx.device, side=side,
@@ -237,10 +256,10 @@ def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta:
     if ctx.cfg.pipeline.resume and stage_done(out_dir):
         log.info("%s: already done (%s), skipping", desc, out_dir)
         return os.path.join(out_dir, "final")
-    tok_train = _tokenize(ctx, train_raw, method, f"{desc} train")
-    tok_eval = _tokenize(ctx, eval_raw, method, f"{desc} eval")
+    tok_train = tokenize_records(ctx, train_raw, method, f"{desc} train")
+    tok_eval = tokenize_records(ctx, eval_raw, method, f"{desc} eval")
     ref_path = reference_path(ctx)
-    ref = _load(ctx, ref_path, trainable=False)
+    ref = load_stage_model(ctx, ref_path, trainable=False)
     return _train(ctx, tcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
                   eval_tok=tok_eval, desc=desc, extra={"reference": ref_path, "method": method},
                   objective_fn=lambda m: _preference_objective(
@@ -272,8 +291,10 @@ def run_contrastive(ctx: Context) -> tuple[str, str]:
         pos = neg = init_path(ctx)
     else:
         raise ValueError(f"contrastive.variant must be dpo, sft or prompt, got {c.variant!r}")
-    with open(os.path.join(root, "done.json"), "w", encoding="utf-8") as fh:
-        json.dump({"variant": c.variant, "positive": pos, "negative": neg}, fh, indent=2)
+    if ctx.par.is_main:
+        with open(os.path.join(root, "done.json"), "w", encoding="utf-8") as fh:
+            json.dump({"variant": c.variant, "positive": pos, "negative": neg}, fh, indent=2)
+    ctx.par.barrier()
     return pos, neg
 
 
@@ -305,7 +326,7 @@ def completion_logps(ctx: Context, model, batch: dict, impl: str) -> list[torch.
     from tisdpo_kernels import linear_logprobs
 
     dev = {k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    hidden, weight, bias = _forward_hidden(model, dev, ctx.cfg.model, ctx.device, grad=False)
+    hidden, weight, bias = forward_hidden(model, dev, ctx.cfg.model, ctx.device, grad=False)
     logp = linear_logprobs(hidden, weight, dev["labels"], bias=bias,
                            softcap=head(model).softcap, impl=impl).float().cpu()
     labels = batch["labels"]
@@ -367,48 +388,52 @@ def run_weights(ctx: Context) -> str:
     if cfg.pipeline.resume and stage_done(out_dir):
         log.info("weights: already done (%s), skipping", out_dir)
         return out_dir
-    if not cfg.pipeline.resume:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+    with ctx.par.main_first():
+        if not cfg.pipeline.resume and ctx.par.is_main:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir, exist_ok=True)
     info = _contrastive_models(ctx)
     variant = info["variant"]
     rule, params = weight_rule(cfg)
     impl = cfg.weights.impl
     tok_cfg = tokenize_cfg(cfg, cfg.policy.method)
-    models = {"positive": _load(ctx, info["positive"], trainable=False)}
+    models = {"positive": load_stage_model(ctx, info["positive"], trainable=False)}
     models["negative"] = models["positive"] if info["negative"] == info["positive"] \
-        else _load(ctx, info["negative"], trainable=False)
+        else load_stage_model(ctx, info["negative"], trainable=False)
     ref_path = reference_path(ctx) if cfg.weights.ref_logps else None
     if ref_path is not None:
-        models["reference"] = _load(ctx, ref_path, trainable=False)
+        models["reference"] = load_stage_model(ctx, ref_path, trainable=False)
     train_raw, eval_raw = load_records(ctx)
     for split, raw in (("train", train_raw), ("eval", eval_raw)):
         drop = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in raw.column_names]
         raw = raw.remove_columns(drop)
-        tok_pol = _tokenize(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
+        tok_pol = tokenize_records(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
         if variant == "prompt":
             c = cfg.contrastive
-            tok_pos = _tokenize(ctx, _with_prefix(raw, c.positive_prompt), "", "pi+ prompts",
+            tok_pos = tokenize_records(ctx, _with_prefix(raw, c.positive_prompt), "", "pi+ prompts",
                                 tok_cfg)
-            tok_neg = _tokenize(ctx, _with_prefix(raw, c.negative_prompt), "", "pi- prompts",
+            tok_neg = tokenize_records(ctx, _with_prefix(raw, c.negative_prompt), "", "pi- prompts",
                                 tok_cfg)
         else:
             tok_pos = tok_neg = tok_pol
         shards = []
         for k, start in enumerate(range(0, len(tok_pol), _SHARD)):
             sdir = os.path.join(out_dir, "_shards", f"{split}-{k:05d}")
-            if not os.path.isdir(sdir):
+            if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
                 idx = range(start, min(start + _SHARD, len(tok_pol)))
-                cols = _estimate_shard(ctx, [tok_pol[i] for i in idx], [tok_pos[i] for i in idx],
-                                       [tok_neg[i] for i in idx], models, rule, params, impl)
+                cols = _estimate_shard(ctx, rows_of(tok_pol, idx), rows_of(tok_pos, idx),
+                                       rows_of(tok_neg, idx), models, rule, params, impl)
                 if ref_path is None:
                     for r in REF_COLUMNS:
                         cols.pop(r)
                 datasets.Dataset.from_dict(cols).save_to_disk(sdir + ".tmp")
                 os.replace(sdir + ".tmp", sdir)
                 log.info("weights %s: shard %d (%d pairs) written", split, k, len(idx))
-            shards.append(datasets.load_from_disk(sdir))
-        est = datasets.concatenate_datasets(shards)
+            shards.append(sdir)
+        ctx.par.barrier()                        # every rank's shards are on disk
+        if not ctx.par.is_main:                  # rank 0 merges them in record order
+            continue
+        est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
         result = _merge(raw, est, _maybe_full(ctx, raw, tok_cfg, tok_pol))
         result.save_to_disk(os.path.join(out_dir, split))
         if cfg.weights.jsonl:
@@ -418,11 +443,13 @@ def run_weights(ctx: Context) -> str:
             "score": "c_t = log pi+(y_t) - log pi-(y_t) (the official code stores -c_t)",
             "variant": variant, "positive": info["positive"], "negative": info["negative"],
             "reference": ref_path}
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
-    with open(os.path.join(out_dir, "done.json"), "w", encoding="utf-8") as fh:
-        json.dump({"stage": "weights", **meta}, fh, indent=2)
+    if ctx.par.is_main:
+        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2)
+        shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
+        with open(os.path.join(out_dir, "done.json"), "w", encoding="utf-8") as fh:
+            json.dump({"stage": "weights", **meta}, fh, indent=2)
+    ctx.par.barrier()
     return out_dir
 
 
@@ -441,12 +468,10 @@ def _maybe_full(ctx, raw, tok_cfg, tok_pol):
 
 def _merge(raw, est, full):
     """Raw records of the estimated pairs plus their per-token columns (0-padded to full)."""
-    idx = est["record_index"]                  # in tokenised order = increasing record index
+    cols = est.to_dict()                       # plain lists (column access is lazy and slow)
+    idx = cols.pop("record_index")             # tokenised order = increasing record index
     out = raw.select(idx)
-    for name in est.column_names:
-        if name == "record_index":
-            continue
-        vals = est[name]
+    for name, vals in cols.items():
         if full is not None:
             side = 0 if "chosen" in name else 1
             vals = [v + [0.0] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
@@ -545,11 +570,11 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
 
     preset = get_preset(pcfg.method)
     train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg)
-    tok_train = _tokenize(ctx, train_raw, pcfg.method, f"{name} train")
-    tok_eval = _tokenize(ctx, eval_raw, pcfg.method, f"{name} eval")
+    tok_train = tokenize_records(ctx, train_raw, pcfg.method, f"{name} train")
+    tok_eval = tokenize_records(ctx, eval_raw, pcfg.method, f"{name} eval")
     needs_ref = not preset.config.reference_free and (preset.config.uses_kl or not has_ref)
     ref_path = reference_path(ctx) if needs_ref else None
-    ref = _load(ctx, ref_path, trainable=False) if needs_ref else None
+    ref = load_stage_model(ctx, ref_path, trainable=False) if needs_ref else None
     return _train(ctx, pcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
                   eval_tok=tok_eval, desc=name,
                   extra={"method": pcfg.method, "token_weights": pcfg.token_weights,

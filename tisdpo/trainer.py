@@ -13,6 +13,12 @@ scheduler state, the torch/CUDA/python/numpy RNG states and the data position (e
 micro-batch index; each epoch's order is a permutation seeded by (seed, epoch)). A run
 stopped between steps and resumed from its checkpoint performs exactly the same
 computations as an uninterrupted one, so it ends with the same parameters bit for bit.
+
+Several processes (torchrun, DDP / FSDP2): pass ``parallel=`` a
+:class:`tisdpo.distributed.Parallel`; ``batch_size`` is then per process, each global
+micro-batch is split across ranks, counts and metrics are summed over ranks, checkpoints
+are gathered and written once (same file layout) and resume on any number of processes.
+Every ``self.par`` call is the single-process behaviour when ``parallel`` is None.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ import torch
 
 from tisdpo.config import LogConfig, TrainConfig
 
-__all__ = ["Trainer", "TrainState", "PreferenceObjective", "SFTObjective", "make_optimizer",
+__all__ = ["Trainer", "TrainState", "PreferenceObjective", "SFTObjective", "forward_hidden",
+           "rows_of", "make_optimizer",
            "make_scheduler", "lr_factor", "latest_checkpoint", "stage_done", "read_done"]
 
 DONE_FILE = "done.json"
@@ -119,6 +126,16 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
+def rows_of(data, idx) -> list[dict]:
+    """Records ``idx`` of a list or a ``datasets.Dataset`` (one batched read) as dicts."""
+    idx = [int(i) for i in idx]
+    if hasattr(data, "column_names"):
+        cols = data[idx]
+        names = list(cols)
+        return [dict(zip(names, vals)) for vals in zip(*(cols[n] for n in names))]
+    return [data[i] for i in idx]
+
+
 class _MetricSink:
     """metrics.jsonl (+ TensorBoard when installed)."""
 
@@ -182,7 +199,7 @@ class Trainer:
     def __init__(self, *, model, objective, train_data, collate_fn, cfg: TrainConfig,
                  out_dir: str, device: torch.device, seed: int = 0, eval_data=None,
                  log: LogConfig | None = None, tokenizer=None, desc: str = "train",
-                 extra_done: dict | None = None):
+                 extra_done: dict | None = None, parallel=None):
         if len(train_data) == 0:
             raise ValueError(f"{desc}: train_data is empty")
         self.model, self.objective = model, objective
@@ -191,7 +208,11 @@ class Trainer:
         self.log = log or LogConfig()
         self.tokenizer, self.desc = tokenizer, desc
         self.extra_done = extra_done or {}
-        self.micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+        from tisdpo.distributed import Parallel
+
+        self.par = parallel if parallel is not None else Parallel()   # distributed hooks
+        self._run = self.par.wrap(model, objective)     # before the optimiser (FSDP2 shards)
+        self.micro_per_epoch = math.ceil(len(train_data) / self.par.global_batch(cfg.batch_size))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs *
                                                                    self.steps_per_epoch)
@@ -209,7 +230,7 @@ class Trainer:
 
     def _next_window(self) -> list[list[int]]:
         """Index lists of the next step's micro-batches (never crossing an epoch's end)."""
-        st, bs = self.state, self.cfg.batch_size
+        st, bs = self.state, self.par.global_batch(self.cfg.batch_size)
         if st.micro >= self.micro_per_epoch:
             st.epoch, st.micro = st.epoch + 1, 0
         order = self._epoch_order(st.epoch)
@@ -220,21 +241,26 @@ class Trainer:
         return window
 
     def _records(self, data, idx: list[int]) -> list[dict]:
-        return [data[int(i)] for i in idx]
+        return rows_of(data, idx)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
         root = os.path.join(self.out_dir, "checkpoints")
         final = os.path.join(root, f"step-{self.state.step:07d}")
         tmp = final + ".tmp"
+        model_sd, optim_sd = self.par.state_dicts(self.model, self.optimizer)
+        if not self.par.is_main:                  # rank 0 writes, the others wait for it
+            self.par.barrier()
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         torch.save({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
             "state": asdict(self.state),
+            "global_batch_size": self.par.global_batch(self.cfg.batch_size),
         }, os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -242,13 +268,20 @@ class Trainer:
                       and not d.endswith(".tmp"))
         for old in kept[:-max(self.cfg.keep_checkpoints, 1)]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        self.par.barrier()
         return final
 
     def load_checkpoint(self, path: str) -> None:
         ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu",
-                          weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+                          weights_only=False, mmap=self.par.distributed)
+        gb = self.par.global_batch(self.cfg.batch_size)
+        if ckpt.get("global_batch_size", gb) != gb:
+            raise ValueError(f"{self.desc}: checkpoint {path} was made with "
+                             f"{ckpt['global_batch_size']} pairs per global micro-batch but "
+                             f"this run has {gb} (batch_size {self.cfg.batch_size} x "
+                             f"{self.par.world_size} processes); keep batch_size x processes "
+                             f"the same to resume")
+        self.par.load_state_dicts(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         saved = TrainState(**ckpt["state"])
         if saved.total_steps != self.state.total_steps:
@@ -261,21 +294,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _step(self) -> tuple[torch.Tensor, dict]:
-        window = self._next_window()
-        batches = [self.collate_fn(self._records(self.train_data, idx)) for idx in window]
-        counts = [float(self.objective.count(b)) for b in batches]
-        normalizer = sum(counts)
+        shares = [self.par.shard(idx) for idx in self._next_window()]   # (this rank's, padded)
+        batches = [self.collate_fn(self._records(self.train_data, idx)) for idx, _ in shares]
+        counts = [0.0 if pad else float(self.objective.count(b))
+                  for b, (_, pad) in zip(batches, shares)]
+        normalizer = self.par.sum_host([sum(counts)])[0]
         total = torch.zeros((), device=self.device)
         chunks = []
-        for b, c in zip(batches, counts):
-            loss, metrics = self.objective(self.model, _to_device(b, self.device),
-                                           normalizer=max(normalizer, 1.0))
-            loss.backward()
-            total = total + loss.detach().float()
+        for k, (b, c) in enumerate(zip(batches, counts)):
+            loss, metrics = self.par.forward_backward(
+                self._run, _to_device(b, self.device), max(normalizer, 1.0),
+                padded=shares[k][1], last=k == len(batches) - 1)
+            total = total + loss.float()
             chunks.append((metrics, c))
-        metrics = _mean_metrics(chunks)
+        total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks), sum(counts))
         if self.cfg.max_grad_norm is not None:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            metrics["grad_norm"] = self.par.clip_grad_norm(
                 self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -294,18 +328,21 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         chunks, weighted, count = [], 0.0, 0.0
-        for start in range(0, n, self.cfg.eval_batch_size):
-            batch = self.collate_fn(self._records(
-                self.eval_data, list(range(start, min(start + self.cfg.eval_batch_size, n)))))
-            c = float(self.objective.count(batch))
-            loss, metrics = self.objective(self.model, _to_device(batch, self.device),
-                                           normalizer=max(c, 1.0))
+        step = self.par.global_batch(self.cfg.eval_batch_size)
+        for start in range(0, n, step):
+            idx, pad = self.par.shard(list(range(start, min(start + step, n))))
+            batch = self.collate_fn(self._records(self.eval_data, idx))
+            c = 0.0 if pad else float(self.objective.count(batch))
+            loss, metrics = self._run(_to_device(batch, self.device), max(c, 1.0))
             weighted += float(loss) * c
             count += c
             chunks.append((metrics, c))
         self.model.train(was_training)
-        out = {f"eval/{k}": float(v) for k, v in _mean_metrics(chunks).items()}
-        out["eval/loss"] = weighted / max(count, 1.0)
+        weighted, total = self.par.sum_host([weighted, count])
+        _, metrics = self.par.reduce_metrics(torch.zeros((), device=self.device),
+                                             _mean_metrics(chunks), count)
+        out = {f"eval/{k}": float(v) for k, v in metrics.items()}
+        out["eval/loss"] = weighted / max(total, 1.0)
         return out
 
     def train(self, *, resume: bool = True) -> dict:
@@ -321,8 +358,10 @@ class Trainer:
         elif not resume:
             shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
         sink = _MetricSink(self.out_dir, self.log.tensorboard,
-                           self.state.step if ckpt is not None else None)
-        bar = _progress(self.log.progress, self.state.total_steps, self.state.step, self.desc)
+                           self.state.step if ckpt is not None else None) \
+            if self.par.is_main else _NoSink()
+        bar = _progress(self.log.progress and self.par.is_main, self.state.total_steps,
+                        self.state.step, self.desc)
         cfg, t0 = self.cfg, time.perf_counter()
         last: dict = {}
         try:
@@ -357,13 +396,18 @@ class Trainer:
             sink.close()
 
     def _finish(self, metrics: dict) -> None:
-        from tisdpo.model import save_model
-
-        save_model(self.model, os.path.join(self.out_dir, "final"), self.tokenizer)
+        self.par.save_model(self.model, os.path.join(self.out_dir, "final"), self.tokenizer)
         done = {"stage": self.desc, "steps": self.state.step, "metrics": metrics,
                 **self.extra_done}
-        with open(os.path.join(self.out_dir, DONE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(done, fh, indent=2)
+        if self.par.is_main:
+            with open(os.path.join(self.out_dir, DONE_FILE), "w", encoding="utf-8") as fh:
+                json.dump(done, fh, indent=2)
+        self.par.barrier()
+
+
+class _NoSink:
+    def write(self, step, values): pass
+    def close(self): pass
 
 
 class _NoBar:
@@ -386,7 +430,7 @@ def _is_packed(batch: dict) -> bool:
     return "seq_offsets" in batch
 
 
-def _forward_hidden(model, batch: dict, model_cfg, device, *, grad: bool = True):
+def forward_hidden(model, batch: dict, model_cfg, device, *, grad: bool = True):
     """Hidden states before the head and the head spec; packed rows attend per sequence."""
     from tisdpo.model import autocast, head, hidden_states
 
@@ -424,7 +468,7 @@ class PreferenceObjective:
                      else batch["input_ids"].shape[0] // 2)
 
     def __call__(self, model, batch: dict, *, normalizer: float):
-        hidden, weight, bias = _forward_hidden(model, batch, self.model_cfg, self.device)
+        hidden, weight, bias = forward_hidden(model, batch, self.model_cfg, self.device)
         kwargs: dict = {}
         if not self.reference_free:
             if self.needs_ref_hidden or batch.get("ref_logps") is None:
@@ -432,7 +476,7 @@ class PreferenceObjective:
                     raise ValueError("this loss needs a reference model (no precomputed "
                                      "ref_logps in the data, or a KL term)")
                 with torch.no_grad():
-                    ref_hidden, ref_weight, ref_bias = _forward_hidden(
+                    ref_hidden, ref_weight, ref_bias = forward_hidden(
                         self.ref_model, batch, self.model_cfg, self.device, grad=False)
                 kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
             else:
@@ -478,7 +522,7 @@ class SFTObjective:
         from tisdpo_kernels import linear_logprobs
 
         sub, labels = self._select(batch)
-        hidden, weight, bias = _forward_hidden(model, sub, self.model_cfg, self.device)
+        hidden, weight, bias = forward_hidden(model, sub, self.model_cfg, self.device)
         logp = linear_logprobs(hidden, weight, labels, bias=bias, softcap=self.softcap,
                                impl=self.impl)
         total = logp.sum()
