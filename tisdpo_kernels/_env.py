@@ -45,9 +45,14 @@ def autotune() -> bool:
     return _flag("TISDPO_AUTOTUNE", False)
 
 
-def torch_chunk_tokens() -> int:
-    """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most)."""
-    return _int("TISDPO_CHUNK_TOKENS", 2048)
+def torch_chunk_tokens(vocab: int) -> int:
+    """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most).
+
+    Unset, the chunk is sized from the vocabulary so one fp32 chunk x V buffer is about
+    256 MB (2048 tokens up to V = 32768; 523 at V = 128256), and at least 16 tokens.
+    """
+    default = max(16, min(2048, (1 << 26) // max(vocab, 1)))
+    return _int("TISDPO_CHUNK_TOKENS", default)
 
 
 def value_checks() -> str:

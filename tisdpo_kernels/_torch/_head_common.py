@@ -24,10 +24,11 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_size(chunk_tokens: int | None) -> int:
-    """Tokens per chunk: ``chunk_tokens`` when given, else ``TISDPO_CHUNK_TOKENS`` (2048)."""
+def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_tokens`` when given, else ``TISDPO_CHUNK_TOKENS`` or a
+    default sized from the vocabulary (see ``_env.torch_chunk_tokens``)."""
     if chunk_tokens is None:
-        return _env.torch_chunk_tokens()
+        return _env.torch_chunk_tokens(vocab)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return chunk_tokens

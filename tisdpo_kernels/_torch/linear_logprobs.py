@@ -102,4 +102,4 @@ def linear_logprobs(hidden, weight, targets, bias, opts: HeadOptions, *,
     overrides ``TISDPO_CHUNK_TOKENS`` (tokens per chunk; C × V logits at most).
     """
     return LinearLogprobsFunction.apply(hidden, weight, targets, bias, opts,
-                                        chunk_size(chunk_tokens))
+                                        chunk_size(chunk_tokens, weight.shape[0]))

@@ -136,4 +136,4 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_b
     ``TISDPO_CHUNK_TOKENS``.
     """
     return LinearTokenKLFunction.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
-                                       ref_bias, opts, chunk_size(chunk_tokens))
+                                       ref_bias, opts, chunk_size(chunk_tokens, weight.shape[0]))
