@@ -27,3 +27,22 @@ def _seed():
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Make every floating ``torch.empty``/``empty_like`` NaN-filled for the test's duration.
+
+    Kernels allocate outputs with torch.empty; an element a kernel forgets to write then
+    shows up as NaN and fails the oracle loudly instead of passing on leftover memory.
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _poison(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_empty_like(*a, **k)))
+    yield

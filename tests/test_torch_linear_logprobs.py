@@ -13,6 +13,8 @@ from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as torch_linear_logprobs
 from tisdpo_kernels.config import HeadOptions
 
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
 N, D, V = 47, 31, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]

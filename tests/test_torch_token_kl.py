@@ -12,6 +12,8 @@ from numerics import assert_oracle, nan_buffer_view
 from tisdpo_kernels._torch.token_kl import linear_token_kl as torch_token_kl
 from tisdpo_kernels.config import KLOptions
 
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
 N, D, DR, V = 47, 31, 20, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]

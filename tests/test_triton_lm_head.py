@@ -14,7 +14,7 @@ from markers import requires_cuda, requires_triton
 from numerics import assert_oracle, nan_buffer_view
 from tisdpo_kernels._impl import Impl, resolve_impl
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.usefixtures("nan_poison")]
 
 N, D, V = 47, 31, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

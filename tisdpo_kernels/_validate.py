@@ -113,6 +113,8 @@ def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "") -> N
         check_float(f"{p}bias", bias)
         require(tuple(bias.shape) == (weight.shape[0],),
                 f"{p}bias must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        require(bias.dtype == weight.dtype,
+                f"{p}bias dtype {bias.dtype} differs from {p}weight dtype {weight.dtype}")
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
 
 
