@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.numerics import assert_oracle
-from tisdpo import stages
+from tisdpo import estimate, stages
 from tisdpo.demo import demo_config
 from tisdpo.model import load_model
 from tisdpo.trainer import stage_done
@@ -171,7 +171,7 @@ def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
     stages.run_contrastive(ctx)
     monkeypatch.setattr(stages, "_SHARD", 8)                 # 20 pairs -> shards 8, 8, 4
     calls, killed = [], []
-    real = stages._estimate_shard
+    real = estimate._estimate_shard
 
     def flaky(*args, **kwargs):
         calls.append(len(args[1]))
@@ -180,7 +180,7 @@ def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "_estimate_shard", flaky)
+    monkeypatch.setattr(estimate, "_estimate_shard", flaky)
     with pytest.raises(RuntimeError, match="killed"):
         stages.run_weights(ctx)
     calls.clear()
@@ -217,3 +217,41 @@ def test_truncated_completions_get_zero_padded_columns(tmp_path):
         assert all(x == 0.0 for x in rec["chosen_score"][k:])
     assert any(len(c["chosen_ids"]) < len(f["chosen_ids"]) for f, c in zip(full, cut))
     assert math.isfinite(sum(raw[0]["chosen_weight"]))
+
+
+@pytest.mark.parametrize("method", ["ipo", "simpo", "tdpo2", "tisdpo_paper"])
+def test_policy_trains_with_other_presets(weighted_run, method):
+    import dataclasses
+
+    ctx = weighted_run
+    pcfg = dataclasses.replace(ctx.cfg.policy, method=method, max_steps=1)
+    stages.run_policy(ctx, pcfg, name=f"policy-{method}")
+    done = json.load(open(os.path.join(ctx.path(f"policy-{method}"), "done.json")))
+    assert done["steps"] == 1 and math.isfinite(done["metrics"]["loss"])
+    # KL presets need the reference model's hidden states; simpo needs no reference at all
+    uses_ref_model = method in ("tdpo2", "tisdpo_paper", "ipo")     # ipo counts EOS
+    assert (done["reference"] not in (None, "precomputed ref_logps")) == uses_ref_model
+
+
+def test_cdpo_weights_from_contrastive_logscores(tmp_path):
+    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
+                                                    "weights.method": "cdpo",
+                                                    "policy.method": "cdpo"}))
+    stages.run_contrastive(ctx)
+    stages.run_weights(ctx)
+    raw = datasets.load_from_disk(ctx.path("weights", "train"))
+    assert json.load(open(ctx.path("weights", "meta.json")))["score_kind"] == "cdpo_log_score"
+    s = torch.tensor([x for r in raw["rejected_score"] for x in r], dtype=torch.float64)
+    w = torch.tensor([x for r in raw["rejected_weight"] for x in r], dtype=torch.float64)
+    assert (s <= 0).all()
+    truth = 1 - s.exp()
+    assert_oracle(w, truth.float(), truth, dtype=torch.float32, name="cdpo rejected weights")
+    assert all(x == 1.0 for r in raw["chosen_weight"] for x in r)          # only_neg
+    stages.run_policy(ctx, name="policy-cdpo")
+    assert stage_done(ctx.path("policy-cdpo"))
+    with pytest.raises(ValueError, match="stored scores are 'cdpo_log_score'"):
+        import dataclasses
+
+        ctx.cfg.weights.method = "rank_based"
+        stages._policy_data(ctx, dataclasses.replace(ctx.cfg.policy, method="cdpo",
+                                                     token_weights="recompute"))

@@ -177,6 +177,9 @@ class WeightsConfig:
     w_min: float = opt(0.7, "rank_based / threshold_and_scale / random: lowest weight")
     w_max: float = opt(1.3, "rank_based / threshold_and_scale / random: highest weight")
     top_percent: float = opt(100.0, "binary: weight 1 on this top percentage of tokens")
+    only_neg: bool = opt(True, "cdpo: chosen tokens keep weight 1 (the released code); false: "
+                               "chosen weight s_t")
+    cdpo_b: float = opt(1.0, "cdpo: b in the contrastive score softmax((1+b) z+ - b z-)")
     round_decimals: int | None = opt(None, "round c_t to this many decimals (official code: 2)")
     batch_size: int = opt(16, "pairs per batch in the estimation pass")
     ref_logps: bool = opt(True, "also store reference log-probs so policy training needs no "

@@ -146,7 +146,8 @@ def weight_aucs(ctx, info) -> dict:
 
 def _sequence_sums(ctx, model, tok, impl: str) -> torch.Tensor:
     """[n, 2] summed completion log-probs (chosen, rejected) of tokenised pairs."""
-    from tisdpo.stages import completion_logps, make_collator
+    from tisdpo.estimate import completion_logps
+    from tisdpo.stages import make_collator
     from tisdpo.trainer import rows_of
 
     collate = make_collator(ctx, packed=False)
@@ -271,6 +272,7 @@ def _verdict(rows: dict) -> str:
 def run_demo(cfg: RunConfig) -> dict:
     """Run every stage (resumable), evaluate, print and save the table; returns the results."""
     from tisdpo import stages
+    from tisdpo.estimate import weight_rule
     from tisdpo.synthetic import SyntheticInfo
 
     t0 = time.perf_counter()
@@ -311,7 +313,7 @@ def run_demo(cfg: RunConfig) -> dict:
     res = {
         "train_pairs": cfg.data.synthetic_train, "eval_pairs": len(tok_eval),
         "policy_steps": read_done(ctx.path("policy-tisdpo"))["steps"],
-        "weight_method": stages.weight_rule(cfg)[0],
+        "weight_method": weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,
         "note": _verdict(by_label), "wall_s": time.perf_counter() - t0,
         "device": str(ctx.device), "sampling": "greedy" if not cfg.demo.do_sample else

@@ -13,20 +13,8 @@ A stage directory with ``done.json`` is finished and skipped on the next run (un
 ``pipeline.resume`` is false); an unfinished training stage continues from its latest
 checkpoint; the weight pass continues from its last finished shard.
 
-Stored per-token columns (one value per completion token of ``tokenize_pairs`` under the
-policy method's tokenisation, recorded in ``weights/meta.json``):
-
-- ``chosen_score`` / ``rejected_score``: the raw contrastive score ``c_t = log pi+(y_t) −
-  log pi−(y_t)`` — note: c_t itself, not the official code's stored ``−c_t``.
-- ``chosen_weight`` / ``rejected_weight``: the final weights of the configured rule
-  (``weights.method``, default the policy preset's: rank_based for ``tisdpo``), μ = +1 on
-  chosen and −1 on rejected. Training uses these as they are; ``policy.token_weights=
-  recompute`` applies another rule to the stored scores instead.
-- ``ref_chosen_logps`` / ``ref_rejected_logps`` (``weights.ref_logps``): the reference
-  model's log-probs, so policy training needs no reference model (unless its loss has a KL).
-
-Tokens cut off by ``data.max_length`` get 0.0 in every column (they are cut again, with
-their tokens, when the same configuration tokenises the records for training).
+The weights stage and the per-token columns it stores are described in
+:mod:`tisdpo.estimate`.
 """
 from __future__ import annotations
 
@@ -45,14 +33,14 @@ from tisdpo.trainer import (
 )
 
 __all__ = ["Context", "StageStopped", "make_context", "load_records", "tokenize_cfg", "run_sft",
-           "run_contrastive", "run_weights", "run_policy", "run_pipeline", "completion_logps",
-           "make_collator", "weight_rule", "tokenize_records", "load_stage_model", "SCORE_COLUMNS"]
+           "run_contrastive", "run_weights", "run_policy", "run_pipeline", "make_collator",
+           "tokenize_records", "load_stage_model", "SCORE_COLUMNS"]
 
 log = logging.getLogger("tisdpo")
 SCORE_COLUMNS = ("chosen_score", "rejected_score")
 WEIGHT_COLUMNS = ("chosen_weight", "rejected_weight")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-_SHARD = 2048
+_SHARD = 2048          # pairs per shard of the weights pass (tisdpo.estimate reads it)
 
 
 class StageStopped(Exception):
@@ -306,179 +294,6 @@ def _contrastive_models(ctx: Context) -> dict:
     return read_done(root)
 
 
-# ---------------------------------------------------------------------------- weights
-
-def weight_rule(cfg: RunConfig, method: str | None = None):
-    """(weight method, WeightParams) from the weights section and the policy preset."""
-    from tisdpo_kernels import WeightParams, get_preset
-
-    w = cfg.weights
-    rule = w.method or get_preset(method or cfg.policy.method).weight_method or "rank_based"
-    params = WeightParams(k=w.k, lower=w.lower, upper=w.upper, clip_lower=w.clip_lower,
-                          clip_upper=w.clip_upper, w_min=w.w_min, w_max=w.w_max,
-                          top_percent=w.top_percent, round_decimals=w.round_decimals)
-    return rule, params
-
-
-@torch.no_grad()
-def completion_logps(ctx: Context, model, batch: dict, impl: str) -> list[torch.Tensor]:
-    """Per sequence (chosen rows, then rejected rows) the completion tokens' log-probs."""
-    from tisdpo_kernels import linear_logprobs
-
-    dev = {k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    hidden, weight, bias = forward_hidden(model, dev, ctx.cfg.model, ctx.device, grad=False)
-    logp = linear_logprobs(hidden, weight, dev["labels"], bias=bias,
-                           softcap=head(model).softcap, impl=impl).float().cpu()
-    labels = batch["labels"]
-    return [logp[r][labels[r] != -100] for r in range(labels.shape[0])]
-
-
-def _with_prefix(raw, prefix: str):
-    """Records with ``prefix`` before each prompt (a system message for chat records)."""
-    def fn(rec):
-        p = rec["prompt"]
-        if isinstance(p, str):
-            return {"prompt": prefix + p}
-        return {"prompt": [{"role": "system", "content": prefix.strip()}] + list(p)}
-    return raw.map(fn, desc="contrastive prompt")
-
-
-def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl):
-    """Columns for one shard of tokenised pairs (each list: rows in order)."""
-    from tisdpo_kernels import token_weights
-
-    collate = make_collator(ctx, packed=False)
-    bs = ctx.cfg.weights.batch_size
-    out = {k: [] for k in ("record_index",) + SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS}
-    for start in range(0, len(rows_pol), bs):
-        pol = rows_pol[start:start + bs]
-        b = len(pol)
-        lp_pos = completion_logps(ctx, models["positive"], collate(rows_pos[start:start + bs]), impl)
-        lp_neg = completion_logps(ctx, models["negative"], collate(rows_neg[start:start + bs]), impl)
-        ref = completion_logps(ctx, models["reference"], collate(pol), impl) \
-            if models.get("reference") is not None else None
-        for i in range(2 * b):
-            if lp_pos[i].shape != lp_neg[i].shape:
-                raise ValueError(f"record {pol[i % b]['record_index']}: pi+ and pi- see "
-                                 f"different completion tokens ({lp_pos[i].numel()} vs "
-                                 f"{lp_neg[i].numel()})")
-        seq = torch.cat([torch.full((x.numel(),), i) for i, x in enumerate(lp_pos)])
-        side = seq < b
-        w = token_weights(torch.cat(lp_pos), torch.cat(lp_neg), side=side, method=rule,
-                          params=params, seq_ids=seq, impl=impl)
-        c = torch.cat(lp_pos) - torch.cat(lp_neg)
-        if params.round_decimals is not None:
-            c = torch.round(c, decimals=params.round_decimals)
-        w_rows, c_rows = w.split([x.numel() for x in lp_pos]), c.split([x.numel() for x in lp_pos])
-        for j, rec in enumerate(pol):
-            out["record_index"].append(int(rec["record_index"]))
-            for s, (cc, ww, rr) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS, REF_COLUMNS)):
-                out[cc].append(c_rows[j + s * b].tolist())
-                out[ww].append(w_rows[j + s * b].tolist())
-                out[rr].append(ref[j + s * b].tolist() if ref is not None else None)
-    return out
-
-
-def run_weights(ctx: Context) -> str:
-    """Offline token-weight estimation (+ reference log-probs); returns the weights dir."""
-    import datasets
-
-    cfg = ctx.cfg
-    out_dir = ctx.path("weights")
-    if cfg.pipeline.resume and stage_done(out_dir):
-        log.info("weights: already done (%s), skipping", out_dir)
-        return out_dir
-    with ctx.par.main_first():
-        if not cfg.pipeline.resume and ctx.par.is_main:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir, exist_ok=True)
-    info = _contrastive_models(ctx)
-    variant = info["variant"]
-    rule, params = weight_rule(cfg)
-    impl = cfg.weights.impl
-    tok_cfg = tokenize_cfg(cfg, cfg.policy.method)
-    models = {"positive": load_stage_model(ctx, info["positive"], trainable=False)}
-    models["negative"] = models["positive"] if info["negative"] == info["positive"] \
-        else load_stage_model(ctx, info["negative"], trainable=False)
-    ref_path = reference_path(ctx) if cfg.weights.ref_logps else None
-    if ref_path is not None:
-        models["reference"] = load_stage_model(ctx, ref_path, trainable=False)
-    train_raw, eval_raw = load_records(ctx)
-    for split, raw in (("train", train_raw), ("eval", eval_raw)):
-        drop = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in raw.column_names]
-        raw = raw.remove_columns(drop)
-        tok_pol = tokenize_records(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
-        if variant == "prompt":
-            c = cfg.contrastive
-            tok_pos = tokenize_records(ctx, _with_prefix(raw, c.positive_prompt), "", "pi+ prompts",
-                                tok_cfg)
-            tok_neg = tokenize_records(ctx, _with_prefix(raw, c.negative_prompt), "", "pi- prompts",
-                                tok_cfg)
-        else:
-            tok_pos = tok_neg = tok_pol
-        shards = []
-        for k, start in enumerate(range(0, len(tok_pol), _SHARD)):
-            sdir = os.path.join(out_dir, "_shards", f"{split}-{k:05d}")
-            if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
-                idx = range(start, min(start + _SHARD, len(tok_pol)))
-                cols = _estimate_shard(ctx, rows_of(tok_pol, idx), rows_of(tok_pos, idx),
-                                       rows_of(tok_neg, idx), models, rule, params, impl)
-                if ref_path is None:
-                    for r in REF_COLUMNS:
-                        cols.pop(r)
-                datasets.Dataset.from_dict(cols).save_to_disk(sdir + ".tmp")
-                os.replace(sdir + ".tmp", sdir)
-                log.info("weights %s: shard %d (%d pairs) written", split, k, len(idx))
-            shards.append(sdir)
-        ctx.par.barrier()                        # every rank's shards are on disk
-        if not ctx.par.is_main:                  # rank 0 merges them in record order
-            continue
-        est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
-        result = _merge(raw, est, _maybe_full(ctx, raw, tok_cfg, tok_pol))
-        result.save_to_disk(os.path.join(out_dir, split))
-        if cfg.weights.jsonl:
-            result.to_json(os.path.join(out_dir, f"{split}.jsonl"), lines=True)
-    meta = {"tokenize": asdict(tok_cfg), "policy_method": cfg.policy.method,
-            "weight_method": rule, "weight_params": asdict(params),
-            "score": "c_t = log pi+(y_t) - log pi-(y_t) (the official code stores -c_t)",
-            "variant": variant, "positive": info["positive"], "negative": info["negative"],
-            "reference": ref_path}
-    if ctx.par.is_main:
-        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2)
-        shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
-        with open(os.path.join(out_dir, "done.json"), "w", encoding="utf-8") as fh:
-            json.dump({"stage": "weights", **meta}, fh, indent=2)
-    ctx.par.barrier()
-    return out_dir
-
-
-def _maybe_full(ctx, raw, tok_cfg, tok_pol):
-    """Untruncated lengths only when the policy tokenisation cut something."""
-    from tisdpo.data import tokenize_pairs
-
-    probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
-    if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
-           < tok_cfg.max_length for r in tok_pol):
-        return None
-    tok, _ = tokenize_pairs(raw, ctx.tokenizer, probe)
-    return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]))
-            for r in tok}
-
-
-def _merge(raw, est, full):
-    """Raw records of the estimated pairs plus their per-token columns (0-padded to full)."""
-    cols = est.to_dict()                       # plain lists (column access is lazy and slow)
-    idx = cols.pop("record_index")             # tokenised order = increasing record index
-    out = raw.select(idx)
-    for name, vals in cols.items():
-        if full is not None:
-            side = 0 if "chosen" in name else 1
-            vals = [v + [0.0] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
-        out = out.add_column(name, vals)
-    return out
-
-
 # ---------------------------------------------------------------------------- policy
 
 def _policy_data(ctx: Context, pcfg: PolicyConfig):
@@ -511,6 +326,12 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig):
     if mode == "auto":
         mode = "stored" if preset.weight_method is not None else "equal"
     has_scores = set(SCORE_COLUMNS) <= cols
+    made_with = (meta or {}).get("weight_method")
+    if mode == "stored" and made_with and preset.weight_method not in (None, made_with) \
+            and ctx.cfg.weights.method is None:
+        log.info("policy (%s): using the stored %s weights (this preset's own rule is %s; "
+                 "policy.token_weights=recompute applies it)", pcfg.method, made_with,
+                 preset.weight_method)
     if mode == "stored" and not set(WEIGHT_COLUMNS) <= cols:
         raise ValueError(f"policy.method={pcfg.method!r} uses token weights but the data has no "
                          f"{WEIGHT_COLUMNS} columns: run `tisdpo weights` first (or set "
@@ -519,44 +340,23 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig):
         raise ValueError(f"policy.token_weights={mode} needs the weights stage's per-token "
                          f"columns ({SCORE_COLUMNS}); run `tisdpo weights` first")
     if mode == "recompute":
+        from tisdpo.estimate import apply_rule, weight_rule
+
         rule, params = weight_rule(ctx.cfg, pcfg.method)
-        train_raw, eval_raw = (_apply_rule(r, rule, params, pcfg.impl)
+        kind = (meta or {}).get("score_kind", "c_t")
+        train_raw, eval_raw = (apply_rule(r, rule, params, pcfg.impl, score_kind=kind)
                                for r in (train_raw, eval_raw))
     elif mode == "random":
         lo, hi = ctx.cfg.weights.w_min, ctx.cfg.weights.w_max
-        train_raw, eval_raw = (_random_weights(r, lo, hi, ctx.cfg.seed + k)
+        from tisdpo.estimate import random_weights
+
+        train_raw, eval_raw = (random_weights(r, lo, hi, ctx.cfg.seed + k)
                                for k, r in enumerate((train_raw, eval_raw)))
     use = mode != "equal"
     if not use:
         drop = [c for c in WEIGHT_COLUMNS if c in train_raw.column_names]
         train_raw, eval_raw = train_raw.remove_columns(drop), eval_raw.remove_columns(drop)
     return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
-
-
-def _apply_rule(raw, rule, params, impl):
-    from tisdpo_kernels import token_weights
-
-    def fn(batch):
-        out = {}
-        for s_col, w_col, side in zip(SCORE_COLUMNS, WEIGHT_COLUMNS, ("chosen", "rejected")):
-            scores = batch[s_col]
-            c = torch.tensor([x for row in scores for x in row], dtype=torch.float32)
-            seq = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scores)])
-            w = token_weights(c, torch.zeros_like(c), side=side, method=rule, params=params,
-                              seq_ids=seq, impl=impl)
-            out[w_col] = [x.tolist() for x in w.split([len(r) for r in scores])]
-        return out
-    return raw.map(fn, batched=True, desc=f"weights: {rule}")
-
-
-def _random_weights(raw, lo: float, hi: float, seed: int):
-    import numpy as np
-
-    def fn(rec, i):
-        rng = np.random.default_rng([seed, i])
-        return {w: rng.uniform(lo, hi, len(rec[s])).tolist()
-                for s, w in zip(SCORE_COLUMNS, WEIGHT_COLUMNS)}
-    return raw.map(fn, with_indices=True, desc="weights: random")
 
 
 def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "policy") -> str:
@@ -582,6 +382,13 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, pcfg.method, pcfg.beta, pcfg.impl, ref_model=ref,
                       use_weights=use_weights))
+
+
+def run_weights(ctx: Context) -> str:
+    """The offline weights stage (:func:`tisdpo.estimate.run_weights`)."""
+    from tisdpo.estimate import run_weights as run
+
+    return run(ctx)
 
 
 def run_pipeline(ctx: Context) -> dict:

@@ -376,9 +376,9 @@ class Trainer:
                     last = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
                             "epoch": self.state.epoch + self.state.micro /
                             self.micro_per_epoch,
-                            **{k: float(v) for k, v in metrics.items()},
-                            "elapsed_s": time.perf_counter() - t0}
-                    sink.write(step, last)
+                            **{k: float(v) for k, v in metrics.items()}}
+                    # wall time goes to the log only: results stay reproducible run to run
+                    sink.write(step, {**last, "elapsed_s": time.perf_counter() - t0})
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                 if cfg.eval_every and step % cfg.eval_every == 0 and \
                         step != self.state.total_steps:

@@ -1,0 +1,286 @@
+"""Offline token-weight estimation (the ``weights`` stage) and the weight rules of training.
+
+The pass runs pi+ and pi- (and, optionally, the reference) over every pair in batches and
+keeps only per-token log-probabilities: the hidden states of the completion tokens go
+through the fused ``linear_logprobs`` (or ``contrastive_logscores`` for cDPO), so no
+tokens x vocab logits are formed and nothing but per-token scalars reaches the host. It
+writes ``<run_dir>/weights/{train,eval}`` (``save_to_disk``, plus JSONL) — the records with
+per-token list columns aligned 1:1 with ``tokenize_pairs`` under the policy method's
+tokenisation (recorded in ``weights/meta.json``):
+
+- ``chosen_score`` / ``rejected_score``: the raw score. For every rule but cDPO it is
+  ``c_t = log pi+(y_t) − log pi−(y_t)`` — c_t itself, **not** the official code's stored
+  ``−c_t``. For ``weights.method=cdpo`` it is cDPO's log-score
+  ``log softmax((1+b)·z+ − b·z−)[y_t]`` (``meta.json`` says which: ``score_kind``).
+- ``chosen_weight`` / ``rejected_weight``: the final weights of the rule (``weights.method``,
+  default the policy preset's: rank_based for ``tisdpo``; μ = +1 chosen, −1 rejected), used
+  as they are in training. ``policy.token_weights=recompute`` applies another rule to the
+  stored scores at training time instead; ``random`` replaces them by U(w_min, w_max).
+- ``ref_chosen_logps`` / ``ref_rejected_logps`` (``weights.ref_logps``): the reference
+  model's log-probs, so policy training needs no reference model (unless its loss has a KL).
+
+Tokens cut off by ``data.max_length`` get 0.0 in every column (they are cut again, with their
+tokens, when the same configuration tokenises the records for training). The pass writes
+shards of 2048 pairs and resumes from the last finished shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+
+from tisdpo import stages
+from tisdpo.config import RunConfig
+from tisdpo.model import head
+from tisdpo.stages import (
+    REF_COLUMNS, SCORE_COLUMNS, WEIGHT_COLUMNS, Context, _contrastive_models, load_records,
+    load_stage_model, make_collator, reference_path, tokenize_cfg, tokenize_records,
+)
+from tisdpo.trainer import forward_hidden, rows_of, stage_done
+
+__all__ = ["run_weights", "weight_rule", "completion_logps", "apply_rule", "random_weights"]
+
+log = logging.getLogger("tisdpo")
+
+
+def weight_rule(cfg: RunConfig, method: str | None = None):
+    """(weight method, WeightParams) from the weights section and the policy preset."""
+    from tisdpo_kernels import WeightParams, get_preset
+
+    w = cfg.weights
+    rule = w.method or get_preset(method or cfg.policy.method).weight_method or "rank_based"
+    params = WeightParams(k=w.k, lower=w.lower, upper=w.upper, clip_lower=w.clip_lower,
+                          clip_upper=w.clip_upper, w_min=w.w_min, w_max=w.w_max,
+                          top_percent=w.top_percent, only_neg=w.only_neg,
+                          round_decimals=w.round_decimals)
+    return rule, params
+
+
+@torch.no_grad()
+def completion_hidden(ctx: Context, model, batch: dict):
+    """Hidden states [N, D] and targets [N] of every completion token of a padded batch
+    (rows in order: the chosen sequences, then the rejected ones), the head, and the
+    per-sequence token counts."""
+    dev = {k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    hidden, weight, bias = forward_hidden(model, dev, ctx.cfg.model, ctx.device, grad=False)
+    mask = dev["labels"] != -100
+    counts = (batch["labels"] != -100).sum(1).tolist()        # the CPU copy: no device sync
+    return hidden[mask], dev["labels"][mask], weight, bias, counts
+
+
+@torch.no_grad()
+def completion_logps(ctx: Context, model, batch: dict, impl: str) -> list[torch.Tensor]:
+    """Per sequence (chosen rows, then rejected rows) the completion tokens' log-probs."""
+    from tisdpo_kernels import linear_logprobs
+
+    h, y, weight, bias, counts = completion_hidden(ctx, model, batch)
+    logp = linear_logprobs(h, weight, y, bias=bias, softcap=head(model).softcap, impl=impl)
+    return list(logp.float().cpu().split(counts))
+
+
+@torch.no_grad()
+def _cdpo_logscores(ctx, models, batch_pos, batch_neg, impl) -> list[torch.Tensor]:
+    from tisdpo_kernels import contrastive_logscores
+
+    hp, yp, wp, bp, counts = completion_hidden(ctx, models["positive"], batch_pos)
+    hn, yn, wn, bn, _ = completion_hidden(ctx, models["negative"], batch_neg)
+    if not torch.equal(yp, yn):
+        raise ValueError("cdpo scores: pi+ and pi- batches have different completion tokens")
+    s = contrastive_logscores(hp, wp, hn, wn, yp, b=ctx.cfg.weights.cdpo_b, bias_pos=bp,
+                              bias_neg=bn, impl=impl)
+    return list(s.float().cpu().split(counts))
+
+
+def _with_prefix(raw, prefix: str):
+    """Records with ``prefix`` before each prompt (a system message for chat records)."""
+    def fn(rec):
+        p = rec["prompt"]
+        if isinstance(p, str):
+            return {"prompt": prefix + p}
+        return {"prompt": [{"role": "system", "content": prefix.strip()}] + list(p)}
+    return raw.map(fn, desc="contrastive prompt")
+
+
+def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl):
+    """Columns for one shard of tokenised pairs (each list: rows in order)."""
+    from tisdpo_kernels import token_weights
+
+    collate = make_collator(ctx, packed=False)
+    bs = ctx.cfg.weights.batch_size
+    out = {k: [] for k in ("record_index",) + SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS}
+    for start in range(0, len(rows_pol), bs):
+        pol = rows_pol[start:start + bs]
+        b = len(pol)
+        batch_pos, batch_neg = collate(rows_pos[start:start + bs]), \
+            collate(rows_neg[start:start + bs])
+        if rule == "cdpo":
+            score = _cdpo_logscores(ctx, models, batch_pos, batch_neg, impl)
+            lp_pos, lp_neg = score, None
+        else:
+            lp_pos = completion_logps(ctx, models["positive"], batch_pos, impl)
+            lp_neg = completion_logps(ctx, models["negative"], batch_neg, impl)
+            for i in range(2 * b):
+                if lp_pos[i].shape != lp_neg[i].shape:
+                    raise ValueError(f"record {pol[i % b]['record_index']}: pi+ and pi- see "
+                                     f"different completion tokens ({lp_pos[i].numel()} vs "
+                                     f"{lp_neg[i].numel()})")
+            score = [p - n for p, n in zip(lp_pos, lp_neg)]
+        ref = completion_logps(ctx, models["reference"], collate(pol), impl) \
+            if models.get("reference") is not None else None
+        sizes = [x.numel() for x in lp_pos]
+        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+        w = token_weights(torch.cat(lp_pos), None if lp_neg is None else torch.cat(lp_neg),
+                          side=seq < b, method=rule, params=params, seq_ids=seq, impl=impl)
+        c = torch.cat(score)
+        if params.round_decimals is not None and rule != "cdpo":
+            c = torch.round(c, decimals=params.round_decimals)
+        w_rows, c_rows = w.split(sizes), c.split(sizes)
+        for j, rec in enumerate(pol):
+            out["record_index"].append(int(rec["record_index"]))
+            for s, (cc, ww, rr) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS, REF_COLUMNS)):
+                out[cc].append(c_rows[j + s * b].tolist())
+                out[ww].append(w_rows[j + s * b].tolist())
+                out[rr].append(ref[j + s * b].tolist() if ref is not None else None)
+    return out
+
+
+def run_weights(ctx: Context) -> str:
+    """Offline token-weight estimation (+ reference log-probs); returns the weights dir."""
+    import datasets
+
+    cfg = ctx.cfg
+    out_dir = ctx.path("weights")
+    if cfg.pipeline.resume and stage_done(out_dir):
+        log.info("weights: already done (%s), skipping", out_dir)
+        return out_dir
+    with ctx.par.main_first():
+        if not cfg.pipeline.resume and ctx.par.is_main:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir, exist_ok=True)
+    info = _contrastive_models(ctx)
+    variant = info["variant"]
+    rule, params = weight_rule(cfg)
+    impl = cfg.weights.impl
+    tok_cfg = tokenize_cfg(cfg, cfg.policy.method)
+    models = {"positive": load_stage_model(ctx, info["positive"], trainable=False)}
+    models["negative"] = models["positive"] if info["negative"] == info["positive"] \
+        else load_stage_model(ctx, info["negative"], trainable=False)
+    ref_path = reference_path(ctx) if cfg.weights.ref_logps else None
+    if ref_path is not None:
+        models["reference"] = load_stage_model(ctx, ref_path, trainable=False)
+    train_raw, eval_raw = load_records(ctx)
+    for split, raw in (("train", train_raw), ("eval", eval_raw)):
+        drop = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in raw.column_names]
+        raw = raw.remove_columns(drop)
+        tok_pol = tokenize_records(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
+        if variant == "prompt":
+            c = cfg.contrastive
+            tok_pos = tokenize_records(ctx, _with_prefix(raw, c.positive_prompt), "",
+                                       "pi+ prompts", tok_cfg)
+            tok_neg = tokenize_records(ctx, _with_prefix(raw, c.negative_prompt), "",
+                                       "pi- prompts", tok_cfg)
+        else:
+            tok_pos = tok_neg = tok_pol
+        shards, shard_size = [], stages._SHARD
+        for k, start in enumerate(range(0, len(tok_pol), shard_size)):
+            sdir = os.path.join(out_dir, "_shards", f"{split}-{k:05d}")
+            if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
+                idx = range(start, min(start + shard_size, len(tok_pol)))
+                cols = _estimate_shard(ctx, rows_of(tok_pol, idx), rows_of(tok_pos, idx),
+                                       rows_of(tok_neg, idx), models, rule, params, impl)
+                if ref_path is None:
+                    for r in REF_COLUMNS:
+                        cols.pop(r)
+                datasets.Dataset.from_dict(cols).save_to_disk(sdir + ".tmp")
+                os.replace(sdir + ".tmp", sdir)
+                log.info("weights %s: shard %d (%d pairs) written", split, k, len(idx))
+            shards.append(sdir)
+        ctx.par.barrier()                        # every rank's shards are on disk
+        if not ctx.par.is_main:                  # rank 0 merges them in record order
+            continue
+        est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
+        result = _merge(raw, est, _maybe_full(ctx, raw, tok_cfg, tok_pol))
+        result.save_to_disk(os.path.join(out_dir, split))
+        if cfg.weights.jsonl:
+            result.to_json(os.path.join(out_dir, f"{split}.jsonl"), lines=True)
+    score_kind = "cdpo_log_score" if rule == "cdpo" else "c_t"
+    meta = {"tokenize": asdict(tok_cfg), "policy_method": cfg.policy.method,
+            "weight_method": rule, "weight_params": asdict(params), "score_kind": score_kind,
+            "score": ("log softmax((1+b) z+ - b z-)[y_t], b = %g" % cfg.weights.cdpo_b
+                      if rule == "cdpo" else
+                      "c_t = log pi+(y_t) - log pi-(y_t) (the official code stores -c_t)"),
+            "variant": variant, "positive": info["positive"], "negative": info["negative"],
+            "reference": ref_path}
+    if ctx.par.is_main:
+        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2)
+        shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
+        with open(os.path.join(out_dir, "done.json"), "w", encoding="utf-8") as fh:
+            json.dump({"stage": "weights", **meta}, fh, indent=2)
+    ctx.par.barrier()
+    return out_dir
+
+
+def _maybe_full(ctx, raw, tok_cfg, tok_pol):
+    """Untruncated lengths only when the policy tokenisation cut something."""
+    from tisdpo.data import tokenize_pairs
+
+    probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
+    if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+           < tok_cfg.max_length for r in tok_pol):
+        return None
+    tok, _ = tokenize_pairs(raw, ctx.tokenizer, probe)
+    return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]))
+            for r in tok}
+
+
+def _merge(raw, est, full):
+    """Raw records of the estimated pairs plus their per-token columns (0-padded to full)."""
+    cols = est.to_dict()                       # plain lists (column access is lazy and slow)
+    idx = cols.pop("record_index")             # tokenised order = increasing record index
+    out = raw.select(idx)
+    for name, vals in cols.items():
+        if full is not None:
+            side = 0 if "chosen" in name else 1
+            vals = [v + [0.0] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
+        out = out.add_column(name, vals)
+    return out
+
+
+# ---------------------------------------------------------------------------- at training time
+
+def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t"):
+    """Records with ``*_weight`` recomputed from the stored ``*_score`` by ``rule``."""
+    from tisdpo_kernels import token_weights
+
+    if (rule == "cdpo") != (score_kind == "cdpo_log_score"):
+        raise ValueError(f"policy.token_weights=recompute with weights.method={rule!r}: the "
+                         f"stored scores are {score_kind!r}, which that rule cannot use; "
+                         f"rerun `tisdpo weights` with weights.method={rule}")
+
+    def fn(batch):
+        out = {}
+        for s_col, w_col, side in zip(SCORE_COLUMNS, WEIGHT_COLUMNS, ("chosen", "rejected")):
+            scores = batch[s_col]
+            c = torch.tensor([x for row in scores for x in row], dtype=torch.float32)
+            seq = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scores)])
+            w = token_weights(c, None if rule == "cdpo" else torch.zeros_like(c), side=side,
+                              method=rule, params=params, seq_ids=seq, impl=impl)
+            out[w_col] = [x.tolist() for x in w.split([len(r) for r in scores])]
+        return out
+    return raw.map(fn, batched=True, desc=f"weights: {rule}")
+
+
+def random_weights(raw, lo: float, hi: float, seed: int):
+    """Records with weights U(lo, hi) per token (seeded per record: order-independent)."""
+    import numpy as np
+
+    def fn(rec, i):
+        rng = np.random.default_rng([seed, i])
+        return {w: rng.uniform(lo, hi, len(rec[s])).tolist()
+                for s, w in zip(SCORE_COLUMNS, WEIGHT_COLUMNS)}
+    return raw.map(fn, with_indices=True, desc="weights: random")
