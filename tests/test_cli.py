@@ -49,7 +49,7 @@ def test_yaml_then_flags_precedence(tmp_path, capsys):
     path.write_text(yaml.safe_dump({
         "seed": 3, "run_dir": "runs/from-yaml",
         "policy": {"lr": 1.0e-4, "method": "tisdpo_paper", "max_grad_norm": None},
-        "sft": {"enabled": True}, "data": {"max_length": 128}}))
+        "sft": {"enabled": True}, "data": {"max_length": 128, "max_prompt_length": 64}}))
     got = _resolved(["train", "--config", str(path), "--policy.lr", "3e-4", "--data.eos",
                      "count"], capsys)
     assert got["policy"]["lr"] == 3e-4                     # flag beats YAML
@@ -81,6 +81,8 @@ def test_demo_defaults_sit_below_yaml_and_flags(capsys):
     ({"policy": {"optimizer": "sgd"}}, "policy.optimizer must be one of"),
     ({"sft": {"enabled": "maybe"}}, "sft.enabled expects bool"),
     ({"lr": 1}, "did you mean"),
+    ({"data": {"max_length": 40}}, "data.max_prompt_length must be in [1, data.max_length=40)"),
+    ({"policy": {"grad_accum": 0}}, "policy.grad_accum must be >= 1"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_yaml_names_the_option(tmp_path, capsys, bad, message):
@@ -125,3 +127,26 @@ def test_train_stopped_then_resumed_in_a_new_process_matches_uninterrupted(tmp_p
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming in a new process"
     assert os.path.isfile(os.path.join(cut, "config.yaml"))
+
+
+def test_pipeline_command_from_a_yaml_file(tmp_path, capsys):
+    conf = {
+        "run_dir": str(tmp_path / "run"), "device": "cpu", "threads": 1,
+        "model": {"tiny_hidden_size": 32, "tiny_layers": 1, "tiny_heads": 2, "tiny_kv_heads": 1,
+                  "tiny_intermediate_size": 48},
+        "data": {"synthetic_train": 12, "synthetic_eval": 4, "max_length": 40,
+                 "max_prompt_length": 16},
+        "sft": {"enabled": True, "max_steps": 1, "batch_size": 4},
+        "contrastive": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0},
+        "policy": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "lr": 1e-3},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    assert cli.main(["pipeline", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("sft", "contrastive", "weights", "policy"):
+        assert f"{stage}: " in out
+    run = tmp_path / "run"
+    assert json.load(open(run / "policy" / "done.json"))["init"].endswith("sft/final")
+    assert yaml.safe_load(open(run / "config.yaml"))["policy"]["max_steps"] == 2

@@ -9,7 +9,7 @@ from tests.numerics import assert_oracle
 from tisdpo.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.config import LogConfig, ModelConfig, TrainConfig
 from tisdpo.loss import TISDPOLoss
-from tisdpo.model import build_tiny_model, head, hidden_states
+from tisdpo.model import build_tiny_model, enable_activation_checkpointing, head, hidden_states
 from tisdpo.trainer import (
     PreferenceObjective, SFTObjective, Trainer, latest_checkpoint, lr_factor, stage_done,
 )
@@ -195,3 +195,40 @@ def test_model_hidden_states_feed_the_head():
 def test_empty_data_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         _trainer(_model(), _pref_objective(), [], tmp_path)
+
+
+def _one_step_grads(tmp_path, model, model_cfg, impl="torch"):
+    objective = PreferenceObjective(TISDPOLoss(method="tisdpo", impl=impl), model_cfg=model_cfg,
+                                    device=CPU, use_weights=True)
+    t = _trainer(model, objective, _records(6), tmp_path, batch_size=6, grad_accum=1,
+                 max_grad_norm=None)
+    return _captured_grads(t)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    import dataclasses
+
+    ckpt_cfg = dataclasses.replace(MCFG, gradient_checkpointing=True)
+    model = _model()
+    enable_activation_checkpointing(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    actual = _one_step_grads(tmp_path / "a", model, ckpt_cfg)
+    eager = _one_step_grads(tmp_path / "b", _model(), MCFG, impl="reference")
+    truth = _one_step_grads(tmp_path / "c", _model(dtype=torch.float64), MCFG, impl="reference")
+    for name in truth:
+        assert_oracle(actual[name], eager[name], truth[name], dtype=torch.float32,
+                      name=f"checkpointed grad {name}", metric="rms")
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
+@pytest.mark.parametrize("mode", ["autocast", "weights"])
+def test_bf16_training_step_runs(tmp_path, mode):
+    import dataclasses
+
+    cfg = dataclasses.replace(MCFG, dtype="bfloat16", bf16_mode=mode)
+    model = _model(dtype=torch.bfloat16 if mode == "weights" else torch.float32)
+    grads = _one_step_grads(tmp_path, model, cfg)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    want = torch.bfloat16 if mode == "weights" else torch.float32
+    assert all(g.dtype == want for g in grads.values())

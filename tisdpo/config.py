@@ -29,7 +29,7 @@ __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
     "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig",
     "DistributedConfig", "RunConfig",
-    "apply_overrides", "build_config", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
+    "apply_overrides", "build_config", "validate", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
 ]
 
 
@@ -404,12 +404,41 @@ def dump_yaml(cfg: RunConfig, path: str | None = None) -> str:
     return text
 
 
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and cross-option checks; a ValueError names the option(s) and the value."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    d = cfg.data
+    need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
+    need(1 <= d.max_prompt_length < d.max_length,
+         f"data.max_prompt_length must be in [1, data.max_length={d.max_length}), got "
+         f"{d.max_prompt_length}")
+    need(0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    for name in ("sft", "contrastive", "policy"):
+        t = getattr(cfg, name)
+        need(t.lr > 0, f"{name}.lr must be > 0, got {t.lr}")
+        need(t.batch_size >= 1, f"{name}.batch_size must be >= 1, got {t.batch_size}")
+        need(t.grad_accum >= 1, f"{name}.grad_accum must be >= 1, got {t.grad_accum}")
+        need(t.epochs > 0 or t.max_steps > 0,
+             f"{name}.epochs must be > 0 when {name}.max_steps is 0, got {t.epochs}")
+        need(t.max_steps >= 0 and t.warmup_steps >= 0,
+             f"{name}.max_steps and {name}.warmup_steps must be >= 0")
+        need(t.max_grad_norm is None or t.max_grad_norm > 0,
+             f"{name}.max_grad_norm must be > 0 or empty, got {t.max_grad_norm}")
+        need(t.eval_batch_size >= 1, f"{name}.eval_batch_size must be >= 1")
+    need(cfg.weights.batch_size >= 1, "weights.batch_size must be >= 1")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    return cfg
+
+
 def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None,
                  base: RunConfig | None = None) -> RunConfig:
-    """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags)."""
+    """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags); validated."""
     cfg = base if base is not None else RunConfig()
     if yaml_path:
         apply_overrides(cfg, load_yaml(yaml_path))
     if overrides:
         apply_overrides(cfg, overrides)
-    return cfg
+    return validate(cfg)

@@ -19,6 +19,7 @@ from tisdpo.config import ModelConfig
 __all__ = [
     "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
     "disable_dropout", "autocast", "compute_dtype", "resolve_device", "save_model",
+    "enable_activation_checkpointing",
 ]
 
 
@@ -128,13 +129,24 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
     if trainable:
         model.train()
         if cfg.gradient_checkpointing:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
     else:
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant): transformers' own switch,
+    ``activation_checkpointing_enable`` where it exists (>= 5.x), else
+    ``gradient_checkpointing_enable``."""
+    model.config.use_cache = False
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_model(model, out_dir: str, tokenizer=None) -> None:
