@@ -141,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    from tisdpo_kernels._env import torchrun_env
+
+    rank = (torchrun_env() or (0, 1, 0))[0]           # under torchrun only rank 0 logs info
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
     import os
 
