@@ -26,7 +26,7 @@ def demo_run(tmp_path_factory):
 def test_demo_fast_runs_every_stage_and_reports(demo_run, capsys):
     res = json.load(open(os.path.join(demo_run, "demo_results.json")))
     for stage in ("sft", "contrastive/positive", "contrastive/negative", "weights",
-                  *(f"policy-{name}" for _, name, _, _ in POLICIES)):
+                  *(f"policy-{name}-seed0" for _, name, _, _ in POLICIES)):
         assert os.path.isfile(os.path.join(demo_run, stage, "done.json")), stage
     methods = [r["method"] for r in res["rows"]]
     assert methods == ["reference (SFT)"] + [label for label, *_ in POLICIES]
@@ -37,7 +37,7 @@ def test_demo_fast_runs_every_stage_and_reports(demo_run, capsys):
             assert 0.0 <= value <= 1.0, key
     md = open(os.path.join(demo_run, "demo_results.md")).read()
     assert "| TIS-DPO |" in md and "AUC" in md and res["note"] in md
-    steps = {json.load(open(os.path.join(demo_run, f"policy-{n}", "done.json")))["steps"]
+    steps = {json.load(open(os.path.join(demo_run, f"policy-{n}-seed0", "done.json")))["steps"]
              for _, n, _, _ in POLICIES}
     assert steps == {res["policy_steps"]}                        # equal steps per method
     # a second run resumes: every stage is skipped, the table is printed again
@@ -75,15 +75,22 @@ def test_auc_mann_whitney():
 
 def test_table_reports_a_loss_for_tisdpo_honestly():
     se = {"accuracy_se": 0.02, "reward_se": 0.01}
-    rows = {"DPO": {"accuracy": 0.8, "reward": 0.3, **se},
-            "TIS-DPO": {"accuracy": 0.7, "reward": 0.2, **se}}
-    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in _verdict(rows)
-    rows["TIS-DPO"].update(accuracy=0.81, reward=0.305)
-    assert "did NOT beat DPO beyond noise" in _verdict(rows)
-    rows["TIS-DPO"]["reward"] = 0.4
-    assert "TIS-DPO beat DPO on task reward by more than 2" in _verdict(rows)
-    rows["TIS-DPO"]["accuracy"] = 0.6
-    assert "Mixed: better on task reward, worse on held-out accuracy" in _verdict(rows)
+
+    def rows(acc, rew):
+        return {"DPO": {"accuracy_per_seed": [0.8], "reward_per_seed": [0.3], **se},
+                "TIS-DPO": {"accuracy_per_seed": [acc], "reward_per_seed": [rew], **se}}
+    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in \
+        _verdict(rows(0.7, 0.2), 1)
+    assert "did NOT beat DPO beyond noise" in _verdict(rows(0.81, 0.305), 1)
+    assert "TIS-DPO beat DPO on task reward by more than 2" in _verdict(rows(0.81, 0.4), 1)
+    assert "Mixed: better on task reward, worse on held-out accuracy" in \
+        _verdict(rows(0.6, 0.4), 1)
+    # several seeds: the paired differences' spread decides, not the per-run SE
+    many = {"DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8], "reward_per_seed": [0.3, 0.3, 0.3]},
+            "TIS-DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8],
+                        "reward_per_seed": [0.35, 0.25, 0.31]}}
+    note = _verdict(many, 3)
+    assert "beyond noise" in note and "per seed +0.050, -0.050, +0.010" in note
     res = {"train_pairs": 10, "eval_pairs": 5, "policy_steps": 3, "wall_s": 1.0,
            "weight_method": "rank_based", "note": "n",
            "auc": {f"{s}/{side}/{k}": 0.5 for s in ("train", "eval")

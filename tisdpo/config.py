@@ -209,6 +209,10 @@ class LogConfig:
 @dataclass
 class DemoConfig:
     fast: bool = opt(False, "tiny sizes for tests (seconds, numbers meaningless)")
+    policy_seeds: int = opt(3, "train every compared policy this many times (seeds = seed, "
+                               "seed+1, ...; they change the data order and the random "
+                               "weights); the table reports the mean and its standard error "
+                               "across seeds")
     sample_prompts: int = opt(200, "held-out prompts sampled for the task reward")
     samples_per_prompt: int = opt(2, "responses sampled per prompt (with do_sample)")
     max_new_tokens: int = opt(24, "tokens generated per sampled response")

@@ -23,7 +23,8 @@ Reported, as measured (nothing is tuned per method):
   tokens (P(c_good > c_bad)), per side, on the training pairs (whose weights training uses)
   and on held-out pairs; and the AUC of the final weights in the direction the method wants
   (chosen: good tokens weighted above bad ones; rejected: bad above good).
-- per policy: held-out preference accuracy — the fraction of held-out pairs whose implicit
+- per policy (each trained ``demo.policy_seeds`` times, 3 by default, with different data
+  orders; mean ± standard error across seeds): held-out preference accuracy — the fraction of held-out pairs whose implicit
   reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the response's text tokens (no EOS, no
   weights: one yardstick for every method) is higher for the chosen response — and the task
   reward (#good − #bad words)/#words of responses sampled for held-out prompts (two samples
@@ -80,7 +81,7 @@ def demo_config(fast: bool = False) -> RunConfig:
         cfg.demo.fast = True
         cfg.data.synthetic_train, cfg.data.synthetic_eval = 48, 16
         cfg.demo.sample_prompts, cfg.demo.max_new_tokens = 8, 8
-        cfg.demo.samples_per_prompt = 1
+        cfg.demo.samples_per_prompt, cfg.demo.policy_seeds = 1, 1
         for t in (cfg.sft, cfg.contrastive, cfg.policy):
             t.epochs, t.warmup_steps, t.eval_max_pairs = 1.0, 1, 16
         cfg.log.progress = False
@@ -204,7 +205,8 @@ def format_table(res: dict) -> str:
     f = lambda x: "n/a" if x is None or x != x else f"{x:.3f}"  # noqa: E731
     lines = [
         f"## TIS-DPO demo ({res['train_pairs']} training pairs, {res['eval_pairs']} held out; "
-        f"{res['policy_steps']} policy steps per method; wall time {res['wall_s']:.0f} s)",
+        f"{res['policy_steps']} policy steps per method and seed, "
+        f"{len(res.get('policy_seeds', [0]))} seed(s); wall time {res['wall_s']:.0f} s)",
         "",
         "Token weights vs planted token quality (AUC, 0.5 = chance):",
         "",
@@ -217,7 +219,7 @@ def format_table(res: dict) -> str:
         f"| {res['weight_method']} weights as used, train (chosen: good > bad; rejected: "
         f"bad > good) | {f(a['train/chosen/weight'])} | {f(a['train/rejected/weight'])} |",
         "",
-        "Policies (same data, steps, optimiser, lr and beta):",
+        "Policies from the same SFT model (same data, steps, optimiser, lr and beta):",
         "",
         "| method | held-out preference accuracy | task reward of sampled responses | "
         "accuracy by its own training reward |",
@@ -232,7 +234,11 @@ def format_table(res: dict) -> str:
             rew += f" ± {row['reward_se']:.3f}"
         own = "-" if row.get("own_accuracy") is None else f"{row['own_accuracy']:.3f}"
         lines.append(f"| {row['method']} | {acc} | {rew} | {own} |")
-    lines += ["", f"± one standard error; accuracy over {res['eval_pairs']} held-out pairs "
+    n_seeds = len(res.get("policy_seeds", [0]))
+    lines += ["", (f"Mean over {n_seeds} policy-training seeds ± its standard error across "
+                   f"seeds (the reference row: ± the sampling standard error); "
+                   if n_seeds > 1 else "± one standard error; ")
+              + f"accuracy over {res['eval_pairs']} held-out pairs "
               f"(implicit reward = summed log-ratio over the text tokens, unweighted, for every "
               f"method); reward over {res['rows'][0].get('samples', '?')} sampled responses "
               f"({res.get('sampling', '')}); last column: the held-out accuracy of the implicit "
@@ -242,15 +248,20 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict(rows: dict) -> str:
-    """TIS-DPO against DPO, per metric in standard errors of the difference, plainly."""
+def _verdict(rows: dict, n_seeds: int) -> str:
+    """TIS-DPO against DPO per metric: the mean paired difference over seeds and its SE."""
     t, d = rows["TIS-DPO"], rows["DPO"]
     parts, wins, losses = [], [], []
     for key, name in (("reward", "task reward"), ("accuracy", "held-out accuracy")):
-        diff = t[key] - d[key]
-        se = math.hypot(t.get(f"{key}_se") or 0.0, d.get(f"{key}_se") or 0.0)
+        diffs = np.asarray(t[f"{key}_per_seed"]) - np.asarray(d[f"{key}_per_seed"])
+        diff = float(diffs.mean())
+        if diffs.size > 1:
+            se = float(diffs.std(ddof=1) / np.sqrt(diffs.size))
+        else:
+            se = math.hypot(t.get(f"{key}_se") or 0.0, d.get(f"{key}_se") or 0.0)
         z = diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
-        parts.append(f"{name} {diff:+.3f} ({z:+.1f} SE)")
+        seeds = ", ".join(f"{x:+.3f}" for x in diffs)
+        parts.append(f"{name} {diff:+.3f} ({z:+.1f} SE; per seed {seeds})")
         if z > 2:
             wins.append(name)
         elif z < -2:
@@ -264,9 +275,29 @@ def _verdict(rows: dict) -> str:
     else:
         summary = ("TIS-DPO did NOT beat DPO beyond noise (no difference exceeds 2 standard "
                    "errors).")
-    return (f"TIS-DPO vs DPO: {', '.join(parts)}. {summary} One seed and one run each: the "
-            f"standard errors cover sampling and held-out-set noise, not run-to-run training "
-            f"variance.")
+    scope = (f"Standard errors over {n_seeds} policy-training seeds (paired by seed); the "
+             f"data, SFT model and pi+/pi- come from one seed, so they do not cover that "
+             f"variation."
+             if n_seeds > 1 else "One seed: the standard errors cover sampling and held-out-"
+             "set noise, not run-to-run training variance.")
+    return f"TIS-DPO vs DPO: {'; '.join(parts)}. {summary} {scope}"
+
+
+def _aggregate(label: str, runs: list[dict]) -> dict:
+    """Mean over seeds; SE across seeds when there are several, else within the one run."""
+    row = {"method": label}
+    for key in ("accuracy", "reward", "own_accuracy"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if not vals:
+            row[key] = None
+            continue
+        row[key] = float(np.mean(vals))
+        row[f"{key}_per_seed"] = vals
+        if key != "own_accuracy":
+            row[f"{key}_se"] = _se(vals) if len(vals) > 1 else runs[0].get(f"{key}_se")
+    row["samples"] = runs[0].get("samples")
+    row["examples"] = runs[0].get("examples", [])
+    return row
 
 
 def run_demo(cfg: RunConfig) -> dict:
@@ -281,41 +312,45 @@ def run_demo(cfg: RunConfig) -> dict:
     stages.run_sft(ctx)
     stages.run_contrastive(ctx)
     stages.run_weights(ctx)
-    finals = {}
-    for label, name, method, weights in POLICIES:
-        pcfg = dataclasses.replace(cfg.policy, method=method, token_weights=weights)
-        finals[label] = stages.run_policy(ctx, pcfg, name=f"policy-{name}")
+    seeds = [cfg.seed + k for k in range(max(cfg.demo.policy_seeds, 1))]
+    finals: dict[str, list[str]] = {label: [] for label, *_ in POLICIES}
+    for seed in seeds:
+        for label, name, method, weights in POLICIES:
+            pcfg = dataclasses.replace(cfg.policy, method=method, token_weights=weights)
+            finals[label].append(stages.run_policy(ctx, pcfg, name=f"policy-{name}-seed{seed}",
+                                                   seed=seed))
     log.info("demo: evaluating")
+    from tisdpo.trainer import read_done
+
     impl = cfg.policy.impl
     _, eval_raw = stages.load_records(ctx)
-    tok_eval = stages.tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")   # text tokens, no EOS
-    ref_path = stages.reference_path(ctx)
-    ref = stages.load_stage_model(ctx, ref_path, trainable=False)
+    tok_eval = stages.tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
+    ref = stages.load_stage_model(ctx, stages.reference_path(ctx), trainable=False)
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
     prompts = [tok_eval[i]["prompt_ids"] for i in range(min(cfg.demo.sample_prompts,
                                                             len(tok_eval)))]
     rows = [{"method": "reference (SFT)", "accuracy": None,
              **sample_rewards(ctx, ref, prompts, info, seed=cfg.seed)}]
     by_label = {}
-    from tisdpo.trainer import read_done
-
-    for label, path in finals.items():
-        model = stages.load_stage_model(ctx, path, trainable=False)
-        sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
-        wins = (sums[:, 0] > sums[:, 1]).double().numpy()
-        own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")
-        row = {"method": label, "accuracy": float(wins.mean()), "accuracy_se": _se(wins),
-               "own_accuracy": own, **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)}
-        rows.append(row)
-        by_label[label] = row
-    from tisdpo.trainer import read_done
-
+    for label, paths in finals.items():
+        runs = []
+        for path in paths:
+            model = stages.load_stage_model(ctx, path, trainable=False)
+            sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
+            wins = (sums[:, 0] > sums[:, 1]).double().numpy()
+            own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")
+            runs.append({"accuracy": float(wins.mean()), "accuracy_se": _se(wins),
+                         "own_accuracy": own,
+                         **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)})
+        by_label[label] = _aggregate(label, runs)
+        rows.append(by_label[label])
     res = {
         "train_pairs": cfg.data.synthetic_train, "eval_pairs": len(tok_eval),
-        "policy_steps": read_done(ctx.path("policy-tisdpo"))["steps"],
+        "policy_steps": read_done(ctx.path(f"policy-tisdpo-seed{seeds[0]}"))["steps"],
+        "policy_seeds": seeds,
         "weight_method": weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,
-        "note": _verdict(by_label), "wall_s": time.perf_counter() - t0,
+        "note": _verdict(by_label, len(seeds)), "wall_s": time.perf_counter() - t0,
         "device": str(ctx.device), "sampling": "greedy" if not cfg.demo.do_sample else
         f"{cfg.demo.samples_per_prompt} per prompt, temperature {cfg.demo.temperature}, "
         f"seed {cfg.seed}",

@@ -189,7 +189,8 @@ def make_collator(ctx: Context, *, packed: bool | None = None):
 # ---------------------------------------------------------------------------- training stages
 
 def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objective_fn,
-           train_tok, eval_tok, desc: str, extra: dict | None = None) -> str:
+           train_tok, eval_tok, desc: str, extra: dict | None = None,
+           seed: int | None = None) -> str:
     """Train a model from ``init`` into ``out_dir`` (resumable); returns out_dir/final."""
     final = os.path.join(out_dir, "final")
     if ctx.cfg.pipeline.resume and stage_done(out_dir):
@@ -198,7 +199,8 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
     model = load_stage_model(ctx, init, trainable=True)
     trainer = Trainer(model=model, objective=objective_fn(model), train_data=train_tok,
                       eval_data=eval_tok, collate_fn=make_collator(ctx), cfg=tcfg,
-                      out_dir=out_dir, device=ctx.device, seed=ctx.cfg.seed, log=ctx.cfg.log,
+                      out_dir=out_dir, device=ctx.device,
+                      seed=ctx.cfg.seed if seed is None else seed, log=ctx.cfg.log,
                       tokenizer=ctx.tokenizer, desc=desc,
                       extra_done={"init": init, **(extra or {})}, parallel=ctx.par)
     result = trainer.train(resume=ctx.cfg.pipeline.resume)
@@ -296,7 +298,7 @@ def _contrastive_models(ctx: Context) -> dict:
 
 # ---------------------------------------------------------------------------- policy
 
-def _policy_data(ctx: Context, pcfg: PolicyConfig):
+def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     """(train_raw, eval_raw, use_weights, has_ref) for policy training."""
     from tisdpo_kernels import get_preset
 
@@ -350,7 +352,8 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig):
         lo, hi = ctx.cfg.weights.w_min, ctx.cfg.weights.w_max
         from tisdpo.estimate import random_weights
 
-        train_raw, eval_raw = (random_weights(r, lo, hi, ctx.cfg.seed + k)
+        base = ctx.cfg.seed if seed is None else seed
+        train_raw, eval_raw = (random_weights(r, lo, hi, 2 * base + k)
                                for k, r in enumerate((train_raw, eval_raw)))
     use = mode != "equal"
     if not use:
@@ -359,8 +362,12 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig):
     return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
 
 
-def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "policy") -> str:
-    """Policy training with ``policy.method`` on the weights stage's data; returns final dir."""
+def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "policy",
+               seed: int | None = None) -> str:
+    """Policy training with ``policy.method`` on the weights stage's data; returns final dir.
+
+    ``seed`` (default: the run's) sets the data order and the random-weight ablation's draws.
+    """
     pcfg = pcfg or ctx.cfg.policy
     out_dir = ctx.path(name)
     if ctx.cfg.pipeline.resume and stage_done(out_dir):
@@ -369,7 +376,7 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     from tisdpo_kernels import get_preset
 
     preset = get_preset(pcfg.method)
-    train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg)
+    train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg, seed)
     tok_train = tokenize_records(ctx, train_raw, pcfg.method, f"{name} train")
     tok_eval = tokenize_records(ctx, eval_raw, pcfg.method, f"{name} eval")
     needs_ref = not preset.config.reference_free and (preset.config.uses_kl or not has_ref)
@@ -378,7 +385,8 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     return _train(ctx, pcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
                   eval_tok=tok_eval, desc=name,
                   extra={"method": pcfg.method, "token_weights": pcfg.token_weights,
-                         "reference": ref_path or "precomputed ref_logps"},
+                         "reference": ref_path or "precomputed ref_logps",
+                         "seed": ctx.cfg.seed if seed is None else seed}, seed=seed,
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, pcfg.method, pcfg.beta, pcfg.impl, ref_model=ref,
                       use_weights=use_weights))
