@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from tests.numerics import assert_oracle
-from tisdpo.collate import PaddedPairCollator
+from tisdpo.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.config import DistributedConfig, LogConfig, ModelConfig, TrainConfig
 from tisdpo.distributed import (
     Parallel, PolicyWithLoss, check_not_sharded, optimizer_state_to_fqns,
     optimizer_state_to_indices, shard_positions,
 )
 from tisdpo.loss import TISDPOLoss
-from tisdpo.model import build_tiny_model
+from tisdpo.model import build_tiny_model, enable_activation_checkpointing
 from tisdpo.trainer import PreferenceObjective, SFTObjective, Trainer, latest_checkpoint
 
 WORLD = 2
@@ -65,8 +65,9 @@ TRAIN, EVAL = _records(N_TRAIN, 1), _records(N_EVAL, 2)
 class _Recording:
     """The padded collator, remembering the uids of every training batch it built."""
 
-    def __init__(self):
-        self.inner, self.uids = PaddedPairCollator(0), []
+    def __init__(self, packed=False):
+        self.inner = PackedPairCollator(0) if packed else PaddedPairCollator(0)
+        self.uids = []
 
     def __call__(self, examples):
         self.uids.append([ex["uid"] for ex in examples])
@@ -94,9 +95,11 @@ def _trainer(out_dir, *, bs, par=None, dtype=torch.float32, model_dtype="float32
     mcfg = _mcfg()
     mcfg.dtype = model_dtype
     model = build_tiny_model(mcfg, VOCAB, seed=0).to(dtype).train()
+    if kind == "sft":                    # with activation checkpointing (exact recompute)
+        enable_activation_checkpointing(model)
     objective = _objective(kind, mcfg, dtype)
     return Trainer(model=model, objective=objective, train_data=TRAIN, eval_data=EVAL,
-                   collate_fn=_Recording(), cfg=TrainConfig(**cfg), out_dir=str(out_dir),
+                   collate_fn=_Recording(packed=kind == "packed"), cfg=TrainConfig(**cfg), out_dir=str(out_dir),
                    device=CPU, seed=3, log=QUIET, desc="dist", parallel=par)
 
 
@@ -139,7 +142,8 @@ def _stage_cfg(root, mode="none", **extra):
 
 SCENARIOS = (("ddp", "ddp", "none", "pref"), ("fsdp2", "fsdp2", "none", "pref"),
              ("fsdp2_bf16", "fsdp2", "bf16", "pref"), ("ddp_kl", "ddp", "none", "kl"),
-             ("fsdp2_kl", "fsdp2", "none", "kl"), ("fsdp2_sft", "fsdp2", "none", "sft"))
+             ("fsdp2_kl", "fsdp2", "none", "kl"), ("fsdp2_sft", "fsdp2", "none", "sft"),
+             ("fsdp2_packed", "fsdp2", "none", "packed"))
 
 
 def _quiet():
@@ -275,11 +279,13 @@ def _assert_params(actual: dict, runs, dtype=torch.float32, ref="f32", truth="f6
 
 # ------------------------------------------------------------------------ training
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "ddp_kl", "fsdp2_kl", "fsdp2_sft"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "ddp_kl", "fsdp2_kl", "fsdp2_sft",
+                                  "fsdp2_packed"])
 def test_training_equals_single_process_on_the_global_batch(runs, name):
-    """tisdpo (stored weights/ref log-probs), tisdpo_paper (KL: a reference model), SFT."""
+    """tisdpo (stored weights/ref log-probs), tisdpo_paper (KL: a reference model), SFT
+    (with activation checkpointing), and tisdpo on packed rows against padded ones."""
     kind = name.partition("_")[2]
-    pre = f"{kind}_" if kind else ""
+    pre = f"{kind}_" if kind in ("kl", "sft") else ""
     _assert_params(_params(runs["root"] / name), runs, ref=f"{pre}f32", truth=f"{pre}f64")
     # metrics reduced over ranks, eval ones included (5 pairs: rank 1 pads once)
     s = runs["single"]
