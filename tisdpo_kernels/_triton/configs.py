@@ -154,3 +154,34 @@ CONFIGS["preference_pairs"] = {  # preference_pair_fwd_kernel and preference_pai
     "default": _c(4, 1, BLOCK_P=256),
     "interpret": _c(BLOCK_P=256),
 }
+
+# token_kl.py: the fused KL of two heads. Same grid shapes as lm_head_*, but a program holds
+# two logit tiles at once (policy and reference; plus dz in backward), so half the token
+# block of the LM head. Untuned starting points: no GPU has run them yet.
+CONFIGS["token_kl_fwd"] = {
+    "sm90": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64),
+    "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32),
+    "default": _c(4, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
+    "interpret": _c(host={"min_splits": 1}, BLOCK_N=128, BLOCK_V=256, BLOCK_D=64),
+}
+CONFIGS["token_kl_fwd_combine"] = {
+    "default": _c(4, 1, BLOCK_N=1024),
+    "interpret": _c(BLOCK_N=1024),
+}
+CONFIGS["token_kl_bwd"] = {
+    "sm90": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
+    "sm80": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
+    "default": _c(4, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8),
+    "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=1),
+}
+AUTOTUNE["token_kl_fwd"] = [
+    _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+    for bn, bv, bd, w, s in [(64, 128, 64, 8, 3), (64, 128, 32, 8, 4), (128, 64, 64, 8, 3),
+                             (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)]
+]
+AUTOTUNE["token_kl_bwd"] = [
+    _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
+    for bn, bv, bd, w, s, g in [(64, 128, 64, 8, 3, 8), (64, 128, 32, 8, 4, 8),
+                                (128, 64, 64, 8, 3, 8), (64, 64, 64, 4, 3, 8),
+                                (128, 128, 32, 8, 3, 8), (64, 128, 64, 8, 3, 16)]
+]

@@ -5,470 +5,535 @@ r = softcap(W' h'_t + b') (D' may differ from D), p = softmax(z), q = softmax(r)
 
     policy_ref:  KL_t = Σ_v p_v (log p_v − log q_v)        (TIS-DPO's η)
     ref_policy:  KL_t = Σ_v q_v (log q_v − log p_v)        (TDPO)
-    logp_t = z[y_t] − lse(z),   ref_logp_t = r[y_t] − lse(r)
+    logp_t = log p_{y_t},   ref_logp_t = log q_{y_t}
 
-Forward: one sweep over vocabulary tiles; each tile forms both heads' logits (two ``tl.dot``
-loops, over D and D') and folds them into fp32 online statistics: running maxima m_p, m_q,
-sums S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the target logits, and the KL accumulator of the
+Nothing of size tokens × vocab is stored in either pass.
+
+Forward (``linear_token_kl_fwd_kernel``): one program per (token block, vocabulary split)
+walks its split's tiles; each tile forms both heads' logits (two GEMM loops, over D and D',
+fp32 accumulation) and folds them into fp32 online statistics: maxima m_p, m_q, sums
+S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the two target logits, and the KL accumulator of the
 weighting side w (p for policy_ref, q for ref_policy) against the other side o:
 
     A = Σ_v e^{x_w,v − m_w} ((x_w,v − m_w) − (x_o,v − m_o)),   KL = A / S_w − log S_w + log S_o
 
-A is kept relative to the *current* maxima, so when they move it is rescaled and shifted:
-A ← e^{m_w − m_w'} (A + S_w ((m_w − m_w') − (m_o − m_o'))). Every term is a product of a
-finite shifted log-ratio and e^{≤0}: an underflowing probability contributes 0, never
-0·log 0, and the log-ratio is centred so no large logits cancel. The vocabulary may be split
-across programs (more parallelism at small N); the partial statistics of the splits combine
-with the same rule in O(splits·N) torch ops. Saved for backward: m_p, log S_p, m_q,
-log S_q and KL (fp32 [5, N]); log p = (z − m_p) − log S_p as eager log_softmax forms it.
+A is kept relative to the *current* maxima: when they move it is rescaled and shifted,
+A ← e^{m_w − m_w'} (A + S_w ((m_w − m_w') − (m_o − m_o'))). Every term is a finite, centred
+log-ratio times e^{≤0}: a probability that underflows contributes 0 (never 0·log 0) and no
+large logits cancel. With several splits, ``linear_token_kl_fwd_combine_kernel`` merges the
+partial statistics by the same rule. Saved for backward: m_p, log S_p, m_q, log S_q, KL
+(fp32 [5, N]); log p = (z − m_p) − log S_p is formed as eager log_softmax forms it (a single
+fp32 lse of magnitude |z| would add a per-row error that sums coherently into d_weight).
+Flops: 2·N·(D + D')·V.
 
-Backward: one kernel over (token block × vocab block) tiles recomputes both logit tiles,
-forms the per-logit gradient
+Backward (``linear_token_kl_bwd_kernel``): one program per (token block, vocab block) tile,
+grouped GROUP_N token blocks at a time for L2 reuse. It recomputes both logit tiles, forms
 
     dz_v = g_logp (1[v = y] − p_v) + g_kl G_v,
-    G_v = p_v (log p_v − log q_v − KL_t)   (policy_ref)      G_v = p_v − q_v   (ref_policy)
+    G_v = p_v (log p_v − log q_v − KL_t)  (policy_ref),     G_v = p_v − q_v  (ref_policy)
 
-times the softcap derivative 1 − tanh², and pushes it into fp32 d_hidden, d_weight and d_bias
-with atomic adds (CCE's scheme). Why atomics: the tile's logits are recomputed once
-(2N(D+D')V flops) and feed both gradient GEMMs (4NDV); the deterministic alternative (a
-token-parallel kernel for d_hidden plus a vocab-parallel kernel for d_weight) must recompute
-both heads twice, 12NDV instead of 8NDV at D' = D. The price is run-to-run variation in the
-last bits of the fp32 sums. Tiles whose tokens all have zero upstream gradient (ignored
-prompt tokens) are skipped; only inputs that need a gradient get GEMMs.
+(× softcap′ on the policy side) for arbitrary per-token upstream gradients, then adds
+dz @ W into d_hidden, dzᵀ @ H into d_weight and Σ_rows dz into d_bias with fp32 atomics.
+Flops: 2·N·(D + D')·V (recompute) + 2·N·D·V per requested gradient. Why atomics: the tile
+is recomputed once and feeds both gradient GEMMs; a deterministic split (a token-parallel
+d_hidden kernel and a vocab-parallel d_weight kernel) recomputes both heads twice, 12·NDV
+instead of 8·NDV at D' = D. The price: the last bits of the fp32 sums vary run to run.
+Exact mode only: no tile is skipped for a small softmax.
+
+Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
+out on the device (``common.compact_rows``, no host sync): they cost no GEMM work and get
+kl = logp = ref_logp = 0 and zero gradient. The reference head gets no gradient.
+
+Dispatch as lm_head.py: compiled on CUDA; interpreted on CPU with 16-bit tiles upcast after
+loading (UPCAST). The public function goes through ``torch.library`` custom ops so that
+torch.compile sees one node. float64 is rejected (use impl="torch" or "reference").
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from tisdpo_kernels.config import KLOptions
+from tisdpo_kernels._triton import configs
+from tisdpo_kernels._triton.common import (
+    check_blocks, check_dtype, compact_rows, dot_precision, gather_cols, head_logits,
+    load_tile, mask_cols, softcap_grad, upcast,
+)
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-_NEG_INIT = -1.0e30  # finite running-max start: keeps (m − m') finite on the first tile
+__all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
+           "LinearTokenKLFunction"]
 
+_M0 = -1.0e30   # finite running-max start: (m − m') stays finite on a split's first tile
 
-# ----------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32, accurate near 0 (Cephes tanhf polynomial below |x| < 0.625)."""
-    ax = tl.abs(x)
-    x2 = x * x
-    small = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
-              + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
-    big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
-    big = tl.where(x < 0, -big, big)
-    return tl.where(ax < 0.625, small, big)
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dot_tile(X, Wt, rows, cols, row_mask, col_mask, K, stride_xn, stride_xd, stride_wv,
-              stride_wd, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """X[rows] @ Wt[cols].T over K in BLOCK_D chunks, fp32 accumulation: [BLOCK_N, BLOCK_V]."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
-    w_rows = Wt + cols.to(tl.int64)[:, None] * stride_wv
-    for k0 in range(0, K, BLOCK_D):
-        d = k0 + offs_d
-        d_mask = d < K
-        x = tl.load(x_rows + d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_rows + d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        if UPCAST:  # the interpreter computes bf16 on raw bits: go through fp32 there only
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _head_logits(X, Wt, Bp, rows, cols, row_mask, col_mask, K, softcap, stride_xn, stride_xd,
-                 stride_wv, stride_wd, stride_b, HAS_B: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(softcap(X W^T + b) tile, tanh tile or None): fp32 logits of one head for one tile."""
-    z = _dot_tile(X, Wt, rows, cols, row_mask, col_mask, K, stride_xn, stride_xd, stride_wv,
-                  stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-    if HAS_B:
-        b = tl.load(Bp + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)
-        z = z + b[None, :]
-    if HAS_SOFTCAP:
-        t = _tanh(z / softcap)
-        z = softcap * t
+def _kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask, POLICY_REF: tl.constexpr):
+    """Fold one tile of policy logits z and reference logits r [BN, BV] into the statistics."""
+    mp_new = tl.maximum(m_p, tl.max(mask_cols(z, col_mask), axis=1))
+    mq_new = tl.maximum(m_q, tl.max(mask_cols(r, col_mask), axis=1))
+    a_p = tl.exp(m_p - mp_new)
+    a_q = tl.exp(m_q - mq_new)
+    e_p = tl.where(col_mask[None, :], tl.exp(z - mp_new[:, None]), 0.0)
+    e_q = tl.where(col_mask[None, :], tl.exp(r - mq_new[:, None]), 0.0)
+    lr = (z - mp_new[:, None]) - (r - mq_new[:, None])     # centred log-ratio, finite
+    if POLICY_REF:
+        acc = a_p * (acc + s_p * ((m_p - mp_new) - (m_q - mq_new))) + tl.sum(e_p * lr, axis=1)
     else:
-        t = z
-    return z, t
+        acc = a_q * (acc + s_q * ((m_q - mq_new) - (m_p - mp_new))) - tl.sum(e_q * lr, axis=1)
+    return mp_new, s_p * a_p + tl.sum(e_p, axis=1), mq_new, s_q * a_q + tl.sum(e_q, axis=1), acc
+
+
+@triton.jit
+def _kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
+              stats_ptr, N, POLICY_REF: tl.constexpr):
+    """Final per-token outputs and the backward's statistics, at the tokens' own rows."""
+    ls_p = tl.log(tl.maximum(s_p, 1e-30))    # s ≥ 1 for every stored row
+    ls_q = tl.log(tl.maximum(s_q, 1e-30))
+    if POLICY_REF:
+        kl = acc / tl.maximum(s_p, 1e-30) - ls_p + ls_q
+    else:
+        kl = acc / tl.maximum(s_q, 1e-30) - ls_q + ls_p
+    tl.store(kl_ptr + rows, kl, mask=mask)
+    tl.store(logp_ptr + rows, (zt - m_p) - ls_p, mask=mask)
+    tl.store(rlogp_ptr + rows, (rt - m_q) - ls_q, mask=mask)
+    tl.store(stats_ptr + rows, m_p, mask=mask)
+    tl.store(stats_ptr + N + rows, ls_p, mask=mask)
+    tl.store(stats_ptr + 2 * N + rows, m_q, mask=mask)
+    tl.store(stats_ptr + 3 * N + rows, ls_q, mask=mask)
+    tl.store(stats_ptr + 4 * N + rows, kl, mask=mask)
 
 
 @triton.jit
 def linear_token_kl_fwd_kernel(
-    H, W, B, HR, WR, BR, Y, PART,
-    N, V, D, DR, ignore_index, softcap, tiles_per_split, num_splits,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-    stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    POLICY_REF: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Partial online statistics of one token block over one vocabulary split.
-
-    Writes PART[k, split, row] for k = m_p, S_p, m_q, S_q, A, z[y], r[y] (see module doc).
-    """
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    y = tl.load(Y + rows, mask=row_mask, other=ignore_index)
-
-    m_p = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
-    m_q = tl.full((BLOCK_N,), _NEG_INIT, tl.float32)
+        h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr,
+        part_ptr, tlogit_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr,
+        N, V, D, DR, NUM_SPLITS,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, stride_t, cap,
+        HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        POLICY_REF: tl.constexpr, FINAL: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_SPLITS           # splits of one token block are adjacent programs
+    split = pid % NUM_SPLITS
+    count = tl.load(count_ptr)
+    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # positions in the packed row list
+    row_mask = slots < count
+    rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
+    tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
+    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
+    v_lo = split * tiles * BLOCK_V
+    v_hi = tl.minimum(v_lo + tiles * BLOCK_V, V)
+    n_tiles = tl.maximum(tl.cdiv(v_hi - v_lo, BLOCK_V), 0)
+    n_tiles = tl.where(pid_n * BLOCK_N < count, n_tiles, 0)   # no kept rows: no work
+    m_p = tl.full((BLOCK_N,), _M0, tl.float32)
+    m_q = tl.full((BLOCK_N,), _M0, tl.float32)
     s_p = tl.zeros((BLOCK_N,), tl.float32)
     s_q = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    zt_p = tl.zeros((BLOCK_N,), tl.float32)
-    zt_q = tl.zeros((BLOCK_N,), tl.float32)
-
-    t_begin = split * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    for t in range(t_begin, t_end):
-        cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    rt = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(0, n_tiles):
+        cols = v_lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z, _ = _head_logits(H, W, B, rows, cols, row_mask, col_mask, D, softcap, stride_hn,
-                            stride_hd, stride_wv, stride_wd, stride_b, HAS_BIAS, HAS_SOFTCAP,
-                            BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-        r, _ = _head_logits(HR, WR, BR, rows, cols, row_mask, col_mask, DR, softcap,
-                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-                            HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION)
-        is_t = cols[None, :] == y[:, None]
-        zt_p += tl.sum(tl.where(is_t, z, 0.0), 1)
-        zt_q += tl.sum(tl.where(is_t, r, 0.0), 1)
-        # padded vocabulary columns (finite logits from zero-filled loads) leave every max
-        # and sum; masked after the softcap, which would map −inf to −softcap
-        mp_new = tl.maximum(m_p, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
-        mq_new = tl.maximum(m_q, tl.max(tl.where(col_mask[None, :], r, float("-inf")), 1))
-        a_p = tl.exp(m_p - mp_new)
-        a_q = tl.exp(m_q - mq_new)
-        e_p = tl.where(col_mask[None, :], tl.exp(z - mp_new[:, None]), 0.0)
-        e_q = tl.where(col_mask[None, :], tl.exp(r - mq_new[:, None]), 0.0)
-        # shifted log-ratio (policy side minus reference side): finite everywhere
-        lr = (z - mp_new[:, None]) - (r - mq_new[:, None])
-        if POLICY_REF:
-            acc = a_p * (acc + s_p * ((m_p - mp_new) - (m_q - mq_new))) + tl.sum(e_p * lr, 1)
-        else:
-            acc = a_q * (acc + s_q * ((m_q - mq_new) - (m_p - mp_new))) - tl.sum(e_q * lr, 1)
-        s_p = s_p * a_p + tl.sum(e_p, 1)
-        s_q = s_q * a_q + tl.sum(e_q, 1)
-        m_p = mp_new
-        m_q = mq_new
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, DR,
+                        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+                        HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                        DOT_PRECISION)
+        zt += gather_cols(z, cols, tgt)
+        rt += gather_cols(r, cols, tgt)
+        m_p, s_p, m_q, s_q, acc = _kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask,
+                                                  POLICY_REF)
+    if FINAL:
+        _kl_store(rows, row_mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr,
+                  rlogp_ptr, stats_ptr, N, POLICY_REF)
+    else:
+        # part [5, S, N] by slot: m_p, S_p, m_q, S_q, A; the split holding the target writes
+        # the target logits tlogit [2, N]
+        ptrs = part_ptr + split.to(tl.int64) * N + slots
+        step = NUM_SPLITS.to(tl.int64) * N
+        tl.store(ptrs, m_p, mask=row_mask)
+        tl.store(ptrs + step, s_p, mask=row_mask)
+        tl.store(ptrs + 2 * step, m_q, mask=row_mask)
+        tl.store(ptrs + 3 * step, s_q, mask=row_mask)
+        tl.store(ptrs + 4 * step, acc, mask=row_mask)
+        owns_target = row_mask & (tgt >= v_lo) & (tgt < v_hi)
+        tl.store(tlogit_ptr + slots, zt, mask=owns_target)
+        tl.store(tlogit_ptr + N + slots, rt, mask=owns_target)
 
-    stride_k = num_splits * N
-    out = PART + split * N + rows
-    tl.store(out, m_p, mask=row_mask)
-    tl.store(out + stride_k, s_p, mask=row_mask)
-    tl.store(out + 2 * stride_k, m_q, mask=row_mask)
-    tl.store(out + 3 * stride_k, s_q, mask=row_mask)
-    tl.store(out + 4 * stride_k, acc, mask=row_mask)
-    tl.store(out + 5 * stride_k, zt_p, mask=row_mask)
-    tl.store(out + 6 * stride_k, zt_q, mask=row_mask)
+
+@triton.jit
+def linear_token_kl_fwd_combine_kernel(
+        part_ptr, tlogit_ptr, rows_ptr, count_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr,
+        N, NUM_SPLITS, POLICY_REF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge the splits' statistics (empty splits hold m = −1e30, S = A = 0 and vanish)."""
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = slots < tl.load(count_ptr)
+    step = NUM_SPLITS.to(tl.int64) * N
+    m_p = tl.full((BLOCK_N,), _M0, tl.float32)
+    m_q = tl.full((BLOCK_N,), _M0, tl.float32)
+    ptrs = part_ptr + slots
+    for _ in range(0, NUM_SPLITS):
+        m_p = tl.maximum(m_p, tl.load(ptrs, mask=mask, other=_M0))
+        m_q = tl.maximum(m_q, tl.load(ptrs + 2 * step, mask=mask, other=_M0))
+        ptrs += N
+    s_p = tl.zeros((BLOCK_N,), tl.float32)
+    s_q = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    ptrs = part_ptr + slots
+    for _ in range(0, NUM_SPLITS):
+        mp_i = tl.load(ptrs, mask=mask, other=_M0)
+        sp_i = tl.load(ptrs + step, mask=mask, other=0.0)
+        mq_i = tl.load(ptrs + 2 * step, mask=mask, other=_M0)
+        sq_i = tl.load(ptrs + 3 * step, mask=mask, other=0.0)
+        a_i = tl.load(ptrs + 4 * step, mask=mask, other=0.0)
+        w_p = tl.exp(mp_i - m_p)
+        w_q = tl.exp(mq_i - m_q)
+        shift = (mp_i - m_p) - (mq_i - m_q)
+        if POLICY_REF:
+            acc += w_p * (a_i + sp_i * shift)
+        else:
+            acc += w_q * (a_i - sq_i * shift)
+        s_p += w_p * sp_i
+        s_q += w_q * sq_i
+        ptrs += N
+    rows = tl.load(rows_ptr + slots, mask=mask, other=0)
+    zt = tl.load(tlogit_ptr + slots, mask=mask, other=0.0)
+    rt = tl.load(tlogit_ptr + N + slots, mask=mask, other=0.0)
+    _kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
+              stats_ptr, N, POLICY_REF)
 
 
 @triton.jit
 def linear_token_kl_bwd_kernel(
-    H, W, B, HR, WR, BR, Y, G_KL, G_LOGP, STATS, DH, DW, DB,
-    N, V, D, DR, ignore_index, softcap,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-    stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    POLICY_REF: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP_N: tl.constexpr,
-):
-    """One (token block, vocab block) tile: recompute, dz, atomic dH/dW/db in fp32.
-
-    STATS [5, N] = (m_p, log S_p, m_q, log S_q, KL) from the forward.
-    """
+        h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr, stats_ptr,
+        gk_ptr, gl_ptr, dh_ptr, dw_ptr, db_ptr,
+        N, V, D, DR,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
+        stride_t, stride_gk, stride_gl, cap,
+        HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        POLICY_REF: tl.constexpr,
+        COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP_N: tl.constexpr):
+    # grouped tile order: GROUP_N token blocks × all vocab blocks, token block fastest
     pid = tl.program_id(0)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    blocks_v = tl.cdiv(V, BLOCK_V)
-    # grouped order: GROUP_N token blocks walk the vocabulary together (weight tiles in L2)
-    per_group = GROUP_N * blocks_v
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
     first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(blocks_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    y = tl.load(Y + rows, mask=row_mask, other=ignore_index)
-    valid = row_mask & (y != ignore_index)
-    g_kl = tl.where(valid, tl.load(G_KL + rows, mask=row_mask, other=0.0), 0.0)
-    g_lp = tl.where(valid, tl.load(G_LOGP + rows, mask=row_mask, other=0.0), 0.0)
-    active = (g_kl != 0.0) | (g_lp != 0.0)
-    if tl.sum(active.to(tl.int32), 0) > 0:
-        m_p = tl.load(STATS + rows, mask=row_mask, other=0.0)
-        ls_p = tl.load(STATS + N + rows, mask=row_mask, other=0.0)
-        z, t = _head_logits(H, W, B, rows, cols, row_mask, col_mask, D, softcap, stride_hn,
-                            stride_hd, stride_wv, stride_wd, stride_b, HAS_BIAS, HAS_SOFTCAP,
-                            BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-        r, _ = _head_logits(HR, WR, BR, rows, cols, row_mask, col_mask, DR, softcap,
-                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-                            HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION)
-        m_q = tl.load(STATS + 2 * N + rows, mask=row_mask, other=0.0)
-        ls_q = tl.load(STATS + 3 * N + rows, mask=row_mask, other=0.0)
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    count = tl.load(count_ptr)
+    if pid_n * BLOCK_N < count:
+        slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = slots < count
+        rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
+        tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
+        g_kl = tl.load(gk_ptr + rows * stride_gk, mask=row_mask, other=0.0).to(tl.float32)
+        g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, DR,
+                        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+                        HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                        DOT_PRECISION)
+        m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+        ls_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
+        m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
+        ls_q = tl.load(stats_ptr + 3 * N + rows, mask=row_mask, other=0.0)
         log_p = (z - m_p[:, None]) - ls_p[:, None]
         log_q = (r - m_q[:, None]) - ls_q[:, None]
         p = tl.exp(log_p)
         if POLICY_REF:
-            kl = tl.load(STATS + 4 * N + rows, mask=row_mask, other=0.0)
+            kl = tl.load(stats_ptr + 4 * N + rows, mask=row_mask, other=0.0)
             gv = p * (log_p - log_q - kl[:, None])
         else:
             gv = p - tl.exp(log_q)
-        onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-        dz = g_lp[:, None] * (onehot - p) + g_kl[:, None] * gv
+        dz = g_kl[:, None] * gv - g_lp[:, None] * p
+        dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_SOFTCAP:
-            dz = dz * (1.0 - t * t)
-        dz = tl.where(active[:, None] & col_mask[None, :], dz, 0.0)
-
+            dz *= softcap_grad(z, cap)
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
         if COMPUTE_DB:
-            tl.atomic_add(DB + cols, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
-        if COMPUTE_DH or COMPUTE_DW:
-            offs_d = tl.arange(0, BLOCK_D)
-            rows64 = rows.to(tl.int64)
-            cols64 = cols.to(tl.int64)
-            for k0 in range(0, D, BLOCK_D):
-                d = k0 + offs_d
-                d_mask = d < D
-                if COMPUTE_DH:
-                    w = tl.load(W + cols64[:, None] * stride_wv + d[None, :] * stride_wd,
-                                mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                    if UPCAST:
-                        w = w.to(tl.float32)
-                    dh = tl.dot(dz.to(w.dtype), w, input_precision=DOT_PRECISION)
-                    tl.atomic_add(DH + rows64[:, None] * D + d[None, :], dh,
-                                  mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-                if COMPUTE_DW:
-                    h = tl.load(H + rows64[:, None] * stride_hn + d[None, :] * stride_hd,
-                                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                    if UPCAST:
-                        h = h.to(tl.float32)
-                    dw = tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PRECISION)
-                    tl.atomic_add(DW + cols64[:, None] * D + d[None, :], dw,
-                                  mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+        if not UPCAST:
+            dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        for k in range(0, tl.cdiv(D, BLOCK_D)):
+            dcols = k * BLOCK_D + offs_d
+            d_mask = dcols < D
+            if COMPUTE_DH:
+                w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
+                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
+                tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
+                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
+                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
+                tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
+                              mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
-# ----------------------------------------------------------------------------- launchers
-
-def _interpreting(t: torch.Tensor) -> bool:
-    """Kernels on a non-CUDA tensor run in Triton's interpreter (resolve_impl allows nothing
-    else), where bf16/fp16 tiles must be upcast after loading."""
-    return t.device.type != "cuda"
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
 
 
-def _dot_precision(*tensors: torch.Tensor) -> str:
-    """fp32 dots follow torch's matmul precision (eager fp32 is IEEE unless tf32 is allowed)."""
-    if any(t.dtype == torch.float32 for t in tensors) and \
-            torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_blocks(cfg: dict, *names: str) -> None:
-    for name in names:
-        b = cfg[name]
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name}={b}: Triton blocks must be powers of two >= 16")
+@functools.cache
+def _autotuned(name: str):
+    """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
+    fn, reset = {
+        "token_kl_fwd": (linear_token_kl_fwd_kernel, []),
+        "token_kl_bwd": (linear_token_kl_bwd_kernel, ["dh_ptr", "dw_ptr", "db_ptr"]),
+    }[name]
+    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
+                           key=["V", "D", "DR"], reset_to_zero=reset or None)(fn)
 
 
-def _check_dtypes(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _SUPPORTED:
-            raise ValueError(f"impl='triton' linear_token_kl: {name} has dtype {t.dtype}; "
-                             f"supported are float32, bfloat16, float16 (use impl='torch' or "
-                             f"'reference' for float64)")
+def _launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict):
+    """Run ``fn`` with the configured blocks, or its autotuned variant; grid_of(meta) -> grid."""
+    if configs.autotuning(t):
+        _autotuned(name)[lambda meta: grid_of(meta)](*args, **flags)
+        return
+    cfg = configs.get(name, t)
+    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
+    fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
 
 
-# Untuned starting points (no GPU was available to tune them); the interpreter gets large
-# blocks because it costs per program × tile, not per flop.
-_CONFIGS = {
-    ("fwd", "cuda"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3,
-                          waves=2),
-    ("bwd", "cuda"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3,
-                          GROUP_N=8),
-    ("fwd", "interpret"): dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64),
-    ("bwd", "interpret"): dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64),
-}
+def _num_splits(cfg: configs.KernelConfig, t: torch.Tensor, N: int, V: int) -> int:
+    """Vocabulary splits: ≥ min_splits, and enough programs to fill the GPU twice over."""
+    n_blocks = triton.cdiv(N, cfg.meta["BLOCK_N"])
+    n_vtiles = triton.cdiv(V, cfg.meta["BLOCK_V"])
+    want = cfg.host.get("min_splits", 1)
+    if t.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        want = max(want, triton.cdiv(2 * sms, n_blocks))
+    return max(1, min(want, n_vtiles))
 
 
-def _config(kind: str, device: torch.device) -> dict:
-    return _CONFIGS[(kind, "cuda" if device.type == "cuda" else "interpret")]
+def _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap) -> dict:
+    fp32 = torch.float32 in (hidden.dtype, ref_hidden.dtype)
+    return dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+                HAS_SOFTCAP=softcap is not None, POLICY_REF=direction == "policy_ref",
+                UPCAST=upcast(hidden) or upcast(ref_hidden),
+                DOT_PRECISION=dot_precision(torch.float32 if fp32 else hidden.dtype))
 
 
-def _num_splits(cfg: dict, blocks_n: int, tiles: int, device: torch.device) -> int:
-    """Vocabulary splits per token block: enough programs for ~``waves`` waves on the GPU."""
-    want = cfg.get("num_splits")
-    if want is None:
-        if device.type != "cuda":
-            return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = -(-cfg.get("waves", 2) * sms // blocks_n)
-    want = max(1, min(int(want), tiles))
-    per = -(-tiles // want)
-    return -(-tiles // per)
-
-
-def _bias_args(bias, fallback):
-    return (fallback, 0, False) if bias is None else (bias, bias.stride(0), True)
-
-
-def _combine(part: torch.Tensor, policy_ref: bool):
-    """Merge the splits' partial statistics into stats [5, N] fp32 = (m_p, log S_p, m_q,
-    log S_q, KL) and the target logits z[y], r[y]. The maxima and log-sums stay apart so that
-    log p = (z − m) − log S is formed as eager log_softmax forms it: no lse of magnitude |z|
-    rounded to fp32 (a per-row error that sums coherently into d_weight)."""
-    m_p, s_p, m_q, s_q, acc, zt_p, zt_q = part.unbind(0)
-    mp, mq = m_p.amax(0), m_q.amax(0)
-    a_p, a_q = torch.exp(m_p - mp), torch.exp(m_q - mq)
-    sp, sq = (s_p * a_p).sum(0), (s_q * a_q).sum(0)
-    if policy_ref:
-        a = (a_p * (acc + s_p * ((m_p - mp) - (m_q - mq)))).sum(0)
-        kl = a / sp - torch.log(sp) + torch.log(sq)
-    else:
-        a = (a_q * (acc + s_q * ((m_q - mq) - (m_p - mp)))).sum(0)
-        kl = a / sq - torch.log(sq) + torch.log(sp)
-    return torch.stack((mp, torch.log(sp), mq, torch.log(sq), kl)), zt_p.sum(0), zt_q.sum(0)
+def _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    b = bias if bias is not None else weight
+    br = ref_bias if ref_bias is not None else ref_weight
+    return ((hidden, weight, b, ref_hidden, ref_weight, br),
+            (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
+             ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0),
+             ref_weight.stride(1), br.stride(0)))
 
 
 def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                        opts: KLOptions, cfg: dict | None = None):
-    """Forward launch. Returns (kl, logp, ref_logp), fp32 [N], 0 where ignored, and the
-    statistics the backward needs, fp32 [5, N] (see ``_combine``)."""
-    _check_dtypes(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                  bias=bias, ref_bias=ref_bias)
-    n, d = hidden.shape
-    v, dr = weight.shape[0], ref_weight.shape[1]
-    if v < 1:
-        raise ValueError(f"weight must have at least one vocabulary row, got V={v}")
-    cfg = dict(_config("fwd", hidden.device) if cfg is None else cfg)
-    _check_blocks(cfg, "BLOCK_N", "BLOCK_V", "BLOCK_D")
+                        direction: str, ignore_index: int, softcap: float | None):
+    """(kl, logp, ref_logp) float32 [N], 0 where ignored, and the backward's statistics
+    stats [5, N] = (m_p, log S_p, m_q, log S_q, KL). Inputs may be strided views."""
+    N, D = hidden.shape
+    V, DR = weight.shape[0], ref_weight.shape[1]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    kl, logp, rlogp = (torch.zeros(N, **f32) for _ in range(3))
+    stats = torch.zeros(5, N, **f32)
+    if N == 0:
+        return kl, logp, rlogp, stats
+    rows, count = compact_rows(targets != ignore_index)
+    cfg = configs.get("token_kl_fwd", hidden)
+    splits = _num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
+    final = splits == 1
+    part = torch.empty((5, splits, N) if not final else (1,), **f32)
+    tlogit = torch.empty((2, N) if not final else (1,), **f32)
+    heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    args = (*heads, targets, rows, count, part, tlogit, kl, logp, rlogp, stats,
+            N, V, D, DR, splits, *strides, targets.stride(0), float(softcap or 1.0))
+    flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
+    with _device_guard(hidden):
+        _launch("token_kl_fwd", linear_token_kl_fwd_kernel,
+                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
+                dict(flags, FINAL=final))
+        if not final:
+            cc = configs.get("token_kl_fwd_combine", hidden)
+            check_blocks("token_kl_fwd_combine", **cc.meta)
+            linear_token_kl_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
+                part, tlogit, rows, count, kl, logp, rlogp, stats, N, splits,
+                POLICY_REF=direction == "policy_ref", **cc.meta, **cc.launch_kwargs(hidden))
+    return kl, logp, rlogp, stats
+
+
+def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, targets, bias,
+                        ref_bias, stats, direction: str, ignore_index: int,
+                        softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool):
+    """(d_hidden, d_weight, d_bias) in the policy inputs' dtypes, each None unless requested.
+
+    g_kl, g_logp: [N] upstream gradients (any values; may be strided or expanded); stats: the
+    forward's [5, N]. Accumulates in fp32 buffers.
+    """
+    N, D = hidden.shape
+    V, DR = weight.shape[0], ref_weight.shape[1]
     dev = hidden.device
-    valid = targets != opts.ignore_index
-    if n == 0:
-        e = torch.zeros(0, dtype=torch.float32, device=dev)
-        return (e, e.clone(), e.clone()), torch.zeros((5, 0), dtype=torch.float32, device=dev)
-    blocks_n = triton.cdiv(n, cfg["BLOCK_N"])
-    tiles = triton.cdiv(v, cfg["BLOCK_V"])
-    splits = _num_splits(cfg, blocks_n, tiles, dev)
-    part = torch.empty((7, splits, n), dtype=torch.float32, device=dev)
-    b, sb, has_b = _bias_args(bias, weight)
-    br, sbr, has_br = _bias_args(ref_bias, ref_weight)
-    linear_token_kl_fwd_kernel[(blocks_n, splits)](
-        hidden, weight, b, ref_hidden, ref_weight, br, targets, part,
-        n, v, d, dr, opts.ignore_index, float(opts.softcap or 0.0), -(-tiles // splits), splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), sb,
-        ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
-        sbr,
-        HAS_BIAS=has_b, HAS_REF_BIAS=has_br, HAS_SOFTCAP=opts.softcap is not None,
-        POLICY_REF=opts.direction == "policy_ref", UPCAST=_interpreting(hidden),
-        DOT_PRECISION=_dot_precision(hidden, ref_hidden),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
-    )
-    stats, zt_p, zt_q = _combine(part, opts.direction == "policy_ref")
-    m_p, ls_p, m_q, ls_q, kl = stats.unbind(0)
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    outs = (torch.where(valid, kl, zero), torch.where(valid, (zt_p - m_p) - ls_p, zero),
-            torch.where(valid, (zt_q - m_q) - ls_q, zero))
-    return outs, stats
+    need_db = need_db and bias is not None
+    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    if N > 0 and (need_dh or need_dw or need_db):
+        keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
+        rows, count = compact_rows(keep)
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+        args = (*heads, targets, rows, count, stats, g_kl, g_logp,
+                dummy if dh is None else dh, dummy if dw is None else dw,
+                dummy if db is None else db, N, V, D, DR, *strides,
+                targets.stride(0), g_kl.stride(0), g_logp.stride(0), float(softcap or 1.0))
+        flags = dict(_common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap),
+                     COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db)
+        with _device_guard(hidden):
+            _launch("token_kl_bwd", linear_token_kl_bwd_kernel,
+                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
+                                  * triton.cdiv(V, meta["BLOCK_V"]),),
+                    hidden, args, flags)
+    # rebinding frees each fp32 buffer right after its cast: peak = both fp32 buffers + one cast
+    dw = None if dw is None else dw.to(weight.dtype)
+    dh = None if dh is None else dh.to(hidden.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dh, dw, db
 
 
-def linear_token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                        stats, g_kl, g_logp, opts: KLOptions,
-                        needs=(True, True, True), cfg: dict | None = None):
-    """Backward launch: (d_hidden, d_weight, d_bias), None where not in ``needs``."""
-    need_dh, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
-    n, d = hidden.shape
-    v, dr = weight.shape[0], ref_weight.shape[1]
-    dev = hidden.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    dh = torch.zeros((n, d), **f32) if need_dh else None
-    dw = torch.zeros((v, d), **f32) if need_dw else None
-    db = torch.zeros((v,), **f32) if need_db else None
-    if n > 0 and (need_dh or need_dw or need_db):
-        cfg = dict(_config("bwd", dev) if cfg is None else cfg)
-        _check_blocks(cfg, "BLOCK_N", "BLOCK_V", "BLOCK_D")
-        zeros = None
-        if g_kl is None or g_logp is None:
-            zeros = torch.zeros(n, **f32)
-        g_kl = zeros if g_kl is None else g_kl.float().contiguous()
-        g_logp = zeros if g_logp is None else g_logp.float().contiguous()
-        b, sb, has_b = _bias_args(bias, weight)
-        br, sbr, has_br = _bias_args(ref_bias, ref_weight)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(v, cfg["BLOCK_V"]),)
-        linear_token_kl_bwd_kernel[grid](
-            hidden, weight, b, ref_hidden, ref_weight, br, targets, g_kl, g_logp,
-            stats, stats if dh is None else dh, stats if dw is None else dw,
-            stats if db is None else db,
-            n, v, d, dr, opts.ignore_index, float(opts.softcap or 0.0),
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), sb,
-            ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0),
-            ref_weight.stride(1), sbr,
-            HAS_BIAS=has_b, HAS_REF_BIAS=has_br, HAS_SOFTCAP=opts.softcap is not None,
-            POLICY_REF=opts.direction == "policy_ref", COMPUTE_DH=need_dh,
-            COMPUTE_DW=need_dw, COMPUTE_DB=need_db, UPCAST=_interpreting(hidden),
-            DOT_PRECISION=_dot_precision(hidden, ref_hidden),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            GROUP_N=cfg.get("GROUP_N", 8),
-            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
-        )
-    return (None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+# --------------------------------------------------------------------------------------------
+# autograd (registered on torch.library custom ops so torch.compile sees one opaque node)
+# --------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------- autograd
+class LinearTokenKLFunction:
+    """The autograd formula of ``tisdpo::linear_token_kl_fwd`` (``register_autograd``).
+    Gradients flow from kl and logp into the policy hidden, weight and bias only; ref_logp
+    and the statistics are non-differentiable. Only inputs that need a gradient get work."""
 
-class LinearTokenKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                opts: KLOptions):
-        (kl, logp, ref_logp), stats = linear_token_kl_fwd(
-            hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts)
+    def setup_context(ctx, inputs, output):
+        (hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, direction,
+         ignore_index, softcap) = inputs
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                              stats)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(ref_logp)
-        ctx.set_materialize_grads(False)
-        return kl, logp, ref_logp
+                              output[3])
+        ctx.direction, ctx.ignore_index, ctx.softcap = direction, ignore_index, softcap
+        ctx.mark_non_differentiable(output[2], output[3])
 
     @staticmethod
-    def backward(ctx, g_kl, g_logp, _g_ref_logp):
-        (hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-         stats) = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
-        if (g_kl is None and g_logp is None) or not any(needs):
-            return (None,) * 8
-        dh, dw, db = linear_token_kl_bwd(
-            hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats,
-            g_kl, g_logp, ctx.opts, needs)
-        return dh, dw, None, None, None, db, None, None
+    def backward(ctx, g_kl, g_logp, _g_ref_logp, _g_stats):
+        hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats = \
+            ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        need_db = ctx.needs_input_grad[5] and bias is not None
+        nones = (None,) * 10
+        if not (need_dh or need_dw or need_db) or (g_kl is None and g_logp is None):
+            return nones
+        zeros = stats[0].new_zeros(()).expand(stats.shape[1])
+        g_kl = zeros if g_kl is None else g_kl
+        g_logp = zeros if g_logp is None else g_logp
+        dh, dw, db = _ops()[1](g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, targets,
+                               bias, ref_bias, stats, ctx.direction, ctx.ignore_index,
+                               ctx.softcap, need_dh, need_dw, need_db)
+        return (dh if need_dh else None, dw if need_dw else None, None, None, None,
+                db if need_db else None, None, None, None, None)
 
 
-# ----------------------------------------------------------------------------- public
+_OPS: tuple = ()
 
-def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
-                    opts: KLOptions):
-    """Backend entry (contract in ops.py): hidden [N, D], weight [V, D], ref_hidden [N, D'],
-    ref_weight [V, D'], targets [N] int64, optional biases [V]. Returns (kl, logp, ref_logp),
-    fp32 [N], 0 where ignored; differentiable in hidden, weight and bias (from kl and logp)."""
-    return LinearTokenKLFunction.apply(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
-                                       targets, bias,
-                                       None if ref_bias is None else ref_bias.detach(), opts)
+
+def _ops():
+    """The custom ops (forward op, backward op), registered on first use, never at import."""
+    global _OPS
+    if not _OPS:
+        _OPS = _register_ops()
+    return _OPS
+
+
+def _register_ops():
+    @torch.library.custom_op("tisdpo::linear_token_kl_fwd", mutates_args=())
+    def fwd_op(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
+               targets: Tensor, bias: Optional[Tensor], ref_bias: Optional[Tensor],
+               direction: str, ignore_index: int, softcap: Optional[float]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias,
+                                   ref_bias, direction, ignore_index, softcap)
+
+    @fwd_op.register_fake
+    def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, direction,
+          ignore_index, softcap):
+        n = hidden.shape[0]
+        return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(3)),
+                hidden.new_empty(5, n, dtype=torch.float32))
+
+    @torch.library.custom_op("tisdpo::linear_token_kl_bwd", mutates_args=())
+    def bwd_op(g_kl: Tensor, g_logp: Tensor, hidden: Tensor, weight: Tensor,
+               ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+               ref_bias: Optional[Tensor], stats: Tensor, direction: str, ignore_index: int,
+               softcap: Optional[float], need_dh: bool, need_dw: bool, need_db: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        dh, dw, db = linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight,
+                                         targets, bias, ref_bias, stats, direction,
+                                         ignore_index, softcap, need_dh, need_dw, need_db)
+        empty = hidden.new_empty(0)   # custom ops cannot return None: unrequested = empty
+        return (empty if dh is None else dh, empty.clone() if dw is None else dw,
+                empty.clone() if db is None else db)
+
+    @bwd_op.register_fake
+    def _(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats,
+          direction, ignore_index, softcap, need_dh, need_dw, need_db):
+        return (torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+                torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+                torch.empty_like(bias) if need_db and bias is not None else hidden.new_empty(0))
+
+    fwd_op.register_autograd(LinearTokenKLFunction.backward,
+                             setup_context=LinearTokenKLFunction.setup_context)
+    return fwd_op, bwd_op
+
+
+# --------------------------------------------------------------------------------------------
+# public
+# --------------------------------------------------------------------------------------------
+
+
+def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts):
+    """Backend entry (see ``tisdpo_kernels.ops``): hidden [N, D], weight [V, D], ref_hidden
+    [N, D'], ref_weight [V, D'], targets [N] int64, biases [V] or None, opts: ``KLOptions``
+    -> (kl, logp, ref_logp), float32 [N], 0 where ignored; differentiable (from kl and logp)
+    in hidden, weight and bias; the reference head is a constant."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden),
+                    ("ref_weight", ref_weight), ("bias", bias), ("ref_bias", ref_bias)):
+        if t is not None:
+            check_dtype("linear_token_kl", name, t)
+    if weight.shape[0] == 0:
+        raise ValueError("linear_token_kl: weight has V=0 rows; the vocabulary must be non-empty")
+    kl, logp, ref_logp, _ = _ops()[0](
+        hidden, weight, ref_hidden.detach(), ref_weight.detach(), targets, bias,
+        None if ref_bias is None else ref_bias.detach(), opts.direction, opts.ignore_index,
+        opts.softcap)
+    return kl, logp, ref_logp
