@@ -156,7 +156,9 @@ def fully_shard_model(module: nn.Module, *, mixed_precision: torch.dtype | None 
     ``module`` is the module whose forward runs the loss (:class:`PolicyWithLoss`); it owns
     what no layer owns: embeddings, final norm and the LM head. ``mixed_precision``
     (e.g. torch.bfloat16): gathered parameters and compute in that dtype, fp32 gradient
-    reduction; the sharded master weights keep their dtype.
+    reduction; the sharded master weights keep their dtype. ``mesh``: default, all ranks
+    on the current accelerator (or the CPU). Parameters move to the mesh's device layer by
+    layer as they are sharded.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -274,8 +276,11 @@ class Parallel:
             return lambda batch, normalizer: objective(model, batch, normalizer=normalizer)
         module = _ObjectiveModule(model, objective)
         if self.mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
             fully_shard_model(module, mixed_precision=self.mixed_precision,
-                              reshard_after_forward=self.reshard_after_forward)
+                              reshard_after_forward=self.reshard_after_forward, mesh=mesh)
             self.module = module
         else:
             from torch.nn.parallel import DistributedDataParallel
@@ -283,6 +288,14 @@ class Parallel:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = DistributedDataParallel(module, device_ids=ids)
         return self.module
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where to load a model that :meth:`wrap` will train.
+
+        FSDP2: the CPU; ``fully_shard`` moves each layer to this rank's device as it shards
+        it, so a GPU never holds more than one full layer plus its shards.
+        """
+        return torch.device("cpu") if self.mode == "fsdp2" else device
 
     # ------------------------------------------------------------------ data
     def global_batch(self, batch_size: int) -> int:

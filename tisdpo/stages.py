@@ -122,7 +122,9 @@ def reference_path(ctx: Context) -> str:
 
 
 def load_stage_model(ctx: Context, path: str, *, trainable: bool):
-    return load_model(ctx.cfg.model, path, device=ctx.device, tokenizer=ctx.tokenizer,
+    # a model FSDP2 will train loads on the CPU; fully_shard moves it layer by layer
+    device = ctx.par.load_device(ctx.device) if trainable else ctx.device
+    return load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
                       seed=ctx.cfg.seed, trainable=trainable)
 
 
