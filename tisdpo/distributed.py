@@ -23,8 +23,8 @@ bf16 gathered parameters and compute, fp32 sharded master weights and optimiser 
 fp32 gradient reduction. A reference model (needed only by KL losses or when no reference
 log-probs were precomputed) stays a frozen full replica on every rank.
 
-Data. ``train.batch_size`` is per process: one global micro-batch is ``batch_size ×
-world_size`` pairs, taken from the epoch's seeded permutation exactly as a single process
+Data. A stage's ``batch_size`` (sft / contrastive / policy) is per process: one global
+micro-batch is ``batch_size × world_size`` pairs, taken from the epoch's seeded permutation exactly as a single process
 with that batch size would take it, and rank r keeps its positions r, r + W, r + 2W, ...
 (:meth:`Parallel.shard`). Every pair is seen once per epoch; nothing is dropped or
 repeated. Pad rule: when the epoch's last global micro-batch has fewer pairs than ranks, a
@@ -37,7 +37,12 @@ training) before the forward, so nothing waits on the GPU. Each rank's loss is s
 world_size before backward to undo DDP/FSDP's gradient averaging: the summed gradient is
 that of the single-process loss on the global batch. Metrics are reduced (count-weighted
 means, one device all-reduce per step, no host sync). The data position (epoch, global
-micro-batch) is therefore the same on every rank and in every world size.
+micro-batch) is the same on every rank, and means the same pairs on any number of ranks
+with the same global micro-batch. Evaluation splits its batches the same way.
+
+Weight estimation (inference only) splits the weights pass's shards of pairs round-robin
+over the ranks (:meth:`Parallel.owns`), each with full replicas of pi+, pi- and the
+reference; rank 0 then merges the shards into one dataset in the original record order.
 
 Checkpoints. The model and optimiser state are gathered to full, FQN-keyed state dicts
 (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``), converted to the
