@@ -107,7 +107,7 @@ def _head_batch():
     return PaddedPairCollator(0)(_records(3, 5))
 
 
-def _head_loss(model, batch, *, tie):
+def _head_loss(model, batch):
     """PolicyWithLoss on a plain (single-process) model: loss and every gradient."""
     policy = PolicyWithLoss(model, TISDPOLoss("tisdpo", impl="torch"))
     loss, _ = policy(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
@@ -357,9 +357,9 @@ def test_resume_refuses_another_global_batch(runs, tmp_path):
 def test_loss_on_sharded_head_equals_unsharded(runs, tie):
     batch = _head_batch()
     ref_loss, ref_grads = _head_loss(build_tiny_model(_mcfg(tie), VOCAB, seed=0).train(),
-                                     batch, tie=tie)
+                                     batch)
     truth_loss, truth_grads = _head_loss(
-        build_tiny_model(_mcfg(tie), VOCAB, seed=0).double().train(), batch, tie=tie)
+        build_tiny_model(_mcfg(tie), VOCAB, seed=0).double().train(), batch)
     for rank in runs["ranks"]:
         got = rank["head"][tie]
         assert got["local_rows"] == VOCAB // WORLD       # the head really was sharded
@@ -407,11 +407,39 @@ def test_optimizer_state_layout_round_trip():
         optimizer_state_to_fqns(plain, [fqns[0][:-1]])
 
 
-def test_parallel_rejects_bad_settings():
+def test_parallel_rejects_bad_settings(monkeypatch):
+    from tisdpo.distributed import setup
+
     with pytest.raises(ValueError, match="distributed.mode must be one of"):
         Parallel("zero3")
     with pytest.raises(ValueError, match="needs distributed.mode='fsdp2'"):
         Parallel("ddp", mixed_precision=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs distributed.mode=fsdp2"):
+        setup(DistributedConfig(mode="ddp", mixed_precision="bf16"))
+    assert setup(DistributedConfig()).world_size == 1          # not under torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="each would train alone"):
+        setup(DistributedConfig(mode="none"))
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2 must be < WORLD_SIZE=2"):
+        setup(DistributedConfig(mode="none"))
+    assert not torch.distributed.is_initialized()            # nothing was set up
+
+
+def test_fsdp2_without_torchrun_is_a_one_process_group(runs, tmp_path):
+    import torch.distributed as dist
+
+    from tisdpo.distributed import setup
+
+    par = setup(DistributedConfig(mode="fsdp2", mixed_precision="none"), "cpu")
+    try:
+        assert (par.world_size, par.rank, par.mode) == (1, 0, "fsdp2")
+        t = _trainer(tmp_path / "one", bs=BS * WORLD, par=par)
+        t.train()
+        _assert_params(_params(tmp_path / "one"), runs)
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------ pipeline stages

@@ -457,6 +457,13 @@ def setup(cfg, device: str = "auto", model_dtype: str = "float32") -> Parallel:
     rank, world, local = env if env is not None else (0, 1, 0)
     if cfg.mode not in MODES:
         raise ValueError(f"distributed.mode must be one of {list(MODES)}, got {cfg.mode!r}")
+    if cfg.mixed_precision not in ("auto", "bf16", "none"):
+        raise ValueError(f"distributed.mixed_precision must be auto, bf16 or none, got "
+                         f"{cfg.mixed_precision!r}")
+    if cfg.mixed_precision == "bf16" and cfg.mode != "fsdp2":
+        raise ValueError(f"distributed.mixed_precision=bf16 needs distributed.mode=fsdp2 (got "
+                         f"{cfg.mode!r}; DDP trains in the model's dtype: use "
+                         f"model.dtype=bfloat16)")
     if cfg.mode == "none":
         if world > 1:
             raise ValueError(f"launched by torchrun with {world} processes but "
@@ -482,14 +489,8 @@ def setup(cfg, device: str = "auto", model_dtype: str = "float32") -> Parallel:
             dist.init_process_group(backend, timeout=timeout,
                                     device_id=dev if dev.type == "cuda" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.mixed_precision not in ("auto", "bf16", "none"):
-        raise ValueError(f"distributed.mixed_precision must be auto, bf16 or none, got "
-                         f"{cfg.mixed_precision!r}")
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto"
                                              and model_dtype == "bfloat16")
-    if bf16 and cfg.mode != "fsdp2" and cfg.mixed_precision == "bf16":
-        raise ValueError("distributed.mixed_precision=bf16 needs distributed.mode=fsdp2 (DDP "
-                         "trains in the model's dtype: use model.dtype=bfloat16)")
     mp = torch.bfloat16 if bf16 and cfg.mode == "fsdp2" else None
     return Parallel(cfg.mode, rank=rank, world_size=world, local_rank=local, device=dev,
                     mixed_precision=mp, reshard_after_forward=cfg.reshard_after_forward)
