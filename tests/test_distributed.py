@@ -99,8 +99,8 @@ def _trainer(out_dir, *, bs, par=None, dtype=torch.float32, model_dtype="float32
         enable_activation_checkpointing(model)
     objective = _objective(kind, mcfg, dtype)
     return Trainer(model=model, objective=objective, train_data=TRAIN, eval_data=EVAL,
-                   collate_fn=_Recording(packed=kind == "packed"), cfg=TrainConfig(**cfg), out_dir=str(out_dir),
-                   device=CPU, seed=3, log=QUIET, desc="dist", parallel=par)
+                   collate_fn=_Recording(packed=kind == "packed"), cfg=TrainConfig(**cfg),
+                   out_dir=str(out_dir), device=CPU, seed=3, log=QUIET, desc="dist", parallel=par)
 
 
 def _head_batch():

@@ -24,8 +24,9 @@ fp32 gradient reduction. A reference model (needed only by KL losses or when no 
 log-probs were precomputed) stays a frozen full replica on every rank.
 
 Data. A stage's ``batch_size`` (sft / contrastive / policy) is per process: one global
-micro-batch is ``batch_size × world_size`` pairs, taken from the epoch's seeded permutation exactly as a single process
-with that batch size would take it, and rank r keeps its positions r, r + W, r + 2W, ...
+micro-batch is ``batch_size × world_size`` pairs, taken from the epoch's seeded
+permutation exactly as a single process with that batch size would take it, and rank r
+keeps its positions r, r + W, r + 2W, ...
 (:meth:`Parallel.shard`). Every pair is seen once per epoch; nothing is dropped or
 repeated. Pad rule: when the epoch's last global micro-batch has fewer pairs than ranks, a
 rank left without a pair processes one real pair of that micro-batch with its loss
