@@ -58,11 +58,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from datetime import timedelta
 
 import torch
 from torch import nn
+
+from tisdpo_kernels._validate import check_not_sharded  # re-exported: the loss refuses shards
 
 __all__ = ["Parallel", "setup", "PolicyWithLoss", "fully_shard_model", "check_not_sharded",
            "shard_positions", "optimizer_state_to_indices", "optimizer_state_to_fqns"]
@@ -71,31 +72,6 @@ MODES = ("none", "ddp", "fsdp2")
 
 
 # ------------------------------------------------------------------------- sharded weights
-
-def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
-    """ValueError if ``weight`` is a DTensor (an FSDP2/tensor-parallel shard of the head).
-
-    Free when no DTensor exists in the process (torch.distributed.tensor never imported).
-    """
-    if weight is None or "torch.distributed.tensor" not in sys.modules:
-        return
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if not isinstance(weight, DTensor):
-        return
-    placements = tuple(weight.placements)
-    if all(isinstance(p, Replicate) for p in placements):
-        raise ValueError(
-            f"{name} is a replicated DTensor (placements {placements}, shape "
-            f"{tuple(weight.shape)}); the fused loss takes plain tensors: pass "
-            f"{name}.to_local() when every rank holds the same weight and inputs, or run the "
-            f"loss inside the FSDP-wrapped module's forward (tisdpo.distributed.PolicyWithLoss)")
-    raise ValueError(
-        f"the LM-head weight {name} is a sharded DTensor (placements {placements}, local "
-        f"shard {tuple(weight.to_local().shape)} of {tuple(weight.shape)}), as FSDP2 leaves "
-        f"it outside the wrapped module's forward; computing the loss on the shard would be "
-        f"wrong. Run the loss inside the FSDP-wrapped module's forward, so that FSDP gathers "
-        f"the weight and reduce-scatters its gradient: see tisdpo.distributed.PolicyWithLoss")
 
 
 class PolicyWithLoss(nn.Module):

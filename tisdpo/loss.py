@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tisdpo.distributed import check_not_sharded
+from tisdpo_kernels import Impl, linear_logprobs, linear_token_kl, preference_loss, token_weights
 from tisdpo_kernels import _validate as V
-from tisdpo_kernels import linear_logprobs, linear_token_kl, preference_loss, token_weights
-from tisdpo_kernels._impl import Impl
+from tisdpo_kernels._validate import check_not_sharded
 from tisdpo_kernels.config import PRESETS, WEIGHT_METHODS, WeightParams, get_preset
 
 __all__ = ["TISDPOLoss", "presets_markdown"]

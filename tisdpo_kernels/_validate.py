@@ -7,6 +7,7 @@ assertion so a training step never syncs with the host (see ``_env.value_checks`
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -93,9 +94,36 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     _value_check(bad, msg)
 
 
+def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
+    """ValueError if ``weight`` is a DTensor (an FSDP2/tensor-parallel shard of the head).
+
+    Free when no DTensor exists in the process (torch.distributed.tensor never imported).
+    """
+    if weight is None or "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(weight, DTensor):
+        return
+    placements = tuple(weight.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        raise ValueError(
+            f"{name} is a replicated DTensor (placements {placements}, shape "
+            f"{tuple(weight.shape)}); the fused loss takes plain tensors: pass "
+            f"{name}.to_local() when every rank holds the same weight and inputs, or run the "
+            f"loss inside the FSDP-wrapped module's forward (tisdpo.distributed.PolicyWithLoss)")
+    raise ValueError(
+        f"the LM-head weight {name} is a sharded DTensor (placements {placements}, local "
+        f"shard {tuple(weight.to_local().shape)} of {tuple(weight.shape)}), as FSDP2 leaves "
+        f"it outside the wrapped module's forward; computing the loss on the shard would be "
+        f"wrong. Run the loss inside the FSDP-wrapped module's forward, so that FSDP gathers "
+        f"the weight and reduce-scatters its gradient: see tisdpo.distributed.PolicyWithLoss")
+
+
 def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "") -> None:
     """hidden [..., D], weight [V, D], targets [...] matching hidden[..., :-1], bias [V]."""
     p = prefix
+    check_not_sharded(weight, f"{p}weight")
     check_float(f"{p}hidden", hidden)
     check_float(f"{p}weight", weight)
     check_index("targets", targets)
