@@ -156,12 +156,14 @@ CONFIGS["preference_pairs"] = {  # preference_pair_fwd_kernel and preference_pai
 }
 
 # token_kl.py: the fused KL of two heads. Same grid shapes as lm_head_*, but a program holds
-# two logit tiles at once (policy and reference; plus dz in backward), so half the token
-# block of the LM head. Untuned starting points: no GPU has run them yet.
+# two logit tiles at once (policy and reference; plus dz in backward), so smaller tiles than the
+# LM head. Not timed (no GPU yet): chosen as the largest bf16 tiles that ptxas compiles without
+# register spills for sm_90 / sm_80 (cuobjdump resource usage, all flags on); fp32 inputs
+# (FMA dots) spill whatever the tile.
 CONFIGS["token_kl_fwd"] = {
-    "sm90": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64),
-    "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32),
-    "default": _c(4, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
+    "sm90": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=64),
+    "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
+    "default": _c(8, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
     "interpret": _c(host={"min_splits": 1}, BLOCK_N=128, BLOCK_V=256, BLOCK_D=64),
 }
 CONFIGS["token_kl_fwd_combine"] = {
@@ -169,19 +171,19 @@ CONFIGS["token_kl_fwd_combine"] = {
     "interpret": _c(BLOCK_N=1024),
 }
 CONFIGS["token_kl_bwd"] = {
-    "sm90": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
+    "sm90": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
     "sm80": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
-    "default": _c(4, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8),
+    "default": _c(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8),
     "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=1),
 }
 AUTOTUNE["token_kl_fwd"] = [
     _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
-    for bn, bv, bd, w, s in [(64, 128, 64, 8, 3), (64, 128, 32, 8, 4), (128, 64, 64, 8, 3),
-                             (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3)]
+    for bn, bv, bd, w, s in [(64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 128, 32, 8, 4),
+                             (64, 64, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 64, 8, 3)]
 ]
 AUTOTUNE["token_kl_bwd"] = [
     _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
-    for bn, bv, bd, w, s, g in [(64, 128, 64, 8, 3, 8), (64, 128, 32, 8, 4, 8),
-                                (128, 64, 64, 8, 3, 8), (64, 64, 64, 4, 3, 8),
-                                (128, 128, 32, 8, 3, 8), (64, 128, 64, 8, 3, 16)]
+    for bn, bv, bd, w, s, g in [(64, 128, 32, 8, 3, 8), (64, 64, 64, 8, 3, 8),
+                                (128, 64, 32, 8, 3, 8), (64, 128, 32, 8, 4, 8),
+                                (64, 128, 64, 8, 3, 8), (64, 128, 32, 8, 3, 16)]
 ]

@@ -68,7 +68,9 @@ from tisdpo_kernels._triton.common import (
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
            "LinearTokenKLFunction"]
 
-_M0 = -1.0e30   # finite running-max start: (m − m') stays finite on a split's first tile
+# finite running-max start: (m − m') stays finite on a split's first tile (a jit global must
+# be a tl.constexpr instance; the interpreter does not check, the compiler does)
+_M0 = tl.constexpr(-1.0e30)
 
 # --------------------------------------------------------------------------------------------
 # kernels
