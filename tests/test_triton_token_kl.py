@@ -284,6 +284,26 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
+def test_no_host_sync_and_no_tokens_by_vocab_tensor():
+    """The launchers (forward, backward) issue no host-synchronising aten op and allocate
+    nothing of size tokens × vocab (N·V is 16× the largest input here). They are called
+    directly: a dispatch mode sees a torch.library custom op as one opaque call."""
+    from dispatch_probe import OpProbe
+    from tisdpo_kernels._triton.token_kl import linear_token_kl_bwd, linear_token_kl_fwd
+    masters, y, (g_kl, g_logp) = make_inputs(n=256, d=16, dr=12, v=1000,
+                                             ignored=list(range(30, 90)))
+    t = {k: v.float() for k, v in masters.items()}
+    heads = (t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], y, t["bias"],
+             t["ref_bias"])
+    with OpProbe() as probe:
+        kl, logp, rlogp, stats = linear_token_kl_fwd(*heads, "policy_ref", -100, 4.0)
+        dh, dw, db = linear_token_kl_bwd(g_kl.float(), g_logp.float(), *heads, stats,
+                                         "policy_ref", -100, 4.0, True, True, True)
+    assert not probe.sync_ops(), probe.sync_ops()
+    assert probe.max_bytes < 256 * 1000 * 4 / 4, probe.max_op
+    assert dh.shape == t["hidden"].shape and dw.shape == t["weight"].shape and db.shape == (1000,)
+
+
 def test_small_blocks_and_float64_raise(device):
     masters, y, _ = make_inputs()
     f = {k: t.float().to(device) for k, t in masters.items()}
