@@ -36,8 +36,9 @@ grouped GROUP_N token blocks at a time for L2 reuse. It recomputes both logit ti
 dz @ W into d_hidden, dzᵀ @ H into d_weight and Σ_rows dz into d_bias with fp32 atomics.
 Flops: 2·N·(D + D')·V (recompute) + 2·N·D·V per requested gradient. Why atomics: the tile
 is recomputed once and feeds both gradient GEMMs; a deterministic split (a token-parallel
-d_hidden kernel and a vocab-parallel d_weight kernel) recomputes both heads twice, 12·NDV
-instead of 8·NDV at D' = D. The price: the last bits of the fp32 sums vary run to run.
+d_hidden kernel and a vocab-parallel d_weight kernel) recomputes both heads twice: a
+backward of 12·NDV instead of 8·NDV at D' = D. The price: the last bits of the fp32 sums
+vary run to run.
 Exact mode only: no tile is skipped for a small softmax.
 
 Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
