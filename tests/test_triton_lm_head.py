@@ -174,7 +174,7 @@ def test_gpu_like_blocks(dtype, bias, softcap, v, device):
 def test_split_count_heuristic():
     """The split heuristic: at least min_splits, at most one per vocab tile."""
     from tisdpo_kernels._triton import configs as C
-    from tisdpo_kernels._triton.lm_head import _num_splits
+    from tisdpo_kernels._triton.common import num_splits as _num_splits
     cfg = C.KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, host={"min_splits": 16})
     cpu = torch.empty(1)
     assert _num_splits(cfg, cpu, 100, 1000) == 8          # capped by 8 vocab tiles

@@ -29,7 +29,7 @@ import torch
 from tisdpo.config import PolicyConfig, RunConfig, TrainConfig
 from tisdpo.model import head, load_model, load_tokenizer, resolve_device, save_model
 from tisdpo.trainer import (
-    PreferenceObjective, SFTObjective, Trainer, forward_hidden, read_done, rows_of, stage_done,
+    PreferenceObjective, SFTObjective, Trainer, read_done, stage_done,
 )
 
 __all__ = ["Context", "StageStopped", "make_context", "load_records", "tokenize_cfg", "run_sft",

@@ -12,9 +12,14 @@ Conventions every helper follows:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from tisdpo_kernels._triton import configs
 
 # --------------------------------------------------------------------------------------------
 # @triton.jit helpers
@@ -145,6 +150,39 @@ def gather_cols(z, cols, target):
     return tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
 
 
+@triton.jit
+def add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
+                   stride_hn, stride_hd, stride_wv, stride_wd,
+                   COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Push one fp32 logit-gradient tile dz [BN, BV] (0 outside the masks) into fp32 buffers.
+
+    d_bias[cols] += Σ_rows dz; d_hidden[rows] += dz @ W[cols]; d_weight[cols] += dzᵀ @ H[rows],
+    looping over D in BLOCK_D steps, with relaxed atomics (dh/dw buffers contiguous [*, D]).
+    On a GPU dz is rounded to the input dtype so the two GEMMs run on tensor cores.
+    """
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    if not UPCAST:
+        dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    for k in range(0, tl.cdiv(D, BLOCK_D)):
+        dcols = k * BLOCK_D + offs_d
+        d_mask = dcols < D
+        if COMPUTE_DH:
+            w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
+            dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
+            tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
+                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
+        if COMPUTE_DW:
+            h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
+            dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
+            tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
+                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+
+
 # --------------------------------------------------------------------------------------------
 # host helpers
 # --------------------------------------------------------------------------------------------
@@ -199,3 +237,39 @@ def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dest = torch.where(keep, kept_before - 1, count + idx - kept_before)
     rows = torch.empty(n, dtype=torch.int64, device=keep.device).scatter_(0, dest, idx)
     return rows, count.to(torch.int32)
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU (a no-op context for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _autotuned(name: str, fn, key: tuple, reset_to_zero: tuple):
+    """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
+    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
+                           key=list(key), reset_to_zero=list(reset_to_zero) or None)(fn)
+
+
+def launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict, *,
+           autotune_key: tuple, reset_to_zero: tuple = ()) -> None:
+    """Run kernel ``fn`` with its configured blocks (configs.get(name, t)), or its autotuned
+    variant when autotuning; grid_of(meta) -> grid."""
+    if configs.autotuning(t):
+        _autotuned(name, fn, autotune_key, reset_to_zero)[lambda meta: grid_of(meta)](
+            *args, **flags)
+        return
+    cfg = configs.get(name, t)
+    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
+    fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
+
+
+def num_splits(cfg, t: torch.Tensor, N: int, V: int) -> int:
+    """Vocabulary splits: ≥ min_splits, and enough programs to fill the GPU twice over."""
+    n_blocks = triton.cdiv(N, cfg.meta["BLOCK_N"])
+    n_vtiles = triton.cdiv(V, cfg.meta["BLOCK_V"])
+    want = cfg.host.get("min_splits", 1)
+    if t.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+        want = max(want, triton.cdiv(2 * sms, n_blocks))
+    return max(1, min(want, n_vtiles))

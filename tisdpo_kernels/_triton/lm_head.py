@@ -35,8 +35,6 @@ float64 inputs are rejected (use impl="torch" or "reference").
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -46,8 +44,9 @@ from torch import Tensor
 
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    check_blocks, check_dtype, compact_rows, dot_precision, gather_cols, head_logits,
-    load_tile, mask_cols, online_lse_step, softcap_grad, upcast,
+    add_head_grads, check_blocks, check_dtype, compact_rows, device_guard, dot_precision,
+    gather_cols, head_logits, launch, mask_cols, num_splits, online_lse_step, softcap_grad,
+    upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -165,67 +164,14 @@ def linear_logprobs_bwd_kernel(
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
-        if COMPUTE_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-        if not UPCAST:
-            dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        for k in range(0, tl.cdiv(D, BLOCK_D)):
-            dcols = k * BLOCK_D + offs_d
-            d_mask = dcols < D
-            if COMPUTE_DH:
-                w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
-                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
-                tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
-                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-            if COMPUTE_DW:
-                h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
-                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
-                tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
-                              mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+        add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
+                       stride_hn, stride_hd, stride_wv, stride_wd,
+                       COMPUTE_DH, COMPUTE_DW, COMPUTE_DB, UPCAST, DOT_PRECISION, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.cache
-def _autotuned(name: str):
-    """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
-    fn, reset = {
-        "lm_head_fwd": (linear_logprobs_fwd_kernel, []),
-        "lm_head_bwd": (linear_logprobs_bwd_kernel, ["dh_ptr", "dw_ptr", "db_ptr"]),
-    }[name]
-    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
-                           key=["V", "D"], reset_to_zero=reset or None)(fn)
-
-
-def _launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict):
-    """Run ``fn`` with the configured blocks, or its autotuned variant; grid_of(meta) -> grid."""
-    if configs.autotuning(t):
-        _autotuned(name)[lambda meta: grid_of(meta)](*args, **flags)
-        return
-    cfg = configs.get(name, t)
-    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
-    fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
-
-
-def _num_splits(cfg: configs.KernelConfig, t: torch.Tensor, N: int, V: int) -> int:
-    """Vocabulary splits: ≥ min_splits, and enough programs to fill the GPU twice over."""
-    n_blocks = triton.cdiv(N, cfg.meta["BLOCK_N"])
-    n_vtiles = triton.cdiv(V, cfg.meta["BLOCK_V"])
-    want = cfg.host.get("min_splits", 1)
-    if t.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
-        want = max(want, triton.cdiv(2 * sms, n_blocks))
-    return max(1, min(want, n_vtiles))
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
@@ -240,7 +186,7 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
         return logp, lse
     rows, count = compact_rows(targets != ignore_index)
     cfg = configs.get("lm_head_fwd", hidden)
-    splits = _num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
+    splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
     final = splits == 1
     part = torch.empty((splits, N) if not final else (1,), dtype=torch.float32,
                        device=hidden.device)
@@ -251,9 +197,10 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
             b.stride(0), targets.stride(0), float(softcap or 1.0))
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FINAL=final,
                  UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
-    with _device_guard(hidden):
-        _launch("lm_head_fwd", linear_logprobs_fwd_kernel,
-                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags)
+    with device_guard(hidden):
+        launch("lm_head_fwd", linear_logprobs_fwd_kernel,
+               lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags,
+               autotune_key=("V", "D"))
         if not final:
             cc = configs.get("lm_head_fwd_combine", hidden)
             check_blocks("lm_head_fwd_combine", **cc.meta)
@@ -291,11 +238,12 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
         flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                      COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                      UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
-        with _device_guard(hidden):
-            _launch("lm_head_bwd", linear_logprobs_bwd_kernel,
-                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
-                                  * triton.cdiv(V, meta["BLOCK_V"]),),
-                    hidden, args, flags)
+        with device_guard(hidden):
+            launch("lm_head_bwd", linear_logprobs_bwd_kernel,
+                   lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
+                                 * triton.cdiv(V, meta["BLOCK_V"]),),
+                   hidden, args, flags, autotune_key=("V", "D"),
+                   reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"))
     # rebinding frees each fp32 buffer right after its cast: peak = both fp32 buffers + one cast
     dw = None if dw is None else dw.to(weight.dtype)
     dh = None if dh is None else dh.to(hidden.dtype)

@@ -51,8 +51,6 @@ torch.compile sees one node. float64 is rejected (use impl="torch" or "reference
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -62,8 +60,8 @@ from torch import Tensor
 
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    check_blocks, check_dtype, compact_rows, dot_precision, gather_cols, head_logits,
-    load_tile, mask_cols, softcap_grad, upcast,
+    add_head_grads, check_blocks, check_dtype, compact_rows, device_guard, dot_precision,
+    gather_cols, head_logits, launch, mask_cols, num_splits, softcap_grad, upcast,
 )
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
@@ -277,67 +275,14 @@ def linear_token_kl_bwd_kernel(
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-        if COMPUTE_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-        if not UPCAST:
-            dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        for k in range(0, tl.cdiv(D, BLOCK_D)):
-            dcols = k * BLOCK_D + offs_d
-            d_mask = dcols < D
-            if COMPUTE_DH:
-                w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
-                dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
-                tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
-                              mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-            if COMPUTE_DW:
-                h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
-                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
-                tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
-                              mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
+        add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
+                       stride_hn, stride_hd, stride_wv, stride_wd,
+                       COMPUTE_DH, COMPUTE_DW, COMPUTE_DB, UPCAST, DOT_PRECISION, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.cache
-def _autotuned(name: str):
-    """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
-    fn, reset = {
-        "token_kl_fwd": (linear_token_kl_fwd_kernel, []),
-        "token_kl_bwd": (linear_token_kl_bwd_kernel, ["dh_ptr", "dw_ptr", "db_ptr"]),
-    }[name]
-    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
-                           key=["V", "D", "DR"], reset_to_zero=reset or None)(fn)
-
-
-def _launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict):
-    """Run ``fn`` with the configured blocks, or its autotuned variant; grid_of(meta) -> grid."""
-    if configs.autotuning(t):
-        _autotuned(name)[lambda meta: grid_of(meta)](*args, **flags)
-        return
-    cfg = configs.get(name, t)
-    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
-    fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
-
-
-def _num_splits(cfg: configs.KernelConfig, t: torch.Tensor, N: int, V: int) -> int:
-    """Vocabulary splits: ≥ min_splits, and enough programs to fill the GPU twice over."""
-    n_blocks = triton.cdiv(N, cfg.meta["BLOCK_N"])
-    n_vtiles = triton.cdiv(V, cfg.meta["BLOCK_V"])
-    want = cfg.host.get("min_splits", 1)
-    if t.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(t.device).multi_processor_count
-        want = max(want, triton.cdiv(2 * sms, n_blocks))
-    return max(1, min(want, n_vtiles))
 
 
 def _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap) -> dict:
@@ -370,7 +315,7 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
         return kl, logp, rlogp, stats
     rows, count = compact_rows(targets != ignore_index)
     cfg = configs.get("token_kl_fwd", hidden)
-    splits = _num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
+    splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
     final = splits == 1
     part = torch.empty((5, splits, N) if not final else (1,), **f32)
     tlogit = torch.empty((2, N) if not final else (1,), **f32)
@@ -378,10 +323,10 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     args = (*heads, targets, rows, count, part, tlogit, kl, logp, rlogp, stats,
             N, V, D, DR, splits, *strides, targets.stride(0), float(softcap or 1.0))
     flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
-    with _device_guard(hidden):
-        _launch("token_kl_fwd", linear_token_kl_fwd_kernel,
-                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
-                dict(flags, FINAL=final))
+    with device_guard(hidden):
+        launch("token_kl_fwd", linear_token_kl_fwd_kernel,
+               lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
+               dict(flags, FINAL=final), autotune_key=("V", "D", "DR"))
         if not final:
             cc = configs.get("token_kl_fwd_combine", hidden)
             check_blocks("token_kl_fwd_combine", **cc.meta)
@@ -417,11 +362,12 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                 targets.stride(0), g_kl.stride(0), g_logp.stride(0), float(softcap or 1.0))
         flags = dict(_common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap),
                      COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db)
-        with _device_guard(hidden):
-            _launch("token_kl_bwd", linear_token_kl_bwd_kernel,
-                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
-                                  * triton.cdiv(V, meta["BLOCK_V"]),),
-                    hidden, args, flags)
+        with device_guard(hidden):
+            launch("token_kl_bwd", linear_token_kl_bwd_kernel,
+                   lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
+                                 * triton.cdiv(V, meta["BLOCK_V"]),),
+                   hidden, args, flags, autotune_key=("V", "D", "DR"),
+                   reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"))
     # rebinding frees each fp32 buffer right after its cast: peak = both fp32 buffers + one cast
     dw = None if dw is None else dw.to(weight.dtype)
     dh = None if dh is None else dh.to(hidden.dtype)
