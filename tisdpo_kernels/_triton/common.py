@@ -151,6 +151,22 @@ def gather_cols(z, cols, target):
 
 
 @triton.jit
+def grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 GROUP_N: tl.constexpr):
+    """(token block, vocab block) of program ``pid`` in grouped order: GROUP_N token blocks ×
+    all vocab blocks, token block fastest, so programs running together share weight tiles in
+    L2."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_pid_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    return pid_n, pid_v
+
+
+@triton.jit
 def add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
                    stride_hn, stride_hd, stride_wv, stride_wd,
                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,

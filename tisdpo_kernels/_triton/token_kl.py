@@ -61,7 +61,7 @@ from torch import Tensor
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     add_head_grads, check_blocks, check_dtype, compact_rows, device_guard, dot_precision,
-    gather_cols, head_logits, launch, mask_cols, num_splits, softcap_grad, upcast,
+    gather_cols, grouped_tile, head_logits, launch, mask_cols, num_splits, softcap_grad, upcast,
 )
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
@@ -232,15 +232,7 @@ def linear_token_kl_bwd_kernel(
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         GROUP_N: tl.constexpr):
-    # grouped tile order: GROUP_N token blocks × all vocab blocks, token block fastest
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_pid_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
+    pid_n, pid_v = grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
     count = tl.load(count_ptr)
     if pid_n * BLOCK_N < count:
         slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
