@@ -3,12 +3,15 @@
 Every value and gradient is checked three ways (tests/numerics.py): the reference in
 float64 (truth), the reference at the test dtype (eager), and the chunked torch backend.
 """
+from functools import partial
+
 import pytest
 import torch
 
 import tisdpo_kernels as tk
 from dispatch_probe import OpProbe
-from numerics import assert_oracle, nan_buffer_view
+from head_cases import assert_no_host_sync, check_three_way, logprobs_case, run_logprobs
+from numerics import assert_oracle
 from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as torch_linear_logprobs
 from tisdpo_kernels.config import HeadOptions
@@ -20,59 +23,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 
 
-def make_inputs(n=N, d=D, v=V, *, bias=True, ignored=(3, 10, 11), scale=2.0, shape=None):
-    """float64 masters: hidden, weight, bias, targets, upstream grads (with zeros/negatives)."""
-    shape = (n,) if shape is None else shape
-    h = torch.randn(*shape, d, dtype=torch.float64)
-    w = torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5)
-    b = torch.randn(v, dtype=torch.float64) if bias else None
-    y = torch.randint(0, v, shape)
-    flat = y.view(-1)
-    for i in ignored:
-        if i < flat.numel():
-            flat[i] = -100
-    g_logp = torch.randn(shape, dtype=torch.float64)
-    g_lse = 0.5 * torch.randn(shape, dtype=torch.float64)
-    g_logp.view(-1)[::5] = 0.0
-    g_lse.view(-1)[1::4] = 0.0
-    return {"hidden": h, "weight": w, "bias": b}, y, (g_logp, g_lse)
+def make_inputs(n=N, d=D, v=V, **kw):
+    return logprobs_case(n, d, v, **kw)
 
 
-def run(impl, masters, y, grads, *, dtype, softcap=None, wrt=("hidden", "weight", "bias"),
-        view=False, as_dtype=None):
-    """Outputs and input gradients of the public op; masters cast to ``dtype`` (then to
-    ``as_dtype`` for the float64 truth: the same values, computed exactly)."""
-    ts = {}
-    for k, t in masters.items():
-        if t is None:
-            ts[k] = None
-            continue
-        t = t.to(dtype)
-        if as_dtype is not None:
-            t = t.to(as_dtype)
-        if view:
-            t = nan_buffer_view(t)
-        ts[k] = t.requires_grad_(k in wrt)
-    yy = nan_buffer_view(y) if view else y
-    logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
-                                   softcap=softcap, return_lse=True, impl=impl)
-    out = {"logp": logp, "lse": lse}
-    names = [k for k in wrt if ts[k] is not None]
-    if names:
-        gs = torch.autograd.grad((logp, lse), [ts[k] for k in names],
-                                 tuple(g.to(logp.dtype) for g in grads))
-        out.update({f"d_{k}": g for k, g in zip(names, gs)})
-    return out
-
-
-def check(masters, y, grads, *, dtype, **kw):
-    truth = run("reference", masters, y, grads, dtype=dtype, as_dtype=torch.float64, **kw)
-    ref = run("reference", masters, y, grads, dtype=dtype, **kw)
-    act = run("torch", masters, y, grads, dtype=dtype, **kw)
-    assert act.keys() == truth.keys()
-    for k in truth:
-        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
-    return act
+run = run_logprobs
+check = partial(check_three_way, run_logprobs, "torch")
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 2048])
@@ -225,12 +181,7 @@ def test_never_allocates_tokens_by_vocab():
 def test_no_host_sync_in_training_step(monkeypatch):
     """Forward and backward through the public op: no .item()/bool()/nonzero anywhere
     (value checks off, as they are on CUDA by default)."""
-    monkeypatch.setenv("TISDPO_CHECKS", "off")
-    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "10")
-    masters, y, grads = make_inputs()
-    with OpProbe() as probe:
-        run("torch", masters, y, grads, dtype=torch.float32, softcap=3.0)
-    assert not probe.sync_ops(), probe.sync_ops()
+    assert_no_host_sync(run, *make_inputs(), monkeypatch)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -3,12 +3,15 @@
 Values (kl, logp, ref_logp) and policy gradients (from kl and logp) are checked three ways
 (tests/numerics.py). The reference head has its own width D' != D and is a constant.
 """
+from functools import partial
+
 import pytest
 import torch
 
 import tisdpo_kernels as tk
 from dispatch_probe import OpProbe
-from numerics import assert_oracle, nan_buffer_view
+from head_cases import POLICY, assert_no_host_sync, check_three_way, kl_case, run_kl
+from numerics import assert_oracle
 from tisdpo_kernels._torch.token_kl import linear_token_kl as torch_token_kl
 from tisdpo_kernels.config import KLOptions
 
@@ -18,68 +21,14 @@ N, D, DR, V = 47, 31, 20, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 DIRECTIONS = ["policy_ref", "ref_policy"]
-POLICY = ("hidden", "weight", "bias")
 
 
-def make_inputs(n=N, d=D, dr=DR, v=V, *, bias=True, ignored=(3, 10, 11), scale=2.0,
-                ref_scale=2.0, shape=None):
-    """float64 masters for both heads, targets, and upstream grads on kl and logp."""
-    shape = (n,) if shape is None else shape
-    m = {
-        "hidden": torch.randn(*shape, d, dtype=torch.float64),
-        "weight": torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5),
-        "bias": torch.randn(v, dtype=torch.float64) if bias else None,
-        "ref_hidden": torch.randn(*shape, dr, dtype=torch.float64),
-        "ref_weight": torch.randn(v, dr, dtype=torch.float64) * (ref_scale / dr ** 0.5),
-        "ref_bias": torch.randn(v, dtype=torch.float64) if bias else None,
-    }
-    y = torch.randint(0, v, shape)
-    for i in ignored:
-        if i < y.numel():
-            y.view(-1)[i] = -100
-    g_kl = torch.randn(shape, dtype=torch.float64)
-    g_logp = torch.randn(shape, dtype=torch.float64)
-    g_kl.view(-1)[::4] = 0.0
-    g_logp.view(-1)[1::5] = 0.0
-    return m, y, (g_kl, g_logp)
+def make_inputs(n=N, d=D, dr=DR, v=V, **kw):
+    return kl_case(n, d, dr, v, **kw)
 
 
-def run(impl, masters, y, grads, *, dtype, ref_dtype=None, direction="policy_ref",
-        softcap=None, wrt=POLICY, view=False, as_dtype=None):
-    """(kl, logp, ref_logp) and policy gradients; policy masters cast to ``dtype``, reference
-    masters to ``ref_dtype`` (default ``dtype``), then both to ``as_dtype`` for the truth."""
-    ts = {}
-    for k, t in masters.items():
-        if t is None:
-            ts[k] = None
-            continue
-        t = t.to(dtype if not k.startswith("ref_") else (ref_dtype or dtype))
-        if as_dtype is not None:
-            t = t.to(as_dtype)
-        if view:
-            t = nan_buffer_view(t)
-        ts[k] = t.requires_grad_(k in wrt)
-    yy = nan_buffer_view(y) if view else y
-    kl, logp, ref_logp = tk.linear_token_kl(
-        ts["hidden"], ts["weight"], ts["ref_hidden"], ts["ref_weight"], yy, bias=ts["bias"],
-        ref_bias=ts["ref_bias"], direction=direction, softcap=softcap, impl=impl)
-    out = {"kl": kl, "logp": logp, "ref_logp": ref_logp}
-    names = [k for k in wrt if ts[k] is not None]
-    if names:
-        gs = torch.autograd.grad((kl, logp), [ts[k] for k in names],
-                                 tuple(g.to(kl.dtype) for g in grads))
-        out.update({f"d_{k}": g for k, g in zip(names, gs)})
-    return out
-
-
-def check(masters, y, grads, *, dtype, **kw):
-    truth = run("reference", masters, y, grads, dtype=dtype, as_dtype=torch.float64, **kw)
-    ref = run("reference", masters, y, grads, dtype=dtype, **kw)
-    act = run("torch", masters, y, grads, dtype=dtype, **kw)
-    assert act.keys() == truth.keys()
-    for k in truth:
-        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
-    return act
+run = run_kl
+check = partial(check_three_way, run_kl, "torch")
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 2048])
@@ -211,12 +160,7 @@ def test_never_allocates_tokens_by_vocab(direction):
 
 
 def test_no_host_sync_in_training_step(monkeypatch):
-    monkeypatch.setenv("TISDPO_CHECKS", "off")
-    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "10")
-    masters, y, grads = make_inputs()
-    with OpProbe() as probe:
-        run("torch", masters, y, grads, dtype=torch.float32, softcap=3.0)
-    assert not probe.sync_ops(), probe.sync_ops()
+    assert_no_host_sync(run, *make_inputs(), monkeypatch)
 
 
 def test_chunk_tokens_override():

@@ -6,12 +6,16 @@ same tests run the compiled kernels. Each value and gradient is checked three wa
 Triton backend (actual).
 """
 
+from functools import partial
+
 import pytest
 import torch
 
 import tisdpo_kernels as tk
+from head_cases import POLICY as ALL
+from head_cases import check_three_way, logprobs_case, run_logprobs
 from markers import requires_cuda, requires_triton
-from numerics import assert_oracle, nan_buffer_view
+from numerics import assert_oracle
 from tisdpo_kernels._impl import Impl, resolve_impl
 
 pytestmark = [requires_triton, pytest.mark.usefixtures("nan_poison")]
@@ -19,60 +23,13 @@ pytestmark = [requires_triton, pytest.mark.usefixtures("nan_poison")]
 N, D, V = 47, 31, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
-ALL = ("hidden", "weight", "bias")
 
 
-def make_inputs(n=N, d=D, v=V, *, bias=True, ignored=(3, 10, 11), scale=2.0):
-    """float64 masters: hidden, weight, bias, targets, upstream grads with zeros/negatives."""
-    h = torch.randn(n, d, dtype=torch.float64)
-    w = torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5)
-    b = torch.randn(v, dtype=torch.float64) if bias else None
-    y = torch.randint(0, v, (n,))
-    y[[i for i in ignored if i < n]] = -100
-    g_logp = torch.randn(n, dtype=torch.float64)
-    g_lse = 0.5 * torch.randn(n, dtype=torch.float64)
-    g_logp[::5] = 0.0
-    g_lse[1::4] = 0.0
-    return dict(hidden=h, weight=w, bias=b), y, (g_logp, g_lse)
+def make_inputs(n=N, d=D, v=V, **kw):
+    return logprobs_case(n, d, v, **kw)
 
 
-def run(impl, masters, y, grads, *, dtype, device, softcap=None, wrt=ALL, view=False,
-        as_dtype=None):
-    """Outputs and input gradients of the public op on masters cast to ``dtype`` (then to
-    ``as_dtype``: the float64 truth sees the same values, computed exactly)."""
-    ts = {}
-    for k, t in masters.items():
-        if t is None:
-            ts[k] = None
-            continue
-        t = t.to(dtype)
-        t = t.to(as_dtype) if as_dtype is not None else t
-        t = t.to(device)
-        t = nan_buffer_view(t) if view else t
-        ts[k] = t.requires_grad_(k in wrt)
-    yy = y.to(device)
-    yy = nan_buffer_view(yy) if view else yy
-    logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
-                                   softcap=softcap, return_lse=True, impl=impl)
-    out = {"logp": logp, "lse": lse}
-    names = [k for k in wrt if ts[k] is not None]
-    if names:
-        gs = torch.autograd.grad((logp, lse), [ts[k] for k in names],
-                                 tuple(g.to(logp.dtype).to(device) for g in grads))
-        out.update({f"d_{k}": g for k, g in zip(names, gs)})
-    return out
-
-
-def check(masters, y, grads, *, dtype, device, **kw):
-    truth = run("reference", masters, y, grads, dtype=dtype, device=device,
-                as_dtype=torch.float64, **kw)
-    ref = run("reference", masters, y, grads, dtype=dtype, device=device, **kw)
-    act = run("triton", masters, y, grads, dtype=dtype, device=device, **kw)
-    assert act.keys() == truth.keys()
-    for k in truth:
-        assert act[k].dtype == ref[k].dtype, f"{k}: dtype {act[k].dtype} != {ref[k].dtype}"
-        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
-    return act
+check = partial(check_three_way, run_logprobs, "triton", check_dtypes=True)
 
 
 @pytest.mark.parametrize("bias,softcap,scale", [

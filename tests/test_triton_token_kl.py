@@ -5,12 +5,15 @@ Every value (kl, logp, ref_logp) and gradient (d_hidden, d_weight, d_bias) is ch
 ways (tests/numerics.py): the reference in float64 (truth), the reference at the test dtype
 (eager) and the fused Triton kernels.
 """
+from functools import partial
+
 import pytest
 import torch
 
 import tisdpo_kernels as tk
+from head_cases import POLICY, REF, check_three_way, kl_case, run_kl
 from markers import requires_cuda, requires_triton
-from numerics import assert_oracle, nan_buffer_view
+from numerics import assert_oracle
 
 pytestmark = requires_triton
 
@@ -18,80 +21,15 @@ N, D, DR, V = 47, 31, 29, 123
 DTYPES = [torch.float32, torch.bfloat16]
 DT_IDS = ["fp32", "bf16"]
 DIRECTIONS = ["policy_ref", "ref_policy"]
-POLICY = ("hidden", "weight", "bias")
-REF = ("ref_hidden", "ref_weight", "ref_bias")
 
 
-def make_inputs(n=N, d=D, dr=DR, v=V, *, bias=True, ref_bias=True, ignored=(3, 10, 11),
-                scale=2.0, ref_scale=2.0, shape=None):
-    """float64 masters of both heads, targets, and upstream grads for kl and logp with zero
-    and negative entries."""
-    shape = (n,) if shape is None else shape
-    m = dict(
-        hidden=torch.randn(*shape, d, dtype=torch.float64),
-        weight=torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5),
-        bias=torch.randn(v, dtype=torch.float64) if bias else None,
-        ref_hidden=torch.randn(*shape, dr, dtype=torch.float64),
-        ref_weight=torch.randn(v, dr, dtype=torch.float64) * (ref_scale / dr ** 0.5),
-        ref_bias=torch.randn(v, dtype=torch.float64) if ref_bias else None,
-    )
-    y = torch.randint(0, v, shape)
-    flat = y.view(-1)
-    for i in ignored:
-        if i < flat.numel():
-            flat[i] = -100
-    g_kl = torch.randn(shape, dtype=torch.float64)
-    g_logp = torch.randn(shape, dtype=torch.float64)
-    g_kl.view(-1)[::5] = 0.0
-    g_logp.view(-1)[1::4] = 0.0
-    g_kl.view(-1)[2::7] = 0.0
-    g_logp.view(-1)[2::7] = 0.0  # some tokens with no upstream at all
-    return m, y, (g_kl, g_logp)
+def make_inputs(n=N, d=D, dr=DR, v=V, *, ref_bias=True, **kw):
+    """kl_case with upstream zeros every 5th kl / 4th logp and none at all every 7th token."""
+    return kl_case(n, d, dr, v, ref_bias=ref_bias, zeros=(slice(None, None, 5), slice(1, None, 4)),
+                   silent=slice(2, None, 7), **kw)
 
 
-def run(impl, masters, y, grads, *, dtype, device, ref_dtype=None, direction="policy_ref",
-        softcap=None, wrt=POLICY, view=False, as_dtype=None, use=("kl", "logp")):
-    """Outputs and policy gradients of the public op. Masters are cast to ``dtype`` (the
-    reference head to ``ref_dtype``), then to ``as_dtype`` for the float64 truth (the same
-    values, computed exactly). ``use``: which outputs carry an upstream gradient."""
-    ts = {}
-    for k, t in masters.items():
-        if t is None:
-            ts[k] = None
-            continue
-        t = t.to(ref_dtype if (k in REF and ref_dtype is not None) else dtype)
-        if as_dtype is not None:
-            t = t.to(as_dtype)
-        t = t.to(device)
-        if view:
-            t = nan_buffer_view(t)
-        ts[k] = t.requires_grad_(k in wrt)
-    yy = nan_buffer_view(y.to(device)) if view else y.to(device)
-    kl, logp, ref_logp = tk.linear_token_kl(
-        ts["hidden"], ts["weight"], ts["ref_hidden"], ts["ref_weight"], yy, bias=ts["bias"],
-        ref_bias=ts["ref_bias"], direction=direction, softcap=softcap, impl=impl)
-    out = {"kl": kl, "logp": logp, "ref_logp": ref_logp}
-    names = [k for k in wrt if ts[k] is not None]
-    if names:
-        outs = {"kl": kl, "logp": logp}
-        g = dict(zip(("kl", "logp"), grads))
-        gs = torch.autograd.grad([outs[u] for u in use],
-                                 [ts[k] for k in names],
-                                 [g[u].to(kl.dtype).to(device) for u in use])
-        out.update({f"d_{k}": t for k, t in zip(names, gs)})
-    return out
-
-
-def check(masters, y, grads, *, dtype, device, **kw):
-    truth = run("reference", masters, y, grads, dtype=dtype, device=device,
-                as_dtype=torch.float64, **kw)
-    ref = run("reference", masters, y, grads, dtype=dtype, device=device, **kw)
-    act = run("triton", masters, y, grads, dtype=dtype, device=device, **kw)
-    assert act.keys() == truth.keys()
-    for k in truth:
-        assert act[k].dtype == ref[k].dtype, f"{k}: dtype {act[k].dtype} != {ref[k].dtype}"
-        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
-    return act
+check = partial(check_three_way, run_kl, "triton", check_dtypes=True)
 
 
 def blocks(bn, bv, bd, *, splits=1, group=1, warps=4):

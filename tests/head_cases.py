@@ -1,0 +1,151 @@
+"""Shared cases and three-way oracle runs for the LM-head ops (linear_logprobs, linear_token_kl).
+
+Builders return float64 masters, targets with ignored (-100) entries and upstream gradients
+with zero entries; the ``run_*`` functions cast the masters, optionally put them in NaN buffers,
+call the public op and take autograd gradients; ``check_three_way`` compares an implementation
+against the reference at the test dtype and in float64 (tests/numerics.py).
+"""
+import torch
+
+import tisdpo_kernels as tk
+from dispatch_probe import OpProbe
+from numerics import assert_oracle, nan_buffer_view
+
+POLICY = ("hidden", "weight", "bias")
+REF = ("ref_hidden", "ref_weight", "ref_bias")
+
+
+def _targets(v, shape, ignored):
+    y = torch.randint(0, v, shape)
+    flat = y.view(-1)
+    for i in ignored:
+        if i < flat.numel():
+            flat[i] = -100
+    return y
+
+
+def _upstream(shape, *, zeros, silent=None, second_scale=1.0):
+    """Two float64 upstream gradients; ``zeros``: a slice per gradient set to 0, ``silent``: a
+    slice set to 0 in both (tokens with no upstream at all)."""
+    g1 = torch.randn(shape, dtype=torch.float64)
+    g2 = second_scale * torch.randn(shape, dtype=torch.float64)
+    for g, s in zip((g1, g2), zeros):
+        g.view(-1)[s] = 0.0
+    if silent is not None:
+        g1.view(-1)[silent] = 0.0
+        g2.view(-1)[silent] = 0.0
+    return g1, g2
+
+
+def logprobs_case(n, d, v, *, bias=True, ignored=(3, 10, 11), scale=2.0, shape=None):
+    """float64 masters hidden, weight, bias; targets; upstream grads on (logp, lse)."""
+    shape = (n,) if shape is None else shape
+    h = torch.randn(*shape, d, dtype=torch.float64)
+    w = torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5)
+    b = torch.randn(v, dtype=torch.float64) if bias else None
+    y = _targets(v, shape, ignored)
+    grads = _upstream(shape, zeros=(slice(None, None, 5), slice(1, None, 4)), second_scale=0.5)
+    return {"hidden": h, "weight": w, "bias": b}, y, grads
+
+
+def kl_case(n, d, dr, v, *, bias=True, ref_bias=None, ignored=(3, 10, 11), scale=2.0,
+            ref_scale=2.0, shape=None, zeros=(slice(None, None, 4), slice(1, None, 5)),
+            silent=None):
+    """float64 masters of both heads (``ref_bias`` defaults to ``bias``), targets, and
+    upstream grads on (kl, logp)."""
+    shape = (n,) if shape is None else shape
+    ref_bias = bias if ref_bias is None else ref_bias
+    m = {
+        "hidden": torch.randn(*shape, d, dtype=torch.float64),
+        "weight": torch.randn(v, d, dtype=torch.float64) * (scale / d ** 0.5),
+        "bias": torch.randn(v, dtype=torch.float64) if bias else None,
+        "ref_hidden": torch.randn(*shape, dr, dtype=torch.float64),
+        "ref_weight": torch.randn(v, dr, dtype=torch.float64) * (ref_scale / dr ** 0.5),
+        "ref_bias": torch.randn(v, dtype=torch.float64) if ref_bias else None,
+    }
+    y = _targets(v, shape, ignored)
+    return m, y, _upstream(shape, zeros=zeros, silent=silent)
+
+
+def _prepare(masters, y, *, dtype, ref_dtype, device, view, as_dtype, wrt):
+    """Masters cast to ``dtype`` (the reference head to ``ref_dtype``), then to ``as_dtype``
+    for the float64 truth (the same values, computed exactly), moved to ``device``."""
+    ts = {}
+    for k, t in masters.items():
+        if t is None:
+            ts[k] = None
+            continue
+        t = t.to(ref_dtype if (k in REF and ref_dtype is not None) else dtype)
+        if as_dtype is not None:
+            t = t.to(as_dtype)
+        if device is not None:
+            t = t.to(device)
+        if view:
+            t = nan_buffer_view(t)
+        ts[k] = t.requires_grad_(k in wrt)
+    yy = y if device is None else y.to(device)
+    return ts, (nan_buffer_view(yy) if view else yy)
+
+
+def _grads(out, outs, grads, gdtype, ts, wrt, device):
+    """Add to ``out`` the gradients of ``outs`` (upstream ``grads`` cast to ``gdtype``) with
+    respect to the inputs named in ``wrt`` that exist."""
+    names = [k for k in wrt if ts[k] is not None]
+    if names:
+        gs = torch.autograd.grad(
+            outs, [ts[k] for k in names],
+            [g.to(gdtype) if device is None else g.to(gdtype).to(device) for g in grads])
+        out.update({f"d_{k}": g for k, g in zip(names, gs)})
+    return out
+
+
+def run_logprobs(impl, masters, y, grads, *, dtype, device=None, softcap=None, wrt=POLICY,
+                 view=False, as_dtype=None):
+    """(logp, lse) of the public op and the gradients of the inputs named in ``wrt``."""
+    ts, yy = _prepare(masters, y, dtype=dtype, ref_dtype=None, device=device, view=view,
+                      as_dtype=as_dtype, wrt=wrt)
+    logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
+                                   softcap=softcap, return_lse=True, impl=impl)
+    return _grads({"logp": logp, "lse": lse}, [logp, lse], grads, logp.dtype, ts, wrt,
+                  device)
+
+
+def run_kl(impl, masters, y, grads, *, dtype, device=None, ref_dtype=None,
+           direction="policy_ref", softcap=None, wrt=POLICY, view=False, as_dtype=None,
+           use=("kl", "logp")):
+    """(kl, logp, ref_logp) and policy gradients; ``use``: which outputs carry an upstream
+    gradient."""
+    ts, yy = _prepare(masters, y, dtype=dtype, ref_dtype=ref_dtype, device=device, view=view,
+                      as_dtype=as_dtype, wrt=wrt)
+    kl, logp, ref_logp = tk.linear_token_kl(
+        ts["hidden"], ts["weight"], ts["ref_hidden"], ts["ref_weight"], yy, bias=ts["bias"],
+        ref_bias=ts["ref_bias"], direction=direction, softcap=softcap, impl=impl)
+    outs = {"kl": kl, "logp": logp}
+    g = dict(zip(("kl", "logp"), grads))
+    return _grads({"kl": kl, "logp": logp, "ref_logp": ref_logp}, [outs[u] for u in use],
+                  [g[u] for u in use], kl.dtype, ts, wrt, device)
+
+
+def check_three_way(run_fn, impl, masters, y, grads, *, dtype, check_dtypes=False, **kw):
+    """truth = reference in float64, ref = reference at ``dtype``, actual = ``impl``; every
+    output and gradient through assert_oracle. ``check_dtypes``: also require actual and ref
+    to have the same dtype."""
+    truth = run_fn("reference", masters, y, grads, dtype=dtype, as_dtype=torch.float64, **kw)
+    ref = run_fn("reference", masters, y, grads, dtype=dtype, **kw)
+    act = run_fn(impl, masters, y, grads, dtype=dtype, **kw)
+    assert act.keys() == truth.keys()
+    for k in truth:
+        if check_dtypes:
+            assert act[k].dtype == ref[k].dtype, f"{k}: dtype {act[k].dtype} != {ref[k].dtype}"
+        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
+    return act
+
+
+def assert_no_host_sync(run_fn, masters, y, grads, monkeypatch):
+    """Forward and backward of the torch backend through the public op (value checks off, as
+    on CUDA by default, chunks of 10 tokens): no host-synchronising op anywhere."""
+    monkeypatch.setenv("TISDPO_CHECKS", "off")
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "10")
+    with OpProbe() as probe:
+        run_fn("torch", masters, y, grads, dtype=torch.float32, softcap=3.0)
+    assert not probe.sync_ops(), probe.sync_ops()
