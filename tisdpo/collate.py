@@ -88,18 +88,22 @@ def _fill(seq, ids, labels, weights, ref, start):
     return n
 
 
-class PaddedPairCollator:
+class _PairCollator:
+    """Shared set-up of the pair collators: the padding id and the length multiple."""
+
+    def __init__(self, pad_id: int = 0, *, pad_to_multiple_of: int | None = None):
+        if not isinstance(pad_id, int) or pad_id < 0:
+            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+        _check_multiple(pad_to_multiple_of)
+        self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
+
+
+class PaddedPairCollator(_PairCollator):
     """Pad B pairs into a [2B, T] batch (chosen rows first), labels shifted.
 
     pad_id: the input id used for padding (attention_mask 0 there, labels −100).
     pad_to_multiple_of: round T up to a multiple of this (None: the longest sequence).
     """
-
-    def __init__(self, pad_id: int, *, pad_to_multiple_of: int | None = None):
-        if not isinstance(pad_id, int) or pad_id < 0:
-            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
-        _check_multiple(pad_to_multiple_of)
-        self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
 
     def __call__(self, examples):
         seqs, has_ref = _sequences(examples)
@@ -121,19 +125,13 @@ class PaddedPairCollator:
         return batch
 
 
-class PackedPairCollator:
+class PackedPairCollator(_PairCollator):
     """Concatenate the 2P sequences of P pairs into one padding-free row [1, N].
 
     pad_id, pad_to_multiple_of (optional): append one extra dummy sequence of ``pad_id``
     tokens (its labels ignored, in no pair, counted in seq_offsets) so N is a multiple of
     ``pad_to_multiple_of`` — for shape-stable compilation.
     """
-
-    def __init__(self, pad_id: int = 0, *, pad_to_multiple_of: int | None = None):
-        if not isinstance(pad_id, int) or pad_id < 0:
-            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
-        _check_multiple(pad_to_multiple_of)
-        self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
 
     def __call__(self, examples):
         seqs, has_ref = _sequences(examples)

@@ -167,6 +167,30 @@ def grouped_tile(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 
 
 @triton.jit
+def split_rows(pid, NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A forward program's work: its token block's kept rows and its vocabulary split.
+
+    Splits of one token block are adjacent programs. Returns (split, slots, row_mask, rows,
+    targets, v_lo, v_hi, n_tiles): ``slots`` are positions in the packed row list
+    (``compact_rows``), [v_lo, v_hi) the split's columns, n_tiles 0 when the block keeps no row.
+    """
+    pid_n = pid // NUM_SPLITS
+    split = pid % NUM_SPLITS
+    count = tl.load(count_ptr)
+    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = slots < count
+    rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
+    tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
+    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
+    v_lo = split * tiles * BLOCK_V
+    v_hi = tl.minimum(v_lo + tiles * BLOCK_V, V)
+    n_tiles = tl.maximum(tl.cdiv(v_hi - v_lo, BLOCK_V), 0)
+    n_tiles = tl.where(pid_n * BLOCK_N < count, n_tiles, 0)
+    return split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles
+
+
+@triton.jit
 def add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
                    stride_hn, stride_hd, stride_wv, stride_wd,
                    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -289,3 +313,21 @@ def num_splits(cfg, t: torch.Tensor, N: int, V: int) -> int:
         sms = torch.cuda.get_device_properties(t.device).multi_processor_count
         want = max(want, triton.cdiv(2 * sms, n_blocks))
     return max(1, min(want, n_vtiles))
+
+
+def head_grad_buffers(N: int, V: int, D: int, device, need_dh: bool, need_dw: bool,
+                      need_db: bool):
+    """Zeroed fp32 accumulators d_hidden [N, D], d_weight [V, D], d_bias [V] (None if unneeded)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.zeros(N, D, **f32) if need_dh else None,
+            torch.zeros(V, D, **f32) if need_dw else None,
+            torch.zeros(V, **f32) if need_db else None)
+
+
+def cast_head_grads(dh, dw, db, hidden, weight, bias):
+    """The fp32 accumulators cast to the inputs' dtypes, each freed right after its cast
+    (peak: both fp32 buffers + one cast)."""
+    dw = None if dw is None else dw.to(weight.dtype)
+    dh = None if dh is None else dh.to(hidden.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dh, dw, db

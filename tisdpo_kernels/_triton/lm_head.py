@@ -44,9 +44,9 @@ from torch import Tensor
 
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    add_head_grads, check_blocks, check_dtype, compact_rows, device_guard, dot_precision,
-    gather_cols, grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step,
-    softcap_grad, upcast,
+    add_head_grads, cast_head_grads, check_blocks, check_dtype, compact_rows, device_guard,
+    dot_precision, gather_cols, grouped_tile, head_grad_buffers, head_logits, launch, mask_cols,
+    num_splits, online_lse_step, softcap_grad, split_rows, upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -66,19 +66,8 @@ def linear_logprobs_fwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_n = pid // NUM_SPLITS           # splits of one token block are adjacent programs
-    split = pid % NUM_SPLITS
-    count = tl.load(count_ptr)
-    slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # positions in the packed row list
-    row_mask = slots < count
-    rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
-    tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
-    tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
-    v_lo = split * tiles * BLOCK_V
-    v_hi = tl.minimum(v_lo + tiles * BLOCK_V, V)
-    n_tiles = tl.maximum(tl.cdiv(v_hi - v_lo, BLOCK_V), 0)
-    n_tiles = tl.where(pid_n * BLOCK_N < count, n_tiles, 0)   # no kept rows: no work
+    split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
+        tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
@@ -213,9 +202,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     V = weight.shape[0]
     dev = hidden.device
     need_db = need_db and bias is not None
-    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    dh, dw, db = head_grad_buffers(N, V, D, dev, need_dh, need_dw, need_db)
     if N > 0 and (need_dh or need_dw or need_db):
         keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
         rows, count = compact_rows(keep)
@@ -236,11 +223,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                                  * triton.cdiv(V, meta["BLOCK_V"]),),
                    hidden, args, flags, autotune_key=("V", "D"),
                    reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"))
-    # rebinding frees each fp32 buffer right after its cast: peak = both fp32 buffers + one cast
-    dw = None if dw is None else dw.to(weight.dtype)
-    dh = None if dh is None else dh.to(hidden.dtype)
-    db = None if db is None else db.to(bias.dtype)
-    return dh, dw, db
+    return cast_head_grads(dh, dw, db, hidden, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
