@@ -335,8 +335,12 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
     need_lp, need_lr, need_w, need_kl = need
     need_lr, need_w, need_kl = need_lr and opts.has_ref, need_w and opts.has_w, \
         need_kl and opts.has_kl
-    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if flag else None
-             for t, flag in ((lp, need_lp), (lr, need_lr), (w, need_w), (kl, need_kl))]
+    # gradients in the inputs' dtypes; a 16-bit one is written in fp32 under the interpreter
+    # (whose float -> 16-bit casts truncate) and rounded to nearest by torch below
+    ins = (lp, lr, w, kl)
+    grads = [torch.empty_like(t, dtype=torch.float32 if _upcast(t) else t.dtype,
+                              memory_format=torch.contiguous_format) if flag else None
+             for t, flag in zip(ins, (need_lp, need_lr, need_w, need_kl))]
     if n > 0 and any(g is not None for g in grads):
         d_lp, d_lr, d_w, d_kl = (g if g is not None else lp for g in grads)
         preference_bwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
@@ -350,7 +354,7 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
             NEED_W=need_w, NEED_KL=need_kl, UPCAST=_upcast(lp, lr, w, kl),
             **tok.meta, **tok.launch_kwargs(lp),
         )
-    return tuple(grads)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, ins))
 
 
 # ----------------------------------------------------------------------------- autograd
