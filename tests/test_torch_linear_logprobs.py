@@ -11,6 +11,7 @@ import torch
 import tisdpo_kernels as tk
 from dispatch_probe import OpProbe
 from head_cases import assert_no_host_sync, check_three_way, logprobs_case, run_logprobs
+from markers import triton_importable
 from numerics import assert_oracle
 from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as torch_linear_logprobs
@@ -227,5 +228,27 @@ def test_impl_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="impl='torch'"):
         resolve_impl("triton", cpu, op="linear_logprobs")
+
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+@pytest.mark.parametrize("triton_v,numpy_v,blocked", [
+    ("3.6.0", "2.4.6", True), ("3.6.1", "2.5.0", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False), ("3.8.0+git3f1a2b", "2.4.6", False)])
+def test_triton_interpreter_versions(monkeypatch, triton_v, numpy_v, blocked):
+    """impl='triton' on the CPU: triton 3.6's interpreter cannot run with numpy >= 2.4 (a
+    one-line error naming both versions and the fix), every other pair can."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_v)
+    monkeypatch.setattr(numpy, "__version__", numpy_v)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl(Impl.TRITON, cpu, op="x") is Impl.TRITON
+    cpu = torch.device("cpu")
+    if blocked:
+        with pytest.raises(ValueError, match=rf"linear_logprobs: .*triton {triton_v}'s "
+                                             rf"interpreter cannot run with numpy {numpy_v}; "
+                                             r"install triton>=3.7 or numpy<2.4"):
+            resolve_impl("triton", cpu, op="linear_logprobs")
+    else:
+        assert resolve_impl(Impl.TRITON, cpu, op="x") is Impl.TRITON

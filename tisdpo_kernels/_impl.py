@@ -31,6 +31,26 @@ def triton_available() -> bool:
     return True
 
 
+def _version(v: str) -> tuple[int, int]:
+    major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_blocker() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with the installed versions, or None.
+
+    triton 3.6's interpreter turns every scalar (a size-1 array) into a Python int with
+    ``int()``, which numpy 2.4 refuses for arrays that are not 0-d; triton 3.7 fixed it.
+    """
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run with numpy "
+                f"{numpy.__version__}; install triton>=3.7 or numpy<2.4")
+    return None
+
+
 def resolve_impl(impl: str | Impl, device: torch.device, *, op: str) -> Impl:
     """Turn ``impl`` into a concrete backend for tensors on ``device``.
 
@@ -54,4 +74,8 @@ def resolve_impl(impl: str | Impl, device: torch.device, *, op: str) -> Impl:
                 f"{op}: impl='triton' got tensors on {device.type!r}; Triton runs on CUDA, or on "
                 f"the CPU only under TRITON_INTERPRET=1 set before import. Use impl='torch' on CPU."
             )
+        why = None if device.type == "cuda" else interpreter_blocker()
+        if why:
+            raise ValueError(f"{op}: impl='triton' on the CPU runs Triton's interpreter, but "
+                             f"{why} (or use impl='torch')")
     return choice
