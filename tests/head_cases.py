@@ -3,13 +3,15 @@
 Builders return float64 masters, targets with ignored (-100) entries and upstream gradients
 with zero entries; the ``run_*`` functions cast the masters, optionally put them in NaN buffers,
 call the public op and take autograd gradients; ``check_three_way`` compares an implementation
-against the reference at the test dtype and in float64 (tests/numerics.py).
+against the reference at the test dtype and in float64 (tests/numerics.py), with the rounding
+magnitudes of tests/magnitudes.py.
 """
 import torch
 
+import magnitudes
 import tisdpo_kernels as tk
 from dispatch_probe import OpProbe
-from numerics import assert_oracle, nan_buffer_view
+from numerics import accumulation_dtype, assert_oracle, nan_buffer_view
 
 POLICY = ("hidden", "weight", "bias")
 REF = ("ref_hidden", "ref_weight", "ref_bias")
@@ -87,14 +89,23 @@ def _prepare(masters, y, *, dtype, ref_dtype, device, view, as_dtype, wrt):
     return ts, (nan_buffer_view(yy) if view else yy)
 
 
-def _grads(out, outs, grads, gdtype, ts, wrt, device):
-    """Add to ``out`` the gradients of ``outs`` (upstream ``grads`` cast to ``gdtype``) with
+def upstream(g, dtype, out_dtype):
+    """An upstream gradient as the op receives it: rounded to the outputs' dtype at ``dtype``
+    (float32 unless float64), then held in ``out_dtype`` (float64 for the truth, which thus
+    sees the same rounded values)."""
+    return g.to(accumulation_dtype(dtype)).to(out_dtype)
+
+
+def _grads(out, outs, grads, dtype, ts, wrt, device):
+    """Add to ``out`` the gradients of ``outs`` (upstream ``grads``, see ``upstream``) with
     respect to the inputs named in ``wrt`` that exist."""
     names = [k for k in wrt if ts[k] is not None]
     if names:
+        gd = outs[0].dtype
         gs = torch.autograd.grad(
             outs, [ts[k] for k in names],
-            [g.to(gdtype) if device is None else g.to(gdtype).to(device) for g in grads])
+            [upstream(g, dtype, gd) if device is None else upstream(g, dtype, gd).to(device)
+             for g in grads])
         out.update({f"d_{k}": g for k, g in zip(names, gs)})
     return out
 
@@ -106,8 +117,7 @@ def run_logprobs(impl, masters, y, grads, *, dtype, device=None, softcap=None, w
                       as_dtype=as_dtype, wrt=wrt)
     logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
                                    softcap=softcap, return_lse=True, impl=impl)
-    return _grads({"logp": logp, "lse": lse}, [logp, lse], grads, logp.dtype, ts, wrt,
-                  device)
+    return _grads({"logp": logp, "lse": lse}, [logp, lse], grads, dtype, ts, wrt, device)
 
 
 def run_kl(impl, masters, y, grads, *, dtype, device=None, ref_dtype=None,
@@ -123,21 +133,45 @@ def run_kl(impl, masters, y, grads, *, dtype, device=None, ref_dtype=None,
     outs = {"kl": kl, "logp": logp}
     g = dict(zip(("kl", "logp"), grads))
     return _grads({"kl": kl, "logp": logp, "ref_logp": ref_logp}, [outs[u] for u in use],
-                  [g[u] for u in use], kl.dtype, ts, wrt, device)
+                  [g[u] for u in use], dtype, ts, wrt, device)
+
+
+def exact(masters, dtype, ref_dtype=None):
+    """The masters as the test passes them (rounded to ``dtype``, the reference head to
+    ``ref_dtype``), held exactly in float64."""
+    return {k: None if t is None else
+            t.to(ref_dtype if (k in REF and ref_dtype is not None) else dtype).double()
+            for k, t in masters.items()}
+
+
+def head_magnitudes(run_fn, masters, y, grads, *, dtype, softcap=None, wrt=POLICY,
+                    ref_dtype=None, direction="policy_ref", use=("kl", "logp"), **_):
+    """tests/magnitudes.py's rounding magnitudes of every output ``run_fn`` returns."""
+    x = exact(masters, dtype, ref_dtype)
+    g = [upstream(t, dtype, torch.float64) for t in grads]
+    names = tuple(f"d_{k}" for k in wrt if x[k] is not None)
+    if run_fn is run_logprobs:
+        return magnitudes.logprobs(x["hidden"], x["weight"], x["bias"], y, g[0], g[1],
+                                   softcap=softcap, grads=names)
+    gk, gl = (g[0] if "kl" in use else None), (g[1] if "logp" in use else None)
+    return magnitudes.token_kl(x["hidden"], x["weight"], x["bias"], x["ref_hidden"],
+                               x["ref_weight"], x["ref_bias"], y, gk, gl, direction=direction,
+                               softcap=softcap, grads=names)
 
 
 def check_three_way(run_fn, impl, masters, y, grads, *, dtype, check_dtypes=False, **kw):
     """truth = reference in float64, ref = reference at ``dtype``, actual = ``impl``; every
-    output and gradient through assert_oracle. ``check_dtypes``: also require actual and ref
-    to have the same dtype."""
+    output and gradient through assert_oracle with its rounding magnitude. ``check_dtypes``:
+    also require actual and ref to have the same dtype."""
     truth = run_fn("reference", masters, y, grads, dtype=dtype, as_dtype=torch.float64, **kw)
     ref = run_fn("reference", masters, y, grads, dtype=dtype, **kw)
     act = run_fn(impl, masters, y, grads, dtype=dtype, **kw)
+    mags = head_magnitudes(run_fn, masters, y, grads, dtype=dtype, **kw)
     assert act.keys() == truth.keys()
     for k in truth:
         if check_dtypes:
             assert act[k].dtype == ref[k].dtype, f"{k}: dtype {act[k].dtype} != {ref[k].dtype}"
-        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k)
+        assert_oracle(act[k], ref[k], truth[k], dtype=dtype, name=k, magnitude=mags[k])
     return act
 
 

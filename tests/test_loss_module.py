@@ -10,132 +10,14 @@ import sys
 import pytest
 import torch
 
-from tests.markers import requires_cuda
-from tests.numerics import assert_oracle, nan_buffer_view
+from tests.loss_cases import (
+    B, IGNORE, T, D, V, call_kwargs, check, inputs, make_case, module_magnitudes, run, three_way,
+)
+from tests.markers import requires_cuda, requires_triton
+from tests.numerics import assert_oracle
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs
 from tisdpo_kernels import reference as R
-
-B, T, D, V = 3, 11, 31, 123
-IGNORE = -100
-# prompt length, response length per row (chosen rows 0..B−1, rejected rows B..2B−1);
-# row 5 is one token long, so a rank-based sequence of length 1 is covered too.
-ROWS = [(2, 7), (3, 8), (1, 5), (2, 9), (4, 3), (2, 1)]
-CONTINUOUS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-              "logps/rejected", "weights/chosen", "weights/rejected", "kl/chosen", "kl/rejected")
-
-
-def make_case(seed=0):
-    """Float64 master tensors of one padded batch (plus the packing index)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.full((2 * B, T), IGNORE)
-    for r, (p, n) in enumerate(ROWS):
-        labels[r, p:p + n] = torch.randint(0, V, (n,), generator=g)
-    f64 = dict(dtype=torch.float64)
-    case = {
-        "hidden": torch.randn(2 * B, T, D, generator=g, **f64),
-        "weight": torch.randn(V, D, generator=g, **f64) * 0.4,
-        "bias": torch.randn(V, generator=g, **f64) * 0.5,
-        "ref_hidden": torch.randn(2 * B, T, D, generator=g, **f64),
-        "ref_weight": torch.randn(V, D, generator=g, **f64) * 0.4,
-        "weights": 0.5 + torch.rand(2 * B, T, generator=g, **f64),
-        "pos_logps": -3 * torch.rand(2 * B, T, generator=g, **f64),
-        "neg_logps": -3 * torch.rand(2 * B, T, generator=g, **f64),
-        "labels": labels,
-    }
-    for k in ("weights", "pos_logps", "neg_logps"):  # padding may hold anything: it must not count
-        case[k][labels == IGNORE] = float("nan")
-    # packed order: chosen 0, rejected 0, chosen 1, ... (prompt + response tokens of each row),
-    # then 3 trailing tokens outside every sequence (the second has a real label: it must
-    # not count)
-    idx, offsets, pairs = [], [0], []
-    for b in range(B):
-        pairs.append([len(offsets) - 1, len(offsets)])
-        for r in (b, b + B):
-            p, n = ROWS[r]
-            idx += [r * T + t for t in range(p + n)]
-            offsets.append(len(idx))
-    idx += [T - 1, 2 * T - 1, 3 * T - 1]
-    case["pack_index"] = torch.tensor(idx)
-    case["seq_offsets"] = torch.tensor(offsets, dtype=torch.int32)
-    case["pairs"] = torch.tensor(pairs)
-    return case
-
-
-def inputs(case, dtype, layout, *, nan_views=True):
-    """(leaves {hidden, weight, bias} at dtype, call args) for one layout."""
-    view = nan_buffer_view if nan_views else (lambda t: t)
-    leaves = {k: view(case[k].to(dtype)).requires_grad_(True) for k in ("hidden", "weight", "bias")}
-    ref_hidden = case["ref_hidden"].to(dtype)
-    tok = {k: case[k].to(torch.float32 if dtype != torch.float64 else dtype)
-           for k in ("weights", "pos_logps", "neg_logps")}
-    hidden, labels = leaves["hidden"], case["labels"]
-    extra = {}
-    if layout == "packed":
-        idx = case["pack_index"]
-        hidden = hidden.reshape(-1, D)[idx]
-        ref_hidden = ref_hidden.reshape(-1, D)[idx]
-        labels = labels.reshape(-1)[idx]
-        tok = {k: v.reshape(-1)[idx] for k, v in tok.items()}
-        extra = {"seq_offsets": case["seq_offsets"], "pairs": case["pairs"]}
-    args = {"lm_head_weight": leaves["weight"], "hidden": hidden, "labels": labels,
-            "bias": leaves["bias"], "ref_hidden": ref_hidden,
-            "ref_weight": case["ref_weight"].to(dtype), **tok, **extra}
-    return leaves, args
-
-
-def call_kwargs(method, args, *, reference="hidden", weights="auto"):
-    """The call arguments a method takes: its reference and its weights."""
-    preset = PRESETS[method]
-    kw = {k: args[k] for k in ("lm_head_weight", "hidden", "labels", "bias")}
-    kw.update({k: args[k] for k in ("seq_offsets", "pairs") if k in args})
-    if not preset.config.reference_free:
-        if reference == "hidden":
-            kw.update(ref_hidden=args["ref_hidden"], ref_weight=args["ref_weight"])
-        else:
-            kw["ref_logps"] = args["ref_logps"]
-    if weights == "auto":
-        weights = "onthefly" if preset.weight_method else None
-    if weights == "onthefly":
-        kw["pos_logps"] = args["pos_logps"]
-        if preset.weight_method != "cdpo":
-            kw["neg_logps"] = args["neg_logps"]
-    elif weights == "given":
-        kw["weights"] = args["weights"]
-    return kw
-
-
-def run(method, impl, case, dtype, layout, *, module_kw=None, loss_kw=None, nan_views=True,
-        override=None, **call):
-    """One forward + backward: (loss, metrics, grads of hidden / weight / bias)."""
-    leaves, args = inputs(case, dtype, layout, nan_views=nan_views)
-    args.update(override or {})
-    loss, metrics = TISDPOLoss(method, impl=impl, **(module_kw or {}))(
-        **call_kwargs(method, args, **call), **(loss_kw or {}))
-    loss.backward()
-    return loss, metrics, {k: v.grad for k, v in leaves.items()}
-
-
-def check(actual, ref, truth, dtype, label):
-    assert_oracle(actual[0], ref[0], truth[0], dtype=dtype, name=f"{label} loss")
-    for k in truth[2]:
-        assert_oracle(actual[2][k], ref[2][k], truth[2][k], dtype=dtype, name=f"{label} d{k}")
-    assert set(actual[1]) == set(truth[1]), f"{label}: metric names differ"
-    for k in CONTINUOUS:
-        if k in truth[1]:
-            assert_oracle(actual[1][k], ref[1][k], truth[1][k], dtype=dtype,
-                          name=f"{label} {k}")
-
-
-def three_way(method, impl, dtype, layout, case=None, truth_layout=None, **kw):
-    case = make_case() if case is None else case
-    tl = truth_layout or layout
-    truth = run(method, "reference", case, torch.float64, tl, **kw)
-    ref = run(method, "reference", case, dtype, tl, **kw)
-    actual = run(method, impl, case, dtype, layout, **kw)
-    check(actual, ref, truth, dtype, f"{method}/{layout}/{impl}/{dtype}")
-    return actual
-
 
 # ---------------------------------------------------------------------------- every preset
 
@@ -165,8 +47,8 @@ def test_preset_torch_bf16(method):
 
 @pytest.mark.parametrize("method,layout", [("tisdpo", "packed"), ("tdpo1", "padded"),
                                            ("tisdpo_paper", "packed"), ("simpo", "padded")])
+@requires_triton
 def test_preset_triton(method, layout):
-    pytest.importorskip("triton")
     three_way(method, "triton", torch.float32, layout)
 
 
@@ -193,7 +75,8 @@ def test_ref_logps_path_equals_ref_hidden_path(method, layout):
     packed_lp = ref_logps.reshape(-1)[case["pack_index"]] if layout == "packed" else ref_logps
     actual = run(method, "torch", case, torch.float32, layout, reference="logps",
                  override={"ref_logps": packed_lp})
-    check(actual, ref, truth, torch.float32, f"{method}/{layout} ref_logps")
+    check(actual, ref, truth, torch.float32, f"{method}/{layout} ref_logps",
+          module_magnitudes(method, case, torch.float32))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -220,7 +103,8 @@ def test_onthefly_weights_equal_precomputed(method, weight_method, layout):
     ref = run(method, "reference", precomputed(torch.float32), torch.float32, layout,
               weights="given", module_kw=mkw)
     actual = run(method, "torch", case, torch.float32, layout, weights="onthefly", module_kw=mkw)
-    check(actual, ref, truth, torch.float32, f"{method}/{rule}/{layout} on-the-fly weights")
+    check(actual, ref, truth, torch.float32, f"{method}/{rule}/{layout} on-the-fly weights",
+          module_magnitudes(method, case, torch.float32, module_kw=mkw, weights="onthefly"))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -233,7 +117,8 @@ def test_precomputed_weights_used_as_given(layout):
     w = case["weights"].float()
     for name, rows in (("weights/chosen", slice(0, B)), ("weights/rejected", slice(B, 2 * B))):
         want = torch.where(m[rows], w[rows], 0).sum() / m[rows].sum()
-        assert_oracle(metrics[name], want, want.double(), dtype=torch.float32, name=name)
+        truth = torch.where(m[rows], w[rows].double(), 0).sum() / m[rows].sum()
+        assert_oracle(metrics[name], want, truth, dtype=torch.float32, name=name)
 
 
 def test_unit_weights_tisdpo_equals_dpo():
@@ -241,7 +126,8 @@ def test_unit_weights_tisdpo_equals_dpo():
     truth = run("dpo", "reference", case, torch.float64, "padded")
     ref = run("dpo", "reference", case, torch.float32, "padded")
     actual = run("tisdpo", "torch", case, torch.float32, "padded", weights=None)
-    check(actual, ref, truth, torch.float32, "tisdpo unit weights vs dpo")
+    check(actual, ref, truth, torch.float32, "tisdpo unit weights vs dpo",
+          module_magnitudes("dpo", case, torch.float32))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -389,7 +275,8 @@ def test_packed_unpaired_sequence_counts_nowhere():
                                               torch.tensor([len(case["pack_index"])],
                                                            dtype=torch.int32)]))
     actual = run("tisdpo_paper_no_eta", "torch", extra, torch.float32, "packed")
-    check(actual, ref, truth, torch.float32, "unpaired sequence")
+    check(actual, ref, truth, torch.float32, "unpaired sequence",
+          module_magnitudes("tisdpo_paper_no_eta", case, torch.float32))
 
 
 def test_packed_accepts_leading_batch_dim():
@@ -403,7 +290,7 @@ def test_packed_accepts_leading_batch_dim():
     loss, metrics = TISDPOLoss("tisdpo", impl="torch")(**kw)
     loss.backward()
     check((loss, metrics, {k: v.grad for k, v in leaves.items()}), ref, truth, torch.float32,
-          "packed [1, N, D]")
+          "packed [1, N, D]", module_magnitudes("tisdpo", case, torch.float32))
 
 
 @requires_cuda
@@ -447,7 +334,8 @@ def test_ref_weight_defaults_to_the_policy_head():
         loss, metrics = TISDPOLoss("tdpo1", impl=impl)(**kw)
         loss.backward()
         res.append((loss, metrics, {k: v.grad for k, v in leaves.items()}))
-    check(*res, torch.float32, "ref_weight default")
+    check(*res, torch.float32, "ref_weight default",
+          module_magnitudes("tdpo1", case, torch.float32, ref_head="policy"))
 
 
 # ---------------------------------------------------------------------------- a HF model
