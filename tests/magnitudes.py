@@ -212,7 +212,7 @@ def token_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, g_
 
 def _link(z, cfg):
     """ℓ(z), ℓ'(z), ℓ''(z) of the config's link, exactly (autograd in float64)."""
-    from tisdpo_kernels._torch.preference import link_loss
+    from tisdpo_kernels._torch.preference_loss import link_loss
     z = z.detach().clone().requires_grad_(True)
     loss = link_loss(z, cfg)
     d1, = torch.autograd.grad(loss.sum(), z, create_graph=True)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tisdpo import cli
-from tisdpo.config import RunConfig, build_config, coerce, field_specs
+from tisdpo.train.config import RunConfig, build_config, coerce, field_specs
 
 SUBCOMMANDS = ("sft", "contrastive", "weights", "train", "pipeline", "inspect", "demo")
 TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",

@@ -4,7 +4,7 @@ import torch
 
 from dispatch_probe import OpProbe
 from numerics import assert_oracle
-from tisdpo.collate import (
+from tisdpo.train.collate import (
     PackedPairCollator, PaddedPairCollator, block_causal_mask, packed_attention_kwargs,
 )
 from tisdpo_kernels import linear_logprobs

@@ -6,11 +6,11 @@ import math
 import datasets
 import pytest
 
-from tisdpo.data import (
+from tisdpo.train.data import (
     TokenizeConfig, eos_counted_for_preset, load_preference_dataset, reverse_pairs,
     tokenize_pairs,
 )
-from tisdpo.synthetic import load_tokenizer, make_synthetic_task
+from tisdpo.train.synthetic import load_tokenizer, make_synthetic_task
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +329,7 @@ def test_reverse_pairs(tok, records):
 
 def test_tokenized_weights_reach_collated_labels(tok, records):
     """End to end: the weight of completion token j sits where the label is that token."""
-    from tisdpo.collate import PaddedPairCollator
+    from tisdpo.train.collate import PaddedPairCollator
 
     from torch.utils.data import DataLoader
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tisdpo import cli
-from tisdpo.demo import POLICIES, _verdict, auc, format_table
+from tisdpo.pipeline.demo import POLICIES, _verdict, auc, format_table
 
 
 @pytest.fixture(scope="module")

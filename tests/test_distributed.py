@@ -20,15 +20,16 @@ import torch
 
 from tests.magnitudes import trained_metrics
 from tests.numerics import assert_oracle
-from tisdpo.collate import PackedPairCollator, PaddedPairCollator
-from tisdpo.config import DistributedConfig, LogConfig, ModelConfig, TrainConfig
-from tisdpo.distributed import (
-    Parallel, PolicyWithLoss, check_not_sharded, optimizer_state_to_fqns,
-    optimizer_state_to_indices, shard_positions,
+from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
+from tisdpo.train.config import DistributedConfig, LogConfig, ModelConfig, TrainConfig
+from tisdpo.train.checkpoint import (
+    latest_checkpoint, optimizer_state_to_fqns, optimizer_state_to_indices,
 )
+from tisdpo.train.objectives import PreferenceObjective, SFTObjective
+from tisdpo.train.parallel import Parallel, PolicyWithLoss, check_not_sharded, shard_positions
 from tisdpo.loss import TISDPOLoss
-from tisdpo.model import build_tiny_model, enable_activation_checkpointing
-from tisdpo.trainer import PreferenceObjective, SFTObjective, Trainer, latest_checkpoint
+from tisdpo.train.model import build_tiny_model, enable_activation_checkpointing
+from tisdpo.train.trainer import Trainer
 
 WORLD = 2
 VOCAB = 128
@@ -123,7 +124,7 @@ def _head_loss(model, batch):
 
 
 def _stage_cfg(root, mode="none", **extra):
-    from tisdpo.demo import demo_config
+    from tisdpo.pipeline.demo import demo_config
 
     cfg = demo_config(fast=True)
     cfg.run_dir, cfg.device, cfg.threads = str(root), "cpu", 1
@@ -167,7 +168,7 @@ def _worker(rank, port, root):
     _quiet()
     import torch.distributed as dist
 
-    from tisdpo.distributed import setup
+    from tisdpo.train.parallel import setup
 
     def par(mode, mp="none"):
         return setup(DistributedConfig(mode=mode, mixed_precision=mp, timeout_minutes=2), "cpu")
@@ -194,7 +195,7 @@ def _worker(rank, port, root):
 
 
 def _sharded_head(par):
-    from tisdpo.distributed import fully_shard_model
+    from tisdpo.train.parallel import fully_shard_model
 
     res = {}
     batch = _head_batch()
@@ -221,12 +222,12 @@ def _sharded_head(par):
 
 
 def _stages(root):
-    from tisdpo import stages
+    from tisdpo.pipeline import context, stages, weights
 
-    stages._SHARD = 4                 # 11 train pairs -> 3 shards, round-robin over 2 ranks
-    ctx = stages.make_context(_stage_cfg(os.path.join(root, "stages"), "fsdp2"))
+    weights.SHARD = 4                 # 11 train pairs -> 3 shards, round-robin over 2 ranks
+    ctx = context.make_context(_stage_cfg(os.path.join(root, "stages"), "fsdp2"))
     stages.run_contrastive(ctx)
-    stages.run_weights(ctx)
+    weights.run_weights(ctx)
     stages.run_policy(ctx)
     return {"device": str(ctx.device), "world": ctx.par.world_size}
 
@@ -317,7 +318,7 @@ def test_fsdp2_bf16_mixed_precision_matches_one_process(runs, tmp_path):
     roundings, another summation order) and the float64 single process."""
     import torch.distributed as dist
 
-    from tisdpo.distributed import setup
+    from tisdpo.train.parallel import setup
 
     par = setup(DistributedConfig(mode="fsdp2", mixed_precision="bf16"), "cpu")
     try:
@@ -431,7 +432,7 @@ def test_optimizer_state_layout_round_trip():
 
 
 def test_parallel_rejects_bad_settings(monkeypatch):
-    from tisdpo.distributed import setup
+    from tisdpo.train.parallel import setup
 
     with pytest.raises(ValueError, match="distributed.mode must be one of"):
         Parallel("zero3")
@@ -453,7 +454,7 @@ def test_parallel_rejects_bad_settings(monkeypatch):
 def test_fsdp2_without_torchrun_is_a_one_process_group(runs, tmp_path):
     import torch.distributed as dist
 
-    from tisdpo.distributed import setup
+    from tisdpo.train.parallel import setup
 
     par = setup(DistributedConfig(mode="fsdp2", mixed_precision="none"), "cpu")
     try:
@@ -471,18 +472,18 @@ def test_stages_under_two_processes_match_one(runs, tmp_path):
     """contrastive (prompt) -> weights split over ranks -> policy with FSDP2."""
     import datasets
 
-    from tisdpo import stages
+    from tisdpo.pipeline import context, stages, weights
 
     info = [r["stages"] for r in runs["ranks"]]
     assert info == [{"device": "cpu", "world": WORLD}] * WORLD
     dist_dir = runs["root"] / "stages"
-    old, stages._SHARD = stages._SHARD, 4
+    old, weights.SHARD = weights.SHARD, 4
     try:
-        ctx = stages.make_context(_stage_cfg(tmp_path, "none"))
+        ctx = context.make_context(_stage_cfg(tmp_path, "none"))
         stages.run_contrastive(ctx)
-        stages.run_weights(ctx)
+        weights.run_weights(ctx)
     finally:
-        stages._SHARD = old
+        weights.SHARD = old
     for split in ("train", "eval"):
         a = datasets.load_from_disk(str(dist_dir / "weights" / split))
         b = datasets.load_from_disk(str(tmp_path / "weights" / split))

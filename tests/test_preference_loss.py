@@ -401,8 +401,8 @@ def test_triton_many_programs(preset):
     """GPU-like small blocks: many token programs (atomics from several programs into one
     sequence), more pairs than one pair block (the forward's pair loop, several backward
     programs), pairs sharing sequences."""
-    small = dict(preference_tokens=configs.KernelConfig({"BLOCK": 16}),
-                 preference_pairs=configs.KernelConfig({"BLOCK_P": 16}))
+    small = dict(preference_loss_tokens=configs.KernelConfig({"BLOCK": 16}),
+                 preference_loss_pairs=configs.KernelConfig({"BLOCK_P": 16}))
     with configs.override(**small):
         _oracle("triton", get_preset(preset).config, _inputs(seed=14, b=37, t=21),
                 torch.float32, "packed", grads=("lp", "lr", "w", "kl"))

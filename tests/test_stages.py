@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.numerics import assert_oracle
-from tisdpo import estimate, stages
-from tisdpo.demo import demo_config
-from tisdpo.model import load_model
-from tisdpo.trainer import stage_done
+from tisdpo.pipeline import context, stages, weights
+from tisdpo.pipeline.demo import demo_config
+from tisdpo.train.checkpoint import stage_done
+from tisdpo.train.model import load_model
 from tisdpo_kernels import reference as R
 
 
@@ -46,9 +46,9 @@ def weighted_run(tmp_path_factory):
     """contrastive (D) -> weights, once for the module."""
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
-    ctx = stages.make_context(tiny_cfg(tmp_path_factory.mktemp("run")))
+    ctx = context.make_context(tiny_cfg(tmp_path_factory.mktemp("run")))
     stages.run_contrastive(ctx)
-    stages.run_weights(ctx)
+    weights.run_weights(ctx)
     return ctx
 
 
@@ -75,11 +75,11 @@ def test_weights_are_contrastive_logprobs_aligned_with_completion_tokens(weighte
     meta = json.load(open(os.path.join(wdir, "meta.json")))
     assert meta["weight_method"] == "rank_based" and meta["tokenize"]["add_eos"] is False
     raw = datasets.load_from_disk(os.path.join(wdir, "train"))
-    from tisdpo.data import TokenizeConfig, tokenize_pairs
+    from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 
     tok, _ = tokenize_pairs(raw, ctx.tokenizer, TokenizeConfig(**meta["tokenize"]))
     rows = list(tok)[:ctx.cfg.weights.batch_size]          # the stage's first batch
-    batch = stages.make_collator(ctx, packed=False)(rows)
+    batch = context.make_collator(ctx, packed=False)(rows)
     paths = {k: meta[k] for k in ("positive", "negative", "reference")}
     got, eager, truth = {}, {}, {}
     for dtype, out in ((torch.float32, eager), (torch.float64, truth)):
@@ -151,9 +151,9 @@ def test_policy_trains_from_stored_reference_logps_and_packed(weighted_run, tmp_
 
 
 def test_stage_stop_resume_and_skip(tmp_path):
-    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.stop_after": 1,
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.stop_after": 1,
                                                     "contrastive.max_steps": 3}))
-    with pytest.raises(stages.StageStopped, match="contrastive\\+: stopped after step 1"):
+    with pytest.raises(context.StageStopped, match="contrastive\\+: stopped after step 1"):
         stages.run_contrastive(ctx)
     assert not stage_done(ctx.path("contrastive"))
     ctx.cfg.contrastive.stop_after = None
@@ -167,11 +167,11 @@ def test_stage_stop_resume_and_skip(tmp_path):
 
 
 def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
-    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt"}))
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt"}))
     stages.run_contrastive(ctx)
-    monkeypatch.setattr(stages, "_SHARD", 8)                 # 20 pairs -> shards 8, 8, 4
+    monkeypatch.setattr(weights, "SHARD", 8)                 # 20 pairs -> shards 8, 8, 4
     calls, killed = [], []
-    real = estimate._estimate_shard
+    real = weights._estimate_shard
 
     def flaky(*args, **kwargs):
         calls.append(len(args[1]))
@@ -180,11 +180,11 @@ def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(estimate, "_estimate_shard", flaky)
+    monkeypatch.setattr(weights, "_estimate_shard", flaky)
     with pytest.raises(RuntimeError, match="killed"):
-        stages.run_weights(ctx)
+        weights.run_weights(ctx)
     calls.clear()
-    stages.run_weights(ctx)
+    weights.run_weights(ctx)
     assert calls == [8, 4, 6]            # train shards 2 and 3, then the eval split
     raw = datasets.load_from_disk(ctx.path("weights", "train"))
     assert len(raw) == 20 and all(len(s) > 0 for s in raw["chosen_score"])
@@ -192,7 +192,7 @@ def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
 
 
 def test_sft_based_contrastive_variant(tmp_path):
-    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "sft",
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "sft",
                                                     "contrastive.max_steps": 1}))
     pos, neg = stages.run_contrastive(ctx)
     side = {p: json.load(open(os.path.join(os.path.dirname(p), "done.json")))["side"]
@@ -201,16 +201,16 @@ def test_sft_based_contrastive_variant(tmp_path):
 
 
 def test_truncated_completions_get_zero_padded_columns(tmp_path):
-    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
                                                     "data.max_length": 12,
                                                     "data.max_prompt_length": 6}))
     stages.run_contrastive(ctx)
-    stages.run_weights(ctx)
+    weights.run_weights(ctx)
     raw = datasets.load_from_disk(ctx.path("weights", "train"))
-    from tisdpo.data import TokenizeConfig, tokenize_pairs
+    from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 
     full, _ = tokenize_pairs(raw, ctx.tokenizer, TokenizeConfig(add_eos=False))
-    cut, _ = tokenize_pairs(raw, ctx.tokenizer, stages.tokenize_cfg(ctx.cfg, "tisdpo"))
+    cut, _ = tokenize_pairs(raw, ctx.tokenizer, context.tokenize_cfg(ctx.cfg, "tisdpo"))
     for f, c, rec in zip(full, cut, raw):
         n, k = len(f["chosen_ids"]), len(c["chosen_ids"])
         assert len(rec["chosen_weight"]) == n and k <= 12
@@ -234,11 +234,11 @@ def test_policy_trains_with_other_presets(weighted_run, method):
 
 
 def test_cdpo_weights_from_contrastive_logscores(tmp_path):
-    ctx = stages.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
                                                     "weights.method": "cdpo",
                                                     "policy.method": "cdpo"}))
     stages.run_contrastive(ctx)
-    stages.run_weights(ctx)
+    weights.run_weights(ctx)
     raw = datasets.load_from_disk(ctx.path("weights", "train"))
     assert json.load(open(ctx.path("weights", "meta.json")))["score_kind"] == "cdpo_log_score"
     s = torch.tensor([x for r in raw["rejected_score"] for x in r], dtype=torch.float64)

@@ -4,8 +4,8 @@ import re
 import datasets
 import pytest
 
-from tisdpo.data import TokenizeConfig, tokenize_pairs
-from tisdpo.synthetic import (
+from tisdpo.train.data import TokenizeConfig, tokenize_pairs
+from tisdpo.train.synthetic import (
     ASSETS_DIR, BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS, TOPICS, SyntheticInfo, build_tokenizer,
     load_tokenizer, make_synthetic_task,
 )

@@ -12,7 +12,7 @@ import tisdpo_kernels as tk
 from dispatch_probe import OpProbe
 from head_cases import POLICY, assert_no_host_sync, check_three_way, kl_case, run_kl
 from numerics import assert_oracle
-from tisdpo_kernels._torch.token_kl import linear_token_kl as torch_token_kl
+from tisdpo_kernels._torch.linear_token_kl import linear_token_kl as torch_token_kl
 from tisdpo_kernels.config import KLOptions
 
 pytestmark = pytest.mark.usefixtures("nan_poison")

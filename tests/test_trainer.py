@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from tests.numerics import assert_oracle
-from tisdpo.collate import PackedPairCollator, PaddedPairCollator
-from tisdpo.config import LogConfig, ModelConfig, TrainConfig
+from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.loss import TISDPOLoss
-from tisdpo.model import build_tiny_model, enable_activation_checkpointing, head, hidden_states
-from tisdpo.trainer import (
-    PreferenceObjective, SFTObjective, Trainer, latest_checkpoint, lr_factor, stage_done,
+from tisdpo.train.checkpoint import latest_checkpoint, stage_done
+from tisdpo.train.config import LogConfig, ModelConfig, TrainConfig
+from tisdpo.train.model import (
+    build_tiny_model, enable_activation_checkpointing, head, hidden_states,
 )
+from tisdpo.train.objectives import PreferenceObjective, SFTObjective
+from tisdpo.train.trainer import Trainer, lr_factor
 
 MCFG = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1,
                    tiny_intermediate_size=48)

@@ -1,4 +1,4 @@
-"""The fused Triton LM-head kernels (tisdpo_kernels/_triton/lm_head.py) against the oracle.
+"""The fused Triton LM-head kernels (tisdpo_kernels/_triton/linear_logprobs.py) against the oracle.
 
 Without a GPU every kernel runs under TRITON_INTERPRET=1 (set by conftest.py); on a GPU the
 same tests run the compiled kernels. Each value and gradient is checked three ways
@@ -52,7 +52,7 @@ def test_views_in_nan_buffers(dtype, device):
                          ids=["hidden", "weight", "bias", "weight+bias", "none"])
 def test_partial_requires_grad(wrt, device, monkeypatch):
     """Correct gradients for what requires grad, and kernel work only for that."""
-    from tisdpo_kernels._triton import lm_head
+    from tisdpo_kernels._triton import linear_logprobs as lm_head
     calls, real = [], lm_head.linear_logprobs_bwd
 
     def spy(*args):
@@ -110,10 +110,10 @@ def test_degenerate_sizes(n, d, v, device):
 def _gpu_like():
     from tisdpo_kernels._triton import configs as C
     return C.override(
-        lm_head_fwd=C.KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32},
+        linear_logprobs_fwd=C.KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32},
                                    num_warps=4, num_stages=2, host={"min_splits": 4}),
-        lm_head_fwd_combine=C.KernelConfig({"BLOCK_N": 64}),
-        lm_head_bwd=C.KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32,
+        linear_logprobs_fwd_combine=C.KernelConfig({"BLOCK_N": 64}),
+        linear_logprobs_bwd=C.KernelConfig({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32,
                                     "GROUP_N": 3}, num_warps=4, num_stages=2),
     )
 
@@ -171,7 +171,7 @@ def _op_args(device, requires_grad=True):
 def test_custom_op_opcheck(device):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the
     torch.library ops, on whatever device runs the tests (CPU: interpreted kernels)."""
-    from tisdpo_kernels._triton.lm_head import _ops
+    from tisdpo_kernels._triton.linear_logprobs import _ops
     fwd_op, bwd_op = _ops()
     h, w, y, b = _op_args(device)
     torch.library.opcheck(fwd_op, (h, w, y, b, -100, 3.0))
@@ -186,7 +186,7 @@ def _compiled_matches_eager(device, backend, monkeypatch):
     # TISDPO_CHECKS=off: the public op's data-dependent target check (a host sync on CPU) would
     # otherwise split the graph; the custom op itself must trace as one node (fullgraph=True).
     monkeypatch.setenv("TISDPO_CHECKS", "off")
-    from tisdpo_kernels._triton.lm_head import _ops
+    from tisdpo_kernels._triton.linear_logprobs import _ops
     _ops()   # registered before tracing (registration itself is not traceable)
 
     def step(h, w, y, b):
@@ -271,12 +271,12 @@ def _aot_compile_matrix():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tisdpo_kernels._triton import lm_head as L
+    from tisdpo_kernels._triton import linear_logprobs as L
     from tisdpo_kernels._triton.configs import CONFIGS
 
-    fns = {"fwd": (L.linear_logprobs_fwd_kernel, "lm_head_fwd"),
-           "bwd": (L.linear_logprobs_bwd_kernel, "lm_head_bwd"),
-           "combine": (L.linear_logprobs_fwd_combine_kernel, "lm_head_fwd_combine")}
+    fns = {"fwd": (L.linear_logprobs_fwd_kernel, "linear_logprobs_fwd"),
+           "bwd": (L.linear_logprobs_bwd_kernel, "linear_logprobs_bwd"),
+           "combine": (L.linear_logprobs_fwd_combine_kernel, "linear_logprobs_fwd_combine")}
     fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "dh_ptr",
                  "dw_ptr", "db_ptr"}
     out = []

@@ -37,10 +37,10 @@ def blocks(bn, bv, bd, *, splits=1, group=1, warps=4):
     from tisdpo_kernels._triton import configs as C
     blk = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
     return C.override(
-        token_kl_fwd=C.KernelConfig(blk, num_warps=warps, num_stages=2,
+        linear_token_kl_fwd=C.KernelConfig(blk, num_warps=warps, num_stages=2,
                                     host={"min_splits": splits}),
-        token_kl_fwd_combine=C.KernelConfig({"BLOCK_N": 64}),
-        token_kl_bwd=C.KernelConfig(dict(blk, GROUP_N=group), num_warps=warps, num_stages=2))
+        linear_token_kl_fwd_combine=C.KernelConfig({"BLOCK_N": 64}),
+        linear_token_kl_bwd=C.KernelConfig(dict(blk, GROUP_N=group), num_warps=warps, num_stages=2))
 
 
 VARIANTS = [(False, False, None), (True, True, None), (False, False, 4.0), (True, False, 2.5),
@@ -189,7 +189,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tisdpo_kernels._triton import token_kl as K
+from tisdpo_kernels._triton import linear_token_kl as K
 
 def types(name):
     if name.endswith("_ptr"):
@@ -232,7 +232,7 @@ def test_no_host_sync_and_no_tokens_by_vocab_tensor():
     nothing of size tokens × vocab (N·V is 16× the largest input here). They are called
     directly: a dispatch mode sees a torch.library custom op as one opaque call."""
     from dispatch_probe import OpProbe
-    from tisdpo_kernels._triton.token_kl import linear_token_kl_bwd, linear_token_kl_fwd
+    from tisdpo_kernels._triton.linear_token_kl import linear_token_kl_bwd, linear_token_kl_fwd
     masters, y, (g_kl, g_logp) = make_inputs(n=256, d=16, dr=12, v=1000,
                                              ignored=list(range(30, 90)))
     t = {k: v.float() for k, v in masters.items()}
@@ -276,7 +276,7 @@ def _op_args(device):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_custom_op_opcheck(direction, device):
     """Schema, fake implementation, autograd registration and AOT dispatch of both ops."""
-    from tisdpo_kernels._triton.token_kl import _ops
+    from tisdpo_kernels._triton.linear_token_kl import _ops
     fwd_op, bwd_op = _ops()
     h, w, b, hr, wr, y = _op_args(device)
     torch.library.opcheck(fwd_op, (h, w, hr, wr, y, b, None, direction, -100, 3.0))
@@ -291,7 +291,7 @@ def _compiled_matches_eager(device, backend, monkeypatch):
     # TISDPO_CHECKS=off: the public op's data-dependent target check (a host sync on CPU) would
     # otherwise split the graph; the custom op itself must trace as one node (fullgraph=True).
     monkeypatch.setenv("TISDPO_CHECKS", "off")
-    from tisdpo_kernels._triton.token_kl import _ops
+    from tisdpo_kernels._triton.linear_token_kl import _ops
     _ops()
 
     def step(h, w, b, hr, wr, y):

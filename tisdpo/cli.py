@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from tisdpo.config import RunConfig, build_config, dump_yaml, field_specs
+from tisdpo.pipeline import stages, weights
+from tisdpo.pipeline.context import StageStopped, make_context
+from tisdpo.pipeline.demo import demo_config, run_demo
+from tisdpo.pipeline.heatmap import inspect_run
+from tisdpo.train.config import RunConfig, build_config, coerce, dump_yaml, field_specs
+from tisdpo.train.parallel import torchrun_env
 
 COMMANDS = {
     "sft": ("supervised fine-tuning on the chosen responses (optional first stage)",
@@ -129,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = None
     if args.command == "demo":
-        from tisdpo.demo import demo_config
-
         fast = args.fast or _flag_in(args, "demo.fast")
         base = demo_config(fast=fast)
     try:
@@ -141,22 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from tisdpo_kernels._env import torchrun_env
-
     rank = (torchrun_env() or (0, 1, 0))[0]           # under torchrun only rank 0 logs info
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
-    import os
-
     text = dump_yaml(cfg)
     if args.command != "inspect":          # inspect only reads the run
         os.makedirs(cfg.run_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s", args.command,
                                      text)
-    from tisdpo.stages import StageStopped
-
     try:
         return _run(args, cfg)
     except StageStopped as stop:
@@ -165,39 +163,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _flag_in(args, name: str) -> bool:
-    from tisdpo.config import coerce
-
     return bool(coerce(name, vars(args)[name])) if name in vars(args) else False
+
+
+# the stage commands: what each runs on the run's context
+STAGES = {"sft": stages.run_sft, "contrastive": stages.run_contrastive,
+          "weights": weights.run_weights, "train": stages.run_policy,
+          "pipeline": stages.run_pipeline}
 
 
 def _run(args, cfg: RunConfig) -> int:
     if args.command == "demo":
-        from tisdpo.demo import run_demo
-
         run_demo(cfg)
         return 0
     if args.command == "inspect":
-        from tisdpo.inspect import inspect_run
-
         paths = inspect_run(cfg, data=args.data, split=args.split, pairs=args.pairs,
                             start=args.start, out_dir=args.out)
         for p in paths:
             print(p)
         return 0
-    from tisdpo import stages
-
-    ctx = stages.make_context(cfg)
-    if args.command == "sft":
-        print(stages.run_sft(ctx))
-    elif args.command == "contrastive":
-        print("\n".join(stages.run_contrastive(ctx)))
-    elif args.command == "weights":
-        print(stages.run_weights(ctx))
-    elif args.command == "train":
-        print(stages.run_policy(ctx))
-    elif args.command == "pipeline":
-        for stage, out in stages.run_pipeline(ctx).items():
-            print(f"{stage}: {out}")
+    out = STAGES[args.command](make_context(cfg))
+    if isinstance(out, dict):                       # pipeline: every stage's output
+        out = "\n".join(f"{stage}: {o}" for stage, o in out.items())
+    elif isinstance(out, tuple):                    # contrastive: pi+ and pi-
+        out = "\n".join(out)
+    print(out)
     return 0
 
 

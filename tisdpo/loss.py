@@ -11,14 +11,11 @@ import torch
 from torch import nn
 
 from tisdpo_kernels import Impl, linear_logprobs, linear_token_kl, preference_loss, token_weights
-from tisdpo_kernels import _validate as V
-from tisdpo_kernels._validate import check_not_sharded
-from tisdpo_kernels.config import PRESETS, WEIGHT_METHODS, WeightParams, get_preset
+from tisdpo_kernels import validate as V
+from tisdpo_kernels.config import PRESETS, WeightParams, resolve_preset
+from tisdpo_kernels.validate import check_not_sharded
 
 __all__ = ["TISDPOLoss", "presets_markdown"]
-
-# Presets whose KL coefficients are ±α (algorithms.md §3.2 token_level, §6.1 TDPO2).
-_ALPHA_METHODS = ("tdpo2", "tisdpo_token_level")
 
 
 class TISDPOLoss(nn.Module):
@@ -83,48 +80,10 @@ class TISDPOLoss(nn.Module):
                  weight_method: str | None = None, weight_params: WeightParams | None = None,
                  ignore_index: int = -100, softcap: float | None = None, impl: str = "auto"):
         super().__init__()
-        preset = get_preset(method)
-        cfg = preset.config
-        changes = {}
-        if beta is not None:
-            V.check_scalar("beta", beta, low=0.0, low_open=True)
-            changes["beta"] = float(beta)
-        if epsilon is not None and label_smoothing is not None:
-            raise ValueError(f"pass epsilon or its alias label_smoothing, not both (got "
-                             f"epsilon={epsilon!r}, label_smoothing={label_smoothing!r})")
-        eps_name = "epsilon" if epsilon is not None else "label_smoothing"
-        eps = epsilon if epsilon is not None else label_smoothing
-        if eps is not None:
-            V.check_scalar(eps_name, eps, low=0.0, high=0.5, high_open=True)
-            if cfg.link in ("ipo", "hinge") and eps != 0:
-                raise ValueError(f"{eps_name}={eps!r}: method {method!r} uses the {cfg.link} "
-                                 f"link, which has no label smoothing")
-            changes["epsilon"] = float(eps)
-            if cfg.link == "sigmoid" and eps != 0:
-                changes["link"] = "conservative"
-        if alpha is not None:
-            V.require(method in _ALPHA_METHODS,
-                      f"alpha={alpha!r}: alpha scales the KL terms of {_ALPHA_METHODS} only, "
-                      f"not of method {method!r}")
-            V.check_scalar("alpha", alpha, low=0.0, low_open=True)
-            changes["kl_chosen_coef"] = float(alpha) * (1 if cfg.kl_chosen_coef > 0 else -1)
-            changes["kl_rejected_coef"] = float(alpha) * (1 if cfg.kl_rejected_coef > 0 else -1)
-        if gamma_beta_ratio is not None:
-            V.require(method == "simpo",
-                      f"gamma_beta_ratio={gamma_beta_ratio!r} applies to method 'simpo' only, "
-                      f"not {method!r}")
-            V.check_scalar("gamma_beta_ratio", gamma_beta_ratio, low=0.0)
-            changes["margin"] = float(gamma_beta_ratio)
-        if weight_method is not None:
-            V.require(weight_method in WEIGHT_METHODS,
-                      f"weight_method must be one of {WEIGHT_METHODS}, got {weight_method!r}")
-        if weight_params is not None:
-            V.require(isinstance(weight_params, WeightParams),
-                      f"weight_params must be a tisdpo_kernels.WeightParams, got "
-                      f"{type(weight_params).__name__}")
-            V.require(weight_method is not None or preset.weight_method is not None,
-                      f"weight_params given but method {method!r} has no weight rule; pass "
-                      f"weight_method= to compute weights on the fly")
+        cfg, rule, params = resolve_preset(
+            method, beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, alpha=alpha,
+            gamma_beta_ratio=gamma_beta_ratio, weight_method=weight_method,
+            weight_params=weight_params)
         V.require(isinstance(ignore_index, int) and not isinstance(ignore_index, bool),
                   f"ignore_index must be an int, got {ignore_index!r}")
         V.check_softcap(softcap)
@@ -134,9 +93,8 @@ class TISDPOLoss(nn.Module):
             raise ValueError(f"unknown impl={impl!r}; valid choices are "
                              f"{[i.value for i in Impl]}") from None
         self.method = method
-        self.config = cfg.replace(**changes)
-        self.weight_method = weight_method or preset.weight_method
-        self.weight_params = weight_params or WeightParams()
+        self.config = cfg
+        self.weight_method, self.weight_params = rule, params
         self.ignore_index = ignore_index
         self.softcap = softcap
         self.impl = impl
@@ -252,9 +210,9 @@ class TISDPOLoss(nn.Module):
         n, s = hidden.shape[0], seq_offsets.shape[0] - 1
         off = seq_offsets.to(device=hidden.device, dtype=torch.long)
         pairs = pairs.to(device=hidden.device, dtype=torch.long)
-        _value_check((off[1:] < off[:-1]).any() | (off[0] < 0) | (off[-1] > n),
+        value_check((off[1:] < off[:-1]).any() | (off[0] < 0) | (off[-1] > n),
                      f"seq_offsets must be non-decreasing within [0, N={n}]")
-        _value_check(((pairs < 0) | (pairs >= s)).any(),
+        value_check(((pairs < 0) | (pairs >= s)).any(),
                      f"pairs must hold sequence indices in [0, S={s})")
         pos = torch.arange(n, device=hidden.device)
         seq = torch.searchsorted(off[1:], pos, right=True)        # offsets[s] <= t < offsets[s+1]
@@ -310,9 +268,9 @@ class TISDPOLoss(nn.Module):
         return torch.where(mask, w.to(logp.dtype), 0.0)
 
 
-def _value_check(bad: torch.Tensor, msg: str) -> None:
+def value_check(bad: torch.Tensor, msg: str) -> None:
     """ValueError on CPU; an asynchronous device assertion on CUDA (no host sync)."""
-    V._value_check(bad, lambda _: msg)
+    V.value_check(bad, lambda _: msg)
 
 
 def presets_markdown() -> str:

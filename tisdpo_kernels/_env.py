@@ -66,18 +66,3 @@ def value_checks() -> str:
     if raw not in {"auto", "full", "off"}:
         raise ValueError(f"environment variable TISDPO_CHECKS={raw!r}: expected auto, full or off")
     return raw
-
-
-def torchrun_env() -> tuple[int, int, int] | None:
-    """RANK, WORLD_SIZE, LOCAL_RANK as torchrun sets them; None when not launched by it.
-
-    (MASTER_ADDR / MASTER_PORT are read by torch.distributed itself.)
-    """
-    if os.environ.get("WORLD_SIZE") is None:
-        return None
-    world = _int("WORLD_SIZE", 1)
-    rank = _int("RANK", 0, minimum=0)
-    local = _int("LOCAL_RANK", rank, minimum=0)
-    if rank >= world:
-        raise ValueError(f"environment variable RANK={rank} must be < WORLD_SIZE={world}")
-    return rank, world, local

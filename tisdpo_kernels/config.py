@@ -1,6 +1,6 @@
 """Frozen option dataclasses for the O(tokens) ops and the named loss presets.
 
-The unified formulation (reference/algorithms.md §8), per pair b and side s ∈ {w, l}:
+The unified formulation (docs/ALGORITHMS.md §8), per pair b and side s ∈ {w, l}:
 
     A_s = (1/N_s) Σ_t m_t ω_t (lp_t − ρ·lr_t)         N_s = 1 ("sum") or Σ_t m_t ("mean")
     K_s = Σ_t m_t ν_t k_t                              ν = ω ("kl_token_weighted") or 1
@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from tisdpo_kernels._validate import check_scalar, require
+from tisdpo_kernels.validate import check_scalar, require
 
 Link = Literal["sigmoid", "conservative", "robust", "ipo", "hinge"]
 KLDirection = Literal["policy_ref", "ref_policy"]
@@ -177,6 +177,69 @@ def get_preset(name: str) -> LossPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; valid methods are {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# Presets whose KL coefficients are ±α (ALGORITHMS.md §3.2 token_level, §6.1 TDPO2).
+ALPHA_METHODS = ("tdpo2", "tisdpo_token_level")
+
+
+def resolve_preset(method: str, *, beta: float | None = None, epsilon: float | None = None,
+                   label_smoothing: float | None = None, alpha: float | None = None,
+                   gamma_beta_ratio: float | None = None, weight_method: str | None = None,
+                   weight_params: "WeightParams | None" = None):
+    """A preset with the user's hyperparameters applied (None = the preset's default):
+    returns (PreferenceConfig, weight rule or None, WeightParams).
+
+    beta > 0; epsilon / label_smoothing (aliases) in [0, 0.5), which turn a sigmoid link into
+    the conservative one and are refused by ipo and hinge; alpha > 0 scales the KL terms of
+    ``ALPHA_METHODS`` (keeping their signs); gamma_beta_ratio ≥ 0 is simpo's margin;
+    weight_method overrides the preset's rule for weights computed from contrastive
+    log-probs, weight_params its parameters (only with a rule).
+    """
+    preset = get_preset(method)
+    cfg = preset.config
+    changes = {}
+    if beta is not None:
+        check_scalar("beta", beta, low=0.0, low_open=True)
+        changes["beta"] = float(beta)
+    if epsilon is not None and label_smoothing is not None:
+        raise ValueError(f"pass epsilon or its alias label_smoothing, not both (got "
+                         f"epsilon={epsilon!r}, label_smoothing={label_smoothing!r})")
+    eps_name = "epsilon" if epsilon is not None else "label_smoothing"
+    eps = epsilon if epsilon is not None else label_smoothing
+    if eps is not None:
+        check_scalar(eps_name, eps, low=0.0, high=0.5, high_open=True)
+        if cfg.link in ("ipo", "hinge") and eps != 0:
+            raise ValueError(f"{eps_name}={eps!r}: method {method!r} uses the {cfg.link} "
+                             f"link, which has no label smoothing")
+        changes["epsilon"] = float(eps)
+        if cfg.link == "sigmoid" and eps != 0:
+            changes["link"] = "conservative"
+    if alpha is not None:
+        require(method in ALPHA_METHODS,
+                f"alpha={alpha!r}: alpha scales the KL terms of {ALPHA_METHODS} only, "
+                f"not of method {method!r}")
+        check_scalar("alpha", alpha, low=0.0, low_open=True)
+        changes["kl_chosen_coef"] = float(alpha) * (1 if cfg.kl_chosen_coef > 0 else -1)
+        changes["kl_rejected_coef"] = float(alpha) * (1 if cfg.kl_rejected_coef > 0 else -1)
+    if gamma_beta_ratio is not None:
+        require(method == "simpo",
+                f"gamma_beta_ratio={gamma_beta_ratio!r} applies to method 'simpo' only, "
+                f"not {method!r}")
+        check_scalar("gamma_beta_ratio", gamma_beta_ratio, low=0.0)
+        changes["margin"] = float(gamma_beta_ratio)
+    if weight_method is not None:
+        require(weight_method in WEIGHT_METHODS,
+                f"weight_method must be one of {WEIGHT_METHODS}, got {weight_method!r}")
+    if weight_params is not None:
+        require(isinstance(weight_params, WeightParams),
+                f"weight_params must be a tisdpo_kernels.WeightParams, got "
+                f"{type(weight_params).__name__}")
+        require(weight_method is not None or preset.weight_method is not None,
+                f"weight_params given but method {method!r} has no weight rule; pass "
+                f"weight_method= to compute weights on the fly")
+    return (cfg.replace(**changes), weight_method or preset.weight_method,
+            weight_params or WeightParams())
 
 
 @dataclass(frozen=True)

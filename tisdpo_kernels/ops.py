@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tisdpo_kernels import _validate as V
+from tisdpo_kernels import validate as V
 from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels.config import (
     WEIGHT_METHODS, HeadOptions, KLOptions, PreferenceConfig, WeightParams,
@@ -21,18 +21,6 @@ from tisdpo_kernels.config import (
 
 __all__ = ["linear_logprobs", "linear_token_kl", "contrastive_logscores", "token_weights",
            "preference_loss"]
-
-
-def _backend(impl: Impl, op: str):
-    """The module implementing ``op`` for ``impl`` (imported lazily: no import-time work)."""
-    if impl is Impl.REFERENCE:
-        from tisdpo_kernels import reference
-        return reference
-    if impl is Impl.TORCH:
-        from tisdpo_kernels import _torch
-        return getattr(_torch, op)
-    from tisdpo_kernels import _triton
-    return getattr(_triton, op)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
@@ -60,8 +48,12 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
                                          return_lse=return_lse)
     shape = targets.shape
     opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, return_lse=return_lse)
-    logp, lse = _backend(which, "linear_logprobs").linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), bias, opts)
+    if which is Impl.TRITON:
+        from tisdpo_kernels._triton.linear_logprobs import linear_logprobs as run
+    else:
+        from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as run
+    logp, lse = run(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+                    bias, opts)
     logp = logp.view(shape)
     return (logp, lse.view(shape)) if return_lse else logp
 
@@ -93,7 +85,11 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
                                          ignore_index=ignore_index, softcap=softcap)
     shape = targets.shape
     opts = KLOptions(direction=direction, ignore_index=ignore_index, softcap=softcap)
-    outs = _backend(which, "linear_token_kl").linear_token_kl(
+    if which is Impl.TRITON:
+        from tisdpo_kernels._triton.linear_token_kl import linear_token_kl as run
+    else:
+        from tisdpo_kernels._torch.linear_token_kl import linear_token_kl as run
+    outs = run(
         hidden.reshape(-1, hidden.shape[-1]), weight,
         ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach(), ref_weight.detach(),
         targets.reshape(-1).long(), bias, None if ref_bias is None else ref_bias.detach(), opts)
@@ -190,8 +186,11 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
     else:
         mu = torch.where(side.reshape(-1).bool(), 1.0, -1.0)
     neg = None if logp_neg is None else logp_neg.reshape(-1).detach()
-    w = _backend(which, "token_weights").token_weights(
-        logp_pos.reshape(-1).detach(), neg, mu, ids, num_seqs, method, params)
+    if which is Impl.TRITON:
+        from tisdpo_kernels._triton.token_weights import token_weights as run
+    else:
+        from tisdpo_kernels._torch.token_weights import token_weights as run
+    w = run(logp_pos.reshape(-1).detach(), neg, mu, ids, num_seqs, method, params)
     return w.view(logp_pos.shape)
 
 
@@ -248,9 +247,13 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         return reference.preference_loss(
             logp, ref_logp, weights, config=config, mask=mask, seq_ids=seq_ids,
             chosen_seq=chosen_seq, rejected_seq=rejected_seq, kl=kl, normalizer=normalizer)
-    backend = _backend(which, "preference_loss")
-    if config.granularity == "pos":
-        return backend.preference_loss_pos(logp, ref_logp, weights, mask, config, normalizer)
+    if config.granularity == "pos":   # cDPO's per-slot links: one implementation, in torch
+        from tisdpo_kernels._torch.preference_loss import preference_loss_pos
+        return preference_loss_pos(logp, ref_logp, weights, mask, config, normalizer)
+    if which is Impl.TRITON:
+        from tisdpo_kernels._triton.preference_loss import preference_loss as run
+    else:
+        from tisdpo_kernels._torch.preference_loss import preference_loss as run
     if logp.dim() == 2:
         half = logp.shape[0] // 2
         ids, num_seqs = _segments_from(logp, None, mask, name="logp")
@@ -259,5 +262,4 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
     else:
         ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp")
     flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
-    return backend.preference_loss(*flat, ids, chosen_seq.long(), rejected_seq.long(),
-                                   num_seqs, config, normalizer)
+    return run(*flat, ids, chosen_seq.long(), rejected_seq.long(), num_seqs, config, normalizer)

@@ -14,17 +14,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tisdpo_kernels._common import stat_dtype
 from tisdpo_kernels.config import PreferenceConfig, WeightParams
 
 __all__ = [
     "linear_logprobs", "linear_token_kl", "contrastive_logscores", "token_weights",
     "preference_loss", "stat_dtype",
 ]
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of softmax statistics and per-token outputs for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logits(hidden, weight, bias, softcap):

@@ -1,20 +1,5 @@
-"""Torch backend: token-chunked PyTorch, recompute in backward, no host syncs.
+"""Torch backend: token-chunked PyTorch with recompute in backward, no host syncs; runs anywhere.
 
-One module per op, each exposing a function named after the op; imported on first use.
+One module per op, named after it (``linear_logprobs``, ``linear_token_kl``, ``token_weights``,
+``preference_loss``); ``tisdpo_kernels.ops`` imports each where it dispatches.
 """
-from __future__ import annotations
-
-import importlib
-
-_MODULES = {
-    "linear_logprobs": "linear_logprobs",
-    "linear_token_kl": "token_kl",
-    "token_weights": "token_weights",
-    "preference_loss": "preference",
-}
-
-
-def __getattr__(op: str):
-    if op not in _MODULES:
-        raise AttributeError(op)
-    return importlib.import_module(f"{__name__}.{_MODULES[op]}")

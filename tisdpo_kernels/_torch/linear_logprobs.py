@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from tisdpo_kernels._torch._head_common import (
+from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, chunks, logsumexp, masked, no_autocast,
     softcap_grad_factor, stat_dtype, valid_and_safe,
 )

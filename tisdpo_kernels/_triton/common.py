@@ -233,9 +233,20 @@ def interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def upcast(t: torch.Tensor) -> bool:
-    """The UPCAST constexpr: interpreted and 16-bit (the interpreter's bf16 math is wrong)."""
-    return interpreting(t) and t.dtype in (torch.bfloat16, torch.float16)
+def upcast(*tensors: torch.Tensor | None) -> bool:
+    """The UPCAST constexpr: any of ``tensors`` interpreted and 16-bit (the interpreter's
+    bf16 math is wrong, and its float -> 16-bit casts truncate)."""
+    return any(t is not None and interpreting(t) and t.dtype in (torch.bfloat16, torch.float16)
+               for t in tensors)
+
+
+def f64_constants(values, device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``values`` on ``device``; on CUDA an async copy from pinned memory
+    (kernel parameters that must stay float64: Triton passes Python floats as float32)."""
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=torch.float64, pin_memory=True).to(
+            device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

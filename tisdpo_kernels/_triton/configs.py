@@ -60,19 +60,19 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
     # online-logsumexp epilogue. min_splits ≥ 16 on GPUs so that the programs running at once
     # share hidden strips (same token block, different splits) and weight tiles (same split,
     # different token blocks) in L2; more splits when the token blocks cannot fill the GPU.
-    "lm_head_fwd": {
+    "linear_logprobs_fwd": {
         "sm90": _c(8, 4, {"min_splits": 16}, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64),
         "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32),
         "default": _c(4, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32),
         "interpret": _c(host={"min_splits": 1}, BLOCK_N=128, BLOCK_V=512, BLOCK_D=128),
     },
-    "lm_head_fwd_combine": {
+    "linear_logprobs_fwd_combine": {
         "default": _c(4, 1, BLOCK_N=1024),
         "interpret": _c(BLOCK_N=1024),
     },
     # lm_head.py backward: one program = one (token block, vocab block) tile, grouped by
     # GROUP_N token blocks for L2 reuse; recompute the logits, then dH/dW/db by fp32 atomics.
-    "lm_head_bwd": {
+    "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
         "default": _c(4, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
@@ -82,14 +82,14 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
 
 # Searched only with TISDPO_AUTOTUNE=1 on a GPU (several configs cannot run interpreted).
 AUTOTUNE: dict[str, list[KernelConfig]] = {
-    "lm_head_fwd": [
+    "linear_logprobs_fwd": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
         for bn, bv, bd, w, s in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3),
                                  (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                  (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
                                  (128, 64, 64, 4, 4)]
     ],
-    "lm_head_bwd": [
+    "linear_logprobs_bwd": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
         for bn, bv, bd, w, s, g in [(128, 128, 64, 8, 3, 8), (128, 128, 32, 8, 4, 8),
                                     (64, 128, 64, 4, 3, 8), (128, 64, 64, 4, 3, 8),
@@ -146,11 +146,11 @@ CONFIGS["token_weights_fwd"] = {
     "default": _c(4, 1, BLOCK=1024),
     "interpret": _c(BLOCK=1024),
 }
-CONFIGS["preference_tokens"] = {  # preference_fwd_kernel and preference_bwd_kernel
+CONFIGS["preference_loss_tokens"] = {  # preference_loss_fwd_kernel and preference_loss_bwd_kernel
     "default": _c(4, 1, BLOCK=1024),
     "interpret": _c(BLOCK=1024),
 }
-CONFIGS["preference_pairs"] = {  # preference_pair_fwd_kernel and preference_pair_bwd_kernel
+CONFIGS["preference_loss_pairs"] = {  # preference_loss_pair_fwd_kernel and preference_loss_pair_bwd_kernel
     "default": _c(4, 1, BLOCK_P=256),
     "interpret": _c(BLOCK_P=256),
 }
@@ -160,28 +160,28 @@ CONFIGS["preference_pairs"] = {  # preference_pair_fwd_kernel and preference_pai
 # LM head. Not timed (no GPU yet): chosen as the largest bf16 tiles that ptxas compiles without
 # register spills for sm_90 / sm_80 (cuobjdump resource usage, all flags on); fp32 inputs
 # (FMA dots) spill whatever the tile.
-CONFIGS["token_kl_fwd"] = {
+CONFIGS["linear_token_kl_fwd"] = {
     "sm90": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=64),
     "sm80": _c(8, 3, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
     "default": _c(8, 2, {"min_splits": 16}, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32),
     "interpret": _c(host={"min_splits": 1}, BLOCK_N=128, BLOCK_V=256, BLOCK_D=64),
 }
-CONFIGS["token_kl_fwd_combine"] = {
+CONFIGS["linear_token_kl_fwd_combine"] = {
     "default": _c(4, 1, BLOCK_N=1024),
     "interpret": _c(BLOCK_N=1024),
 }
-CONFIGS["token_kl_bwd"] = {
+CONFIGS["linear_token_kl_bwd"] = {
     "sm90": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
     "sm80": _c(8, 3, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
     "default": _c(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8),
     "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=1),
 }
-AUTOTUNE["token_kl_fwd"] = [
+AUTOTUNE["linear_token_kl_fwd"] = [
     _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
     for bn, bv, bd, w, s in [(64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 128, 32, 8, 4),
                              (64, 64, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 64, 8, 3)]
 ]
-AUTOTUNE["token_kl_bwd"] = [
+AUTOTUNE["linear_token_kl_bwd"] = [
     _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
     for bn, bv, bd, w, s, g in [(64, 128, 32, 8, 3, 8), (64, 64, 64, 8, 3, 8),
                                 (128, 64, 32, 8, 3, 8), (64, 128, 32, 8, 4, 8),

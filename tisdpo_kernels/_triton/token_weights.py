@@ -13,7 +13,7 @@ float64 for float64 inputs), with c = log π⁺ − log π⁻ (optionally rounde
 
 Tokens with seq_id < 0 get 0 and are never read. The per-sequence rules rank_based and
 binary use the kernel for s and then torch sorting (two stable argsorts, see
-``_torch/token_weights.per_sequence_weights``): a segmented sort kernel would not pay at
+``_common.per_sequence_weights``): a segmented sort kernel would not pay at
 these sizes, and torch's sort is already sync-free.
 
 Parameters travel as a small float64 tensor, not as kernel scalars, because Triton passes
@@ -25,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels import _env
+from tisdpo_kernels._common import per_sequence_weights, stat_dtype
 from tisdpo_kernels._triton import configs
-from tisdpo_kernels._torch.token_weights import per_sequence_weights
+from tisdpo_kernels._triton.common import f64_constants, upcast
 from tisdpo_kernels.config import WeightParams
 
-__all__ = ["token_weights", "token_weights_fwd", "f64_constants"]
+__all__ = ["token_weights", "token_weights_fwd"]
 
 _ELEMENTWISE = ("exp_clamp", "threshold_and_scale", "threshold", "origin", "cdpo")
 
@@ -101,19 +101,6 @@ def token_weights_fwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def f64_constants(values, device: torch.device) -> torch.Tensor:
-    """A float64 tensor of ``values`` on ``device``; on CUDA an async copy from pinned memory."""
-    if device.type == "cuda":
-        return torch.tensor(values, dtype=torch.float64, pin_memory=True).to(
-            device, non_blocking=True)
-    return torch.tensor(values, dtype=torch.float64, device=device)
-
-
-def _upcast(*tensors) -> bool:
-    return _env.triton_interpret() and any(
-        t is not None and t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
-
-
 def token_weights_fwd(lp_pos, lp_neg, mu, seq_ids, method: str, params: WeightParams,
                       out_dtype: torch.dtype) -> torch.Tensor:
     """Launch the elementwise kernel for ``method`` (one of the elementwise rules) -> [N]."""
@@ -134,7 +121,7 @@ def token_weights_fwd(lp_pos, lp_neg, mu, seq_ids, method: str, params: WeightPa
         lp_pos, neg, mu, seq_ids, prm, out, n,
         lp_pos.stride(0), neg.stride(0), mu.stride(0), seq_ids.stride(0),
         METHOD=method, HAS_ROUND=p.round_decimals is not None, ONLY_NEG=bool(p.only_neg),
-        UPCAST=_upcast(lp_pos, lp_neg), **cfg.meta, **cfg.launch_kwargs(lp_pos),
+        UPCAST=upcast(lp_pos, lp_neg), **cfg.meta, **cfg.launch_kwargs(lp_pos),
     )
     return out
 
@@ -145,7 +132,7 @@ def token_weights(lp_pos, lp_neg, mu, seq_ids, num_seqs: int, method: str,
                   params: WeightParams) -> torch.Tensor:
     """Weights [N] (backend contract of ``tisdpo_kernels.token_weights``); no host sync."""
     del num_seqs
-    out_dtype = torch.float64 if lp_pos.dtype == torch.float64 else torch.float32
+    out_dtype = stat_dtype(lp_pos.dtype)
     if method in _ELEMENTWISE:
         return token_weights_fwd(lp_pos, lp_neg, mu, seq_ids, method, params, out_dtype)
     if method in ("rank_based", "binary"):

@@ -11,6 +11,12 @@ import html
 import json
 import os
 
+import datasets
+
+from tisdpo.pipeline.context import tokenize_cfg
+from tisdpo.train.data import TokenizeConfig, load_preference_dataset, tokenize_pairs
+from tisdpo.train.model import load_tokenizer
+
 __all__ = ["inspect_run", "load_pairs", "render_html", "render_png"]
 
 
@@ -35,12 +41,6 @@ def _text_colour(rgb) -> str:
 def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int = 6,
                start: int = 0) -> list[dict]:
     """Up to ``pairs`` weighted pairs: prompt and per-side tokens, weights and scores."""
-    import datasets
-
-    from tisdpo.data import TokenizeConfig, load_preference_dataset, tokenize_pairs
-    from tisdpo.model import load_tokenizer
-    from tisdpo.stages import tokenize_cfg
-
     wdir = os.path.join(cfg.run_dir, "weights")
     if data is None:
         path = os.path.join(wdir, split)

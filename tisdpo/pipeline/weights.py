@@ -26,25 +26,26 @@ shards of 2048 pairs and resumes from the last finished shard.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import asdict
 
 import torch
 
-from tisdpo import stages
-from tisdpo.config import RunConfig
-from tisdpo.model import head
-from tisdpo.stages import (
-    REF_COLUMNS, SCORE_COLUMNS, WEIGHT_COLUMNS, Context, _contrastive_models, load_records,
-    load_stage_model, make_collator, reference_path, tokenize_cfg, tokenize_records,
+from tisdpo.pipeline.context import (
+    REF_COLUMNS, SCORE_COLUMNS, WEIGHT_COLUMNS, Context, contrastive_models, load_records,
+    load_stage_model, log, make_collator, reference_path, tokenize_cfg, tokenize_records,
 )
-from tisdpo.trainer import forward_hidden, rows_of, stage_done
+from tisdpo.train.checkpoint import stage_done
+from tisdpo.train.config import RunConfig
+from tisdpo.train.model import head
+from tisdpo.train.objectives import forward_hidden
+from tisdpo.train.trainer import rows_of
 
-__all__ = ["run_weights", "weight_rule", "completion_logps", "apply_rule", "random_weights"]
+__all__ = ["run_weights", "weight_rule", "completion_logps", "apply_rule", "random_weights",
+           "SHARD"]
 
-log = logging.getLogger("tisdpo")
+SHARD = 2048           # pairs per shard of the pass (the unit it resumes from)
 
 
 def weight_rule(cfg: RunConfig, method: str | None = None):
@@ -161,7 +162,7 @@ def run_weights(ctx: Context) -> str:
         if not cfg.pipeline.resume and ctx.par.is_main:
             shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir, exist_ok=True)
-    info = _contrastive_models(ctx)
+    info = contrastive_models(ctx)
     variant = info["variant"]
     rule, params = weight_rule(cfg)
     impl = cfg.weights.impl
@@ -185,7 +186,7 @@ def run_weights(ctx: Context) -> str:
                                        "pi- prompts", tok_cfg)
         else:
             tok_pos = tok_neg = tok_pol
-        shards, shard_size = [], stages._SHARD
+        shards, shard_size = [], SHARD
         for k, start in enumerate(range(0, len(tok_pol), shard_size)):
             sdir = os.path.join(out_dir, "_shards", f"{split}-{k:05d}")
             if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
@@ -227,7 +228,7 @@ def run_weights(ctx: Context) -> str:
 
 def _maybe_full(ctx, raw, tok_cfg, tok_pol):
     """Untruncated lengths only when the policy tokenisation cut something."""
-    from tisdpo.data import tokenize_pairs
+    from tisdpo.train.data import tokenize_pairs
 
     probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
     if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))

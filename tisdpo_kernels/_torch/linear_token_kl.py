@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from tisdpo_kernels._torch._head_common import (
+from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, chunks, log_softmax_, log_softmax_stats_, masked,
     no_autocast, softcap_grad_factor, stat_dtype, valid_and_safe,
 )
@@ -65,7 +65,7 @@ def _chunk_dz(h, weight, bias, ref_h, ref_weight, ref_bias, safe, stats, kl, g_k
     return dz if cap is None else dz.mul_(cap)
 
 
-def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
+def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                  opts: KLOptions, chunk: int):
     """(kl, logp, ref_logp, stats, raw kl): the first three [N] are 0 where ignored; stats
     (policy max, log-sum, reference max, log-sum) and the raw KL are for the backward."""
@@ -84,7 +84,7 @@ def token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias
             (m_p, s_p, m_q, s_q), kl)
 
 
-def token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats, kl,
+def linear_token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats, kl,
                  g_kl, g_logp, opts: KLOptions, chunk: int, needs: tuple[bool, bool, bool]):
     """(d_hidden, d_weight, d_bias) for upstream grads g_kl, g_logp [N]; None where not needed."""
     sd = stat_dtype(hidden.dtype)
@@ -106,7 +106,7 @@ class LinearTokenKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                 opts: KLOptions, chunk: int):
-        kl, logp, ref_logp, stats, kl_raw = token_kl_fwd(
+        kl, logp, ref_logp, stats, kl_raw = linear_token_kl_fwd(
             hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, opts, chunk)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                               kl_raw, *stats)
@@ -120,7 +120,7 @@ class LinearTokenKLFunction(torch.autograd.Function):
         hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, kl, *stats = \
             ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dh, dw, db = token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias,
+        dh, dw, db = linear_token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias,
                                   ref_bias, stats, kl, g_kl, g_logp, ctx.opts, ctx.chunk,
                                   (needs[0], needs[1], needs[5]))
         return dh, dw, None, None, None, db, None, None, None

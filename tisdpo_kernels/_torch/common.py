@@ -17,11 +17,7 @@ import itertools
 import torch
 
 from tisdpo_kernels import _env
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of softmax statistics and per-token outputs for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from tisdpo_kernels._common import stat_dtype
 
 
 def chunk_size(chunk_tokens: int | None, vocab: int) -> int:

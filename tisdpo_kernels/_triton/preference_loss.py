@@ -1,17 +1,17 @@
 """The weighted preference loss in Triton (algorithms.md §8): 2 kernels forward, 2 backward.
 
 Forward
-  1. ``preference_fwd_kernel`` (grid over token blocks): per token of sequence s, atomically
+  1. ``preference_loss_fwd_kernel`` (grid over token blocks): per token of sequence s, atomically
      adds into a float64 [num_seqs, 4] buffer the columns
         Σ ω(lp − ρ·lr),   Σ lp,   Σ 1 (= n_s),   Σ ν·k.
-  2. ``preference_pair_fwd_kernel`` (one program looping over pairs): N_s = max(n_s, 1) for
+  2. ``preference_loss_pair_fwd_kernel`` (one program looping over pairs): N_s = max(n_s, 1) for
      "mean" (else 1), A_s, z = A_w − A_l + c_w·K_w + c_l·K_l − γ₀, ℓ = link(z) and
      g = ∂ℓ/∂z, the TRL metrics, Σ_valid ℓ / normaliser (default: #pairs with ≥ 1 token, ≥ 1).
 Backward (algorithms.md §8 "Gradients for a fused backward")
-  3. ``preference_pair_bwd_kernel`` (grid over pair blocks): G_b = dloss·g_b/normaliser is
+  3. ``preference_loss_pair_bwd_kernel`` (grid over pair blocks): G_b = dloss·g_b/normaliser is
      scattered into per-sequence coefficients α_s = Σ ±G_b/N_s (+ chosen, − rejected) and
      κ_s = Σ c_side·G_b (κ of the chosen side is 0 under TDPO2's stop-gradient).
-  4. ``preference_bwd_kernel`` (grid over token blocks): a_t = α_{s(t)}, and
+  4. ``preference_loss_bwd_kernel`` (grid over token blocks): a_t = α_{s(t)}, and
         ∂loss/∂lp_t = a_t·ω_t,  ∂/∂lr_t = −ρ·a_t·ω_t,  ∂/∂k_t = κ_{s(t)}·ν_t,
         ∂/∂ω_t = a_t·(lp_t − ρ·lr_t) + κ_{s(t)}·k_t [ν = ω],
      written only for inputs that need a gradient.
@@ -19,8 +19,8 @@ Besides these, a step costs one memset per direction (the float64 buffers), one 
 of five float64 constants from pinned memory, and the public op's range checks (device
 assertions on CUDA; TISDPO_CHECKS=off drops them). All arithmetic is float64 (O(tokens); the
 float64 atomics then give the same float32 result in any order). Nothing syncs with the
-host: the normaliser stays on the device. The cDPO "pos" granularity (a per-slot quirk of
-one released code base) runs the torch implementation.
+host: the normaliser stays on the device. (The cDPO "pos" granularity has one
+implementation, in torch; ``tisdpo_kernels.ops`` sends it there for every impl.)
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels._torch import preference as _torch_pref
+from tisdpo_kernels._common import check_pairs, normalizer_tensor, stat_dtype
 from tisdpo_kernels._triton import configs
-from tisdpo_kernels._triton.token_weights import _upcast, f64_constants
+from tisdpo_kernels._triton.common import f64_constants, upcast
 from tisdpo_kernels.config import PreferenceConfig
 
-__all__ = ["preference_loss", "preference_loss_pos", "PreferenceLossFunction"]
+__all__ = ["preference_loss", "PreferenceLossFunction"]
 
 _NCOL = 4  # columns of the per-sequence accumulator
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -107,7 +107,7 @@ def _link(z, beta, eps, LINK: tl.constexpr):
 
 
 @triton.jit
-def preference_fwd_kernel(
+def preference_loss_fwd_kernel(
     LP, LR, W, KL, IDS, ACC, N,
     stride_lp, stride_lr, stride_w, stride_kl, stride_ids,
     HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
@@ -136,7 +136,7 @@ def preference_fwd_kernel(
 
 
 @triton.jit
-def preference_pair_fwd_kernel(
+def preference_loss_pair_fwd_kernel(
     ACC, CS, RS, SC, NORM_IN, LOSS, MET, GZ, NORM_OUT, P,
     LINK: tl.constexpr, MEAN: tl.constexpr, USES_KL: tl.constexpr, HAS_NORM: tl.constexpr,
     NCOL: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -196,7 +196,7 @@ def preference_pair_fwd_kernel(
 
 
 @triton.jit
-def preference_pair_bwd_kernel(
+def preference_loss_pair_bwd_kernel(
     ACC, CS, RS, SC, NORM, DLOSS, GZ, COEF, P,
     MEAN: tl.constexpr, USES_KL: tl.constexpr, SG_CHOSEN: tl.constexpr,
     NCOL: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -223,7 +223,7 @@ def preference_pair_bwd_kernel(
 
 
 @triton.jit
-def preference_bwd_kernel(
+def preference_loss_bwd_kernel(
     LP, LR, W, KL, IDS, COEF, DLP, DLR, DW, DKL, N,
     stride_lp, stride_lr, stride_w, stride_kl, stride_ids,
     HAS_REF: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr,
@@ -277,7 +277,7 @@ class _Options:
 
 
 def _configs(t):
-    tok, pair = configs.get("preference_tokens", t), configs.get("preference_pairs", t)
+    tok, pair = configs.get("preference_loss_tokens", t), configs.get("preference_loss_pairs", t)
     assert tok.meta["BLOCK"] >= 16 and pair.meta["BLOCK_P"] >= 16, (tok, pair)
     return tok, pair
 
@@ -286,22 +286,22 @@ def _stride(t, fallback):
     return (fallback if t is None else t).stride(0)
 
 
-def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
+def preference_loss_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
     """-> loss (0-d), metrics [8, P], gz [P] float64, normaliser (0-d float64), acc [S, 4]."""
     cfg, dev = opts.cfg, lp.device
     tok, pair = _configs(lp)
-    out_dtype = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    out_dtype = stat_dtype(lp.dtype)
     n, p = lp.shape[0], cs.shape[0]
     acc = torch.zeros(opts.num_seqs, _NCOL, dtype=torch.float64, device=dev)
     if n > 0:
-        preference_fwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
+        preference_loss_fwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
             lp, lr if opts.has_ref else lp, w if opts.has_w else lp, kl if opts.has_kl else lp,
             ids, acc, n,
             lp.stride(0), _stride(lr if opts.has_ref else None, lp),
             _stride(w if opts.has_w else None, lp), _stride(kl if opts.has_kl else None, lp),
             ids.stride(0),
             HAS_REF=opts.has_ref, HAS_W=opts.has_w, HAS_KL=opts.has_kl,
-            KL_WEIGHTED=cfg.kl_token_weighted, UPCAST=_upcast(lp, lr, w, kl), NCOL=_NCOL,
+            KL_WEIGHTED=cfg.kl_token_weighted, UPCAST=upcast(lp, lr, w, kl), NCOL=_NCOL,
             **tok.meta, **tok.launch_kwargs(lp),
         )
     sc = f64_constants([cfg.beta, cfg.epsilon, cfg.margin, cfg.kl_chosen_coef,
@@ -310,7 +310,7 @@ def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
     met = torch.empty(len(_METRICS), p, dtype=out_dtype, device=dev)
     gz = torch.empty(p, dtype=torch.float64, device=dev)
     norm_out = torch.empty((), dtype=torch.float64, device=dev)
-    preference_pair_fwd_kernel[(1,)](
+    preference_loss_pair_fwd_kernel[(1,)](
         acc, cs, rs, sc, norm if norm is not None else norm_out, loss, met, gz, norm_out, p,
         LINK=cfg.link, MEAN=cfg.reduction == "mean", USES_KL=opts.has_kl,
         HAS_NORM=norm is not None, NCOL=_NCOL, **pair.meta, **pair.launch_kwargs(lp),
@@ -318,7 +318,7 @@ def preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
     return loss, met, gz, norm_out, acc, sc
 
 
-def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _Options,
+def preference_loss_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _Options,
                    need):
     """-> (d_lp, d_lr, d_w, d_kl), None where not needed."""
     cfg, dev = opts.cfg, lp.device
@@ -326,7 +326,7 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
     n, p = lp.shape[0], cs.shape[0]
     coef = torch.zeros(opts.num_seqs, 2, dtype=torch.float64, device=dev)
     if p > 0:
-        preference_pair_bwd_kernel[(triton.cdiv(p, pair.meta["BLOCK_P"]),)](
+        preference_loss_pair_bwd_kernel[(triton.cdiv(p, pair.meta["BLOCK_P"]),)](
             acc, cs, rs, sc, norm, dloss, gz, coef, p,
             MEAN=cfg.reduction == "mean", USES_KL=opts.has_kl,
             SG_CHOSEN=cfg.kl_stop_grad_chosen, NCOL=_NCOL, **pair.meta,
@@ -338,12 +338,12 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
     # gradients in the inputs' dtypes; a 16-bit one is written in fp32 under the interpreter
     # (whose float -> 16-bit casts truncate) and rounded to nearest by torch below
     ins = (lp, lr, w, kl)
-    grads = [torch.empty_like(t, dtype=torch.float32 if _upcast(t) else t.dtype,
+    grads = [torch.empty_like(t, dtype=torch.float32 if upcast(t) else t.dtype,
                               memory_format=torch.contiguous_format) if flag else None
              for t, flag in zip(ins, (need_lp, need_lr, need_w, need_kl))]
     if n > 0 and any(g is not None for g in grads):
         d_lp, d_lr, d_w, d_kl = (g if g is not None else lp for g in grads)
-        preference_bwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
+        preference_loss_bwd_kernel[(triton.cdiv(n, tok.meta["BLOCK"]),)](
             lp, lr if opts.has_ref else lp, w if opts.has_w else lp, kl if opts.has_kl else lp,
             ids, coef, d_lp, d_lr, d_w, d_kl, n,
             lp.stride(0), _stride(lr if opts.has_ref else None, lp),
@@ -351,7 +351,7 @@ def preference_bwd(dloss, lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc, opts: _
             ids.stride(0),
             HAS_REF=opts.has_ref, HAS_W=opts.has_w, HAS_KL=opts.has_kl,
             KL_WEIGHTED=cfg.kl_token_weighted, NEED_LP=need_lp, NEED_LR=need_lr,
-            NEED_W=need_w, NEED_KL=need_kl, UPCAST=_upcast(lp, lr, w, kl),
+            NEED_W=need_w, NEED_KL=need_kl, UPCAST=upcast(lp, lr, w, kl),
             **tok.meta, **tok.launch_kwargs(lp),
         )
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, ins))
@@ -364,7 +364,7 @@ class PreferenceLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lp, lr, w, kl, ids, cs, rs, norm, opts: _Options):
-        loss, met, gz, norm_out, acc, sc = preference_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts)
+        loss, met, gz, norm_out, acc, sc = preference_loss_fwd(lp, lr, w, kl, ids, cs, rs, norm, opts)
         ctx.save_for_backward(lp, lr, w, kl, ids, cs, rs, acc, gz, norm_out, sc)
         ctx.opts = opts
         ctx.mark_non_differentiable(met)
@@ -374,7 +374,7 @@ class PreferenceLossFunction(torch.autograd.Function):
     def backward(ctx, dloss, dmet):
         lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
-        d_lp, d_lr, d_w, d_kl = preference_bwd(dloss.contiguous(), lp, lr, w, kl, ids, cs, rs,
+        d_lp, d_lr, d_w, d_kl = preference_loss_bwd(dloss.contiguous(), lp, lr, w, kl, ids, cs, rs,
                                                acc, gz, norm, sc, ctx.opts, need)
         return d_lp, d_lr, d_w, d_kl, None, None, None, None, None
 
@@ -384,8 +384,8 @@ class PreferenceLossFunction(torch.autograd.Function):
 def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: int,
                     cfg: PreferenceConfig, normalizer):
     """Packed layout (backend contract of ``tisdpo_kernels.preference_loss``) -> (loss, metrics)."""
-    _torch_pref.check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)
-    norm = _torch_pref.normalizer_tensor(normalizer, lp.device)
+    check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)
+    norm = normalizer_tensor(normalizer, lp.device)
     has_ref = not cfg.reference_free and lr is not None
     opts = _Options(cfg=cfg, num_seqs=num_seqs, has_ref=has_ref, has_w=w is not None,
                     has_kl=cfg.uses_kl)
@@ -394,8 +394,3 @@ def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: 
         chosen_seq.contiguous(), rejected_seq.contiguous(), norm, opts)
     names = _METRICS if cfg.uses_kl else _METRICS[:6]
     return loss, {name: met[i] for i, name in enumerate(names)}
-
-
-def preference_loss_pos(logp, ref, w, mask, cfg: PreferenceConfig, normalizer):
-    """cDPO's per-position granularity: the torch implementation (see the module docstring)."""
-    return _torch_pref.preference_loss_pos(logp, ref, w, mask, cfg, normalizer)

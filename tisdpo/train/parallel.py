@@ -63,10 +63,14 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from tisdpo_kernels._validate import check_not_sharded  # re-exported: the loss refuses shards
+from tisdpo.train.checkpoint import (
+    fqns_by_group, optimizer_state_to_fqns, optimizer_state_to_indices,
+)
+from tisdpo.train.model import head, hidden_states, save_model
+from tisdpo_kernels.validate import check_not_sharded  # re-exported: the loss refuses shards
 
 __all__ = ["Parallel", "setup", "PolicyWithLoss", "fully_shard_model", "check_not_sharded",
-           "shard_positions", "optimizer_state_to_indices", "optimizer_state_to_fqns"]
+           "shard_positions", "torchrun_env"]
 
 MODES = ("none", "ddp", "fsdp2")
 
@@ -99,8 +103,6 @@ class PolicyWithLoss(nn.Module):
 
     def forward(self, input_ids, labels, *, attention_mask=None, position_ids=None,
                 attention=None, **loss_kwargs):
-        from tisdpo.model import head, hidden_states
-
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": position_ids}
         hidden = hidden_states(self.model, batch, attention=attention)
@@ -159,6 +161,34 @@ def fully_shard_model(module: nn.Module, *, mixed_precision: torch.dtype | None 
     return module
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: must be >= {minimum}")
+    return value
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """RANK, WORLD_SIZE, LOCAL_RANK as torchrun sets them; None when not launched by it.
+
+    (MASTER_ADDR / MASTER_PORT are read by torch.distributed itself.)
+    """
+    if os.environ.get("WORLD_SIZE") is None:
+        return None
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    local = _env_int("LOCAL_RANK", rank, 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={rank} must be < WORLD_SIZE={world}")
+    return rank, world, local
+
+
 # ------------------------------------------------------------------------------- data
 
 def shard_positions(n: int, world_size: int, rank: int) -> tuple[list[int], bool]:
@@ -171,43 +201,6 @@ def shard_positions(n: int, world_size: int, rank: int) -> tuple[list[int], bool
         raise ValueError(f"n must be positive, got {n}")
     mine = list(range(rank, n, world_size))
     return (mine, False) if mine else ([0], True)
-
-
-# ------------------------------------------------------------------------------- checkpoints
-
-def optimizer_state_to_indices(osd: dict) -> dict:
-    """FQN-keyed optimiser state (get_optimizer_state_dict) → ``optimizer.state_dict()`` layout.
-
-    Parameters are numbered in param-group order, as torch numbers them.
-    """
-    index, groups = {}, []
-    for g in osd["param_groups"]:
-        ids = []
-        for fqn in g["params"]:
-            index.setdefault(fqn, len(index))
-            ids.append(index[fqn])
-        groups.append({**g, "params": ids})
-    return {"state": {index[k]: v for k, v in osd["state"].items()}, "param_groups": groups}
-
-
-def optimizer_state_to_fqns(sd: dict, fqns_by_group: list[list[str]]) -> dict:
-    """The inverse: an ``optimizer.state_dict()`` → FQN-keyed, with the live groups' FQNs."""
-    groups = sd["param_groups"]
-    if len(groups) != len(fqns_by_group) or any(
-            len(g["params"]) != len(f) for g, f in zip(groups, fqns_by_group)):
-        raise ValueError(f"checkpoint optimiser has parameter groups of sizes "
-                         f"{[len(g['params']) for g in groups]}, this model "
-                         f"{[len(f) for f in fqns_by_group]}: not the same model")
-    name = {i: f for g, fs in zip(groups, fqns_by_group) for i, f in zip(g["params"], fs)}
-    return {"state": {name[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": fs} for g, fs in zip(groups, fqns_by_group)]}
-
-
-def _fqns_by_group(model: nn.Module, optimizer) -> list[list[str]]:
-    names = {}
-    for fqn, p in model.named_parameters():        # tied parameters: the first name
-        names.setdefault(id(p), fqn)
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------- the process
@@ -374,14 +367,12 @@ class Parallel:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_sd, options=opts)
         set_optimizer_state_dict(model, optimizer,
-                                 optimizer_state_to_fqns(optim_sd, _fqns_by_group(model,
+                                 optimizer_state_to_fqns(optim_sd, fqns_by_group(model,
                                                                                   optimizer)),
                                  options=opts)
 
     def save_model(self, model: nn.Module, out_dir: str, tokenizer=None) -> None:
         """``save_pretrained`` of the full model, written by rank 0."""
-        from tisdpo.model import save_model
-
         if not self.distributed:
             save_model(model, out_dir, tokenizer)
             return
@@ -427,8 +418,6 @@ def setup(cfg, device: str = "auto", model_dtype: str = "float32") -> Parallel:
     one-process group. ``mode="none"`` under torchrun with several processes is an error.
     """
     import torch.distributed as dist
-
-    from tisdpo_kernels._env import torchrun_env
 
     env = torchrun_env()
     rank, world, local = env if env is not None else (0, 1, 0)

@@ -166,7 +166,7 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
     if N == 0:
         return logp, lse
     rows, count = compact_rows(targets != ignore_index)
-    cfg = configs.get("lm_head_fwd", hidden)
+    cfg = configs.get("linear_logprobs_fwd", hidden)
     splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
     final = splits == 1
     part = torch.empty((splits, N) if not final else (1,), dtype=torch.float32,
@@ -179,12 +179,12 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FINAL=final,
                  UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
     with device_guard(hidden):
-        launch("lm_head_fwd", linear_logprobs_fwd_kernel,
+        launch("linear_logprobs_fwd", linear_logprobs_fwd_kernel,
                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags,
                autotune_key=("V", "D"))
         if not final:
-            cc = configs.get("lm_head_fwd_combine", hidden)
-            check_blocks("lm_head_fwd_combine", **cc.meta)
+            cc = configs.get("linear_logprobs_fwd_combine", hidden)
+            check_blocks("linear_logprobs_fwd_combine", **cc.meta)
             linear_logprobs_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
                 part, tlogit, rows, count, logp, lse, N, splits, **cc.meta,
                 **cc.launch_kwargs(hidden))
@@ -218,7 +218,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                      COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                      UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
         with device_guard(hidden):
-            launch("lm_head_bwd", linear_logprobs_bwd_kernel,
+            launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
                                  * triton.cdiv(V, meta["BLOCK_V"]),),
                    hidden, args, flags, autotune_key=("V", "D"),

@@ -1,7 +1,7 @@
 """``tisdpo demo``: the whole TIS-DPO(D) pipeline on a synthetic task, on a CPU, in minutes.
 
 No download: a tiny Llama built from a config (random init, seeded) and the byte-level BPE
-tokenizer shipped in the package. The task (:mod:`tisdpo.synthetic`): responses mix good,
+tokenizer shipped in the package. The task (:mod:`tisdpo.train.synthetic`): responses mix good,
 bad and neutral words; the response with more good than bad words is chosen, so chosen
 responses contain bad words and rejected ones good words — a sequence label with
 token-level causes.
@@ -40,10 +40,20 @@ import math
 import os
 import time
 
+import datasets
 import numpy as np
 import torch
 
-from tisdpo.config import RunConfig
+from tisdpo.pipeline import stages
+from tisdpo.pipeline.context import (
+    load_records, load_stage_model, make_collator, make_context, reference_path, tokenize_records,
+)
+from tisdpo.pipeline.weights import completion_logps, run_weights, weight_rule
+from tisdpo.train.checkpoint import read_done
+from tisdpo.train.config import RunConfig
+from tisdpo.train.data import TokenizeConfig, tokenize_pairs
+from tisdpo.train.synthetic import SyntheticInfo
+from tisdpo.train.trainer import rows_of
 
 __all__ = ["demo_config", "run_demo", "auc", "format_table"]
 
@@ -112,11 +122,6 @@ def auc(pos, neg) -> float:
 
 def weight_aucs(ctx, info) -> dict:
     """AUC of stored scores and weights against the planted token labels, per split/side."""
-    import datasets
-
-    from tisdpo.data import TokenizeConfig, tokenize_pairs
-    from tisdpo.trainer import read_done
-
     wdir = ctx.path("weights")
     tok_cfg = TokenizeConfig(**read_done(wdir)["tokenize"])
     out = {}
@@ -147,10 +152,6 @@ def weight_aucs(ctx, info) -> dict:
 
 def _sequence_sums(ctx, model, tok, impl: str) -> torch.Tensor:
     """[n, 2] summed completion log-probs (chosen, rejected) of tokenised pairs."""
-    from tisdpo.estimate import completion_logps
-    from tisdpo.stages import make_collator
-    from tisdpo.trainer import rows_of
-
     collate = make_collator(ctx, packed=False)
     out = []
     for start in range(0, len(tok), 64):
@@ -302,16 +303,12 @@ def _aggregate(label: str, runs: list[dict]) -> dict:
 
 def run_demo(cfg: RunConfig) -> dict:
     """Run every stage (resumable), evaluate, print and save the table; returns the results."""
-    from tisdpo import stages
-    from tisdpo.estimate import weight_rule
-    from tisdpo.synthetic import SyntheticInfo
-
     t0 = time.perf_counter()
     info = SyntheticInfo()
-    ctx = stages.make_context(cfg)
+    ctx = make_context(cfg)
     stages.run_sft(ctx)
     stages.run_contrastive(ctx)
-    stages.run_weights(ctx)
+    run_weights(ctx)
     seeds = [cfg.seed + k for k in range(max(cfg.demo.policy_seeds, 1))]
     finals: dict[str, list[str]] = {label: [] for label, *_ in POLICIES}
     for seed in seeds:
@@ -320,12 +317,11 @@ def run_demo(cfg: RunConfig) -> dict:
             finals[label].append(stages.run_policy(ctx, pcfg, name=f"policy-{name}-seed{seed}",
                                                    seed=seed))
     log.info("demo: evaluating")
-    from tisdpo.trainer import read_done
 
     impl = cfg.policy.impl
-    _, eval_raw = stages.load_records(ctx)
-    tok_eval = stages.tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
-    ref = stages.load_stage_model(ctx, stages.reference_path(ctx), trainable=False)
+    _, eval_raw = load_records(ctx)
+    tok_eval = tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
+    ref = load_stage_model(ctx, reference_path(ctx), trainable=False)
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
     prompts = [tok_eval[i]["prompt_ids"] for i in range(min(cfg.demo.sample_prompts,
                                                             len(tok_eval)))]
@@ -335,7 +331,7 @@ def run_demo(cfg: RunConfig) -> dict:
     for label, paths in finals.items():
         runs = []
         for path in paths:
-            model = stages.load_stage_model(ctx, path, trainable=False)
+            model = load_stage_model(ctx, path, trainable=False)
             sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
             wins = (sums[:, 0] > sums[:, 1]).double().numpy()
             own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")

@@ -10,42 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tisdpo_kernels import _validate as V
+from tisdpo_kernels._common import check_pairs, normalizer_tensor, stat_dtype
 from tisdpo_kernels.config import PreferenceConfig
 
-__all__ = ["preference_loss", "preference_loss_pos", "check_pairs", "normalizer_tensor",
-           "link_loss", "pair_metrics"]
+__all__ = ["preference_loss", "preference_loss_pos", "link_loss", "pair_metrics"]
 
 _F64 = torch.float64
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return _F64 if dtype == _F64 else torch.float32
-
-
-def check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs: int) -> None:
-    """Sequence ids below ``num_seqs``; pair ids in [0, num_seqs) (no host sync on CUDA)."""
-    V._value_check(seq_ids >= num_seqs,
-                   lambda b: f"seq_ids must be < {num_seqs} (the number of tokens), got "
-                             f"{'a larger id' if b is None else int(seq_ids[b].max())}")
-    for name, ids in (("chosen_seq", chosen_seq), ("rejected_seq", rejected_seq)):
-        bad = (ids < 0) | (ids >= num_seqs)
-        V._value_check(bad, lambda b, name=name, ids=ids:
-                       f"{name} must hold sequence ids in [0, {num_seqs}), got "
-                       f"{'an id outside' if b is None else int(ids[b][0])}")
-
-
-def normalizer_tensor(normalizer, device) -> torch.Tensor | None:
-    """``normalizer`` as a float64 0-d tensor on ``device`` (None stays None); no host sync."""
-    if normalizer is None:
-        return None
-    if isinstance(normalizer, torch.Tensor):
-        V.require(normalizer.numel() == 1,
-                  f"normalizer must be a number or a 1-element tensor, got shape "
-                  f"{tuple(normalizer.shape)}")
-        return normalizer.detach().to(device=device, dtype=_F64).reshape(())
-    V.check_scalar("normalizer", normalizer, low=0.0, low_open=True)
-    return torch.full((), float(normalizer), dtype=_F64, device=device)
 
 
 def link_loss(z, cfg: PreferenceConfig):
@@ -85,7 +55,7 @@ def pair_metrics(cfg: PreferenceConfig, score_w, score_l, logps_w, logps_l, kl_w
 def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: int,
                     cfg: PreferenceConfig, normalizer):
     """Packed: lp/lr/w/kl [N], seq_ids [N] (−1 = no sequence), pairs [P] -> (loss, metrics)."""
-    out_dtype = _out_dtype(lp.dtype)
+    out_dtype = stat_dtype(lp.dtype)
     device = lp.device
     check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)
     norm = normalizer_tensor(normalizer, device)
@@ -134,7 +104,7 @@ def preference_loss_pos(logp, ref, w, mask, cfg: PreferenceConfig, normalizer):
     z_{b,t} = m^w ω^w Δ^w − m^l ω^l Δ^l, link per slot, mean over all B×T slots (or
     Σ / normalizer). No margin and no length normalisation, as in the reference.
     """
-    out_dtype = _out_dtype(logp.dtype)
+    out_dtype = stat_dtype(logp.dtype)
     norm = normalizer_tensor(normalizer, logp.device)
     m = mask.bool()
 

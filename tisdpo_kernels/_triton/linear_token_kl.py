@@ -296,7 +296,7 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     if N == 0:
         return kl, logp, rlogp, stats
     rows, count = compact_rows(targets != ignore_index)
-    cfg = configs.get("token_kl_fwd", hidden)
+    cfg = configs.get("linear_token_kl_fwd", hidden)
     splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
     final = splits == 1
     part = torch.empty((5, splits, N) if not final else (1,), **f32)
@@ -306,12 +306,12 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
             N, V, D, DR, splits, *strides, targets.stride(0), float(softcap or 1.0))
     flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
     with device_guard(hidden):
-        launch("token_kl_fwd", linear_token_kl_fwd_kernel,
+        launch("linear_token_kl_fwd", linear_token_kl_fwd_kernel,
                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
                dict(flags, FINAL=final), autotune_key=("V", "D", "DR"))
         if not final:
-            cc = configs.get("token_kl_fwd_combine", hidden)
-            check_blocks("token_kl_fwd_combine", **cc.meta)
+            cc = configs.get("linear_token_kl_fwd_combine", hidden)
+            check_blocks("linear_token_kl_fwd_combine", **cc.meta)
             linear_token_kl_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
                 part, tlogit, rows, count, kl, logp, rlogp, stats, N, splits,
                 POLICY_REF=direction == "policy_ref", **cc.meta, **cc.launch_kwargs(hidden))
@@ -343,7 +343,7 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
         flags = dict(_common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap),
                      COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db)
         with device_guard(hidden):
-            launch("token_kl_bwd", linear_token_kl_bwd_kernel,
+            launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
                    lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
                                  * triton.cdiv(V, meta["BLOCK_V"]),),
                    hidden, args, flags, autotune_key=("V", "D", "DR"),

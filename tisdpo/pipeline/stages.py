@@ -13,180 +13,33 @@ A stage directory with ``done.json`` is finished and skipped on the next run (un
 ``pipeline.resume`` is false); an unfinished training stage continues from its latest
 checkpoint; the weight pass continues from its last finished shard.
 
-The weights stage and the per-token columns it stores are described in
-:mod:`tisdpo.estimate`.
+The run's context (directories, data, tokenisation, collators) is
+:mod:`tisdpo.pipeline.context`; the weights stage and the per-token columns it stores are
+:mod:`tisdpo.pipeline.weights`.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-import torch
 
-from tisdpo.config import PolicyConfig, RunConfig, TrainConfig
-from tisdpo.model import head, load_model, load_tokenizer, resolve_device, save_model
-from tisdpo.trainer import (
-    PreferenceObjective, SFTObjective, Trainer, read_done, stage_done,
+from tisdpo.loss import TISDPOLoss
+from tisdpo.pipeline.context import (
+    REF_COLUMNS, SCORE_COLUMNS, WEIGHT_COLUMNS, Context, StageStopped, base_model_path,
+    init_path, load_records, load_stage_model, log, make_collator, reference_path, tokenize_cfg,
+    tokenize_records,
 )
+from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, weight_rule
+from tisdpo.train.checkpoint import read_done, stage_done
+from tisdpo.train.config import PolicyConfig, TrainConfig
+from tisdpo.train.data import reverse_pairs
+from tisdpo.train.model import head
+from tisdpo.train.objectives import PreferenceObjective, SFTObjective
+from tisdpo.train.trainer import Trainer
+from tisdpo_kernels import get_preset
 
-__all__ = ["Context", "StageStopped", "make_context", "load_records", "tokenize_cfg", "run_sft",
-           "run_contrastive", "run_weights", "run_policy", "run_pipeline", "make_collator",
-           "tokenize_records", "load_stage_model", "SCORE_COLUMNS"]
-
-log = logging.getLogger("tisdpo")
-SCORE_COLUMNS = ("chosen_score", "rejected_score")
-WEIGHT_COLUMNS = ("chosen_weight", "rejected_weight")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-_SHARD = 2048          # pairs per shard of the weights pass (tisdpo.estimate reads it)
-
-
-class StageStopped(Exception):
-    """A training stage stopped early (``stop_after``), checkpointed and resumable."""
-
-    def __init__(self, stage: str, step: int):
-        super().__init__(f"{stage}: stopped after step {step}; run the same command again to "
-                         f"resume")
-        self.stage, self.step = stage, step
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    device: torch.device
-    tokenizer: object
-    par: object = None      # tisdpo.distributed.Parallel (None: one process)
-
-    def __post_init__(self):
-        if self.par is None:
-            from tisdpo.distributed import Parallel
-
-            self.par = Parallel()
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.cfg.run_dir, *parts)
-
-
-def make_context(cfg: RunConfig) -> Context:
-    """Device, tokenizer and run directory of a command (sets torch's CPU threads if asked)."""
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
-    from tisdpo.distributed import setup
-
-    par = setup(cfg.distributed, cfg.device, cfg.model.dtype)   # torchrun: one rank of many
-    if not par.is_main:
-        log.setLevel(logging.WARNING)
-    device = par.device if par.distributed else resolve_device(cfg.device)
-    return Context(cfg, device, load_tokenizer(cfg.model), par)
-
-
-# ---------------------------------------------------------------------------- models
-
-def base_model_path(ctx: Context) -> str:
-    """``model.path``, or ``run_dir/base`` holding the seeded tiny demo model (made once)."""
-    if ctx.cfg.model.path:
-        return ctx.cfg.model.path
-    out = ctx.path("base")
-    with ctx.par.main_first():
-        if not os.path.isfile(os.path.join(out, "config.json")):
-            model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
-                               tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
-            save_model(model, out + ".tmp", ctx.tokenizer)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(out + ".tmp", out)
-    return out
-
-
-def init_path(ctx: Context) -> str:
-    """Where every preference stage starts: the SFT model when SFT ran, else the base."""
-    sft = ctx.path("sft")
-    return os.path.join(sft, "final") if stage_done(sft) else base_model_path(ctx)
-
-
-def reference_path(ctx: Context) -> str:
-    choice = ctx.cfg.pipeline.reference
-    sft = ctx.path("sft")
-    if choice == "sft":
-        if not stage_done(sft):
-            raise ValueError("pipeline.reference=sft but the sft stage has not run "
-                             f"({sft}/done.json missing); run `tisdpo sft` first")
-        return os.path.join(sft, "final")
-    if choice == "base":
-        return base_model_path(ctx)
-    return init_path(ctx)
-
-
-def load_stage_model(ctx: Context, path: str, *, trainable: bool):
-    # a model FSDP2 will train loads on the CPU; fully_shard moves it layer by layer
-    device = ctx.par.load_device(ctx.device) if trainable else ctx.device
-    return load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
-                      seed=ctx.cfg.seed, trainable=trainable)
-
-
-# ---------------------------------------------------------------------------- data
-
-def load_records(ctx: Context):
-    """(train, eval) raw preference records; the synthetic task when data.train is empty."""
-    import datasets
-
-    from tisdpo.data import load_preference_dataset
-
-    cfg = ctx.cfg
-    if not cfg.data.train:
-        from tisdpo.synthetic import make_synthetic_task
-
-        train, test, _ = make_synthetic_task(cfg.data.synthetic_train, cfg.data.synthetic_eval,
-                                             seed=cfg.seed)
-        train, test = datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
-    else:
-        train = load_preference_dataset(cfg.data.train)
-        if cfg.data.eval:
-            test = load_preference_dataset(cfg.data.eval)
-        else:
-            n_eval = max(1, round(len(train) * cfg.data.eval_fraction))
-            split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-            train, test = split["train"], split["test"]
-    if cfg.data.max_records is not None:
-        train = train.select(range(min(cfg.data.max_records, len(train))))
-    return train, test
-
-
-def tokenize_cfg(cfg: RunConfig, method: str):
-    """The TokenizeConfig of a stage whose loss is ``method`` ("sft" counts EOS)."""
-    from tisdpo.data import TokenizeConfig, eos_counted_for_preset
-
-    d = cfg.data
-    add_eos = {"count": True, "ignore": False}.get(
-        d.eos, True if method == "sft" else eos_counted_for_preset(method))
-    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                          truncation=d.truncation, add_eos=add_eos, add_bos=d.add_bos,
-                          skip_invalid=d.skip_invalid)
-
-
-def tokenize_records(ctx: Context, raw, method: str, what: str, tok_cfg=None):
-    from tisdpo.data import tokenize_pairs
-
-    tok, report = tokenize_pairs(raw, ctx.tokenizer, tok_cfg or tokenize_cfg(ctx.cfg, method))
-    log.info("%s: %s", what, report.summary())
-    if len(tok) == 0:
-        raise ValueError(f"{what}: no valid pairs left ({report.summary()})")
-    return tok
-
-
-def make_collator(ctx: Context, *, packed: bool | None = None):
-    from tisdpo.collate import PackedPairCollator, PaddedPairCollator
-
-    pad = ctx.tokenizer.pad_token_id
-    mult = ctx.cfg.data.pad_to_multiple_of
-    if ctx.cfg.data.packing if packed is None else packed:
-        return PackedPairCollator(pad, pad_to_multiple_of=mult)
-    return PaddedPairCollator(pad, pad_to_multiple_of=mult)
-
+__all__ = ["run_sft", "run_dpo", "run_contrastive", "run_policy", "run_pipeline"]
 
 # ---------------------------------------------------------------------------- training stages
 
@@ -235,8 +88,6 @@ def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
 
 def _preference_objective(ctx: Context, model, method: str, beta: float | None, impl: str, *,
                           ref_model, use_weights: bool):
-    from tisdpo.loss import TISDPOLoss
-
     loss = TISDPOLoss(method=method, beta=beta, softcap=head(model).softcap, impl=impl)
     return PreferenceObjective(loss, model_cfg=ctx.cfg.model, device=ctx.device,
                                ref_model=ref_model, use_weights=use_weights)
@@ -260,8 +111,6 @@ def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta:
 
 def run_contrastive(ctx: Context) -> tuple[str, str]:
     """pi+ and pi− per ``contrastive.variant``; returns their model directories."""
-    from tisdpo.data import reverse_pairs
-
     c = ctx.cfg.contrastive
     root = ctx.path("contrastive")
     os.makedirs(root, exist_ok=True)
@@ -290,20 +139,10 @@ def run_contrastive(ctx: Context) -> tuple[str, str]:
     return pos, neg
 
 
-def _contrastive_models(ctx: Context) -> dict:
-    root = ctx.path("contrastive")
-    if not stage_done(root):
-        raise ValueError(f"the contrastive stage has not finished ({root}/done.json missing); "
-                         f"run `tisdpo contrastive` first")
-    return read_done(root)
-
-
 # ---------------------------------------------------------------------------- policy
 
 def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     """(train_raw, eval_raw, use_weights, has_ref) for policy training."""
-    from tisdpo_kernels import get_preset
-
     preset = get_preset(pcfg.method)
     wdir = ctx.path("weights")
     if stage_done(wdir):
@@ -344,16 +183,12 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         raise ValueError(f"policy.token_weights={mode} needs the weights stage's per-token "
                          f"columns ({SCORE_COLUMNS}); run `tisdpo weights` first")
     if mode == "recompute":
-        from tisdpo.estimate import apply_rule, weight_rule
-
         rule, params = weight_rule(ctx.cfg, pcfg.method)
         kind = (meta or {}).get("score_kind", "c_t")
         train_raw, eval_raw = (apply_rule(r, rule, params, pcfg.impl, score_kind=kind)
                                for r in (train_raw, eval_raw))
     elif mode == "random":
         lo, hi = ctx.cfg.weights.w_min, ctx.cfg.weights.w_max
-        from tisdpo.estimate import random_weights
-
         base = ctx.cfg.seed if seed is None else seed
         train_raw, eval_raw = (random_weights(r, lo, hi, 2 * base + k)
                                for k, r in enumerate((train_raw, eval_raw)))
@@ -375,8 +210,6 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     if ctx.cfg.pipeline.resume and stage_done(out_dir):
         log.info("%s: already done (%s), skipping", name, out_dir)
         return os.path.join(out_dir, "final")
-    from tisdpo_kernels import get_preset
-
     preset = get_preset(pcfg.method)
     train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg, seed)
     tok_train = tokenize_records(ctx, train_raw, pcfg.method, f"{name} train")
@@ -392,13 +225,6 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, pcfg.method, pcfg.beta, pcfg.impl, ref_model=ref,
                       use_weights=use_weights))
-
-
-def run_weights(ctx: Context) -> str:
-    """The offline weights stage (:func:`tisdpo.estimate.run_weights`)."""
-    from tisdpo.estimate import run_weights as run
-
-    return run(ctx)
 
 
 def run_pipeline(ctx: Context) -> dict:

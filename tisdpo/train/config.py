@@ -68,7 +68,7 @@ class ModelConfig:
 class DataConfig:
     train: str | None = opt(None, "training records: a .json/.jsonl/.parquet file or a "
                                   "save_to_disk directory with prompt/chosen/rejected; empty "
-                                  "uses the synthetic demo task (tisdpo.synthetic)")
+                                  "uses the synthetic demo task (tisdpo.train.synthetic)")
     eval: str | None = opt(None, "held-out records (same formats); empty holds out "
                                  "eval_fraction of train")
     synthetic_train: int = opt(1200, "with data.train empty: synthetic task training pairs")
@@ -222,7 +222,7 @@ class DemoConfig:
 
 @dataclass
 class DistributedConfig:
-    """Several processes under torchrun (tisdpo.distributed); ``none`` = one process."""
+    """Several processes under torchrun (tisdpo.train.parallel); ``none`` = one process."""
 
     mode: str = opt("none", "none: one process; ddp: DistributedDataParallel (full replica "
                             "per GPU); fsdp2: torch.distributed.fsdp.fully_shard (parameters, "

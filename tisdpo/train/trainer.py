@@ -15,7 +15,7 @@ stopped between steps and resumed from its checkpoint performs exactly the same
 computations as an uninterrupted one, so it ends with the same parameters bit for bit.
 
 Several processes (torchrun, DDP / FSDP2): pass ``parallel=`` a
-:class:`tisdpo.distributed.Parallel`; ``batch_size`` is then per process, each global
+:class:`tisdpo.train.parallel.Parallel`; ``batch_size`` is then per process, each global
 micro-batch is split across ranks, counts and metrics are summed over ranks, checkpoints
 are gathered and written once (same file layout) and resume on any number of processes.
 Every ``self.par`` call is the single-process behaviour when ``parallel`` is None.
@@ -25,22 +25,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from tisdpo.config import LogConfig, TrainConfig
+from tisdpo.train.checkpoint import (
+    DONE_FILE, latest_checkpoint, restore_rng_state, rng_state,
+)
+from tisdpo.train.config import LogConfig, TrainConfig
+from tisdpo.train.parallel import Parallel
 
-__all__ = ["Trainer", "TrainState", "PreferenceObjective", "SFTObjective", "forward_hidden",
-           "rows_of", "make_optimizer",
-           "make_scheduler", "lr_factor", "latest_checkpoint", "stage_done", "read_done"]
-
-DONE_FILE = "done.json"
-
+__all__ = ["Trainer", "TrainState", "rows_of", "make_optimizer", "make_scheduler", "lr_factor"]
 
 @dataclass
 class TrainState:
@@ -84,41 +81,6 @@ def make_scheduler(opt, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total_steps,
                                  schedule=cfg.schedule))
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = sorted((int(d.split("-")[1]), d) for d in os.listdir(root)
-                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "state.pt")))
-    return os.path.join(root, steps[-1][1]) if steps else None
-
-
-def stage_done(out_dir: str) -> bool:
-    return os.path.isfile(os.path.join(out_dir, DONE_FILE))
-
-
-def read_done(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, DONE_FILE), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -208,8 +170,6 @@ class Trainer:
         self.log = log or LogConfig()
         self.tokenizer, self.desc = tokenizer, desc
         self.extra_done = extra_done or {}
-        from tisdpo.distributed import Parallel
-
         self.par = parallel if parallel is not None else Parallel()   # distributed hooks
         self._run = self.par.wrap(model, objective)     # before the optimiser (FSDP2 shards)
         self.micro_per_epoch = math.ceil(len(train_data) / self.par.global_batch(cfg.batch_size))
@@ -258,7 +218,7 @@ class Trainer:
             "model": model_sd,
             "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "state": asdict(self.state),
             "global_batch_size": self.par.global_batch(self.cfg.batch_size),
         }, os.path.join(tmp, "state.pt"))
@@ -290,7 +250,7 @@ class Trainer:
                              f"the step settings changed (start afresh with "
                              f"--pipeline.resume false)")
         self.state = saved
-        _set_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt["rng"])
 
     # ------------------------------------------------------------------ the loop
     def _step(self) -> tuple[torch.Tensor, dict]:
@@ -422,109 +382,3 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
-
-
-# ---------------------------------------------------------------------------- objectives
-
-def _is_packed(batch: dict) -> bool:
-    return "seq_offsets" in batch
-
-
-def forward_hidden(model, batch: dict, model_cfg, device, *, grad: bool = True):
-    """Hidden states before the head and the head spec; packed rows attend per sequence."""
-    from tisdpo.model import autocast, head, hidden_states
-
-    attention = None
-    if _is_packed(batch):
-        from tisdpo.collate import packed_attention_kwargs
-
-        attention = packed_attention_kwargs(batch, model)
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), autocast(model_cfg, device):
-        hidden = hidden_states(model, batch, attention=attention)
-    spec = head(model)
-    weight = spec.weight if spec.weight.dtype == hidden.dtype else spec.weight.to(hidden.dtype)
-    bias = spec.bias if spec.bias is None or spec.bias.dtype == hidden.dtype \
-        else spec.bias.to(hidden.dtype)
-    return hidden, weight, bias
-
-
-class PreferenceObjective:
-    """A DPO-family loss (:class:`tisdpo.loss.TISDPOLoss`) on the policy's hidden states.
-
-    The reference comes from the batch's precomputed ``ref_logps`` when present (and the
-    loss has no KL term), else from ``ref_model``'s hidden states under no_grad. Token
-    weights come from the batch's ``weights`` when ``use_weights``, else unit weights.
-    """
-
-    def __init__(self, loss_fn, *, model_cfg, device, ref_model=None, use_weights=False):
-        self.loss_fn, self.model_cfg, self.device = loss_fn, model_cfg, device
-        self.ref_model, self.use_weights = ref_model, use_weights
-        cfg = loss_fn.config
-        self.reference_free, self.needs_ref_hidden = cfg.reference_free, cfg.uses_kl
-
-    def count(self, batch: dict) -> float:
-        """Pairs in the batch (the loss is a mean over pairs)."""
-        return float(batch["pairs"].shape[0] if _is_packed(batch)
-                     else batch["input_ids"].shape[0] // 2)
-
-    def __call__(self, model, batch: dict, *, normalizer: float):
-        hidden, weight, bias = forward_hidden(model, batch, self.model_cfg, self.device)
-        kwargs: dict = {}
-        if not self.reference_free:
-            if self.needs_ref_hidden or batch.get("ref_logps") is None:
-                if self.ref_model is None:
-                    raise ValueError("this loss needs a reference model (no precomputed "
-                                     "ref_logps in the data, or a KL term)")
-                with torch.no_grad():
-                    ref_hidden, ref_weight, ref_bias = forward_hidden(
-                        self.ref_model, batch, self.model_cfg, self.device, grad=False)
-                kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-            else:
-                kwargs["ref_logps"] = batch["ref_logps"]
-        if self.use_weights and batch.get("weights") is not None:
-            kwargs["weights"] = batch["weights"]
-        if _is_packed(batch):
-            kwargs.update(seq_offsets=batch["seq_offsets"], pairs=batch["pairs"])
-        return self.loss_fn(weight, hidden, batch["labels"], bias=bias, normalizer=normalizer,
-                            **kwargs)
-
-
-class SFTObjective:
-    """Token-mean negative log-likelihood of one side's completions (chosen or rejected).
-
-    Padded batches forward only that side's rows; packed batches mask the other side's
-    labels. The normaliser is the completion tokens of the whole accumulated batch.
-    """
-
-    def __init__(self, *, model_cfg, device, side: str = "chosen", impl: str = "auto",
-                 softcap: float | None = None):
-        if side not in ("chosen", "rejected"):
-            raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
-        self.model_cfg, self.device, self.side = model_cfg, device, side
-        self.impl, self.softcap = impl, softcap
-
-    def _select(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        if _is_packed(batch):
-            ids, pairs = batch["seq_ids"], batch["pairs"]
-            keep = torch.isin(ids, pairs[:, 0 if self.side == "chosen" else 1]) & (ids >= 0)
-            return batch, torch.where(keep.view(batch["labels"].shape), batch["labels"], -100)
-        half = batch["input_ids"].shape[0] // 2
-        rows = slice(0, half) if self.side == "chosen" else slice(half, 2 * half)
-        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() >= 1
-                   and v.shape[0] == 2 * half else v) for k, v in batch.items()}
-        return sub, sub["labels"]
-
-    def count(self, batch: dict) -> float:
-        _, labels = self._select(batch)
-        return float((labels != -100).sum())
-
-    def __call__(self, model, batch: dict, *, normalizer: float):
-        from tisdpo_kernels import linear_logprobs
-
-        sub, labels = self._select(batch)
-        hidden, weight, bias = forward_hidden(model, sub, self.model_cfg, self.device)
-        logp = linear_logprobs(hidden, weight, labels, bias=bias, softcap=self.softcap,
-                               impl=self.impl)
-        total = logp.sum()
-        tokens = (labels != -100).sum().clamp(min=1)
-        return -total / normalizer, {"nll": (-total / tokens).detach()}

@@ -14,7 +14,7 @@ each word is one or a few tokens, 512 entries, with special tokens ``<|pad|>``, 
 assistant turns are ``{% generation %}`` blocks ending in ``<|eos|>``. It is committed under
 ``tisdpo/assets/`` (``tokenizer.json`` written by :func:`save_tokenizer_assets`;
 :func:`load_tokenizer` wraps it offline exactly as :func:`build_tokenizer` does). Regenerate with
-``python -c "from tisdpo.synthetic import save_tokenizer_assets; save_tokenizer_assets()"``.
+``python -c "from tisdpo.train.synthetic import save_tokenizer_assets; save_tokenizer_assets()"``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = ["GOOD_WORDS", "BAD_WORDS", "NEUTRAL_WORDS", "TOPICS", "CHAT_TEMPLATE"
            "SPECIAL_TOKENS", "SyntheticInfo", "make_synthetic_task", "build_tokenizer",
            "load_tokenizer", "save_tokenizer_assets", "ASSETS_DIR"]
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 GOOD_WORDS = ("bright", "clear", "kind", "honest", "helpful", "precise", "warm", "gentle",
               "vivid", "calm", "wise", "fair", "brave", "lovely", "careful", "joyful")
@@ -219,5 +219,5 @@ def load_tokenizer():
     path = ASSETS_DIR / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {ASSETS_DIR}: regenerate it with "
-                                "tisdpo.synthetic.save_tokenizer_assets()")
+                                "tisdpo.train.synthetic.save_tokenizer_assets()")
     return _wrap(tokenizer_file=str(path))

@@ -54,7 +54,7 @@ def check_scalar(name: str, value: float, *, low=None, high=None, low_open=False
         require(not bad, f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
-def _value_check(cond_bad: torch.Tensor, msg_fn) -> None:
+def value_check(cond_bad: torch.Tensor, msg_fn) -> None:
     """Raise when any element of ``cond_bad`` is true, without a host sync on CUDA."""
     from tisdpo_kernels import _env
 
@@ -79,7 +79,7 @@ def check_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: in
         return (f"{name}[{', '.join(map(str, idx))}] = {int(targets[tuple(idx)])} lies outside "
                 f"[0, {vocab}) and is not ignore_index={ignore_index}")
 
-    _value_check(bad, msg)
+    value_check(bad, msg)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -91,7 +91,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         idx = torch.nonzero(b)[0].tolist()
         return f"{name}[{', '.join(map(str, idx))}] = {t[tuple(idx)].item()} is not finite"
 
-    _value_check(bad, msg)
+    value_check(bad, msg)
 
 
 def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
@@ -111,13 +111,13 @@ def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
             f"{name} is a replicated DTensor (placements {placements}, shape "
             f"{tuple(weight.shape)}); the fused loss takes plain tensors: pass "
             f"{name}.to_local() when every rank holds the same weight and inputs, or run the "
-            f"loss inside the FSDP-wrapped module's forward (tisdpo.distributed.PolicyWithLoss)")
+            f"loss inside the FSDP-wrapped module's forward (tisdpo.train.parallel.PolicyWithLoss)")
     raise ValueError(
         f"the LM-head weight {name} is a sharded DTensor (placements {placements}, local "
         f"shard {tuple(weight.to_local().shape)} of {tuple(weight.shape)}), as FSDP2 leaves "
         f"it outside the wrapped module's forward; computing the loss on the shard would be "
         f"wrong. Run the loss inside the FSDP-wrapped module's forward, so that FSDP gathers "
-        f"the weight and reduce-scatters its gradient: see tisdpo.distributed.PolicyWithLoss")
+        f"the weight and reduce-scatters its gradient: see tisdpo.train.parallel.PolicyWithLoss")
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "") -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tisdpo.config import ModelConfig
+from tisdpo.train.config import ModelConfig
 
 __all__ = [
     "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
@@ -63,7 +63,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
                              f"(tisdpo never downloads)")
         tok = AutoTokenizer.from_pretrained(src)
     else:
-        from tisdpo.synthetic import load_tokenizer as shipped
+        from tisdpo.train.synthetic import load_tokenizer as shipped
 
         tok = shipped()
     if tok.pad_token is None:

@@ -1,6 +1,6 @@
 """Collators: tokenised pairs → model-ready batches, padded or packed (padding-free).
 
-Both take a list of examples as :func:`tisdpo.data.tokenize_pairs` produces them (dicts with
+Both take a list of examples as :func:`tisdpo.train.data.tokenize_pairs` produces them (dicts with
 ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and optionally ``chosen_weight``,
 ``rejected_weight``, ``ref_chosen_logps``, ``ref_rejected_logps``; lists or tensors).
 
@@ -10,7 +10,7 @@ completion token, else −100 (prompt targets, padding and each sequence's last 
 ``weights`` and ``ref_logps`` are shifted with the labels (the value of the completion token
 that ``labels[i]`` names sits at i) and are 0 wherever the label is ignored. Without weight
 columns the completion tokens get weight 1.0 (including an EOS when the data was tokenised
-with ``add_eos``; see the EOS rule in :mod:`tisdpo.data`). So the per-token log-probs are
+with ``add_eos``; see the EOS rule in :mod:`tisdpo.train.data`). So the per-token log-probs are
 ``linear_logprobs(hidden, lm_head.weight, labels)`` with hidden taken before the head.
 
 Padded (:class:`PaddedPairCollator`), B pairs, chosen rows first, rejected rows second:

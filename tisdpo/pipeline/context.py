@@ -1,0 +1,171 @@
+"""What every stage of a run shares: the run's context (config, device, tokenizer, processes),
+where the models of earlier stages are, the preference records, their tokenisation and the
+collators, and the per-token column names the weights stage writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from tisdpo.train.checkpoint import read_done, stage_done
+from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
+from tisdpo.train.config import RunConfig
+from tisdpo.train.data import (
+    TokenizeConfig, eos_counted_for_preset, load_preference_dataset, tokenize_pairs,
+)
+from tisdpo.train.model import load_model, load_tokenizer, resolve_device, save_model
+from tisdpo.train.parallel import Parallel, setup
+from tisdpo.train.synthetic import make_synthetic_task
+
+__all__ = ["Context", "StageStopped", "make_context", "base_model_path", "init_path",
+           "reference_path", "load_stage_model", "load_records", "tokenize_cfg",
+           "tokenize_records", "make_collator", "contrastive_models", "SCORE_COLUMNS",
+           "WEIGHT_COLUMNS", "REF_COLUMNS"]
+
+log = logging.getLogger("tisdpo")
+SCORE_COLUMNS = ("chosen_score", "rejected_score")
+WEIGHT_COLUMNS = ("chosen_weight", "rejected_weight")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+class StageStopped(Exception):
+    """A training stage stopped early (``stop_after``), checkpointed and resumable."""
+
+    def __init__(self, stage: str, step: int):
+        super().__init__(f"{stage}: stopped after step {step}; run the same command again to "
+                         f"resume")
+        self.stage, self.step = stage, step
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    device: torch.device
+    tokenizer: object
+    par: object = None      # tisdpo.train.parallel.Parallel (None: one process)
+
+    def __post_init__(self):
+        if self.par is None:
+            self.par = Parallel()
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.cfg.run_dir, *parts)
+
+
+def make_context(cfg: RunConfig) -> Context:
+    """Device, tokenizer and run directory of a command (sets torch's CPU threads if asked)."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+    par = setup(cfg.distributed, cfg.device, cfg.model.dtype)   # torchrun: one rank of many
+    if not par.is_main:
+        log.setLevel(logging.WARNING)
+    device = par.device if par.distributed else resolve_device(cfg.device)
+    return Context(cfg, device, load_tokenizer(cfg.model), par)
+
+
+# ---------------------------------------------------------------------------- models
+
+def base_model_path(ctx: Context) -> str:
+    """``model.path``, or ``run_dir/base`` holding the seeded tiny demo model (made once)."""
+    if ctx.cfg.model.path:
+        return ctx.cfg.model.path
+    out = ctx.path("base")
+    with ctx.par.main_first():
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
+                               tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
+            save_model(model, out + ".tmp", ctx.tokenizer)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(out + ".tmp", out)
+    return out
+
+
+def init_path(ctx: Context) -> str:
+    """Where every preference stage starts: the SFT model when SFT ran, else the base."""
+    sft = ctx.path("sft")
+    return os.path.join(sft, "final") if stage_done(sft) else base_model_path(ctx)
+
+
+def reference_path(ctx: Context) -> str:
+    choice = ctx.cfg.pipeline.reference
+    sft = ctx.path("sft")
+    if choice == "sft":
+        if not stage_done(sft):
+            raise ValueError("pipeline.reference=sft but the sft stage has not run "
+                             f"({sft}/done.json missing); run `tisdpo sft` first")
+        return os.path.join(sft, "final")
+    if choice == "base":
+        return base_model_path(ctx)
+    return init_path(ctx)
+
+
+def load_stage_model(ctx: Context, path: str, *, trainable: bool):
+    # a model FSDP2 will train loads on the CPU; fully_shard moves it layer by layer
+    device = ctx.par.load_device(ctx.device) if trainable else ctx.device
+    return load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
+                      seed=ctx.cfg.seed, trainable=trainable)
+
+
+# ---------------------------------------------------------------------------- data
+
+def load_records(ctx: Context):
+    """(train, eval) raw preference records; the synthetic task when data.train is empty."""
+    cfg = ctx.cfg
+    if not cfg.data.train:
+        train, test, _ = make_synthetic_task(cfg.data.synthetic_train, cfg.data.synthetic_eval,
+                                             seed=cfg.seed)
+        train, test = datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
+    else:
+        train = load_preference_dataset(cfg.data.train)
+        if cfg.data.eval:
+            test = load_preference_dataset(cfg.data.eval)
+        else:
+            n_eval = max(1, round(len(train) * cfg.data.eval_fraction))
+            split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+            train, test = split["train"], split["test"]
+    if cfg.data.max_records is not None:
+        train = train.select(range(min(cfg.data.max_records, len(train))))
+    return train, test
+
+
+def tokenize_cfg(cfg: RunConfig, method: str):
+    """The TokenizeConfig of a stage whose loss is ``method`` ("sft" counts EOS)."""
+    d = cfg.data
+    add_eos = {"count": True, "ignore": False}.get(
+        d.eos, True if method == "sft" else eos_counted_for_preset(method))
+    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          truncation=d.truncation, add_eos=add_eos, add_bos=d.add_bos,
+                          skip_invalid=d.skip_invalid)
+
+
+def tokenize_records(ctx: Context, raw, method: str, what: str, tok_cfg=None):
+    tok, report = tokenize_pairs(raw, ctx.tokenizer, tok_cfg or tokenize_cfg(ctx.cfg, method))
+    log.info("%s: %s", what, report.summary())
+    if len(tok) == 0:
+        raise ValueError(f"{what}: no valid pairs left ({report.summary()})")
+    return tok
+
+
+def make_collator(ctx: Context, *, packed: bool | None = None):
+    pad = ctx.tokenizer.pad_token_id
+    mult = ctx.cfg.data.pad_to_multiple_of
+    if ctx.cfg.data.packing if packed is None else packed:
+        return PackedPairCollator(pad, pad_to_multiple_of=mult)
+    return PaddedPairCollator(pad, pad_to_multiple_of=mult)
+
+
+def contrastive_models(ctx: Context) -> dict:
+    """The contrastive stage's record of where pi+ and pi− are."""
+    root = ctx.path("contrastive")
+    if not stage_done(root):
+        raise ValueError(f"the contrastive stage has not finished ({root}/done.json missing); "
+                         f"run `tisdpo contrastive` first")
+    return read_done(root)

@@ -1,0 +1,88 @@
+"""Rules both backends share unchanged (the torch and the Triton backend import this module; they
+never import each other).
+
+- ``stat_dtype``: float64 inputs stay float64, everything else computes its statistics and
+  per-token outputs in float32.
+- ``check_pairs`` / ``normalizer_tensor``: the preference loss's pair validation and its
+  normaliser as a device tensor (no host sync).
+- ``per_sequence_weights``: the rank_based / binary token weights within each sequence, by
+  two stable sorts (no host sync); the Triton backend computes the scores with its kernel and
+  ranks them here, since a segmented-sort kernel would not pay at these sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from tisdpo_kernels import validate as V
+from tisdpo_kernels.config import WeightParams
+
+__all__ = ["stat_dtype", "check_pairs", "normalizer_tensor", "per_sequence_weights"]
+
+_F64 = torch.float64
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of softmax statistics and per-token outputs for inputs of ``dtype``."""
+    return _F64 if dtype == _F64 else torch.float32
+
+
+def check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs: int) -> None:
+    """Sequence ids below ``num_seqs``; pair ids in [0, num_seqs) (no host sync on CUDA)."""
+    V.value_check(seq_ids >= num_seqs,
+                   lambda b: f"seq_ids must be < {num_seqs} (the number of tokens), got "
+                             f"{'a larger id' if b is None else int(seq_ids[b].max())}")
+    for name, ids in (("chosen_seq", chosen_seq), ("rejected_seq", rejected_seq)):
+        bad = (ids < 0) | (ids >= num_seqs)
+        V.value_check(bad, lambda b, name=name, ids=ids:
+                       f"{name} must hold sequence ids in [0, {num_seqs}), got "
+                       f"{'an id outside' if b is None else int(ids[b][0])}")
+
+
+def normalizer_tensor(normalizer, device) -> torch.Tensor | None:
+    """``normalizer`` as a float64 0-d tensor on ``device`` (None stays None); no host sync."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        V.require(normalizer.numel() == 1,
+                  f"normalizer must be a number or a 1-element tensor, got shape "
+                  f"{tuple(normalizer.shape)}")
+        return normalizer.detach().to(device=device, dtype=_F64).reshape(())
+    V.check_scalar("normalizer", normalizer, low=0.0, low_open=True)
+    return torch.full((), float(normalizer), dtype=_F64, device=device)
+
+
+def per_sequence_weights(s, seq_ids, method: str, params: WeightParams):
+    """rank_based / binary weights of scores ``s`` [N] float64 within each sequence.
+
+    Tokens with seq_ids < 0 form one extra run whose values the caller discards.
+    """
+    n_tok = s.numel()
+    if n_tok == 0:
+        return torch.zeros_like(s)
+    valid = seq_ids >= 0
+    ids = torch.where(valid, seq_ids, -1)
+    s = torch.where(valid, s, 0.0)  # garbage (NaN) outside sequences must not disturb the sort
+    by_score = torch.argsort(s, stable=True)
+    perm = by_score[torch.argsort(ids[by_score], stable=True)]  # sorted slot j -> token
+    sid = ids[perm]
+    pos = torch.arange(n_tok, device=s.device)
+    new_run = torch.ones(n_tok, dtype=torch.bool, device=s.device)
+    new_run[1:] = sid[1:] != sid[:-1]
+    start = torch.cummax(torch.where(new_run, pos, 0), dim=0).values
+    run = torch.cumsum(new_run, dim=0) - 1
+    length = torch.zeros(n_tok, dtype=_F64, device=s.device).index_add_(
+        0, run, torch.ones(n_tok, dtype=_F64, device=s.device))[run]
+    rank = (pos - start).to(_F64)
+    if method == "rank_based":
+        # stable order: among ties the earlier position gets the lower rank; n = 1 -> middle
+        frac = torch.where(length > 1, rank / (length - 1).clamp(min=1), 0.5)
+        w_sorted = params.w_min + frac * (params.w_max - params.w_min)
+    elif method == "binary":
+        # 1 for the top ceil(n·p/100) scores (at least one); ties at the threshold all get 1
+        k = torch.ceil(length * params.top_percent / 100.0).clamp(min=1)
+        s_sorted = s[perm]
+        thresh = s_sorted[start + (length - k).long()]
+        w_sorted = (s_sorted >= thresh).to(_F64)
+    else:
+        raise ValueError(f"method must be rank_based or binary, got {method!r}")
+    return torch.empty_like(s).scatter_(0, perm, w_sorted)
