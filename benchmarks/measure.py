@@ -1,4 +1,4 @@
-"""Timing, peak memory, counted flops and OOM handling (design.md §5, device METHOD.md).
+"""Timing, peak memory, counted flops and OOM handling (docs/DESIGN.md §5).
 
 CUDA: CUDA events around each repetition, after warm-up, with the L2 cache flushed and the
 gradients of the inputs reset to None before each one (``triton.testing.do_bench`` style, but
@@ -21,7 +21,7 @@ __all__ = [
     "free_memory", "quantile",
 ]
 
-# Flops as multiples of N·D·V (peers.md "Performance anchors"). "recompute": logits are
+# Flops as multiples of N·D·V (docs/DESIGN.md §5). "recompute": logits are
 # recomputed in backward (CCE, us); "materialise": autograd keeps the logits (eager,
 # torch.compile); "grads_in_forward": the gradient GEMMs run inside forward (Liger's chunked
 # DPO loss), backward only rescales. The loss and KL ops run a second (reference) head.

@@ -291,7 +291,7 @@ def skip_reason(name: str, op: str, device: torch.device, *, dtype: torch.dtype,
     for pkg in p.packages:
         if importlib.util.find_spec(pkg) is None:
             return (f"package {pkg!r} is not installed (pip install the wheel from "
-                    f"shared/wheels, see benchmarks/README.md)")
+                    f"peer wheels, see benchmarks/README.md)")
     if p.cuda_only and device.type != "cuda":
         return f"{name} needs a CUDA device"
     if softcap is not None and not p.softcap:

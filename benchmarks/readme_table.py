@@ -64,7 +64,7 @@ def _value(rows, **where) -> float | None:
 
 
 def _targets(rows: list[dict]) -> list[str]:
-    """Where each target of issue 7 stands in ``rows`` (one device)."""
+    """Where each performance target stands in ``rows`` (one device)."""
     head = _value(rows, op="logprobs", provider="ours-triton", mode="fwdbwd",
                   shape="llama3-8b", x_value="8192", metric="time")
     peers = [float(r["value"]) for r in rows if r["op"] == "logprobs" and r["mode"] == "fwdbwd"
@@ -75,7 +75,7 @@ def _targets(rows: list[dict]) -> list[str]:
     ratios = [loss[(s, n, "liger-dpo")] / t for (s, n, p), t in loss.items()
               if p == "ours-triton" and (s, n, "liger-dpo") in loss]
     fit = _value(rows, op="e2e_step", provider="ours-triton", metric="longest_pair_fits")
-    out = ["Targets (issue 7) and where they stand on this device:", ""]
+    out = ["Performance targets and where they stand on this device:", ""]
     out.append(f"- {TARGETS[0]}: " + ("not measured" if head is None else
                f"{head:.1f} ms ({'met' if head <= 40 else 'not met'}; fastest peer "
                f"{min(peers):.1f} ms)" if peers else f"{head:.1f} ms (no peer measured)"))
@@ -95,7 +95,7 @@ def _no_gpu(cpu_rows: list[dict]) -> list[str]:
         lines.append(f"The suite has run on CPU at toy sizes only ({', '.join(files)}): that "
                      "checks that it works end to end; CPU toy timings are not performance "
                      "numbers and are not shown.")
-    lines += ["", "Targets (issue 7), not measured yet:", ""] + [f"- {t}" for t in TARGETS]
+    lines += ["", "Performance targets, not measured yet:", ""] + [f"- {t}" for t in TARGETS]
     lines += ["", "To produce the numbers on a CUDA host (see `benchmarks/README.md`):", "",
               "```bash", GPU_COMMAND, E2E_COMMAND, "python -m benchmarks.readme_table "
               "--write README.md", "```"]

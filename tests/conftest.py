@@ -29,14 +29,16 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def nan_poison(monkeypatch):
-    """Make every floating ``torch.empty``/``empty_like`` NaN-filled for the test's duration.
+    """Every floating ``torch.empty`` / ``empty_like`` / ``Tensor.new_empty`` is NaN-filled, in
+    every test.
 
-    Kernels allocate outputs with torch.empty; an element a kernel forgets to write then
+    Kernels and backends allocate outputs with these; an element one forgets to write then
     shows up as NaN and fails the oracle loudly instead of passing on leftover memory.
     """
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_new_empty = torch.Tensor.new_empty
 
     def _poison(t):
         if t.dtype.is_floating_point:
@@ -45,4 +47,6 @@ def nan_poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **k: _poison(real_new_empty(self, *a, **k)))
     yield

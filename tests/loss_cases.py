@@ -3,8 +3,8 @@ three-way runs, and the rounding magnitudes (tests/magnitudes.py) of the module'
 """
 import torch
 
-from tests import magnitudes as M
-from tests.numerics import assert_oracle, nan_buffer_view
+import magnitudes as M
+from numerics import assert_oracle, nan_buffer_view
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS
 from tisdpo_kernels import reference as R

@@ -226,7 +226,7 @@ def test_readme_table(tmp_path):
     R.append_csv(cpu_rows, tmp_path / "cpu-toy.csv")
     text = readme_table.render(readme_table.load(tmp_path))
     assert "No GPU results are available yet" in text and readme_table.GPU_COMMAND in text
-    assert "Targets (issue 7), not measured yet" in text
+    assert "Performance targets, not measured yet" in text
     assert "benchmarks/results/cpu-toy.csv" in text
     assert "| eager |" not in text                      # CPU timings never become results
     R.append_csv(_fake_gpu_rows(), tmp_path / "gpu.csv")

@@ -5,7 +5,7 @@ import runpy
 import pytest
 import torch
 
-from tests.numerics import assert_oracle
+from numerics import assert_oracle
 
 pytest.importorskip("transformers")
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "dropin_example.py"

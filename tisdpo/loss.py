@@ -1,4 +1,4 @@
-"""``TISDPOLoss``: the drop-in token-weighted preference loss (algorithms.md §2, §3, §6, §8).
+"""``TISDPOLoss``: the drop-in token-weighted preference loss (docs/ALGORITHMS.md §2, §3, §6, §8).
 
 Takes the policy's last hidden states and its LM-head weight instead of logits, so the
 tokens × vocab logits are never materialised. Built only from the public ops of
@@ -26,7 +26,7 @@ class TISDPOLoss(nn.Module):
     ``−log σ(β(Σ ω_w Δ_w − Σ ω_l Δ_l))`` without η; the paper's η term (a token-weighted
     KL(π‖ref)) is opt-in via ``"tisdpo_paper"`` or ``"tisdpo_token_level"``.
 
-    Hyperparameters (None = the preset's default, algorithms.md names):
+    Hyperparameters (None = the preset's default, docs/ALGORITHMS.md names):
       beta: β > 0 (0.1; SimPO 2.0).
       epsilon / label_smoothing (aliases): ε ∈ [0, 0.5) for conservative / robust (0.1);
         with a sigmoid-link method ε > 0 gives the conservative (label-smoothed) form.
@@ -34,7 +34,7 @@ class TISDPOLoss(nn.Module):
       gamma_beta_ratio: γ/β ≥ 0 of simpo (0.25).
       weight_method: override the preset's rule for weights computed on the fly (one of
         ``tisdpo_kernels.config.WEIGHT_METHODS``); weight_params: its ``WeightParams``
-        (L, U, k, ranges; defaults of algorithms.md §2).
+        (L, U, k, ranges; defaults of docs/ALGORITHMS.md §2).
       ignore_index (-100), softcap (logit softcap, both heads), impl ("auto" | "triton" |
         "torch" | "reference", passed to every op).
 

@@ -1,4 +1,5 @@
-"""Every environment variable the library reads is parsed here (and listed in the README).
+"""Every environment variable the kernels read is parsed here (and listed in the README); the
+training side's torchrun variables are parsed by ``tisdpo.train.parallel.torchrun_env``.
 
 Read at call time, never at import time, so tests and users may set them late.
 """

@@ -29,7 +29,7 @@ WEIGHT_METHODS = (
 
 @dataclass(frozen=True)
 class PreferenceConfig:
-    """Options of ``preference_loss`` (algorithms.md §8).
+    """Options of ``preference_loss`` (docs/ALGORITHMS.md §8).
 
     link: sigmoid | conservative | robust | ipo | hinge.  beta: β > 0.
     epsilon: label-smoothing ε ∈ [0, 0.5) for conservative / robust.
@@ -82,7 +82,7 @@ class PreferenceConfig:
 
 @dataclass(frozen=True)
 class WeightParams:
-    """Parameters of ``token_weights`` (algorithms.md §2, §6.2).
+    """Parameters of ``token_weights`` (docs/ALGORITHMS.md §2, §6.2).
 
     exp_clamp (paper): w = k·exp(μ·clamp(c, lower, upper)), μ = +1 chosen / −1 rejected.
     threshold_and_scale: clip(s, clip_lower, clip_upper) mapped linearly onto [w_min, w_max].
@@ -179,7 +179,7 @@ def get_preset(name: str) -> LossPreset:
     return PRESETS[name]
 
 
-# Presets whose KL coefficients are ±α (ALGORITHMS.md §3.2 token_level, §6.1 TDPO2).
+# Presets whose KL coefficients are ±α (docs/ALGORITHMS.md §3.2 token_level, §6.1 TDPO2).
 ALPHA_METHODS = ("tdpo2", "tisdpo_token_level")
 
 

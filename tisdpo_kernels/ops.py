@@ -147,7 +147,7 @@ def _segments_from(x, seq_ids, mask, *, name):
 
 def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=None,
                   seq_ids=None, mask=None, impl="auto"):
-    """Per-token importance weights from contrastive log-probs (algorithms.md §2, §6.2).
+    """Per-token importance weights from contrastive log-probs (docs/ALGORITHMS.md §2, §6.2).
 
     logp_pos / logp_neg: log π⁺(y_t) and log π⁻(y_t), either [N] packed with ``seq_ids`` [N]
     (−1 outside every response; needed by the per-sequence methods rank_based and binary) or
@@ -196,7 +196,7 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
 
 def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq_ids=None,
                     chosen_seq=None, rejected_seq=None, kl=None, normalizer=None, impl="auto"):
-    """The unified weighted preference loss (algorithms.md §8) and per-pair metrics.
+    """The unified weighted preference loss (docs/ALGORITHMS.md §8) and per-pair metrics.
 
     Padded: logp [2B, T], chosen rows first, ``mask`` [2B, T] marks response tokens; pair b is
     (row b, row b+B). Packed: logp [N], ``seq_ids`` [N] (−1 outside every response),

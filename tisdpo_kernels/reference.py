@@ -80,7 +80,7 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
 
 def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, targets, *, b=1.0,
                           bias_pos=None, bias_neg=None, ignore_index=-100):
-    """cDPO's log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[target] (algorithms.md §6.2)."""
+    """cDPO's log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[target] (docs/ALGORITHMS.md §6.2)."""
     valid = targets != ignore_index
     z = (1 + b) * _logits(hidden_pos, weight_pos, bias_pos, None) \
         - b * _logits(hidden_neg, weight_neg, bias_neg, None)
@@ -119,7 +119,7 @@ def _side_sign(side, shape, device):
 
 def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=None,
                   seq_ids=None, mask=None):
-    """Per-token weights from contrastive log-probs (algorithms.md §2, §6.2).
+    """Per-token weights from contrastive log-probs (docs/ALGORITHMS.md §2, §6.2).
 
     logp_pos, logp_neg: log π⁺(y_t) and log π⁻(y_t), [N] packed (with ``seq_ids`` [N], −1 for
     tokens outside any response) or [B, T] padded (each row one sequence, with ``mask``).
@@ -198,7 +198,7 @@ def _link(z, cfg: PreferenceConfig):
 
 def preference_loss(logp, ref_logp=None, weights=None, *, config: PreferenceConfig, mask=None,
                     seq_ids=None, chosen_seq=None, rejected_seq=None, kl=None, normalizer=None):
-    """The unified weighted preference loss (algorithms.md §8) and per-pair metrics.
+    """The unified weighted preference loss (docs/ALGORITHMS.md §8) and per-pair metrics.
 
     Padded layout: logp [2B, T] with chosen rows first, ``mask`` [2B, T] (response tokens),
     pair b = (row b, row b + B). Packed layout: logp [N], ``seq_ids`` [N] (−1 outside every

@@ -1,4 +1,4 @@
-"""The stages of TIS-DPO(D) (algorithms.md §2–§5, design.md §6), each resumable.
+"""The stages of TIS-DPO(D) (docs/ALGORITHMS.md §2–§5, docs/DESIGN.md §6), each resumable.
 
 Everything lives under ``run_dir`` and each stage reads what the previous one wrote:
 

@@ -1,4 +1,4 @@
-"""Preference records → tokenised pairs (design.md §6, algorithms.md §2.3, §5, §7).
+"""Preference records → tokenised pairs (docs/DESIGN.md §6, docs/ALGORITHMS.md §2.3, §5, §7).
 
 Record format (one row per preference pair):
 

@@ -6,7 +6,7 @@ log q the same for the (constant) reference head:
     policy_ref:  KL = Σ_v p_v (log p_v − log q_v)      G_v = p_v (log p_v − log q_v − KL)
     ref_policy:  KL = Σ_v q_v (log q_v − log p_v)      G_v = p_v − q_v
 
-where G = d KL / d z (algorithms.md §8). The backward's per-logit gradient is
+where G = d KL / d z (docs/ALGORITHMS.md §8). The backward's per-logit gradient is
 
     dz = g_kl · G + g_logp · (onehot(y) − p)
 

@@ -1,4 +1,4 @@
-"""The weighted preference loss in vectorised torch (algorithms.md §8): no loops, no host syncs.
+"""The weighted preference loss in vectorised torch (docs/ALGORITHMS.md §8): no loops, no host syncs.
 
 Per-token terms are reduced per sequence with one ``index_add`` into a [num_seqs + 1, C]
 float64 buffer (the extra row collects tokens outside every sequence), gathered per pair,
@@ -19,7 +19,7 @@ _F64 = torch.float64
 
 
 def link_loss(z, cfg: PreferenceConfig):
-    """ℓ(z) for the config's link (algorithms.md §8)."""
+    """ℓ(z) for the config's link (docs/ALGORITHMS.md §8)."""
     b, e = cfg.beta, cfg.epsilon
     if cfg.link == "sigmoid":
         return -F.logsigmoid(b * z)
@@ -99,7 +99,7 @@ def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: 
 
 
 def preference_loss_pos(logp, ref, w, mask, cfg: PreferenceConfig, normalizer):
-    """cDPO's released-code granularity (algorithms.md §6.2, §8 ``pos``), padded [2B, T].
+    """cDPO's released-code granularity (docs/ALGORITHMS.md §6.2, §8 ``pos``), padded [2B, T].
 
     z_{b,t} = m^w ω^w Δ^w − m^l ω^l Δ^l, link per slot, mean over all B×T slots (or
     Σ / normalizer). No margin and no length normalisation, as in the reference.

@@ -1,4 +1,4 @@
-"""Token weights in vectorised torch (algorithms.md §2, §6.2): no loops, no host syncs.
+"""Token weights in vectorised torch (docs/ALGORITHMS.md §2, §6.2): no loops, no host syncs.
 
 Everything is computed in float64 (as the reference does) and returned in float32 (float64
 for float64 inputs). The per-sequence rules (rank_based, binary) sort once by score and once,

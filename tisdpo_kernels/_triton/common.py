@@ -1,4 +1,4 @@
-"""Shared Triton helpers for the LM-head kernels (lm_head.py, token_kl.py, ...).
+"""Shared Triton helpers for the kernels (linear_logprobs.py, linear_token_kl.py, ...).
 
 @triton.jit helpers first (they inline into the caller), then small host-side helpers.
 Conventions every helper follows:

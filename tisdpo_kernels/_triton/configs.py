@@ -56,7 +56,7 @@ def _c(num_warps=4, num_stages=2, host=None, **meta) -> KernelConfig:
 
 
 CONFIGS: dict[str, dict[str, KernelConfig]] = {
-    # lm_head.py forward: one program = a token block × one vocabulary split; a GEMM with an
+    # linear_logprobs.py forward: one program = a token block × one vocabulary split; a GEMM with an
     # online-logsumexp epilogue. min_splits ≥ 16 on GPUs so that the programs running at once
     # share hidden strips (same token block, different splits) and weight tiles (same split,
     # different token blocks) in L2; more splits when the token blocks cannot fill the GPU.
@@ -70,7 +70,7 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
         "default": _c(4, 1, BLOCK_N=1024),
         "interpret": _c(BLOCK_N=1024),
     },
-    # lm_head.py backward: one program = one (token block, vocab block) tile, grouped by
+    # linear_logprobs.py backward: one program = one (token block, vocab block) tile, grouped by
     # GROUP_N token blocks for L2 reuse; recompute the logits, then dH/dW/db by fp32 atomics.
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
@@ -139,7 +139,7 @@ def override(**configs: KernelConfig):
         _OVERRIDES.update(saved)
 
 
-# token_weights.py / preference.py: O(tokens) elementwise and segmented-sum kernels (grid over
+# token_weights.py / preference_loss.py: O(tokens) elementwise and segmented-sum kernels (grid over
 # token blocks) and the per-pair kernels (one program looping over pairs in forward, a grid of
 # pair blocks in backward). Memory-bound and tiny next to the head: large blocks, 4 warps.
 CONFIGS["token_weights_fwd"] = {
@@ -155,7 +155,7 @@ CONFIGS["preference_loss_pairs"] = {  # preference_loss_pair_fwd_kernel and pref
     "interpret": _c(BLOCK_P=256),
 }
 
-# token_kl.py: the fused KL of two heads. Same grid shapes as lm_head_*, but a program holds
+# linear_token_kl.py: the fused KL of two heads. Same grid shapes as linear_logprobs_*, but a program holds
 # two logit tiles at once (policy and reference; plus dz in backward), so smaller tiles than the
 # LM head. Not timed (no GPU yet): chosen as the largest bf16 tiles that ptxas compiles without
 # register spills for sm_90 / sm_80 (cuobjdump resource usage, all flags on); fp32 inputs

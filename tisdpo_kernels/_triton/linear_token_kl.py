@@ -45,7 +45,7 @@ Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0
 out on the device (``common.compact_rows``, no host sync): they cost no GEMM work and get
 kl = logp = ref_logp = 0 and zero gradient. The reference head gets no gradient.
 
-Dispatch as lm_head.py: compiled on CUDA; interpreted on CPU with 16-bit tiles upcast after
+Dispatch as linear_logprobs.py: compiled on CUDA; interpreted on CPU with 16-bit tiles upcast after
 loading (UPCAST). The public function goes through ``torch.library`` custom ops so that
 torch.compile sees one node. float64 is rejected (use impl="torch" or "reference").
 """

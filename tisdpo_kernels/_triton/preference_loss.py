@@ -1,4 +1,4 @@
-"""The weighted preference loss in Triton (algorithms.md §8): 2 kernels forward, 2 backward.
+"""The weighted preference loss in Triton (docs/ALGORITHMS.md §8): 2 kernels forward, 2 backward.
 
 Forward
   1. ``preference_loss_fwd_kernel`` (grid over token blocks): per token of sequence s, atomically
@@ -7,7 +7,7 @@ Forward
   2. ``preference_loss_pair_fwd_kernel`` (one program looping over pairs): N_s = max(n_s, 1) for
      "mean" (else 1), A_s, z = A_w − A_l + c_w·K_w + c_l·K_l − γ₀, ℓ = link(z) and
      g = ∂ℓ/∂z, the TRL metrics, Σ_valid ℓ / normaliser (default: #pairs with ≥ 1 token, ≥ 1).
-Backward (algorithms.md §8 "Gradients for a fused backward")
+Backward (docs/ALGORITHMS.md §8 "Gradients for a fused backward")
   3. ``preference_loss_pair_bwd_kernel`` (grid over pair blocks): G_b = dloss·g_b/normaliser is
      scattered into per-sequence coefficients α_s = Σ ±G_b/N_s (+ chosen, − rejected) and
      κ_s = Σ c_side·G_b (κ of the chosen side is 0 under TDPO2's stop-gradient).
@@ -81,7 +81,7 @@ def _softplus_sigmoid(x):
 
 @triton.jit
 def _link(z, beta, eps, LINK: tl.constexpr):
-    """(ℓ(z), ∂ℓ/∂z) for the link (algorithms.md §8)."""
+    """(ℓ(z), ∂ℓ/∂z) for the link (docs/ALGORITHMS.md §8)."""
     bz = beta * z
     if LINK == "ipo":
         r = z - 1.0 / (2.0 * beta)

@@ -1,4 +1,4 @@
-"""Token weights in Triton (algorithms.md §2, §6.2): one elementwise kernel for every rule.
+"""Token weights in Triton (docs/ALGORITHMS.md §2, §6.2): one elementwise kernel for every rule.
 
 The method is a constexpr, so each rule compiles to its own straight-line kernel from one
 source. Per token (float64 throughout, as the reference computes; stored as float32, or

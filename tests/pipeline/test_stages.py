@@ -7,7 +7,7 @@ import datasets
 import pytest
 import torch
 
-from tests.numerics import assert_oracle
+from numerics import assert_oracle
 from tisdpo.pipeline import context, stages, weights
 from tisdpo.pipeline.demo import demo_config
 from tisdpo.train.checkpoint import stage_done

@@ -14,7 +14,6 @@ from numerics import assert_oracle, nan_buffer_view
 from tisdpo_kernels import WeightParams, token_weights
 from tisdpo_kernels._triton import configs
 
-pytestmark = pytest.mark.usefixtures("nan_poison")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU: compiled kernels
 IMPLS = ["torch", pytest.param("triton", marks=requires_triton)]

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.numerics import assert_oracle
+from numerics import assert_oracle
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.loss import TISDPOLoss
 from tisdpo.train.checkpoint import latest_checkpoint, stage_done

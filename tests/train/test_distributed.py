@@ -18,8 +18,8 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.magnitudes import trained_metrics
-from tests.numerics import assert_oracle
+from magnitudes import trained_metrics
+from numerics import assert_oracle
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.train.config import DistributedConfig, LogConfig, ModelConfig, TrainConfig
 from tisdpo.train.checkpoint import (
@@ -91,9 +91,8 @@ def _objective(kind, mcfg, dtype):
 
 def _trainer(out_dir, *, bs, par=None, dtype=torch.float32, model_dtype="float32",
              kind="pref", **overrides):
-    # Adam's eps 1e-3, not 1e-6: with 1e-6 a parameter whose gradients are near zero takes
-    # steps ~ lr·g/1e-6, so its rounding is amplified ~1e6× and two correct summation orders
-    # end 5× apart (layer-0 o_proj); with 1e-3 every order agrees to a few percent
+    # Adam's eps 1e-3, not 1e-6: with 1e-6 near-zero gradients amplify rounding ~1e6x and two
+    # correct summation orders end 5x apart (layer-0 o_proj); with 1e-3 they agree within a few %
     cfg = dict(optimizer="adamw", lr=2e-3, eps=1e-3, warmup_steps=1, schedule="cosine",
                batch_size=bs, grad_accum=2, epochs=2.0, max_grad_norm=1.0, weight_decay=0.01,
                eval_batch_size=bs)

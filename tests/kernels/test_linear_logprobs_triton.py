@@ -18,7 +18,7 @@ from markers import requires_cuda, requires_triton
 from numerics import assert_oracle
 from tisdpo_kernels._impl import Impl, resolve_impl
 
-pytestmark = [requires_triton, pytest.mark.usefixtures("nan_poison")]
+pytestmark = requires_triton
 
 N, D, V = 47, 31, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -320,8 +320,10 @@ def test_kernels_compile_for_hopper_and_ampere():
     import subprocess
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import sys, pickle; sys.path.insert(0, %r); import test_triton_lm_head as t; "
-            "sys.stdout.buffer.write(pickle.dumps(t._aot_compile_matrix()))" % here)
+    code = ("import sys, pickle; sys.path[:0] = [%r, %r]; "
+            "import test_linear_logprobs_triton as t; "
+            "sys.stdout.buffer.write(pickle.dumps(t._aot_compile_matrix()))"
+            % (here, os.path.dirname(here)))
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           timeout=300)

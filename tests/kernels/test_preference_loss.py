@@ -15,7 +15,6 @@ from numerics import assert_oracle, nan_buffer_view
 from tisdpo_kernels import PRESETS, PreferenceConfig, get_preset, preference_loss
 from tisdpo_kernels._triton import configs
 
-pytestmark = pytest.mark.usefixtures("nan_poison")
 
 IMPLS = ["torch", pytest.param("triton", marks=requires_triton)]
 DTYPES = [torch.float32, torch.bfloat16]

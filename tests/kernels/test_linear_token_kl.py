@@ -15,7 +15,6 @@ from numerics import assert_oracle
 from tisdpo_kernels._torch.linear_token_kl import linear_token_kl as torch_token_kl
 from tisdpo_kernels.config import KLOptions
 
-pytestmark = pytest.mark.usefixtures("nan_poison")
 
 N, D, DR, V = 47, 31, 20, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

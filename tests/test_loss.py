@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from tests.loss_cases import (
+from loss_cases import (
     B, IGNORE, T, D, V, call_kwargs, check, inputs, make_case, module_magnitudes, run, three_way,
 )
-from tests.markers import requires_cuda, requires_triton
-from tests.numerics import assert_oracle
+from markers import requires_cuda, requires_triton
+from numerics import assert_oracle
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, WeightParams, linear_logprobs
 from tisdpo_kernels import reference as R

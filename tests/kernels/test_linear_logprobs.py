@@ -17,7 +17,6 @@ from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as torch_linear_logprobs
 from tisdpo_kernels.config import HeadOptions
 
-pytestmark = pytest.mark.usefixtures("nan_poison")
 
 N, D, V = 47, 31, 123
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
