@@ -56,6 +56,15 @@ def torch_chunk_tokens(vocab: int) -> int:
     return _int("TISDPO_CHUNK_TOKENS", default)
 
 
+def dz_budget_bytes() -> int:
+    """TISDPO_DZ_MB: megabytes for one dz slab of the Triton backward (C rows x V logits).
+
+    Default 1024: at V = 128256 in bf16 that is 4181 rows per chunk; a batch that fits is
+    one chunk (its gradients are written in the parameters' dtype directly).
+    """
+    return _int("TISDPO_DZ_MB", 1024) << 20
+
+
 def value_checks() -> str:
     """TISDPO_CHECKS: how data-dependent input checks run.
 

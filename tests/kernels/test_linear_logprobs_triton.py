@@ -42,6 +42,29 @@ def test_matches_oracle(dtype, bias, softcap, scale, device):
     check(masters, y, grads, dtype=dtype, device=device, softcap=softcap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_in_several_dz_slabs(dtype, device, monkeypatch):
+    """TISDPO_DZ_MB=1 below the slab of all N rows (N·V·4 = 1.3 MB): the backward runs in two
+    chunks, d_weight and d_bias accumulate across them, and the oracle still holds."""
+    from tisdpo_kernels._triton.common import dz_chunk_rows
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    assert dz_chunk_rows(300, 1100, 4) < 300
+    masters, y, grads = make_inputs(n=300, v=1100, ignored=(0, 5, 299))
+    check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
+
+
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_backward_is_bitwise_deterministic(chunks, device, monkeypatch):
+    """No atomics: two backward passes give the same gradients bit for bit."""
+    if chunks == "several":
+        monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    masters, y, grads = make_inputs(n=300, v=1100)
+    a, b = (run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
+            for _ in range(2))
+    for k in ("d_hidden", "d_weight", "d_bias"):
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_views_in_nan_buffers(dtype, device):
     masters, y, grads = make_inputs()
@@ -264,9 +287,30 @@ def test_realistic_shape_cuda():
 _SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic shared memory per block, H100 / A100
 
 
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of ``ptx`` from the bundled ``ptxas -v``."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm}", src,
+                              "-o", f"{tmp}/k.cubin"], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spills
+
+
 def _aot_compile_matrix():
     """Compile the kernels with the tuned configs for sm90/sm80 (Triton AOT, no GPU needed;
-    run with TRITON_INTERPRET=0). Returns [(name, shared bytes, ptx)]."""
+    run with TRITON_INTERPRET=0). Returns [(name, arch, shared bytes, ptx, regs, spills)]."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -277,16 +321,14 @@ def _aot_compile_matrix():
     fns = {"fwd": (L.linear_logprobs_fwd_kernel, "linear_logprobs_fwd"),
            "bwd": (L.linear_logprobs_bwd_kernel, "linear_logprobs_bwd"),
            "combine": (L.linear_logprobs_fwd_combine_kernel, "linear_logprobs_fwd_combine")}
-    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "dh_ptr",
-                 "dw_ptr", "db_ptr"}
+    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr"}
     out = []
     for kind, arch, dt, flags in [
             ("fwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, FINAL=False)),
             ("combine", 90, "fp32", {}),
-            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DH=True,
-                                     COMPUTE_DW=True, COMPUTE_DB=True)),
-            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, COMPUTE_DH=True,
-                                     COMPUTE_DW=False, COMPUTE_DB=False))]:
+            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True)),
+            ("bwd", 80, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True)),
+            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False))]:
         fn, name = fns[kind]
         table = CONFIGS[name]
         cfg = table.get("sm90" if arch >= 90 else "sm80", table["default"])
@@ -307,16 +349,20 @@ def _aot_compile_matrix():
         k = triton.compile(ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        out.append((f"{kind}-sm{arch}-{dt}", arch, k.metadata.shared, k.asm["ptx"]))
+        ptx = k.asm["ptx"]
+        out.append((f"{kind}-sm{arch}-{dt}", arch, k.metadata.shared, ptx,
+                    *_ptxas_usage(ptx, arch)))
     return out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real tests compile them")
 def test_kernels_compile_for_hopper_and_ampere():
     """The tuned GPU configs compile (AOT, no GPU), fit in shared memory, pipeline their loads
-    (cp.async) and use Hopper's wgmma for bf16."""
+    (cp.async), use Hopper's wgmma for bf16, do not spill registers in bf16, and the backward
+    has no atomic instruction."""
     import os
     import pickle
+    import re
     import subprocess
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
@@ -328,9 +374,14 @@ def test_kernels_compile_for_hopper_and_ampere():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    for name, arch, shared, ptx in pickle.loads(proc.stdout):
+    for name, arch, shared, ptx, regs, spills in pickle.loads(proc.stdout):
         assert shared <= _SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
         if not name.startswith("combine"):
             assert "cp.async" in ptx, f"{name}: loads are not pipelined"
         if name.endswith("sm90-bf16"):
             assert "wgmma" in ptx, f"{name}: no wgmma"
+        if name.startswith("bwd"):     # dz slabs + GEMMs: deterministic, no atomics
+            atomic = re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, re.M)
+            assert atomic is None, f"{name}: atomic instruction {atomic and atomic.group(0)}"
+        if name.endswith("bf16"):      # tensor-core tiles must fit the register file
+            assert spills == 0, f"{name}: {spills} bytes of register spills ({regs} registers)"

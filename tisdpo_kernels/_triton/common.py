@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tisdpo_kernels import _env
 from tisdpo_kernels._triton import configs
 
 # --------------------------------------------------------------------------------------------
@@ -190,39 +191,6 @@ def split_rows(pid, NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V,
     return split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles
 
 
-@triton.jit
-def add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
-                   stride_hn, stride_hd, stride_wv, stride_wd,
-                   COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Push one fp32 logit-gradient tile dz [BN, BV] (0 outside the masks) into fp32 buffers.
-
-    d_bias[cols] += Σ_rows dz; d_hidden[rows] += dz @ W[cols]; d_weight[cols] += dzᵀ @ H[rows],
-    looping over D in BLOCK_D steps, with relaxed atomics (dh/dw buffers contiguous [*, D]).
-    On a GPU dz is rounded to the input dtype so the two GEMMs run on tensor cores.
-    """
-    if COMPUTE_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-    if not UPCAST:
-        dz = dz.to(h_ptr.dtype.element_ty)    # tensor-core operand (no-op for fp32)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    for k in range(0, tl.cdiv(D, BLOCK_D)):
-        dcols = k * BLOCK_D + offs_d
-        d_mask = dcols < D
-        if COMPUTE_DH:
-            w = load_tile(w_ptr, cols, dcols, stride_wv, stride_wd, col_mask, d_mask, UPCAST)
-            dh = tl.dot(dz, w, input_precision=DOT_PRECISION)                # [BN, BD]
-            tl.atomic_add(dh_ptr + rows64[:, None] * D + dcols[None, :], dh,
-                          mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
-        if COMPUTE_DW:
-            h = load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, row_mask, d_mask, UPCAST)
-            dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION)      # [BV, BD]
-            tl.atomic_add(dw_ptr + cols64[:, None] * D + dcols[None, :], dw,
-                          mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
-
-
 # --------------------------------------------------------------------------------------------
 # host helpers
 # --------------------------------------------------------------------------------------------
@@ -326,19 +294,79 @@ def num_splits(cfg, t: torch.Tensor, N: int, V: int) -> int:
     return max(1, min(want, n_vtiles))
 
 
-def head_grad_buffers(N: int, V: int, D: int, device, need_dh: bool, need_dw: bool,
-                      need_db: bool):
-    """Zeroed fp32 accumulators d_hidden [N, D], d_weight [V, D], d_bias [V] (None if unneeded)."""
-    f32 = dict(dtype=torch.float32, device=device)
-    return (torch.zeros(N, D, **f32) if need_dh else None,
-            torch.zeros(V, D, **f32) if need_dw else None,
-            torch.zeros(V, **f32) if need_db else None)
+# --------------------------------------------------------------------------------------------
+# the backward's gradient GEMMs: dz slabs, no atomics
+# --------------------------------------------------------------------------------------------
 
 
-def cast_head_grads(dh, dw, db, hidden, weight, bias):
-    """The fp32 accumulators cast to the inputs' dtypes, each freed right after its cast
-    (peak: both fp32 buffers + one cast)."""
+def dz_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dz slab's dtype: the inputs' on a GPU (tensor-core GEMM operands), float32 under the
+    interpreter (whose 16-bit arithmetic is not faithful) and for float32 inputs."""
+    return torch.float32 if upcast(hidden) else hidden.dtype
+
+
+def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
+    """Rows of one dz slab: ``TISDPO_DZ_MB`` over V·itemsize bytes, a multiple of 16 (at
+    least 16), and no more than the n rows there are."""
+    rows = max(16, (_env.dz_budget_bytes() // max(v * itemsize, 1)) // 16 * 16)
+    return max(1, min(n, rows))
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with at least float32 accumulation, returned in ``out_dtype``: 16-bit operands on
+    a GPU go through cuBLAS (fp32 accumulation) straight into ``out_dtype`` — float32 output
+    from 16-bit operands by ``aten::mm.dtype`` where torch has it, else from float32 copies of
+    the operands (slower, same precision)."""
+    if a.dtype == out_dtype or a.dtype == torch.float32:
+        return (a @ b).to(out_dtype)
+    if out_dtype == torch.float32:
+        if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        return a.float() @ b.float()
+    return (a @ b).to(out_dtype)
+
+
+def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows,
+                  need_dh: bool, need_dw: bool, need_db: bool):
+    """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) from dz slabs.
+
+    ``rows`` [N] is the compacted row order (``compact_rows``): the kept rows first. For each
+    chunk of C slots, ``write_dz(dz, lo)`` fills dz [C, V] for slots lo..lo+C (rows past the
+    kept count as zeros); then d_hidden[rows] = dz·W, d_weight (+)= dzᵀ·H[rows] and
+    d_bias (+)= Σ_rows dz. One chunk writes d_weight and d_bias in the parameters' dtypes; more
+    accumulate in float32 and cast once. Every output element is written by exactly one GEMM
+    or sum, so the result is the same bit for bit on every run. Slots past the kept count
+    still cost their (zero) rows of GEMM work: sizing the GEMMs to the kept count would need
+    a host sync.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if n == 0:
+        return (torch.zeros_like(hidden) if need_dh else None,
+                torch.zeros_like(weight) if need_dw else None,
+                torch.zeros_like(bias) if need_db else None)
+    dt = dz_dtype(hidden)
+    c = dz_chunk_rows(n, v, torch.finfo(dt).bits // 8)
+    single = c >= n
+    w = weight if weight.dtype == dt else weight.to(dt)
+    dh = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if need_dh else None
+    acc = weight.dtype if single else torch.float32
+    dw = None if (single or not need_dw) else torch.zeros(v, d, dtype=acc, device=hidden.device)
+    db = None
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        dz = torch.empty(hi - lo, v, dtype=dt, device=hidden.device)
+        write_dz(dz, lo)
+        sl = rows[lo:hi]
+        if need_dh:
+            dh.index_copy_(0, sl, _mm(dz, w, hidden.dtype))
+        if need_dw:
+            h = hidden.index_select(0, sl)
+            part = _mm(dz.t(), h if h.dtype == dt else h.to(dt), acc)
+            dw = part if dw is None else dw.add_(part)
+        if need_db:
+            part = dz.sum(0, dtype=torch.float32)
+            db = part if db is None else db.add_(part)
     dw = None if dw is None else dw.to(weight.dtype)
-    dh = None if dh is None else dh.to(hidden.dtype)
     db = None if db is None else db.to(bias.dtype)
     return dh, dw, db

@@ -71,7 +71,7 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
         "interpret": _c(BLOCK_N=1024),
     },
     # linear_logprobs.py backward: one program = one (token block, vocab block) tile, grouped by
-    # GROUP_N token blocks for L2 reuse; recompute the logits, then dH/dW/db by fp32 atomics.
+    # GROUP_N token blocks for L2 reuse; recompute the logits into a dz slab (then GEMMs).
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),

@@ -11,21 +11,25 @@ writes the target logit, and ``linear_logprobs_fwd_combine_kernel`` merges them 
 (max, then Σ exp). Splits exist for parallelism (few tokens) and for L2 reuse (programs that
 run together share hidden strips and weight tiles). Flops: 2·N·D·V.
 
-Backward (``linear_logprobs_bwd_kernel``): one program per (token block, vocabulary block)
-tile, grouped GROUP_N token blocks at a time for L2 reuse. It recomputes the logit tile, forms
+Backward, per chunk of C rows (``common.slab_backward``; C from ``TISDPO_DZ_MB``, all N in
+one chunk when they fit): ``linear_logprobs_bwd_kernel``, one program per (token block,
+vocabulary block) tile of the chunk, grouped GROUP_N token blocks at a time for L2 reuse,
+recomputes the logit tile and writes
 
     dz = g_logp·(onehot(y) − p) + g_lse·p,   p = exp(z − lse)   (× softcap′(z) with softcap)
 
-for arbitrary per-token upstream gradients (any sign, zero), then loops over D adding
-dz @ W[tile] into d_hidden and dzᵀ @ H[tile] into d_weight, and Σ_rows dz into d_bias, with
-fp32 atomic adds into fp32 buffers. Flops: 2·N·D·V (recompute) + 2·N·D·V per requested
-gradient, i.e. 8·N·D·V for forward + backward with both. fp32 atomics make the summation
-order, hence the last bits of d_hidden/d_weight/d_bias, run-to-run nondeterministic. Exact
-mode only: no tile is skipped for a small softmax.
+for arbitrary per-token upstream gradients (any sign, zero) into a dz slab [C, V] in the
+compute dtype; then d_hidden = dz·W, d_weight (+)= dzᵀ·H and d_bias (+)= Σ_rows dz are plain
+GEMMs and a sum through torch (cuBLAS, fp32 accumulation). No atomics: the gradients are the
+same bit for bit run to run. Flops: 2·N·D·V (recompute) + 2·N·D·V per requested gradient,
+i.e. 8·N·D·V for forward + backward with both; extra memory: one slab. Exact mode only: no
+tile is skipped for a small softmax.
 
 Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
-out on the device (``common.compact_rows``, no host sync): programs past the kept count do no
-work. Ignored tokens get logp = lse = 0 and zero gradient.
+out on the device (``common.compact_rows``, no host sync): forward programs past the kept count
+do no work, backward tiles past it only write their zeros (the GEMMs still see those zero rows:
+sizing them to the kept count would need a host sync). Ignored tokens get logp = lse = 0 and
+zero gradient.
 
 Dispatch: CUDA tensors run compiled; CPU tensors run under TRITON_INTERPRET=1, where 16-bit
 tiles are upcast to fp32 after loading (UPCAST) and dz is not rounded to the input dtype.
@@ -44,9 +48,9 @@ from torch import Tensor
 
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    add_head_grads, cast_head_grads, check_blocks, check_dtype, compact_rows, device_guard,
-    dot_precision, gather_cols, grouped_tile, head_grad_buffers, head_logits, launch, mask_cols,
-    num_splits, online_lse_step, softcap_grad, split_rows, upcast,
+    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
+    grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step, slab_backward,
+    softcap_grad, split_rows, upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -114,28 +118,31 @@ def linear_logprobs_fwd_combine_kernel(
 
 @triton.jit
 def linear_logprobs_bwd_kernel(
-        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr,
-        dh_ptr, dw_ptr, db_ptr,
-        N, V, D,
+        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr,
+        lo, C, V, D,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, stride_gl, stride_gs,
-        cap,
+        stride_dz, cap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         GROUP_N: tl.constexpr):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
+    """One [BLOCK_N, BLOCK_V] tile of the dz slab for slots lo..lo+C: recomputed logits, then
+    dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    out = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    out_mask = (local < C)[:, None] & col_mask[None, :]
     count = tl.load(count_ptr)
-    if pid_n * BLOCK_N < count:
-        slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = slots < count
+    if lo + pid_n * BLOCK_N < count:
+        slots = lo + local
+        row_mask = (local < C) & (slots < count)
         rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
         tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
         g_lse = tl.load(gs_ptr + rows * stride_gs, mask=row_mask, other=0.0).to(tl.float32)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
@@ -145,9 +152,9 @@ def linear_logprobs_bwd_kernel(
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
-        add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
-                       stride_hn, stride_hd, stride_wv, stride_wd,
-                       COMPUTE_DH, COMPUTE_DW, COMPUTE_DB, UPCAST, DOT_PRECISION, BLOCK_D)
+        tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out, tl.zeros((BLOCK_N, BLOCK_V), dz_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,34 +203,29 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes, each None unless requested.
 
     g_logp, g_lse: [N] upstream gradients of logp and lse (any values; may be strided or
-    expanded); lse: the forward's [N] float32 lse. Accumulates in fp32 buffers.
+    expanded); lse: the forward's [N] float32 lse. dz slabs, then GEMMs (``slab_backward``).
     """
     N, D = hidden.shape
     V = weight.shape[0]
-    dev = hidden.device
     need_db = need_db and bias is not None
-    dh, dw, db = head_grad_buffers(N, V, D, dev, need_dh, need_dw, need_db)
-    if N > 0 and (need_dh or need_dw or need_db):
-        keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
-        rows, count = compact_rows(keep)
-        dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        b = bias if bias is not None else weight
-        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse,
-                dummy if dh is None else dh, dummy if dw is None else dw,
-                dummy if db is None else db, N, V, D,
+    keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
+    rows, count = compact_rows(keep)
+    b = bias if bias is not None else weight
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                 UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
+
+    def write_dz(dz, lo):
+        C = dz.shape[0]
+        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, dz, lo, C, V, D,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),
-                float(softcap or 1.0))
-        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                     COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                     UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
-        with device_guard(hidden):
-            launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
-                   lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
-                                 * triton.cdiv(V, meta["BLOCK_V"]),),
-                   hidden, args, flags, autotune_key=("V", "D"),
-                   reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"))
-    return cast_head_grads(dh, dw, db, hidden, weight, bias)
+                dz.stride(0), float(softcap or 1.0))
+        launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
+               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
+               hidden, args, flags, autotune_key=("V", "D"))
+
+    with device_guard(hidden):
+        return slab_backward(write_dz, hidden, weight, bias, rows, need_dh, need_dw, need_db)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,20 +26,18 @@ partial statistics by the same rule. Saved for backward: m_p, log S_p, m_q, log 
 fp32 lse of magnitude |z| would add a per-row error that sums coherently into d_weight).
 Flops: 2·N·(D + D')·V.
 
-Backward (``linear_token_kl_bwd_kernel``): one program per (token block, vocab block) tile,
-grouped GROUP_N token blocks at a time for L2 reuse. It recomputes both logit tiles, forms
+Backward, per chunk of C rows (``common.slab_backward``, as in linear_logprobs.py):
+``linear_token_kl_bwd_kernel``, one program per (token block, vocab block) tile of the chunk,
+grouped GROUP_N token blocks at a time for L2 reuse, recomputes both logit tiles and writes
 
     dz_v = g_logp (1[v = y] − p_v) + g_kl G_v,
     G_v = p_v (log p_v − log q_v − KL_t)  (policy_ref),     G_v = p_v − q_v  (ref_policy)
 
-(× softcap′ on the policy side) for arbitrary per-token upstream gradients, then adds
-dz @ W into d_hidden, dzᵀ @ H into d_weight and Σ_rows dz into d_bias with fp32 atomics.
-Flops: 2·N·(D + D')·V (recompute) + 2·N·D·V per requested gradient. Why atomics: the tile
-is recomputed once and feeds both gradient GEMMs; a deterministic split (a token-parallel
-d_hidden kernel and a vocab-parallel d_weight kernel) recomputes both heads twice: a
-backward of 12·NDV instead of 8·NDV at D' = D. The price: the last bits of the fp32 sums
-vary run to run.
-Exact mode only: no tile is skipped for a small softmax.
+(× softcap′ on the policy side) for arbitrary per-token upstream gradients into a dz slab;
+then d_hidden = dz·W, d_weight (+)= dzᵀ·H and d_bias = Σ_rows dz are GEMMs and a sum through
+torch, without atomics, so the gradients are the same bit for bit run to run. The logits are
+recomputed once and the slab feeds both GEMMs. Flops: 2·N·(D + D')·V (recompute) + 2·N·D·V per
+requested gradient. Exact mode only: no tile is skipped for a small softmax.
 
 Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
 out on the device (``common.compact_rows``, no host sync): they cost no GEMM work and get
@@ -60,8 +58,8 @@ from torch import Tensor
 
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    add_head_grads, cast_head_grads, check_blocks, check_dtype, compact_rows, device_guard,
-    dot_precision, gather_cols, grouped_tile, head_grad_buffers, head_logits, launch, mask_cols,
+    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
+    grouped_tile, head_logits, launch, mask_cols, slab_backward,
     num_splits, softcap_grad, split_rows, upcast,
 )
 
@@ -211,28 +209,31 @@ def linear_token_kl_fwd_combine_kernel(
 @triton.jit
 def linear_token_kl_bwd_kernel(
         h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr, stats_ptr,
-        gk_ptr, gl_ptr, dh_ptr, dw_ptr, db_ptr,
-        N, V, D, DR,
+        gk_ptr, gl_ptr, dz_ptr,
+        lo, C, N, V, D, DR,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
         stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-        stride_t, stride_gk, stride_gl, cap,
+        stride_t, stride_gk, stride_gl, stride_dz, cap,
         HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        POLICY_REF: tl.constexpr,
-        COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        POLICY_REF: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         GROUP_N: tl.constexpr):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
+    """One [BLOCK_N, BLOCK_V] tile of the policy's dz slab for slots lo..lo+C (module
+    docstring): both heads' logits recomputed; zeros for slots past the kept count."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    out = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    out_mask = (local < C)[:, None] & col_mask[None, :]
     count = tl.load(count_ptr)
-    if pid_n * BLOCK_N < count:
-        slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = slots < count
+    if lo + pid_n * BLOCK_N < count:
+        slots = lo + local
+        row_mask = (local < C) & (slots < count)
         rows = tl.load(rows_ptr + slots, mask=row_mask, other=0)
         tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
         g_kl = tl.load(gk_ptr + rows * stride_gk, mask=row_mask, other=0.0).to(tl.float32)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
@@ -257,9 +258,9 @@ def linear_token_kl_bwd_kernel(
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-        add_head_grads(dz, rows, cols, row_mask, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, D,
-                       stride_hn, stride_hd, stride_wv, stride_wd,
-                       COMPUTE_DH, COMPUTE_DW, COMPUTE_DB, UPCAST, DOT_PRECISION, BLOCK_D)
+        tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out, tl.zeros((BLOCK_N, BLOCK_V), dz_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,31 +325,27 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     """(d_hidden, d_weight, d_bias) in the policy inputs' dtypes, each None unless requested.
 
     g_kl, g_logp: [N] upstream gradients (any values; may be strided or expanded); stats: the
-    forward's [5, N]. Accumulates in fp32 buffers.
+    forward's [5, N]. dz slabs, then GEMMs (``slab_backward``).
     """
     N, D = hidden.shape
     V, DR = weight.shape[0], ref_weight.shape[1]
-    dev = hidden.device
     need_db = need_db and bias is not None
-    dh, dw, db = head_grad_buffers(N, V, D, dev, need_dh, need_dw, need_db)
-    if N > 0 and (need_dh or need_dw or need_db):
-        keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
-        rows, count = compact_rows(keep)
-        dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-        args = (*heads, targets, rows, count, stats, g_kl, g_logp,
-                dummy if dh is None else dh, dummy if dw is None else dw,
-                dummy if db is None else db, N, V, D, DR, *strides,
-                targets.stride(0), g_kl.stride(0), g_logp.stride(0), float(softcap or 1.0))
-        flags = dict(_common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap),
-                     COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db)
-        with device_guard(hidden):
-            launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
-                   lambda meta: (triton.cdiv(N, meta["BLOCK_N"])
-                                 * triton.cdiv(V, meta["BLOCK_V"]),),
-                   hidden, args, flags, autotune_key=("V", "D", "DR"),
-                   reset_to_zero=("dh_ptr", "dw_ptr", "db_ptr"))
-    return cast_head_grads(dh, dw, db, hidden, weight, bias)
+    keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
+    rows, count = compact_rows(keep)
+    heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
+
+    def write_dz(dz, lo):
+        C = dz.shape[0]
+        args = (*heads, targets, rows, count, stats, g_kl, g_logp, dz, lo, C, N, V, D, DR,
+                *strides, targets.stride(0), g_kl.stride(0), g_logp.stride(0), dz.stride(0),
+                float(softcap or 1.0))
+        launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
+               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
+               hidden, args, flags, autotune_key=("V", "D", "DR"))
+
+    with device_guard(hidden):
+        return slab_backward(write_dz, hidden, weight, bias, rows, need_dh, need_dw, need_db)
 
 
 # --------------------------------------------------------------------------------------------
