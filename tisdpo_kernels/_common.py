@@ -8,6 +8,8 @@ never import each other).
 - ``per_sequence_weights``: the rank_based / binary token weights within each sequence, by
   two stable sorts (no host sync); the Triton backend computes the scores with its kernel and
   ranks them here, since a segmented-sort kernel would not pay at these sizes.
+- ``addmm_f32_``: a float32 gradient accumulator += a product of 16-bit operands, on tensor
+  cores with fp32 accumulation on a GPU.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from tisdpo_kernels import validate as V
 from tisdpo_kernels.config import WeightParams
 
-__all__ = ["stat_dtype", "check_pairs", "normalizer_tensor", "per_sequence_weights"]
+__all__ = ["stat_dtype", "check_pairs", "normalizer_tensor", "per_sequence_weights",
+           "addmm_f32_"]
 
 _F64 = torch.float64
 
@@ -24,6 +27,16 @@ _F64 = torch.float64
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of softmax statistics and per-token outputs for inputs of ``dtype``."""
     return _F64 if dtype == _F64 else torch.float32
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b for a float32 ``acc``. bf16/fp16 operands on a GPU go through cuBLAS with
+    fp32 accumulation straight into ``acc`` (``aten::addmm.dtype_out``: tensor cores, no fp32
+    copy of the operands); anything else is a float32 GEMM."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype \
+            and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs: int) -> None:

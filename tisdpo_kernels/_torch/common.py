@@ -17,7 +17,7 @@ import itertools
 import torch
 
 from tisdpo_kernels import _env
-from tisdpo_kernels._common import stat_dtype
+from tisdpo_kernels._common import addmm_f32_, stat_dtype
 
 
 def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
@@ -124,7 +124,9 @@ class HeadGrads:
 
     Only the gradients asked for get work. d_hidden is written per chunk in the input dtype
     (dz cast to it, as eager autograd does); d_weight and d_bias are summed over chunks in
-    the statistics dtype and cast to the parameter dtype once, in :meth:`finish`.
+    the statistics dtype and cast to the parameter dtype once, in :meth:`finish`. On a GPU with
+    16-bit inputs the d_weight GEMM takes 16-bit operands (tensor cores) and accumulates in
+    fp32 (``_common.addmm_f32_``); d_hidden's GEMM already runs in the input dtype.
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -144,7 +146,12 @@ class HeadGrads:
         if self.dh is not None:
             self._add_dh(self.dh[start:end], dz.to(self.weight.dtype))
         if self.dw is not None:
-            self.dw.addmm_(dz.T, h.to(self.dw.dtype))
+            if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+                # dz rounded to the input dtype, as eager autograd rounds it: a tensor-core
+                # GEMM with fp32 accumulation into the fp32 sum (not an fp32 GEMM)
+                addmm_f32_(self.dw, dz.T.to(h.dtype), h)
+            else:
+                self.dw.addmm_(dz.T, h.to(self.dw.dtype))
         if self.db is not None:
             self.db.add_(dz.sum(0))
 

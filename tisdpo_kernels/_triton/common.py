@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._common import addmm_f32_
 from tisdpo_kernels._triton import configs
 
 # --------------------------------------------------------------------------------------------
@@ -312,20 +313,6 @@ def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with at least float32 accumulation, returned in ``out_dtype``: 16-bit operands on
-    a GPU go through cuBLAS (fp32 accumulation) straight into ``out_dtype`` — float32 output
-    from 16-bit operands by ``aten::mm.dtype`` where torch has it, else from float32 copies of
-    the operands (slower, same precision)."""
-    if a.dtype == out_dtype or a.dtype == torch.float32:
-        return (a @ b).to(out_dtype)
-    if out_dtype == torch.float32:
-        if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
-            return torch.ops.aten.mm.dtype(a, b, torch.float32)
-        return a.float() @ b.float()
-    return (a @ b).to(out_dtype)
-
-
 def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows,
                   need_dh: bool, need_dw: bool, need_db: bool):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) from dz slabs.
@@ -350,20 +337,23 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
     single = c >= n
     w = weight if weight.dtype == dt else weight.to(dt)
     dh = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-    acc = weight.dtype if single else torch.float32
-    dw = None if (single or not need_dw) else torch.zeros(v, d, dtype=acc, device=hidden.device)
+    dw = None if (single or not need_dw) else torch.zeros(v, d, dtype=torch.float32,
+                                                          device=hidden.device)
     db = None
     for lo in range(0, n, c):
         hi = min(lo + c, n)
         dz = torch.empty(hi - lo, v, dtype=dt, device=hidden.device)
         write_dz(dz, lo)
         sl = rows[lo:hi]
-        if need_dh:
-            dh.index_copy_(0, sl, _mm(dz, w, hidden.dtype))
+        if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
+            dh.index_copy_(0, sl, (dz @ w).to(hidden.dtype))
         if need_dw:
             h = hidden.index_select(0, sl)
-            part = _mm(dz.t(), h if h.dtype == dt else h.to(dt), acc)
-            dw = part if dw is None else dw.add_(part)
+            h = h if h.dtype == dt else h.to(dt)
+            if single:
+                dw = (dz.t() @ h).to(weight.dtype)
+            else:
+                addmm_f32_(dw, dz.t(), h)
         if need_db:
             part = dz.sum(0, dtype=torch.float32)
             db = part if db is None else db.add_(part)
