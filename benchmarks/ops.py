@@ -14,6 +14,12 @@ Ops (``N`` tokens, head ``D``×``V``):
 Inputs are synthetic and seeded: hidden ~ N(0, 1), weight scaled for logits of standard
 deviation 2, uniform random targets (none ignored, so every op does the counted work), the
 reference head a perturbed copy of the policy head, weights ~ U(0.7, 1.3).
+
+``peaked`` shapes (``<preset>-peaked``) shape the logits like a trained model's: on top of the
+same noise, a Zipf-like prior over the vocabulary, −1.5·ln(1 + v) for token id v (ids of BPE
+vocabularies roughly follow frequency), carried by a constant hidden feature; the targets are
+drawn from that prior. The softmax mass then sits on few, clustered columns, which is what
+gradient filtering (Cut Cross-Entropy's, or any) exploits; uniform logits give it nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ __all__ = ["Case", "Inputs", "Workload", "make_inputs", "build_workload", "ceili
            "reference_errors"]
 
 LOGIT_STD = 2.0
+ZIPF = 1.5             # peaked logits: prior −ZIPF·ln(1 + v)
 CEILING_ROWS = 8192
 
 
@@ -79,9 +86,12 @@ def make_inputs(case: Case) -> Inputs:
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dt)
 
-    hidden = randn(n, d).requires_grad_()
-    weight = randn(v, d, scale=LOGIT_STD / d ** 0.5).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g, device=dev)
+    if case.shape.logits == "peaked" and d > 1:
+        hidden, weight, targets = _peaked(n, d, v, dev, dt, g)
+    else:
+        hidden = randn(n, d).requires_grad_()
+        weight = randn(v, d, scale=LOGIT_STD / d ** 0.5).requires_grad_()
+        targets = torch.randint(0, v, (n,), generator=g, device=dev)
     inp = Inputs(hidden, weight, targets, grads=())
     if case.op in ("loss", "kl"):
         inp.ref_hidden = (hidden.detach().float() + randn(n, d, scale=0.1).float()).to(dt)
@@ -94,6 +104,18 @@ def make_inputs(case: Case) -> Inputs:
     else:
         inp.grads = tuple(torch.randn(n, generator=g, device=dev) for _ in range(2))
     return inp
+
+
+def _peaked(n, d, v, dev, dt, g):
+    """(hidden, weight, targets) of a peaked case: noise of std LOGIT_STD in D−1 features, the
+    Zipf prior on a constant feature 0, targets drawn from the prior."""
+    hidden = torch.randn(n, d, generator=g, device=dev)
+    hidden[:, 0] = 1.0
+    weight = torch.randn(v, d, generator=g, device=dev) * (LOGIT_STD / (d - 1) ** 0.5)
+    prior = -ZIPF * torch.log1p(torch.arange(v, device=dev, dtype=torch.float32))
+    weight[:, 0] = prior
+    targets = torch.multinomial(torch.softmax(prior, 0), n, replacement=True, generator=g)
+    return (hidden.to(dt).requires_grad_(), weight.to(dt).requires_grad_(), targets)
 
 
 @dataclass

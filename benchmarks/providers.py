@@ -31,6 +31,7 @@ __all__ = [
 
 OPS = ("logprobs", "loss", "kl")
 IGNORE = -100
+TRL_CHUNK = 32768    # the vocabulary chunk TRL's DPOTrainer passes (trl.trainer.utils)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("liger-dpo", ("loss",), "grads_in_forward",
              "Liger LigerFusedLinearDPOLoss (chunks whole pairs; no per-token weights)",
              packages=("liger_kernel",), cuda_only=True, token_weights=False, softcap=False),
+    Provider("trl-chunked", ("logprobs", "loss"), "recompute",
+             "TRL 1.16 trl.kernels.ChunkedLogProbFunction (cuBLAS tiles, a Triton fold, "
+             "recompute in backward: what DPOTrainer runs); its backward needs trl.trainer "
+             "(accelerate, datasets)", packages=("trl", "accelerate", "datasets")),
+    Provider("torch-lce", ("logprobs", "loss"), "recompute",
+             "PyTorch's chunked F.linear_cross_entropy(reduction='none', "
+             "options=LinearCrossEntropyOptions()) (torch >= 2.13)", softcap=False),
 )}
 
 _OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch"}
@@ -153,6 +161,23 @@ def _liger_flce(softcap):
     return fn
 
 
+def _trl_chunked(softcap):
+    from trl.kernels import ChunkedLogProbFunction
+
+    def fn(hidden, weight, targets):
+        valid = targets != IGNORE
+        out = ChunkedLogProbFunction.apply(hidden, weight, None, torch.where(valid, targets, 0),
+                                           1.0, TRL_CHUNK, softcap, 1.0, ())
+        return torch.where(valid, out[0].float(), 0.0)
+    return fn
+
+
+def _torch_lce(hidden, weight, targets):
+    nll = F.linear_cross_entropy(hidden, weight, targets, reduction="none",
+                                 ignore_index=IGNORE, options=torch.nn.LinearCrossEntropyOptions())
+    return -nll.float()
+
+
 def make_logprobs(name: str, softcap: float | None) -> Callable:
     if name in _OURS_IMPL:
         from tisdpo_kernels import linear_logprobs
@@ -167,6 +192,10 @@ def make_logprobs(name: str, softcap: float | None) -> Callable:
         return _cce(None, softcap)
     if name == "liger-flce":
         return _liger_flce(softcap)
+    if name == "trl-chunked":
+        return _trl_chunked(softcap)
+    if name == "torch-lce":
+        return _torch_lce
     raise ValueError(f"provider {name!r} has no logprobs op")
 
 
@@ -290,12 +319,14 @@ def skip_reason(name: str, op: str, device: torch.device, *, dtype: torch.dtype,
         return f"{name} has no {op} op"
     for pkg in p.packages:
         if importlib.util.find_spec(pkg) is None:
-            return (f"package {pkg!r} is not installed (pip install the wheel from "
-                    f"peer wheels, see benchmarks/README.md)")
+            return (f"package {pkg!r} is not installed (install the peer wheels, see "
+                    f"benchmarks/README.md)")
     if p.cuda_only and device.type != "cuda":
         return f"{name} needs a CUDA device"
     if softcap is not None and not p.softcap:
         return f"{name} has no logit softcap"
+    if name == "torch-lce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (>= 2.13)"
     if name in _OURS_IMPL:
         return _cached_probe(name, op, str(device), dtype, softcap)
     return None

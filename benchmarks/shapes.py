@@ -2,14 +2,17 @@
 
 A preset fixes the head (hidden size D, vocabulary V, logit softcap); the token count N is
 the x-axis of a benchmark and is given separately (``--tokens``), with per-preset defaults.
+``<preset>-peaked`` is the same head with logits shaped like a trained model's (``logits``,
+see ``benchmarks/ops.py``): its rows carry that name, so they never mix with uniform ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["HeadShape", "PRESETS", "DEFAULT_GPU_TOKENS", "parse_tokens"]
 
 DEFAULT_GPU_TOKENS = (4096, 8192, 16384, 32768, 65536)
+PEAKED = "-peaked"
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class HeadShape:
     softcap: float | None = None
     tokens: tuple[int, ...] = field(default=DEFAULT_GPU_TOKENS)
     toy: bool = False
+    logits: str = "uniform"     # "uniform" or "peaked" (benchmarks/ops.py make_inputs)
 
     def __post_init__(self):
         if self.hidden < 1 or self.vocab < 2:
@@ -33,9 +37,11 @@ class HeadShape:
     @classmethod
     def from_name(cls, name: str) -> HeadShape:
         key = name.strip().lower()
+        if key.endswith(PEAKED) and key[:-len(PEAKED)] in PRESETS:
+            return replace(PRESETS[key[:-len(PEAKED)]], name=key, logits="peaked")
         if key not in PRESETS:
             raise ValueError(f"unknown shape preset {name!r}; valid presets are "
-                             f"{', '.join(sorted(PRESETS))}")
+                             f"{', '.join(sorted(PRESETS))} (each also as <preset>{PEAKED})")
         return PRESETS[key]
 
     def flops_unit(self, tokens: int) -> int:

@@ -78,6 +78,39 @@ def test_provider_registry_and_skips():
     assert providers.skip_reason("eager", "kl", CPU, dtype=torch.bfloat16) is None
 
 
+def test_new_peers_skip_with_a_reason_or_run():
+    """trl-chunked needs trl (+ accelerate, datasets for its backward); torch-lce needs
+    torch >= 2.13 and has no softcap: each either runs here or says why not."""
+    why = providers.skip_reason("trl-chunked", "logprobs", CPU, dtype=torch.bfloat16)
+    assert why is None or "is not installed" in why
+    assert providers.skip_reason("torch-lce", "kl", CPU, dtype=torch.bfloat16) is not None
+    assert "no logit softcap" in providers.skip_reason("torch-lce", "logprobs", CPU,
+                                                        dtype=torch.bfloat16, softcap=30.0)
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert providers.skip_reason("torch-lce", "loss", CPU, dtype=torch.bfloat16) is None
+
+
+def test_peaked_shape_concentrates_the_softmax():
+    """``<preset>-peaked``: same head, logits with a Zipf prior, targets drawn from it — the
+    softmax mass sits on few columns, unlike uniform logits."""
+    from benchmarks import ops
+    peaked = HeadShape.from_name("toy-peaked")
+    toy = HeadShape.from_name("toy")
+    assert (peaked.hidden, peaked.vocab, peaked.logits) == (toy.hidden, toy.vocab, "peaked")
+    with pytest.raises(ValueError, match="each also as <preset>-peaked"):
+        HeadShape.from_name("nope-peaked")
+    top = {}
+    for shape in (HeadShape.from_name("toy"), peaked):
+        case = ops.Case("logprobs", shape, 256, torch.float32, CPU)
+        inp = ops.make_inputs(case)
+        p = torch.softmax(inp.hidden.detach() @ inp.weight.detach().T, -1)
+        top[shape.logits] = p.topk(10, -1).values.sum(-1).mean().item()
+        p_tgt = p.gather(-1, inp.targets[:, None]).mean().item()
+        top[shape.logits + "_target"] = p_tgt
+    assert top["peaked"] > 0.7 > 0.5 > top["uniform"]      # measured: 0.81 vs 0.35 at V=1000
+    assert top["peaked_target"] > 10 * top["uniform_target"]
+
+
 # ----------------------------------------------------------------------------- runs on CPU
 
 def _config(**kw):
@@ -289,3 +322,27 @@ def test_cuda_run_all_providers():
     rows = run(cfg, _env(torch.device("cuda")))
     assert _by(rows, op="ceiling", metric="tflops")
     assert _by(rows, provider="ours-triton", op="logprobs", metric="peak_memory")
+
+
+def test_gpu_session_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh --cpu-smoke: every step runs (toy sizes, interpreter), within
+    its deadline, and the output is at most 8 files with results rows for ours and eager."""
+    import csv
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "--cpu-smoke"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = (tmp_path / "status.txt").read_text()
+    for name in ("environment", "wheels", "tests", "logprobs", "loss", "memory_sweep", "ncu",
+                 "plots"):
+        assert f"{name}: rc=0" in status, status
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and "results.csv" in files and "plots.tgz" in files, files
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = {r["shape"] for r in rows}
+    assert {"toy", "toy-peaked"} <= shapes
+    assert {"ours-triton", "ours-torch", "eager"} <= {r["provider"] for r in rows}

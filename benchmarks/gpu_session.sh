@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One GPU session (an H100/H200) in at most 9 minutes of wall time, from the repository root:
+#
+#   bash benchmarks/gpu_session.sh                # on the GPU host
+#   bash benchmarks/gpu_session.sh --cpu-smoke    # the same steps at toy sizes on a CPU
+#
+# Steps, each under `timeout` within the session's own deadline, each going on past a failure:
+# environment and versions; the peer wheels in .whl/ (pip --no-deps); the CUDA tests; logprobs
+# fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and peaked logits; the
+# loss op; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the backward kernels when
+# ncu exists. Output: at most 8 files in $OUT (default gpu_out/): env.txt, session.log,
+# tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt. Commit results.csv and
+# the plots under benchmarks/results/ (the CSV rows carry device and versions).
+set -u
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+OUT_DIR="${OUT:-gpu_out}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/session.log"
+STATUS="$OUT_DIR/status.txt"
+DEADLINE=$(( $(date +%s) + 540 ))          # 9 minutes from now
+PY="${PYTHON:-python}"
+: > "$LOG"
+: > "$STATUS"
+
+# step NAME SECONDS CMD...: run CMD with at most SECONDS (and never past the deadline)
+step() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$(( DEADLINE - $(date +%s) - 5 ))
+  if [ "$left" -le 5 ]; then
+    echo "$name: skipped (deadline)" | tee -a "$STATUS"
+    return 0
+  fi
+  [ "$budget" -gt "$left" ] && budget=$left
+  local t0
+  t0=$(date +%s)
+  echo "=== $name (limit ${budget}s) $(date -u +%H:%M:%S)" >> "$LOG"
+  timeout --signal=TERM --kill-after=10 "$budget" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$STATUS"
+  return 0
+}
+
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1
+  SHAPE=toy; PEAKED=toy-peaked; TOKENS=128; SWEEP=128,256; DEV=cpu; REPS=2; WARM=1
+  TESTS=(tests/kernels/test_common.py)
+else
+  SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; SWEEP=4k,8k,16k,32k,64k; DEV=cuda
+  REPS=10; WARM=3
+  # every test that needs a GPU, and the kernels' oracle tests compiled for it
+  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic")
+fi
+CSV="$OUT_DIR/results.csv"
+BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup "$WARM"
+       --out "$CSV")
+
+environment() {
+  date -u
+  uname -a
+  nproc
+  command -v nvidia-smi >/dev/null && nvidia-smi
+  "$PY" - <<'EOF'
+import importlib, platform, sys
+import torch
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for mod in ("triton", "numpy", "transformers", "liger_kernel", "cut_cross_entropy", "trl",
+            "accelerate", "datasets"):
+    try:
+        m = importlib.import_module(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as err:       # report and go on: this is an inventory
+        print(mod, "missing:", type(err).__name__)
+EOF
+  git log -1 --format='commit %H %cd' 2>/dev/null
+}
+
+wheels() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --no-deps .whl/*.whl
+  else
+    echo "no .whl/ folder: the peers that need a wheel will be skipped with their reason"
+  fi
+}
+
+ncu_bwd() {
+  if ! command -v ncu >/dev/null; then
+    echo "ncu not found: no kernel profile"
+    return 0
+  fi
+  ncu --target-processes all --kernel-name regex:"bwd_kernel" --launch-count 2 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      "$PY" - <<'EOF'
+import torch
+import tisdpo_kernels as tk
+g = torch.Generator(device="cuda").manual_seed(0)
+n, d, v = 8192, 4096, 128256
+h = torch.randn(n, d, device="cuda", generator=g).bfloat16().requires_grad_()
+w = (torch.randn(v, d, device="cuda", generator=g) * (2 / d ** 0.5)).bfloat16().requires_grad_()
+y = torch.randint(0, v, (n,), device="cuda", generator=g)
+tk.linear_logprobs(h, w, y, impl="triton").backward(torch.randn(n, device="cuda"))
+torch.cuda.synchronize()
+EOF
+}
+
+export PY
+export -f environment wheels ncu_bwd          # run under `timeout` through bash -c
+step environment 30 bash -c environment
+cp "$LOG" "$OUT_DIR/env.txt"
+step wheels 60 bash -c wheels
+step tests 180 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
+step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
+     --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
+step loss 60 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
+     --providers ours-triton,ours-torch,eager,liger-dpo,trl-chunked,torch-lce,cce_exact
+step memory_sweep 90 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
+     --tokens "$SWEEP" --providers ours-triton,eager --no-check
+step ncu 90 bash -c ncu_bwd
+sed -n '/=== ncu/,$p' "$LOG" > "$OUT_DIR/ncu.txt"
+grep -v "^=== \|^\[" "$LOG" | grep -E "ms|TFLOP|skipped|OOM|ERROR" > "$OUT_DIR/bench.log" || true
+if [ -f "$CSV" ]; then
+  step plots 30 "$PY" -m benchmarks.plot "$CSV"
+  [ -d "$OUT_DIR/plots" ] && tar -czf "$OUT_DIR/plots.tgz" -C "$OUT_DIR" plots \
+    && rm -rf "$OUT_DIR/plots"
+fi
+echo "done in $(( $(date +%s) - DEADLINE + 540 ))s" | tee -a "$STATUS"
