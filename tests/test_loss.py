@@ -243,15 +243,35 @@ def _call_error(method, **changes):
     ("dpo", {"labels": torch.zeros(2 * B, T - 1, dtype=torch.long)}, "labels shape"),
     ("dpo", {"labels": torch.full((2 * B, T), V)}, "lies outside"),
     ("dpo", {"seq_offsets": torch.tensor([0, 5])}, "needs both seq_offsets"),
+    # the reference head's errors name it (or the policy tensor standing in for it)
+    ("dpo", {"ref_hidden": torch.zeros(2 * B, T, D + 1)}, "^ref_hidden has D=32 but ref_weight"),
+    ("dpo", {"ref_hidden": torch.zeros(2 * B, T, D + 1), "ref_weight": None},
+     r"^ref_hidden has D=32 but lm_head_weight \(the default ref_weight\) has D=31"),
+    ("tdpo1", {"ref_hidden": torch.zeros(2 * B, T + 1, D)}, r"^ref_hidden shape \(6, 12, 31\)"),
+    ("dpo", {"ref_hidden": torch.zeros(2 * B, T, D, dtype=torch.float64)},
+     "^ref_hidden dtype torch.float64 differs from ref_weight"),
+    ("dpo", {"ref_weight": torch.zeros(V, D, dtype=torch.float64)},
+     "^ref_hidden dtype torch.float32 differs from ref_weight dtype torch.float64"),
+    ("dpo", {"ref_weight": torch.zeros(V + 1, D)}, "^ref_weight has V=124 vocabulary rows"),
+    ("dpo", {"ref_bias": torch.zeros(V + 1)}, r"^ref_bias must be \[V\]=\[123\]"),
+    ("dpo", {"lm_head_weight": torch.zeros(0, D)}, "^lm_head_weight has 0 vocabulary rows"),
+    ("dpo", {"hidden": torch.zeros(2 * B, T, 0)}, "^hidden has 0 columns"),
+    # a NaN score would become a finite weight
+    ("tisdpo", {"pos_logps": torch.full((2 * B, T), float("nan"))},
+     r"^pos_logps\[0, 2\] = nan is not finite"),
+    ("tisdpo", {"neg_logps": torch.full((2 * B, T), float("inf"))},
+     r"^neg_logps\[0, 2\] = inf is not finite"),
 ])
 def test_call_validation(method, changes, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         _call_error(method, **changes)()
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("changes,match", [
     ({"pairs": torch.tensor([[0, 9]])}, r"pairs must hold sequence indices in \[0, S=6\)"),
     ({"pairs": torch.tensor([0, 1])}, r"pairs must be \[P, 2\]"),
+    ({"pairs": torch.tensor([[0, 1], [2, 2]])}, r"pairs\[1\] = \[2, 2\] names one sequence"),
     ({"seq_offsets": torch.tensor([0, 9, 4, 30])}, "seq_offsets must be non-decreasing"),
     ({"seq_offsets": torch.tensor([0, 5, 999])}, "seq_offsets must be non-decreasing"),
     ({"seq_offsets": torch.tensor([0.0, 5.0])}, "seq_offsets must be an integer tensor"),
@@ -277,6 +297,37 @@ def test_packed_unpaired_sequence_counts_nowhere():
     actual = run("tisdpo_paper_no_eta", "torch", extra, torch.float32, "packed")
     check(actual, ref, truth, torch.float32, "unpaired sequence",
           module_magnitudes("tisdpo_paper_no_eta", case, torch.float32))
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("method,layout", [("tisdpo", "padded"), ("tisdpo_paper", "padded"),
+                                           ("tisdpo_paper", "packed")])
+def test_nan_in_ignored_rows_changes_nothing(method, layout, impl):
+    """NaN hidden and ref_hidden states at ignored positions (padding, prompts) give bit for
+    bit the loss, metrics and gradients of zeros there."""
+    results = []
+    for value in (0.0, float("nan")):
+        case = make_case()
+        for k in ("hidden", "ref_hidden"):
+            case[k][case["labels"] == IGNORE] = value
+        results.append(run(method, impl, case, torch.float32, layout, nan_views=False))
+    (loss0, met0, g0), (loss1, met1, g1) = results
+    assert torch.isfinite(loss1) and torch.equal(loss0, loss1)
+    for k in met0:
+        assert torch.equal(met0[k], met1[k]), k
+    for k in g0:
+        assert torch.isfinite(g1[k]).all() and torch.equal(g0[k], g1[k]), f"d{k}"
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_nan_ref_logps_at_a_kept_token_gives_nan(impl):
+    """A NaN precomputed reference log-prob is never turned into a finite loss."""
+    case = make_case()
+    ref_logps = torch.zeros(2 * B, T)
+    ref_logps[0, 4] = float("nan")
+    loss, _, _ = run("dpo", impl, case, torch.float32, "padded", nan_views=False,
+                     reference="logps", override={"ref_logps": ref_logps})
+    assert torch.isnan(loss)
 
 
 def test_packed_accepts_leading_batch_dim():

@@ -65,6 +65,12 @@ class TISDPOLoss(nn.Module):
     ``pos_logps`` is the log-score log s_t) turned into weights by the method's rule; or
     none: unit weights — for ``"tisdpo"`` that is exactly DPO on the same tokens.
 
+    Ignored positions (``ignore_index`` labels: prompts, padding) may hold anything, NaN
+    included, in every per-token input: they change neither the loss nor any gradient. At
+    response tokens, a non-finite ``weights``, ``pos_logps`` or ``neg_logps`` is a ValueError
+    naming it (an asynchronous device assertion on CUDA); a non-finite ``ref_logps`` gives a
+    NaN loss. Neither becomes a finite number.
+
     normalizer: divide the summed pair losses by this (e.g. the number of pairs in the whole
     accumulated batch); default: the pairs that have a response token.
 
@@ -136,6 +142,11 @@ class TISDPOLoss(nn.Module):
                 V.require(tuple(t.shape) == tuple(labels.shape),
                           f"{name} shape {tuple(t.shape)} must equal labels shape "
                           f"{tuple(labels.shape)}")
+        V.check_linear_inputs(hidden, lm_head_weight, labels, bias,
+                              names={"weight": "lm_head_weight", "targets": "labels"})
+        if ref_hidden is not None:
+            self._check_ref_head(hidden, lm_head_weight, labels, ref_hidden, ref_weight,
+                                 ref_bias, bias)
         if ref_hidden is not None and ref_weight is None:
             ref_weight = lm_head_weight
             ref_bias = bias if ref_bias is None else ref_bias
@@ -214,19 +225,47 @@ class TISDPOLoss(nn.Module):
                      f"seq_offsets must be non-decreasing within [0, N={n}]")
         value_check(((pairs < 0) | (pairs >= s)).any(),
                      f"pairs must hold sequence indices in [0, S={s})")
+        V.value_check(pairs[:, 0] == pairs[:, 1], lambda b: (
+            "pairs must pair two different sequences; a pair names one sequence as both chosen "
+            "and rejected" if b is None else f"pairs[{int(torch.nonzero(b)[0])}] = "
+            f"{pairs[b][0].tolist()} names one sequence as both chosen and rejected"))
         pos = torch.arange(n, device=hidden.device)
         seq = torch.searchsorted(off[1:], pos, right=True)        # offsets[s] <= t < offsets[s+1]
-        # tokens outside every sequence count nowhere, whatever their label says
-        labels = torch.where((pos >= off[0]) & (seq < s), labels, self.ignore_index)
-        seq_ids = torch.where(labels != self.ignore_index, seq, -1)
+        seq = torch.where(pos >= off[0], seq, s)                  # s: outside every sequence
         role = torch.zeros(2, s + 1, dtype=torch.bool, device=hidden.device)
-        role[0, pairs[:, 0]] = True                              # a chosen sequence
-        role[1, pairs[:, 1]] = True                              # a rejected sequence
-        role = role[:, torch.where(seq_ids >= 0, seq_ids, s)]   # per token; False outside
+        role[0, pairs[:, 0].clamp(0, s)] = True                   # a chosen sequence
+        role[1, pairs[:, 1].clamp(0, s)] = True                   # a rejected sequence
+        role[:, s] = False
+        role = role[:, seq.clamp(max=s)]                          # per token; False outside
+        # tokens outside every sequence, or of a sequence no pair names, count nowhere,
+        # whatever their label says
+        labels = torch.where(role[0] | role[1], labels, self.ignore_index)
+        seq_ids = torch.where(labels != self.ignore_index, seq, -1)
         layout = {"seq_ids": seq_ids, "chosen_seq": pairs[:, 0], "rejected_seq": pairs[:, 1],
                   "side": role[0], "rejected": role[1]}
         keys = ("ref_logps", "weights", "pos_logps", "neg_logps")
         return hidden, labels, ref_hidden, tuple(tok[k] for k in keys), layout
+
+    @staticmethod
+    def _check_ref_head(hidden, lm_head_weight, labels, ref_hidden, ref_weight, ref_bias, bias):
+        """The reference head's shapes and dtypes; errors name ref_hidden / ref_weight /
+        ref_bias, or the policy tensor that stands in for an omitted one."""
+        V.check_float("ref_hidden", ref_hidden)
+        V.require(ref_hidden.dim() == hidden.dim()
+                  and tuple(ref_hidden.shape[:-1]) == tuple(hidden.shape[:-1]),
+                  f"ref_hidden shape {tuple(ref_hidden.shape)} must cover hidden's tokens: "
+                  f"{tuple(hidden.shape[:-1])} + (D',), as hidden is {tuple(hidden.shape)}")
+        names = {"hidden": "ref_hidden", "targets": "labels", "weight": "ref_weight",
+                 "bias": "ref_bias"}
+        if ref_weight is None:
+            ref_weight, names["weight"] = lm_head_weight, "lm_head_weight (the default ref_weight)"
+            if ref_bias is None:
+                ref_bias, names["bias"] = bias, "bias (the default ref_bias)"
+        V.check_linear_inputs(ref_hidden, ref_weight, labels, ref_bias, names=names)
+        V.require(ref_weight.shape[0] == lm_head_weight.shape[0],
+                  f"{names['weight']} has V={ref_weight.shape[0]} vocabulary rows but "
+                  f"lm_head_weight has V={lm_head_weight.shape[0]}; both heads score the same "
+                  f"labels")
 
     def _check_reference(self, ref_hidden, ref_weight, ref_bias, ref_logps):
         cfg, method = self.config, self.method
@@ -261,6 +300,10 @@ class TISDPOLoss(nn.Module):
         V.require(pos_logps is not None, "neg_logps given without pos_logps")
         V.require(rule == "cdpo" or neg_logps is not None,
                   f"weight rule {rule!r} needs both pos_logps and neg_logps")
+        # a NaN score would become a finite weight: name the argument the caller passed
+        V.check_finite_at("pos_logps", pos_logps.detach(), mask)
+        if rule != "cdpo":
+            V.check_finite_at("neg_logps", neg_logps.detach(), mask)
         seg = {"mask": mask} if "mask" in layout else {"seq_ids": layout["seq_ids"]}
         w = token_weights(pos_logps.detach(), None if rule == "cdpo" else neg_logps.detach(),
                           side=side, method=rule, params=self.weight_params, impl=self.impl,

@@ -3,8 +3,8 @@ never import each other).
 
 - ``stat_dtype``: float64 inputs stay float64, everything else computes its statistics and
   per-token outputs in float32.
-- ``check_pairs`` / ``normalizer_tensor``: the preference loss's pair validation and its
-  normaliser as a device tensor (no host sync).
+- ``normalizer_tensor``: the preference loss's normaliser as a device tensor (no host sync).
+  (Its pair checks run in the public op: ``validate.check_packed_pairs``.)
 - ``per_sequence_weights``: the rank_based / binary token weights within each sequence, by
   two stable sorts (no host sync); the Triton backend computes the scores with its kernel and
   ranks them here, since a segmented-sort kernel would not pay at these sizes.
@@ -18,8 +18,7 @@ import torch
 from tisdpo_kernels import validate as V
 from tisdpo_kernels.config import WeightParams
 
-__all__ = ["stat_dtype", "check_pairs", "normalizer_tensor", "per_sequence_weights",
-           "addmm_f32_"]
+__all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_"]
 
 _F64 = torch.float64
 
@@ -37,18 +36,6 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
             and hasattr(torch.ops.aten.addmm, "dtype_out"):
         return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-def check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs: int) -> None:
-    """Sequence ids below ``num_seqs``; pair ids in [0, num_seqs) (no host sync on CUDA)."""
-    V.value_check(seq_ids >= num_seqs,
-                   lambda b: f"seq_ids must be < {num_seqs} (the number of tokens), got "
-                             f"{'a larger id' if b is None else int(seq_ids[b].max())}")
-    for name, ids in (("chosen_seq", chosen_seq), ("rejected_seq", rejected_seq)):
-        bad = (ids < 0) | (ids >= num_seqs)
-        V.value_check(bad, lambda b, name=name, ids=ids:
-                       f"{name} must hold sequence ids in [0, {num_seqs}), got "
-                       f"{'an id outside' if b is None else int(ids[b][0])}")
 
 
 def normalizer_tensor(normalizer, device) -> torch.Tensor | None:

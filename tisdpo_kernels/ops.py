@@ -156,6 +156,11 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
     (paper), rank_based, threshold_and_scale, threshold, binary, origin (official code), or
     cdpo (logp_pos is cDPO's log-score, logp_neg unused). Returns weights of logp's shape
     (0 outside every sequence); constants, no gradient.
+
+    Every kept score (logp_pos, and logp_neg unless cdpo, inside a sequence) must be finite:
+    a NaN would otherwise rank or clamp to a finite, meaningless weight. A non-finite one is
+    a ValueError naming the argument (on CUDA an asynchronous device assertion, no host sync;
+    ``TISDPO_CHECKS`` as for every value check). Values outside every sequence are not read.
     """
     V.check_float("logp_pos", logp_pos)
     V.require(method in WEIGHT_METHODS, f"method must be one of {WEIGHT_METHODS}, got {method!r}")
@@ -175,11 +180,15 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
         V.require(isinstance(side, torch.Tensor) and tuple(side.shape) == tuple(logp_pos.shape),
                   f"side as a tensor must have logp_pos's shape {tuple(logp_pos.shape)}")
     which = resolve_impl(impl, logp_pos.device, op="token_weights")
+    ids, num_seqs = _segments_from(logp_pos, seq_ids, mask, name="logp_pos")
+    kept = (ids >= 0).view(logp_pos.shape)
+    V.check_finite_at("logp_pos", logp_pos.detach(), kept)
+    if method != "cdpo":
+        V.check_finite_at("logp_neg", logp_neg.detach(), kept)
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
         return reference.token_weights(logp_pos, logp_neg, side=side, method=method,
                                        params=params, seq_ids=seq_ids, mask=mask)
-    ids, num_seqs = _segments_from(logp_pos, seq_ids, mask, name="logp_pos")
     if isinstance(side, str):
         mu = torch.full((logp_pos.numel(),), 1.0 if side == "chosen" else -1.0,
                         device=logp_pos.device)
@@ -239,6 +248,10 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         V.require(chosen_seq.shape == rejected_seq.shape and chosen_seq.dim() == 1,
                   f"chosen_seq {tuple(chosen_seq.shape)} and rejected_seq "
                   f"{tuple(rejected_seq.shape)} must be 1-D of equal length")
+        ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp")
+        V.check_same_device(logp=logp, seq_ids=seq_ids, chosen_seq=chosen_seq,
+                            rejected_seq=rejected_seq)
+        V.check_packed_pairs(ids, chosen_seq, rejected_seq, num_seqs)
     if weights is not None:
         V.check_finite("weights", weights)
     which = resolve_impl(impl, logp.device, op="preference_loss")
@@ -259,7 +272,5 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         ids, num_seqs = _segments_from(logp, None, mask, name="logp")
         chosen_seq = torch.arange(half, device=logp.device)
         rejected_seq = torch.arange(half, 2 * half, device=logp.device)
-    else:
-        ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp")
     flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
     return run(*flat, ids, chosen_seq.long(), rejected_seq.long(), num_seqs, config, normalizer)

@@ -94,6 +94,50 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     value_check(bad, msg)
 
 
+def check_finite_at(name: str, t: torch.Tensor, keep: torch.Tensor) -> None:
+    """Every element of ``t`` where ``keep`` is true is finite (elsewhere anything goes)."""
+    bad = keep & ~torch.isfinite(t)
+
+    def msg(b):
+        if b is None:
+            return f"{name} has a non-finite value at a kept token"
+        idx = torch.nonzero(b)[0].tolist()
+        return (f"{name}[{', '.join(map(str, idx))}] = {t[tuple(idx)].item()} is not finite "
+                f"(a kept token's value)")
+
+    value_check(bad, msg)
+
+
+def check_packed_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs: int) -> None:
+    """The packed preference layout's ids, checked on the device (no host sync on CUDA).
+
+    seq_ids [N]: −1 (outside every response) or the id of a sequence that some pair names;
+    chosen_seq / rejected_seq [P]: ids in [0, num_seqs), and no pair names one sequence as
+    both its chosen and its rejected response. ``num_seqs`` bounds every id.
+    """
+    for name, ids in (("chosen_seq", chosen_seq), ("rejected_seq", rejected_seq)):
+        value_check((ids < 0) | (ids >= num_seqs), lambda b, name=name, ids=ids:
+                    f"{name} must hold sequence ids in [0, {num_seqs}), got "
+                    f"{'an id outside' if b is None else int(ids[b][0])}")
+    same = chosen_seq == rejected_seq
+    value_check(same, lambda b: "chosen_seq and rejected_seq name the same sequence in a pair" if
+                b is None else f"pair {int(torch.nonzero(b)[0])} names sequence "
+                f"{int(chosen_seq[b][0])} as both chosen_seq and rejected_seq")
+    value_check(seq_ids < -1, lambda b: f"seq_ids must be >= -1 (-1 = outside every response), "
+                f"got {'a smaller id' if b is None else int(seq_ids[b].min())}")
+    # a response token whose sequence no pair names would silently count nowhere
+    in_range = (seq_ids >= 0) & (seq_ids < num_seqs)
+    paired = torch.zeros(num_seqs + 1, dtype=torch.bool, device=seq_ids.device)
+    for ids in (chosen_seq, rejected_seq):
+        paired[torch.where((ids >= 0) & (ids < num_seqs), ids, num_seqs).long()] = True
+    paired[num_seqs] = False                  # the slot of out-of-range ids: never a sequence
+    unpaired = (seq_ids >= 0) & ~paired[torch.where(in_range, seq_ids, num_seqs).long()]
+    value_check(unpaired, lambda b: "seq_ids holds a sequence id that no pair "
+                "(chosen_seq/rejected_seq) names" if b is None else
+                f"seq_ids[{int(torch.nonzero(b)[0])}] = {int(seq_ids[b][0])} names a sequence "
+                f"that no pair (chosen_seq/rejected_seq) names")
+
+
 def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
     """ValueError if ``weight`` is a DTensor (an FSDP2/tensor-parallel shard of the head).
 
@@ -120,30 +164,43 @@ def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
         f"the weight and reduce-scatters its gradient: see tisdpo.train.parallel.PolicyWithLoss")
 
 
-def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "") -> None:
-    """hidden [..., D], weight [V, D], targets [...] matching hidden[..., :-1], bias [V]."""
-    p = prefix
-    check_not_sharded(weight, f"{p}weight")
-    check_float(f"{p}hidden", hidden)
-    check_float(f"{p}weight", weight)
-    check_index("targets", targets)
-    require(weight.dim() == 2, f"{p}weight must be [V, D], got shape {tuple(weight.shape)}")
-    require(hidden.dim() >= 1, f"{p}hidden must be [..., D], got shape {tuple(hidden.shape)}")
+def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "",
+                        names: dict[str, str] | None = None) -> None:
+    """hidden [..., D], weight [V, D] (V, D >= 1), targets [...] matching hidden[..., :-1],
+    bias [V].
+
+    Errors name the arguments ``{prefix}hidden``, ``{prefix}weight``, ``targets`` and
+    ``{prefix}bias``; ``names`` overrides any of them (keys hidden, weight, targets, bias), so a
+    caller can report the names its own users passed.
+    """
+    n = {"hidden": f"{prefix}hidden", "weight": f"{prefix}weight", "targets": "targets",
+         "bias": f"{prefix}bias", **(names or {})}
+    h, w, t, b = n["hidden"], n["weight"], n["targets"], n["bias"]
+    check_not_sharded(weight, w)
+    check_float(h, hidden)
+    check_float(w, weight)
+    check_index(t, targets)
+    require(weight.dim() == 2, f"{w} must be [V, D], got shape {tuple(weight.shape)}")
+    require(hidden.dim() >= 1, f"{h} must be [..., D], got shape {tuple(hidden.shape)}")
+    require(weight.shape[0] > 0, f"{w} has 0 vocabulary rows (shape {tuple(weight.shape)}); "
+            f"the LM head needs V >= 1")
+    require(hidden.shape[-1] > 0, f"{h} has 0 columns (D=0, shape {tuple(hidden.shape)}); "
+            f"the LM head needs D >= 1")
     require(hidden.shape[-1] == weight.shape[1],
-            f"{p}hidden has D={hidden.shape[-1]} but {p}weight has D={weight.shape[1]} "
-            f"(weight is [V, D] = {tuple(weight.shape)})")
+            f"{h} has D={hidden.shape[-1]} but {w} has D={weight.shape[1]} "
+            f"({w} is [V, D] = {tuple(weight.shape)})")
     require(tuple(hidden.shape[:-1]) == tuple(targets.shape),
-            f"targets shape {tuple(targets.shape)} must equal {p}hidden shape without its last "
+            f"{t} shape {tuple(targets.shape)} must equal {h} shape without its last "
             f"dim {tuple(hidden.shape[:-1])}")
     require(hidden.dtype == weight.dtype,
-            f"{p}hidden dtype {hidden.dtype} differs from {p}weight dtype {weight.dtype}")
+            f"{h} dtype {hidden.dtype} differs from {w} dtype {weight.dtype}")
     if bias is not None:
-        check_float(f"{p}bias", bias)
+        check_float(b, bias)
         require(tuple(bias.shape) == (weight.shape[0],),
-                f"{p}bias must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
+                f"{b} must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
         require(bias.dtype == weight.dtype,
-                f"{p}bias dtype {bias.dtype} differs from {p}weight dtype {weight.dtype}")
-    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+                f"{b} dtype {bias.dtype} differs from {w} dtype {weight.dtype}")
+    check_same_device(**{h: hidden, w: weight, t: targets, b: bias})
 
 
 def check_softcap(softcap) -> None:

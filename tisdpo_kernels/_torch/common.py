@@ -113,6 +113,12 @@ def masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def kept_rows(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """h [C, D] with the rows of ignored tokens set to exactly 0 (a [C, D] copy, no sync), so
+    a NaN/inf hidden state at an ignored position never reaches a gradient GEMM (0·NaN = NaN)."""
+    return torch.where(valid[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
 # A chunk thinner than this may go through BLAS matrix-vector code, which sums d_hidden's
 # V-long reduction sequentially; in full precision it is then summed in V-blocks instead.
 _THIN_ROWS = 16

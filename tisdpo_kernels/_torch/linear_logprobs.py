@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from tisdpo_kernels._torch.common import (
-    HeadGrads, chunk_logits, chunk_size, chunks, logsumexp, masked, no_autocast,
+    HeadGrads, chunk_logits, chunk_size, chunks, kept_rows, logsumexp, masked, no_autocast,
     softcap_grad_factor, stat_dtype, valid_and_safe,
 )
 from tisdpo_kernels.config import HeadOptions
@@ -65,12 +65,16 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, g_logp, g_lse, opts:
     valid, safe = valid_and_safe(targets, opts.ignore_index)
     g_logp = masked(g_logp.to(sd), valid)
     p_coef = masked(g_lse.to(sd), valid) - g_logp                           # multiplies p
+    # ignored rows contribute exactly nothing, whatever their hidden state (even NaN/inf):
+    # they are recomputed from zeros (``kept_rows``) against lse = +inf, so p = 0 and their
+    # dz row is exactly 0, without another pass over the [C, V] chunk
+    lse = torch.where(valid, lse, float("inf"))
     grads = HeadGrads(hidden, weight, bias, *needs)
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
-            grads.add(s, e, hidden[s:e], _chunk_dz(hidden[s:e], weight, bias, safe[s:e],
-                                                    lse[s:e], p_coef[s:e], g_logp[s:e],
-                                                    opts.softcap))
+            h = kept_rows(hidden[s:e], valid[s:e])
+            grads.add(s, e, h, _chunk_dz(h, weight, bias, safe[s:e], lse[s:e], p_coef[s:e],
+                                         g_logp[s:e], opts.softcap))
     return grads.finish()
 
 

@@ -22,8 +22,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from tisdpo_kernels._torch.common import (
-    HeadGrads, chunk_logits, chunk_size, chunks, log_softmax_, log_softmax_stats_, masked,
-    no_autocast, softcap_grad_factor, stat_dtype, valid_and_safe,
+    HeadGrads, chunk_logits, chunk_size, chunks, kept_rows, log_softmax_, log_softmax_stats_,
+    masked, no_autocast, softcap_grad_factor, stat_dtype, valid_and_safe,
 )
 from tisdpo_kernels.config import KLOptions
 
@@ -94,10 +94,13 @@ def linear_token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     grads = HeadGrads(hidden, weight, bias, *needs)
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
-            dz = _chunk_dz(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
+            # ignored rows contribute exactly nothing, whatever their hidden states (even
+            # NaN/inf): their dz rows are zeroed and their hidden rows never reach d_weight
+            h = kept_rows(hidden[s:e], valid[s:e])
+            dz = _chunk_dz(h, weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
                            safe[s:e], tuple(t[s:e] for t in stats), kl[s:e], g_kl[s:e],
                            g_logp[s:e], opts, sd)
-            grads.add(s, e, hidden[s:e], dz)
+            grads.add(s, e, h, dz.masked_fill_(~valid[s:e, None], 0.0))
             del dz                                  # free it before the next chunk's is made
     return grads.finish()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tisdpo_kernels._common import check_pairs, normalizer_tensor, stat_dtype
+from tisdpo_kernels._common import normalizer_tensor, stat_dtype
 from tisdpo_kernels.config import PreferenceConfig
 
 __all__ = ["preference_loss", "preference_loss_pos", "link_loss", "pair_metrics"]
@@ -57,7 +57,6 @@ def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: 
     """Packed: lp/lr/w/kl [N], seq_ids [N] (−1 = no sequence), pairs [P] -> (loss, metrics)."""
     out_dtype = stat_dtype(lp.dtype)
     device = lp.device
-    check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)
     norm = normalizer_tensor(normalizer, device)
     valid = seq_ids >= 0
     bucket = torch.where(valid, seq_ids, num_seqs)

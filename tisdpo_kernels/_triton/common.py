@@ -313,18 +313,20 @@ def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows,
+def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows, count,
                   need_dh: bool, need_dw: bool, need_db: bool):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) from dz slabs.
 
-    ``rows`` [N] is the compacted row order (``compact_rows``): the kept rows first. For each
-    chunk of C slots, ``write_dz(dz, lo)`` fills dz [C, V] for slots lo..lo+C (rows past the
-    kept count as zeros); then d_hidden[rows] = dz·W, d_weight (+)= dzᵀ·H[rows] and
-    d_bias (+)= Σ_rows dz. One chunk writes d_weight and d_bias in the parameters' dtypes; more
-    accumulate in float32 and cast once. Every output element is written by exactly one GEMM
-    or sum, so the result is the same bit for bit on every run. Slots past the kept count
-    still cost their (zero) rows of GEMM work: sizing the GEMMs to the kept count would need
-    a host sync.
+    ``rows`` [N] is the compacted row order (``compact_rows``): the kept rows first, ``count``
+    [1] (on the device) how many. For each chunk of C slots, ``write_dz(dz, lo)`` fills dz
+    [C, V] for slots lo..lo+C (rows past the kept count as zeros); then d_hidden[rows] = dz·W,
+    d_weight (+)= dzᵀ·H[rows] and d_bias (+)= Σ_rows dz. The hidden rows past the kept count
+    enter the d_weight GEMM as zeros, so an ignored row's hidden state (even NaN or inf, as
+    padding may hold) contributes exactly nothing (0·NaN would be NaN). One chunk writes
+    d_weight and d_bias in the parameters' dtypes; more accumulate in float32 and cast once.
+    Every output element is written by exactly one GEMM or sum, so the result is the same bit
+    for bit on every run. Slots past the kept count still cost their (zero) rows of GEMM
+    work: sizing the GEMMs to the kept count would need a host sync.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -348,7 +350,9 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
         if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
             dh.index_copy_(0, sl, (dz @ w).to(hidden.dtype))
         if need_dw:
+            kept = torch.arange(lo, hi, device=hidden.device) < count      # [C], no sync
             h = hidden.index_select(0, sl)
+            h = torch.where(kept[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
             h = h if h.dtype == dt else h.to(dt)
             if single:
                 dw = (dz.t() @ h).to(weight.dtype)

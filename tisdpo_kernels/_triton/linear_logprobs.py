@@ -225,7 +225,8 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                hidden, args, flags, autotune_key=("V", "D"))
 
     with device_guard(hidden):
-        return slab_backward(write_dz, hidden, weight, bias, rows, need_dh, need_dw, need_db)
+        return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
+                             need_db)
 
 
 # --------------------------------------------------------------------------------------------

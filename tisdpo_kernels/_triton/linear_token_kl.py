@@ -345,7 +345,8 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                hidden, args, flags, autotune_key=("V", "D", "DR"))
 
     with device_guard(hidden):
-        return slab_backward(write_dz, hidden, weight, bias, rows, need_dh, need_dw, need_db)
+        return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
+                             need_db)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels._common import check_pairs, normalizer_tensor, stat_dtype
+from tisdpo_kernels._common import normalizer_tensor, stat_dtype
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import f64_constants, upcast
 from tisdpo_kernels.config import PreferenceConfig
@@ -384,7 +384,6 @@ class PreferenceLossFunction(torch.autograd.Function):
 def preference_loss(lp, lr, w, kl, seq_ids, chosen_seq, rejected_seq, num_seqs: int,
                     cfg: PreferenceConfig, normalizer):
     """Packed layout (backend contract of ``tisdpo_kernels.preference_loss``) -> (loss, metrics)."""
-    check_pairs(seq_ids, chosen_seq, rejected_seq, num_seqs)
     norm = normalizer_tensor(normalizer, lp.device)
     has_ref = not cfg.reference_free and lr is not None
     opts = _Options(cfg=cfg, num_seqs=num_seqs, has_ref=has_ref, has_w=w is not None,
