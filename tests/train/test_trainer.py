@@ -5,23 +5,20 @@ import os
 import pytest
 import torch
 
+from trainer_cases import CPU, MCFG, VOCAB
+from trainer_cases import model as _model
+from trainer_cases import pref_objective as _pref_objective
+from trainer_cases import records as _records
+from trainer_cases import trainer as _trainer
 from numerics import assert_oracle
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.loss import TISDPOLoss
 from tisdpo.train.checkpoint import latest_checkpoint, stage_done
-from tisdpo.train.config import LogConfig, ModelConfig, TrainConfig
 from tisdpo.train.model import (
-    build_tiny_model, enable_activation_checkpointing, head, hidden_states,
+    enable_activation_checkpointing, head, hidden_states,
 )
 from tisdpo.train.objectives import PreferenceObjective, SFTObjective
-from tisdpo.train.trainer import Trainer, lr_factor
-
-MCFG = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1,
-                   tiny_intermediate_size=48)
-VOCAB = 61
-CPU = torch.device("cpu")
-QUIET = LogConfig(every=1, tensorboard=False, progress=False)
-
+from tisdpo.train.trainer import lr_factor
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -29,41 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _records(n, seed=0, ref=True, weights=True):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        rec = {"prompt_ids": torch.randint(3, VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),),
-                                           generator=g).tolist()}
-        for side in ("chosen", "rejected"):
-            k = int(torch.randint(1, 9, (1,), generator=g))
-            rec[f"{side}_ids"] = torch.randint(3, VOCAB, (k,), generator=g).tolist()
-            if weights:
-                rec[f"{side}_weight"] = (0.7 + 0.6 * torch.rand(k, generator=g)).tolist()
-            if ref:
-                rec[f"ref_{side}_logps"] = (-4 - torch.rand(k, generator=g)).tolist()
-        out.append(rec)
-    return out
-
-
-def _model(seed=0, dtype=torch.float32):
-    return build_tiny_model(MCFG, VOCAB, seed=seed).to(dtype).train()
-
-
-def _pref_objective(impl="torch", method="tisdpo"):
-    return PreferenceObjective(TISDPOLoss(method=method, impl=impl), model_cfg=MCFG, device=CPU,
-                               use_weights=True)
-
-
-def _trainer(model, objective, data, out_dir, *, collate=None, **cfg):
-    base = dict(optimizer="adamw", lr=3e-3, warmup_steps=2, schedule="cosine", batch_size=3,
-                grad_accum=2, epochs=2.0, max_grad_norm=1.0, weight_decay=0.01)
-    base.update(cfg)
-    return Trainer(model=model, objective=objective, train_data=data,
-                   collate_fn=collate or PaddedPairCollator(0), cfg=TrainConfig(**base),
-                   out_dir=str(out_dir), device=CPU, seed=7, log=QUIET, desc="test")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])

@@ -1,31 +1,123 @@
-"""Checkpoint files: the stage's done-marker, the newest resumable checkpoint, the RNG states a
-resumed run continues from, and the conversion between a single process's optimiser state and
-the FQN-keyed one that distributed state dicts use (so one ``state.pt`` layout serves any number
-of processes).
+"""Checkpoint files: the stage's done-marker, the resumable checkpoints and their crash-safe
+writing, the RNG states a resumed run continues from, and the conversion between a single
+process's optimiser state and the FQN-keyed one that distributed state dicts use (so one
+``state.pt`` layout serves any number of processes).
+
+A checkpoint is ``<out_dir>/checkpoints/step-NNNNNNN/state.pt``. It is written into
+``step-NNNNNNN.tmp`` and renamed when complete, so a process killed while writing leaves only a
+``.tmp`` folder, which readers ignore and the next run removes. A checkpoint that cannot be
+read (truncated, corrupt) is reported by path and the next older one is used instead.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import torch
 
-__all__ = ["DONE_FILE", "latest_checkpoint", "stage_done", "read_done", "rng_state",
-           "restore_rng_state", "optimizer_state_to_indices", "optimizer_state_to_fqns",
-           "fqns_by_group"]
+__all__ = ["DONE_FILE", "CorruptCheckpoint", "checkpoints", "latest_checkpoint",
+           "remove_partial", "write_state", "read_state", "stage_done", "read_done",
+           "rng_state", "restore_rng_state", "optimizer_state_to_indices",
+           "optimizer_state_to_fqns", "fqns_by_group"]
 
 DONE_FILE = "done.json"
+STATE_FILE = "state.pt"
+_FINISHED = re.compile(r"step-(\d+)$")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that exists but cannot be read."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"checkpoint {path} is unreadable ({reason})")
+        self.path, self.reason = path, reason
+
+
+def checkpoints(out_dir: str) -> list[str]:
+    """The finished checkpoints of a stage (folders holding a state.pt), newest first; the
+    ``.tmp`` folders of interrupted writes are not checkpoints."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for d in os.listdir(root):
+        m = _FINISHED.match(d)
+        if m and os.path.isfile(os.path.join(root, d, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(root, d)))
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
+    found = checkpoints(out_dir)
+    return found[0] if found else None
+
+
+def remove_partial(out_dir: str) -> list[str]:
+    """Remove the ``.tmp`` leftovers of interrupted checkpoint writes; returns what it removed."""
     root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = sorted((int(d.split("-")[1]), d) for d in os.listdir(root)
-                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "state.pt")))
-    return os.path.join(root, steps[-1][1]) if steps else None
+    gone = []
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if d.startswith("step-") and d.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+                gone.append(os.path.join(root, d))
+    return gone
+
+
+def _disk_full(err: BaseException, folder: str) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    # torch's zip writer reports a short write as "unexpected pos ..."
+    if "unexpected pos" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
+
+
+def write_state(final: str, state: dict) -> None:
+    """Write ``state`` to ``final``/state.pt atomically: into ``final``.tmp, flushed to disk,
+    then renamed. A full disk becomes one OSError naming the folder; the .tmp is removed and
+    the older checkpoints stay as they were."""
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        path = os.path.join(tmp, STATE_FILE)
+        with open(path, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder = os.path.dirname(final)
+        if _disk_full(err, folder):
+            raise OSError(errno.ENOSPC, f"no space left on {folder}: writing the checkpoint "
+                          f"{os.path.basename(final)} failed (the earlier checkpoints and "
+                          f"stages are intact)") from err
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def read_state(folder: str, *, mmap: bool = False) -> dict:
+    """The state of checkpoint ``folder``; CorruptCheckpoint when the file cannot be read."""
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:   # a truncated zip, random bytes, an empty file: anything
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        raise CorruptCheckpoint(path, f"{type(err).__name__}: {first}" if first
+                                else type(err).__name__) from err
+    if not isinstance(state, dict) or not {"model", "optimizer", "state"} <= set(state):
+        raise CorruptCheckpoint(path, "not a tisdpo checkpoint")
+    return state
 
 
 def stage_done(out_dir: str) -> bool:

@@ -14,6 +14,13 @@ micro-batch index; each epoch's order is a permutation seeded by (seed, epoch)).
 stopped between steps and resumed from its checkpoint performs exactly the same
 computations as an uninterrupted one, so it ends with the same parameters bit for bit.
 
+Checkpoints are written atomically (``step-N.tmp`` renamed when complete); on resume the
+leftovers of an interrupted write are removed and an unreadable checkpoint is moved aside to
+``step-N.corrupt`` (named in a warning) in favour of the next older one. A loss or gradient
+norm that becomes non-finite raises :class:`TrainingDiverged` before the update (one host
+sync per step). SIGTERM / SIGINT during :meth:`Trainer.train` finish the current step, write a
+checkpoint and return ``{"stopped": True, "signal": ...}``; a second SIGINT interrupts at once.
+
 Several processes (torchrun, DDP / FSDP2): pass ``parallel=`` a
 :class:`tisdpo.train.parallel.Parallel`; ``batch_size`` is then per process, each global
 micro-batch is split across ranks, counts and metrics are summed over ranks, checkpoints
@@ -23,21 +30,33 @@ Every ``self.par`` call is the single-process behaviour when ``parallel`` is Non
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from tisdpo.train.checkpoint import (
-    DONE_FILE, latest_checkpoint, restore_rng_state, rng_state,
+    DONE_FILE, CorruptCheckpoint, checkpoints, read_state, remove_partial, restore_rng_state,
+    rng_state, write_state,
 )
 from tisdpo.train.config import LogConfig, TrainConfig
 from tisdpo.train.parallel import Parallel
 
-__all__ = ["Trainer", "TrainState", "rows_of", "make_optimizer", "make_scheduler", "lr_factor"]
+__all__ = ["Trainer", "TrainState", "TrainingDiverged", "rows_of", "make_optimizer",
+           "make_scheduler", "lr_factor"]
+
+log = logging.getLogger("tisdpo")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became non-finite; the stage stopped before the update
+    and is not marked done."""
 
 @dataclass
 class TrainState:
@@ -180,6 +199,7 @@ class Trainer:
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.state.total_steps)
         self._order: tuple[int, list[int]] | None = None
+        self._signal: str | None = None          # SIGTERM / SIGINT received (handler sets it)
 
     # ------------------------------------------------------------------ data position
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -207,33 +227,25 @@ class Trainer:
     def save_checkpoint(self) -> str:
         root = os.path.join(self.out_dir, "checkpoints")
         final = os.path.join(root, f"step-{self.state.step:07d}")
-        tmp = final + ".tmp"
         model_sd, optim_sd = self.par.state_dicts(self.model, self.optimizer)
         if not self.par.is_main:                  # rank 0 writes, the others wait for it
             self.par.barrier()
             return final
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save({
+        write_state(final, {
             "model": model_sd,
             "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "state": asdict(self.state),
             "global_batch_size": self.par.global_batch(self.cfg.batch_size),
-        }, os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        kept = sorted(d for d in os.listdir(root) if d.startswith("step-")
-                      and not d.endswith(".tmp"))
-        for old in kept[:-max(self.cfg.keep_checkpoints, 1)]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        })
+        for old in checkpoints(self.out_dir)[max(self.cfg.keep_checkpoints, 1):]:
+            shutil.rmtree(old, ignore_errors=True)
         self.par.barrier()
         return final
 
     def load_checkpoint(self, path: str) -> None:
-        ckpt = torch.load(os.path.join(path, "state.pt"), map_location="cpu",
-                          weights_only=False, mmap=self.par.distributed)
+        ckpt = read_state(path, mmap=self.par.distributed)
         gb = self.par.global_batch(self.cfg.batch_size)
         if ckpt.get("global_batch_size", gb) != gb:
             raise ValueError(f"{self.desc}: checkpoint {path} was made with "
@@ -251,6 +263,29 @@ class Trainer:
                              f"--pipeline.resume false)")
         self.state = saved
         restore_rng_state(ckpt["rng"])
+
+    def _resume(self) -> str | None:
+        """Load the newest readable checkpoint (an unreadable one is named and skipped);
+        returns its path, or None to start afresh."""
+        if self.par.is_main:
+            for tmp in remove_partial(self.out_dir):
+                log.warning("%s: removed %s, left by an interrupted checkpoint write",
+                            self.desc, tmp)
+        self.par.barrier()
+        for path in checkpoints(self.out_dir):
+            try:
+                self.load_checkpoint(path)
+                return path
+            except CorruptCheckpoint as bad:
+                aside = path + ".corrupt"                  # kept for inspection, never used
+                self.par.barrier()                         # every rank has failed to read it
+                if self.par.is_main:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(path, aside)
+                self.par.barrier()
+                log.warning("%s: %s; moved it to %s and trying the next older checkpoint",
+                            self.desc, bad, aside)
+        return None
 
     # ------------------------------------------------------------------ the loop
     def _step(self) -> tuple[torch.Tensor, dict]:
@@ -271,6 +306,16 @@ class Trainer:
         if self.cfg.max_grad_norm is not None:
             metrics["grad_norm"] = self.par.clip_grad_norm(
                 self.model.parameters(), self.cfg.max_grad_norm)
+        # one host sync per optimiser step: a non-finite loss or gradient stops the stage
+        # before the update reaches the weights (reduced values: every rank agrees)
+        watch = torch.stack([total.float().reshape(()),
+                             metrics.get("grad_norm", total).float().reshape(())])
+        if not bool(torch.isfinite(watch).all()):
+            norm = f", gradient norm {float(watch[1])}" if "grad_norm" in metrics else ""
+            raise TrainingDiverged(
+                f"{self.desc}: the loss became non-finite at step {self.state.step + 1} "
+                f"(loss {float(watch[0])}{norm}); stopped before the update, not marked done "
+                f"(a lower lr, or fp32, usually helps)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -312,10 +357,8 @@ class Trainer:
         the return value then has ``"stopped": True``.
         """
         os.makedirs(self.out_dir, exist_ok=True)
-        ckpt = latest_checkpoint(self.out_dir) if resume else None
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        elif not resume:
+        ckpt = self._resume() if resume else None
+        if not resume:
             shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
         sink = _MetricSink(self.out_dir, self.log.tensorboard,
                            self.state.step if ckpt is not None else None) \
@@ -324,6 +367,7 @@ class Trainer:
                         self.state.step, self.desc)
         cfg, t0 = self.cfg, time.perf_counter()
         last: dict = {}
+        restore = self._catch_signals()
         try:
             while self.state.step < self.state.total_steps:
                 if cfg.stop_after is not None and self.state.step >= cfg.stop_after:
@@ -343,17 +387,43 @@ class Trainer:
                 if cfg.eval_every and step % cfg.eval_every == 0 and \
                         step != self.state.total_steps:
                     sink.write(step, self.evaluate())
-                if cfg.save_every and step % cfg.save_every == 0 and \
-                        step != self.state.total_steps:
+                saved = bool(cfg.save_every and step % cfg.save_every == 0 and
+                             step != self.state.total_steps)
+                if saved:
                     self.save_checkpoint()
+                # SIGTERM / SIGINT on any rank: every rank saves after this step, then stops
+                if self.par.sum_host([float(self._signal is not None)])[0] > 0:
+                    if not saved:
+                        self.save_checkpoint()
+                    return {"stopped": True, "step": self.state.step,
+                            "signal": self._signal or "a signal on another rank"}
             final_eval = self.evaluate()
             sink.write(self.state.step, final_eval)
             self.save_checkpoint()
             self._finish({**last, **final_eval})
             return {**last, **final_eval}
         finally:
+            restore()
             bar.close()
             sink.close()
+
+    def _catch_signals(self):
+        """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step (a
+        second SIGINT interrupts at once); returns the function restoring the old handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signal.Signals(signum).name
+            log.warning("%s: %s received; saving a checkpoint after this step", self.desc,
+                        self._signal)
+
+        for s in old:
+            signal.signal(s, handler)
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
 
     def _finish(self, metrics: dict) -> None:
         self.par.save_model(self.model, os.path.join(self.out_dir, "final"), self.tokenizer)

@@ -1,0 +1,51 @@
+"""Tiny trainers for the loop's tests: a one-layer model, random preference records (token
+weights and reference log-probs included) and a Trainer with small defaults."""
+import torch
+
+from tisdpo.loss import TISDPOLoss
+from tisdpo.train.collate import PaddedPairCollator
+from tisdpo.train.config import LogConfig, ModelConfig, TrainConfig
+from tisdpo.train.model import build_tiny_model
+from tisdpo.train.objectives import PreferenceObjective
+from tisdpo.train.trainer import Trainer
+
+MCFG = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1,
+                   tiny_intermediate_size=48)
+VOCAB = 61
+CPU = torch.device("cpu")
+QUIET = LogConfig(every=1, tensorboard=False, progress=False)
+
+
+def records(n, seed=0, ref=True, weights=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        rec = {"prompt_ids": torch.randint(3, VOCAB, (int(torch.randint(2, 6, (1,), generator=g)),),
+                                           generator=g).tolist()}
+        for side in ("chosen", "rejected"):
+            k = int(torch.randint(1, 9, (1,), generator=g))
+            rec[f"{side}_ids"] = torch.randint(3, VOCAB, (k,), generator=g).tolist()
+            if weights:
+                rec[f"{side}_weight"] = (0.7 + 0.6 * torch.rand(k, generator=g)).tolist()
+            if ref:
+                rec[f"ref_{side}_logps"] = (-4 - torch.rand(k, generator=g)).tolist()
+        out.append(rec)
+    return out
+
+
+def model(seed=0, dtype=torch.float32):
+    return build_tiny_model(MCFG, VOCAB, seed=seed).to(dtype).train()
+
+
+def pref_objective(impl="torch", method="tisdpo"):
+    return PreferenceObjective(TISDPOLoss(method=method, impl=impl), model_cfg=MCFG, device=CPU,
+                               use_weights=True)
+
+
+def trainer(model, objective, data, out_dir, *, collate=None, **cfg):
+    base = dict(optimizer="adamw", lr=3e-3, warmup_steps=2, schedule="cosine", batch_size=3,
+                grad_accum=2, epochs=2.0, max_grad_norm=1.0, weight_decay=0.01)
+    base.update(cfg)
+    return Trainer(model=model, objective=objective, train_data=data,
+                   collate_fn=collate or PaddedPairCollator(0), cfg=TrainConfig(**base),
+                   out_dir=str(out_dir), device=CPU, seed=7, log=QUIET, desc="test")
