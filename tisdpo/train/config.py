@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tisdpo.train.validation import check_config
+
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
     "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig",
@@ -243,7 +245,7 @@ class DistributedConfig:
 class RunConfig:
     seed: int = opt(0, "seed for model init, data order, sampling and ablation weights")
     run_dir: str = opt("runs/tisdpo", "directory holding every stage's outputs and checkpoints")
-    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda, cuda:N, mps")
     threads: int | None = opt(None, "CPU threads for torch (torch.set_num_threads); empty: "
                                     "torch's default")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -409,31 +411,10 @@ def dump_yaml(cfg: RunConfig, path: str | None = None) -> str:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range and cross-option checks; a ValueError names the option(s) and the value."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    d = cfg.data
-    need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
-    need(1 <= d.max_prompt_length < d.max_length,
-         f"data.max_prompt_length must be in [1, data.max_length={d.max_length}), got "
-         f"{d.max_prompt_length}")
-    need(0 < d.eval_fraction < 1, f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
-    for name in ("sft", "contrastive", "policy"):
-        t = getattr(cfg, name)
-        need(t.lr > 0, f"{name}.lr must be > 0, got {t.lr}")
-        need(t.batch_size >= 1, f"{name}.batch_size must be >= 1, got {t.batch_size}")
-        need(t.grad_accum >= 1, f"{name}.grad_accum must be >= 1, got {t.grad_accum}")
-        need(t.epochs > 0 or t.max_steps > 0,
-             f"{name}.epochs must be > 0 when {name}.max_steps is 0, got {t.epochs}")
-        need(t.max_steps >= 0 and t.warmup_steps >= 0,
-             f"{name}.max_steps and {name}.warmup_steps must be >= 0")
-        need(t.max_grad_norm is None or t.max_grad_norm > 0,
-             f"{name}.max_grad_norm must be > 0 or empty, got {t.max_grad_norm}")
-        need(t.eval_batch_size >= 1, f"{name}.eval_batch_size must be >= 1")
-    need(cfg.weights.batch_size >= 1, "weights.batch_size must be >= 1")
-    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    """Every option in range, closed sets and cross-option rules included
+    (``tisdpo.train.validation``); a one-line ValueError names the option, the value and
+    what is allowed."""
+    check_config(cfg, field_specs())
     return cfg
 
 

@@ -15,22 +15,53 @@ from dataclasses import dataclass
 import torch
 
 from tisdpo.train.config import ModelConfig
+from tisdpo.train.validation import DEVICE_FORMS, DEVICE_RE
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 __all__ = [
     "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
     "disable_dropout", "autocast", "compute_dtype", "resolve_device", "save_model",
-    "enable_activation_checkpointing",
+    "enable_activation_checkpointing", "check_model_dir",
 ]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto`` is the first CUDA device when there is one, else the CPU; otherwise one of
+    ``DEVICE_FORMS`` (cpu, cuda, cuda:N, mps), which must be available here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not DEVICE_RE.match(name):
+        raise ValueError(f"device must be one of {DEVICE_FORMS}, got {name!r}")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device={name!r}: MPS is not available here; use 'cpu' or 'auto'")
     return dev
+
+
+def check_model_dir(path: str, option: str = "model.path") -> None:
+    """``path`` is a local Hugging Face model folder (a directory with ``config.json``);
+    else a one-line ValueError naming ``option`` — before transformers guesses at it."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is not a local directory (tisdpo never downloads; "
+                         f"save the model with save_pretrained first)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{option} {path}: no config.json, not a Hugging Face model folder")
+
+
+def _check_tokenizer_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"model.tokenizer {path!r} is not a local directory (tisdpo never "
+                         f"downloads)")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(f"model.tokenizer {path}: none of {', '.join(_TOKENIZER_FILES)}, not "
+                         f"a Hugging Face tokenizer folder")
 
 
 def compute_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -56,11 +87,12 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """
     src = cfg.tokenizer or path or cfg.path
     if src:
+        if cfg.tokenizer:
+            _check_tokenizer_dir(src)
+        else:
+            check_model_dir(src, "model.path" if src == cfg.path else "model")
         from transformers import AutoTokenizer
 
-        if not os.path.isdir(src):
-            raise ValueError(f"model.tokenizer / model.path {src!r} is not a local directory "
-                             f"(tisdpo never downloads)")
         tok = AutoTokenizer.from_pretrained(src)
     else:
         from tisdpo.train.synthetic import load_tokenizer as shipped
@@ -113,11 +145,9 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
     """
     src = path or cfg.path
     if src:
+        check_model_dir(src, "model.path" if src == cfg.path else "model")
         from transformers import AutoModelForCausalLM
 
-        if not os.path.isdir(src):
-            raise ValueError(f"model path {src!r} is not a local directory (tisdpo never "
-                             f"downloads; save the model with save_pretrained first)")
         model = AutoModelForCausalLM.from_pretrained(
             src, dtype=_weight_dtype(cfg), attn_implementation=cfg.attn_implementation)
     else:
