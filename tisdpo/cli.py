@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from tisdpo.pipeline import stages, weights
 from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
+from tisdpo.pipeline.lock import RunLocked, run_lock
 from tisdpo.train.config import RunConfig, build_config, coerce, dump_yaml, field_specs
 from tisdpo.train.parallel import torchrun_env
+from tisdpo.train.trainer import TrainingDiverged
 
 COMMANDS = {
     "sft": ("supervised fine-tuning on the chosen responses (optional first stage)",
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML file of options, nested by section (flags override it)")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved configuration and exit")
+        p.add_argument("--debug", action="store_true",
+                       help="show the full traceback of an error instead of one line")
         if name == "demo":
             p.add_argument("--fast", action="store_true",
                            help="tiny sizes for a smoke test (seconds; numbers meaningless)")
@@ -149,17 +154,38 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
-    text = dump_yaml(cfg)
-    if args.command != "inspect":          # inspect only reads the run
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s", args.command,
-                                     text)
     try:
-        return _run(args, cfg)
+        return _locked_run(args, cfg)
     except StageStopped as stop:
         logging.getLogger("tisdpo").info("%s", stop)
-        return 0
+        return 128 + signal.Signals[stop.signal].value if stop.signal else 0
+    except _EXPECTED as err:
+        if args.debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"tisdpo {args.command}: error: {first} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:                 # a second Ctrl-C: stop at once
+        if args.debug:
+            raise
+        print(f"tisdpo {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT.value
+
+
+# errors that are the user's input, data, files or a diverged run: one line, exit status 1
+_EXPECTED = (ValueError, OSError, RunLocked, TrainingDiverged)
+
+
+def _locked_run(args, cfg: RunConfig) -> int:
+    text = dump_yaml(cfg)
+    if args.command == "inspect":          # inspect only reads the run
+        return _run(args, cfg)
+    with run_lock(cfg.run_dir):            # before anything in run_dir is written
+        dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s",
+                                         args.command, text)
+        return _run(args, cfg)
 
 
 def _flag_in(args, name: str) -> bool:

@@ -60,9 +60,12 @@ def test_inspect_writes_html_and_png(demo_run, tmp_path):
     assert open(os.path.join(out, "inspect.html")).read().count("class='pair'") == 1
 
 
-def test_inspect_without_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="tisdpo weights"):
-        cli.main(["inspect", "--run_dir", str(tmp_path)])
+def test_inspect_without_weights_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["inspect", "--run_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "tisdpo weights" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="tisdpo weights"):       # --debug: the exception
+        cli.main(["inspect", "--run_dir", str(tmp_path), "--debug"])
 
 
 def test_auc_mann_whitney():

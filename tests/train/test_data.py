@@ -1,10 +1,12 @@
 """Data layer: loading, plain and chat tokenisation, the EOS rule, truncation alignment,
-bad-data errors (record index + field), skip_invalid, reverse_pairs."""
+bad-data errors (record index + field; file, line and field for files), skip_invalid,
+reverse_pairs."""
 import json
 import math
 
 import datasets
 import pytest
+import torch
 
 from tisdpo.train.data import (
     TokenizeConfig, eos_counted_for_preset, load_preference_dataset, reverse_pairs,
@@ -344,3 +346,152 @@ def test_tokenized_weights_reach_collated_labels(tok, records):
         assert batch["labels"][row][valid].tolist() == ex[f"{side}_ids"]
         got = batch["weights"][row][valid].tolist()
         assert all(math.isclose(g, w, rel_tol=1e-6) for g, w in zip(got, ex[f"{side}_weight"]))
+
+
+# ------------------------------------------------------------- file errors name file and line
+
+def _write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _load_error(path, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        load_preference_dataset(path, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg                                # one line
+    return msg
+
+
+def _run_records(path, **overrides):
+    """``load_records`` of a run whose data.train is ``path`` (no eval file: a split)."""
+    from tisdpo.pipeline.context import Context, load_records
+    from tisdpo.train.config import build_config
+
+    cfg = build_config(overrides={"data.train": str(path), "data.eval_fraction": 0.25,
+                                  **overrides})
+    return load_records(Context(cfg, torch.device("cpu"), None))
+
+
+def test_missing_field_named_by_file_line_and_record_before_the_split(tmp_path, records):
+    recs = [dict(records[k % len(records)]) for k in range(20)]
+    del recs[4]["chosen"]
+    path = _write_jsonl(tmp_path / "pairs.jsonl", recs)
+    with pytest.raises(ValueError) as info:
+        _run_records(path)
+    assert str(info.value) == f"data.train {path} line 5 (record 4), field 'chosen': missing"
+    # with skip_invalid the file loads whole; tokenisation drops the record later
+    train, test = _run_records(path, **{"data.skip_invalid": True})
+    assert len(train) + len(test) == 20 and len(test) == 5
+    # data.eval is named as such
+    good = _write_jsonl(tmp_path / "good.jsonl", records)
+    with pytest.raises(ValueError, match=rf"^data.eval {path} line 5 \(record 4\), field "):
+        _run_records(good, **{"data.eval": str(path)})
+
+
+def test_blank_lines_count_as_lines_not_records(tmp_path, records):
+    recs = [dict(r) for r in records[:3]]
+    recs[2]["rejected"] = 7
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\ufeff" + json.dumps(recs[0]) + "\n\n" + json.dumps(recs[1]) + "\n  \n"
+                    + json.dumps(recs[2]) + "\n")
+    assert _load_error(path) == (f"{path} line 5 (record 2), field 'rejected': expected a "
+                                 f"string (the prompt is a string), got int")
+    recs[2]["rejected"] = " fine"
+    path.write_text("\ufeff" + "\n\n".join(json.dumps(r) for r in recs) + "\n")
+    assert _as_rows(load_preference_dataset(path)) == recs        # BOM and gaps load
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "[]", "[\n]\n"])
+def test_empty_file_is_one_line_naming_it(tmp_path, content):
+    path = tmp_path / ("empty.json" if content.startswith("[") else "empty.jsonl")
+    path.write_text(content)
+    assert _load_error(path) == f"{path}: no records (an empty file)"
+    with pytest.raises(ValueError, match=rf"^data.train {path}: no records"):
+        _run_records(path)
+
+
+@pytest.mark.parametrize("cut", [2, 15, 20])
+def test_truncated_last_line(tmp_path, records, cut):
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records)[:-cut])
+    msg = _load_error(path)
+    assert msg.startswith(f"{path} line {len(records)}: invalid JSON, cut short (")
+
+
+def test_invalid_json_in_the_middle(tmp_path, records):
+    lines = [json.dumps(r) for r in records]
+    lines[2] = lines[2][:-1] + ",}"
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert _load_error(path).startswith(f"{path} line 3: invalid JSON (Expecting property name")
+    lines[2] = "{'prompt': 'single quotes'}"
+    path.write_text("\n".join(lines) + "\n")
+    assert _load_error(path).startswith(f"{path} line 3: invalid JSON (")
+    # a JSON list: the line of the error in the document
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records, indent=1).replace('"chosen"', '"chosen" "x"', 1))
+    assert _load_error(path).startswith(f"{path} line 4: invalid JSON (")
+
+
+def test_bad_utf8_bytes(tmp_path, records):
+    path = tmp_path / "bytes.jsonl"
+    body = "".join(json.dumps(r) + "\n" for r in records[:3]).encode()
+    path.write_bytes(body + b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}\n')
+    assert _load_error(path).startswith(f"{path} line 4: not UTF-8 text (")
+    with pytest.raises(ValueError, match=rf"^data.train {path} line 4: not UTF-8"):
+        _run_records(path, **{"data.skip_invalid": True})       # never skippable
+
+
+def test_record_errors_in_json_parquet_and_saved_datasets(tmp_path, records):
+    recs = [dict(r) for r in records]
+    recs[4]["prompt"] = None
+    as_json = tmp_path / "pairs.json"
+    as_json.write_text(json.dumps(recs, indent=2))
+    assert _load_error(as_json) == f"{as_json} record 4, field 'prompt': missing"
+    as_parquet = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list(recs).to_parquet(str(as_parquet))
+    assert _load_error(as_parquet) == f"{as_parquet} record 4, field 'prompt': missing"
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(recs).save_to_disk(str(saved))
+    assert _load_error(saved) == f"{saved} record 4, field 'prompt': missing"
+    # in a list of files, the position is the record's in its own file
+    first = _write_jsonl(tmp_path / "a.jsonl", records)
+    second = _write_jsonl(tmp_path / "b.jsonl", recs)
+    assert _load_error([first, second]).startswith(f"{second} line 5 (record 4), field ")
+    assert len(load_preference_dataset([first, second], check_records=False)) == 12
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    assert _load_error(tmp_path / "broken.parquet").startswith(
+        f"{tmp_path / 'broken.parquet'}: not a readable Parquet file")
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"chosen": "  "}, "chosen", "empty response"),
+    ({"chosen_weight": "heavy", "rejected_weight": [1.0]}, "chosen_weight",
+     "expected a list of floats, got str"),
+    ({"chosen_weight": [1.0, "x"], "rejected_weight": [1.0]}, "chosen_weight",
+     "value 1 is 'x', not a finite number"),
+    ({"chosen_weight": [1.0, float("nan")], "rejected_weight": [1.0]}, "chosen_weight",
+     "value 1 is nan, not a finite number"),
+    ({"prompt": [{"role": "user", "content": "hi"}]}, "prompt",
+     "a chat message list, but a string in line 1 (record 0) (one file holds plain-text or "
+     "chat records, not both)"),
+    ({"prompt": [{"role": "user"}]}, "prompt", "message 0 must be a dict"),
+    ({"prompt": {"role": "user", "content": "hi"}}, "prompt",
+     "expected a non-empty list of chat messages, got dict"),
+])
+def test_record_checks_match_tokenize_pairs(tmp_path, records, change, field, message):
+    recs = [dict(r) for r in records]
+    recs[3].update(change)
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    msg = _load_error(path)
+    assert msg.startswith(f"{path} line 4 (record 3), field '{field}': {message}"), msg
+
+
+def test_chat_file_record_check(tmp_path):
+    chat, _, _ = make_synthetic_task(3, 0, seed=1, chat=True)
+    chat = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in chat]
+    chat[2]["chosen"] = [{"role": "user", "content": "no reply"}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", chat)
+    assert _load_error(path) == f"{path} line 3 (record 2), field 'chosen': no assistant message"

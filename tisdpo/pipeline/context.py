@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from tisdpo.pipeline.fingerprint import check_options, stage_options
 from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.train.config import RunConfig
@@ -34,12 +35,14 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 class StageStopped(Exception):
-    """A training stage stopped early (``stop_after``), checkpointed and resumable."""
+    """A training stage stopped early (``stop_after``, or SIGTERM / SIGINT: ``signal`` names
+    it), checkpointed and resumable."""
 
-    def __init__(self, stage: str, step: int):
-        super().__init__(f"{stage}: stopped after step {step}; run the same command again to "
-                         f"resume")
-        self.stage, self.step = stage, step
+    def __init__(self, stage: str, step: int, signal: str | None = None):
+        why = f" on {signal}" if signal else ""
+        super().__init__(f"{stage}: stopped{why} after step {step}, checkpointed; run the same "
+                         f"command again to resume")
+        self.stage, self.step, self.signal = stage, step, signal
 
 
 @dataclass
@@ -78,13 +81,21 @@ def base_model_path(ctx: Context) -> str:
     if ctx.cfg.model.path:
         return ctx.cfg.model.path
     out = ctx.path("base")
+    # the model's sizes and the seed make the base: another choice is refused, never mixed
+    options = {"options": {k: v for k, v in stage_options(ctx.cfg, ())["options"].items()
+                           if k == "seed" or k.startswith("model.")}, "upstream": {}}
     with ctx.par.main_first():
-        if not os.path.isfile(os.path.join(out, "config.json")):
+        made = os.path.isfile(os.path.join(out, "config.json"))
+        check_options(out, options, desc="base model", resume=made, reusable=made,
+                      is_main=ctx.par.is_main and made)
+        if not made:
             model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
                                tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
             save_model(model, out + ".tmp", ctx.tokenizer)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(out + ".tmp", out)
+            check_options(out, options, desc="base model", resume=False, reusable=False,
+                          is_main=ctx.par.is_main)
     return out
 
 
@@ -117,18 +128,45 @@ def load_stage_model(ctx: Context, path: str, *, trainable: bool):
 # ---------------------------------------------------------------------------- data
 
 def load_records(ctx: Context):
-    """(train, eval) raw preference records; the synthetic task when data.train is empty."""
+    """(train, eval) raw preference records; the synthetic task when data.train is empty.
+
+    The files are read and checked whole, before ``data.eval_fraction`` of train is held
+    out (a shuffled split), so a bad record is named by its file, line and field
+    (``data.train pairs.jsonl line 5 (record 4), field 'chosen': missing``); with
+    ``data.skip_invalid`` invalid records load and tokenisation drops them. Records from
+    files carry their position in the column ``SOURCE_COLUMN``, so that what only
+    tokenisation finds (per-token list lengths, the EOS rule, chat templates) is named the
+    same way after the split; ``tokenize_pairs`` drops it.
+    """
     cfg = ctx.cfg
+
+    def load(option: str):
+        path = getattr(cfg.data, option)
+        try:
+            return load_preference_dataset(path, check_records=not cfg.data.skip_invalid,
+                                           source_prefix=f"data.{option} ")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.{option} {path}: no such file or directory") \
+                from None
+        except ValueError as err:
+            msg = str(err)
+            if msg.startswith("path_or_dir: "):
+                msg = f"{path}: {msg.removeprefix('path_or_dir: ')}"
+            raise ValueError(f"data.{option} {msg}") from None
+
     if not cfg.data.train:
         train, test, _ = make_synthetic_task(cfg.data.synthetic_train, cfg.data.synthetic_eval,
                                              seed=cfg.seed)
         train, test = datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
     else:
-        train = load_preference_dataset(cfg.data.train)
+        train = load("train")
         if cfg.data.eval:
-            test = load_preference_dataset(cfg.data.eval)
+            test = load("eval")
         else:
-            n_eval = max(1, round(len(train) * cfg.data.eval_fraction))
+            if len(train) < 2:
+                raise ValueError(f"data.train {cfg.data.train}: {len(train)} record; holding "
+                                 f"out data.eval_fraction needs 2 or more (or give data.eval)")
+            n_eval = min(len(train) - 1, max(1, round(len(train) * cfg.data.eval_fraction)))
             split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
             train, test = split["train"], split["test"]
     if cfg.data.max_records is not None:

@@ -89,6 +89,7 @@ def demo_config(fast: bool = False) -> RunConfig:
     cfg.threads = 1
     if fast:
         cfg.demo.fast = True
+        cfg.run_dir = "runs/demo-fast"       # its own stages: never mixed with the full demo's
         cfg.data.synthetic_train, cfg.data.synthetic_eval = 48, 16
         cfg.demo.sample_prompts, cfg.demo.max_new_tokens = 8, 8
         cfg.demo.samples_per_prompt, cfg.demo.policy_seeds = 1, 1

@@ -30,6 +30,7 @@ from tisdpo.pipeline.context import (
     init_path, load_records, load_stage_model, log, make_collator, reference_path, tokenize_cfg,
     tokenize_records,
 )
+from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, weight_rule
 from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.config import PolicyConfig, TrainConfig
@@ -44,12 +45,11 @@ __all__ = ["run_sft", "run_dpo", "run_contrastive", "run_policy", "run_pipeline"
 # ---------------------------------------------------------------------------- training stages
 
 def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objective_fn,
-           train_tok, eval_tok, desc: str, extra: dict | None = None,
+           train_tok, eval_tok, desc: str, options: dict, extra: dict | None = None,
            seed: int | None = None) -> str:
     """Train a model from ``init`` into ``out_dir`` (resumable); returns out_dir/final."""
     final = os.path.join(out_dir, "final")
-    if ctx.cfg.pipeline.resume and stage_done(out_dir):
-        log.info("%s: already done (%s), skipping", desc, out_dir)
+    if enter_stage(ctx, out_dir, options, desc):
         return final
     model = load_stage_model(ctx, init, trainable=True)
     trainer = Trainer(model=model, objective=objective_fn(model), train_data=train_tok,
@@ -60,7 +60,7 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
                       extra_done={"init": init, **(extra or {})}, parallel=ctx.par)
     result = trainer.train(resume=ctx.cfg.pipeline.resume)
     if result.get("stopped"):
-        raise StageStopped(desc, result["step"])
+        raise StageStopped(desc, result["step"], result.get("signal"))
     log.info("%s: done, %s", desc, _short(result))
     return final
 
@@ -81,9 +81,11 @@ def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
         return SFTObjective(model_cfg=ctx.cfg.model, device=ctx.device, side=side,
                             impl=ctx.cfg.policy.impl, softcap=head(model).softcap)
 
+    section = "sft" if tcfg is None else "contrastive"
+    options = stage_options(ctx.cfg, (section,), upstream=upstream(ctx) if tcfg else {})
     return _train(ctx, tcfg or ctx.cfg.sft, ctx.path(name), init=init or base_model_path(ctx),
                   objective_fn=objective, train_tok=tok_train, eval_tok=tok_eval, desc=name,
-                  extra={"side": side})
+                  options=options, extra={"side": side})
 
 
 def _preference_objective(ctx: Context, model, method: str, beta: float | None, impl: str, *,
@@ -96,15 +98,16 @@ def _preference_objective(ctx: Context, model, method: str, beta: float | None, 
 def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta: float | None,
             train_raw, eval_raw, impl: str, desc: str) -> str:
     """A DPO-family run with an on-the-fly reference model (no token weights)."""
-    if ctx.cfg.pipeline.resume and stage_done(out_dir):
-        log.info("%s: already done (%s), skipping", desc, out_dir)
+    options = stage_options(ctx.cfg, ("contrastive", "pipeline"), upstream=upstream(ctx))
+    if enter_stage(ctx, out_dir, options, desc):
         return os.path.join(out_dir, "final")
     tok_train = tokenize_records(ctx, train_raw, method, f"{desc} train")
     tok_eval = tokenize_records(ctx, eval_raw, method, f"{desc} eval")
     ref_path = reference_path(ctx)
     ref = load_stage_model(ctx, ref_path, trainable=False)
     return _train(ctx, tcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
-                  eval_tok=tok_eval, desc=desc, extra={"reference": ref_path, "method": method},
+                  eval_tok=tok_eval, desc=desc, options=options,
+                  extra={"reference": ref_path, "method": method},
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, method, beta, impl, ref_model=ref, use_weights=False))
 
@@ -158,9 +161,9 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         train_raw, eval_raw = load_records(ctx)
         meta, same = None, False
     cols = set(train_raw.column_names)
-    if not same:
+    if meta is not None and not same:      # a user's own per-token columns are used as given
         stale = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in cols]
-        if stale and meta is not None:
+        if stale:
             log.info("policy (%s): the stored per-token columns were made for another "
                      "tokenisation (EOS/length); not using them", pcfg.method)
         train_raw, eval_raw = train_raw.remove_columns(stale), eval_raw.remove_columns(stale)
@@ -207,8 +210,10 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     """
     pcfg = pcfg or ctx.cfg.policy
     out_dir = ctx.path(name)
-    if ctx.cfg.pipeline.resume and stage_done(out_dir):
-        log.info("%s: already done (%s), skipping", name, out_dir)
+    options = stage_options(ctx.cfg, ("policy", "weights", "pipeline"), overrides={"policy": pcfg},
+                            upstream=upstream(ctx, ctx.path("weights")))
+    options["options"]["seed"] = ctx.cfg.seed if seed is None else seed
+    if enter_stage(ctx, out_dir, options, name):
         return os.path.join(out_dir, "final")
     preset = get_preset(pcfg.method)
     train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg, seed)
@@ -218,7 +223,7 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     ref_path = reference_path(ctx) if needs_ref else None
     ref = load_stage_model(ctx, ref_path, trainable=False) if needs_ref else None
     return _train(ctx, pcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
-                  eval_tok=tok_eval, desc=name,
+                  eval_tok=tok_eval, desc=name, options=options,
                   extra={"method": pcfg.method, "token_weights": pcfg.token_weights,
                          "reference": ref_path or "precomputed ref_logps",
                          "seed": ctx.cfg.seed if seed is None else seed}, seed=seed,

@@ -36,10 +36,11 @@ from tisdpo.pipeline.context import (
     REF_COLUMNS, SCORE_COLUMNS, WEIGHT_COLUMNS, Context, contrastive_models, load_records,
     load_stage_model, log, make_collator, reference_path, tokenize_cfg, tokenize_records,
 )
-from tisdpo.train.checkpoint import stage_done
+from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.train.config import RunConfig
 from tisdpo.train.model import head
 from tisdpo.train.objectives import forward_hidden
+from tisdpo.train.records import SOURCE_COLUMN
 from tisdpo.train.trainer import rows_of
 
 __all__ = ["run_weights", "weight_rule", "completion_logps", "apply_rule", "random_weights",
@@ -132,6 +133,7 @@ def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, imp
             score = [p - n for p, n in zip(lp_pos, lp_neg)]
         ref = completion_logps(ctx, models["reference"], collate(pol), impl) \
             if models.get("reference") is not None else None
+        _check_finite(pol, b, {"score": score, "reference log-prob": ref})
         sizes = [x.numel() for x in lp_pos]
         seq = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
         w = token_weights(torch.cat(lp_pos), None if lp_neg is None else torch.cat(lp_neg),
@@ -149,19 +151,36 @@ def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, imp
     return out
 
 
+def _check_finite(pol, b: int, columns: dict) -> None:
+    """A non-finite score or log-prob (a diverged model) is an error naming the record."""
+    for what, rows in columns.items():
+        for i, row in enumerate(rows or ()):
+            if not bool(torch.isfinite(row).all()):
+                side = "chosen" if i < b else "rejected"
+                raise ValueError(f"weights: record {pol[i % b]['record_index']} ({side}): "
+                                 f"non-finite token {what} (the contrastive or reference "
+                                 f"model gives NaN/inf log-probabilities)")
+
+
 def run_weights(ctx: Context) -> str:
     """Offline token-weight estimation (+ reference log-probs); returns the weights dir."""
     import datasets
 
     cfg = ctx.cfg
     out_dir = ctx.path("weights")
-    if cfg.pipeline.resume and stage_done(out_dir):
-        log.info("weights: already done (%s), skipping", out_dir)
-        return out_dir
     with ctx.par.main_first():
         if not cfg.pipeline.resume and ctx.par.is_main:
             shutil.rmtree(out_dir, ignore_errors=True)
         os.makedirs(out_dir, exist_ok=True)
+    # the shards depend on these (a shard is never mixed into a pass with other options)
+    options = stage_options(cfg, ("contrastive", "weights", "pipeline"),
+                            upstream=upstream(ctx, ctx.path("contrastive", "positive"),
+                                              ctx.path("contrastive", "negative")))
+    options["options"]["policy.method"] = cfg.policy.method
+    shards = os.path.join(out_dir, "_shards")
+    if enter_stage(ctx, out_dir, options, "weights",
+                   partial=os.path.isdir(shards) and bool(os.listdir(shards))):
+        return out_dir
     info = contrastive_models(ctx)
     variant = info["variant"]
     rule, params = weight_rule(cfg)
@@ -204,7 +223,10 @@ def run_weights(ctx: Context) -> str:
         if not ctx.par.is_main:                  # rank 0 merges them in record order
             continue
         est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
-        result = _merge(raw, est, _maybe_full(ctx, raw, tok_cfg, tok_pol))
+        full = _maybe_full(ctx, raw, tok_cfg, tok_pol)
+        if SOURCE_COLUMN in raw.column_names:    # file positions name records in errors only
+            raw = raw.remove_columns(SOURCE_COLUMN)
+        result = _merge(raw, est, full)
         result.save_to_disk(os.path.join(out_dir, split))
         if cfg.weights.jsonl:
             result.to_json(os.path.join(out_dir, f"{split}.jsonl"), lines=True)

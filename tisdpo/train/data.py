@@ -10,6 +10,9 @@ Record format (one row per preference pair):
 - optional ``ref_chosen_logps`` / ``ref_rejected_logps``: per completion-token reference
   log-probs (precomputed so the reference model need not be loaded during training).
 
+Files are read by :func:`tisdpo.train.records.load_preference_dataset` (re-exported here),
+which checks them before any split: errors name the file, the line or record and the field.
+
 Every per-token list has exactly one value per *completion token* as :func:`tokenize_pairs`
 produces it under the same :class:`TokenizeConfig`: the response's text tokens, plus the
 appended EOS when ``add_eos`` is on. The official TIS-DPO files store weights for the text
@@ -49,21 +52,18 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
+
+from tisdpo.train.records import (
+    PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEXT_FIELDS, load_preference_dataset, messages_problem,
+)
 
 __all__ = [
     "PER_TOKEN_COLUMNS", "TokenizeConfig", "TokenizeReport", "load_preference_dataset",
     "tokenize_pairs", "reverse_pairs", "eos_counted_for_preset",
 ]
 
-#: Per-token list columns, per side: (chosen column, rejected column).
-PER_TOKEN_COLUMNS = {
-    "weight": ("chosen_weight", "rejected_weight"),
-    "ref_logps": ("ref_chosen_logps", "ref_rejected_logps"),
-}
-_TEXT_FIELDS = ("prompt", "chosen", "rejected")
-_DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_TEXT_FIELDS = TEXT_FIELDS
 
 
 def eos_counted_for_preset(preset: str) -> bool:
@@ -130,7 +130,8 @@ class TokenizeReport:
     """What :func:`tokenize_pairs` did.
 
     n_records: input records; n_kept: output pairs; n_skipped: invalid records dropped
-    (only with skip_invalid); reasons: the first few skip reasons ("record i, field 'f': …");
+    (only with skip_invalid); reasons: the first few skip reasons ("record i, field 'f': …", or
+    the record's SOURCE_COLUMN in place of "record i");
     n_prompt_truncated / n_completion_truncated: pairs whose prompt / completions were cut.
     """
 
@@ -151,72 +152,11 @@ class TokenizeReport:
 
 
 class _RecordError(Exception):
-    """An invalid record: ``record {index}, field {field!r}: {message}``."""
+    """An invalid record: ``{where}, field {field!r}: {message}``, where is ``record {index}``
+    or the record's SOURCE_COLUMN ("data.train pairs.jsonl line 5 (record 4)")."""
 
-    def __init__(self, index, field_name, message):
-        super().__init__(f"record {index}, field {field_name!r}: {message}")
-
-
-def _pick_split(available, split, where):
-    available = list(available)
-    if split is not None:
-        if split not in available:
-            raise ValueError(f"split={split!r} not found in {where}; available splits: "
-                             f"{available}")
-        return split
-    if "train" in available:
-        return "train"
-    if len(available) == 1:
-        return available[0]
-    raise ValueError(f"{where} has splits {available}: pass split=")
-
-
-def _builder_for(files):
-    kinds = {_DATA_EXTS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise ValueError(f"path_or_dir: expected .json, .jsonl or .parquet files of one kind, "
-                         f"got {[str(f) for f in files]}")
-    return kinds.pop()
-
-
-def load_preference_dataset(path_or_dir, split: str | None = None):
-    """Load preference records as a ``datasets.Dataset``.
-
-    path_or_dir: a ``.json``/``.jsonl``/``.parquet`` file, a list of such files, a directory
-    written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, or a directory of data
-    files (``{split}.jsonl`` etc.). split: which split of a DatasetDict or data directory
-    (default: "train" if present, else the only one). Nothing is fetched from the network.
-    Records are not validated here (see :func:`tokenize_pairs`).
-    """
-    import datasets
-
-    if isinstance(path_or_dir, (list, tuple)):
-        files = [str(Path(f)) for f in path_or_dir]
-        for f in files:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"path_or_dir: no such file {f!r}")
-        return datasets.load_dataset(_builder_for(files), data_files=files, split="train")
-    path = Path(path_or_dir)
-    if path.is_file():
-        return datasets.load_dataset(_builder_for([path]), data_files=str(path), split="train")
-    if not path.is_dir():
-        raise FileNotFoundError(f"path_or_dir: no such file or directory {str(path)!r}")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[_pick_split(ds.keys(), split, str(path))]
-        elif split is not None:
-            raise ValueError(f"split={split!r} given but {str(path)!r} holds a single Dataset")
-        return ds
-    by_split = {}
-    for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix.lower() in _DATA_EXTS:
-            by_split.setdefault(f.stem, []).append(str(f))
-    if not by_split:
-        raise ValueError(f"path_or_dir: {str(path)!r} has no .json/.jsonl/.parquet files and "
-                         "is not a save_to_disk directory")
-    files = by_split[_pick_split(by_split, split, str(path))]
-    return datasets.load_dataset(_builder_for(files), data_files=files, split="train")
+    def __init__(self, where, field_name, message):
+        super().__init__(f"{where}, field {field_name!r}: {message}")
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -231,41 +171,35 @@ def _ids(out):
     return list(out)
 
 
-def _check_messages(value, index, name, *, allow_string):
+def _check_messages(value, where, name, *, allow_string):
     if isinstance(value, str) and allow_string:
         return [{"role": "assistant", "content": value}]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _RecordError(index, name, "expected a non-empty list of chat messages"
-                           + (" or a string" if allow_string else "")
-                           + f", got {type(value).__name__}")
-    for k, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise _RecordError(index, name, f"message {k} must be a dict with string 'role' "
-                               f"and 'content', got {m!r}"[:300])
+    problem = messages_problem(value, allow_string=allow_string)
+    if problem:
+        raise _RecordError(where, name, problem)
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _plain_ids(tokenizer, text, index, name, eos_id, cache):
+def _plain_ids(tokenizer, text, where, name, eos_id, cache):
     ids = cache.get(text)
     if ids is None:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if eos_id is not None and eos_id in ids:
-        raise _RecordError(index, name, "contains the EOS token (the EOS rule appends it)")
+        raise _RecordError(where, name, "contains the EOS token (the EOS rule appends it)")
     return ids
 
 
-def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, index, name, has_gen):
+def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, has_gen):
     try:
         out = tokenizer.apply_chat_template(
             prompt_msgs + messages, tokenize=True, return_dict=True,
             return_assistant_tokens_mask=has_gen)
     except Exception as e:  # jinja errors, unknown roles, ...
-        raise _RecordError(index, name, f"chat template failed: {e}") from None
+        raise _RecordError(where, name, f"chat template failed: {e}") from None
     full = list(out["input_ids"])
     n = len(prompt_ids)
     if full[:n] != prompt_ids:
-        raise _RecordError(index, name, "the chat template does not render the prompt (with "
+        raise _RecordError(where, name, "the chat template does not render the prompt (with "
                            "add_generation_prompt) as a prefix of prompt + completion")
     comp = full[n:]
     if has_gen:
@@ -274,24 +208,24 @@ def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, index, name, 
         while keep < len(mask) and mask[keep]:
             keep += 1
         if any(mask[keep:]) or keep == 0:
-            raise _RecordError(index, name, "the completion's tokens must be one generation "
+            raise _RecordError(where, name, "the completion's tokens must be one generation "
                                "block followed only by template tokens (multi-turn or "
                                "header-in-completion templates are not supported)")
         comp = comp[:keep]
     return comp
 
 
-def _per_token(value, index, name, n_tokens):
+def _per_token(value, where, name, n_tokens):
     if value is None:
-        raise _RecordError(index, name, "missing")
+        raise _RecordError(where, name, "missing")
     if not isinstance(value, (list, tuple)):
-        raise _RecordError(index, name, f"expected a list of floats, got {type(value).__name__}")
+        raise _RecordError(where, name, f"expected a list of floats, got {type(value).__name__}")
     if len(value) != n_tokens:
-        raise _RecordError(index, name, f"{len(value)} values for {n_tokens} completion tokens")
+        raise _RecordError(where, name, f"{len(value)} values for {n_tokens} completion tokens")
     out = []
     for k, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _RecordError(index, name, f"value {k} is {v!r}, not a finite number")
+            raise _RecordError(where, name, f"value {k} is {v!r}, not a finite number")
         out.append(float(v))
     return out
 
@@ -312,56 +246,56 @@ def _truncate(prompt, comps, lists, cfg):
     return prompt, comps, lists, prompt_cut, comp_cut
 
 
-def _tokenize_record(rec, index, tokenizer, cfg, list_cols, has_gen, cache):
+def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cache):
     eos_id = tokenizer.eos_token_id
     for f in _TEXT_FIELDS:
         if rec[f] is None:
-            raise _RecordError(index, f, "missing")
+            raise _RecordError(where, f, "missing")
     chat = not isinstance(rec["prompt"], str)
     if chat:
-        prompt_msgs = _check_messages(rec["prompt"], index, "prompt", allow_string=False)
+        prompt_msgs = _check_messages(rec["prompt"], where, "prompt", allow_string=False)
         try:
             prompt_ids = _ids(tokenizer.apply_chat_template(
                 prompt_msgs, tokenize=True, add_generation_prompt=True, return_dict=True))
         except Exception as e:
-            raise _RecordError(index, "prompt", f"chat template failed: {e}") from None
+            raise _RecordError(where, "prompt", f"chat template failed: {e}") from None
     else:
-        prompt_ids = _plain_ids(tokenizer, rec["prompt"], index, "prompt", eos_id, cache)
+        prompt_ids = _plain_ids(tokenizer, rec["prompt"], where, "prompt", eos_id, cache)
         if cfg.add_bos and tokenizer.bos_token_id is not None:
             prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     if not prompt_ids:
-        raise _RecordError(index, "prompt", "empty: no position predicts the first completion "
+        raise _RecordError(where, "prompt", "empty: no position predicts the first completion "
                            "token (give a prompt or add_bos=True)")
     comps = []
     for side in ("chosen", "rejected"):
         value = rec[side]
         if chat:
-            msgs = _check_messages(value, index, side, allow_string=True)
+            msgs = _check_messages(value, where, side, allow_string=True)
             replies = [m["content"] for m in msgs if m["role"] == "assistant"]
             if not replies:
-                raise _RecordError(index, side, "no assistant message")
+                raise _RecordError(where, side, "no assistant message")
             if not "".join(replies).strip():
-                raise _RecordError(index, side, "empty response")
-            comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, index, side,
+                raise _RecordError(where, side, "empty response")
+            comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, where, side,
                                     has_gen)
             if not cfg.add_eos and comp and comp[-1] == eos_id:
                 comp = comp[:-1]
         else:
             if not isinstance(value, str):
-                raise _RecordError(index, side, f"expected a string (the prompt is a string), "
+                raise _RecordError(where, side, f"expected a string (the prompt is a string), "
                                    f"got {type(value).__name__}")
             if not value.strip():
-                raise _RecordError(index, side, "empty response")
-            comp = _plain_ids(tokenizer, value, index, side, eos_id, cache)
+                raise _RecordError(where, side, "empty response")
+            comp = _plain_ids(tokenizer, value, where, side, eos_id, cache)
         if cfg.add_eos and (not comp or comp[-1] != eos_id):
             comp = comp + [eos_id]
         if not comp:
-            raise _RecordError(index, side, "empty response (no completion tokens)")
+            raise _RecordError(where, side, "empty response (no completion tokens)")
         comps.append(comp)
     lists = {}
     for c_col, r_col in list_cols:
-        lists[c_col] = _per_token(rec[c_col], index, c_col, len(comps[0]))
-        lists[r_col] = _per_token(rec[r_col], index, r_col, len(comps[1]))
+        lists[c_col] = _per_token(rec[c_col], where, c_col, len(comps[0]))
+        lists[r_col] = _per_token(rec[r_col], where, r_col, len(comps[1]))
     prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg)
     row = {"record_index": index, "prompt_ids": prompt_ids, "chosen_ids": comps[0],
            "rejected_ids": comps[1], **lists}
@@ -396,8 +330,12 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
     Invalid records raise ``ValueError("record 17, field 'chosen_weight': 12 values for 11
     completion tokens")``: a missing field, a non-string (or malformed chat) value, an empty
     response, a per-token list whose length differs from the completion's token count, a
-    non-finite value. With ``cfg.skip_invalid`` they are dropped instead and counted in the
-    report (a column missing from every record still raises).
+    non-finite value. When the dataset has the string column ``SOURCE_COLUMN`` (records
+    loaded with ``load_preference_dataset(source_prefix=...)``), a record with a non-empty
+    value there is named by it instead of by its row ("data.train pairs.jsonl line 18
+    (record 17), field 'chosen_weight': …", right after any split or shuffle); the column is
+    not in the output. With ``cfg.skip_invalid`` invalid records are dropped instead and
+    counted in the report (a column missing from every record still raises).
     """
     cfg = TokenizeConfig() if cfg is None else cfg
     if not isinstance(cfg, TokenizeConfig):
@@ -420,6 +358,7 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
     template = getattr(tokenizer, "chat_template", None)
     has_gen = isinstance(template, str) and bool(_GENERATION_RE.search(template))
     needed = list(_TEXT_FIELDS) + [c for pair in list_cols for c in pair]
+    named = SOURCE_COLUMN in cols
     features = _features(list_cols)
 
     def fn(batch, indices):
@@ -428,11 +367,13 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
         texts = list({t for f in _TEXT_FIELDS for t in batch[f] if isinstance(t, str)})
         cache = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) \
             if texts else {}
-        for j, index in enumerate(indices):
+        sources = batch[SOURCE_COLUMN] if named else [None] * len(indices)
+        for j, (index, source) in enumerate(zip(indices, sources)):
             rec = {k: batch[k][j] for k in needed}
+            where = source if isinstance(source, str) and source else f"record {index}"
             try:
-                row, p_cut, c_cut = _tokenize_record(rec, index, tokenizer, cfg, list_cols,
-                                                     has_gen, cache)
+                row, p_cut, c_cut = _tokenize_record(rec, index, where, tokenizer, cfg,
+                                                     list_cols, has_gen, cache)
                 error = ""
             except _RecordError as e:
                 if not cfg.skip_invalid:

@@ -1,0 +1,226 @@
+"""Faults across stages: changed options on resume, a second process on the run directory,
+SIGTERM to a running command, a diverging stage, the user's own token weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+import torch
+
+from tisdpo import cli
+from tisdpo.pipeline import context, stages, weights
+from tisdpo.pipeline.fingerprint import StageOptionsChanged
+from tisdpo.pipeline.lock import RunLocked, run_lock
+from tisdpo.train.checkpoint import checkpoints, stage_done
+from tisdpo.train.data import tokenize_pairs
+from tisdpo.train.synthetic import make_synthetic_task
+
+TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
+        "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "48",
+        "--data.synthetic_train", "16", "--data.synthetic_eval", "4", "--device", "cpu",
+        "--threads", "1", "--log.progress", "false", "--log.tensorboard", "false"]
+DPO = ["train", "--policy.method", "dpo", "--policy.max_steps", "4", "--policy.batch_size", "4",
+       "--policy.lr", "1e-3", "--policy.warmup_steps", "1"] + TINY
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    yield
+    torch.set_num_threads(n)
+
+
+def _cli(args, capsys):
+    code = cli.main(args)
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ options on resume
+
+def test_changed_option_after_a_stop_is_refused_by_name(tmp_path, capsys):
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run + ["--policy.stop_after", "2"], capsys)[0] == 0
+    code, err = _cli(DPO + run + ["--policy.lr", "5e-4"], capsys)
+    assert code == 1 and "policy.lr=0.001 then, 0.0005 now" in err and err.count("\n") == 1
+    assert len(checkpoints(str(tmp_path / "policy"))) == 1          # nothing touched
+    # options that do not change the result may change; the same options resume
+    code, err = _cli(DPO + run + ["--policy.save_every", "1", "--policy.eval_every", "3"],
+                     capsys)
+    assert code == 0, err
+    assert json.load(open(tmp_path / "policy" / "done.json"))["steps"] == 4
+
+
+def test_finished_stage_with_other_options_is_not_reported_done(tmp_path, capsys):
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run, capsys)[0] == 0
+    code, err = _cli(DPO + run + ["--policy.beta", "0.3"], capsys)
+    assert code == 1 and "policy.beta" in err and "delete" in err
+    # starting afresh is allowed and records the new options
+    assert _cli(DPO + run + ["--policy.beta", "0.3", "--pipeline.resume", "false"], capsys)[0] == 0
+    opts = json.load(open(tmp_path / "policy" / "options.json"))["options"]
+    assert opts["policy.beta"] == 0.3
+
+
+def test_redo_without_resume_is_never_done_with_old_results(tmp_path, capsys):
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run, capsys)[0] == 0
+    code, _ = _cli(DPO + run + ["--pipeline.resume", "false", "--policy.stop_after", "1"],
+                   capsys)
+    assert code == 0 and not stage_done(str(tmp_path / "policy"))
+
+
+def _tiny_cfg(root):
+    from test_stages import tiny_cfg
+
+    return tiny_cfg(root)
+
+
+def test_interrupted_weights_pass_is_not_mixed_with_another_rule(tmp_path, monkeypatch):
+    ctx = context.make_context(_tiny_cfg(tmp_path))
+    stages.run_contrastive(ctx)
+    monkeypatch.setattr(weights, "SHARD", 8)
+    real, calls = weights._estimate_shard, []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "_estimate_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        weights.run_weights(ctx)
+    assert os.listdir(ctx.path("weights", "_shards"))            # one shard on disk
+    other = _tiny_cfg(tmp_path)
+    other.weights.method = "exp_clamp"
+    with pytest.raises(StageOptionsChanged, match="weights.method=None then, 'exp_clamp' now"):
+        weights.run_weights(context.make_context(other))
+    # and a changed contrastive model (another digest) is refused too
+    with open(ctx.path("contrastive", "positive", "done.json"), "a") as fh:
+        fh.write(" ")
+    with pytest.raises(StageOptionsChanged, match="contrastive/positive has changed"):
+        weights.run_weights(ctx)
+
+
+# ------------------------------------------------------------------ one process per run_dir
+
+def test_second_process_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
+    with run_lock(str(tmp_path)):
+        proc = subprocess.run([sys.executable, "-m", "tisdpo.cli"] + DPO
+                              + ["--run_dir", str(tmp_path), "--seed", "1"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        assert f"in use by process {os.getpid()}" in proc.stderr
+        assert not os.path.exists(tmp_path / "config.yaml")        # nothing written
+    with run_lock(str(tmp_path)):                                 # released, then reusable
+        with run_lock(str(tmp_path)):                              # nested: shared
+            pass
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path):
+    code = ("import os, sys, time\n"
+            "from tisdpo.pipeline.lock import run_lock\n"
+            f"with run_lock({str(tmp_path)!r}):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"process {proc.pid}"):
+            with run_lock(str(tmp_path)):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(str(tmp_path)):                                 # no stale lock after kill -9
+        pass
+
+
+# ------------------------------------------------------------------ signals, divergence
+
+def test_sigterm_checkpoints_and_exits_128_plus_15_then_resumes(tmp_path):
+    run = str(tmp_path)
+    args = [sys.executable, "-m", "tisdpo.cli"] + DPO + ["--run_dir", run, "--policy.max_steps",
+                                                        "400", "--log.every", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "policy" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    (ckpt,) = checkpoints(str(tmp_path / "policy"))
+    assert "stopped on SIGTERM" in err and not stage_done(str(tmp_path / "policy"))
+    step = int(ckpt.rsplit("-", 1)[1])
+    assert 2 <= step < 400
+    lines = [json.loads(x) for x in open(metrics)]
+    assert max(r["step"] for r in lines) == step                # logged up to the checkpoint
+
+
+def test_diverging_contrastive_stage_fails_and_is_not_done(tmp_path, capsys):
+    code, err = _cli(["contrastive", "--run_dir", str(tmp_path), "--contrastive.lr", "1e30",
+                      "--contrastive.max_steps", "6", "--contrastive.max_grad_norm", "1e30"]
+                     + TINY, capsys)
+    assert code == 1 and "non-finite at step" in err and err.count("\n") == 1
+    assert not stage_done(str(tmp_path / "contrastive" / "positive"))
+    assert not stage_done(str(tmp_path / "contrastive"))
+
+
+def test_non_finite_contrastive_scores_are_an_error_naming_the_record(tmp_path, monkeypatch):
+    ctx = context.make_context(_tiny_cfg(tmp_path))
+    stages.run_contrastive(ctx)
+    real = weights.completion_logps
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[1][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(weights, "completion_logps", poisoned)
+    with pytest.raises(ValueError, match=r"record \d+ \(chosen\): non-finite token score"):
+        weights.run_weights(ctx)
+    assert not stage_done(ctx.path("weights"))
+
+
+# ------------------------------------------------------------------ the user's own weights
+
+def test_train_uses_token_weights_from_the_users_file(tmp_path, capsys):
+    cfg = _tiny_cfg(tmp_path)
+    ctx = context.make_context(cfg)
+    train, _, _ = make_synthetic_task(12, 0, seed=3)
+    tok, _ = tokenize_pairs(datasets.Dataset.from_list(train), ctx.tokenizer,
+                            context.tokenize_cfg(cfg, "tisdpo"))
+    path = tmp_path / "mine.jsonl"
+    with open(path, "w") as fh:
+        for rec, t in zip(train, tok):
+            rec = {k: rec[k] for k in ("prompt", "chosen", "rejected")}
+            rec["chosen_weight"] = [0.5] * len(t["chosen_ids"])
+            rec["rejected_weight"] = [1.5] * len(t["rejected_ids"])
+            fh.write(json.dumps(rec) + "\n")
+    args = ["train", "--data.train", str(path), "--data.max_length", str(cfg.data.max_length),
+            "--data.max_prompt_length", str(cfg.data.max_prompt_length), "--policy.max_steps",
+            "2", "--policy.batch_size", "4", "--policy.lr", "1e-2", "--policy.method", "tisdpo"] + TINY
+    loss = {}
+    for mode in ("auto", "equal"):              # auto: the file's weights; equal: all ones
+        run = tmp_path / mode
+        code, err = _cli(args + ["--run_dir", str(run), "--policy.token_weights", mode], capsys)
+        assert code == 0, err
+        loss[mode] = json.load(open(run / "policy" / "done.json"))["metrics"]["loss"]
+    assert loss["auto"] != loss["equal"]        # the weights reached the loss (step 2)
+
+
+def test_base_model_with_other_sizes_is_refused(tmp_path):
+    context.base_model_path(context.make_context(_tiny_cfg(tmp_path)))
+    other = _tiny_cfg(tmp_path)
+    other.model.tiny_layers = 2
+    with pytest.raises(StageOptionsChanged, match="model.tiny_layers=1 then, 2 now"):
+        context.base_model_path(context.make_context(other))
+    context.base_model_path(context.make_context(_tiny_cfg(tmp_path)))     # same: reused
