@@ -57,6 +57,9 @@ class ModelConfig:
                                               "(model.gradient_checkpointing_enable)")
     attn_implementation: str = opt("sdpa", "attention backend passed to transformers "
                                            "(sdpa, eager, flash_attention_2, flex_attention)")
+    check_head: bool = opt(True, "at load, check on a tiny probe batch that tisdpo's fused head "
+                                 "(hidden states, LM-head weight, logit scale and soft cap) "
+                                 "reproduces the model's own log-probabilities; refuse if not")
     tiny_hidden_size: int = opt(64, "tiny demo model: hidden size")
     tiny_layers: int = opt(2, "tiny demo model: decoder layers")
     tiny_heads: int = opt(4, "tiny demo model: attention heads")

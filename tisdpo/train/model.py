@@ -2,19 +2,22 @@
 
 The training code never asks a model for logits. :func:`hidden_states` runs the decoder
 (``model.<base_model_prefix>``, i.e. ``model.model`` for Llama/Qwen/Mistral) and returns the
-last hidden state, the input of ``lm_head``; :func:`head` returns the LM-head weight and bias
-and the logit softcap, which the fused ops take instead of logits. Tied embeddings need
-nothing special: the head weight *is* the embedding matrix and gets both gradients.
+last hidden state, the input of ``lm_head``; :func:`head` returns the LM-head weight and bias,
+the logit softcap and scale, which the fused ops take instead of logits (both live in
+``tisdpo.train.headcheck`` with :func:`check_head`, which :func:`load_model` runs on every
+model it loads unless ``model.check_head`` is false). Tied embeddings need nothing special:
+the head weight *is* the embedding matrix and gets both gradients.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from tisdpo.train.config import ModelConfig
+from tisdpo.train.headcheck import HeadSpec, check_head, decoder, head, hidden_states
 from tisdpo.train.validation import DEVICE_FORMS, DEVICE_RE
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
@@ -22,8 +25,10 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 __all__ = [
     "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
     "disable_dropout", "autocast", "compute_dtype", "resolve_device", "save_model",
-    "enable_activation_checkpointing", "check_model_dir",
+    "enable_activation_checkpointing", "check_model_dir", "check_head", "decoder",
 ]
+
+log = logging.getLogger("tisdpo")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,14 +153,15 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
         check_model_dir(src, "model.path" if src == cfg.path else "model")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=_weight_dtype(cfg), attn_implementation=cfg.attn_implementation)
+        model = _from_pretrained(AutoModelForCausalLM, src, cfg)
     else:
         if tokenizer is None:
             raise ValueError("building the tiny demo model needs the tokenizer (vocab size)")
         model = build_tiny_model(cfg, len(tokenizer), seed=seed, tokenizer=tokenizer)
     model.to(device=device, dtype=_weight_dtype(cfg))
     disable_dropout(model)
+    if cfg.check_head:
+        check_head(model, autocast=autocast(cfg, device))
     if trainable:
         model.train()
         if cfg.gradient_checkpointing:
@@ -164,6 +170,25 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def _from_pretrained(auto, src: str, cfg: ModelConfig):
+    """``from_pretrained`` with ``cfg.attn_implementation``; the default ``sdpa`` falls back to
+    ``eager`` (with a log line) for a class that does not support it, any other choice raises
+    a one-line error naming the option."""
+    try:
+        return auto.from_pretrained(src, dtype=_weight_dtype(cfg),
+                                    attn_implementation=cfg.attn_implementation)
+    except (ValueError, ImportError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "attention" not in msg.lower() or cfg.attn_implementation == "eager":
+            raise
+        if cfg.attn_implementation != "sdpa":
+            raise ValueError(f"--model.attn_implementation {cfg.attn_implementation}: not "
+                             f"usable for {src} ({msg}); choose another, e.g. eager or sdpa"
+                             ) from None
+    log.warning("model %s does not support attn_implementation=sdpa; using eager", src)
+    return auto.from_pretrained(src, dtype=_weight_dtype(cfg), attn_implementation="eager")
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -197,61 +222,3 @@ def disable_dropout(model) -> None:
         for attr in ("attention_dropout", "dropout", "hidden_dropout"):
             if isinstance(getattr(mod, attr, None), float):
                 setattr(mod, attr, 0.0)
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """What the fused ops need instead of logits: z = softcap(W·(scale·h) + b)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    scale: float
-
-
-def head(model) -> HeadSpec:
-    """The LM head's weight [V, D] and bias, and the model's logit softcap / scale.
-
-    Cohere-style ``logit_scale`` and Granite-style ``logits_scaling`` are folded into a
-    scale on the hidden states (exact: W·(s·h) = s·(W·h)).
-    """
-    lm = model.get_output_embeddings()
-    if lm is None or not hasattr(lm, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse")
-    conf = model.config
-    softcap = getattr(conf, "final_logit_softcapping", None)
-    scale = 1.0
-    if getattr(conf, "logit_scale", None) not in (None, 1, 1.0):
-        scale *= float(conf.logit_scale)
-    if getattr(conf, "logits_scaling", None) not in (None, 1, 1.0):
-        scale /= float(conf.logits_scaling)
-    return HeadSpec(lm.weight, getattr(lm, "bias", None), softcap, scale)
-
-
-def decoder(model):
-    """The transformer body whose ``last_hidden_state`` feeds ``lm_head``."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder body "
-                         f"(model.{getattr(model, 'base_model_prefix', 'model')})")
-    return base
-
-
-def hidden_states(model, batch: dict, *, attention=None) -> torch.Tensor:
-    """Last hidden states [rows, T, D] for ``batch`` (input_ids, attention_mask, position_ids).
-
-    ``attention`` overrides the attention mask passed to the model (e.g. a block-diagonal
-    mask or flash-attn varlen kwargs for packed rows, as a dict of keyword arguments).
-    """
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if attention is not None:
-        kwargs.update(attention)
-    else:
-        if batch.get("attention_mask") is not None:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        if batch.get("position_ids") is not None:
-            kwargs["position_ids"] = batch["position_ids"]
-    out = decoder(model)(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    spec_scale = head(model).scale
-    return hidden * spec_scale if spec_scale != 1.0 else hidden
