@@ -6,6 +6,8 @@
     tisdpo weights --run_dir runs/x               # offline token weights (+ reference log-probs)
     tisdpo train --run_dir runs/x --policy.method tisdpo --policy.lr 5e-7
     tisdpo inspect --run_dir runs/x               # token-weight heat map (HTML + PNG)
+    tisdpo train --run_dir runs/x --policy.name dpo-s1 --policy.method dpo --seed 1
+    tisdpo compare --run_dir runs/x --baseline dpo  # named policies: mean ± SE, paired diffs
     torchrun --nproc_per_node=8 -m tisdpo.cli train --run_dir runs/x --distributed.mode fsdp2
 
 Every option is ``--section.option value`` (``tisdpo <command> --help`` lists them with their
@@ -22,6 +24,7 @@ import signal
 import sys
 
 from tisdpo.pipeline import stages, weights
+from tisdpo.pipeline.compare import DEFAULT_GROUP, run_compare
 from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
@@ -48,6 +51,11 @@ COMMANDS = {
                   "log", "distributed")),
     "inspect": ("render chosen/rejected token weights as a colour heat map (HTML + PNG)",
                 ("model", "data", "weights", "policy")),
+    "compare": ("compare a run's named policies (policy.name): per method mean ± standard "
+                "error over seeds of the held-out metrics (and the synthetic task's sampled "
+                "reward), paired differences vs a baseline; Markdown to stdout, JSON to "
+                "<run_dir>/compare.json. Options default to <run_dir>/config.yaml",
+                ("model", "data", "demo")),
     "demo": ("the whole pipeline on a synthetic task with planted good/bad tokens, on CPU in "
              "minutes; prints AUC of the weights and DPO vs TIS-DPO vs ablations",
              ("model", "data", "sft", "contrastive", "weights", "policy", "pipeline", "log",
@@ -97,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--fast", action="store_true",
                            help="tiny sizes for a smoke test (seconds; numbers meaningless)")
+            p.add_argument("--task", choices=("easy", "hard"), default=None,
+                           help="the synthetic task (data.synthetic_task): easy = one-token "
+                                "words; hard = multi-token words whose quality depends on "
+                                "the prompt")
+        if name == "compare":
+            _compare_args(p)
         if name == "inspect":
             p.add_argument("--data", default=None, metavar="PATH",
                            help="weighted records to show (a save_to_disk directory or a "
@@ -112,11 +126,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", nargs="+", default=None, metavar="PATTERN",
+                   help="only policies whose name matches one of these shell-style patterns "
+                        "(default: every finished policy: policy/, policies/<name>/ and the "
+                        "demo's policy-*/)")
+    p.add_argument("--group", default=None, metavar="REGEX",
+                   help="regular expression splitting a policy name into (?P<method>...) and "
+                        "optionally (?P<seed>...); default %r reads <method>-s<seed> "
+                        "(tisdpo_lr3e-5-s2: method tisdpo_lr3e-5, seed 2); a name without a "
+                        "seed uses the seed its done.json records" % DEFAULT_GROUP.replace(
+                            "%", "%%"))
+    p.add_argument("--baseline", default=None, metavar="METHOD",
+                   help="method the others are paired with by seed (default: dpo when "
+                        "present, else the first method in sorted order)")
+    p.add_argument("--metrics", default=None, metavar="KEYS",
+                   help="comma-separated done.json metrics (default: eval/rewards/accuracies_"
+                        "unweighted, eval/rewards/accuracies, eval/logps/chosen_delta, "
+                        "eval/logps/rejected_delta)")
+    p.add_argument("--reward", default="auto", choices=("auto", "on", "off"),
+                   help="sample responses for held-out prompts and score them with the "
+                        "synthetic task's reward (auto: when data.train is empty)")
+
+
+def _compare_config(args: argparse.Namespace) -> None:
+    """compare reads the run's own options: --config defaults to <run_dir>/config.yaml."""
+    if args.config is None:
+        run_dir = vars(args).get("run_dir", RunConfig().run_dir)
+        path = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(path):
+            args.config = path
+
+
 def resolve(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
     """Defaults (or ``base``) < YAML file < command-line flags."""
     flags = {k: v for k, v in vars(args).items() if k in _TOP or "." in k}
     if getattr(args, "fast", False):
         flags.setdefault("demo.fast", True)
+    if getattr(args, "task", None):
+        flags.setdefault("data.synthetic_task", args.task)
     return build_config(args.config, flags, base=base)
 
 
@@ -142,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         fast = args.fast or _flag_in(args, "demo.fast")
         base = demo_config(fast=fast)
+    if args.command == "compare":
+        _compare_config(args)
     try:
         cfg = resolve(args, base)
     except ValueError as err:
@@ -179,7 +229,7 @@ _EXPECTED = (ValueError, OSError, RunLocked, TrainingDiverged)
 
 def _locked_run(args, cfg: RunConfig) -> int:
     text = dump_yaml(cfg)
-    if args.command == "inspect":          # inspect only reads the run
+    if args.command in ("inspect", "compare"):    # they only read the run (compare.json aside)
         return _run(args, cfg)
     with run_lock(cfg.run_dir):            # before anything in run_dir is written
         dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -201,6 +251,11 @@ STAGES = {"sft": stages.run_sft, "contrastive": stages.run_contrastive,
 def _run(args, cfg: RunConfig) -> int:
     if args.command == "demo":
         run_demo(cfg)
+        return 0
+    if args.command == "compare":
+        run_compare(cfg, policies=args.policies, group=args.group, baseline=args.baseline,
+                    metrics=[m.strip() for m in args.metrics.split(",") if m.strip()]
+                    if args.metrics else None, reward=args.reward)
         return 0
     if args.command == "inspect":
         paths = inspect_run(cfg, data=args.data, split=args.split, pairs=args.pairs,

@@ -128,7 +128,8 @@ def load_stage_model(ctx: Context, path: str, *, trainable: bool):
 # ---------------------------------------------------------------------------- data
 
 def load_records(ctx: Context):
-    """(train, eval) raw preference records; the synthetic task when data.train is empty.
+    """(train, eval) raw preference records; the synthetic task (``data.synthetic_task``:
+    easy or hard) when data.train is empty.
 
     The files are read and checked whole, before ``data.eval_fraction`` of train is held
     out (a shuffled split), so a bad record is named by its file, line and field
@@ -156,7 +157,7 @@ def load_records(ctx: Context):
 
     if not cfg.data.train:
         train, test, _ = make_synthetic_task(cfg.data.synthetic_train, cfg.data.synthetic_eval,
-                                             seed=cfg.seed)
+                                             seed=cfg.seed, task=cfg.data.synthetic_task)
         train, test = datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
     else:
         train = load("train")

@@ -55,7 +55,8 @@ from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.synthetic import SyntheticInfo
 from tisdpo.train.trainer import rows_of
 
-__all__ = ["demo_config", "run_demo", "auc", "format_table"]
+__all__ = ["demo_config", "run_demo", "auc", "format_table", "held_out_prompts",
+           "sample_rewards", "standard_error"]
 
 log = logging.getLogger("tisdpo")
 
@@ -164,6 +165,15 @@ def _sequence_sums(ctx, model, tok, impl: str) -> torch.Tensor:
     return torch.cat(out).double()
 
 
+def held_out_prompts(ctx):
+    """(tokenised held-out pairs: text tokens, no EOS; the first ``demo.sample_prompts`` of
+    their prompt ids): what the task reward is sampled for."""
+    _, eval_raw = load_records(ctx)
+    tok_eval = tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
+    n = min(ctx.cfg.demo.sample_prompts, len(tok_eval))
+    return tok_eval, [tok_eval[i]["prompt_ids"] for i in range(n)]
+
+
 @torch.no_grad()
 def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> dict:
     """Mean task reward of one response per prompt (same RNG stream for every model)."""
@@ -194,10 +204,13 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
             "samples": len(rewards), "examples": examples}
 
 
-def _se(values) -> float:
-    """Standard error of the mean."""
+def standard_error(values) -> float:
+    """Standard error of the mean (sample standard deviation / √n); nan for fewer than 2."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+
+
+_se = standard_error
 
 
 # ---------------------------------------------------------------------------- table
@@ -320,12 +333,9 @@ def run_demo(cfg: RunConfig) -> dict:
     log.info("demo: evaluating")
 
     impl = cfg.policy.impl
-    _, eval_raw = load_records(ctx)
-    tok_eval = tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
+    tok_eval, prompts = held_out_prompts(ctx)
     ref = load_stage_model(ctx, reference_path(ctx), trainable=False)
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
-    prompts = [tok_eval[i]["prompt_ids"] for i in range(min(cfg.demo.sample_prompts,
-                                                            len(tok_eval)))]
     rows = [{"method": "reference (SFT)", "accuracy": None,
              **sample_rewards(ctx, ref, prompts, info, seed=cfg.seed)}]
     by_label = {}

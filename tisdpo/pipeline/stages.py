@@ -8,10 +8,20 @@ Everything lives under ``run_dir`` and each stage reads what the previous one wr
     weights/{train,eval}/     records + per-token columns, save_to_disk      (``weights``)
     weights/{train,eval}.jsonl, weights/meta.json
     policy/final/             the trained policy                            (``train``)
+    policies/<name>/final/    a named policy (``policy.name``), same upstream stages
 
 A stage directory with ``done.json`` is finished and skipped on the next run (unless
 ``pipeline.resume`` is false); an unfinished training stage continues from its latest
 checkpoint; the weight pass continues from its last finished shard.
+
+Named policies: ``policy.name`` other than ``policy`` trains into ``policies/<name>/``
+(:func:`policy_dir`), reading the run's sft, contrastive and weights stages like the default
+policy does, so methods, learning rates and seeds compare on one set of upstream stages
+(``tisdpo compare``). A policy folder's ``options.json`` records every ``policy.*`` option
+except ``policy.name`` itself: the name is where the result is, not what it depends on, so
+a changed option under an existing name is refused (never reported as done) while a new
+name trains, and a finished policy folder can be renamed (``mv policies/a policies/b``)
+and is still recognised under ``--policy.name b``.
 
 The run's context (directories, data, tokenisation, collators) is
 :mod:`tisdpo.pipeline.context`; the weights stage and the per-token columns it stores are
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 
 
 from tisdpo.loss import TISDPOLoss
@@ -36,11 +46,15 @@ from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.config import PolicyConfig, TrainConfig
 from tisdpo.train.data import reverse_pairs
 from tisdpo.train.model import head
-from tisdpo.train.objectives import PreferenceObjective, SFTObjective
+from tisdpo.train.objectives import PreferenceObjective, SFTObjective, displacement_warning
 from tisdpo.train.trainer import Trainer
 from tisdpo_kernels import get_preset
 
-__all__ = ["run_sft", "run_dpo", "run_contrastive", "run_policy", "run_pipeline"]
+__all__ = ["run_sft", "run_dpo", "run_contrastive", "run_policy", "run_pipeline", "policy_dir",
+           "POLICIES_DIR"]
+
+#: where named policies live under run_dir (``policy.name`` other than "policy")
+POLICIES_DIR = "policies"
 
 # ---------------------------------------------------------------------------- training stages
 
@@ -62,11 +76,14 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
     if result.get("stopped"):
         raise StageStopped(desc, result["step"], result.get("signal"))
     log.info("%s: done, %s", desc, _short(result))
+    displacement_warning(result, desc)
     return final
 
 
 def _short(metrics: dict) -> str:
-    keys = ("loss", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/nll")
+    keys = ("loss", "eval/loss", "eval/rewards/accuracies", "eval/rewards/accuracies_unweighted",
+            "eval/rewards/margins", "eval/logps/chosen_delta", "eval/logps/rejected_delta",
+            "eval/nll")
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
@@ -144,6 +161,34 @@ def run_contrastive(ctx: Context) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- policy
 
+#: the WeightParams fields each rule reads (docs/ALGORITHMS.md §2)
+_RULE_FIELDS = {"exp_clamp": ("k", "lower", "upper"),
+                "threshold_and_scale": ("clip_lower", "clip_upper", "w_min", "w_max"),
+                "threshold": ("clip_lower", "clip_upper"), "rank_based": ("w_min", "w_max"),
+                "binary": ("top_percent",), "cdpo": ("only_neg",), "origin": ()}
+
+
+def _params_dict(params) -> dict:
+    return asdict(params) if is_dataclass(params) else dict(vars(params))
+
+
+def _rule_params(rule: str, params) -> str:
+    """``k=1.0, lower=-0.5, ...``: the parameters ``rule`` uses (all of them if unknown)."""
+    values = _params_dict(params)
+    names = _RULE_FIELDS.get(rule, tuple(values))
+    names = tuple(names) + (("round_decimals",) if values.get("round_decimals") is not None
+                            else ())
+    rule_fields = {f for fs in _RULE_FIELDS.values() for f in fs} | {"round_decimals"}
+    names += tuple(n for n in values if n not in rule_fields)    # e.g. span options
+    return ", ".join(f"{n}={values[n]}" for n in names if n in values) or "no parameters"
+
+
+def policy_dir(name: str = "policy") -> str:
+    """The folder (relative to run_dir) of the policy ``policy.name = name``: ``policy`` for
+    the default name, else ``policies/<name>``."""
+    return "policy" if name == "policy" else os.path.join(POLICIES_DIR, name)
+
+
 def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     """(train_raw, eval_raw, use_weights, has_ref) for policy training."""
     preset = get_preset(pcfg.method)
@@ -188,6 +233,9 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     if mode == "recompute":
         rule, params = weight_rule(ctx.cfg, pcfg.method)
         kind = (meta or {}).get("score_kind", "c_t")
+        log.info("policy (%s): token_weights=recompute: applying the weight rule %s (%s) to "
+                 "the stored %s scores%s", pcfg.method, rule, _rule_params(rule, params), kind,
+                 f" (the stored weights were made with {made_with})" if made_with else "")
         train_raw, eval_raw = (apply_rule(r, rule, params, pcfg.impl, score_kind=kind)
                                for r in (train_raw, eval_raw))
     elif mode == "random":
@@ -202,16 +250,23 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
 
 
-def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "policy",
+def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None = None,
                seed: int | None = None) -> str:
     """Policy training with ``policy.method`` on the weights stage's data; returns final dir.
 
-    ``seed`` (default: the run's) sets the data order and the random-weight ablation's draws.
+    ``name``: the stage folder relative to run_dir (default: :func:`policy_dir` of
+    ``pcfg.name``). ``seed`` (default: ``pcfg.seed``, else the run's) sets the data order and
+    the random-weight ablation's draws.
     """
     pcfg = pcfg or ctx.cfg.policy
+    name = name or policy_dir(pcfg.name)
+    if seed is None:
+        seed = pcfg.seed
     out_dir = ctx.path(name)
     options = stage_options(ctx.cfg, ("policy", "weights", "pipeline"), overrides={"policy": pcfg},
                             upstream=upstream(ctx, ctx.path("weights")))
+    options["options"].pop("policy.name", None)      # the folder, not an option of the result
+    options["options"].pop("policy.seed", None)      # recorded as the seed it resolves to
     options["options"]["seed"] = ctx.cfg.seed if seed is None else seed
     if enter_stage(ctx, out_dir, options, name):
         return os.path.join(out_dir, "final")
@@ -220,13 +275,20 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str = "poli
     tok_train = tokenize_records(ctx, train_raw, pcfg.method, f"{name} train")
     tok_eval = tokenize_records(ctx, eval_raw, pcfg.method, f"{name} eval")
     needs_ref = not preset.config.reference_free and (preset.config.uses_kl or not has_ref)
+    if preset.config.reference_free and not has_ref:
+        log.info("%s (%s): reference-free, and the data has no stored reference log-probs: "
+                 "rewards/accuracies_unweighted and logps/*_delta are not reported", name,
+                 pcfg.method)
     ref_path = reference_path(ctx) if needs_ref else None
     ref = load_stage_model(ctx, ref_path, trainable=False) if needs_ref else None
+    extra = {"method": pcfg.method, "token_weights": pcfg.token_weights,
+             "reference": ref_path or "precomputed ref_logps",
+             "seed": ctx.cfg.seed if seed is None else seed, "lr": pcfg.lr, "beta": pcfg.beta}
+    if pcfg.token_weights == "recompute":
+        rule, params = weight_rule(ctx.cfg, pcfg.method)
+        extra.update(weight_rule=rule, weight_params=_params_dict(params))
     return _train(ctx, pcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
-                  eval_tok=tok_eval, desc=name, options=options,
-                  extra={"method": pcfg.method, "token_weights": pcfg.token_weights,
-                         "reference": ref_path or "precomputed ref_logps",
-                         "seed": ctx.cfg.seed if seed is None else seed}, seed=seed,
+                  eval_tok=tok_eval, desc=name, options=options, extra=extra, seed=seed,
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, pcfg.method, pcfg.beta, pcfg.impl, ref_model=ref,
                       use_weights=use_weights))

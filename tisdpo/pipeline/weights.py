@@ -22,6 +22,12 @@ tokenisation (recorded in ``weights/meta.json``):
 Tokens cut off by ``data.max_length`` get 0.0 in every column (they are cut again, with their
 tokens, when the same configuration tokenises the records for training). The pass writes
 shards of 2048 pairs and resumes from the last finished shard.
+
+Spans and balance (``weights.span``, ``weights.span_reduce``, ``weights.balance``; see
+:mod:`tisdpo.pipeline.spans`): the rule may see c_t pooled over each word's (or a given
+span's) tokens, and its weights may be rescaled to mean 1 afterwards — in this stage and,
+identically, in ``policy.token_weights=recompute`` (:func:`apply_rule`). ``*_score`` stays
+the raw per-token c_t.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ from tisdpo.pipeline.context import (
     load_stage_model, log, make_collator, reference_path, tokenize_cfg, tokenize_records,
 )
 from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
+from tisdpo.pipeline.spans import (
+    SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_rows,
+)
 from tisdpo.train.config import RunConfig
 from tisdpo.train.model import head
 from tisdpo.train.objectives import forward_hidden
@@ -50,15 +59,17 @@ SHARD = 2048           # pairs per shard of the pass (the unit it resumes from)
 
 
 def weight_rule(cfg: RunConfig, method: str | None = None):
-    """(weight method, WeightParams) from the weights section and the policy preset."""
-    from tisdpo_kernels import WeightParams, get_preset
+    """(weight method, RuleParams) from the weights section and the policy preset: the
+    rule's ``WeightParams`` plus ``weights.span``, ``span_reduce`` and ``balance``."""
+    from tisdpo_kernels import get_preset
 
     w = cfg.weights
     rule = w.method or get_preset(method or cfg.policy.method).weight_method or "rank_based"
-    params = WeightParams(k=w.k, lower=w.lower, upper=w.upper, clip_lower=w.clip_lower,
-                          clip_upper=w.clip_upper, w_min=w.w_min, w_max=w.w_max,
-                          top_percent=w.top_percent, only_neg=w.only_neg,
-                          round_decimals=w.round_decimals)
+    params = RuleParams(k=w.k, lower=w.lower, upper=w.upper, clip_lower=w.clip_lower,
+                        clip_upper=w.clip_upper, w_min=w.w_min, w_max=w.w_max,
+                        top_percent=w.top_percent, only_neg=w.only_neg,
+                        round_decimals=w.round_decimals, span=w.span,
+                        span_reduce=w.span_reduce, balance=w.balance)
     return rule, params
 
 
@@ -107,13 +118,17 @@ def _with_prefix(raw, prefix: str):
     return raw.map(fn, desc="contrastive prompt")
 
 
-def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl):
-    """Columns for one shard of tokenised pairs (each list: rows in order)."""
+def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
+                    spans=None):
+    """Columns for one shard of tokenised pairs (each list: rows in order); ``spans``: per
+    row (chosen, rejected) span ids to pool c_t over before the rule (``weights.span``)."""
     from tisdpo_kernels import token_weights
 
     collate = make_collator(ctx, packed=False)
     bs = ctx.cfg.weights.batch_size
-    out = {k: [] for k in ("record_index",) + SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS}
+    span_cols = SPAN_COLUMNS if spans is not None and params.span == "word" else ()
+    out = {k: [] for k in ("record_index",) + SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS
+           + span_cols}
     for start in range(0, len(rows_pol), bs):
         pol = rows_pol[start:start + bs]
         b = len(pol)
@@ -136,11 +151,20 @@ def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, imp
         _check_finite(pol, b, {"score": score, "reference log-prob": ref})
         sizes = [x.numel() for x in lp_pos]
         seq = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
-        w = token_weights(torch.cat(lp_pos), None if lp_neg is None else torch.cat(lp_neg),
-                          side=seq < b, method=rule, params=params, seq_ids=seq, impl=impl)
         c = torch.cat(score)
         if params.round_decimals is not None and rule != "cdpo":
             c = torch.round(c, decimals=params.round_decimals)
+        if spans is None:
+            w = token_weights(torch.cat(lp_pos), None if lp_neg is None else torch.cat(lp_neg),
+                              side=seq < b, method=rule, params=params, seq_ids=seq, impl=impl)
+        else:                      # the rule on the pooled stored scores, as apply_rule does
+            sid = [spans[start + j][s] for s in (0, 1) for j in range(b)]
+            if [len(x) for x in sid] != sizes:
+                raise ValueError("weights: span ids not aligned with the completion tokens")
+            pooled = pool_spans(c, torch.tensor([x for r in sid for x in r]), seq,
+                                params.span_reduce)
+            w = token_weights(pooled, torch.zeros_like(pooled), side=seq < b, method=rule,
+                              params=params, seq_ids=seq, impl=impl)
         w_rows, c_rows = w.split(sizes), c.split(sizes)
         for j, rec in enumerate(pol):
             out["record_index"].append(int(rec["record_index"]))
@@ -148,6 +172,8 @@ def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, imp
                 out[cc].append(c_rows[j + s * b].tolist())
                 out[ww].append(w_rows[j + s * b].tolist())
                 out[rr].append(ref[j + s * b].tolist() if ref is not None else None)
+            for s, col in enumerate(span_cols):
+                out[col].append(list(spans[start + j][s]))
     return out
 
 
@@ -192,11 +218,18 @@ def run_weights(ctx: Context) -> str:
     ref_path = reference_path(ctx) if cfg.weights.ref_logps else None
     if ref_path is not None:
         models["reference"] = load_stage_model(ctx, ref_path, trainable=False)
+    span = cfg.weights.span
+    if span != "token" and rule == "cdpo":
+        raise ValueError(f"weights.span={span} with the cdpo rule: cDPO's scores are "
+                         f"log-scores, not c_t, and are not pooled; use weights.span=token")
     train_raw, eval_raw = load_records(ctx)
     for split, raw in (("train", train_raw), ("eval", eval_raw)):
-        drop = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in raw.column_names]
-        raw = raw.remove_columns(drop)
+        drop = SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS + \
+            (SPAN_COLUMNS if span == "word" else ())
+        raw = raw.remove_columns([c for c in drop if c in raw.column_names])
         tok_pol = tokenize_records(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
+        full = _maybe_full(ctx, raw, tok_cfg, tok_pol)
+        spans = span_rows(raw, tok_pol, span, ctx.tokenizer, full)
         if variant == "prompt":
             c = cfg.contrastive
             tok_pos = tokenize_records(ctx, _with_prefix(raw, c.positive_prompt), "",
@@ -211,7 +244,8 @@ def run_weights(ctx: Context) -> str:
             if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
                 idx = range(start, min(start + shard_size, len(tok_pol)))
                 cols = _estimate_shard(ctx, rows_of(tok_pol, idx), rows_of(tok_pos, idx),
-                                       rows_of(tok_neg, idx), models, rule, params, impl)
+                                       rows_of(tok_neg, idx), models, rule, params, impl,
+                                       spans=None if spans is None else spans[idx.start:idx.stop])
                 if ref_path is None:
                     for r in REF_COLUMNS:
                         cols.pop(r)
@@ -223,7 +257,9 @@ def run_weights(ctx: Context) -> str:
         if not ctx.par.is_main:                  # rank 0 merges them in record order
             continue
         est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
-        full = _maybe_full(ctx, raw, tok_cfg, tok_pol)
+        if cfg.weights.balance != "none":        # over the kept tokens, before 0-padding
+            est = balance_weights(est, cfg.weights.balance,
+                                  names=[f"record {i}" for i in est["record_index"]])
         if SOURCE_COLUMN in raw.column_names:    # file positions name records in errors only
             raw = raw.remove_columns(SOURCE_COLUMN)
         result = _merge(raw, est, full)
@@ -269,33 +305,61 @@ def _merge(raw, est, full):
     for name, vals in cols.items():
         if full is not None:
             side = 0 if "chosen" in name else 1
-            vals = [v + [0.0] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
+            pad = -1 if name in SPAN_COLUMNS else 0.0
+            vals = [v + [pad] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
         out = out.add_column(name, vals)
     return out
 
 
 # ---------------------------------------------------------------------------- at training time
 
-def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t"):
-    """Records with ``*_weight`` recomputed from the stored ``*_score`` by ``rule``."""
+def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | None = None,
+               span_reduce: str | None = None, balance: str | None = None):
+    """Records with ``*_weight`` recomputed from the stored ``*_score`` by ``rule``: the
+    scores pooled over ``chosen_span``/``rejected_span`` first unless ``span`` is token, the
+    weights balanced after (:mod:`tisdpo.pipeline.spans`). ``span``, ``span_reduce``,
+    ``balance`` default to ``params``' (a ``RuleParams``; token, sum, none otherwise)."""
     from tisdpo_kernels import token_weights
 
+    span = span or getattr(params, "span", "token")
+    reduce = span_reduce or getattr(params, "span_reduce", "sum")
+    balance = balance or getattr(params, "balance", "none")
     if (rule == "cdpo") != (score_kind == "cdpo_log_score"):
         raise ValueError(f"policy.token_weights=recompute with weights.method={rule!r}: the "
                          f"stored scores are {score_kind!r}, which that rule cannot use; "
                          f"rerun `tisdpo weights` with weights.method={rule}")
+    if span != "token":
+        if rule == "cdpo":
+            raise ValueError(f"weights.span={span} with the cdpo rule: cDPO's log-scores are "
+                             f"not pooled; use weights.span=token")
+        missing = [c for c in SPAN_COLUMNS if c not in raw.column_names]
+        if missing:
+            raise ValueError(f"policy.token_weights=recompute with weights.span={span}: the "
+                             f"data has no {missing} column (`tisdpo weights` writes them "
+                             f"with weights.span=word; span=column needs them in the records)")
 
-    def fn(batch):
+    def fn(batch, indices):
         out = {}
-        for s_col, w_col, side in zip(SCORE_COLUMNS, WEIGHT_COLUMNS, ("chosen", "rejected")):
+        for k, (s_col, w_col, side) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS,
+                                                     ("chosen", "rejected"))):
             scores = batch[s_col]
             c = torch.tensor([x for row in scores for x in row], dtype=torch.float32)
             seq = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scores)])
+            if span != "token":
+                ids = batch[SPAN_COLUMNS[k]]
+                for i, r, s in zip(indices, scores, ids):
+                    if s is None or len(s) != len(r):
+                        raise ValueError(f"weights.span={span}: row {i}, field "
+                                         f"{SPAN_COLUMNS[k]!r}: {0 if s is None else len(s)} "
+                                         f"span ids for {len(r)} scores")
+                c = pool_spans(c, torch.tensor([x for r in ids for x in r], dtype=torch.long),
+                               seq, reduce)
             w = token_weights(c, None if rule == "cdpo" else torch.zeros_like(c), side=side,
                               method=rule, params=params, seq_ids=seq, impl=impl)
             out[w_col] = [x.tolist() for x in w.split([len(r) for r in scores])]
         return out
-    return raw.map(fn, batched=True, desc=f"weights: {rule}")
+    out = raw.map(fn, batched=True, with_indices=True, desc=f"weights: {rule}")
+    return balance_weights(out, balance)
 
 
 def random_weights(raw, lo: float, hi: float, seed: int):

@@ -78,6 +78,10 @@ class DataConfig:
                                  "eval_fraction of train")
     synthetic_train: int = opt(1200, "with data.train empty: synthetic task training pairs")
     synthetic_eval: int = opt(200, "with data.train empty: synthetic task held-out pairs")
+    synthetic_task: str = opt("easy", "with data.train empty: which synthetic task; easy: "
+                                      "one-token good/bad words; hard: multi-token words whose "
+                                      "quality depends on the prompt's audience "
+                                      "(tisdpo.train.synthetic_hard)", ("easy", "hard"))
     eval_fraction: float = opt(0.05, "fraction of train held out when no eval file is given")
     max_records: int | None = opt(None, "use at most this many training records")
     max_length: int = opt(512, "max prompt+response tokens per sequence")
@@ -155,6 +159,13 @@ class ContrastiveConfig(TrainConfig):
 
 @dataclass
 class PolicyConfig(TrainConfig):
+    name: str = opt("policy", "the policy's folder: 'policy' = <run_dir>/policy; any other "
+                              "name = <run_dir>/policies/<name> (letters, digits, . _ -), so "
+                              "several policies share one run's sft, contrastive and weights "
+                              "stages; a folder name, not an option of the result")
+    seed: int | None = opt(None, "this policy's seed: data order and random weights (empty: "
+                                 "the run's seed, which also makes the base model and data); "
+                                 "name seeds <method>-s<seed> for tisdpo compare")
     method: str = opt("tisdpo", "loss preset (tisdpo_kernels.PRESETS): dpo, ipo, simpo, tdpo1, "
                                 "tdpo2, cdpo, tisdpo, tisdpo_paper, ...")
     beta: float | None = opt(None, "override the preset's beta")
@@ -186,6 +197,16 @@ class WeightsConfig:
                                "chosen weight s_t")
     cdpo_b: float = opt(1.0, "cdpo: b in the contrastive score softmax((1+b) z+ - b z-)")
     round_decimals: int | None = opt(None, "round c_t to this many decimals (official code: 2)")
+    span: str = opt("token", "score unit before the rule: token (c_t as is); word (c_t "
+                             "pooled over each word's pieces); column (pooled over the "
+                             "records' chosen_span/rejected_span ids; see "
+                             "tisdpo.pipeline.spans)", ("token", "word", "column"))
+    span_reduce: str = opt("sum", "span pooling: sum (each piece gets the span's summed c_t) "
+                                  "or mean (the span's mean c_t)", ("sum", "mean"))
+    balance: str = opt("none", "rescale the rule's weights after it: none; sequence (mean 1 "
+                               "over each response's tokens); side (mean 1 over all chosen "
+                               "tokens and over all rejected tokens of a split)",
+                       ("none", "sequence", "side"))
     batch_size: int = opt(16, "pairs per batch in the estimation pass")
     ref_logps: bool = opt(True, "also store reference log-probs so policy training needs no "
                                 "reference model (unless its loss has a KL term)")

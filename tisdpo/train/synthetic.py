@@ -24,7 +24,8 @@ from pathlib import Path
 
 __all__ = ["GOOD_WORDS", "BAD_WORDS", "NEUTRAL_WORDS", "TOPICS", "CHAT_TEMPLATE",
            "SPECIAL_TOKENS", "SyntheticInfo", "make_synthetic_task", "build_tokenizer",
-           "load_tokenizer", "save_tokenizer_assets", "ASSETS_DIR"]
+           "load_tokenizer", "save_tokenizer_assets", "ASSETS_DIR", "SYNTHETIC_TASKS",
+           "synthetic_info"]
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
@@ -54,6 +55,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 _WORD_RE = re.compile(r"[A-Za-z]+")
+#: The built-in tasks: "easy" (this module) and "hard" (:mod:`tisdpo.train.synthetic_hard`:
+#: multi-token words whose quality depends on the prompt).
+SYNTHETIC_TASKS = ("easy", "hard")
 
 
 class SyntheticInfo:
@@ -68,7 +72,13 @@ class SyntheticInfo:
     - ``token_labels(ids, tokenizer) -> list[int]``: +1/−1/0 per token id of a completion
       (the planted quality of the word the token belongs to; special tokens such as EOS 0),
       aligned 1:1 with ``ids`` — e.g. with ``chosen_ids`` from ``tokenize_pairs``.
+
+    ``reward`` and ``token_labels`` also take a ``prompt`` (and ``reward`` a ``tokenizer`` for
+    prompt ids), ignored here — this task's quality does not depend on the prompt — so code
+    can call either task's info (:func:`synthetic_info`) alike.
     """
+
+    task = "easy"
 
     def __init__(self, good_words=GOOD_WORDS, bad_words=BAD_WORDS,
                  neutral_words=NEUTRAL_WORDS, topics=TOPICS):
@@ -83,11 +93,11 @@ class SyntheticInfo:
     def balance(self, text: str) -> int:
         return sum(self.word_class(w) for w in _WORD_RE.findall(text))
 
-    def reward(self, text: str) -> float:
+    def reward(self, text: str, prompt=None, tokenizer=None) -> float:
         words = _WORD_RE.findall(text)
         return sum(self.word_class(w) for w in words) / max(len(words), 1)
 
-    def token_labels(self, ids, tokenizer) -> list[int]:
+    def token_labels(self, ids, tokenizer, prompt=None) -> list[int]:
         """+1/−1/0 per token of ``ids`` (a completion), from the word each token is part of."""
         ids = [int(i) for i in ids]
         special = set(tokenizer.all_special_ids)
@@ -137,8 +147,13 @@ def _pairs(n: int, rng: random.Random, info: SyntheticInfo, chat: bool) -> list[
     return records
 
 
-def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool = False):
+def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool = False,
+                        task: str = "easy"):
     """(train_records, test_records, info): plain-text (or chat, with ``chat``) records.
+
+    ``task="hard"``: the task of :mod:`tisdpo.train.synthetic_hard` (multi-token words whose
+    quality flips with the prompt's audience; its info is a ``HardSyntheticInfo``). The
+    rest of this docstring is the easy task (the default).
 
     Records: ``prompt`` ("Write about rivers:"), ``chosen`` and ``rejected`` (" word word …",
     a leading space so prompt + completion reads naturally and every word tokenises as in
@@ -148,6 +163,12 @@ def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool 
     pairs with equal balance are redrawn. Deterministic in ``seed``; train and test are
     drawn independently from the same distribution.
     """
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"task must be one of {list(SYNTHETIC_TASKS)}, got {task!r}")
+    if task == "hard":
+        from tisdpo.train.synthetic_hard import make_hard_task
+
+        return make_hard_task(n_train, n_test, seed, chat=chat)
     for name, v in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -155,6 +176,19 @@ def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool 
     train = _pairs(n_train, random.Random(f"train-{seed}"), info, chat)
     test = _pairs(n_test, random.Random(f"test-{seed}"), info, chat)
     return train, test, info
+
+
+def synthetic_info(task: str = "easy"):
+    """The evaluation object of a built-in task: :class:`SyntheticInfo` ("easy") or
+    ``HardSyntheticInfo`` ("hard"), with the same methods (``reward(text, prompt)``,
+    ``token_labels(ids, tokenizer, prompt)``)."""
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"task must be one of {list(SYNTHETIC_TASKS)}, got {task!r}")
+    if task == "hard":
+        from tisdpo.train.synthetic_hard import HardSyntheticInfo
+
+        return HardSyntheticInfo()
+    return SyntheticInfo()
 
 
 def _corpus(n_lines: int = 3000) -> list[str]:

@@ -194,6 +194,19 @@ def _check_train(name: str, t) -> None:
     _count(f"{name}.stop_after", t.stop_after, 0, optional=True)
 
 
+#: ``policy.name``: one safe folder name (``tisdpo.pipeline.stages.policy_dir``).
+POLICY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _check_policy_name(cfg) -> None:
+    name = cfg.policy.name
+    if not isinstance(name, str) or not POLICY_NAME_RE.match(name):
+        _fail("policy.name", "a folder name of 1-100 letters, digits, '.', '_' or '-' that "
+                             "starts with a letter or digit", name)
+    _number("policy.seed", cfg.policy.seed, low=0, high=2**32 - 1, integer=True,
+            optional=True)
+
+
 def _check_methods(cfg) -> None:
     from tisdpo_kernels.config import PRESETS, resolve_preset
 
@@ -230,6 +243,12 @@ def _check_weights(cfg) -> None:
     _number("weights.round_decimals", w.round_decimals, low=0, high=8, integer=True,
             optional=True)
     _count("weights.batch_size", w.batch_size)
+    if w.span != "token" and w.method == "cdpo":
+        _fail("weights.span", "token with weights.method=cdpo (its scores are cDPO log-scores, "
+                              "not c_t, and are not pooled)", w.span)
+    if w.balance != "none" and w.method in ("threshold", "origin"):
+        _fail("weights.balance", f"none with weights.method={w.method} (its weights can be "
+                                 f"0 or negative: no mean to rescale to 1)", w.balance)
 
 
 def _check_rest(cfg) -> None:
@@ -251,6 +270,7 @@ def check_config(cfg, specs=()) -> None:
     _check_data(cfg)
     for name in TRAIN_SECTIONS:
         _check_train(name, getattr(cfg, name))
+    _check_policy_name(cfg)
     _check_methods(cfg)
     _check_weights(cfg)
     _check_rest(cfg)
