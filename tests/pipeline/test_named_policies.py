@@ -4,9 +4,7 @@ import logging
 import os
 import shutil
 
-import datasets
 import pytest
-import torch
 
 from test_stages import tiny_cfg
 from tisdpo import cli
@@ -15,15 +13,6 @@ from tisdpo.pipeline.fingerprint import StageOptionsChanged
 from tisdpo.train import objectives
 from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.config import build_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_policy_dir_and_name_validation():

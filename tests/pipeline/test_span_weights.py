@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_stages import tiny_cfg
 from tisdpo.pipeline import context, stages, weights
 from tisdpo.pipeline.demo import demo_config
 from tisdpo.pipeline.spans import (
@@ -16,15 +17,6 @@ from tisdpo.train.config import RunConfig, validate
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.synthetic import load_tokenizer
 from tisdpo_kernels import WeightParams, token_weights
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -257,19 +249,9 @@ def test_validation_across_options():
 # ---------------------------------------------------------------------------- weights stage
 
 def _tiny_cfg(root):
-    cfg = demo_config(fast=True)
-    cfg.run_dir, cfg.device = str(root), "cpu"
-    m = cfg.model
-    m.tiny_hidden_size, m.tiny_layers, m.tiny_heads, m.tiny_kv_heads = 32, 1, 2, 1
-    m.tiny_intermediate_size = 48
-    cfg.data.synthetic_train, cfg.data.synthetic_eval = 16, 6
-    cfg.data.synthetic_task, cfg.data.max_length = "hard", 96
-    cfg.sft.enabled = False
-    for t in (cfg.sft, cfg.contrastive, cfg.policy):
-        t.batch_size, t.max_steps, t.lr, t.warmup_steps = 4, 2, 2e-3, 0
-    cfg.log.tensorboard, cfg.log.every = False, 1
-    cfg.pipeline.resume = False                  # each weights pass below starts afresh
-    return cfg
+    # each weights pass below starts afresh
+    return tiny_cfg(root, **{"data.synthetic_train": 16, "data.synthetic_task": "hard",
+                             "data.max_length": 96, "pipeline.resume": False})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 
 import datasets
 import pytest
-import torch
 
 from tisdpo import cli
 from tisdpo.pipeline import context, stages, weights
@@ -25,15 +24,6 @@ TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.t
         "--threads", "1", "--log.progress", "false", "--log.tensorboard", "false"]
 DPO = ["train", "--policy.method", "dpo", "--policy.max_steps", "4", "--policy.batch_size", "4",
        "--policy.lr", "1e-3", "--policy.warmup_steps", "1"] + TINY
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    yield
-    torch.set_num_threads(n)
 
 
 def _cli(args, capsys):

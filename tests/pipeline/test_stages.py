@@ -15,15 +15,6 @@ from tisdpo.train.model import load_model
 from tisdpo_kernels import reference as R
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(root, **overrides):
     cfg = demo_config(fast=True)
     cfg.run_dir, cfg.device = str(root), "cpu"

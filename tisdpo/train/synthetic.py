@@ -19,8 +19,9 @@ assistant turns are ``{% generation %}`` blocks ending in ``<|eos|>``. It is com
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
+
+from tisdpo.train.word_labels import WORD_RE, word_labels
 
 __all__ = ["GOOD_WORDS", "BAD_WORDS", "NEUTRAL_WORDS", "TOPICS", "CHAT_TEMPLATE",
            "SPECIAL_TOKENS", "SyntheticInfo", "make_synthetic_task", "build_tokenizer",
@@ -54,7 +55,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-_WORD_RE = re.compile(r"[A-Za-z]+")
 #: The built-in tasks: "easy" (this module) and "hard" (:mod:`tisdpo.train.synthetic_hard`:
 #: multi-token words whose quality depends on the prompt).
 SYNTHETIC_TASKS = ("easy", "hard")
@@ -91,29 +91,15 @@ class SyntheticInfo:
         return self._cls.get(word.lower(), 0)
 
     def balance(self, text: str) -> int:
-        return sum(self.word_class(w) for w in _WORD_RE.findall(text))
+        return sum(self.word_class(w) for w in WORD_RE.findall(text))
 
     def reward(self, text: str, prompt=None, tokenizer=None) -> float:
-        words = _WORD_RE.findall(text)
+        words = WORD_RE.findall(text)
         return sum(self.word_class(w) for w in words) / max(len(words), 1)
 
     def token_labels(self, ids, tokenizer, prompt=None) -> list[int]:
         """+1/−1/0 per token of ``ids`` (a completion), from the word each token is part of."""
-        ids = [int(i) for i in ids]
-        special = set(tokenizer.all_special_ids)
-        pieces = ["" if i in special else tokenizer.decode([i]) for i in ids]
-        text = "".join(pieces)
-        char_cls = [0] * len(text)
-        for m in _WORD_RE.finditer(text):
-            c = self.word_class(m.group())
-            for k in range(m.start(), m.end()):
-                char_cls[k] = c
-        labels, pos = [], 0
-        for piece in pieces:
-            span = char_cls[pos:pos + len(piece)]
-            labels.append(next((c for c in span if c != 0), 0))
-            pos += len(piece)
-        return labels
+        return word_labels(ids, tokenizer, self.word_class)
 
 
 def _response(rng: random.Random, info: SyntheticInfo, p_good=0.2, p_bad=0.2) -> str:

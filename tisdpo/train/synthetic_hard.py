@@ -27,6 +27,8 @@ from __future__ import annotations
 import random
 import re
 
+from tisdpo.train.word_labels import WORD_RE, word_labels
+
 __all__ = ["AUDIENCES", "CHILD_WORDS", "EXPERT_WORDS", "ALWAYS_GOOD", "ALWAYS_BAD",
            "NEUTRAL_WORDS", "TOPICS", "HardSyntheticInfo", "make_hard_task"]
 
@@ -45,7 +47,6 @@ NEUTRAL_WORDS = ("the", "a", "and", "of", "in", "on", "with", "is", "was", "it",
 TOPICS = ("rivers", "cats", "mountains", "cities", "music", "gardens", "the sea", "winter",
           "books", "friends", "trains", "cooking")
 
-_WORD_RE = re.compile(r"[A-Za-z]+")
 _PROMPT_RE = re.compile(r"Write about ([a-z ]+) for (children|experts):")
 
 
@@ -96,7 +97,7 @@ class HardSyntheticInfo:
 
     def balance(self, text: str, prompt) -> int:
         aud = self.audience(prompt)
-        return sum(self.word_class(w, aud) for w in _WORD_RE.findall(text))
+        return sum(self.word_class(w, aud) for w in WORD_RE.findall(text))
 
     def reward(self, text: str, prompt=None, tokenizer=None) -> float:
         if prompt is None:
@@ -107,7 +108,7 @@ class HardSyntheticInfo:
             aud, text = m.group(2), text[m.end():]
         else:
             aud = self.audience(prompt, tokenizer)
-        words = _WORD_RE.findall(text)
+        words = WORD_RE.findall(text)
         return sum(self.word_class(w, aud) for w in words) / max(len(words), 1)
 
     def token_labels(self, ids, tokenizer, prompt=None) -> list[int]:
@@ -115,21 +116,7 @@ class HardSyntheticInfo:
         if prompt is None:
             raise ValueError("the hard task's token labels depend on the prompt: pass prompt=")
         aud = self.audience(prompt, tokenizer)
-        ids = [int(i) for i in ids]
-        special = set(tokenizer.all_special_ids)
-        pieces = ["" if i in special else tokenizer.decode([i]) for i in ids]
-        text = "".join(pieces)
-        char_cls = [0] * len(text)
-        for m in _WORD_RE.finditer(text):
-            c = self.word_class(m.group(), aud)
-            for k in range(m.start(), m.end()):
-                char_cls[k] = c
-        labels, pos = [], 0
-        for piece in pieces:
-            span = char_cls[pos:pos + len(piece)]
-            labels.append(next((c for c in span if c != 0), 0))
-            pos += len(piece)
-        return labels
+        return word_labels(ids, tokenizer, lambda w: self.word_class(w, aud))
 
 
 def _response(rng: random.Random) -> str:
