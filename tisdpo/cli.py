@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     if args.command == "demo":
         fast = args.fast or _flag_in(args, "demo.fast")
-        base = demo_config(fast=fast)
+        task = args.task or (vars(args).get("data.synthetic_task") or "easy")
+        base = demo_config(fast=fast, task=task)
     if args.command == "compare":
         _compare_config(args)
     try:

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from tisdpo import cli
-from tisdpo.pipeline.demo import POLICIES, _verdict, auc, format_table
+from tisdpo.pipeline.demo import (
+    POLICIES, TOKEN_SCORES_ROW, _verdict, auc, format_table, sample_rewards,
+)
+from tisdpo.train.synthetic import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,72 @@ def test_table_reports_a_loss_for_tisdpo_honestly():
     res = {"train_pairs": 10, "eval_pairs": 5, "policy_steps": 3, "wall_s": 1.0,
            "weight_method": "rank_based", "note": "n",
            "auc": {f"{s}/{side}/{k}": 0.5 for s in ("train", "eval")
-                   for side in ("chosen", "rejected") for k in ("score", "weight")},
+                   for side in ("chosen", "rejected")
+                   for k in ("score", "word_score", "weight")},
            "rows": [{"method": "reference (SFT)", "accuracy": None, "reward": 0.0},
                     {"method": "DPO", "accuracy": 0.5, "reward": -0.25}]}
     table = format_table(res)
     assert "| reference (SFT) | - | +0.000 | - |" in table
     assert "| DPO | 0.500 | -0.250 | - |" in table
+
+
+def test_demo_fast_hard_task_compares_word_and_token_scores(tmp_path):
+    """The hard task: word-pooled weights by default, the same rule on per-token scores beside
+    them, and `tisdpo compare` on the demo's policies samples the same task rewards."""
+    run_dir = str(tmp_path / "hard")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["demo", "--fast", "--task", "hard", "--run_dir", run_dir,
+                         "--device", "cpu", "--log.tensorboard", "false",
+                         "--demo.token_scores", "true"]) == 0
+        res = json.load(open(os.path.join(run_dir, "demo_results.json")))
+        assert res["task"] == "hard" and res["weight_span"] == "word"
+        labels = [label for label, *_ in POLICIES]
+        assert [r["method"] for r in res["rows"]] == \
+            ["reference (SFT)"] + labels[:2] + [TOKEN_SCORES_ROW] + labels[2:]
+        opts = json.load(open(os.path.join(run_dir, "policy-tisdpo-token-seed0",
+                                           "options.json")))["options"]
+        assert opts["weights.span"] == "token" and opts["policy.token_weights"] == "recompute"
+        assert {f"{s}/{side}/word_score" for s in ("train", "eval")
+                for side in ("chosen", "rejected")} <= set(res["auc"])
+        assert "hard task" in open(os.path.join(run_dir, "demo_results.md")).read()
+        assert cli.main(["compare", "--run_dir", run_dir, "--policies", "policy-dpo-*",
+                         "policy-tisdpo-seed0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    methods = json.load(open(os.path.join(run_dir, "compare.json")))["methods"]
+    by_label = {r["method"]: r for r in res["rows"]}
+    assert methods["policy-dpo"]["reward"]["mean"] == by_label["DPO"]["reward"]
+    assert methods["policy-tisdpo"]["reward"]["mean"] == by_label["TIS-DPO"]["reward"]
+
+
+class _FixedCompletion:
+    """Generates the same completion after any prompt (left-padded batch)."""
+
+    def __init__(self, ids):
+        self.ids = torch.tensor(ids)
+
+    def generate(self, input_ids, attention_mask, **kw):
+        tail = self.ids.expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_sampled_reward_reads_each_prompt_on_the_hard_task():
+    from types import SimpleNamespace
+
+    from tisdpo.train.config import RunConfig
+    from tisdpo.train.synthetic import synthetic_info
+
+    tok = load_tokenizer()
+    cfg = RunConfig()
+    cfg.demo.do_sample, cfg.demo.max_new_tokens = False, 8
+    ctx = SimpleNamespace(cfg=cfg, tokenizer=tok, device=torch.device("cpu"))
+    info = synthetic_info("hard")
+    word = info.child_words[0]
+    model = _FixedCompletion(tok.encode(f" {word} clever", add_special_tokens=False))
+    kids = tok.encode("Write about cats for children:", add_special_tokens=False)
+    pros = tok.encode("Write about cats for experts:", add_special_tokens=False)
+    out = sample_rewards(ctx, model, [kids, pros, kids], info, seed=0)
+    # children: both words good (+1); experts: the child word bad, "clever" good (0)
+    assert out["samples"] == 3 and out["reward"] == pytest.approx(2 / 3)

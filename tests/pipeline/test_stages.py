@@ -246,3 +246,23 @@ def test_cdpo_weights_from_contrastive_logscores(tmp_path):
         ctx.cfg.weights.method = "rank_based"
         stages._policy_data(ctx, dataclasses.replace(ctx.cfg.policy, method="cdpo",
                                                      token_weights="recompute"))
+
+
+def test_builtin_tokenizer_warns_on_data_it_does_not_fit(caplog):
+    import datasets
+
+    from tisdpo.pipeline.context import warn_builtin_tokenizer
+    from tisdpo.train.synthetic import load_tokenizer
+
+    tok = load_tokenizer()
+    own = datasets.Dataset.from_list([{"prompt": "p", "chosen": " joyful river calm",
+                                       "rejected": " dull"}])
+    alien = datasets.Dataset.from_list([{"prompt": "p", "chosen": " umbrellas extraordinarily "
+                                         "bureaucratic", "rejected": " x"}])
+    with caplog.at_level("WARNING", logger="tisdpo"):
+        assert warn_builtin_tokenizer(tok, own, "own.jsonl") <= 1.5
+        assert not caplog.records
+        assert warn_builtin_tokenizer(tok, alien, "alien.jsonl") > 3
+        assert warn_builtin_tokenizer(tok, alien, "alien.jsonl") is None   # once per file
+    (rec,) = caplog.records
+    assert "alien.jsonl" in rec.getMessage() and "model.tokenizer" in rec.getMessage()

@@ -220,10 +220,10 @@ def _sample_rewards(cfg: RunConfig, runs: list[dict]) -> None:
     responses (the demo's sampling, same prompts and seed for every policy)."""
     from tisdpo.pipeline.context import load_stage_model, make_context
     from tisdpo.pipeline.demo import held_out_prompts, sample_rewards
-    from tisdpo.train.synthetic import SyntheticInfo
+    from tisdpo.train.synthetic import synthetic_info
 
     ctx = make_context(cfg)
-    info = SyntheticInfo()
+    info = synthetic_info(cfg.data.synthetic_task)
     _, prompts = held_out_prompts(ctx)
     for r in runs:
         model = load_stage_model(ctx, os.path.join(r["dir"], "final"), trainable=False)

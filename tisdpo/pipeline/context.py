@@ -172,7 +172,38 @@ def load_records(ctx: Context):
             train, test = split["train"], split["test"]
     if cfg.data.max_records is not None:
         train = train.select(range(min(cfg.data.max_records, len(train))))
+    if cfg.data.train and not (cfg.model.tokenizer or cfg.model.path):
+        warn_builtin_tokenizer(ctx.tokenizer, train, cfg.data.train)
     return train, test
+
+
+#: data files already checked by :func:`warn_builtin_tokenizer` in this process
+_TOKENIZER_CHECKED: set = set()
+
+
+def warn_builtin_tokenizer(tokenizer, records, where: str, *, sample: int = 200,
+                           limit: float = 1.5) -> float | None:
+    """Warn (once per data file) when the built-in tokenizer — fit to the synthetic tasks'
+    words — cuts the data's words into more than ``limit`` pieces on average; returns that
+    average over the first ``sample`` chosen responses (None when none is plain text)."""
+    if where in _TOKENIZER_CHECKED:
+        return None
+    _TOKENIZER_CHECKED.add(where)
+    words = pieces = 0
+    for text in records.select(range(min(sample, len(records))))["chosen"]:
+        if not isinstance(text, str):
+            continue
+        for word in text.split():
+            words += 1
+            pieces += len(tokenizer.encode(" " + word, add_special_tokens=False))
+    if not words:
+        return None
+    ratio = pieces / words
+    if ratio > limit:
+        log.warning("data.train %s: the built-in tokenizer (fit to the synthetic tasks' words) "
+                    "cuts this data into %.1f pieces per word; give model.tokenizer or "
+                    "model.path for a tokenizer that fits it", where, ratio)
+    return ratio
 
 
 def tokenize_cfg(cfg: RunConfig, method: str):

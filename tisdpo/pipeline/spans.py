@@ -3,8 +3,9 @@ and ``policy.token_weights=recompute``, :mod:`tisdpo.pipeline.weights`).
 
 Spans (``weights.span``, :func:`pool_spans`): the rule may see each token's c_t pooled over a
 *span* of tokens instead of c_t itself — for quality that a word's pieces carry together
-(after a word's first piece, pi+ and pi- both predict the rest, so its later pieces have
-c_t ≈ 0 whatever the word's quality).
+(a piece's c_t also depends on its position in the word: on the hard synthetic task first
+pieces average c_t ≈ −3 on both sides, and per-token rank weights then favour later pieces in
+chosen and first pieces in rejected responses, whatever the word).
 
 - ``token`` (default): no pooling; the weights are bitwise those without this option.
 - ``word``: spans are words, found from the completion's token ids alone

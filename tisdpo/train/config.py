@@ -244,6 +244,9 @@ class DemoConfig:
     max_new_tokens: int = opt(24, "tokens generated per sampled response")
     do_sample: bool = opt(True, "sample one response per prompt (fixed seed); false: greedy")
     temperature: float = opt(1.0, "sampling temperature (with do_sample)")
+    token_scores: bool = opt(False, "with weights.span word or column: also train TIS-DPO "
+                                    "with the same rule on the per-token scores (an "
+                                    "ablation row)")
 
 
 @dataclass
