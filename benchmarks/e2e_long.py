@@ -7,7 +7,8 @@ second sequence so attention is block-diagonal (flex attention on CUDA), referen
 log-probs precomputed (random, as an offline pass would give), per-token weights given.
 The head and loss come from a provider:
 
-- ``ours-triton`` / ``ours-torch``: ``tisdpo.TISDPOLoss(method="tisdpo")``;
+- ``ours-triton`` / ``ours-torch``: ``tisdpo.TISDPOLoss(method="tisdpo")`` with the recompute
+  strategy; ``ours-one-sweep``: the same loss with ``strategy="one_sweep"``;
 - ``eager``: materialised logits, fp32 log_softmax, gather, the same weighted reduction;
 - ``liger-dpo``: ``LigerFusedLinearDPOLoss`` (no per-token weights; it cannot take
   precomputed reference log-probs, so it runs reference-free, which costs the same).
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_long",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--providers", default=None,
-                    help="comma list (default: ours-triton,eager,liger-dpo on CUDA; "
-                         "ours-torch,eager with --toy on CPU)")
+                    help="comma list (default: ours-triton,ours-one-sweep,eager,liger-dpo on "
+                         "CUDA; ours-torch,eager with --toy on CPU)")
     ap.add_argument("--lengths", default=None,
                     help=f"pair lengths L (chosen+rejected tokens), default {DEFAULT_LENGTHS}")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per length (default 3)")
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0:
         print("error: need --steps >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
-    default = "ours-triton,eager,liger-dpo" if device.type == "cuda" else "ours-torch,eager"
+    default = ("ours-triton,ours-one-sweep,eager,liger-dpo" if device.type == "cuda"
+               else "ours-torch,eager")
     try:
         args.providers = P.resolve_providers(args.providers or default)
         for name in args.providers:

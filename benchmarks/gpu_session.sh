@@ -119,7 +119,8 @@ sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
 step loss 60 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
-     --providers ours-triton,ours-torch,eager,liger-dpo,trl-chunked,torch-lce,cce_exact
+     --providers ours-triton,ours-torch,ours-one-sweep,eager,liger-dpo,trl-chunked,torch-lce,\
+cce_exact
 step memory_sweep 90 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check
 step ncu 90 bash -c ncu_bwd

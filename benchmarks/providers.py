@@ -51,6 +51,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "tisdpo fused Triton kernels (impl='triton'; interpreter on CPU)"),
     Provider("ours-torch", OPS, "recompute",
              "tisdpo token-chunked PyTorch backend (impl='torch')"),
+    Provider("ours-one-sweep", ("loss",), "grads_in_forward",
+             "tisdpo one-sweep preference head (TISDPOLoss(strategy='one_sweep')): every head "
+             "gradient in the forward, the backward only scales; torch backend, cuBLAS on CUDA"),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),
     Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
@@ -76,6 +79,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 )}
 
 _OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch"}
+# the loss op's strategy per provider of ours: the recompute rows stay recompute whatever
+# TISDPOLoss(strategy="auto") would pick, so each row measures what its flop model counts
+_OURS_LOSS = {"ours-triton": ("triton", "recompute"), "ours-torch": ("torch", "recompute"),
+              "ours-one-sweep": ("auto", "one_sweep")}
 
 
 def resolve_providers(text: str | None) -> list[str]:
@@ -213,14 +220,15 @@ def _composed_loss(logprobs_fn: Callable, beta: float) -> Callable:
     return fn
 
 
-def _ours_loss(impl: str, beta: float, softcap: float | None) -> Callable:
+def _ours_loss(impl: str, strategy: str, beta: float, softcap: float | None) -> Callable:
     from tisdpo import TISDPOLoss
 
     params = inspect.signature(TISDPOLoss).parameters
     kwargs = {"method": "tisdpo", "beta": beta}
-    if "impl" not in params:
-        raise NotImplementedError("tisdpo.TISDPOLoss takes no impl= argument")
-    kwargs["impl"] = impl
+    for name, value in (("impl", impl), ("strategy", strategy)):
+        if name not in params:
+            raise NotImplementedError(f"tisdpo.TISDPOLoss takes no {name}= argument")
+        kwargs[name] = value
     if softcap is not None:
         if "softcap" not in params:
             raise NotImplementedError("tisdpo.TISDPOLoss takes no softcap= argument")
@@ -254,8 +262,8 @@ def _liger_dpo(beta: float) -> Callable:
 
 
 def make_loss(name: str, beta: float, softcap: float | None) -> Callable:
-    if name in _OURS_IMPL:
-        return _ours_loss(_OURS_IMPL[name], beta, softcap)
+    if name in _OURS_LOSS:
+        return _ours_loss(*_OURS_LOSS[name], beta, softcap)
     if name == "liger-dpo":
         if softcap is not None:
             raise NotImplementedError("LigerFusedLinearDPOLoss has no softcap")
@@ -327,6 +335,6 @@ def skip_reason(name: str, op: str, device: torch.device, *, dtype: torch.dtype,
         return f"{name} has no logit softcap"
     if name == "torch-lce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (>= 2.13)"
-    if name in _OURS_IMPL:
+    if name in _OURS_LOSS:
         return _cached_probe(name, op, str(device), dtype, softcap)
     return None

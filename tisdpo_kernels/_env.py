@@ -56,6 +56,17 @@ def torch_chunk_tokens(vocab: int) -> int:
     return _int("TISDPO_CHUNK_TOKENS", default)
 
 
+def one_sweep_min_tokens() -> int:
+    """TISDPO_ONE_SWEEP_MIN_TOKENS: the tokens per pair (chosen + rejected, padding included)
+    from which ``TISDPOLoss(strategy="auto")`` uses the one-sweep head on CUDA.
+
+    Default 2048: folding a pair's [V, D] gradient into d_weight moves about 16·V·D bytes and
+    saves 2·T·D·V flops, so it pays above T ≈ 8·(flop/s)/(bytes/s) — about 1.9k tokens on an
+    H100 (≈ 790 TFLOP/s bf16, 3.35 TB/s), 1.3k on an H200 (4.8 TB/s).
+    """
+    return _int("TISDPO_ONE_SWEEP_MIN_TOKENS", 2048)
+
+
 def dz_budget_bytes() -> int:
     """TISDPO_DZ_MB: megabytes for one dz slab of the Triton backward (C rows x V logits).
 

@@ -258,3 +258,19 @@ class KLOptions:
     direction: KLDirection = "policy_ref"
     ignore_index: int = -100
     softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class PairHeadOptions:
+    """Non-tensor options of ``linear_preference_loss`` (the one-sweep preference head).
+
+    pair_rows: per pair, (chosen row ranges, rejected row ranges) of the flat token
+    dimension, each range a (start, end) pair of ints known on the host; every token row
+    belongs to at most one pair. needs: which of (hidden, weight, bias) want a gradient.
+    """
+
+    config: PreferenceConfig
+    pair_rows: tuple
+    needs: tuple[bool, bool, bool] = (True, True, True)
+    ignore_index: int = -100
+    softcap: float | None = None

@@ -6,6 +6,8 @@ Backends receive canonical, validated inputs and return canonical outputs:
   options as a frozen dataclass (``HeadOptions`` / ``KLOptions``).
 - token_weights: flat [N] float tensors, ``mu`` [N] (+1 chosen, −1 rejected), ``seq_ids``
   [N] int64 (−1 = outside every sequence), ``num_seqs`` an upper bound on sequence ids.
+- linear_preference_loss: hidden [N, D], targets [N], per-token tensors [N], and the pairs as
+  host row ranges (``PairHeadOptions.pair_rows``).
 - preference_loss: the packed form (flat [N] tensors, ``seq_ids``, pair index tensors
   ``chosen_seq``/``rejected_seq`` [P], ``num_seqs``); the padded form is converted here.
 """
@@ -14,13 +16,15 @@ from __future__ import annotations
 import torch
 
 from tisdpo_kernels import validate as V
+from tisdpo_kernels._common import normalizer_tensor
 from tisdpo_kernels._impl import Impl, resolve_impl
 from tisdpo_kernels.config import (
-    WEIGHT_METHODS, HeadOptions, KLOptions, PreferenceConfig, WeightParams,
+    WEIGHT_METHODS, HeadOptions, KLOptions, PairHeadOptions, PreferenceConfig, WeightParams,
 )
+from tisdpo_kernels.strategy import one_sweep_unsupported
 
 __all__ = ["linear_logprobs", "linear_token_kl", "contrastive_logscores", "token_weights",
-           "preference_loss"]
+           "preference_loss", "linear_preference_loss"]
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
@@ -274,3 +278,132 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         rejected_seq = torch.arange(half, 2 * half, device=logp.device)
     flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
     return run(*flat, ids, chosen_seq.long(), rejected_seq.long(), num_seqs, config, normalizer)
+
+
+def _pair_rows(targets, seq_offsets, pairs):
+    """The pairs' row ranges of the flat token dimension, on the host: ((chosen ranges),
+    (rejected ranges)) per pair. Padded [2B, T]: pair b is rows b and b + B. Packed: sequence
+    s is tokens offsets[s]..offsets[s+1]−1; no sequence may be in two pairs."""
+    if seq_offsets is None:
+        rows, t = targets.shape
+        half = rows // 2
+        return tuple((((b * t, (b + 1) * t),), (((b + half) * t, (b + half + 1) * t),))
+                     for b in range(half))
+    n = targets.shape[0]
+    off = seq_offsets.tolist()                 # host metadata (one copy if on a device)
+    prs = pairs.tolist()
+    s = len(off) - 1
+    V.require(s >= 1 and off[0] >= 0 and off[-1] <= n
+              and all(a <= b for a, b in zip(off, off[1:])),
+              f"seq_offsets must be non-decreasing within [0, N={n}] with S >= 1 sequences")
+    seen = {}
+    for i, (c, r) in enumerate(prs):
+        V.require(0 <= c < s and 0 <= r < s, f"pairs must hold sequence indices in [0, S={s})")
+        V.require(c != r, f"pairs[{i}] = {[c, r]} names one sequence as both chosen and rejected")
+        for q in (c, r):
+            V.require(q not in seen,
+                      f"sequence {q} is in pairs {seen.get(q)} and {i}: its tokens' gradient is "
+                      f"a sum over pairs, not one pair's scalar; the one-sweep head needs each "
+                      f"sequence in at most one pair (use strategy='recompute')")
+            seen[q] = i
+    return tuple((((off[c], off[c + 1]),), ((off[r], off[r + 1]),)) for c, r in prs)
+
+
+def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hidden=None,
+                           ref_weight=None, ref_bias=None, ref_logp=None, weights=None,
+                           seq_offsets=None, pairs=None, normalizer=None, ignore_index=-100,
+                           softcap=None, impl="auto"):
+    """The one-sweep preference head: the loss of ``preference_loss`` straight from hidden
+    states, every head gradient formed in the forward (docs/ONE_SWEEP.md).
+
+    Padded: hidden [2B, T, D], targets [2B, T], chosen rows first, pair b = (row b, row b+B).
+    Packed: hidden [N, D], targets [N], ``seq_offsets`` [S+1] (sequence s = tokens
+    offsets[s]..offsets[s+1]−1) and ``pairs`` [P, 2] (chosen, rejected sequence); tokens in
+    no pair count nowhere; each sequence in at most one pair. ``seq_offsets`` and ``pairs``
+    are read on the host (free for CPU tensors, one small copy otherwise). Reference (as
+    ``config`` needs): ``ref_hidden`` [..., D′] with ``ref_weight`` [V, D′] and ``ref_bias``
+    (constants; required for KL terms), or precomputed ``ref_logp`` (targets' shape).
+    weights: ω per token (targets' shape; default 1). normalizer: as in ``preference_loss``.
+
+        loss = Σ_b ℓ(z_b) / normalizer,  z_b = Σ_t c_t (lp_t − ρ lr_t) + Σ_t κ_t KL_t − γ₀
+
+    Only presets whose loss is a sum of per-pair terms (granularity "seq"). Returns
+    (loss, logp, ref_logp, kl): loss differentiable in hidden, weight and bias; the rest
+    detached with targets' shape (0 where ignored; ref_logp None without a reference, kl None
+    without KL terms). impl: "auto" and "torch" run the torch backend on any device (cuBLAS
+    GEMMs on CUDA; there is no Triton kernel for this op yet, so "triton" raises),
+    "reference" the materialised oracle. The backward only scales the stored gradients.
+    """
+    V.require(isinstance(config, PreferenceConfig),
+              f"config must be a PreferenceConfig, got {type(config).__name__}")
+    why = one_sweep_unsupported(config)
+    V.require(why is None, f"linear_preference_loss cannot compute this loss: {why}")
+    V.check_linear_inputs(hidden, weight, targets, bias)
+    V.check_softcap(softcap)
+    if config.uses_kl:
+        V.require(ref_hidden is not None, f"config uses KL terms ({config.kl}); they need "
+                  f"ref_hidden and ref_weight")
+    if config.reference_free:
+        V.require(ref_hidden is None and ref_logp is None,
+                  "config.reference_free is set; do not pass ref_hidden or ref_logp")
+    else:
+        V.require((ref_hidden is None) != (ref_logp is None),
+                  "pass exactly one of ref_hidden (+ ref_weight) and ref_logp")
+    if ref_hidden is not None:
+        V.require(ref_weight is not None, "ref_hidden needs ref_weight")
+        V.check_linear_inputs(ref_hidden, ref_weight, targets, ref_bias, prefix="ref_")
+        V.require(ref_weight.shape[0] == weight.shape[0],
+                  f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}")
+    for name, t in (("ref_logp", ref_logp), ("weights", weights)):
+        if t is not None:
+            V.check_float(name, t)
+            V.require(tuple(t.shape) == tuple(targets.shape),
+                      f"{name} shape {tuple(t.shape)} must equal targets shape "
+                      f"{tuple(targets.shape)}")
+    if seq_offsets is not None or pairs is not None:
+        V.require(seq_offsets is not None and pairs is not None,
+                  "the packed layout needs both seq_offsets [S+1] and pairs [P, 2]")
+        V.check_index("seq_offsets", seq_offsets)
+        V.check_index("pairs", pairs)
+        V.require(hidden.dim() == 2 and seq_offsets.dim() == 1 and pairs.dim() == 2
+                  and pairs.shape[1] == 2,
+                  f"packed: hidden [N, D], seq_offsets [S+1], pairs [P, 2]; got "
+                  f"{tuple(hidden.shape)}, {tuple(seq_offsets.shape)}, {tuple(pairs.shape)}")
+    else:
+        V.require(hidden.dim() == 3 and hidden.shape[0] % 2 == 0 and hidden.shape[0] > 0,
+                  f"padded hidden must be [2B, T, D] (chosen rows first), got "
+                  f"{tuple(hidden.shape)}")
+    if impl == "triton":
+        raise ValueError("linear_preference_loss: impl='triton' has no kernel for this op yet; "
+                         "impl='auto' or 'torch' runs the torch backend (cuBLAS on CUDA)")
+    which = resolve_impl(impl, hidden.device, op="linear_preference_loss")
+    V.check_targets("targets", targets, weight.shape[0], ignore_index)
+    valid = targets != ignore_index
+    if weights is not None:
+        weights = torch.where(valid, weights.detach(), 0.0)
+        V.check_finite("weights", weights)
+    ref_hidden = None if ref_hidden is None else ref_hidden.detach()
+    ref_weight = None if ref_weight is None else ref_weight.detach()
+    ref_bias = None if ref_bias is None else ref_bias.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    rows = _pair_rows(targets, seq_offsets, pairs)
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.linear_preference_loss(
+            hidden, weight, targets, config=config, bias=bias, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, ref_logp=ref_logp, weights=weights,
+            pair_rows=rows, normalizer=normalizer, ignore_index=ignore_index, softcap=softcap)
+    from tisdpo_kernels._torch.linear_preference_loss import linear_preference_loss as run
+    grad = torch.is_grad_enabled()
+    needs = tuple(bool(grad and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    opts = PairHeadOptions(config=config, pair_rows=rows, needs=needs,
+                           ignore_index=ignore_index, softcap=softcap)
+    d = hidden.shape[-1]
+    flat = [None if t is None else t.reshape(-1) for t in (ref_logp, weights)]
+    loss, logp, ref_out, kl = run(
+        hidden.reshape(-1, d), weight, targets.reshape(-1).long(), bias,
+        None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        ref_weight, ref_bias, *flat, normalizer_tensor(normalizer, hidden.device), opts)
+    shape = targets.shape
+    return (loss, logp.view(shape), None if ref_out is None else ref_out.view(shape),
+            None if kl is None else kl.view(shape))

@@ -19,7 +19,7 @@ from tisdpo_kernels.config import PreferenceConfig, WeightParams
 
 __all__ = [
     "linear_logprobs", "linear_token_kl", "contrastive_logscores", "token_weights",
-    "preference_loss", "stat_dtype",
+    "preference_loss", "linear_preference_loss", "stat_dtype",
 ]
 
 
@@ -269,6 +269,53 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config: PreferenceConf
     cols = [torch.stack(c) for c in zip(*parts)]
     return loss, _pair_metrics(cfg, (cols[0], cols[1]), (cols[2], cols[3]),
                                (cols[4], cols[5]) if cfg.uses_kl else None)
+
+
+def linear_preference_loss(hidden, weight, targets, *, config: PreferenceConfig, bias=None,
+                           ref_hidden=None, ref_weight=None, ref_bias=None, ref_logp=None,
+                           weights=None, pair_rows, normalizer=None, ignore_index=-100,
+                           softcap=None):
+    """The preference loss from hidden states, composed from the materialising ops above:
+    (loss, logp, ref_logp, kl), the last three detached. ``pair_rows``: per pair, the
+    (chosen, rejected) row ranges of the flattened tokens (``ops._pair_rows``); tokens in no
+    pair count nowhere."""
+    d = hidden.shape[-1]
+    shape = targets.shape
+    y = targets.reshape(-1)
+    seq_ids = torch.full_like(y, -1)
+    chosen, rejected = [], []
+    for b, (ch, rj) in enumerate(pair_rows):
+        chosen.append(2 * b)
+        rejected.append(2 * b + 1)
+        for sid, side in ((2 * b, ch), (2 * b + 1, rj)):
+            for start, end in side:
+                seq_ids[start:end] = sid
+    y = torch.where((seq_ids >= 0) & (y != ignore_index), y, ignore_index)
+    seq_ids = torch.where(y != ignore_index, seq_ids, -1)
+    h = hidden.reshape(-1, d)
+    kl = lr = None
+    if config.uses_kl:
+        kl, lp, lr = linear_token_kl(h, weight, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+                                     ref_weight, y, bias=bias, ref_bias=ref_bias,
+                                     direction=config.kl, ignore_index=ignore_index,
+                                     softcap=softcap)
+    else:
+        lp = linear_logprobs(h, weight, y, bias=bias, ignore_index=ignore_index, softcap=softcap)
+        if ref_hidden is not None:
+            with torch.no_grad():
+                lr = linear_logprobs(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, y,
+                                     bias=ref_bias, ignore_index=ignore_index, softcap=softcap)
+        elif ref_logp is not None:
+            lr = torch.where(y != ignore_index, ref_logp.reshape(-1).to(lp.dtype), 0.0)
+    w = None if weights is None else torch.where(y != ignore_index,
+                                                 weights.reshape(-1).to(lp.dtype), 0.0)
+    dev = lp.device
+    loss, _ = preference_loss(lp, lr, w, config=config, seq_ids=seq_ids,
+                              chosen_seq=torch.tensor(chosen, dtype=torch.long, device=dev),
+                              rejected_seq=torch.tensor(rejected, dtype=torch.long, device=dev),
+                              kl=kl, normalizer=normalizer)
+    out = [None if t is None else t.detach().view(shape) for t in (lp, lr, kl)]
+    return (loss, *out)
 
 
 def _pair_metrics(cfg, scores, logps, kls):

@@ -1,0 +1,91 @@
+"""Which way a preference loss computes its head gradients (docs/ONE_SWEEP.md).
+
+- ``"recompute"``: per-token log-probs (and KL) in the forward, logits recomputed in the
+  backward — forward 2·N·D·V flops, backward 6·N·D·V (plus 2·N·D′·V per pass for a reference
+  head); works for every preset and every impl.
+- ``"one_sweep"``: ``linear_preference_loss`` — every head gradient formed in the forward
+  (6·N·D·V), the backward only scales them; for presets whose loss is a sum of per-pair terms.
+- ``"auto"``: one_sweep only where it pays (the rule of :func:`choose_strategy`), else
+  recompute.
+"""
+from __future__ import annotations
+
+import torch
+
+from tisdpo_kernels import _env
+from tisdpo_kernels.config import PreferenceConfig
+
+__all__ = ["STRATEGIES", "one_sweep_unsupported", "choose_strategy", "device_free_bytes"]
+
+STRATEGIES = ("auto", "one_sweep", "recompute")
+
+
+def one_sweep_unsupported(config: PreferenceConfig) -> str | None:
+    """Why the one-sweep head cannot compute this loss, or None when it can."""
+    if config.granularity != "seq":
+        return ("its loss is a mean of per-position links (granularity='pos'), not a sum of "
+                "per-pair terms ℓ(z_b), so a token's gradient has no single per-pair scalar")
+    return None
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Bytes a CUDA device can still hand out (driver-free plus what PyTorch's caching
+    allocator holds unused); None off CUDA. A driver query, not a stream synchronisation."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int) -> int:
+    """Bytes the one-sweep head allocates: d_hidden, the float32 d_weight sum and (for more
+    than one pair) its per-pair scratch, and ~6 float32 chunk × V buffers."""
+    chunk = _env.torch_chunk_tokens(vocab)
+    scratch = 2 if num_pairs > 1 else 1
+    return tokens * dim * elem + scratch * vocab * dim * 4 + 6 * chunk * vocab * 4
+
+
+def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, bias=None,
+                    impl: str = "auto", seq_offsets=None, pairs=None) -> str:
+    """``"one_sweep"`` or ``"recompute"`` for one call (shapes and host metadata only).
+
+    ``"one_sweep"`` asked for a preset it cannot compute raises ValueError saying why.
+    ``"auto"`` picks one_sweep only when all hold: the preset is a sum of per-pair terms; a
+    gradient is wanted; the tensors are on CUDA (on CPU the trade-off is not measured, so auto
+    stays with recompute); impl is "auto" or "torch" (the one-sweep head has no Triton kernel
+    yet: it runs cuBLAS GEMMs through the torch backend); the mean tokens per pair (chosen +
+    rejected, padding included) reach ``TISDPO_ONE_SWEEP_MIN_TOKENS`` (2048: see
+    ``_env.one_sweep_min_tokens`` for the flop/byte trade-off); a packed layout's
+    ``seq_offsets`` and ``pairs`` are CPU tensors (the sweep's schedule is read on the host)
+    and no sequence is in two pairs; and the device has the memory the sweep allocates.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy={strategy!r}; valid choices are {list(STRATEGIES)}")
+    why = one_sweep_unsupported(config)
+    if strategy == "one_sweep" and why is not None:
+        raise ValueError(f"strategy='one_sweep' cannot compute this loss: {why}; use "
+                         f"strategy='recompute' or 'auto'")
+    if strategy != "auto":
+        return strategy
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if why is not None or not needs_grad or hidden.device.type != "cuda" \
+            or impl not in ("auto", "torch"):
+        return "recompute"
+    packed = seq_offsets is not None or pairs is not None
+    if packed:
+        if pairs is None or seq_offsets is None or pairs.device.type != "cpu" \
+                or seq_offsets.device.type != "cpu":
+            return "recompute"
+        num_pairs = pairs.shape[0]
+        if torch.unique(pairs.reshape(-1)).numel() != pairs.numel():
+            return "recompute"
+    else:
+        num_pairs = hidden.shape[0] // 2
+    tokens = hidden.numel() // hidden.shape[-1]
+    if num_pairs < 1 or tokens < _env.one_sweep_min_tokens() * num_pairs:
+        return "recompute"
+    need = one_sweep_bytes(tokens, num_pairs, weight.shape[0], weight.shape[1],
+                           hidden.element_size())
+    free = device_free_bytes(hidden.device)
+    return "one_sweep" if free is not None and free >= need else "recompute"
