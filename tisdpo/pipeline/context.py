@@ -186,7 +186,7 @@ def warn_builtin_tokenizer(tokenizer, records, where: str, *, sample: int = 200,
     """Warn (once per data file) when the built-in tokenizer — fit to the synthetic tasks'
     words — cuts the data's words into more than ``limit`` pieces on average; returns that
     average over the first ``sample`` chosen responses (None when none is plain text)."""
-    if where in _TOKENIZER_CHECKED:
+    if tokenizer is None or "chosen" not in records.column_names or where in _TOKENIZER_CHECKED:
         return None
     _TOKENIZER_CHECKED.add(where)
     words = pieces = 0
