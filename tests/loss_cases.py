@@ -1,6 +1,8 @@
 """TISDPOLoss cases shared by the loss-module tests: one padded batch (and its packing), the
 three-way runs, and the rounding magnitudes (tests/magnitudes.py) of the module's outputs.
 """
+from dataclasses import replace
+
 import torch
 
 import magnitudes as M
@@ -15,7 +17,9 @@ IGNORE = -100
 # row 5 is one token long, so a rank-based sequence of length 1 is covered too.
 ROWS = [(2, 7), (3, 8), (1, 5), (2, 9), (4, 3), (2, 1)]
 CONTINUOUS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-              "logps/rejected", "weights/chosen", "weights/rejected", "kl/chosen", "kl/rejected")
+              "logps/rejected", "weights/chosen", "weights/rejected", "kl/chosen", "kl/rejected",
+              "rewards_per_token/chosen", "rewards_per_token/rejected",
+              "rewards_per_token/margins", "logps_per_token/chosen", "logps_per_token/rejected")
 
 
 def make_case(seed=0):
@@ -185,6 +189,13 @@ def module_magnitudes(method, case, dtype, *, module_kw=None, loss_kw=None, refe
     p = M.preference(lp, lr, wt, kl, mask, cfg, normalizer=(loss_kw or {}).get("normalizer"),
                      m_lp=m_lp, m_lr=m_lr, m_w=m_w, m_kl=m_kl)
     metrics = {k: M.pair_mean(v, p["metrics"][k]) for k, v in p["values"].items()}
+    if cfg.reduction == "mean" and not cfg.reference_free:    # ipo: TRL's names are sums
+        p_sum = M.preference(lp, lr, wt, kl, mask, replace(cfg, reduction="sum"),
+                             m_lp=m_lp, m_lr=m_lr, m_w=m_w, m_kl=m_kl)
+        for k in [k for k in metrics if k.startswith(("rewards/", "logps/"))]:
+            head, _, tail = k.partition("/")
+            metrics[f"{head}_per_token/{tail}"] = metrics[k]
+            metrics[k] = M.pair_mean(p_sum["values"][k], p_sum["metrics"][k])
     unit = mask.double() if wt is None else wt
     m_unit = torch.zeros_like(unit) if m_w is None else m_w
     for name, sel in (("weights/chosen", mask & side), ("weights/rejected", mask & ~side)):

@@ -1,9 +1,10 @@
 """The layout's rules (docs/DESIGN.md §2), checked on the source itself.
 
-Imports run one way, cli → pipeline → train → loss → tisdpo_kernels, with no cycle (counting
-imports inside functions too); the two kernel backends never import each other or the
-reference; no module of tisdpo/ imports another's private name; every ``*.md`` a docstring or
-comment names exists; no source file is longer than 500 lines.
+Imports run one way, cli → pipeline (and integrations, beside it) → train → loss →
+tisdpo_kernels, with no cycle (counting imports inside functions too); the two kernel
+backends never import each other or the reference; no module of tisdpo/ imports another's
+private name; every ``*.md`` a docstring or comment names exists; no source file is longer
+than 500 lines.
 """
 import ast
 import io
@@ -53,8 +54,8 @@ def _edges(name: str) -> set[str]:
 
 
 def _layer(name: str) -> int:
-    for prefix, rank in (("tisdpo.cli", 4), ("tisdpo.pipeline", 3), ("tisdpo.train", 2),
-                         ("tisdpo_kernels", 0), ("tisdpo", 1)):
+    for prefix, rank in (("tisdpo.cli", 4), ("tisdpo.pipeline", 3), ("tisdpo.integrations", 3),
+                         ("tisdpo.train", 2), ("tisdpo_kernels", 0), ("tisdpo", 1)):
         if name == prefix or name.startswith(prefix + "."):
             return rank
     raise AssertionError(name)

@@ -166,6 +166,25 @@ def test_metrics_are_detached_scalars_with_trl_names():
         assert v.dim() == 0 and not v.requires_grad, k
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_ipo_metrics_mean_what_trl_logs_under_trl_names(layout):
+    """IPO's link sees per-token means, but TRL's DPOTrainer logs rewards/* and logps/* as
+    token sums: under those names TISDPOLoss gives the sums (those of ipo_sum, the same
+    quantities), and the means as rewards_per_token/* and logps_per_token/*."""
+    case = make_case()
+    _, ipo, _ = run("ipo", "torch", case, torch.float64, layout)
+    _, ipo_sum, _ = run("ipo_sum", "torch", case, torch.float64, layout)
+    _, truth, _ = run("ipo", "reference", case, torch.float64, layout)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected"):
+        assert torch.allclose(ipo[k], ipo_sum[k], rtol=1e-12, atol=0), k
+        head, _, tail = k.partition("/")
+        assert torch.allclose(ipo[f"{head}_per_token/{tail}"],
+                              truth[f"{head}_per_token/{tail}"], rtol=1e-12, atol=0), k
+    # the two conventions differ on this batch (the test could fail)
+    assert not torch.allclose(ipo["logps/chosen"], ipo["logps_per_token/chosen"])
+
+
 def test_reference_inputs_get_no_gradient():
     case = make_case()
     leaves, args = inputs(case, torch.float32, "padded")

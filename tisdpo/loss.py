@@ -7,6 +7,8 @@ tokens × vocab logits are never materialised. Built only from the public ops of
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -84,10 +86,17 @@ class TISDPOLoss(nn.Module):
     normalizer: divide the summed pair losses by this (e.g. the number of pairs in the whole
     accumulated batch); default: the pairs that have a response token.
 
+    pair_metrics: True gives the rewards/*, logps/* (and kl/*) metrics per pair ([P]
+    tensors, pair order) instead of their batch means; weights/* stay batch means.
+
     Returns ``loss`` (scalar) and ``metrics``: detached 0-d tensors, batch means over pairs —
     rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
-    logps/rejected (TRL's names), weights/chosen and weights/rejected (mean token weight over
-    response tokens), and kl/chosen, kl/rejected for KL methods. No host synchronisation.
+    logps/rejected (TRL's names and meaning: token sums, as DPOTrainer logs them — for ipo too,
+    whose per-token means, what its loss uses, come as rewards_per_token/* and
+    logps_per_token/*; per-token means for simpo, as CPOTrainer logs them; the rewards of a
+    weighted method are its weighted implicit reward β·Σ ω·(log π − log π_ref)),
+    weights/chosen and weights/rejected (mean token weight over response tokens), and
+    kl/chosen, kl/rejected for KL methods. No host synchronisation.
     """
 
     def __init__(self, method: str = "tisdpo", beta: float | None = None, *,
@@ -132,7 +141,8 @@ class TISDPOLoss(nn.Module):
 
     def forward(self, lm_head_weight, hidden, labels, *, bias=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None, weights=None, pos_logps=None,
-                neg_logps=None, seq_offsets=None, pairs=None, normalizer=None):
+                neg_logps=None, seq_offsets=None, pairs=None, normalizer=None,
+                pair_metrics=False):
         cfg = self.config
         check_not_sharded(lm_head_weight, "lm_head_weight")   # an FSDP2 shard: see the error
         check_not_sharded(ref_weight, "ref_weight")
@@ -203,7 +213,9 @@ class TISDPOLoss(nn.Module):
                                               normalizer=normalizer, impl=self.impl, **layout)
         if not one_sweep:     # (one_sweep: the loss came with its gradients; these are metrics)
             loss = pair_loss
-        metrics = {k: v.mean() for k, v in per_pair.items()}
+        if cfg.reduction == "mean" and not cfg.reference_free:
+            per_pair = self._token_sum_metrics(per_pair, logp, ref_logp, w, kl, layout)
+        metrics = dict(per_pair) if pair_metrics else {k: v.mean() for k, v in per_pair.items()}
         unit = torch.ones_like(logp) if w is None else w
         for name, sel in (("weights/chosen", mask & side),
                           ("weights/rejected", mask & rejected)):
@@ -211,6 +223,23 @@ class TISDPOLoss(nn.Module):
         return loss, metrics
 
     # ------------------------------------------------------------------------------ helpers
+
+    def _token_sum_metrics(self, per_pair, logp, ref_logp, w, kl, layout):
+        """IPO's link sees per-token means, but TRL's DPOTrainer logs ``rewards/*`` and
+        ``logps/*`` as token sums: those names keep TRL's meaning (sums), and the means the
+        loss used move to ``rewards_per_token/*`` and ``logps_per_token/*``."""
+        out = {k: v for k, v in per_pair.items() if not k.startswith(("rewards/", "logps/"))}
+        for k, v in per_pair.items():
+            head, _, tail = k.partition("/")
+            if head in ("rewards", "logps"):
+                out[f"{head}_per_token/{tail}"] = v
+        with torch.no_grad():
+            _, sums = preference_loss(logp.detach(), ref_logp, w,
+                                      config=replace(self.config, reduction="sum"),
+                                      kl=None if kl is None else kl.detach(), impl=self.impl,
+                                      **layout)
+        out.update({k: v for k, v in sums.items() if k.startswith(("rewards/", "logps/"))})
+        return out
 
     def _padded(self, hidden, labels):
         V.require(hidden.dim() == 3,

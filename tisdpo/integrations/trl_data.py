@@ -1,0 +1,88 @@
+"""Batches for ``TISDPOTrainer``: TRL's preference collator plus per-token columns.
+
+:class:`TISDPOCollator` is TRL 1.16's ``DataCollatorForPreference`` (input_ids,
+attention_mask, completion_mask; chosen rows first) that also carries
+
+- ``weights`` [2B, L] from the ``chosen_weight``/``rejected_weight`` columns (or the columns
+  ``TISDPOConfig.token_weights`` names), and
+- ``ref_logps`` [2B, L] from ``ref_chosen_logps``/``ref_rejected_logps`` when they are
+  per-token lists (what ``precompute_ref_log_probs=True`` stores for ``TISDPOTrainer``),
+
+each list holding one value per completion token as TRL tokenises the record (see
+:mod:`tisdpo.integrations.trl_weights`), placed at the token's position, truncated exactly
+as the tokens are, 0 at prompt and padding positions. A list whose length differs from the
+record's completion is an error; :func:`check_token_columns` finds it before training and
+names the record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import pad
+
+__all__ = ["TISDPOCollator", "check_token_columns", "REF_COLUMNS", "ALIGNMENT"]
+
+#: TRL's reference columns; per-token lists for TISDPOTrainer.
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+ALIGNMENT = ("one value per completion token as TRL tokenises the record (prompt + "
+             "completion jointly, the EOS TRL appends included)")
+
+
+def _token_row(example: dict, side: str, values, column: str) -> list[float]:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"column {column!r} holds {type(values).__name__} values; "
+                         f"TISDPOTrainer needs per-token lists ({ALIGNMENT}), not TRL "
+                         f"DPOTrainer's one reference sum per sequence")
+    n = len(example[f"{side}_ids"])
+    if len(values) != n:
+        raise ValueError(f"column {column!r}: {len(values)} values for {n} completion tokens "
+                         f"({ALIGNMENT})")
+    return [0.0] * len(example["prompt_ids"]) + [float(v) for v in values]
+
+
+@dataclass
+class TISDPOCollator(DataCollatorForPreference):
+    """TRL's preference collator plus the per-token ``weights`` and ``ref_logps`` (module
+    docstring). ``weight_columns``: (chosen, rejected) column names, None for none."""
+
+    weight_columns: tuple[str, str] | None = ("chosen_weight", "rejected_weight")
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+               for ex in examples]
+        out = super().torch_call(ids)
+        if self.max_length is None:
+            sl = slice(None)
+        elif self.truncation_mode == "keep_start":
+            sl = slice(None, self.max_length)
+        else:
+            sl = slice(-self.max_length, None)
+        for key, cols in (("weights", self.weight_columns), ("ref_logps", REF_COLUMNS)):
+            if cols is None or cols[0] not in examples[0]:
+                continue
+            rows = [torch.tensor(_token_row(ex, side, ex[col], col)[sl], dtype=torch.float32)
+                    for side, col in zip(("chosen", "rejected"), cols) for ex in examples]
+            out[key] = pad(rows, padding_value=0.0, padding_side="right",
+                           pad_to_multiple_of=self.pad_to_multiple_of)
+        return out
+
+
+def check_token_columns(dataset, columns, *, name: str, rows=None) -> None:
+    """ValueError naming the first record whose per-token ``columns`` (chosen, rejected)
+    do not have one value per completion token of the tokenised ``dataset``; ``rows``: the
+    record number of each row (default: its position)."""
+    import pyarrow.compute as pc
+
+    for side, col in zip(("chosen", "rejected"), columns):
+        table = dataset.select_columns([col, f"{side}_ids"]).with_format("arrow")[:]
+        have = pc.list_value_length(table.column(col)).to_pylist()
+        want = pc.list_value_length(table.column(f"{side}_ids")).to_pylist()
+        for i, (h, w) in enumerate(zip(have, want)):
+            if h != w:
+                rec = i if rows is None else rows[i]
+                raise ValueError(f"{name} record {rec}, field {col!r}: {h} values for {w} "
+                                 f"completion tokens ({ALIGNMENT}; "
+                                 f"tisdpo.integrations.trl.align_weights_to_trl builds them)")
