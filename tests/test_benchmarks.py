@@ -295,6 +295,20 @@ def test_e2e_long_toy(benchmark, tmp_path):
         assert _value(rows, provider=prov, metric="longest_pair_fits") == 32
 
 
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the trl extra)")
+def test_trl_step_toy_runs_both_trainers(capsys, tmp_path):
+    from benchmarks import trl_step
+
+    assert trl_step.main(["--vocab", "600", "--hidden", "32", "--tokens", "16", "--pairs", "1",
+                          "--steps", "1", "--warmup", "0", "--cpu", "--out-dir",
+                          str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    assert [r["trainer"] for r in rows] == ["trl", "tisdpo"]
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+    assert all(r["step_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_e2e_long_needs_gpu_without_toy(capsys):
     assert e2e_long.main(["--out", "-"]) == 2
