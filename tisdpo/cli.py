@@ -4,6 +4,7 @@
     tisdpo pipeline --config run.yaml             # sft? -> contrastive -> weights -> train
     tisdpo contrastive --model.path ./llama --data.train pairs.jsonl --run_dir runs/x
     tisdpo weights --run_dir runs/x               # offline token weights (+ reference log-probs)
+    tisdpo weights --run_dir runs/x --trl         # ... and a copy aligned to TRL's tokenisation
     tisdpo train --run_dir runs/x --policy.method tisdpo --policy.lr 5e-7
     tisdpo inspect --run_dir runs/x               # token-weight heat map (HTML + PNG)
     tisdpo train --run_dir runs/x --policy.name dpo-s1 --policy.method dpo --seed 1
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the prompt")
         if name == "compare":
             _compare_args(p)
+        if name == "weights":
+            p.add_argument("--trl", action="store_true",
+                           help="also write the weighted records with their per-token weights "
+                                "aligned to TRL's DPOTrainer tokenisation, for "
+                                "tisdpo.integrations.trl (<run_dir>/weights/trl/{train,eval} "
+                                "and .jsonl)")
         if name == "inspect":
             p.add_argument("--data", default=None, metavar="PATH",
                            help="weighted records to show (a save_to_disk directory or a "
@@ -264,7 +271,12 @@ def _run(args, cfg: RunConfig) -> int:
         for p in paths:
             print(p)
         return 0
-    out = STAGES[args.command](make_context(cfg))
+    ctx = make_context(cfg)
+    out = STAGES[args.command](ctx)
+    if args.command == "weights" and args.trl:
+        from tisdpo.integrations.trl_weights import export_trl_weights
+
+        out = "\n".join([out, *export_trl_weights(out, ctx.tokenizer)])
     if isinstance(out, dict):                       # pipeline: every stage's output
         out = "\n".join(f"{stage}: {o}" for stage, o in out.items())
     elif isinstance(out, tuple):                    # contrastive: pi+ and pi-

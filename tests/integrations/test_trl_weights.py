@@ -2,6 +2,7 @@
 the collator, the errors, and TIS-DPO trained by TISDPOTrainer on the weights stage's output."""
 import copy
 import math
+import os
 
 import datasets
 import pytest
@@ -16,6 +17,7 @@ from tisdpo.integrations.trl import (  # noqa: E402
     TISDPOCollator, TISDPOConfig, TISDPOTrainer, align_weights_to_trl, load_trl_weights,
 )
 from tisdpo.integrations.trl_weights import trl_completion_ids  # noqa: E402
+from tisdpo.train.config import dump_yaml  # noqa: E402
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs  # noqa: E402
 
 
@@ -158,7 +160,23 @@ def weights_dir(tmp_path_factory):
     ctx = context.make_context(cfg)
     stages.run_contrastive(ctx)
     weights.run_weights(ctx)
+    dump_yaml(cfg, ctx.path("run.yaml"))
     return ctx.path("weights"), ctx.tokenizer
+
+
+def test_weights_command_writes_the_trl_aligned_copy(weights_dir):
+    from tisdpo import cli
+
+    path, tok = weights_dir
+    run_yaml = os.path.join(os.path.dirname(path), "run.yaml")
+    assert cli.main(["weights", "--config", run_yaml, "--trl"]) == 0     # stage done: export
+    for split in ("train", "eval"):
+        want = load_trl_weights(path, tok, split)
+        got = datasets.load_from_disk(os.path.join(path, "trl", split))
+        assert got.column_names == want.column_names and len(got) == len(want) > 0
+        assert got["chosen_weight"] == want["chosen_weight"]
+        with open(os.path.join(path, "trl", f"{split}.jsonl")) as fh:
+            assert sum(1 for _ in fh) == len(want)
 
 
 def _eager_tisdpo_loss(model, ref, batch, beta=0.1):
