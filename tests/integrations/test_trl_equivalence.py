@@ -60,6 +60,20 @@ def test_same_steps_as_dpo_trainer(tmp_path, tok, data, loss_type, smoothing):
         assert abs(logs["tisdpo/logps_per_token/chosen"]) < abs(logs["logps/chosen"]) / 5
 
 
+def test_one_sweep_strategy_takes_the_same_steps(tmp_path, tok, data, monkeypatch):
+    """strategy="one_sweep" (every head gradient formed in the forward) against stock TRL."""
+    import tisdpo.loss as loss_module
+
+    calls = []
+    sweep = loss_module.linear_preference_loss
+    monkeypatch.setattr(loss_module, "linear_preference_loss",
+                        lambda *a, **k: calls.append(1) or sweep(*a, **k))
+    stock, mine = _both(tmp_path, tok, data, loss_type=["sigmoid"],
+                        ours={"strategy": "one_sweep"})
+    _compare(stock, mine, 0.1, "sigmoid one_sweep")
+    assert len(calls) >= 6                  # 3 steps × 2 micro-batches, then evaluation
+
+
 def test_gradient_checkpointing_and_a_tied_head(tmp_path, tok, data):
     """TRL's default gradient checkpointing on, embeddings tied to the head."""
     train, evaluation = data

@@ -59,7 +59,18 @@ BAD = [("pipeline", f"--{s}.{o}", v) for s in TRAIN_SECTIONS for o, v in _TRAIN_
     ("demo", "--demo.policy_seeds", "0"), ("demo", "--demo.sample_prompts", "0"),
     ("demo", "--demo.samples_per_prompt", "0"), ("demo", "--demo.max_new_tokens", "0"),
     ("demo", "--demo.temperature", "0"), ("demo", "--policy.eval_max_pairs", "0"),
+    ("train", "--policy.strategy", "fast"),
 ]
+
+
+def test_one_sweep_with_a_per_position_preset_is_refused_before_any_stage(capsys):
+    assert cli.main(["train", "--print-config", "--policy.method", "cdpo_code",
+                     "--policy.strategy", "one_sweep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "policy.strategy=one_sweep with policy.method=cdpo_code" in err
+    assert err.count("\n") == 0
+    assert cli.main(["train", "--print-config", "--policy.method", "cdpo_code",
+                     "--policy.strategy", "recompute"]) == 0
 
 
 @pytest.mark.parametrize("command, option, value", BAD)

@@ -79,7 +79,8 @@ class TISDPOConfig(_TRLDPOConfig):
     token_weights: "auto" (``chosen_weight``/``rejected_weight`` when the data has them;
         weighted presets require them), "none" (unit weights) or "<chosen>,<rejected>".
     alpha: α of the KL terms of tdpo2 / tisdpo_token_level; gamma_beta_ratio: SimPO's γ/β
-        (TRL CPOConfig's ``simpo_gamma / beta``); impl: the kernels' backend.
+        (TRL CPOConfig's ``simpo_gamma / beta``); impl: the kernels' backend; strategy:
+        ``TISDPOLoss``'s (recompute, one_sweep or auto).
     head_metrics: also log TRL's entropy, logits/* and mean_token_accuracy (one more LM-head
         pass over the completion tokens, without gradient).
     """
@@ -95,6 +96,9 @@ class TISDPOConfig(_TRLDPOConfig):
         "help": "SimPO's gamma/beta (TRL CPOConfig's simpo_gamma / beta)"})
     impl: str = field(default="auto", metadata={
         "help": "kernel backend: 'auto', 'triton', 'torch' or 'reference'"})
+    strategy: str = field(default="auto", metadata={
+        "help": "how the loss forms the LM head's gradients: 'recompute', 'one_sweep' (all in "
+                "the forward; long pairs) or 'auto' (TISDPOLoss's rule)"})
     head_metrics: bool = field(default=True, metadata={
         "help": "log TRL's entropy, logits/* and mean_token_accuracy (one more LM-head pass)"})
 

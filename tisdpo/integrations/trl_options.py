@@ -96,7 +96,8 @@ def build_loss(args, *, softcap: float | None = None) -> TISDPOLoss:
     return TISDPOLoss(method, beta=args.beta, label_smoothing=eps,
                       alpha=getattr(args, "alpha", None),
                       gamma_beta_ratio=getattr(args, "gamma_beta_ratio", None),
-                      softcap=softcap, impl=getattr(args, "impl", "auto"))
+                      softcap=softcap, impl=getattr(args, "impl", "auto"),
+                      strategy=getattr(args, "strategy", "auto"))
 
 
 def check_reference(args, loss: TISDPOLoss, method: str) -> None:

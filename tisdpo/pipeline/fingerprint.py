@@ -32,7 +32,7 @@ _IGNORED_TOP = {"run_dir", "device", "threads", "log", "demo", "distributed"}
 _IGNORED = {"model.gradient_checkpointing", "model.attn_implementation", "data.packing",
             "data.pad_to_multiple_of", "pipeline.resume", "weights.batch_size",
             "weights.jsonl", "weights.impl"}
-_IGNORED_LEAF = {"impl", "eval_every", "eval_batch_size", "eval_max_pairs", "save_every",
+_IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "eval_max_pairs", "save_every",
                  "keep_checkpoints", "stop_after"}
 
 

@@ -177,6 +177,11 @@ class PolicyConfig(TrainConfig):
         ("auto", "stored", "recompute", "equal", "random"))
     impl: str = opt("auto", "kernel backend: auto (triton on CUDA, torch on CPU), triton, torch, "
                             "reference", ("auto", "triton", "torch", "reference"))
+    strategy: str = opt("auto", "how the loss forms the LM head's gradients: recompute (logits "
+                                "again in the backward), one_sweep (all in the forward; long "
+                                "pairs), auto (one_sweep on CUDA from "
+                                "TISDPO_ONE_SWEEP_MIN_TOKENS tokens per pair)",
+                        ("auto", "one_sweep", "recompute"))
     optimizer: str = opt("rmsprop", "optimiser", ("adamw", "rmsprop"))
 
 

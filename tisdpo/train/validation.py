@@ -221,6 +221,14 @@ def _check_methods(cfg) -> None:
             resolve_preset(method, beta=beta)
         except ValueError as err:
             raise ValueError(f"{name}.method={method} with {name}.beta={beta}: {err}") from None
+    if cfg.policy.strategy == "one_sweep":
+        from tisdpo_kernels.strategy import one_sweep_unsupported
+
+        why = one_sweep_unsupported(resolve_preset(cfg.policy.method)[0])
+        if why is not None:
+            raise ValueError(f"policy.strategy=one_sweep with policy.method="
+                             f"{cfg.policy.method}: {why}; use policy.strategy recompute or "
+                             f"auto")
 
 
 def _check_weights(cfg) -> None:
