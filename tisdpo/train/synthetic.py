@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tisdpo.train.word_labels import WORD_RE, word_labels
+from tisdpo.train.synthetic_common import WORD_RE, check_sizes, preference_record, word_labels
 
 __all__ = ["GOOD_WORDS", "BAD_WORDS", "NEUTRAL_WORDS", "TOPICS", "CHAT_TEMPLATE",
            "SPECIAL_TOKENS", "SyntheticInfo", "make_synthetic_task", "build_tokenizer",
@@ -117,19 +117,9 @@ def _pairs(n: int, rng: random.Random, info: SyntheticInfo, chat: bool) -> list[
     while len(records) < n:
         topic = rng.choice(info.topics)
         a, b = _response(rng, info), _response(rng, info)
-        ba, bb = info.balance(a), info.balance(b)
-        if ba == bb:
-            continue
-        (chosen, bc), (rejected, br) = sorted([(a, ba), (b, bb)], key=lambda x: -x[1])
-        prompt = f"Write about {topic}:"
-        if chat:
-            rec = {"prompt": [{"role": "user", "content": prompt}],
-                   "chosen": [{"role": "assistant", "content": chosen}],
-                   "rejected": [{"role": "assistant", "content": rejected}]}
-        else:
-            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        rec.update(chosen_balance=bc, rejected_balance=br)
-        records.append(rec)
+        rec = preference_record(f"Write about {topic}:", a, b, info.balance, chat)
+        if rec is not None:
+            records.append(rec)
     return records
 
 
@@ -155,9 +145,7 @@ def make_synthetic_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool 
         from tisdpo.train.synthetic_hard import make_hard_task
 
         return make_hard_task(n_train, n_test, seed, chat=chat)
-    for name, v in (("n_train", n_train), ("n_test", n_test)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    check_sizes(n_train, n_test)
     info = SyntheticInfo()
     train = _pairs(n_train, random.Random(f"train-{seed}"), info, chat)
     test = _pairs(n_test, random.Random(f"test-{seed}"), info, chat)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import re
 
-from tisdpo.train.word_labels import WORD_RE, word_labels
+from tisdpo.train.synthetic_common import WORD_RE, check_sizes, preference_record, word_labels
 
 __all__ = ["AUDIENCES", "CHILD_WORDS", "EXPERT_WORDS", "ALWAYS_GOOD", "ALWAYS_BAD",
            "NEUTRAL_WORDS", "TOPICS", "HardSyntheticInfo", "make_hard_task"]
@@ -135,18 +135,10 @@ def _pairs(n: int, rng: random.Random, info: HardSyntheticInfo, chat: bool) -> l
         topic, audience = rng.choice(TOPICS), rng.choice(AUDIENCES)
         prompt = f"Write about {topic} for {audience}:"
         a, b = _response(rng), _response(rng)
-        ba, bb = info.balance(a, prompt), info.balance(b, prompt)
-        if ba == bb:
-            continue
-        (chosen, bc), (rejected, br) = sorted([(a, ba), (b, bb)], key=lambda x: -x[1])
-        if chat:
-            rec = {"prompt": [{"role": "user", "content": prompt}],
-                   "chosen": [{"role": "assistant", "content": chosen}],
-                   "rejected": [{"role": "assistant", "content": rejected}]}
-        else:
-            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        rec.update(chosen_balance=bc, rejected_balance=br, audience=audience)
-        records.append(rec)
+        rec = preference_record(prompt, a, b, lambda text: info.balance(text, prompt), chat)
+        if rec is not None:
+            rec["audience"] = audience
+            records.append(rec)
     return records
 
 
@@ -158,9 +150,7 @@ def make_hard_task(n_train: int, n_test: int, seed: int = 0, *, chat: bool = Fal
     the prompt's audience) and ``audience``. With ``chat`` the three text fields are chat
     messages. Deterministic in ``seed``; train and test are drawn independently.
     """
-    for name, v in (("n_train", n_train), ("n_test", n_test)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    check_sizes(n_train, n_test)
     info = HardSyntheticInfo()
     train = _pairs(n_train, random.Random(f"hard-train-{seed}"), info, chat)
     test = _pairs(n_test, random.Random(f"hard-test-{seed}"), info, chat)
