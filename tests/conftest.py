@@ -24,6 +24,25 @@ def _seed():
     yield
 
 
+#: test folders that run on one CPU thread without datasets' progress bars: their tiny models
+#: are faster so, and resume- and step-equality checks need one summation order
+ONE_THREAD_DIRS = ("pipeline", "integrations")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    if request.node.path.parent.name not in ONE_THREAD_DIRS:
+        yield
+        return
+    import datasets
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

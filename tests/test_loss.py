@@ -318,10 +318,12 @@ def test_packed_unpaired_sequence_counts_nowhere():
           module_magnitudes("tisdpo_paper_no_eta", case, torch.float32))
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("impl,module_kw", [
+    ("torch", None), pytest.param("triton", None, marks=requires_triton),
+    pytest.param("torch", {"strategy": "one_sweep"}, id="torch-one_sweep")])
 @pytest.mark.parametrize("method,layout", [("tisdpo", "padded"), ("tisdpo_paper", "padded"),
                                            ("tisdpo_paper", "packed")])
-def test_nan_in_ignored_rows_changes_nothing(method, layout, impl):
+def test_nan_in_ignored_rows_changes_nothing(method, layout, impl, module_kw):
     """NaN hidden and ref_hidden states at ignored positions (padding, prompts) give bit for
     bit the loss, metrics and gradients of zeros there."""
     results = []
@@ -329,7 +331,8 @@ def test_nan_in_ignored_rows_changes_nothing(method, layout, impl):
         case = make_case()
         for k in ("hidden", "ref_hidden"):
             case[k][case["labels"] == IGNORE] = value
-        results.append(run(method, impl, case, torch.float32, layout, nan_views=False))
+        results.append(run(method, impl, case, torch.float32, layout, nan_views=False,
+                           module_kw=module_kw))
     (loss0, met0, g0), (loss1, met1, g1) = results
     assert torch.isfinite(loss1) and torch.equal(loss0, loss1)
     for k in met0:
