@@ -2,7 +2,8 @@
 
 The same model (a small Llama body under a large vocabulary, random weights), the same pairs
 (the built-in synthetic task's words, repeated to ``--tokens`` per response), the same
-``DPOConfig`` (sigmoid loss, reference model, no gradient checkpointing); each trainer runs in
+``DPOConfig`` (sigmoid loss, a reference model initialised apart from the policy, no gradient
+checkpointing); each trainer runs in
 its own subprocess, so that one's allocations never count against the other. Recorded per
 trainer: the median wall time of an optimizer step (after ``--warmup`` steps), the peak
 memory — CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set
@@ -28,7 +29,7 @@ import torch
 TRAINERS = ("trl", "tisdpo")
 
 
-def _model(vocab: int, hidden: int, layers: int, tokens: int, tok):
+def _model(vocab: int, hidden: int, layers: int, tokens: int, tok, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     conf = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -37,7 +38,7 @@ def _model(vocab: int, hidden: int, layers: int, tokens: int, tok):
                        max_position_embeddings=4 * tokens + 64, tie_word_embeddings=False,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(conf)
 
 
@@ -67,7 +68,7 @@ def _child(args) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     tok = load_tokenizer()
     model = _model(args.vocab, args.hidden, args.layers, args.tokens, tok)
-    ref = _model(args.vocab, args.hidden, args.layers, args.tokens, tok)
+    ref = _model(args.vocab, args.hidden, args.layers, args.tokens, tok, seed=1)  # ≠ policy
     steps = args.warmup + args.steps
     data = Dataset.from_list(_records(args.pairs * steps, args.tokens, tok))
     if args.trainer == "trl":

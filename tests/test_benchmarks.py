@@ -306,6 +306,7 @@ def test_trl_step_toy_runs_both_trainers(capsys, tmp_path):
             if line.startswith("{")]
     assert [r["trainer"] for r in rows] == ["trl", "tisdpo"]
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+    assert abs(rows[0]["first_loss"] - math.log(2)) > 1e-4     # policy ≠ reference
     assert all(r["step_s"] > 0 and r["peak_mib"] > 0 for r in rows)
 
 
