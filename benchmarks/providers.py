@@ -54,6 +54,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("ours-one-sweep", ("loss",), "grads_in_forward",
              "tisdpo one-sweep preference head (TISDPOLoss(strategy='one_sweep')): every head "
              "gradient in the forward, the backward only scales; torch backend, cuBLAS on CUDA"),
+    Provider("ours-filtered", ("logprobs",), "recompute",
+             "tisdpo fused Triton kernels with gradient filtering, filter_eps=2^-12 "
+             "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only"),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),
     Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
@@ -79,6 +82,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 )}
 
 _OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch"}
+FILTER_EPS = 2.0 ** -12        # ours-filtered: Cut Cross-Entropy's default threshold for bf16
 # the loss op's strategy per provider of ours: the recompute rows stay recompute whatever
 # TISDPOLoss(strategy="auto") would pick, so each row measures what its flop model counts
 _OURS_LOSS = {"ours-triton": ("triton", "recompute"), "ours-torch": ("torch", "recompute"),
@@ -189,6 +193,10 @@ def make_logprobs(name: str, softcap: float | None) -> Callable:
     if name in _OURS_IMPL:
         from tisdpo_kernels import linear_logprobs
         return functools.partial(linear_logprobs, softcap=softcap, impl=_OURS_IMPL[name])
+    if name == "ours-filtered":
+        from tisdpo_kernels import linear_logprobs
+        return functools.partial(linear_logprobs, softcap=softcap, impl="triton",
+                                 filter_eps=FILTER_EPS)
     if name == "eager":
         return functools.partial(eager_logprobs, softcap=softcap)
     if name == "torch-compile":

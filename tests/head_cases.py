@@ -50,6 +50,24 @@ def logprobs_case(n, d, v, *, bias=True, ignored=(3, 10, 11), scale=2.0, shape=N
     return {"hidden": h, "weight": w, "bias": b}, y, grads
 
 
+def peaked_logprobs_case(n, d, v, *, bias=True, ignored=(3, 10, 11), zipf=1.5, noise=2.0):
+    """``logprobs_case`` with logits shaped like a trained model's: a Zipf prior −zipf·ln(1+v)
+    carried by a constant hidden feature, noise of std ``noise`` in the other D−1, targets
+    drawn from the prior (so most of a token's probability sits in few columns)."""
+    h = torch.randn(n, d, dtype=torch.float64)
+    h[:, 0] = 1.0
+    w = torch.randn(v, d, dtype=torch.float64) * (noise / (d - 1) ** 0.5)
+    prior = -zipf * torch.log1p(torch.arange(v, dtype=torch.float64))
+    w[:, 0] = prior
+    b = 0.1 * torch.randn(v, dtype=torch.float64) if bias else None
+    y = torch.multinomial(torch.softmax(prior, 0), n, replacement=True)
+    for i in ignored:
+        if i < n:
+            y[i] = -100
+    grads = _upstream((n,), zeros=(slice(None, None, 5), slice(1, None, 4)), second_scale=0.5)
+    return {"hidden": h, "weight": w, "bias": b}, y, grads
+
+
 def kl_case(n, d, dr, v, *, bias=True, ref_bias=None, ignored=(3, 10, 11), scale=2.0,
             ref_scale=2.0, shape=None, zeros=(slice(None, None, 4), slice(1, None, 5)),
             silent=None):
@@ -111,12 +129,13 @@ def _grads(out, outs, grads, dtype, ts, wrt, device):
 
 
 def run_logprobs(impl, masters, y, grads, *, dtype, device=None, softcap=None, wrt=POLICY,
-                 view=False, as_dtype=None):
+                 view=False, as_dtype=None, filter_eps=None):
     """(logp, lse) of the public op and the gradients of the inputs named in ``wrt``."""
     ts, yy = _prepare(masters, y, dtype=dtype, ref_dtype=None, device=device, view=view,
                       as_dtype=as_dtype, wrt=wrt)
+    extra = {} if filter_eps is None else {"filter_eps": filter_eps}
     logp, lse = tk.linear_logprobs(ts["hidden"], ts["weight"], yy, bias=ts["bias"],
-                                   softcap=softcap, return_lse=True, impl=impl)
+                                   softcap=softcap, return_lse=True, impl=impl, **extra)
     return _grads({"logp": logp, "lse": lse}, [logp, lse], grads, dtype, ts, wrt, device)
 
 

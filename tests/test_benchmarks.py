@@ -310,6 +310,23 @@ def test_trl_step_toy_runs_both_trainers(capsys, tmp_path):
     assert all(r["step_s"] > 0 and r["peak_mib"] > 0 for r in rows)
 
 
+def test_filtering_table(capsys):
+    """benchmarks.filtering at toy size: the exact row is at the rounding floor; filtering
+    keeps fewer columns as ε grows and its d_hidden error grows with the lost mass."""
+    from benchmarks import filtering
+
+    assert filtering.main(["--vocab", "2000", "--tokens", "64", "--hidden", "16",
+                           "--chunks", "32"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 2000 ")]
+    assert [r[2].strip() for r in rows] == ["none", "2^-14", "2^-12", "2^-10", "2^-8"]
+    kept = [float(r[3].strip().rstrip("%")) for r in rows]
+    err = [float(r[5].split("/")[0]) for r in rows]
+    assert kept[0] == 100.0 and err[0] < 1e-5
+    assert kept[1:] == sorted(kept[1:], reverse=True) and kept[-1] < 50.0
+    assert err[-1] > err[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_e2e_long_needs_gpu_without_toy(capsys):
     assert e2e_long.main(["--out", "-"]) == 2

@@ -49,6 +49,9 @@ class TISDPOLoss(nn.Module):
         loss is no sum of per-pair terms) or "auto" (default: one_sweep only on CUDA, from
         ``TISDPO_ONE_SWEEP_MIN_TOKENS`` tokens per pair, when memory allows; see
         ``tisdpo_kernels.strategy.choose_strategy``).
+      filter_eps: None (exact) or ε ∈ (0, 1): opt-in gradient filtering of the policy's
+        log-prob head (``tisdpo_kernels.linear_logprobs``, docs/FILTERING.md); recompute
+        strategy only (auto then picks it), not for methods with KL terms.
 
     Call (padded layout, as TRL and Liger batch it)::
 
@@ -104,7 +107,7 @@ class TISDPOLoss(nn.Module):
                  alpha: float | None = None, gamma_beta_ratio: float | None = None,
                  weight_method: str | None = None, weight_params: WeightParams | None = None,
                  ignore_index: int = -100, softcap: float | None = None, impl: str = "auto",
-                 strategy: str = "auto"):
+                 strategy: str = "auto", filter_eps: float | None = None):
         super().__init__()
         cfg, rule, params = resolve_preset(
             method, beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, alpha=alpha,
@@ -123,6 +126,17 @@ class TISDPOLoss(nn.Module):
         why = one_sweep_unsupported(cfg) if strategy == "one_sweep" else None
         V.require(why is None, f"strategy='one_sweep' cannot compute method {method!r}: {why}; "
                   f"use strategy='recompute' or 'auto'")
+        V.check_filter_eps(filter_eps)
+        if filter_eps is not None:
+            V.require(not cfg.uses_kl, f"filter_eps={filter_eps!r}: method {method!r} computes "
+                      f"KL terms over the whole vocabulary, whose head has no filtering; use "
+                      f"filter_eps=None")
+            V.require(strategy != "one_sweep", f"filter_eps={filter_eps!r} filters the recompute "
+                      f"strategy's backward; strategy='one_sweep' has none (use 'recompute' or "
+                      f"'auto')")
+            V.require(impl != "reference", f"filter_eps={filter_eps!r} needs impl 'auto', "
+                      f"'torch' or 'triton'; impl='reference' is the exact oracle")
+        self.filter_eps = filter_eps
         self.method = method
         self.strategy = strategy
         self.config = cfg
@@ -135,7 +149,8 @@ class TISDPOLoss(nn.Module):
         c = self.config
         return (f"method={self.method!r}, beta={c.beta}, link={c.link!r}, "
                 f"weight_method={self.weight_method!r}, impl={self.impl!r}, "
-                f"strategy={self.strategy!r}")
+                f"strategy={self.strategy!r}"
+                + ("" if self.filter_eps is None else f", filter_eps={self.filter_eps}"))
 
     # ------------------------------------------------------------------------------ forward
 
@@ -181,7 +196,8 @@ class TISDPOLoss(nn.Module):
         head = dict(ignore_index=self.ignore_index, softcap=self.softcap, impl=self.impl)
 
         kl = ref_logp = None
-        one_sweep = choose_strategy(self.strategy, cfg, hidden=hidden, weight=lm_head_weight,
+        strategy = "recompute" if self.filter_eps is not None else self.strategy
+        one_sweep = choose_strategy(strategy, cfg, hidden=hidden, weight=lm_head_weight,
                                     bias=bias, impl=self.impl, seq_offsets=seq_offsets,
                                     pairs=pairs) == "one_sweep"
         if one_sweep:   # the loss and every head gradient in this forward (docs/ONE_SWEEP.md)
@@ -198,7 +214,8 @@ class TISDPOLoss(nn.Module):
                 hidden, lm_head_weight, ref_hidden, ref_weight, labels, bias=bias,
                 ref_bias=ref_bias, direction=cfg.kl, **head)
         else:
-            logp = linear_logprobs(hidden, lm_head_weight, labels, bias=bias, **head)
+            logp = linear_logprobs(hidden, lm_head_weight, labels, bias=bias,
+                                   filter_eps=self.filter_eps, **head)
             if ref_hidden is not None:
                 with torch.no_grad():
                     ref_logp = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels,

@@ -10,6 +10,8 @@ never import each other).
   ranks them here, since a segmented-sort kernel would not pay at these sizes.
 - ``addmm_f32_``: a float32 gradient accumulator += a product of 16-bit operands, on tensor
   cores with fp32 accumulation on a GPU.
+- ``kept_columns``: the vocabulary columns an opt-in filtered backward keeps for one chunk of
+  rows (``filter_eps``, docs/FILTERING.md).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 from tisdpo_kernels import validate as V
 from tisdpo_kernels.config import WeightParams
 
-__all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_"]
+__all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_",
+           "kept_columns"]
 
 _F64 = torch.float64
 
@@ -36,6 +39,24 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
             and hasattr(torch.ops.aten.addmm, "dtype_out"):
         return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def kept_columns(col_max_p: torch.Tensor, targets: torch.Tensor,
+                 eps: float) -> torch.Tensor | None:
+    """Indices [K] of the vocabulary columns a filtered backward keeps for one chunk of rows,
+    or None when the chunk should run unfiltered.
+
+    col_max_p [V]: the largest softmax probability of each column over the chunk's rows;
+    targets: the target ids of the chunk's rows that count. A column is kept when some row
+    targets it or its probability reaches ``eps`` in some row; a dropped column's terms are
+    each below eps times their row's p-coefficient. One host sync (the GEMMs are sized by K).
+    A chunk keeping more than half the vocabulary runs unfiltered: the gathered copies would
+    cost more memory than the skipped work is worth.
+    """
+    keep = col_max_p >= eps
+    keep[targets] = True
+    cols = keep.nonzero().squeeze(1)
+    return None if 2 * cols.numel() > keep.numel() else cols
 
 
 def normalizer_tensor(normalizer, device) -> torch.Tensor | None:

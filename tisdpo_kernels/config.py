@@ -244,11 +244,17 @@ def resolve_preset(method: str, *, beta: float | None = None, epsilon: float | N
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """Non-tensor options of the fused LM-head ops, crossing the autograd boundary as one."""
+    """Non-tensor options of the fused LM-head ops, crossing the autograd boundary as one.
+
+    filter_eps: None (exact) or ε ∈ (0, 1): the backward drops, per chunk of rows, every
+    vocabulary column that no row of the chunk targets and whose softmax probability is below
+    ε in every row of the chunk (docs/FILTERING.md).
+    """
 
     ignore_index: int = -100
     softcap: float | None = None
     return_lse: bool = False
+    filter_eps: float | None = None
 
 
 @dataclass(frozen=True)

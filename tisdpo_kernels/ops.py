@@ -28,7 +28,7 @@ __all__ = ["linear_logprobs", "linear_token_kl", "contrastive_logscores", "token
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
-                    return_lse=False, impl="auto"):
+                    return_lse=False, filter_eps=None, impl="auto"):
     """Per-token log-probabilities of ``targets`` under the LM head, without logits.
 
     hidden [..., D], weight [V, D], targets [...] (already shifted: target i is predicted
@@ -39,19 +39,31 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
 
         logp_t = z_t[y_t] − logsumexp(z_t),  z_t = softcap(W h_t + b)
 
-    impl: "auto" (triton on CUDA, torch on CPU), "triton", "torch" or "reference".
+    filter_eps: None (default: exact gradients) or ε ∈ (0, 1), opt-in gradient filtering:
+    per chunk of rows the backward leaves out of its gradient GEMMs every vocabulary column
+    that no row of the chunk targets and whose probability is below ε in every row of the
+    chunk. Each dropped term is below ε·|∂loss/∂lse_t − ∂loss/∂logp_t| (docs/FILTERING.md).
+    The forward is exact either way.
+
+    impl: "auto" (triton on CUDA, torch on CPU), "triton", "torch" or "reference" (the exact
+    oracle: it refuses filter_eps).
     """
     V.check_linear_inputs(hidden, weight, targets, bias)
     V.check_softcap(softcap)
+    V.check_filter_eps(filter_eps)
     which = resolve_impl(impl, hidden.device, op="linear_logprobs")
     V.check_targets("targets", targets, weight.shape[0], ignore_index)
+    V.require(filter_eps is None or which is not Impl.REFERENCE,
+              f"linear_logprobs: filter_eps={filter_eps!r} needs impl 'torch' or 'triton'; "
+              f"impl='reference' is the exact oracle")
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
         return reference.linear_logprobs(hidden, weight, targets, bias=bias,
                                          ignore_index=ignore_index, softcap=softcap,
                                          return_lse=return_lse)
     shape = targets.shape
-    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, return_lse=return_lse)
+    opts = HeadOptions(ignore_index=ignore_index, softcap=softcap, return_lse=return_lse,
+                       filter_eps=None if filter_eps is None else float(filter_eps))
     if which is Impl.TRITON:
         from tisdpo_kernels._triton.linear_logprobs import linear_logprobs as run
     else:

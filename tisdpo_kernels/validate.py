@@ -206,3 +206,10 @@ def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "",
 def check_softcap(softcap) -> None:
     if softcap is not None:
         check_scalar("softcap", softcap, low=0.0, low_open=True)
+
+
+def check_filter_eps(filter_eps) -> None:
+    """None (exact gradients) or a probability threshold in (0, 1)."""
+    if filter_eps is not None:
+        check_scalar("filter_eps", filter_eps, low=0.0, high=1.0, low_open=True,
+                     high_open=True)

@@ -79,7 +79,7 @@ def test_partial_requires_grad(wrt, device, monkeypatch):
     calls, real = [], lm_head.linear_logprobs_bwd
 
     def spy(*args):
-        calls.append(args[-3:])   # need_dh, need_dw, need_db
+        calls.append(args[-4:-1])   # need_dh, need_dw, need_db (then filter_eps)
         return real(*args)
 
     monkeypatch.setattr(lm_head, "linear_logprobs_bwd", spy)
@@ -197,12 +197,14 @@ def test_custom_op_opcheck(device):
     from tisdpo_kernels._triton.linear_logprobs import _ops
     fwd_op, bwd_op = _ops()
     h, w, y, b = _op_args(device)
-    torch.library.opcheck(fwd_op, (h, w, y, b, -100, 3.0))
+    torch.library.opcheck(fwd_op, (h, w, y, b, -100, 3.0, None))
+    torch.library.opcheck(fwd_op, (h, w, y, b, -100, 3.0, 0.05))
     with torch.no_grad():
-        lp, lse = fwd_op(h, w, y, b, -100, 3.0)
+        lp, lse = fwd_op(h, w, y, b, -100, 3.0, None)
     g = torch.randn(20, device=device)
-    torch.library.opcheck(bwd_op, (g, -g, h.detach(), w.detach(), y, b.detach(), lse, -100, 3.0,
-                                   True, False, True))
+    for eps in (None, 0.05):
+        torch.library.opcheck(bwd_op, (g, -g, h.detach(), w.detach(), y, b.detach(), lse, -100,
+                                       3.0, True, False, True, eps))
 
 
 def _compiled_matches_eager(device, backend, monkeypatch):
@@ -321,14 +323,16 @@ def _aot_compile_matrix():
     fns = {"fwd": (L.linear_logprobs_fwd_kernel, "linear_logprobs_fwd"),
            "bwd": (L.linear_logprobs_bwd_kernel, "linear_logprobs_bwd"),
            "combine": (L.linear_logprobs_fwd_combine_kernel, "linear_logprobs_fwd_combine")}
-    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr"}
+    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr",
+                 "pmax_ptr"}
     out = []
     for kind, arch, dt, flags in [
             ("fwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, FINAL=False)),
             ("combine", 90, "fp32", {}),
-            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True)),
-            ("bwd", 80, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True)),
-            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False))]:
+            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
+            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=True)),
+            ("bwd", 80, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
+            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_FILTER=False))]:
         fn, name = fns[kind]
         table = CONFIGS[name]
         cfg = table.get("sm90" if arch >= 90 else "sm80", table["default"])
@@ -350,7 +354,8 @@ def _aot_compile_matrix():
                            target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         ptx = k.asm["ptx"]
-        out.append((f"{kind}-sm{arch}-{dt}", arch, k.metadata.shared, ptx,
+        tag = "-filter" if flags.get("HAS_FILTER") else ""
+        out.append((f"{kind}-sm{arch}-{dt}{tag}", arch, k.metadata.shared, ptx,
                     *_ptxas_usage(ptx, arch)))
     return out
 
@@ -378,10 +383,10 @@ def test_kernels_compile_for_hopper_and_ampere():
         assert shared <= _SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
         if not name.startswith("combine"):
             assert "cp.async" in ptx, f"{name}: loads are not pipelined"
-        if name.endswith("sm90-bf16"):
+        if "sm90-bf16" in name:
             assert "wgmma" in ptx, f"{name}: no wgmma"
         if name.startswith("bwd"):     # dz slabs + GEMMs: deterministic, no atomics
             atomic = re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, re.M)
             assert atomic is None, f"{name}: atomic instruction {atomic and atomic.group(0)}"
-        if name.endswith("bf16"):      # tensor-core tiles must fit the register file
+        if "bf16" in name:             # tensor-core tiles must fit the register file
             assert spills == 0, f"{name}: {spills} bytes of register spills ({regs} registers)"

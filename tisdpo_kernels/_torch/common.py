@@ -146,30 +146,42 @@ class HeadGrads:
         self.db = (torch.zeros(bias.shape, dtype=sd, device=dev)
                    if (needs_bias and bias is not None) else None)
 
-    def add(self, start: int, end: int, h: torch.Tensor, dz: torch.Tensor) -> None:
+    def add(self, start: int, end: int, h: torch.Tensor, dz: torch.Tensor,
+            cols: torch.Tensor | None = None) -> None:
         """Add chunk rows [start, end): h [C, D] its hidden states, dz [C, V] d loss / d logits
-        before the bias (the softcap factor already applied)."""
+        before the bias (the softcap factor already applied). ``cols`` [K]: only these
+        vocabulary columns of dz enter the GEMMs (a filtered backward); None: all."""
+        w = self.weight if cols is None else self.weight.index_select(0, cols)
+        if cols is not None:
+            dz = dz.index_select(1, cols)
         if self.dh is not None:
-            self._add_dh(self.dh[start:end], dz.to(self.weight.dtype))
+            self._add_dh(self.dh[start:end], dz.to(w.dtype), w)
         if self.dw is not None:
+            dw = self.dw if cols is None else torch.zeros(
+                (cols.numel(), h.shape[1]), dtype=self.dw.dtype, device=h.device)
             if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
                 # dz rounded to the input dtype, as eager autograd rounds it: a tensor-core
                 # GEMM with fp32 accumulation into the fp32 sum (not an fp32 GEMM)
-                addmm_f32_(self.dw, dz.T.to(h.dtype), h)
+                addmm_f32_(dw, dz.T.to(h.dtype), h)
             else:
-                self.dw.addmm_(dz.T, h.to(self.dw.dtype))
+                dw.addmm_(dz.T, h.to(dw.dtype))
+            if cols is not None:
+                self.dw.index_add_(0, cols, dw)     # distinct columns: one add per element
         if self.db is not None:
-            self.db.add_(dz.sum(0))
+            if cols is None:
+                self.db.add_(dz.sum(0))
+            else:
+                self.db.index_add_(0, cols, dz.sum(0))
 
-    def _add_dh(self, out: torch.Tensor, dz: torch.Tensor) -> None:
+    def _add_dh(self, out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor) -> None:
         """out = dz @ weight; a thin full-precision chunk sums V-blocks of the product."""
-        v = self.weight.shape[0]
+        v = weight.shape[0]
         if dz.shape[0] >= _THIN_ROWS or v <= _DH_BLOCK_V or dz.dtype != stat_dtype(dz.dtype):
-            torch.matmul(dz, self.weight, out=out)
+            torch.matmul(dz, weight, out=out)
             return
-        torch.matmul(dz[:, :_DH_BLOCK_V], self.weight[:_DH_BLOCK_V], out=out)
+        torch.matmul(dz[:, :_DH_BLOCK_V], weight[:_DH_BLOCK_V], out=out)
         for s in range(_DH_BLOCK_V, v, _DH_BLOCK_V):
-            out.add_(dz[:, s:s + _DH_BLOCK_V] @ self.weight[s:s + _DH_BLOCK_V])
+            out.add_(dz[:, s:s + _DH_BLOCK_V] @ weight[s:s + _DH_BLOCK_V])
 
     def finish(self):
         """(d_hidden, d_weight, d_bias), each None when not asked for."""

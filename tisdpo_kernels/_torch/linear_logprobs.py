@@ -6,7 +6,8 @@ Backward, per chunk: recompute z, p = exp(z − lse) and
 
     dz = g_logp · (onehot(y) − p) + g_lse · p  =  (g_lse − g_logp) · p + g_logp · onehot(y)
 
-(times 1 − tanh² under a softcap), then dH = dz W, dW += dz^T H, db += Σ dz. Each chunk's
+(times 1 − tanh² under a softcap), then dH = dz W, dW += dz^T H, db += Σ dz (with
+``filter_eps``: over the chunk's kept columns only, ``_common.kept_columns``). Each chunk's
 work is a function, so its [C, V] buffers die before the next chunk's are made: neither
 pass holds more than a few C × V tensors (the logits, a softmax temporary, the softcap
 factor).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from tisdpo_kernels._common import kept_columns
 from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, chunks, kept_rows, logsumexp, masked, no_autocast,
     softcap_grad_factor, stat_dtype, valid_and_safe,
@@ -32,13 +34,16 @@ def _chunk_fwd(h, weight, bias, safe, softcap):
     return z.gather(1, safe[:, None]).squeeze(1) - lse, lse
 
 
-def _chunk_dz(h, weight, bias, safe, lse, p_coef, g_logp, softcap):
-    """d loss / d (pre-bias logits) [C, V] of one chunk, from its recomputed logits."""
+def _chunk_dz(h, weight, bias, safe, lse, p_coef, g_logp, softcap, valid, filter_eps):
+    """(dz, cols): d loss / d (pre-bias logits) [C, V] of one chunk, from its recomputed
+    logits, and the columns a filtered backward keeps (None: all; ``kept_columns``)."""
     z = chunk_logits(h, weight, bias, softcap)                              # [C, V]
     cap = softcap_grad_factor(z, softcap)
-    dz = z.sub_(lse[:, None]).exp_().mul_(p_coef[:, None])                  # (g_lse − g_logp)·p
+    p = z.sub_(lse[:, None]).exp_()                                         # 0 on ignored rows
+    cols = None if filter_eps is None else kept_columns(p.amax(0), safe[valid], filter_eps)
+    dz = p.mul_(p_coef[:, None])                                            # (g_lse − g_logp)·p
     dz.scatter_add_(1, safe[:, None], g_logp[:, None])                      # + g_logp·onehot
-    return dz if cap is None else dz.mul_(cap)
+    return (dz if cap is None else dz.mul_(cap)), cols
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, opts: HeadOptions, chunk: int):
@@ -73,8 +78,9 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, g_logp, g_lse, opts:
     with no_autocast(hidden.device):
         for s, e in chunks(hidden.shape[0], chunk):
             h = kept_rows(hidden[s:e], valid[s:e])
-            grads.add(s, e, h, _chunk_dz(h, weight, bias, safe[s:e], lse[s:e], p_coef[s:e],
-                                         g_logp[s:e], opts.softcap))
+            grads.add(s, e, h, *_chunk_dz(h, weight, bias, safe[s:e], lse[s:e], p_coef[s:e],
+                                          g_logp[s:e], opts.softcap, valid[s:e],
+                                          opts.filter_eps))
     return grads.finish()
 
 

@@ -22,8 +22,9 @@ for arbitrary per-token upstream gradients (any sign, zero) into a dz slab [C, V
 compute dtype; then d_hidden = dz·W, d_weight (+)= dzᵀ·H and d_bias (+)= Σ_rows dz are plain
 GEMMs and a sum through torch (cuBLAS, fp32 accumulation). No atomics: the gradients are the
 same bit for bit run to run. Flops: 2·N·D·V (recompute) + 2·N·D·V per requested gradient,
-i.e. 8·N·D·V for forward + backward with both; extra memory: one slab. Exact mode only: no
-tile is skipped for a small softmax.
+i.e. 8·N·D·V for forward + backward with both; extra memory: one slab. Exact by default;
+with ``filter_eps`` (docs/FILTERING.md) each tile also writes its column maxima of p, and the
+GEMMs run on the chunk's kept columns only (gathered; one host sync per chunk).
 
 Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0) are packed
 out on the device (``common.compact_rows``, no host sync): forward programs past the kept count
@@ -119,15 +120,17 @@ def linear_logprobs_fwd_combine_kernel(
 @triton.jit
 def linear_logprobs_bwd_kernel(
         h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr,
-        lo, C, V, D,
+        pmax_ptr, lo, C, V, D,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, stride_gl, stride_gs,
-        stride_dz, cap,
-        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        stride_dz, stride_pm, cap,
+        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         GROUP_N: tl.constexpr):
     """One [BLOCK_N, BLOCK_V] tile of the dz slab for slots lo..lo+C: recomputed logits, then
-    dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count."""
+    dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count.
+    HAS_FILTER: also the tile's column maxima of p into row pid_n of pmax (zeroed by the
+    launcher), for the filtered backward's column choice."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -148,6 +151,8 @@ def linear_logprobs_bwd_kernel(
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
         p = tl.exp(z - lse[:, None])
         p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        if HAS_FILTER:
+            tl.store(pmax_ptr + pid_n * stride_pm + cols, tl.max(p, axis=0), mask=col_mask)
         dz = (g_lse - g_lp)[:, None] * p
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_SOFTCAP:
@@ -199,11 +204,13 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
 
 
 def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index: int,
-                        softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool):
+                        softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool,
+                        filter_eps: float | None = None):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes, each None unless requested.
 
     g_logp, g_lse: [N] upstream gradients of logp and lse (any values; may be strided or
-    expanded); lse: the forward's [N] float32 lse. dz slabs, then GEMMs (``slab_backward``).
+    expanded); lse: the forward's [N] float32 lse. dz slabs, then GEMMs (``slab_backward``;
+    over the kept columns only with ``filter_eps``).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -211,22 +218,29 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
     rows, count = compact_rows(keep)
     b = bias if bias is not None else weight
+    filtering = filter_eps is not None
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                 UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
+                 HAS_FILTER=filtering, UPCAST=upcast(hidden),
+                 DOT_PRECISION=dot_precision(hidden.dtype))
 
-    def write_dz(dz, lo):
+    def write_dz(dz, lo, pmax):
         C = dz.shape[0]
-        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, dz, lo, C, V, D,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        pm = pmax if pmax is not None else dz
+        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, dz, pm, lo, C, V,
+                D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),
-                dz.stride(0), float(softcap or 1.0))
+                dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=("V", "D"))
 
+    stats_block_n = min([configs.get("linear_logprobs_bwd", hidden).meta["BLOCK_N"]] + (
+        [c.meta["BLOCK_N"] for c in configs.AUTOTUNE["linear_logprobs_bwd"]]
+        if configs.autotuning(hidden) else []))
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
-                             need_db)
+                             need_db, filter_eps=filter_eps, targets=targets,
+                             stats_block_n=stats_block_n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +256,9 @@ class LinearLogprobsFunction:
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, targets, bias, ignore_index, softcap = inputs
+        hidden, weight, targets, bias, ignore_index, softcap, filter_eps = inputs
         ctx.save_for_backward(hidden, weight, targets, bias, output[1])
-        ctx.ignore_index, ctx.softcap = ignore_index, softcap
+        ctx.ignore_index, ctx.softcap, ctx.filter_eps = ignore_index, softcap, filter_eps
 
     @staticmethod
     def backward(ctx, g_logp, g_lse):
@@ -252,13 +266,14 @@ class LinearLogprobsFunction:
         need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]
         need_db = need_db and bias is not None
         if not (need_dh or need_dw or need_db):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
         dh, dw, db = _ops()[1](g_logp, g_lse, hidden, weight, targets, bias, lse,
-                               ctx.ignore_index, ctx.softcap, need_dh, need_dw, need_db)
+                               ctx.ignore_index, ctx.softcap, need_dh, need_dw, need_db,
+                               ctx.filter_eps)
         return (dh if need_dh else None, dw if need_dw else None, None,
-                db if need_db else None, None, None)
+                db if need_db else None, None, None, None)
 
 
 _OPS: tuple = ()
@@ -276,11 +291,12 @@ def _ops():
 def _register_ops():
     @torch.library.custom_op("tisdpo::linear_logprobs_fwd", mutates_args=())
     def fwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-               ignore_index: int, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+               ignore_index: int, softcap: Optional[float],
+               filter_eps: Optional[float]) -> tuple[Tensor, Tensor]:
         return linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index, softcap)
 
     @fwd_op.register_fake
-    def _(hidden, weight, targets, bias, ignore_index, softcap):
+    def _(hidden, weight, targets, bias, ignore_index, softcap, filter_eps):
         n = hidden.shape[0]
         return (hidden.new_empty(n, dtype=torch.float32),
                 hidden.new_empty(n, dtype=torch.float32))
@@ -288,16 +304,18 @@ def _register_ops():
     @torch.library.custom_op("tisdpo::linear_logprobs_bwd", mutates_args=())
     def bwd_op(g_logp: Tensor, g_lse: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
                bias: Optional[Tensor], lse: Tensor, ignore_index: int, softcap: Optional[float],
-               need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+               need_dh: bool, need_dw: bool, need_db: bool,
+               filter_eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
         dh, dw, db = linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse,
-                                         ignore_index, softcap, need_dh, need_dw, need_db)
+                                         ignore_index, softcap, need_dh, need_dw, need_db,
+                                         filter_eps)
         empty = hidden.new_empty(0)   # custom ops cannot return None: unrequested = empty
         return (empty if dh is None else dh, empty.clone() if dw is None else dw,
                 empty.clone() if db is None else db)
 
     @bwd_op.register_fake
     def _(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index, softcap,
-          need_dh, need_dw, need_db):
+          need_dh, need_dw, need_db, filter_eps):
         return (torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
                 torch.empty_like(weight) if need_dw else hidden.new_empty(0),
                 torch.empty_like(bias) if need_db and bias is not None else hidden.new_empty(0))
@@ -325,4 +343,5 @@ def linear_logprobs(hidden, weight, targets, bias, opts):
         check_dtype("linear_logprobs", "bias", bias)
     if weight.shape[0] == 0:
         raise ValueError("linear_logprobs: weight has V=0 rows; the vocabulary must be non-empty")
-    return _ops()[0](hidden, weight, targets, bias, opts.ignore_index, opts.softcap)
+    return _ops()[0](hidden, weight, targets, bias, opts.ignore_index, opts.softcap,
+                     opts.filter_eps)

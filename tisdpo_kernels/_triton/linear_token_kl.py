@@ -335,7 +335,7 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
 
-    def write_dz(dz, lo):
+    def write_dz(dz, lo, _pmax):      # (no gradient filtering for the KL head)
         C = dz.shape[0]
         args = (*heads, targets, rows, count, stats, g_kl, g_logp, dz, lo, C, N, V, D, DR,
                 *strides, targets.stride(0), g_kl.stride(0), g_logp.stride(0), dz.stride(0),
