@@ -53,7 +53,7 @@ else
   SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; SWEEP=4k,8k,16k,32k,64k; DEV=cuda
   REPS=10; WARM=3
   # every test that needs a GPU, and the kernels' oracle tests compiled for it
-  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic")
+  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton")
 fi
 CSV="$OUT_DIR/results.csv"
 BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup "$WARM"
@@ -119,7 +119,7 @@ sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
 step loss 60 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
-     --providers ours-triton,ours-torch,ours-one-sweep,eager,liger-dpo,trl-chunked,torch-lce,\
+     --providers ours-triton,ours-torch,ours-one-sweep,ours-one-sweep-torch,eager,liger-dpo,trl-chunked,torch-lce,\
 cce_exact
 step memory_sweep 90 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check

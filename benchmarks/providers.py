@@ -53,7 +53,11 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "tisdpo token-chunked PyTorch backend (impl='torch')"),
     Provider("ours-one-sweep", ("loss",), "grads_in_forward",
              "tisdpo one-sweep preference head (TISDPOLoss(strategy='one_sweep')): every head "
-             "gradient in the forward, the backward only scales; torch backend, cuBLAS on CUDA"),
+             "gradient in the forward, the backward only scales; impl='auto' (on CUDA cuBLAS "
+             "GEMMs and the Triton epilogue)"),
+    Provider("ours-one-sweep-torch", ("loss",), "grads_in_forward",
+             "ours-one-sweep on the torch backend (impl='torch': torch elementwise ops per "
+             "chunk instead of the Triton epilogue; the same cuBLAS GEMMs)"),
     Provider("ours-filtered", ("logprobs",), "recompute",
              "tisdpo fused Triton kernels with gradient filtering, filter_eps=2^-12 "
              "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only"),
@@ -86,7 +90,8 @@ FILTER_EPS = 2.0 ** -12        # ours-filtered: Cut Cross-Entropy's default thre
 # the loss op's strategy per provider of ours: the recompute rows stay recompute whatever
 # TISDPOLoss(strategy="auto") would pick, so each row measures what its flop model counts
 _OURS_LOSS = {"ours-triton": ("triton", "recompute"), "ours-torch": ("torch", "recompute"),
-              "ours-one-sweep": ("auto", "one_sweep")}
+              "ours-one-sweep": ("auto", "one_sweep"),
+              "ours-one-sweep-torch": ("torch", "one_sweep")}
 
 
 def resolve_providers(text: str | None) -> list[str]:

@@ -318,9 +318,10 @@ def test_packed_unpaired_sequence_counts_nowhere():
           module_magnitudes("tisdpo_paper_no_eta", case, torch.float32))
 
 
-@pytest.mark.parametrize("impl,module_kw", [
-    ("torch", None), pytest.param("triton", None, marks=requires_triton),
-    pytest.param("torch", {"strategy": "one_sweep"}, id="torch-one_sweep")])
+@pytest.mark.parametrize("impl,module_kw", [pytest.param(
+    i, kw, id=f"{i}-{(kw or {}).get('strategy', 'recompute')}",
+    marks=requires_triton if i == "triton" else ()) for kw in (None, {"strategy": "one_sweep"})
+    for i in ("torch", "triton")])
 @pytest.mark.parametrize("method,layout", [("tisdpo", "padded"), ("tisdpo_paper", "padded"),
                                            ("tisdpo_paper", "packed")])
 def test_nan_in_ignored_rows_changes_nothing(method, layout, impl, module_kw):
@@ -335,8 +336,7 @@ def test_nan_in_ignored_rows_changes_nothing(method, layout, impl, module_kw):
                            module_kw=module_kw))
     (loss0, met0, g0), (loss1, met1, g1) = results
     assert torch.isfinite(loss1) and torch.equal(loss0, loss1)
-    for k in met0:
-        assert torch.equal(met0[k], met1[k]), k
+    assert all(torch.equal(met0[k], met1[k]) for k in met0), met1
     for k in g0:
         assert torch.isfinite(g1[k]).all() and torch.equal(g0[k], g1[k]), f"d{k}"
 

@@ -10,18 +10,27 @@ never import each other).
   ranks them here, since a segmented-sort kernel would not pay at these sizes.
 - ``addmm_f32_``: a float32 gradient accumulator += a product of 16-bit operands, on tensor
   cores with fp32 accumulation on a GPU.
+- The token-chunk helpers of the chunked head code (``chunk_size``, ``chunks``,
+  ``no_autocast``, ``valid_and_safe``, ``masked``, ``kept_rows``) and the preference
+  links ``link_loss``: the one-sweep head's sweep (``_one_sweep.py``) runs them for either
+  backend.
 - ``kept_columns``: the vocabulary columns an opt-in filtered backward keeps for one chunk of
   rows (``filter_eps``, docs/FILTERING.md).
 """
 from __future__ import annotations
 
-import torch
+import itertools
 
+import torch
+import torch.nn.functional as F
+
+from tisdpo_kernels import _env
 from tisdpo_kernels import validate as V
-from tisdpo_kernels.config import WeightParams
+from tisdpo_kernels.config import PreferenceConfig, WeightParams
 
 __all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_",
-           "kept_columns"]
+           "kept_columns", "chunk_size", "chunks", "no_autocast", "valid_and_safe", "masked",
+           "kept_rows", "link_loss"]
 
 _F64 = torch.float64
 
@@ -107,3 +116,67 @@ def per_sequence_weights(s, seq_ids, method: str, params: WeightParams):
     else:
         raise ValueError(f"method must be rank_based or binary, got {method!r}")
     return torch.empty_like(s).scatter_(0, perm, w_sorted)
+
+
+def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_tokens`` when given, else ``TISDPO_CHUNK_TOKENS`` or a
+    default sized from the vocabulary (see ``_env.torch_chunk_tokens``)."""
+    if chunk_tokens is None:
+        return _env.torch_chunk_tokens(vocab)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def chunks(n: int, size: int):
+    """(start, end) row ranges covering [0, n), at most ``size`` rows each, balanced.
+
+    ceil(n / size) chunks of near-equal length, so there is no thin tail chunk: BLAS runs
+    matrices of a few rows through matrix-vector code that sums the whole reduction
+    sequentially (up to ~40x the rounding error of its blocked GEMM at V = 32k).
+    From shapes only: no host sync.
+    """
+    if n == 0:
+        return []
+    count = -(-n // size)
+    bounds = [(i * n) // count for i in range(count + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def no_autocast(device: torch.device):
+    """Both passes compute in the input dtype, whatever autocast the caller has on; so the
+    backward's recomputed logits are the forward's."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def valid_and_safe(targets: torch.Tensor, ignore_index: int):
+    """(valid mask [N], targets with ignored entries replaced by 0 [N]); no host sync."""
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, 0)
+
+
+def masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x where valid, exactly 0 elsewhere (also stops NaN/inf upstream grads of ignored rows)."""
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def kept_rows(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """h [C, D] with the rows of ignored tokens set to exactly 0 (a [C, D] copy, no sync), so
+    a NaN/inf hidden state at an ignored position never reaches a gradient GEMM (0·NaN = NaN)."""
+    return torch.where(valid[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def link_loss(z, cfg: PreferenceConfig):
+    """ℓ(z) for the config's link (docs/ALGORITHMS.md §8)."""
+    b, e = cfg.beta, cfg.epsilon
+    if cfg.link == "sigmoid":
+        return -F.logsigmoid(b * z)
+    if cfg.link == "conservative":
+        return -(1 - e) * F.logsigmoid(b * z) - e * F.logsigmoid(-b * z)
+    if cfg.link == "robust":
+        return (-(1 - e) * F.logsigmoid(b * z) + e * F.logsigmoid(-b * z)) / (1 - 2 * e)
+    if cfg.link == "ipo":
+        return (z - 1 / (2 * b)) ** 2
+    if cfg.link == "hinge":
+        return torch.relu(1 - b * z)
+    raise ValueError(f"unknown link {cfg.link!r}")

@@ -342,9 +342,11 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     Only presets whose loss is a sum of per-pair terms (granularity "seq"). Returns
     (loss, logp, ref_logp, kl): loss differentiable in hidden, weight and bias; the rest
     detached with targets' shape (0 where ignored; ref_logp None without a reference, kl None
-    without KL terms). impl: "auto" and "torch" run the torch backend on any device (cuBLAS
-    GEMMs on CUDA; there is no Triton kernel for this op yet, so "triton" raises),
-    "reference" the materialised oracle. The backward only scales the stored gradients.
+    without KL terms). impl: "auto" (triton on CUDA, torch on CPU), "triton" (cuBLAS GEMMs
+    and a Triton epilogue per chunk: softmax statistics, KL and the per-logit gradient in a
+    few passes; on the CPU under TRITON_INTERPRET=1; float32/bfloat16/float16 only), "torch"
+    (cuBLAS GEMMs and torch elementwise ops per chunk, any device and float dtype) or
+    "reference" (the materialised oracle). The backward only scales the stored gradients.
     """
     V.require(isinstance(config, PreferenceConfig),
               f"config must be a PreferenceConfig, got {type(config).__name__}")
@@ -385,9 +387,6 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
         V.require(hidden.dim() == 3 and hidden.shape[0] % 2 == 0 and hidden.shape[0] > 0,
                   f"padded hidden must be [2B, T, D] (chosen rows first), got "
                   f"{tuple(hidden.shape)}")
-    if impl == "triton":
-        raise ValueError("linear_preference_loss: impl='triton' has no kernel for this op yet; "
-                         "impl='auto' or 'torch' runs the torch backend (cuBLAS on CUDA)")
     which = resolve_impl(impl, hidden.device, op="linear_preference_loss")
     V.check_targets("targets", targets, weight.shape[0], ignore_index)
     valid = targets != ignore_index
@@ -405,7 +404,10 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
             hidden, weight, targets, config=config, bias=bias, ref_hidden=ref_hidden,
             ref_weight=ref_weight, ref_bias=ref_bias, ref_logp=ref_logp, weights=weights,
             pair_rows=rows, normalizer=normalizer, ignore_index=ignore_index, softcap=softcap)
-    from tisdpo_kernels._torch.linear_preference_loss import linear_preference_loss as run
+    if which is Impl.TRITON:
+        from tisdpo_kernels._triton.linear_preference_loss import linear_preference_loss as run
+    else:
+        from tisdpo_kernels._torch.linear_preference_loss import linear_preference_loss as run
     grad = torch.is_grad_enabled()
     needs = tuple(bool(grad and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     opts = PairHeadOptions(config=config, pair_rows=rows, needs=needs,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._impl import triton_available
 from tisdpo_kernels.config import PreferenceConfig
 
 __all__ = ["STRATEGIES", "one_sweep_unsupported", "choose_strategy", "device_free_bytes"]
@@ -37,12 +38,16 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int) -> int:
+def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int, *,
+                    triton: bool = False) -> int:
     """Bytes the one-sweep head allocates: d_hidden, the float32 d_weight sum and (for more
-    than one pair) its per-pair scratch, and ~6 float32 chunk × V buffers."""
+    than one pair) its per-pair scratch, and the chunk × V buffers: ~6 float32 ones for the
+    torch backend; for the Triton epilogue the policy and reference logits in the input dtype
+    (e is written over the policy logits)."""
     chunk = _env.torch_chunk_tokens(vocab)
     scratch = 2 if num_pairs > 1 else 1
-    return tokens * dim * elem + scratch * vocab * dim * 4 + 6 * chunk * vocab * 4
+    chunk_bytes = 2 * chunk * vocab * elem if triton else 6 * chunk * vocab * 4
+    return tokens * dim * elem + scratch * vocab * dim * 4 + chunk_bytes
 
 
 def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, bias=None,
@@ -52,8 +57,9 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     ``"one_sweep"`` asked for a preset it cannot compute raises ValueError saying why.
     ``"auto"`` picks one_sweep only when all hold: the preset is a sum of per-pair terms; a
     gradient is wanted; the tensors are on CUDA (on CPU the trade-off is not measured, so auto
-    stays with recompute); impl is "auto" or "torch" (the one-sweep head has no Triton kernel
-    yet: it runs cuBLAS GEMMs through the torch backend); the mean tokens per pair (chosen +
+    stays with recompute); impl is "auto", "triton" or "torch" (each has a one-sweep backend:
+    cuBLAS GEMMs with a Triton epilogue, or with torch elementwise ops; "reference" is the
+    materialising oracle, never a sweep); the mean tokens per pair (chosen +
     rejected, padding included) reach ``TISDPO_ONE_SWEEP_MIN_TOKENS`` (2048: see
     ``_env.one_sweep_min_tokens`` for the flop/byte trade-off); a packed layout's
     ``seq_offsets`` and ``pairs`` are CPU tensors (the sweep's schedule is read on the host)
@@ -70,7 +76,7 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if why is not None or not needs_grad or hidden.device.type != "cuda" \
-            or impl not in ("auto", "torch"):
+            or impl not in ("auto", "triton", "torch"):
         return "recompute"
     packed = seq_offsets is not None or pairs is not None
     if packed:
@@ -86,6 +92,7 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     if num_pairs < 1 or tokens < _env.one_sweep_min_tokens() * num_pairs:
         return "recompute"
     need = one_sweep_bytes(tokens, num_pairs, weight.shape[0], weight.shape[1],
-                           hidden.element_size())
+                           hidden.element_size(),
+                           triton=impl == "triton" or (impl == "auto" and triton_available()))
     free = device_free_bytes(hidden.device)
     return "one_sweep" if free is not None and free >= need else "recompute"

@@ -286,36 +286,11 @@ def test_realistic_shape_cuda():
 
 # --- the GPU build, checked without a GPU ----------------------------------------------------
 
-_SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic shared memory per block, H100 / A100
-
-
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes) of ``ptx`` from the bundled ``ptxas -v``."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = f"{tmp}/k.ptx"
-        with open(src, "w") as fh:
-            fh.write(ptx)
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm}", src,
-                              "-o", f"{tmp}/k.cubin"], capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
-    return regs, spills
-
 
 def _aot_compile_matrix():
-    """Compile the kernels with the tuned configs for sm90/sm80 (Triton AOT, no GPU needed;
-    run with TRITON_INTERPRET=0). Returns [(name, arch, shared bytes, ptx, regs, spills)]."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile the kernels with the tuned configs for sm90/sm80 (tests/aot.py; run through
+    ``aot.offline``). Returns [(name, arch, shared bytes, ptx, regs, spills)]."""
+    from aot import compile_kernel
 
     from tisdpo_kernels._triton import linear_logprobs as L
     from tisdpo_kernels._triton.configs import CONFIGS
@@ -339,24 +314,15 @@ def _aot_compile_matrix():
         cx = {**flags, **cfg.meta}
         if kind != "combine":   # what Triton specialises at a real launch: unit inner strides
             cx.update(stride_hd=1, stride_wd=1, UPCAST=False, DOT_PRECISION="ieee")
-        sig, attrs = {}, {}
-        for i, n in enumerate(fn.arg_names):
-            if n in cx:
-                sig[n] = "constexpr"
-            elif n.endswith("_ptr"):
-                sig[n] = {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
-                    n, "*fp32" if n in fp32_ptrs else f"*{dt}")
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                sig[n] = "fp32" if n == "cap" else "i32"
-                attrs[(i,)] = [] if n == "cap" else [["tt.divisibility", 16]]
-        k = triton.compile(ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        ptx = k.asm["ptx"]
+
+        def ptr_type(n, dt=dt):
+            return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
+                n, "*fp32" if n in fp32_ptrs else f"*{dt}")
+
         tag = "-filter" if flags.get("HAS_FILTER") else ""
-        out.append((f"{kind}-sm{arch}-{dt}{tag}", arch, k.metadata.shared, ptx,
-                    *_ptxas_usage(ptx, arch)))
+        out.append((f"{kind}-sm{arch}-{dt}{tag}", arch,
+                    *compile_kernel(fn, arch, cx, ptr_type, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages)))
     return out
 
 
@@ -365,28 +331,16 @@ def test_kernels_compile_for_hopper_and_ampere():
     """The tuned GPU configs compile (AOT, no GPU), fit in shared memory, pipeline their loads
     (cp.async), use Hopper's wgmma for bf16, do not spill registers in bf16, and the backward
     has no atomic instruction."""
-    import os
-    import pickle
-    import re
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import sys, pickle; sys.path[:0] = [%r, %r]; "
-            "import test_linear_logprobs_triton as t; "
-            "sys.stdout.buffer.write(pickle.dumps(t._aot_compile_matrix()))"
-            % (here, os.path.dirname(here)))
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    for name, arch, shared, ptx, regs, spills in pickle.loads(proc.stdout):
-        assert shared <= _SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
+    from aot import ATOMIC, SMEM_LIMIT, offline
+
+    for name, arch, shared, ptx, regs, spills in offline(__file__, "_aot_compile_matrix"):
+        assert shared <= SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
         if not name.startswith("combine"):
             assert "cp.async" in ptx, f"{name}: loads are not pipelined"
         if "sm90-bf16" in name:
             assert "wgmma" in ptx, f"{name}: no wgmma"
         if name.startswith("bwd"):     # dz slabs + GEMMs: deterministic, no atomics
-            atomic = re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, re.M)
+            atomic = ATOMIC.search(ptx)
             assert atomic is None, f"{name}: atomic instruction {atomic and atomic.group(0)}"
         if "bf16" in name:             # tensor-core tiles must fit the register file
             assert spills == 0, f"{name}: {spills} bytes of register spills ({regs} registers)"

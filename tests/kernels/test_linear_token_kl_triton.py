@@ -202,47 +202,37 @@ def test_degenerate_sizes(n, d, dr, v, wrt, device):
     check(masters, y, grads, dtype=torch.float32, device=device, softcap=2.0, wrt=wrt)
 
 
-_COMPILE_SCRIPT = r"""
-import itertools, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from tisdpo_kernels._triton import linear_token_kl as K
+def _aot_compile_kernels():
+    """Compile the three kernels for sm_90 (tests/aot.py; run through ``aot.offline``)."""
+    from aot import compile_kernel
 
-def types(name):
-    if name.endswith("_ptr"):
+    from tisdpo_kernels._triton import linear_token_kl as K
+
+    def ptr_type(name):
         return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
             name, "*bf16" if name[:2] in ("h_", "w_", "b_", "hr", "wr", "br") else "*fp32")
-    return "fp32" if name == "cap" else "i32"
 
-flags = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_SOFTCAP=True, POLICY_REF=True, FINAL=False,
-             COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, UPCAST=False,
-             DOT_PRECISION="ieee", BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8)
-for fn in (K.linear_token_kl_fwd_kernel, K.linear_token_kl_fwd_combine_kernel,
-           K.linear_token_kl_bwd_kernel):
-    consts = {k: (1024 if fn is K.linear_token_kl_fwd_combine_kernel and k == "BLOCK_N" else v)
-              for k, v in flags.items() if k in fn.arg_names}
-    sig = {a: "constexpr" if a in consts else types(a) for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 8, "num_stages": 3})
-print("compiled")
-"""
+    flags = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_SOFTCAP=True, POLICY_REF=True,
+                 FINAL=False, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, UPCAST=False,
+                 DOT_PRECISION="ieee", BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8)
+    out = []
+    for fn in (K.linear_token_kl_fwd_kernel, K.linear_token_kl_fwd_combine_kernel,
+               K.linear_token_kl_bwd_kernel):
+        combine = fn is K.linear_token_kl_fwd_combine_kernel
+        consts = {k: (1024 if combine and k == "BLOCK_N" else v)
+                  for k, v in flags.items() if k in fn.arg_names}
+        out.append(compile_kernel(fn, 90, consts, ptr_type, num_warps=8, num_stages=3)[0])
+    return out
 
 
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter accepts code the compiler rejects (e.g. a non-constexpr global read in
     a kernel). Compile the three kernels for sm_90 to a cubin (Triton's frontend, LLVM and the
-    bundled ptxas; no driver needed) in a subprocess without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
-    if "ptxas" in out.stderr and ("not found" in out.stderr or "No such file" in out.stderr):
-        pytest.skip("this triton build has no bundled ptxas")
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    bundled ptxas; no driver needed) without TRITON_INTERPRET."""
+    from aot import SMEM_LIMIT, offline
+
+    shared = offline(__file__, "_aot_compile_kernels", timeout=600)
+    assert len(shared) == 3 and all(s <= SMEM_LIMIT[90] for s in shared), shared
 
 
 def test_no_host_sync_and_memory_within_the_dz_budget(monkeypatch):

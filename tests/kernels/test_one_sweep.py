@@ -335,8 +335,6 @@ def test_cdpo_code_refuses_one_sweep_in_one_line():
 
 def test_op_refusals():
     (h, w, y), kw = _op_case(1, 64)
-    with pytest.raises(ValueError, match="impl='triton' has no kernel"):
-        linear_preference_loss(h, w, y, impl="triton", **kw)
     with pytest.raises(ValueError, match="granularity='pos'"):
         linear_preference_loss(h, w, y, **{**kw, "config": get_preset("cdpo_code").config})
     hp, yp = h.detach().reshape(-1, h.shape[-1]), y.reshape(-1)
@@ -366,7 +364,8 @@ class _Stub:
     (2048, 4, 80, "tdpo2", "torch", "one_sweep"),
     (2046, 4, 80, "tisdpo", "auto", "recompute"),      # below TISDPO_ONE_SWEEP_MIN_TOKENS
     (8192, 1, 1, "tisdpo", "auto", "recompute"),        # not enough free memory
-    (8192, 1, 80, "tisdpo", "triton", "recompute"),     # no Triton one-sweep kernel
+    (8192, 1, 80, "tisdpo", "triton", "one_sweep"),     # cuBLAS + the Triton epilogue
+    (8192, 1, 80, "tisdpo", "reference", "recompute"),  # the oracle never sweeps
     (8192, 1, 80, "cdpo_code", "auto", "recompute"),    # no per-pair scalar
 ])
 def test_auto_rule(tokens_per_pair, pairs, free_gb, method, impl, expect, monkeypatch):

@@ -12,43 +12,16 @@ for float64 inputs) before the softcap and every softmax statistic.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from tisdpo_kernels import _env
-from tisdpo_kernels._common import addmm_f32_, stat_dtype
+from tisdpo_kernels._common import (  # the chunk helpers are shared with the Triton backend
+    addmm_f32_, chunk_size, chunks, kept_rows, masked, no_autocast, stat_dtype,
+    valid_and_safe,
+)
 
-
-def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
-    """Tokens per chunk: ``chunk_tokens`` when given, else ``TISDPO_CHUNK_TOKENS`` or a
-    default sized from the vocabulary (see ``_env.torch_chunk_tokens``)."""
-    if chunk_tokens is None:
-        return _env.torch_chunk_tokens(vocab)
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    return chunk_tokens
-
-
-def chunks(n: int, size: int):
-    """(start, end) row ranges covering [0, n), at most ``size`` rows each, balanced.
-
-    ceil(n / size) chunks of near-equal length, so there is no thin tail chunk: BLAS runs
-    matrices of a few rows through matrix-vector code that sums the whole reduction
-    sequentially (up to ~40x the rounding error of its blocked GEMM at V = 32k).
-    From shapes only: no host sync.
-    """
-    if n == 0:
-        return []
-    count = -(-n // size)
-    bounds = [(i * n) // count for i in range(count + 1)]
-    return list(itertools.pairwise(bounds))
-
-
-def no_autocast(device: torch.device):
-    """Both passes compute in the input dtype, whatever autocast the caller has on; so the
-    backward's recomputed logits are the forward's."""
-    return torch.autocast(device_type=device.type, enabled=False)
+__all__ = ["chunk_size", "chunks", "no_autocast", "chunk_logits", "softcap_grad_factor",
+           "logsumexp", "log_softmax_stats_", "log_softmax_", "valid_and_safe", "masked",
+           "kept_rows", "stat_dtype", "HeadGrads"]
 
 
 def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -100,23 +73,6 @@ def log_softmax_stats_(z: torch.Tensor):
 def log_softmax_(z: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """(z − m) − s per row, in place, with m and s from :func:`log_softmax_stats_`."""
     return z.sub_(m.unsqueeze(1)).sub_(s.unsqueeze(1))
-
-
-def valid_and_safe(targets: torch.Tensor, ignore_index: int):
-    """(valid mask [N], targets with ignored entries replaced by 0 [N]); no host sync."""
-    valid = targets != ignore_index
-    return valid, torch.where(valid, targets, 0)
-
-
-def masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """x where valid, exactly 0 elsewhere (also stops NaN/inf upstream grads of ignored rows)."""
-    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def kept_rows(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """h [C, D] with the rows of ignored tokens set to exactly 0 (a [C, D] copy, no sync), so
-    a NaN/inf hidden state at an ignored position never reaches a gradient GEMM (0·NaN = NaN)."""
-    return torch.where(valid[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
 # A chunk thinner than this may go through BLAS matrix-vector code, which sums d_hidden's

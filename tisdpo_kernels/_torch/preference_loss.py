@@ -8,30 +8,13 @@ O(tokens)); the loss and the metrics are returned in float32 (float64 for float6
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from tisdpo_kernels._common import normalizer_tensor, stat_dtype
+from tisdpo_kernels._common import link_loss, normalizer_tensor, stat_dtype
 from tisdpo_kernels.config import PreferenceConfig
 
 __all__ = ["preference_loss", "preference_loss_pos", "link_loss", "pair_metrics"]
 
 _F64 = torch.float64
-
-
-def link_loss(z, cfg: PreferenceConfig):
-    """ℓ(z) for the config's link (docs/ALGORITHMS.md §8)."""
-    b, e = cfg.beta, cfg.epsilon
-    if cfg.link == "sigmoid":
-        return -F.logsigmoid(b * z)
-    if cfg.link == "conservative":
-        return -(1 - e) * F.logsigmoid(b * z) - e * F.logsigmoid(-b * z)
-    if cfg.link == "robust":
-        return (-(1 - e) * F.logsigmoid(b * z) + e * F.logsigmoid(-b * z)) / (1 - 2 * e)
-    if cfg.link == "ipo":
-        return (z - 1 / (2 * b)) ** 2
-    if cfg.link == "hinge":
-        return torch.relu(1 - b * z)
-    raise ValueError(f"unknown link {cfg.link!r}")
 
 
 def pair_metrics(cfg: PreferenceConfig, score_w, score_l, logps_w, logps_l, kl_w, kl_l, out_dtype):

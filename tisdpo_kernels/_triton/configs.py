@@ -189,3 +189,19 @@ AUTOTUNE["linear_token_kl_bwd"] = [
                                 (128, 64, 32, 8, 3, 8), (64, 128, 32, 8, 4, 8),
                                 (64, 128, 64, 8, 3, 8), (64, 128, 32, 8, 3, 16)]
 ]
+
+# linear_preference_loss.py: the one-sweep head's chunk epilogue over cuBLAS logits. One program
+# = ROWS rows looping over the vocabulary in BLOCK_V tiles (2–3 passes): memory-bound, no dot, so
+# ROWS is not held to tl.dot's 16 (the launcher checks BLOCK_* only) and stays small enough
+# that a chunk of a few hundred rows fills the GPU. Not timed (no GPU yet).
+CONFIGS["linear_preference_loss_fwd"] = {
+    "sm90": _c(8, 2, ROWS=2, BLOCK_V=2048),
+    "sm80": _c(8, 2, ROWS=2, BLOCK_V=2048),
+    "default": _c(4, 2, ROWS=2, BLOCK_V=1024),
+    "interpret": _c(ROWS=64, BLOCK_V=512),
+}
+AUTOTUNE["linear_preference_loss_fwd"] = [
+    _c(w, s, ROWS=r, BLOCK_V=bv)
+    for r, bv, w, s in [(2, 2048, 8, 2), (1, 4096, 8, 2), (4, 1024, 8, 2), (2, 1024, 4, 2),
+                        (4, 2048, 16, 2), (1, 2048, 4, 3)]
+]

@@ -1,0 +1,79 @@
+"""Ahead-of-time compilation of the Triton kernels for GPUs this machine does not have.
+
+Triton's frontend, LLVM and its bundled ptxas need no driver, so a CPU machine can compile a
+kernel for sm_90 / sm_80 and read what the GPU would get: shared memory, registers, spills
+and the PTX (wgmma, cp.async, atomics). The interpreter accepts code the compiler rejects,
+so every kernel is compiled this way too. Compilation must run without TRITON_INTERPRET:
+:func:`offline` runs a test module's function in a fresh interpreter.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+
+SMEM_LIMIT = {90: 232448, 80: 166912}   # max dynamic shared memory per block, H100 / A100
+ATOMIC = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", re.M)   # an atomic PTX instruction
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) that ptxas reports for ``ptx`` on ``arch``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm}", src,
+                              "-o", f"{tmp}/k.cubin"], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spills
+
+
+def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
+                   num_stages: int, unaligned=("cap",)):
+    """Compile @triton.jit ``fn`` for sm_``arch``: (shared bytes, ptx, registers, spills).
+
+    constexprs: every constexpr argument's value; ptr_type(name) -> "*bf16", "*fp32", "*i64"...
+    for each pointer argument. Other arguments are i32 (``cap`` fp32) and, as Triton
+    specialises them at a real launch, divisible by 16 unless named in ``unaligned``.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            sig[name] = ptr_type(name)
+        else:
+            sig[name] = "fp32" if name == "cap" else "i32"
+        attrs[(i,)] = [] if name in unaligned else [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = k.asm["ptx"]
+    return (k.metadata.shared, ptx, *ptxas_usage(ptx, arch))
+
+
+def offline(test_file: str, func: str, timeout: int = 300):
+    """``func()`` of the test module ``test_file`` (pass ``__file__``), run in a fresh
+    interpreter without TRITON_INTERPRET; returns its (picklable) result."""
+    here = os.path.dirname(os.path.abspath(test_file))
+    module = os.path.splitext(os.path.basename(test_file))[0]
+    code = (f"import sys, pickle; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
+            f"import {module} as m; sys.stdout.buffer.write(pickle.dumps(m.{func}()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return pickle.loads(proc.stdout)

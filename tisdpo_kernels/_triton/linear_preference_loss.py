@@ -1,0 +1,276 @@
+"""Triton backend of ``linear_preference_loss``: the one-sweep preference head with a fused
+epilogue (docs/ONE_SWEEP.md).
+
+The sweep over the pairs is backend-neutral (``tisdpo_kernels/_one_sweep.py``); this module
+supplies its chunk step. Per chunk of C rows:
+
+1. the logits z = h·Wᵀ (+ b) [C, V] by cuBLAS in the input dtype, as eager and the torch
+   backend form them (the reference head's z_r too, when it is given);
+2. ``linear_preference_loss_fwd_kernel``: one program per block of ROWS rows, looping over
+   the vocabulary in BLOCK_V tiles. Each tile is loaded, upcast to fp32 and softcapped (the
+   same fp32 formula in every pass, so every pass sees the same logits):
+
+   - pass 1: online max / Σ exp of the policy (and reference) logits and the target gather:
+     logp = (z_y − m) − log S, ref_logp likewise;
+   - pass 2 (KL(π‖ref) only): KL = Σ p·(log p − log q), which e needs whole;
+   - pass 3 (when a gradient is wanted, and for KL(ref‖π), whose sum e does not need):
+
+         e = c·(onehot(y) − p) + κ'·G        (× 1 − tanh² under a softcap)
+         G = p·(log p − log q − KL)  (policy_ref),     G = p − q  (ref_policy)
+
+     written in the GEMM dtype (``dz_dtype``: the input dtype on a GPU, tensor-core operands;
+     fp32 under the interpreter), in place over the policy logits when the dtypes agree.
+     Rows with c = κ' = 0 (ignored tokens, zero weights) get e = 0 exactly;
+3. the gradient GEMMs e·W (d_hidden rows) and eᵀ·h (the pair's [V, D] fp32 scratch), and Σ e
+   (``_HeadGEMMs``: cuBLAS).
+
+Traffic over the [C, V] buffers per chunk, for element size b (2 for bf16), policy head only:
+the GEMM writes z, pass 1 reads it, pass 3 reads it and writes e over it: 4·C·V·b, then the
+two gradient GEMMs read e. A bias adds one read and write of z (eager's rounding of z + b);
+a reference head adds its GEMM's write and one read per pass; KL(π‖ref) adds pass 2. The
+torch backend's chunk runs about ten fp32 passes instead. No atomics (each row's statistics
+belong to one program; the GEMMs are cuBLAS) and no host syncs (the per-pair scalar stays on
+the device). float64 is rejected (use impl="torch" or "reference").
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tisdpo_kernels._common import addmm_f32_, chunk_size
+from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
+from tisdpo_kernels._triton import configs
+from tisdpo_kernels._triton.common import (
+    check_dtype, device_guard, dz_dtype, gather_cols, launch, mask_cols, online_lse_step,
+    softcap_fwd, softcap_grad,
+)
+from tisdpo_kernels.config import PairHeadOptions
+
+__all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]
+
+_KL_MODE = {None: 0, "policy_ref": 1, "ref_policy": 2}
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
+                HAS_SOFTCAP: tl.constexpr):
+    """fp32 [ROWS, BLOCK_V] tile of softcap(z) from the chunk's biased logits z (0 outside the
+    masks: finite, so mask columns before any reduction)."""
+    x = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = softcap_fwd(x, cap)
+    return x
+
+
+@triton.jit
+def linear_preference_loss_fwd_kernel(
+        z_ptr, zr_ptr, t_ptr, c_ptr, kg_ptr, e_ptr, logp_ptr, ref_logp_ptr, kl_ptr,
+        C, V, stride_z, stride_zr, stride_e, cap,
+        HAS_SOFTCAP: tl.constexpr, HAS_REF: tl.constexpr, KL: tl.constexpr,
+        WRITE_E: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The chunk epilogue of one block of rows: logp, ref_logp, KL and e (see the module
+    docstring). KL: 0 none, 1 policy_ref, 2 ref_policy (both need HAS_REF)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < C
+    rows = rows.to(tl.int64)            # C·V may exceed 2^31 elements
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=0)
+    # pass 1: online logsumexp of each head and the target logits
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    zt = tl.zeros((ROWS,), tl.float32)
+    mq = tl.full((ROWS,), float("-inf"), tl.float32)
+    sq = tl.zeros((ROWS,), tl.float32)
+    qt = tl.zeros((ROWS,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap, HAS_SOFTCAP)
+        zt += gather_cols(z, cols, tgt)
+        m, s = online_lse_step(m, s, mask_cols(z, col_mask))
+        if HAS_REF:
+            zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
+                             HAS_SOFTCAP)
+            qt += gather_cols(zr, cols, tgt)
+            mq, sq = online_lse_step(mq, sq, mask_cols(zr, col_mask))
+    ls = tl.log(s)                      # log p = (z − m) − ls, as log_softmax forms it
+    lsq = tl.zeros((ROWS,), tl.float32)
+    if HAS_REF:
+        lsq = tl.log(sq)
+    kl = tl.zeros((ROWS,), tl.float32)
+    # pass 2, KL(π‖ref) = Σ p (log p − log q): e needs it whole
+    if KL == 1:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
+                            HAS_SOFTCAP)
+            zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
+                             HAS_SOFTCAP)
+            lp = (z - m[:, None]) - ls[:, None]
+            lq = (zr - mq[:, None]) - lsq[:, None]
+            kl += tl.sum(tl.where(col_mask[None, :], tl.exp(lp) * (lp - lq), 0.0), axis=1)
+    # pass 3: e (and KL(ref‖π) = Σ q (log q − log p), which e does not need)
+    if WRITE_E or KL == 2:
+        c = tl.load(c_ptr + rows, mask=row_mask, other=0.0)
+        kg = tl.load(kg_ptr + rows, mask=row_mask, other=0.0)
+        live = (c != 0.0) | (kg != 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
+                            HAS_SOFTCAP)
+            lp = (z - m[:, None]) - ls[:, None]
+            p = tl.exp(lp)
+            if KL == 0:
+                e = p * (-c)[:, None]                                      # − c·p
+            else:
+                zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
+                                 HAS_SOFTCAP)
+                lq = (zr - mq[:, None]) - lsq[:, None]
+                if KL == 1:
+                    e = ((lp - lq) - kl[:, None]) * p * kg[:, None]         # κ'·G
+                else:
+                    q = tl.exp(lq)
+                    kl += tl.sum(tl.where(col_mask[None, :], q * (lq - lp), 0.0), axis=1)
+                    e = (p - q) * kg[:, None]                              # κ'·(p − q)
+                e -= p * c[:, None]                                        # − c·p
+            if WRITE_E:
+                e += tl.where(cols[None, :] == tgt[:, None], c[:, None], 0.0)   # + c·onehot
+                if HAS_SOFTCAP:
+                    e *= softcap_grad(z, cap)
+                e = tl.where(live[:, None], e, 0.0)
+                tl.store(e_ptr + rows[:, None] * stride_e + cols[None, :],
+                         e.to(e_ptr.dtype.element_ty),
+                         mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(logp_ptr + rows, (zt - m) - ls, mask=row_mask)
+    if HAS_REF:
+        tl.store(ref_logp_ptr + rows, (qt - mq) - lsq, mask=row_mask)
+    if KL != 0:
+        tl.store(kl_ptr + rows, kl, mask=row_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None):
+    """(logp [C], ref_logp [C] | None, kl [C] | None) float32 of one chunk, and e written.
+
+    z [C, V]: the policy logits h·Wᵀ + b (any float dtype, rows contiguous, not yet
+    softcapped), zr the reference head's or None; safe [C] int64 targets (0 where ignored);
+    c, kg [C] float32 the coefficients of e; e [C, V] (may be z itself) or None when no
+    gradient is wanted. kl: None, "policy_ref" or "ref_policy" (needs zr).
+    """
+    C, V = z.shape
+    dev = z.device
+    logp = torch.empty(C, dtype=torch.float32, device=dev)
+    ref_logp = torch.empty(C, dtype=torch.float32, device=dev) if zr is not None else None
+    kl_out = torch.empty(C, dtype=torch.float32, device=dev) if kl is not None else None
+    assert z.stride(1) == 1 and (zr is None or zr.stride(1) == 1)
+    assert e is None or e.stride(1) == 1
+    zr_ = zr if zr is not None else z
+    e_ = e if e is not None else z
+    args = (z, zr_, safe.contiguous(), c.contiguous(), kg.contiguous(), e_, logp,
+            logp if ref_logp is None else ref_logp, logp if kl_out is None else kl_out,
+            C, V, z.stride(0), zr_.stride(0), e_.stride(0), float(softcap or 1.0))
+    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_REF=zr is not None, KL=_KL_MODE[kl],
+                 WRITE_E=e is not None)
+    with device_guard(z):
+        launch("linear_preference_loss_fwd", linear_preference_loss_fwd_kernel,
+               lambda meta: (triton.cdiv(C, meta["ROWS"]),), z, args, flags,
+               autotune_key=("V",))
+    return logp, ref_logp, kl_out
+
+
+class _HeadGEMMs:
+    """The gradient GEMMs of the sweep (``SweepBackend.head_grads``) from e in the GEMM dtype:
+    d_hidden rows = e·W in the input dtype, dw += eᵀ·h and db += Σ_rows e in float32 (on a GPU
+    with 16-bit inputs, tensor-core GEMMs with fp32 accumulation, ``addmm_f32_``)."""
+
+    def __init__(self, hidden, weight, bias, needs_hidden, needs_weight, needs_bias):
+        dev, dt = hidden.device, dz_dtype(hidden)
+        self.w = weight if weight.dtype == dt else weight.to(dt)   # fp32 under the interpreter
+        self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
+                   if needs_hidden else None)
+        self.dw = (torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+                   if needs_weight else None)
+        self.db = (torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+                   if (needs_bias and bias is not None) else None)
+
+    def add(self, start, end, h, e):
+        if self.dh is not None:
+            out = self.dh[start:end]
+            if out.dtype == e.dtype:
+                torch.matmul(e, self.w, out=out)
+            else:
+                out.copy_(e @ self.w)
+        if self.dw is not None:
+            addmm_f32_(self.dw, e.T, h if h.dtype == e.dtype else h.to(e.dtype))
+        if self.db is not None:
+            self.db.add_(e.sum(0, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# the chunk step and the public backend entry
+# --------------------------------------------------------------------------------------------
+
+
+def _logits(h, weight, bias):
+    """h·Wᵀ + b [C, V] in the input dtype, as eager (and the torch backend) forms it: the
+    epilogue then reads the same logits the reference rounds."""
+    z = h @ weight.T
+    return z if bias is None else z.add_(bias)
+
+
+def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts: PairHeadOptions,
+           sd, want_e):
+    """(logp, ref_logp | None, kl | None, e | None) of one chunk (``SweepBackend.chunk``):
+    cuBLAS logits, then the epilogue kernel; e overwrites the policy logits where it can."""
+    cfg = opts.config
+    z = _logits(h, weight, bias)
+    zr = None if ref_h is None else _logits(ref_h, ref_weight, ref_bias)
+    e = None
+    if want_e:
+        dt = dz_dtype(h)
+        # in place, except under autotuning (its trial runs would read e back as logits)
+        e = z if (z.dtype == dt and not configs.autotuning(z)) else torch.empty(
+            z.shape, dtype=dt, device=z.device)
+    logp, ref_logp, kl = linear_preference_loss_fwd(
+        z, zr, safe, c, kg, e, opts.softcap, cfg.kl if cfg.uses_kl else None)
+    return logp, ref_logp, kl, e
+
+
+_BACKEND = SweepBackend(chunk=_chunk, head_grads=_HeadGEMMs)
+
+
+def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                           ref_logp, weights, normalizer, opts: PairHeadOptions, *,
+                           chunk_tokens: int | None = None):
+    """Backend entry (see ``tisdpo_kernels.ops``), the torch backend's contract: (loss, logp,
+    ref_logp, kl) for hidden [N, D], weight [V, D], targets [N] int64, the reference head
+    (ref_hidden [N, D′], ref_weight [V, D′], ref_bias) or precomputed ref_logp [N] or neither,
+    token weights [N] or None, normalizer a float64 0-d tensor or None and ``opts.pair_rows``.
+
+    loss: 0-d float32, differentiable in hidden, weight and bias (those ``opts.needs`` names);
+    logp, ref_logp, kl: [N] float32, detached, 0 where ignored. ``chunk_tokens`` overrides
+    ``TISDPO_CHUNK_TOKENS``.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
+                    ("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
+                    ("ref_bias", ref_bias)):
+        if t is not None:
+            check_dtype("linear_preference_loss", name, t)
+    if weight.shape[0] == 0:
+        raise ValueError("linear_preference_loss: weight has V=0 rows; the vocabulary must be "
+                         "non-empty")
+    return run_sweep(_BACKEND, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                     ref_logp, weights, normalizer, opts,
+                     chunk_size(chunk_tokens, weight.shape[0]))
