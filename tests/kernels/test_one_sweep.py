@@ -15,6 +15,7 @@ from dispatch_probe import OpProbe
 from loss_cases import (
     B, D, IGNORE, ROWS, T, V, call_kwargs, check, inputs, make_case, module_magnitudes, run,
 )
+from markers import requires_triton
 from numerics import assert_oracle
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, get_preset, linear_preference_loss
@@ -23,6 +24,7 @@ from tisdpo_kernels import strategy as S
 
 SEQ = [m for m in PRESETS if PRESETS[m].config.granularity == "seq"]
 ONE = {"strategy": "one_sweep"}
+IMPLS = ["torch", pytest.param("triton", marks=requires_triton)]   # the op's backends
 MATMULS = {"mm", "addmm", "addmm_", "matmul", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_",
            "linear", "mv", "addmv", "addmv_", "dot", "vdot", "_addmm_activation"}
 
@@ -265,7 +267,8 @@ def _op_case(pairs, tokens, d=16, v=1024, seed=0):
     return (h, w, y), kw
 
 
-def test_peak_memory_does_not_grow_with_tokens_per_pair(monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peak_memory_does_not_grow_with_tokens_per_pair(impl, monkeypatch):
     """At 512 tokens in all, 1, 2 or 8 pairs: the peak of live op outputs (forward and
     backward) stays flat — d_hidden, d_weight, the [V, D] scratch and a few chunk × V buffers —
     and no tensor is tokens × vocab (chunk × V = 16 × 1024 against N × V = 512 × 1024)."""
@@ -275,7 +278,7 @@ def test_peak_memory_does_not_grow_with_tokens_per_pair(monkeypatch):
     for pairs in (8, 2, 1):
         (h, w, y), kw = _op_case(pairs, n, d, v)
         with OpProbe() as probe:
-            loss, *_ = linear_preference_loss(h, w, y, impl="torch", **kw)
+            loss, *_ = linear_preference_loss(h, w, y, impl=impl, **kw)
             loss.backward()
         peaks[pairs] = probe.peak_live_bytes
         assert probe.max_bytes <= 4 * max(chunk * v, n * d, v * d), probe.max_op
@@ -290,13 +293,14 @@ def test_peak_memory_does_not_grow_with_tokens_per_pair(monkeypatch):
     assert probe.max_bytes >= 4 * n * v
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("preset", ["tisdpo_paper", "dpo"])
-def test_backward_runs_no_head_matmul(preset):
+def test_backward_runs_no_head_matmul(preset, impl):
     (h, w, y), kw = _op_case(2, 96)
     if not get_preset(preset).config.uses_kl:
         kw["config"] = get_preset(preset).config
     with OpProbe() as fwd:
-        loss, *_ = linear_preference_loss(h, w, y, impl="torch", **kw)
+        loss, *_ = linear_preference_loss(h, w, y, impl=impl, **kw)
     with OpProbe() as bwd:
         loss.backward()
     assert MATMULS & set(fwd.ops), "the forward should run the gradient GEMMs"
