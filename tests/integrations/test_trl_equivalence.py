@@ -208,6 +208,8 @@ def test_bf16_runs_in_bf16(tmp_path, tok):
     ({"method": "nope"}, "method='nope'"),
     ({"token_weights": "a,b,c"}, "token_weights='a,b,c'"),
     ({"method": "tisdpo_paper", "precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+    ({"method": "tisdpo_paper", "filter_eps": 0.01}, "filter_eps=0.01"),
+    ({"filter_eps": 1.5}, "filter_eps must be < 1"),
 ])
 def test_unsupported_options_are_refused_in_one_line(tmp_path, tok, options, match):
     with pytest.raises(ValueError, match=match) as err:
@@ -215,6 +217,13 @@ def test_unsupported_options_are_refused_in_one_line(tmp_path, tok, options, mat
         TISDPOTrainer(model=C.tiny_model(tok), args=args, train_dataset=C.dataset(2),
                       processing_class=tok)
     assert "\n" not in str(err.value)
+
+
+def test_filter_eps_reaches_the_loss(tmp_path, tok):
+    from tisdpo.integrations.trl_options import build_loss
+    args = C.config(TISDPOConfig, tmp_path, filter_eps=0.01)
+    assert build_loss(args).filter_eps == 0.01
+    assert build_loss(C.config(TISDPOConfig, tmp_path)).filter_eps is None
 
 
 def test_a_plain_dpo_config_is_refused_the_same_way(tmp_path, tok):

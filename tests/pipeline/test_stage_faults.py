@@ -57,6 +57,24 @@ def test_finished_stage_with_other_options_is_not_reported_done(tmp_path, capsys
     assert opts["policy.beta"] == 0.3
 
 
+def test_filter_eps_is_an_option_of_the_policy_result(tmp_path, capsys, monkeypatch):
+    """policy.filter_eps reaches the policy's loss and is recorded only when set, so a result
+    made without it (or before the option existed) is refused with it, not mixed."""
+    seen, real = [], stages.TISDPOLoss
+    monkeypatch.setattr(stages, "TISDPOLoss",
+                        lambda *a, **k: seen.append(k.get("filter_eps")) or real(*a, **k))
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run, capsys)[0] == 0
+    assert "policy.filter_eps" not in json.load(open(tmp_path / "policy" / "options.json"))[
+        "options"] and seen == [None]
+    code, err = _cli(DPO + run + ["--policy.filter_eps", "0.001"], capsys)
+    assert code == 1 and "policy.filter_eps='<unset>' then, 0.001 now" in err
+    assert _cli(DPO + run + ["--policy.filter_eps", "0.001", "--pipeline.resume", "false"],
+                capsys)[0] == 0
+    opts = json.load(open(tmp_path / "policy" / "options.json"))["options"]
+    assert opts["policy.filter_eps"] == 0.001 and seen[-1] == 0.001
+
+
 def test_redo_without_resume_is_never_done_with_old_results(tmp_path, capsys):
     run = ["--run_dir", str(tmp_path)]
     assert _cli(DPO + run, capsys)[0] == 0

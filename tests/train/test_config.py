@@ -59,7 +59,8 @@ BAD = [("pipeline", f"--{s}.{o}", v) for s in TRAIN_SECTIONS for o, v in _TRAIN_
     ("demo", "--demo.policy_seeds", "0"), ("demo", "--demo.sample_prompts", "0"),
     ("demo", "--demo.samples_per_prompt", "0"), ("demo", "--demo.max_new_tokens", "0"),
     ("demo", "--demo.temperature", "0"), ("demo", "--policy.eval_max_pairs", "0"),
-    ("train", "--policy.strategy", "fast"),
+    ("train", "--policy.strategy", "fast"), ("train", "--policy.filter_eps", "0"),
+    ("train", "--policy.filter_eps", "1"),
 ]
 
 
@@ -71,6 +72,16 @@ def test_one_sweep_with_a_per_position_preset_is_refused_before_any_stage(capsys
     assert err.count("\n") == 0
     assert cli.main(["train", "--print-config", "--policy.method", "cdpo_code",
                      "--policy.strategy", "recompute"]) == 0
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["--policy.method", "tisdpo_paper"], "KL terms"),
+    (["--policy.strategy", "one_sweep"], "one_sweep"), (["--policy.impl", "reference"], "oracle")])
+def test_filter_eps_with_an_option_it_cannot_serve_is_refused_in_one_line(extra, why, capsys):
+    assert cli.main(["train", "--print-config", "--policy.filter_eps", "0.001", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "policy.filter_eps=0.001" in err and why in err and err.count("\n") == 0
+    assert cli.main(["train", "--print-config", "--policy.filter_eps", "0.001"]) == 0
 
 
 @pytest.mark.parametrize("command, option, value", BAD)

@@ -80,7 +80,8 @@ class TISDPOConfig(_TRLDPOConfig):
         weighted presets require them), "none" (unit weights) or "<chosen>,<rejected>".
     alpha: α of the KL terms of tdpo2 / tisdpo_token_level; gamma_beta_ratio: SimPO's γ/β
         (TRL CPOConfig's ``simpo_gamma / beta``); impl: the kernels' backend; strategy:
-        ``TISDPOLoss``'s (recompute, one_sweep or auto).
+        ``TISDPOLoss``'s (recompute, one_sweep or auto); filter_eps: opt-in gradient
+        filtering of the policy head's backward (docs/FILTERING.md; None = exact).
     head_metrics: also log TRL's entropy, logits/* and mean_token_accuracy (one more LM-head
         pass over the completion tokens, without gradient).
     """
@@ -99,6 +100,10 @@ class TISDPOConfig(_TRLDPOConfig):
     strategy: str = field(default="auto", metadata={
         "help": "how the loss forms the LM head's gradients: 'recompute', 'one_sweep' (all in "
                 "the forward; long pairs) or 'auto' (TISDPOLoss's rule)"})
+    filter_eps: float | None = field(default=None, metadata={
+        "help": "opt-in gradient filtering of the LM head's backward: drop vocabulary columns "
+                "below this probability in a whole chunk of rows (docs/FILTERING.md); "
+                "None = exact"})
     head_metrics: bool = field(default=True, metadata={
         "help": "log TRL's entropy, logits/* and mean_token_accuracy (one more LM-head pass)"})
 

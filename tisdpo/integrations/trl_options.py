@@ -97,7 +97,8 @@ def build_loss(args, *, softcap: float | None = None) -> TISDPOLoss:
                       alpha=getattr(args, "alpha", None),
                       gamma_beta_ratio=getattr(args, "gamma_beta_ratio", None),
                       softcap=softcap, impl=getattr(args, "impl", "auto"),
-                      strategy=getattr(args, "strategy", "auto"))
+                      strategy=getattr(args, "strategy", "auto"),
+                      filter_eps=getattr(args, "filter_eps", None))
 
 
 def check_reference(args, loss: TISDPOLoss, method: str) -> None:

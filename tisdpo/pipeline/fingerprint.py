@@ -34,6 +34,9 @@ _IGNORED = {"model.gradient_checkpointing", "model.attn_implementation", "data.p
             "weights.jsonl", "weights.impl"}
 _IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "eval_max_pairs", "save_every",
                  "keep_checkpoints", "stop_after"}
+# options recorded only when set: at their default (None, the exact computation) a result is
+# what it was before the option existed, so outputs recorded then stay reusable
+_OMITTED_WHEN_NONE = {"policy.filter_eps"}
 
 
 class StageOptionsChanged(ValueError):
@@ -68,7 +71,8 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
         tree[name] = asdict(sub)
     keep = {"seed", "model", "data", *sections}
     flat = {k: v for k, v in _flat(tree).items()
-            if (k.split(".")[0] in keep or k in keep) and _kept(k)}
+            if (k.split(".")[0] in keep or k in keep) and _kept(k)
+            and not (v is None and k in _OMITTED_WHEN_NONE)}
     return {"options": flat, "upstream": dict(upstream or {})}
 
 

@@ -106,9 +106,10 @@ def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
 
 
 def _preference_objective(ctx: Context, model, method: str, beta: float | None, impl: str, *,
-                          ref_model, use_weights: bool, strategy: str = "auto"):
+                          ref_model, use_weights: bool, strategy: str = "auto",
+                          filter_eps: float | None = None):
     loss = TISDPOLoss(method=method, beta=beta, softcap=head(model).softcap, impl=impl,
-                      strategy=strategy)
+                      strategy=strategy, filter_eps=filter_eps)
     return PreferenceObjective(loss, model_cfg=ctx.cfg.model, device=ctx.device,
                                ref_model=ref_model, use_weights=use_weights)
 
@@ -292,7 +293,8 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
                   eval_tok=tok_eval, desc=name, options=options, extra=extra, seed=seed,
                   objective_fn=lambda m: _preference_objective(
                       ctx, m, pcfg.method, pcfg.beta, pcfg.impl, ref_model=ref,
-                      use_weights=use_weights, strategy=pcfg.strategy))
+                      use_weights=use_weights, strategy=pcfg.strategy,
+                      filter_eps=pcfg.filter_eps))
 
 
 def run_pipeline(ctx: Context) -> dict:

@@ -182,6 +182,9 @@ class PolicyConfig(TrainConfig):
                                 "pairs), auto (one_sweep on CUDA from "
                                 "TISDPO_ONE_SWEEP_MIN_TOKENS tokens per pair)",
                         ("auto", "one_sweep", "recompute"))
+    filter_eps: float | None = opt(None, "opt-in gradient filtering of the policy head's "
+                                         "backward (docs/FILTERING.md): a probability threshold "
+                                         "in (0, 1); empty = exact gradients")
     optimizer: str = opt("rmsprop", "optimiser", ("adamw", "rmsprop"))
 
 

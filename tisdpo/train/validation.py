@@ -221,6 +221,17 @@ def _check_methods(cfg) -> None:
             resolve_preset(method, beta=beta)
         except ValueError as err:
             raise ValueError(f"{name}.method={method} with {name}.beta={beta}: {err}") from None
+    _number("policy.filter_eps", cfg.policy.filter_eps, low=0, high=1, low_open=True,
+            high_open=True, optional=True)
+    if cfg.policy.filter_eps is not None:
+        from tisdpo import TISDPOLoss
+        try:
+            TISDPOLoss(cfg.policy.method, impl=cfg.policy.impl, strategy=cfg.policy.strategy,
+                       filter_eps=cfg.policy.filter_eps)
+        except ValueError as err:
+            raise ValueError(f"policy.filter_eps={cfg.policy.filter_eps} with policy.method="
+                             f"{cfg.policy.method}, policy.strategy={cfg.policy.strategy}, "
+                             f"policy.impl={cfg.policy.impl}: {err}") from None
     if cfg.policy.strategy == "one_sweep":
         from tisdpo_kernels.strategy import one_sweep_unsupported
 
