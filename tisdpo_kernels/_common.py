@@ -50,22 +50,23 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def kept_columns(col_max_p: torch.Tensor, targets: torch.Tensor,
+def kept_columns(col_max_p: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
                  eps: float) -> torch.Tensor | None:
     """Indices [K] of the vocabulary columns a filtered backward keeps for one chunk of rows,
     or None when the chunk should run unfiltered.
 
     col_max_p [V]: the largest softmax probability of each column over the chunk's rows;
-    targets: the target ids of the chunk's rows that count. A column is kept when some row
-    targets it or its probability reaches ``eps`` in some row; a dropped column's terms are
-    each below eps times their row's p-coefficient. One host sync (the GEMMs are sized by K).
-    A chunk keeping more than half the vocabulary runs unfiltered: the gathered copies would
-    cost more memory than the skipped work is worth.
+    targets [C]: the rows' target ids (any valid id where ``counts`` is false), counts [C]
+    bool: the rows that count. A column is kept when a counted row targets it or its
+    probability reaches ``eps`` in some row; a dropped column's terms are each below eps times
+    their row's p-coefficient. One host sync (the GEMMs are sized by K). A chunk keeping more
+    than half the vocabulary runs unfiltered: the gathered copies would cost more memory than
+    the skipped work is worth.
     """
-    keep = col_max_p >= eps
-    keep[targets] = True
-    cols = keep.nonzero().squeeze(1)
-    return None if 2 * cols.numel() > keep.numel() else cols
+    hits = torch.zeros(col_max_p.shape, dtype=torch.int32, device=col_max_p.device)
+    hits.index_put_((targets,), counts.to(torch.int32), accumulate=True)   # integer: exact
+    cols = ((col_max_p >= eps) | (hits > 0)).nonzero().squeeze(1)
+    return None if 2 * cols.numel() > col_max_p.numel() else cols
 
 
 def normalizer_tensor(normalizer, device) -> torch.Tensor | None:

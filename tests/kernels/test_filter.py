@@ -186,3 +186,18 @@ def test_loss_passes_filter_eps_to_the_policy_head(impl, device, kept):
     assert len(kept) == 1 and kept[0] is not None and kept[0] < V // 2, kept
     assert torch.equal(out[None][0], out[EPS][0])
     assert not torch.equal(out[None][1], out[EPS][1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_any_ignore_index(impl, device):
+    """Ignored rows' targets never index the vocabulary, whatever ignore_index is (here an
+    id past V): the same gradients as with -100."""
+    masters, y, grads = peaked_logprobs_case(N, D, V)
+    out = []
+    for ignore in (-100, V + 3):
+        h, w = (masters[k].float().to(device).requires_grad_() for k in ("hidden", "weight"))
+        yy = torch.where(y == -100, ignore, y).to(device)
+        tk.linear_logprobs(h, w, yy, ignore_index=ignore, filter_eps=EPS, impl=impl).backward(
+            grads[0].float().to(device))
+        out.append((h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -40,7 +40,7 @@ def _chunk_dz(h, weight, bias, safe, lse, p_coef, g_logp, softcap, valid, filter
     z = chunk_logits(h, weight, bias, softcap)                              # [C, V]
     cap = softcap_grad_factor(z, softcap)
     p = z.sub_(lse[:, None]).exp_()                                         # 0 on ignored rows
-    cols = None if filter_eps is None else kept_columns(p.amax(0), safe[valid], filter_eps)
+    cols = None if filter_eps is None else kept_columns(p.amax(0), safe, valid, filter_eps)
     dz = p.mul_(p_coef[:, None])                                            # (g_lse − g_logp)·p
     dz.scatter_add_(1, safe[:, None], g_logp[:, None])                      # + g_logp·onehot
     return (dz if cap is None else dz.mul_(cap)), cols

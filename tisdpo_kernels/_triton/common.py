@@ -360,7 +360,8 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
             pmax = torch.zeros(triton.cdiv(hi - lo, stats_block_n), v, dtype=torch.float32,
                                device=dev)
             write_dz(dz, lo, pmax)
-            cols = kept_columns(pmax.amax(0), targets.index_select(0, sl)[kept], filter_eps)
+            tg = torch.where(kept, targets.index_select(0, sl), 0)     # ignored: any id
+            cols = kept_columns(pmax.amax(0), tg, kept, filter_eps)
         wc = w if cols is None else w.index_select(0, cols)
         dzc = dz if cols is None else dz.index_select(1, cols)
         del dz
