@@ -16,7 +16,7 @@ import torch
 if importlib.util.find_spec("benchmarks") is None:   # pytest run from outside the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from markers import requires_cuda  # noqa: E402
+from markers import requires_cuda, requires_triton  # noqa: E402
 
 from benchmarks import __main__ as cli  # noqa: E402
 from benchmarks import e2e_long, measure, ops, providers, readme_table  # noqa: E402
@@ -325,6 +325,20 @@ def test_filtering_table(capsys):
     assert kept[0] == 100.0 and err[0] < 1e-5
     assert kept[1:] == sorted(kept[1:], reverse=True) and kept[-1] < 50.0
     assert err[-1] > err[0]
+
+
+@requires_triton
+def test_tune_cpu_smoke(capsys, monkeypatch):
+    """benchmarks.tune's steps at toy size (the interpreter cannot autotune: both runs use
+    the default configs and agree exactly)."""
+    from benchmarks import tune
+
+    monkeypatch.delenv("TISDPO_AUTOTUNE", raising=False)
+    assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    info = json.loads(out[0])
+    assert info["max_diff"] == {"logp": 0.0, "d_hidden": 0.0, "d_weight": 0.0}
+    assert [line.split("|")[1].strip() for line in out[3:]] == ["forward", "backward"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

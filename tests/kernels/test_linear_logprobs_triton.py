@@ -141,6 +141,24 @@ def _gpu_like():
     )
 
 
+def _autotune_cases():
+    from tisdpo_kernels._triton.configs import AUTOTUNE
+    return [pytest.param(k, i, id=f"{k[16:]}-{i}") for k in ("linear_logprobs_fwd",
+            "linear_logprobs_bwd") for i in range(len(AUTOTUNE[k]))]
+
+
+@pytest.mark.parametrize("kernel,index", _autotune_cases())
+def test_every_autotune_config_matches_oracle(kernel, index, device):
+    """Each config TISDPO_AUTOTUNE=1 may pick computes the same math: forced one at a time,
+    with several token blocks and vocabulary splits, ignored rows, bias and softcap."""
+    from tisdpo_kernels._triton import configs as C
+    cfg = C.AUTOTUNE[kernel][index]
+    masters, y, grads = make_inputs(300, 40, 700, ignored=list(range(20, 150)) + [299])
+    with C.override(**{kernel: C.KernelConfig(cfg.meta, cfg.num_warps, cfg.num_stages,
+                                              {"min_splits": 2})}):
+        check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=20.0)
+
+
 @pytest.mark.parametrize("dtype,bias,softcap,v", [(torch.float32, True, None, 1100),
                                                    (torch.bfloat16, False, 20.0, 1000)],
                          ids=["fp32-bias-V1100", "bf16-softcap-V1000"])
@@ -293,7 +311,7 @@ def _aot_compile_matrix():
     from aot import compile_kernel
 
     from tisdpo_kernels._triton import linear_logprobs as L
-    from tisdpo_kernels._triton.configs import CONFIGS
+    from tisdpo_kernels._triton.configs import AUTOTUNE, CONFIGS
 
     fns = {"fwd": (L.linear_logprobs_fwd_kernel, "linear_logprobs_fwd"),
            "bwd": (L.linear_logprobs_bwd_kernel, "linear_logprobs_bwd"),
@@ -307,10 +325,19 @@ def _aot_compile_matrix():
             ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
             ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=True)),
             ("bwd", 80, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
-            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_FILTER=False))]:
+            ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_FILTER=False))] + [
+            (f"{kind}-autotune{i}", 90, "bf16", flags)
+            # (a head without bias or softcap, as most have: the softcap's tanh adds registers)
+            for kind, flags in (("fwd", dict(HAS_BIAS=False, HAS_SOFTCAP=False, FINAL=False)),
+                                ("bwd", dict(HAS_BIAS=False, HAS_SOFTCAP=False,
+                                             HAS_FILTER=False)))
+            for i in range(len(AUTOTUNE[fns[kind][1]]))]:
+        kind, _, tuned = kind.partition("-autotune")
         fn, name = fns[kind]
         table = CONFIGS[name]
         cfg = table.get("sm90" if arch >= 90 else "sm80", table["default"])
+        if tuned:     # every config TISDPO_AUTOTUNE=1 may pick
+            cfg = AUTOTUNE[name][int(tuned)]
         cx = {**flags, **cfg.meta}
         if kind != "combine":   # what Triton specialises at a real launch: unit inner strides
             cx.update(stride_hd=1, stride_wd=1, UPCAST=False, DOT_PRECISION="ieee")
@@ -319,7 +346,8 @@ def _aot_compile_matrix():
             return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
                 n, "*fp32" if n in fp32_ptrs else f"*{dt}")
 
-        tag = "-filter" if flags.get("HAS_FILTER") else ""
+        tag = ("-filter" if flags.get("HAS_FILTER") else "") + (f"-autotune{tuned}" if tuned
+                                                                 else "")
         out.append((f"{kind}-sm{arch}-{dt}{tag}", arch,
                     *compile_kernel(fn, arch, cx, ptr_type, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)))

@@ -70,13 +70,16 @@ def linear_logprobs_fwd_kernel(
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, cap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        FLATTEN: tl.constexpr = False):
     split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
         tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
-    for i in range(0, n_tiles):
+    # FLATTEN: one software pipeline over (vocabulary tile, D step), so the next tile's loads
+    # overlap this tile's logsumexp epilogue (fewer registers; larger tiles compile unspilled)
+    for i in tl.range(0, n_tiles, flatten=FLATTEN):
         cols = v_lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,

@@ -1,0 +1,118 @@
+"""Which launch config of the fused LM-head kernels is fastest on this GPU.
+
+Times ``linear_logprobs`` forward and backward (impl="triton") at one head shape twice: with
+the tuned default configs (``tisdpo_kernels/_triton/configs.py`` ``CONFIGS``) and with
+``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE`` entry on the first call and keeps the
+fastest. Prints, per kernel, the config the autotuner chose, the times of both runs and the
+largest difference between their outputs (every ``AUTOTUNE`` entry is also checked against
+the oracle by the CUDA tests). A chosen config that beats the default is the candidate for
+the device class's ``CONFIGS`` entry.
+
+    python -m benchmarks.tune --shape llama3-8b --tokens 8k
+    python -m benchmarks.tune --cpu-smoke          # the same steps, interpreted, no autotuning
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from benchmarks.measure import time_fn
+from benchmarks.shapes import PRESETS, parse_tokens
+
+KERNELS = ("linear_logprobs_fwd", "linear_logprobs_bwd")
+
+
+def _inputs(n, d, v, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, generator=g, device=device).to(dtype)
+    w = (torch.randn(v, d, generator=g, device=device) * (2.0 / d ** 0.5)).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    up = torch.randn(n, generator=g, device=device)
+    return h, w, y, up
+
+
+def _run(h, w, y, up, *, reps, warmup):
+    """(fwd Stats, bwd Stats, outputs of one fwd+bwd) with the configs now in force."""
+    import tisdpo_kernels as tk
+
+    leaves = [h.requires_grad_(), w.requires_grad_()]
+
+    def fwd():
+        return tk.linear_logprobs(h, w, y, impl="triton")
+
+    def bwd(logp):
+        logp.backward(up)
+
+    f = time_fn(fwd, device=h.device, warmup=warmup, reps=reps, grad_to_none=leaves)
+    b = time_fn(bwd, device=h.device, warmup=warmup, reps=reps, grad_to_none=leaves,
+                setup=fwd)
+    for t in leaves:
+        t.grad = None
+    logp = fwd()
+    logp.backward(up)
+    return f, b, (logp.detach(), h.grad.clone(), w.grad.clone())
+
+
+def _chosen() -> dict:
+    """The config the autotuner kept for each kernel (after a run with TISDPO_AUTOTUNE=1)."""
+    from tisdpo_kernels._triton import common, linear_logprobs as L
+
+    fns = {"linear_logprobs_fwd": L.linear_logprobs_fwd_kernel,
+           "linear_logprobs_bwd": L.linear_logprobs_bwd_kernel}
+    out = {}
+    for name in KERNELS:
+        tuner = common._autotuned(name, fns[name], ("V", "D"), ())
+        best = getattr(tuner, "best_config", None)
+        out[name] = None if best is None else {**best.kwargs, "num_warps": best.num_warps,
+                                               "num_stages": best.num_stages}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tune",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(PRESETS)}")
+    ap.add_argument("--tokens", default="8k")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="toy sizes under the Triton interpreter (no autotuning on a CPU)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        device, (n, d, v), dtype = torch.device("cpu"), (64, 32, 500), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            ap.error("autotuning needs a CUDA GPU (use --cpu-smoke to check the script)")
+        shape = PRESETS[args.shape]
+        device, (n, d, v) = torch.device("cuda"), (parse_tokens(args.tokens)[0],
+                                                   shape.hidden, shape.vocab)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            args.dtype]
+    h, w, y, up = _inputs(n, d, v, dtype, device)
+    rows = {}
+    for mode in ("default", "autotuned"):
+        os.environ["TISDPO_AUTOTUNE"] = "1" if mode == "autotuned" else "0"
+        rows[mode] = _run(h, w, y, up, reps=args.reps, warmup=args.warmup)
+    os.environ.pop("TISDPO_AUTOTUNE")
+    diff = [(a.float() - b.float()).abs().max().item()
+            for a, b in zip(rows["default"][2], rows["autotuned"][2])]
+    chosen = _chosen() if device.type == "cuda" else {k: None for k in KERNELS}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    print(json.dumps({"device": gpu, "torch": torch.__version__, "N": n, "D": d, "V": v,
+                      "dtype": str(dtype), "chosen": chosen,
+                      "max_diff": dict(zip(("logp", "d_hidden", "d_weight"), diff))}))
+    print(f"| pass | default ms | autotuned ms | chosen config ({gpu}, N={n}, D={d}, V={v}) |")
+    print("|---|---|---|---|")
+    for i, (name, kernel) in enumerate(zip(("forward", "backward"), KERNELS)):
+        print(f"| {name} | {rows['default'][i].median_ms:.3f} | "
+              f"{rows['autotuned'][i].median_ms:.3f} | {chosen[kernel] or 'n/a'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
