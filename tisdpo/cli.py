@@ -13,8 +13,8 @@
 
 Every option is ``--section.option value`` (``tisdpo <command> --help`` lists them with their
 defaults) and may instead be set in the YAML file given by ``--config``; flags win over the
-file, the file over the defaults. The resolved configuration is logged and written to
-``<run_dir>/config.yaml``.
+file, the file over the defaults. The resolved configuration is logged, and written to
+``<run_dir>/config.yaml`` by a run's first command and by every command that finishes.
 """
 from __future__ import annotations
 
@@ -239,11 +239,17 @@ def _locked_run(args, cfg: RunConfig) -> int:
     text = dump_yaml(cfg)
     if args.command in ("inspect", "compare"):    # they only read the run (compare.json aside)
         return _run(args, cfg)
+    path = os.path.join(cfg.run_dir, "config.yaml")
     with run_lock(cfg.run_dir):            # before anything in run_dir is written
-        dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        if not os.path.isfile(path):       # a new run: its options from its first command on
+            dump_yaml(cfg, path)
         logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s",
                                          args.command, text)
-        return _run(args, cfg)
+        code = _run(args, cfg)
+        # only a command that finished replaces it: a refused, failed or stopped one (options
+        # that do not match the run's outputs, say) leaves the run's record as it was
+        dump_yaml(cfg, path)
+        return code
 
 
 def _flag_in(args, name: str) -> bool:

@@ -9,6 +9,7 @@ import time
 
 import datasets
 import pytest
+import yaml
 
 from tisdpo import cli
 from tisdpo.pipeline import context, stages, weights
@@ -51,10 +52,13 @@ def test_finished_stage_with_other_options_is_not_reported_done(tmp_path, capsys
     assert _cli(DPO + run, capsys)[0] == 0
     code, err = _cli(DPO + run + ["--policy.beta", "0.3"], capsys)
     assert code == 1 and "policy.beta" in err and "delete" in err
+    # the refused command left the run's config.yaml as the finished one wrote it
+    assert yaml.safe_load(open(tmp_path / "config.yaml"))["policy"]["beta"] is None
     # starting afresh is allowed and records the new options
     assert _cli(DPO + run + ["--policy.beta", "0.3", "--pipeline.resume", "false"], capsys)[0] == 0
     opts = json.load(open(tmp_path / "policy" / "options.json"))["options"]
     assert opts["policy.beta"] == 0.3
+    assert yaml.safe_load(open(tmp_path / "config.yaml"))["policy"]["beta"] == 0.3
 
 
 def test_filter_eps_is_an_option_of_the_policy_result(tmp_path, capsys, monkeypatch):
