@@ -12,6 +12,7 @@ Not covered here (no GPU): NCCL, ``cpu:gloo,cuda:nccl`` counts, one device per r
 import json
 import os
 import socket
+import sys
 import traceback
 from collections import Counter
 
@@ -190,7 +191,14 @@ def _worker(rank, port, root):
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
         raise
     torch.save(out, os.path.join(root, f"rank{rank}.pt"))
+    dist.barrier()                          # both ranks' results are on disk
     dist.destroy_process_group()
+    # No interpreter teardown: freeing a DDP reducer joins gloo's worker thread while holding
+    # the GIL, and that thread may still need the GIL (a deadlock seen intermittently with
+    # torch 2.13, gloo, CPU; tests/integrations/test_trl_ddp.py hit it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sharded_head(par):
