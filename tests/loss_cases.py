@@ -60,6 +60,18 @@ def make_case(seed=0):
     return case
 
 
+def case_with_ref_logps(seed=0):
+    """``make_case`` plus ``ref_logps``: the reference head's float32 log-probs (what a
+    precomputed column holds), NaN where ignored (padding may hold anything)."""
+    case = make_case(seed)
+    with torch.no_grad():
+        lr = R.linear_logprobs(case["ref_hidden"].float(), case["ref_weight"].float(),
+                               case["labels"])
+    lr[case["labels"] == IGNORE] = float("nan")
+    case["ref_logps"] = lr.double()
+    return case
+
+
 def inputs(case, dtype, layout, *, nan_views=True):
     """(leaves {hidden, weight, bias} at dtype, call args) for one layout."""
     view = nan_buffer_view if nan_views else (lambda t: t)

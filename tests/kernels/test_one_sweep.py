@@ -13,13 +13,13 @@ import torch
 
 from dispatch_probe import OpProbe
 from loss_cases import (
-    B, D, IGNORE, ROWS, T, V, call_kwargs, check, inputs, make_case, module_magnitudes, run,
+    B, D, IGNORE, ROWS, T, V, call_kwargs, case_with_ref_logps, check, inputs, make_case,
+    module_magnitudes, run,
 )
 from markers import requires_triton
 from numerics import assert_oracle
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, get_preset, linear_preference_loss
-from tisdpo_kernels import reference as R
 from tisdpo_kernels import strategy as S
 
 SEQ = [m for m in PRESETS if PRESETS[m].config.granularity == "seq"]
@@ -75,12 +75,7 @@ def test_weights_given_or_unit(method, weights):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("method", ["dpo", "ipo", "tisdpo"])
 def test_precomputed_ref_logps(method, layout):
-    case = make_case()
-    with torch.no_grad():
-        lr = R.linear_logprobs(case["ref_hidden"].float(), case["ref_weight"].float(),
-                               case["labels"])
-    lr[case["labels"] == IGNORE] = float("nan")        # padding may hold anything
-    case["ref_logps"] = lr.double()
+    case = case_with_ref_logps()
     both_ways(method, torch.float32, layout, case, reference="logps",
               override=_ref_logps_override(case, layout))
 

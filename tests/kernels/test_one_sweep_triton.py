@@ -15,7 +15,7 @@ import torch
 
 import magnitudes as M
 from dispatch_probe import OpProbe
-from loss_cases import IGNORE, check, make_case, module_magnitudes, run
+from loss_cases import IGNORE, case_with_ref_logps, check, make_case, module_magnitudes, run
 from markers import requires_triton
 from numerics import assert_oracle
 from tisdpo_kernels import get_preset, linear_preference_loss
@@ -222,12 +222,8 @@ def test_module_softcap_and_normalizer():
 
 @interpreted
 def test_module_precomputed_ref_logps():
-    case = make_case()
-    with torch.no_grad():
-        lr = R.linear_logprobs(case["ref_hidden"].float(), case["ref_weight"].float(),
-                               case["labels"])
-    lr[case["labels"] == IGNORE] = float("nan")        # padding may hold anything
-    case["ref_logps"] = lr.double()
+    case = case_with_ref_logps()
+    lr = case["ref_logps"].float()
     triton_ways("dpo", torch.float32, "packed", case, reference="logps",
                 override={"ref_logps": lr.reshape(-1)[case["pack_index"]]})
 
