@@ -10,7 +10,6 @@ import faulthandler
 import json
 import os
 import socket
-import sys
 import traceback
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 pytest.importorskip("trl", reason="the TRL integration needs trl (pip install 'tisdpo[trl]')")
 
 import trl_cases as C  # noqa: E402
+from spawned_workers import exit_without_teardown  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 240         # a worker still running after this dumps its stack and exits
@@ -57,12 +57,7 @@ def _worker(rank, port, root):
         with open(os.path.join(root, f"error{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
         raise
-    # No interpreter teardown: freeing DDP's reducer joins gloo's worker thread while holding
-    # the GIL, and that thread may still need the GIL to free the last barrier's tensors — a
-    # deadlock seen intermittently with torch 2.13 (gloo, CPU). The results are on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()                 # the results are on disk
 
 
 def test_two_gloo_processes_equal_one_on_the_global_batch(tmp_path):

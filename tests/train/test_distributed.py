@@ -12,7 +12,6 @@ Not covered here (no GPU): NCCL, ``cpu:gloo,cuda:nccl`` counts, one device per r
 import json
 import os
 import socket
-import sys
 import traceback
 from collections import Counter
 
@@ -21,6 +20,7 @@ import torch
 
 from magnitudes import trained_metrics
 from numerics import assert_oracle
+from spawned_workers import exit_without_teardown, quiet_worker
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.train.config import DistributedConfig, LogConfig, ModelConfig, TrainConfig
 from tisdpo.train.checkpoint import (
@@ -152,20 +152,10 @@ SCENARIOS = (("ddp", "ddp", "none", "pref"), ("fsdp2", "fsdp2", "none", "pref"),
              ("fsdp2_packed", "fsdp2", "none", "packed"))
 
 
-def _quiet():
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def _worker(rank, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    _quiet()
+    quiet_worker()
     import torch.distributed as dist
 
     from tisdpo.train.parallel import setup
@@ -193,12 +183,7 @@ def _worker(rank, port, root):
     torch.save(out, os.path.join(root, f"rank{rank}.pt"))
     dist.barrier()                          # both ranks' results are on disk
     dist.destroy_process_group()
-    # No interpreter teardown: freeing a DDP reducer joins gloo's worker thread while holding
-    # the GIL, and that thread may still need the GIL (a deadlock seen intermittently with
-    # torch 2.13, gloo, CPU; tests/integrations/test_trl_ddp.py hit it).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 def _sharded_head(par):
@@ -257,7 +242,7 @@ def runs(tmp_path_factory):
     import torch.multiprocessing as mp
 
     n_threads = torch.get_num_threads()
-    _quiet()
+    quiet_worker()
     root = tmp_path_factory.mktemp("dist")
     single = {}
     for kind in ("pref", "kl", "sft"):
