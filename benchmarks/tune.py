@@ -5,7 +5,7 @@ the tuned default configs (``tisdpo_kernels/_triton/configs.py`` ``CONFIGS``) an
 ``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE`` entry on the first call and keeps the
 fastest. Prints, per kernel, the config the autotuner chose, the times of both runs and the
 largest difference between their outputs (every ``AUTOTUNE`` entry is also checked against
-the oracle by the CUDA tests). A chosen config that beats the default is the candidate for
+the oracle by ``tests/kernels/test_linear_logprobs_triton.py``, compiled when run on a GPU). A chosen config that beats the default is the candidate for
 the device class's ``CONFIGS`` entry.
 
     python -m benchmarks.tune --shape llama3-8b --tokens 8k

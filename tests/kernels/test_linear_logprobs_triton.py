@@ -148,7 +148,7 @@ def _autotune_cases():
 
 
 @pytest.mark.parametrize("kernel,index", _autotune_cases())
-def test_every_autotune_config_matches_oracle(kernel, index, device):
+def test_each_autotune_config_against_the_oracle(kernel, index, device):
     """Each config TISDPO_AUTOTUNE=1 may pick computes the same math: forced one at a time,
     with several token blocks and vocabulary splits, ignored rows, bias and softcap."""
     from tisdpo_kernels._triton import configs as C
