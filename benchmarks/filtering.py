@@ -34,17 +34,18 @@ def _grads(h, w, y, g, *, eps, chunk):
 
 def _kept(h, w, y, eps, chunk):
     """(share of columns kept, averaged over chunks; largest probability mass a row loses)."""
-    from tisdpo_kernels._torch.common import chunks
+    from tisdpo_kernels._common import chunks, kept_columns
 
     shares, lost = [], 0.0
     with torch.no_grad():
         for s, e in chunks(h.shape[0], chunk):          # the torch backend's chunk bounds
             p = torch.softmax(h[s:e].double() @ w.double().T, -1)
-            keep = p.amax(0) >= eps
-            keep[y[s:e]] = True
-            if 2 * int(keep.sum()) > keep.numel():     # runs unfiltered (kept_columns)
+            cols = kept_columns(p.amax(0), y[s:e], torch.ones_like(y[s:e], dtype=torch.bool),
+                                eps)                    # the backends' rule, in float64 here
+            if cols is None:                            # the chunk runs unfiltered
                 shares.append(1.0)
                 continue
+            keep = torch.zeros(p.shape[1], dtype=torch.bool).index_fill_(0, cols, True)
             shares.append(keep.double().mean().item())
             lost = max(lost, (p * ~keep).sum(1).max().item())
     return sum(shares) / len(shares), lost
