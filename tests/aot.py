@@ -77,3 +77,33 @@ def offline(test_file: str, func: str, timeout: int = 300):
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return pickle.loads(proc.stdout)
+
+
+def _forward_tiles() -> None:
+    """Registers and spills of the LM-head forward kernel per tile, with and without FLATTEN
+    and a softcap (the numbers tisdpo_kernels/_triton/configs.py quotes)."""
+    from tisdpo_kernels._triton import linear_logprobs as L
+
+    fp32 = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr"}
+
+    def ptr_type(n):
+        return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
+            n, "*fp32" if n in fp32 else "*bf16")
+
+    print("| bias + softcap | FLATTEN | tile | BLOCK_D | warps | stages | registers | spill B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cap in (False, True):
+        for flat in (False, True):
+            for bn, bv, bd, w, st in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                      (256, 128, 64, 8, 3), (256, 128, 64, 16, 3),
+                                      (128, 256, 32, 8, 4)]:
+                cx = dict(HAS_BIAS=cap, HAS_SOFTCAP=cap, FINAL=False, UPCAST=False,
+                          DOT_PRECISION="ieee", BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
+                          FLATTEN=flat, stride_hd=1, stride_wd=1)
+                _, _, regs, spills = compile_kernel(L.linear_logprobs_fwd_kernel, 90, cx,
+                                                    ptr_type, num_warps=w, num_stages=st)
+                print(f"| {cap} | {flat} | {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} |")
+
+
+if __name__ == "__main__":      # python tests/aot.py (sm_90, bf16; no GPU needed)
+    _forward_tiles()

@@ -86,8 +86,8 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
 AUTOTUNE: dict[str, list[KernelConfig]] = {
     # every entry compiles for sm_90 in bf16 without register spills for a head without bias
     # or softcap (tests/kernels AOT test); the larger tiles only with FLATTEN (128×256 and
-    # 256×128 spill 250–550 B without it). With a softcap the larger tiles spill 30–220 B:
-    # the autotuner then times that cost like any other.
+    # 256×128 spill 56–552 B without it). With a softcap the larger tiles spill 32–216 B:
+    # the autotuner then times that cost like any other (`python tests/aot.py` prints them).
     "linear_logprobs_fwd": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, FLATTEN=f)
         for bn, bv, bd, w, s, f in [(128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, False),
