@@ -40,14 +40,19 @@ def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
                    num_stages: int, unaligned=("cap",)):
     """Compile @triton.jit ``fn`` for sm_``arch``: (shared bytes, ptx, registers, spills).
 
-    constexprs: every constexpr argument's value; ptr_type(name) -> "*bf16", "*fp32", "*i64"...
-    for each pointer argument. Other arguments are i32 (``cap`` fp32) and, as Triton
+    constexprs: every constexpr argument's value (those with a default may be left out);
+    ptr_type(name) -> "*bf16", "*fp32", "*i64"...
+    for each pointer argument, or "tensordesc<bf16[128, 64]>" for one passed as a tensor
+    descriptor (TMA). Other arguments are i32 (``cap`` fp32) and, as Triton
     specialises them at a real launch, divisible by 16 unless named in ``unaligned``.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexprs left out take their defaults, as at a real launch
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **constexprs}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -57,7 +62,8 @@ def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
             sig[name] = ptr_type(name)
         else:
             sig[name] = "fp32" if name == "cap" else "i32"
-        attrs[(i,)] = [] if name in unaligned else [["tt.divisibility", 16]]
+        if not sig[name].startswith("tensordesc"):
+            attrs[(i,)] = [] if name in unaligned else [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -79,31 +85,46 @@ def offline(test_file: str, func: str, timeout: int = 300):
     return pickle.loads(proc.stdout)
 
 
-def _forward_tiles() -> None:
-    """Registers and spills of the LM-head forward kernel per tile, with and without FLATTEN
-    and a softcap (the numbers tisdpo_kernels/_triton/configs.py quotes)."""
+def _head_tiles() -> None:
+    """Registers and spills of the LM-head kernels per tile on sm_90 in bf16: with and
+    without a bias + softcap, FLATTEN (forward) and TMA for the weight (the numbers
+    tisdpo_kernels/_triton/configs.py quotes)."""
     from tisdpo_kernels._triton import linear_logprobs as L
 
-    fp32 = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr"}
+    fp32 = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "pmax_ptr"}
 
-    def ptr_type(n):
-        return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
-            n, "*fp32" if n in fp32 else "*bf16")
+    def types(cx):
+        def ptr_type(n):
+            if n == "w_ptr" and cx["TMA"]:
+                return f"tensordesc<bf16[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
+            return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
+                n, "*fp32" if n in fp32 else "*bf16")
+        return ptr_type
 
-    print("| bias + softcap | FLATTEN | tile | BLOCK_D | warps | stages | registers | spill B |")
-    print("|---|---|---|---|---|---|---|---|")
-    for cap in (False, True):
-        for flat in (False, True):
-            for bn, bv, bd, w, st in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                      (256, 128, 64, 8, 3), (256, 128, 64, 16, 3),
-                                      (128, 256, 32, 8, 4)]:
-                cx = dict(HAS_BIAS=cap, HAS_SOFTCAP=cap, FINAL=False, UPCAST=False,
-                          DOT_PRECISION="ieee", BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-                          FLATTEN=flat, stride_hd=1, stride_wd=1)
-                _, _, regs, spills = compile_kernel(L.linear_logprobs_fwd_kernel, 90, cx,
-                                                    ptr_type, num_warps=w, num_stages=st)
-                print(f"| {cap} | {flat} | {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} |")
+    tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+             (256, 128, 64, 16, 3), (128, 256, 32, 8, 4)]
+    print("| kernel | bias + softcap | FLATTEN | TMA | tile | BLOCK_D | warps | stages "
+          "| registers | spill B |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind in ("fwd", "bwd"):
+        for cap in (False, True):
+            for flat in ((False, True) if kind == "fwd" else (False,)):
+                for tma in (False, True):
+                    for bn, bv, bd, w, st in tiles:
+                        cx = dict(HAS_BIAS=cap, HAS_SOFTCAP=cap, UPCAST=False, TMA=tma,
+                                  DOT_PRECISION="ieee", BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
+                                  stride_hd=1, stride_wd=1)
+                        if kind == "fwd":
+                            fn = L.linear_logprobs_fwd_kernel
+                            cx.update(FINAL=False, FLATTEN=flat)
+                        else:
+                            fn = L.linear_logprobs_bwd_kernel
+                            cx.update(HAS_FILTER=False, GROUP_N=8)
+                        _, _, regs, spills = compile_kernel(fn, 90, cx, types(cx),
+                                                            num_warps=w, num_stages=st)
+                        print(f"| {kind} | {cap} | {flat if kind == 'fwd' else '-'} | {tma} "
+                              f"| {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} |")
 
 
 if __name__ == "__main__":      # python tests/aot.py (sm_90, bf16; no GPU needed)
-    _forward_tiles()
+    _head_tiles()

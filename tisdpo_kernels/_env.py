@@ -46,6 +46,22 @@ def autotune() -> bool:
     return _flag("TISDPO_AUTOTUNE", False)
 
 
+def tma() -> str:
+    """TISDPO_TMA: how the fused head kernels load the weight. ``auto`` (default): Hopper's
+    bulk tensor copies (TMA) on sm_90 and newer, pointer loads elsewhere; ``1``: TMA wherever
+    the weight's layout allows (under the interpreter too, which emulates it); ``0``: never.
+    """
+    raw = os.environ.get("TISDPO_TMA", "auto")
+    value = raw.strip().lower()
+    if value in ("auto", ""):
+        return "auto"
+    if value in _TRUE:
+        return "on"
+    if value in _FALSE:
+        return "off"
+    raise ValueError(f"environment variable TISDPO_TMA={raw!r}: expected auto, 0 or 1")
+
+
 def torch_chunk_tokens(vocab: int) -> int:
     """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most).
 

@@ -307,7 +307,9 @@ def test_realistic_shape_cuda():
 
 def _aot_compile_matrix():
     """Compile the kernels with the tuned configs for sm90/sm80 (tests/aot.py; run through
-    ``aot.offline``). Returns [(name, arch, shared bytes, ptx, regs, spills)]."""
+    ``aot.offline``), as they launch there: on sm_90 the weight through a TMA descriptor (and
+    once through pointers, as TISDPO_TMA=0 runs). Returns [(name, arch, shared bytes, ptx,
+    regs, spills)]."""
     from aot import compile_kernel
 
     from tisdpo_kernels._triton import linear_logprobs as L
@@ -318,19 +320,22 @@ def _aot_compile_matrix():
            "combine": (L.linear_logprobs_fwd_combine_kernel, "linear_logprobs_fwd_combine")}
     fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr",
                  "pmax_ptr"}
+    plain = dict(HAS_BIAS=False, HAS_SOFTCAP=False)
     out = []
     for kind, arch, dt, flags in [
             ("fwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, FINAL=False)),
+            ("fwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, FINAL=False, TMA=False)),
             ("combine", 90, "fp32", {}),
             ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
             ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=True)),
+            ("bwd", 90, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False,
+                                     TMA=False)),
             ("bwd", 80, "bf16", dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_FILTER=False)),
             ("bwd", 80, "fp32", dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_FILTER=False))] + [
             (f"{kind}-autotune{i}", 90, "bf16", flags)
             # (a head without bias or softcap, as most have: the softcap's tanh adds registers)
-            for kind, flags in (("fwd", dict(HAS_BIAS=False, HAS_SOFTCAP=False, FINAL=False)),
-                                ("bwd", dict(HAS_BIAS=False, HAS_SOFTCAP=False,
-                                             HAS_FILTER=False)))
+            for kind, flags in (("fwd", dict(plain, FINAL=False)),
+                                ("bwd", dict(plain, HAS_FILTER=False)))
             for i in range(len(AUTOTUNE[fns[kind][1]]))]:
         kind, _, tuned = kind.partition("-autotune")
         fn, name = fns[kind]
@@ -341,13 +346,17 @@ def _aot_compile_matrix():
         cx = {**flags, **cfg.meta}
         if kind != "combine":   # what Triton specialises at a real launch: unit inner strides
             cx.update(stride_hd=1, stride_wd=1, UPCAST=False, DOT_PRECISION="ieee")
+            cx["TMA"] = flags.get("TMA", arch >= 90)       # TISDPO_TMA=auto
 
-        def ptr_type(n, dt=dt):
+        def ptr_type(n, dt=dt, cx=cx):
+            if n == "w_ptr" and cx.get("TMA"):
+                return f"tensordesc<{dt}[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
             return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
                 n, "*fp32" if n in fp32_ptrs else f"*{dt}")
 
-        tag = ("-filter" if flags.get("HAS_FILTER") else "") + (f"-autotune{tuned}" if tuned
-                                                                 else "")
+        tag = (("-tma" if cx.get("TMA") else "") + ("-filter" if flags.get("HAS_FILTER")
+                                                     else "")
+               + (f"-autotune{tuned}" if tuned else ""))
         out.append((f"{kind}-sm{arch}-{dt}{tag}", arch,
                     *compile_kernel(fn, arch, cx, ptr_type, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)))
@@ -357,8 +366,8 @@ def _aot_compile_matrix():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real tests compile them")
 def test_kernels_compile_for_hopper_and_ampere():
     """The tuned GPU configs compile (AOT, no GPU), fit in shared memory, pipeline their loads
-    (cp.async), use Hopper's wgmma for bf16, do not spill registers in bf16, and the backward
-    has no atomic instruction."""
+    (cp.async; on sm_90 the weight by TMA), use Hopper's wgmma for bf16, do not spill
+    registers in bf16, and the backward has no atomic instruction."""
     from aot import ATOMIC, SMEM_LIMIT, offline
 
     for name, arch, shared, ptx, regs, spills in offline(__file__, "_aot_compile_matrix"):
@@ -367,6 +376,8 @@ def test_kernels_compile_for_hopper_and_ampere():
             assert "cp.async" in ptx, f"{name}: loads are not pipelined"
         if "sm90-bf16" in name:
             assert "wgmma" in ptx, f"{name}: no wgmma"
+        if "-tma" in name:             # the weight tiles arrive by bulk tensor copies
+            assert "cp.async.bulk.tensor" in ptx, f"{name}: no TMA load"
         if name.startswith("bwd"):     # dz slabs + GEMMs: deterministic, no atomics
             atomic = ATOMIC.search(ptx)
             assert atomic is None, f"{name}: atomic instruction {atomic and atomic.group(0)}"

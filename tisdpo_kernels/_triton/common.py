@@ -18,6 +18,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tisdpo_kernels import _env
 from tisdpo_kernels._common import addmm_f32_, kept_columns
@@ -77,48 +78,55 @@ def load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c, UPCAST: t
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D,
+def logits_tile(h_ptr, w_ptr, rows, cols, col0, row_mask, col_mask, D,
                 stride_hn, stride_hd, stride_wv, stride_wd,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols]ᵀ, looping over D in BLOCK_D steps.
 
     ``rows`` / ``cols`` are index vectors (rows may be a gathered, non-contiguous set); rows or
-    columns outside their mask contribute 0.
+    columns outside their mask contribute 0. The columns are col0 .. col0 + BLOCK_V. TMA:
+    ``w_ptr`` is a tensor descriptor of the weight with block [BLOCK_V, BLOCK_D] (Hopper's bulk
+    tensor copies; zeros past V and D), else a pointer. The hidden rows are a gather, which a
+    tiled descriptor cannot express, so they are always pointer loads.
     """
     offs_d = tl.arange(0, BLOCK_D)
     rows = rows.to(tl.int64)   # N·D and V·D may exceed 2^31 elements
-    cols = cols.to(tl.int64)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd   # [BN, BD]
-    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None] * stride_wd   # [BD, BV]
+    if not TMA:
+        w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_d[:, None] * stride_wd
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BLOCK_D)):
         d_mask = offs_d < D - k * BLOCK_D
         h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        if TMA:
+            w = w_ptr.load([col0, k * BLOCK_D]).T                               # [BD, BV]
+        else:
+            w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+            w_ptrs += BLOCK_D * stride_wd
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
     return acc
 
 
 @triton.jit
-def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
                 stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The head's fp32 logit tile softcap(hidden[rows] @ weight[cols]ᵀ + bias[cols]).
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """The head's fp32 logit tile softcap(hidden[rows] @ weight[cols]ᵀ + bias[cols]), cols =
+    col0 + arange(BLOCK_V) (``w_ptr`` a descriptor when TMA: :func:`logits_tile`).
 
     Columns outside ``col_mask`` hold garbage-free finite values (bias 0): mask them before any
     reduction (use :func:`mask_cols`).
     """
-    z = logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D,
+    z = logits_tile(h_ptr, w_ptr, rows, cols, col0, row_mask, col_mask, D,
                     stride_hn, stride_hd, stride_wv, stride_wd,
-                    BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+                    BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, TMA)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)
         z += b[None, :]
@@ -264,23 +272,73 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# A TMA box holds at most 256 elements per dimension.
+TMA_MAX_BOX = 256
+
+
+def tma(t: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The TMA constexpr of a head kernel launched on ``t``'s device that reads ``weights``
+    ([V, D] each) by tiles: ``TISDPO_TMA`` allows it (``auto``: Hopper or newer) and every
+    weight's layout fits a tensor descriptor (unit inner stride, 16-byte aligned base and row
+    stride, non-empty). Otherwise the kernels load the weight through pointers."""
+    mode = _env.tma()
+    if mode == "off" or (mode == "auto" and not (
+            t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9)):
+        return False
+    return all(w.dim() == 2 and w.numel() > 0 and w.stride(1) == 1
+               and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+               for w in weights)
+
+
+def _descriptor(w: torch.Tensor, block_shape: list) -> TensorDescriptor:
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), block_shape)
+
+
+def _set_block_shapes(descriptors: tuple):
+    """An autotune pre-hook: size each descriptor argument's block to the config's blocks."""
+    def hook(nargs):
+        for arg, keys in descriptors:
+            if isinstance(nargs[arg], TensorDescriptor):
+                nargs[arg].block_shape = [nargs[k] for k in keys]
+    return hook
+
+
 @functools.cache
-def _autotuned(name: str, fn, key: tuple, reset_to_zero: tuple):
+def _autotuned(name: str, fn, key: tuple, reset_to_zero: tuple, descriptors: tuple = ()):
     """The autotuned variant of a kernel (TISDPO_AUTOTUNE=1 on a GPU), built on first use."""
-    return triton.autotune([c.triton_config() for c in configs.AUTOTUNE[name]],
+    hook = _set_block_shapes(descriptors) if descriptors else None
+    return triton.autotune([c.triton_config(pre_hook=hook) for c in configs.AUTOTUNE[name]],
                            key=list(key), reset_to_zero=list(reset_to_zero) or None)(fn)
 
 
 def launch(name: str, fn, grid_of, t: torch.Tensor, args: tuple, flags: dict, *,
-           autotune_key: tuple, reset_to_zero: tuple = ()) -> None:
+           autotune_key: tuple, reset_to_zero: tuple = (), descriptors: tuple = ()) -> None:
     """Run kernel ``fn`` with its configured blocks (configs.get(name, t)), or its autotuned
-    variant when autotuning; grid_of(meta) -> grid."""
-    if configs.autotuning(t):
-        _autotuned(name, fn, autotune_key, reset_to_zero)[lambda meta: grid_of(meta)](
-            *args, **flags)
+    variant when autotuning; grid_of(meta) -> grid.
+
+    ``descriptors``: (argument name, (block keys...)) pairs. When ``flags["TMA"]`` is set,
+    each such argument (a tensor in ``args``) is passed as a tensor descriptor whose block is
+    the config's values of those keys; a config whose blocks exceed a TMA box runs with TMA
+    off.
+    """
+    autotuning = configs.autotuning(t)
+    cfg = None if autotuning else configs.get(name, t)
+    if cfg is not None:
+        check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
+    tma_on = bool(descriptors) and flags.get("TMA", False) and (cfg is None or all(
+        cfg.meta[k] <= TMA_MAX_BOX for _, keys in descriptors for k in keys))
+    if flags.get("TMA", False) and not tma_on:
+        flags = {**flags, "TMA": False}
+    if tma_on:       # autotuning: each config's pre-hook sizes the blocks
+        at = {n: i for i, n in enumerate(fn.arg_names)}
+        args = list(args)
+        for arg, keys in descriptors:
+            block = [cfg.meta[k] if cfg is not None else 16 for k in keys]
+            args[at[arg]] = _descriptor(args[at[arg]], block)
+    if autotuning:
+        _autotuned(name, fn, autotune_key, reset_to_zero, descriptors if tma_on else ())[
+            lambda meta: grid_of(meta)](*args, **flags)
         return
-    cfg = configs.get(name, t)
-    check_blocks(name, **{k: v for k, v in cfg.meta.items() if k.startswith("BLOCK")})
     fn[grid_of(cfg.meta)](*args, **flags, **cfg.meta, **cfg.launch_kwargs(t))
 
 

@@ -45,10 +45,10 @@ class KernelConfig:
             return {}
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
-    def triton_config(self):
+    def triton_config(self, pre_hook=None):
         import triton
         return triton.Config(dict(self.meta), num_warps=self.num_warps,
-                             num_stages=self.num_stages)
+                             num_stages=self.num_stages, pre_hook=pre_hook)
 
 
 def _c(num_warps=4, num_stages=2, host=None, **meta) -> KernelConfig:
@@ -72,8 +72,10 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
     },
     # linear_logprobs.py backward: one program = one (token block, vocab block) tile, grouped by
     # GROUP_N token blocks for L2 reuse; recompute the logits into a dz slab (then GEMMs).
-    # 128×256 tiles spill in bf16 (ptxas -v: 2.3 KB per thread at 8 warps, 0.9 KB at 16 on
-    # sm_90); 128×128 is the largest spill-free tile found.
+    # 128×256 and 256×128 tiles spill in bf16 on sm_90 with a softcap, 0.9–2.5 KB per thread
+    # (with the weight by TMA too: `python tests/aot.py`); 128×128 is the largest spill-free
+    # tile found. On sm_90 the weight arrives by TMA (TISDPO_TMA): 232 -> 180 registers at
+    # 128×128 without a softcap.
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
@@ -85,16 +87,18 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
 # Searched only with TISDPO_AUTOTUNE=1 on a GPU (several configs cannot run interpreted).
 AUTOTUNE: dict[str, list[KernelConfig]] = {
     # every entry compiles for sm_90 in bf16 without register spills for a head without bias
-    # or softcap (tests/kernels AOT test); the larger tiles only with FLATTEN (128×256 and
-    # 256×128 spill 56–552 B without it). With a softcap the larger tiles spill 32–216 B:
-    # the autotuner then times that cost like any other (`python tests/aot.py` prints them).
+    # or softcap, as it launches there: the weight by TMA (tests/kernels AOT test). The larger
+    # tiles only with FLATTEN: 128×256 and 256×128 spill 56–552 B without it. With FLATTEN
+    # and TMA, 128×256 is spill-free with a bias and softcap too; 256×128 then spills
+    # 136–184 B, and with the weight through pointers (TISDPO_TMA=0) the larger tiles spill
+    # up to 232 B: the autotuner times that cost like any other (`python tests/aot.py`).
     "linear_logprobs_fwd": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, FLATTEN=f)
         for bn, bv, bd, w, s, f in [(128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, False),
                                     (64, 128, 64, 4, 4, False), (128, 128, 32, 8, 4, False),
                                     (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 4, True),
                                     (128, 128, 128, 8, 3, True), (256, 128, 64, 16, 3, True),
-                                    (128, 256, 32, 8, 4, True)]
+                                    (128, 256, 32, 8, 4, True), (128, 256, 64, 8, 3, True)]
     ],
     "linear_logprobs_bwd": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)

@@ -4,12 +4,13 @@ Nothing of size tokens × vocab is ever stored.
 
 Forward (``linear_logprobs_fwd_kernel``): one program per (token block, vocabulary split). It
 walks its split's vocabulary tiles; each tile is a [BLOCK_N, BLOCK_V] GEMM over D in BLOCK_D
-steps with fp32 accumulation (bf16/fp16 tensor cores on a GPU), followed by bias, softcap, an
-online fp32 logsumexp and the target-logit gather. With one split the program writes logp and
-lse; with S splits it writes per-split lse partials [S, N] and the split holding the target
-writes the target logit, and ``linear_logprobs_fwd_combine_kernel`` merges them exactly
-(max, then Σ exp). Splits exist for parallelism (few tokens) and for L2 reuse (programs that
-run together share hidden strips and weight tiles). Flops: 2·N·D·V.
+steps with fp32 accumulation (bf16/fp16 tensor cores on a GPU; on sm_90 the weight tiles by
+TMA, ``common.logits_tile``), followed by bias, softcap, an online fp32 logsumexp and the
+target-logit gather. With one split the program writes logp and lse; with S splits it writes
+per-split lse partials [S, N] and the split holding the target writes the target logit, and
+``linear_logprobs_fwd_combine_kernel`` merges them exactly (max, then Σ exp). Splits exist for
+parallelism (few tokens) and for L2 reuse (programs that run together share hidden strips and
+weight tiles). Flops: 2·N·D·V.
 
 Backward, per chunk of C rows (``common.slab_backward``; C from ``TISDPO_DZ_MB``, all N in
 one chunk when they fit): ``linear_logprobs_bwd_kernel``, one program per (token block,
@@ -51,7 +52,7 @@ from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
     grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step, slab_backward,
-    softcap_grad, split_rows, upcast,
+    softcap_grad, split_rows, tma, upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -71,7 +72,7 @@ def linear_logprobs_fwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        FLATTEN: tl.constexpr = False):
+        FLATTEN: tl.constexpr = False, TMA: tl.constexpr = False):
     split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
         tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -80,11 +81,13 @@ def linear_logprobs_fwd_kernel(
     # FLATTEN: one software pipeline over (vocabulary tile, D step), so the next tile's loads
     # overlap this tile's logsumexp epilogue (fewer registers; larger tiles compile unspilled)
     for i in tl.range(0, n_tiles, flatten=FLATTEN):
-        cols = v_lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col0 = v_lo + i * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+                        TMA)
         zt += gather_cols(z, cols, tgt)
         m, s = online_lse_step(m, s, mask_cols(z, col_mask))
     lse = m + tl.log(tl.maximum(s, 1e-30))     # s ≥ 1 unless the split is empty (then −inf)
@@ -129,7 +132,7 @@ def linear_logprobs_bwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr):
+        GROUP_N: tl.constexpr, TMA: tl.constexpr = False):
     """One [BLOCK_N, BLOCK_V] tile of the dz slab for slots lo..lo+C: recomputed logits, then
     dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count.
     HAS_FILTER: also the tile's column maxima of p into row pid_n of pmax (zeroed by the
@@ -149,9 +152,10 @@ def linear_logprobs_bwd_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
         g_lse = tl.load(gs_ptr + rows * stride_gs, mask=row_mask, other=0.0).to(tl.float32)
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, pid_v * BLOCK_V, row_mask, col_mask,
+                        D, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+                        TMA)
         p = tl.exp(z - lse[:, None])
         p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
         if HAS_FILTER:
@@ -168,6 +172,9 @@ def linear_logprobs_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+
+# the weight goes through a tensor descriptor when TMA is on (common.launch)
+_DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")),)
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
@@ -192,11 +199,12 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             b.stride(0), targets.stride(0), float(softcap or 1.0))
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FINAL=final,
-                 UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype))
+                 UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype),
+                 TMA=tma(hidden, weight))
     with device_guard(hidden):
         launch("linear_logprobs_fwd", linear_logprobs_fwd_kernel,
                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags,
-               autotune_key=("V", "D"))
+               autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
         if not final:
             cc = configs.get("linear_logprobs_fwd_combine", hidden)
             check_blocks("linear_logprobs_fwd_combine", **cc.meta)
@@ -224,7 +232,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     filtering = filter_eps is not None
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                  HAS_FILTER=filtering, UPCAST=upcast(hidden),
-                 DOT_PRECISION=dot_precision(hidden.dtype))
+                 DOT_PRECISION=dot_precision(hidden.dtype), TMA=tma(hidden, weight))
 
     def write_dz(dz, lo, pmax):
         C = dz.shape[0]
@@ -235,7 +243,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                 dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D"))
+               hidden, args, flags, autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
 
     stats_block_n = min([configs.get("linear_logprobs_bwd", hidden).meta["BLOCK_N"]] + (
         [c.meta["BLOCK_N"] for c in configs.AUTOTUNE["linear_logprobs_bwd"]]

@@ -11,8 +11,8 @@ Nothing of size tokens × vocab is stored in either pass.
 
 Forward (``linear_token_kl_fwd_kernel``): one program per (token block, vocabulary split)
 walks its split's tiles; each tile forms both heads' logits (two GEMM loops, over D and D',
-fp32 accumulation) and folds them into fp32 online statistics: maxima m_p, m_q, sums
-S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the two target logits, and the KL accumulator of the
+fp32 accumulation; on sm_90 both weights' tiles by TMA, ``common.logits_tile``) and folds
+them into fp32 online statistics: maxima m_p, m_q, sums S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the two target logits, and the KL accumulator of the
 weighting side w (p for policy_ref, q for ref_policy) against the other side o:
 
     A = Σ_v e^{x_w,v − m_w} ((x_w,v − m_w) − (x_o,v − m_o)),   KL = A / S_w − log S_w + log S_o
@@ -59,7 +59,7 @@ from torch import Tensor
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
-    grouped_tile, head_logits, launch, mask_cols, slab_backward,
+    grouped_tile, head_logits, launch, mask_cols, slab_backward, tma,
     num_splits, softcap_grad, split_rows, upcast,
 )
 
@@ -122,7 +122,8 @@ def linear_token_kl_fwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         POLICY_REF: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        TMA: tl.constexpr = False):
     split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
         tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m_p = tl.full((BLOCK_N,), _M0, tl.float32)
@@ -133,15 +134,17 @@ def linear_token_kl_fwd_kernel(
     zt = tl.zeros((BLOCK_N,), tl.float32)
     rt = tl.zeros((BLOCK_N,), tl.float32)
     for i in range(0, n_tiles):
-        cols = v_lo + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col0 = v_lo + i * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, DR,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+                        TMA)
+        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
                         stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
                         HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                        DOT_PRECISION)
+                        DOT_PRECISION, TMA)
         zt += gather_cols(z, cols, tgt)
         rt += gather_cols(r, cols, tgt)
         m_p, s_p, m_q, s_q, acc = _kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask,
@@ -217,7 +220,7 @@ def linear_token_kl_bwd_kernel(
         HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         POLICY_REF: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr):
+        GROUP_N: tl.constexpr, TMA: tl.constexpr = False):
     """One [BLOCK_N, BLOCK_V] tile of the policy's dz slab for slots lo..lo+C (module
     docstring): both heads' logits recomputed; zeros for slots past the kept count."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
@@ -234,13 +237,15 @@ def linear_token_kl_bwd_kernel(
         tgt = tl.load(t_ptr + rows * stride_t, mask=row_mask, other=-1)
         g_kl = tl.load(gk_ptr + rows * stride_gk, mask=row_mask, other=0.0).to(tl.float32)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+        col0 = pid_v * BLOCK_V
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, row_mask, col_mask, DR,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
+                        TMA)
+        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
                         stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
                         HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                        DOT_PRECISION)
+                        DOT_PRECISION, TMA)
         m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
         ls_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
         m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
@@ -268,12 +273,18 @@ def linear_token_kl_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap) -> dict:
+# both heads' weights go through tensor descriptors when TMA is on (common.launch)
+_DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")), ("wr_ptr", ("BLOCK_V", "BLOCK_D")))
+
+
+def _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
+                  softcap) -> dict:
     fp32 = torch.float32 in (hidden.dtype, ref_hidden.dtype)
     return dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
                 HAS_SOFTCAP=softcap is not None, POLICY_REF=direction == "policy_ref",
                 UPCAST=upcast(hidden) or upcast(ref_hidden),
-                DOT_PRECISION=dot_precision(torch.float32 if fp32 else hidden.dtype))
+                DOT_PRECISION=dot_precision(torch.float32 if fp32 else hidden.dtype),
+                TMA=tma(hidden, weight, ref_weight))
 
 
 def _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
@@ -305,11 +316,13 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     args = (*heads, targets, rows, count, part, tlogit, kl, logp, rlogp, stats,
             N, V, D, DR, splits, *strides, targets.stride(0), float(softcap or 1.0))
-    flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
+    flags = _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
+                          softcap)
     with device_guard(hidden):
         launch("linear_token_kl_fwd", linear_token_kl_fwd_kernel,
                lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
-               dict(flags, FINAL=final), autotune_key=("V", "D", "DR"))
+               dict(flags, FINAL=final), autotune_key=("V", "D", "DR"),
+               descriptors=_DESCRIPTORS)
         if not final:
             cc = configs.get("linear_token_kl_fwd_combine", hidden)
             check_blocks("linear_token_kl_fwd_combine", **cc.meta)
@@ -333,7 +346,8 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
     rows, count = compact_rows(keep)
     heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    flags = _common_flags(hidden, ref_hidden, bias, ref_bias, direction, softcap)
+    flags = _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
+                          softcap)
 
     def write_dz(dz, lo, _pmax):      # (no gradient filtering for the KL head)
         C = dz.shape[0]
@@ -342,7 +356,7 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                 float(softcap or 1.0))
         launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D", "DR"))
+               hidden, args, flags, autotune_key=("V", "D", "DR"), descriptors=_DESCRIPTORS)
 
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
