@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh                # on the GPU host
 #   bash benchmarks/gpu_session.sh --cpu-smoke    # the same steps at toy sizes on a CPU
 #
-# Steps, each under `timeout` within the session's own deadline, each going on past a failure:
+# Steps, each under `timeout` within the session's own deadline (their limits add up to it),
+# each going on past a failure:
 # environment and versions; the peer wheels in .whl/ (pip --no-deps); the CUDA tests; logprobs
 # fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and peaked logits; the
 # loss op; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the backward kernels when
@@ -53,7 +54,7 @@ else
   SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; SWEEP=4k,8k,16k,32k,64k; DEV=cuda
   REPS=10; WARM=3
   # every test that needs a GPU, and the kernels' oracle tests compiled for it
-  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton")
+  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton or tma")
 fi
 CSV="$OUT_DIR/results.csv"
 BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup "$WARM"
@@ -111,23 +112,23 @@ EOF
 
 export PY
 export -f environment wheels ncu_bwd          # run under `timeout` through bash -c
-step environment 30 bash -c environment
+step environment 20 bash -c environment
 cp "$LOG" "$OUT_DIR/env.txt"
-step wheels 60 bash -c wheels
-step tests 180 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step wheels 40 bash -c wheels
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
-step loss 60 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
+step loss 50 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
      --providers ours-triton,ours-torch,ours-one-sweep,ours-one-sweep-torch,eager,liger-dpo,trl-chunked,torch-lce,\
 cce_exact
-step memory_sweep 90 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
+step memory_sweep 70 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check
-step ncu 90 bash -c ncu_bwd
+step ncu 40 bash -c ncu_bwd
 sed -n '/=== ncu/,$p' "$LOG" > "$OUT_DIR/ncu.txt"
 grep -v "^=== \|^\[" "$LOG" | grep -E "ms|TFLOP|skipped|OOM|ERROR" > "$OUT_DIR/bench.log" || true
 if [ -f "$CSV" ]; then
-  step plots 30 "$PY" -m benchmarks.plot "$CSV"
+  step plots 20 "$PY" -m benchmarks.plot "$CSV"
   [ -d "$OUT_DIR/plots" ] && tar -czf "$OUT_DIR/plots.tgz" -C "$OUT_DIR" plots \
     && rm -rf "$OUT_DIR/plots"
 fi

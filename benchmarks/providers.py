@@ -15,9 +15,11 @@ no CUDA, op or option not supported) and nothing falls back silently.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "Provider", "PROVIDERS", "OPS", "resolve_providers", "skip_reason", "make_logprobs",
+    "Provider", "PROVIDERS", "OPS", "resolve_providers", "skip_reason", "provider_env",
+    "make_logprobs",
     "make_loss", "make_kl", "eager_logprobs", "eager_token_kl", "dpo_reduce",
 ]
 
@@ -44,6 +47,7 @@ class Provider:
     cuda_only: bool = False
     token_weights: bool = True       # honours per-token weights in the loss op
     softcap: bool = True             # supports a logit softcap
+    env: tuple[tuple[str, str], ...] = ()   # environment variables set while it runs
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -61,6 +65,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("ours-filtered", ("logprobs",), "recompute",
              "tisdpo fused Triton kernels with gradient filtering, filter_eps=2^-12 "
              "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only"),
+    Provider("ours-no-tma", ("logprobs",), "recompute",
+             "ours-triton with the weight loaded through pointers instead of Hopper's tensor "
+             "memory accelerator (TISDPO_TMA=0; the same on GPUs before Hopper)",
+             env=(("TISDPO_TMA", "0"),)),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),
     Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
@@ -85,7 +93,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "options=LinearCrossEntropyOptions()) (torch >= 2.13)", softcap=False),
 )}
 
-_OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch"}
+_OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch", "ours-no-tma": "triton"}
 FILTER_EPS = 2.0 ** -12        # ours-filtered: Cut Cross-Entropy's default threshold for bf16
 # the loss op's strategy per provider of ours: the recompute rows stay recompute whatever
 # TISDPOLoss(strategy="auto") would pick, so each row measures what its flop model counts
@@ -104,6 +112,22 @@ def resolve_providers(text: str | None) -> list[str]:
             raise ValueError(f"--providers: unknown provider {n!r}; valid providers are "
                              f"{', '.join(PROVIDERS)}")
     return names
+
+
+@contextlib.contextmanager
+def provider_env(name: str):
+    """Provider ``name``'s environment variables, set for as long as it runs (its forward and
+    backward both read them), then restored."""
+    saved = {k: os.environ.get(k) for k, _ in PROVIDERS[name].env}
+    os.environ.update(dict(PROVIDERS[name].env))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------- eager code

@@ -209,7 +209,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                             cfg.skipped.append((name, op, why))
                             _log(f"  {name}: skipped: {why}")
                         continue
-                    rows += _provider_rows(cfg, case, inp, name, env, ceiling)
+                    with P.provider_env(name):
+                        rows += _provider_rows(cfg, case, inp, name, env, ceiling)
                     M.free_memory(cfg.device)      # the provider's workload is gone by now
                 del inp
                 M.free_memory(cfg.device)

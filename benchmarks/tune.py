@@ -1,10 +1,12 @@
 """Which launch config of the fused LM-head kernels is fastest on this GPU.
 
-Times ``linear_logprobs`` forward and backward (impl="triton") at one head shape twice: with
-the tuned default configs (``tisdpo_kernels/_triton/configs.py`` ``CONFIGS``) and with
-``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE`` entry on the first call and keeps the
-fastest. Prints, per kernel, the config the autotuner chose, the times of both runs and the
-largest difference between their outputs (every ``AUTOTUNE`` entry is also checked against
+Times ``linear_logprobs`` forward and backward (impl="triton") at one head shape three times:
+with the tuned default configs (``tisdpo_kernels/_triton/configs.py`` ``CONFIGS``), with them
+and the weight loaded through pointers instead of TMA (``TISDPO_TMA=0``; the same as the
+default before Hopper), and with ``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE`` entry
+on the first call and keeps the fastest. Prints, per kernel, the config the autotuner chose,
+the times of the runs and the largest difference between the default's and the autotuned
+run's outputs (every ``AUTOTUNE`` entry is also checked against
 the oracle by ``tests/kernels/test_linear_logprobs_triton.py``, compiled when run on a GPU). A chosen config that beats the default is the candidate for
 the device class's ``CONFIGS`` entry.
 
@@ -56,15 +58,16 @@ def _run(h, w, y, up, *, reps, warmup):
     return f, b, (logp.detach(), h.grad.clone(), w.grad.clone())
 
 
-def _chosen() -> dict:
+def _chosen(h, w) -> dict:
     """The config the autotuner kept for each kernel (after a run with TISDPO_AUTOTUNE=1)."""
     from tisdpo_kernels._triton import common, linear_logprobs as L
 
     fns = {"linear_logprobs_fwd": L.linear_logprobs_fwd_kernel,
            "linear_logprobs_bwd": L.linear_logprobs_bwd_kernel}
+    descriptors = L._DESCRIPTORS if common.tma(h, w) else ()   # as the launchers key it
     out = {}
     for name in KERNELS:
-        tuner = common._autotuned(name, fns[name], ("V", "D"), ())
+        tuner = common._autotuned(name, fns[name], ("V", "D"), (), descriptors)
         best = getattr(tuner, "best_config", None)
         out[name] = None if best is None else {**best.kwargs, "num_warps": best.num_warps,
                                                "num_stages": best.num_stages}
@@ -95,21 +98,25 @@ def main(argv=None) -> int:
             args.dtype]
     h, w, y, up = _inputs(n, d, v, dtype, device)
     rows = {}
-    for mode in ("default", "autotuned"):
-        os.environ["TISDPO_AUTOTUNE"] = "1" if mode == "autotuned" else "0"
+    for mode, autotune, tma in (("default", "0", "auto"), ("no-tma", "0", "0"),
+                                ("autotuned", "1", "auto")):
+        os.environ.update(TISDPO_AUTOTUNE=autotune, TISDPO_TMA=tma)
         rows[mode] = _run(h, w, y, up, reps=args.reps, warmup=args.warmup)
+    chosen = _chosen(h, w) if device.type == "cuda" else {k: None for k in KERNELS}
     os.environ.pop("TISDPO_AUTOTUNE")
+    os.environ.pop("TISDPO_TMA")
     diff = [(a.float() - b.float()).abs().max().item()
             for a, b in zip(rows["default"][2], rows["autotuned"][2])]
-    chosen = _chosen() if device.type == "cuda" else {k: None for k in KERNELS}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(json.dumps({"device": gpu, "torch": torch.__version__, "N": n, "D": d, "V": v,
                       "dtype": str(dtype), "chosen": chosen,
                       "max_diff": dict(zip(("logp", "d_hidden", "d_weight"), diff))}))
-    print(f"| pass | default ms | autotuned ms | chosen config ({gpu}, N={n}, D={d}, V={v}) |")
-    print("|---|---|---|---|")
+    print(f"| pass | default ms | TISDPO_TMA=0 ms | autotuned ms | chosen config ({gpu}, "
+          f"N={n}, D={d}, V={v}) |")
+    print("|---|---|---|---|---|")
     for i, (name, kernel) in enumerate(zip(("forward", "backward"), KERNELS)):
         print(f"| {name} | {rows['default'][i].median_ms:.3f} | "
+              f"{rows['no-tma'][i].median_ms:.3f} | "
               f"{rows['autotuned'][i].median_ms:.3f} | {chosen[kernel] or 'n/a'} |")
     return 0
 

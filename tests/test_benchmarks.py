@@ -7,6 +7,7 @@ table, plot and README writers work; they make no claim about speed.
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -172,6 +173,29 @@ def test_triton_provider_under_interpreter(benchmark):
     rows = benchmark.pedantic(run, args=(cfg, _env()), rounds=1, iterations=1)
     assert _value(rows, provider="ours-triton", mode="fwdbwd", metric="time") > 0
     assert _by(rows, provider="ours-triton", metric="err_dweight")
+
+
+def test_provider_env_holds_through_forward_and_backward(monkeypatch):
+    """ours-no-tma runs with TISDPO_TMA=0 in every launch, its backward's included, and the
+    caller's setting is back afterwards."""
+    why = providers.skip_reason("ours-no-tma", "logprobs", CPU, dtype=torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"ours-no-tma unavailable on CPU here: {why}")
+    from tisdpo_kernels._triton import common, linear_logprobs
+
+    seen = []
+
+    def spy(t, *weights):
+        seen.append(os.environ.get("TISDPO_TMA"))
+        return common.tma(t, *weights)
+
+    monkeypatch.setattr(linear_logprobs, "tma", spy)
+    monkeypatch.setenv("TISDPO_TMA", "1")
+    cfg = _config(modes=["fwdbwd"], providers=["ours-no-tma"], reps=1, ceiling=False,
+                  check=False)
+    assert _value(run(cfg, _env()), provider="ours-no-tma", mode="fwdbwd", metric="time") > 0
+    assert len(seen) >= 2 and set(seen) == {"0"}, seen     # forwards and backwards
+    assert os.environ["TISDPO_TMA"] == "1"
 
 
 def test_oom_and_errors_become_rows(monkeypatch):
