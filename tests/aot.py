@@ -87,7 +87,8 @@ def offline(test_file: str, func: str, timeout: int = 300):
 
 def _head_tiles() -> None:
     """Registers and spills of the LM-head kernels per tile on sm_90 in bf16: with and
-    without a bias + softcap, FLATTEN (forward) and TMA for the weight (the numbers
+    without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the backward's dz
+    slab) (the numbers
     tisdpo_kernels/_triton/configs.py quotes)."""
     from tisdpo_kernels._triton import linear_logprobs as L
 
@@ -97,6 +98,8 @@ def _head_tiles() -> None:
         def ptr_type(n):
             if n == "w_ptr" and cx["TMA"]:
                 return f"tensordesc<bf16[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
+            if n == "dz_ptr" and cx["TMA"]:
+                return f"tensordesc<bf16[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
             return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
                 n, "*fp32" if n in fp32 else "*bf16")
         return ptr_type

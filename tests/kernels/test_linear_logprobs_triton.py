@@ -307,8 +307,8 @@ def test_realistic_shape_cuda():
 
 def _aot_compile_matrix():
     """Compile the kernels with the tuned configs for sm90/sm80 (tests/aot.py; run through
-    ``aot.offline``), as they launch there: on sm_90 the weight through a TMA descriptor (and
-    once through pointers, as TISDPO_TMA=0 runs). Returns [(name, arch, shared bytes, ptx,
+    ``aot.offline``), as they launch there: on sm_90 the weight and the dz slab through TMA
+    descriptors (and once through pointers, as TISDPO_TMA=0 runs). Returns [(name, arch, shared bytes, ptx,
     regs, spills)]."""
     from aot import compile_kernel
 
@@ -351,6 +351,8 @@ def _aot_compile_matrix():
         def ptr_type(n, dt=dt, cx=cx):
             if n == "w_ptr" and cx.get("TMA"):
                 return f"tensordesc<{dt}[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
+            if n == "dz_ptr" and cx.get("TMA"):
+                return f"tensordesc<{dt}[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
             return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
                 n, "*fp32" if n in fp32_ptrs else f"*{dt}")
 

@@ -1,5 +1,6 @@
-"""The fused head kernels with the weight loaded through tensor descriptors (Hopper's tensor
-memory accelerator, TMA; ``TISDPO_TMA``, tisdpo_kernels/_triton/common.py ``tma``).
+"""The fused head kernels with the weight loaded, and the backward's dz slab stored, through
+tensor descriptors (Hopper's tensor memory accelerator, TMA; ``TISDPO_TMA``,
+tisdpo_kernels/_triton/common.py ``tma``).
 
 On an H100/H200 ``TISDPO_TMA=auto`` takes this path for every weight whose layout allows it;
 elsewhere ``TISDPO_TMA=1`` forces it (the interpreter emulates descriptors: out-of-range rows
@@ -63,14 +64,15 @@ def _kl_blocks():
 @pytest.mark.parametrize("bias,softcap", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_logprobs_through_descriptors(dtype, bias, softcap, device, descriptors):
-    """V = 1000 (the last tile 104 columns past V), ignored rows packing whole token blocks
-    away: the forward and the backward both take the weight by descriptor."""
-    masters, y, grads = logprobs_case(200, 40, 1000, bias=bias,
+    """V = 1001 (the last tile 103 columns past V; dz rows padded to 16 bytes), ignored rows
+    packing whole token blocks away: both passes take the weight, the backward stores dz,
+    by descriptor."""
+    masters, y, grads = logprobs_case(200, 40, 1001, bias=bias,
                                       ignored=list(range(30, 110)) + [199])
     with _logprobs_blocks():
         check_three_way(run_logprobs, "triton", masters, y, grads, dtype=dtype, device=device,
                         softcap=softcap, check_dtypes=True)
-    assert (128, 32) in descriptors and len(descriptors) >= 2, descriptors
+    assert (128, 32) in descriptors and (64, 128) in descriptors, descriptors   # W, dz
 
 
 @pytest.mark.parametrize("direction", ["policy_ref", "ref_policy"])
@@ -83,6 +85,7 @@ def test_token_kl_through_descriptors(dtype, direction, device, descriptors):
         check_three_way(run_kl, "triton", masters, y, grads, dtype=dtype, device=device,
                         direction=direction, softcap=3.0, check_dtypes=True)
     assert descriptors.count((64, 16)) >= 4, descriptors    # two heads × (forward, backward)
+    assert (64, 64) in descriptors, descriptors              # the backward's dz slab
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation only")
@@ -90,7 +93,7 @@ def test_token_kl_through_descriptors(dtype, direction, device, descriptors):
 def test_descriptor_loads_equal_pointer_loads_bit_for_bit(dtype, monkeypatch):
     """The interpreter feeds the same tiles to the same dots either way, so the results must
     be identical: a wrong descriptor offset or block shape cannot hide in the tolerance."""
-    masters, y, grads = logprobs_case(150, 48, 700, ignored=(0, 7, 149))
+    masters, y, grads = logprobs_case(150, 48, 701, ignored=(0, 7, 149))
     run = partial(run_logprobs, "triton", masters, y, grads, dtype=dtype, softcap=5.0)
     out = {}
     for mode in ("0", "1"):
@@ -152,8 +155,8 @@ def test_autotune_hook_sizes_each_descriptor_to_the_config():
 
 
 def _aot_token_kl():
-    """linear_token_kl's forward and backward with their sm90 configs and both heads by
-    descriptor, compiled for sm_90 in bf16: [(name, shared, ptx, regs, spills)]."""
+    """linear_token_kl's forward and backward with their sm90 configs, both heads (and the dz
+    slab) by descriptor, compiled for sm_90 in bf16: [(name, shared, ptx, regs, spills)]."""
     from aot import compile_kernel
 
     from tisdpo_kernels._triton import linear_token_kl as K
@@ -170,6 +173,8 @@ def _aot_token_kl():
         def ptr_type(n, cx=cx):
             if n in ("w_ptr", "wr_ptr"):
                 return f"tensordesc<bf16[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
+            if n == "dz_ptr":
+                return f"tensordesc<bf16[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
             return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
                 n, "*bf16" if n[:2] in ("h_", "b_", "hr", "br") else "*fp32")
 

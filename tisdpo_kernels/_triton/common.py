@@ -136,6 +136,22 @@ def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
 
 
 @triton.jit
+def store_tile(ptr, x, row0, col0, n_rows, n_cols, stride,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """x [BLOCK_R, BLOCK_C] into rows row0.. and columns col0.. of an [n_rows, n_cols] matrix,
+    in its dtype, nothing outside it. TMA: ``ptr`` is a tensor descriptor with that block (a
+    bulk tensor store, clipped by the descriptor's shape), else a pointer with row stride
+    ``stride``."""
+    if TMA:
+        ptr.store([row0, col0], x.to(ptr.dtype))
+    else:
+        r = row0 + tl.arange(0, BLOCK_R)
+        c = col0 + tl.arange(0, BLOCK_C)
+        tl.store(ptr + r.to(tl.int64)[:, None] * stride + c[None, :],
+                 x.to(ptr.dtype.element_ty), mask=(r < n_rows)[:, None] & (c < n_cols)[None, :])
+
+
+@triton.jit
 def mask_cols(z, col_mask):
     """−inf outside the valid vocabulary columns (so they vanish from max and sum-exp)."""
     return tl.where(col_mask[None, :], z, float("-inf"))
@@ -276,18 +292,18 @@ def device_guard(t: torch.Tensor):
 TMA_MAX_BOX = 256
 
 
-def tma(t: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """The TMA constexpr of a head kernel launched on ``t``'s device that reads ``weights``
-    ([V, D] each) by tiles: ``TISDPO_TMA`` allows it (``auto``: Hopper or newer) and every
-    weight's layout fits a tensor descriptor (unit inner stride, 16-byte aligned base and row
-    stride, non-empty). Otherwise the kernels load the weight through pointers."""
+def tma(t: torch.Tensor, *tiled: torch.Tensor) -> bool:
+    """The TMA constexpr of a head kernel launched on ``t``'s device that reads or writes the
+    matrices ``tiled`` by tiles (the weights, the dz slab): ``TISDPO_TMA`` allows it (``auto``:
+    Hopper or newer) and every one's layout fits a tensor descriptor (unit inner stride,
+    16-byte aligned base and row stride, non-empty). Otherwise the kernels use pointers."""
     mode = _env.tma()
     if mode == "off" or (mode == "auto" and not (
             t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9)):
         return False
     return all(w.dim() == 2 and w.numel() > 0 and w.stride(1) == 1
                and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-               for w in weights)
+               for w in tiled)
 
 
 def _descriptor(w: torch.Tensor, block_shape: list) -> TensorDescriptor:
@@ -364,6 +380,13 @@ def dz_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float32 if upcast(hidden) else hidden.dtype
 
 
+def dz_slab(rows: int, v: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised dz slab [rows, v] whose rows start 16-byte aligned (a view of a slab
+    with its row length rounded up), so a TMA store can write it whatever V is."""
+    per = 128 // torch.finfo(dtype).bits          # elements in 16 bytes
+    return torch.empty(rows, triton.cdiv(v, per) * per, dtype=dtype, device=device)[:, :v]
+
+
 def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
     """Rows of one dz slab: ``TISDPO_DZ_MB`` over V·itemsize bytes, a multiple of 16 (at
     least 16), and no more than the n rows there are."""
@@ -408,7 +431,7 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
     db = None
     for lo in range(0, n, c):
         hi = min(lo + c, n)
-        dz = torch.empty(hi - lo, v, dtype=dt, device=dev)
+        dz = dz_slab(hi - lo, v, dt, dev)
         sl = rows[lo:hi]
         kept = torch.arange(lo, hi, device=dev) < count                 # [C], no sync
         cols = None

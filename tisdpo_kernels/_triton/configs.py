@@ -72,10 +72,9 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
     },
     # linear_logprobs.py backward: one program = one (token block, vocab block) tile, grouped by
     # GROUP_N token blocks for L2 reuse; recompute the logits into a dz slab (then GEMMs).
-    # 128×256 and 256×128 tiles spill in bf16 on sm_90 with a softcap, 0.9–2.5 KB per thread
-    # (with the weight by TMA too: `python tests/aot.py`); 128×128 is the largest spill-free
-    # tile found. On sm_90 the weight arrives by TMA (TISDPO_TMA): 232 -> 180 registers at
-    # 128×128 without a softcap.
+    # In bf16 on sm_90 (`python tests/aot.py`): 128×128 compiles without spills (145 registers
+    # with TMA, 166 without, no bias or softcap); 128×256 and 256×128 at 8 warps too, but
+    # only without a softcap: with one, every tile above 128×128 spills 0.4–1.4 KB per thread.
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
@@ -104,7 +103,7 @@ AUTOTUNE: dict[str, list[KernelConfig]] = {
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
         for bn, bv, bd, w, s, g in [(128, 128, 64, 8, 3, 8), (128, 128, 32, 8, 4, 8),
                                     (64, 128, 64, 4, 3, 8), (128, 64, 64, 4, 3, 8),
-                                    (128, 128, 64, 8, 3, 16)]
+                                    (128, 128, 64, 8, 3, 16), (128, 256, 64, 8, 3, 8)]
     ],
 }
 

@@ -52,7 +52,7 @@ from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
     grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step, slab_backward,
-    softcap_grad, split_rows, tma, upcast,
+    softcap_grad, split_rows, store_tile, tma, upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -135,14 +135,13 @@ def linear_logprobs_bwd_kernel(
         GROUP_N: tl.constexpr, TMA: tl.constexpr = False):
     """One [BLOCK_N, BLOCK_V] tile of the dz slab for slots lo..lo+C: recomputed logits, then
     dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count.
+    TMA: the weight and the dz slab are tensor descriptors.
     HAS_FILTER: also the tile's column maxima of p into row pid_n of pmax (zeroed by the
     launcher), for the filtered backward's column choice."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    out = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    out_mask = (local < C)[:, None] & col_mask[None, :]
     count = tl.load(count_ptr)
     if lo + pid_n * BLOCK_N < count:
         slots = lo + local
@@ -164,17 +163,20 @@ def linear_logprobs_bwd_kernel(
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
-        tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out, tl.zeros((BLOCK_N, BLOCK_V), dz_ptr.dtype.element_ty), mask=out_mask)
+        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    store_tile(dz_ptr, dz, pid_n * BLOCK_N, pid_v * BLOCK_V, C, V, stride_dz, BLOCK_N, BLOCK_V,
+               TMA)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
 
-# the weight goes through a tensor descriptor when TMA is on (common.launch)
+# the weight (and the backward's dz slab) go through tensor descriptors when TMA is on
+# (common.launch)
 _DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")),)
+_BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
@@ -243,7 +245,8 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                 dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
+               hidden, args, dict(flags, TMA=flags["TMA"] and tma(hidden, dz)),
+               autotune_key=("V", "D"), descriptors=_BWD_DESCRIPTORS)
 
     stats_block_n = min([configs.get("linear_logprobs_bwd", hidden).meta["BLOCK_N"]] + (
         [c.meta["BLOCK_N"] for c in configs.AUTOTUNE["linear_logprobs_bwd"]]

@@ -59,8 +59,8 @@ from torch import Tensor
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
-    grouped_tile, head_logits, launch, mask_cols, slab_backward, tma,
-    num_splits, softcap_grad, split_rows, upcast,
+    grouped_tile, head_logits, launch, mask_cols, num_splits, slab_backward, softcap_grad,
+    split_rows, store_tile, tma, upcast,
 )
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
@@ -227,8 +227,6 @@ def linear_token_kl_bwd_kernel(
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    out = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    out_mask = (local < C)[:, None] & col_mask[None, :]
     count = tl.load(count_ptr)
     if lo + pid_n * BLOCK_N < count:
         slots = lo + local
@@ -263,9 +261,10 @@ def linear_token_kl_bwd_kernel(
         if HAS_SOFTCAP:
             dz *= softcap_grad(z, cap)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-        tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out, tl.zeros((BLOCK_N, BLOCK_V), dz_ptr.dtype.element_ty), mask=out_mask)
+        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    store_tile(dz_ptr, dz, pid_n * BLOCK_N, pid_v * BLOCK_V, C, V, stride_dz, BLOCK_N, BLOCK_V,
+               TMA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,8 +272,10 @@ def linear_token_kl_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-# both heads' weights go through tensor descriptors when TMA is on (common.launch)
+# both heads' weights (and the backward's dz slab) go through tensor descriptors when TMA is
+# on (common.launch)
 _DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")), ("wr_ptr", ("BLOCK_V", "BLOCK_D")))
+_BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
 
 
 def _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
@@ -356,7 +357,8 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                 float(softcap or 1.0))
         launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D", "DR"), descriptors=_DESCRIPTORS)
+               hidden, args, dict(flags, TMA=flags["TMA"] and tma(hidden, dz)),
+               autotune_key=("V", "D", "DR"), descriptors=_BWD_DESCRIPTORS)
 
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
