@@ -2,13 +2,13 @@
 
 Times ``linear_logprobs`` forward and backward (impl="triton") at one head shape three times:
 with the tuned default configs (``tisdpo_kernels/_triton/configs.py`` ``CONFIGS``), with them
-and the weight loaded through pointers instead of TMA (``TISDPO_TMA=0``; the same as the
-default before Hopper), and with ``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE`` entry
-on the first call and keeps the fastest. Prints, per kernel, the config the autotuner chose,
-the times of the runs and the largest difference between the default's and the autotuned
-run's outputs (every ``AUTOTUNE`` entry is also checked against
-the oracle by ``tests/kernels/test_linear_logprobs_triton.py``, compiled when run on a GPU). A chosen config that beats the default is the candidate for
-the device class's ``CONFIGS`` entry.
+and the weight and dz tiles moved through pointers instead of TMA (``TISDPO_TMA=0``; the same
+as the default before Hopper), and with ``TISDPO_AUTOTUNE=1``, which times every ``AUTOTUNE``
+entry on the first call and keeps the fastest. Prints, per kernel, the config the autotuner
+chose, the times of the runs and the largest difference between the default's and the autotuned
+run's outputs (every ``AUTOTUNE`` entry is also checked against the oracle by
+``tests/kernels/test_linear_logprobs_triton.py``, compiled when run on a GPU). A chosen config
+that beats the default is the candidate for the device class's ``CONFIGS`` entry.
 
     python -m benchmarks.tune --shape llama3-8b --tokens 8k
     python -m benchmarks.tune --cpu-smoke          # the same steps, interpreted, no autotuning
@@ -62,12 +62,13 @@ def _chosen(h, w) -> dict:
     """The config the autotuner kept for each kernel (after a run with TISDPO_AUTOTUNE=1)."""
     from tisdpo_kernels._triton import common, linear_logprobs as L
 
-    fns = {"linear_logprobs_fwd": L.linear_logprobs_fwd_kernel,
-           "linear_logprobs_bwd": L.linear_logprobs_bwd_kernel}
-    descriptors = L._DESCRIPTORS if common.tma(h, w) else ()   # as the launchers key it
+    kernels = {"linear_logprobs_fwd": (L.linear_logprobs_fwd_kernel, L._DESCRIPTORS),
+               "linear_logprobs_bwd": (L.linear_logprobs_bwd_kernel, L._BWD_DESCRIPTORS)}
     out = {}
     for name in KERNELS:
-        tuner = common._autotuned(name, fns[name], ("V", "D"), (), descriptors)
+        fn, descriptors = kernels[name]         # keyed as the launchers key the autotuner
+        tuner = common._autotuned(name, fn, ("V", "D"), (),
+                                  descriptors if common.tma(h, w) else ())
         best = getattr(tuner, "best_config", None)
         out[name] = None if best is None else {**best.kwargs, "num_warps": best.num_warps,
                                                "num_stages": best.num_stages}

@@ -47,9 +47,10 @@ def autotune() -> bool:
 
 
 def tma() -> str:
-    """TISDPO_TMA: how the fused head kernels load the weight. ``auto`` (default): Hopper's
-    bulk tensor copies (TMA) on sm_90 and newer, pointer loads elsewhere; ``1``: TMA wherever
-    the weight's layout allows (under the interpreter too, which emulates it); ``0``: never.
+    """TISDPO_TMA: how the fused head kernels load weight tiles and store the backward's dz
+    tiles. ``auto`` (default): Hopper's bulk tensor copies (TMA) on sm_90 and newer, pointers
+    elsewhere; ``1``: TMA wherever the weight's layout allows (under the interpreter too,
+    which emulates it); ``0``: never.
     """
     raw = os.environ.get("TISDPO_TMA", "auto")
     value = raw.strip().lower()

@@ -293,10 +293,11 @@ TMA_MAX_BOX = 256
 
 
 def tma(t: torch.Tensor, *tiled: torch.Tensor) -> bool:
-    """The TMA constexpr of a head kernel launched on ``t``'s device that reads or writes the
-    matrices ``tiled`` by tiles (the weights, the dz slab): ``TISDPO_TMA`` allows it (``auto``:
-    Hopper or newer) and every one's layout fits a tensor descriptor (unit inner stride,
-    16-byte aligned base and row stride, non-empty). Otherwise the kernels use pointers."""
+    """The TMA constexpr of a head kernel launched on ``t``'s device that reads the matrices
+    ``tiled`` (its weights) by tiles: ``TISDPO_TMA`` allows it (``auto``: Hopper or newer) and
+    every one's layout fits a tensor descriptor (unit inner stride, 16-byte aligned base and
+    row stride, non-empty). Otherwise the kernels use pointers. (The backward's dz slab always
+    fits: :func:`dz_slab` allocates it so.)"""
     mode = _env.tma()
     if mode == "off" or (mode == "auto" and not (
             t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9)):

@@ -245,8 +245,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                 dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, dict(flags, TMA=flags["TMA"] and tma(hidden, dz)),
-               autotune_key=("V", "D"), descriptors=_BWD_DESCRIPTORS)
+               hidden, args, flags, autotune_key=("V", "D"), descriptors=_BWD_DESCRIPTORS)
 
     stats_block_n = min([configs.get("linear_logprobs_bwd", hidden).meta["BLOCK_N"]] + (
         [c.meta["BLOCK_N"] for c in configs.AUTOTUNE["linear_logprobs_bwd"]]

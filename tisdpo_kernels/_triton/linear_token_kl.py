@@ -9,11 +9,12 @@ r = softcap(W' h'_t + b') (D' may differ from D), p = softmax(z), q = softmax(r)
 
 Nothing of size tokens × vocab is stored in either pass.
 
-Forward (``linear_token_kl_fwd_kernel``): one program per (token block, vocabulary split)
-walks its split's tiles; each tile forms both heads' logits (two GEMM loops, over D and D',
-fp32 accumulation; on sm_90 both weights' tiles by TMA, ``common.logits_tile``) and folds
-them into fp32 online statistics: maxima m_p, m_q, sums S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the two target logits, and the KL accumulator of the
-weighting side w (p for policy_ref, q for ref_policy) against the other side o:
+Forward (``linear_token_kl_fwd_kernel``): one program per (token block, vocabulary split) walks
+its split's tiles; each tile forms both heads' logits (two GEMM loops, over D and D', fp32
+accumulation; on sm_90 both weights' tiles by TMA, ``common.logits_tile``) and folds them into
+fp32 online statistics: maxima m_p, m_q, sums S_p = Σ e^{z−m_p}, S_q = Σ e^{r−m_q}, the two
+target logits, and the KL accumulator of the weighting side w (p for policy_ref, q for
+ref_policy) against the other side o:
 
     A = Σ_v e^{x_w,v − m_w} ((x_w,v − m_w) − (x_o,v − m_o)),   KL = A / S_w − log S_w + log S_o
 
@@ -357,8 +358,7 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                 float(softcap or 1.0))
         launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, dict(flags, TMA=flags["TMA"] and tma(hidden, dz)),
-               autotune_key=("V", "D", "DR"), descriptors=_BWD_DESCRIPTORS)
+               hidden, args, flags, autotune_key=("V", "D", "DR"), descriptors=_BWD_DESCRIPTORS)
 
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
