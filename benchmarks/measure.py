@@ -9,7 +9,9 @@ CPU: ``time.perf_counter`` around each repetition and no memory figure.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -18,7 +20,7 @@ import torch
 
 __all__ = [
     "Stats", "FLOP_MODELS", "flop_multiple", "flops", "time_fn", "peak_memory_mb", "guarded",
-    "free_memory", "quantile",
+    "free_memory", "quantile", "env_vars",
 ]
 
 # Flops as multiples of N·D·V (docs/DESIGN.md §5). "recompute": logits are
@@ -169,3 +171,19 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def env_vars(**values: str):
+    """Set environment variables for the duration of the block, then restore the caller's
+    values (unset ones are removed again)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -15,16 +15,16 @@ no CUDA, op or option not supported) and nothing falls back silently.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import inspect
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.measure import env_vars
 
 __all__ = [
     "Provider", "PROVIDERS", "OPS", "resolve_providers", "skip_reason", "provider_env",
@@ -114,20 +114,10 @@ def resolve_providers(text: str | None) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
 def provider_env(name: str):
     """Provider ``name``'s environment variables, set for as long as it runs (its forward and
     backward both read them), then restored."""
-    saved = {k: os.environ.get(k) for k, _ in PROVIDERS[name].env}
-    os.environ.update(dict(PROVIDERS[name].env))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return env_vars(**dict(PROVIDERS[name].env))
 
 
 # ----------------------------------------------------------------------------- eager code

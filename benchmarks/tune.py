@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from benchmarks.measure import time_fn
+from benchmarks.measure import env_vars, time_fn
 from benchmarks.shapes import PRESETS, parse_tokens
 
 KERNELS = ("linear_logprobs_fwd", "linear_logprobs_bwd")
@@ -101,11 +101,11 @@ def main(argv=None) -> int:
     rows = {}
     for mode, autotune, tma in (("default", "0", "auto"), ("no-tma", "0", "0"),
                                 ("autotuned", "1", "auto")):
-        os.environ.update(TISDPO_AUTOTUNE=autotune, TISDPO_TMA=tma)
-        rows[mode] = _run(h, w, y, up, reps=args.reps, warmup=args.warmup)
-    chosen = _chosen(h, w) if device.type == "cuda" else {k: None for k in KERNELS}
-    os.environ.pop("TISDPO_AUTOTUNE")
-    os.environ.pop("TISDPO_TMA")
+        with env_vars(TISDPO_AUTOTUNE=autotune, TISDPO_TMA=tma):
+            rows[mode] = _run(h, w, y, up, reps=args.reps, warmup=args.warmup)
+            if mode == "autotuned":       # the autotuner's key depends on TISDPO_TMA
+                chosen = (_chosen(h, w) if device.type == "cuda"
+                          else {k: None for k in KERNELS})
     diff = [(a.float() - b.float()).abs().max().item()
             for a, b in zip(rows["default"][2], rows["autotuned"][2])]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"

@@ -354,11 +354,13 @@ def test_filtering_table(capsys):
 @requires_triton
 def test_tune_cpu_smoke(capsys, monkeypatch):
     """benchmarks.tune's steps at toy size (the interpreter cannot autotune: both runs use
-    the default configs and agree exactly)."""
+    the default configs and agree exactly); the caller's TISDPO_* settings are back after."""
     from benchmarks import tune
 
-    monkeypatch.delenv("TISDPO_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TISDPO_AUTOTUNE", "0")
+    monkeypatch.delenv("TISDPO_TMA", raising=False)
     assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0"]) == 0
+    assert os.environ["TISDPO_AUTOTUNE"] == "0" and "TISDPO_TMA" not in os.environ
     out = capsys.readouterr().out.splitlines()
     info = json.loads(out[0])
     assert info["max_diff"] == {"logp": 0.0, "d_hidden": 0.0, "d_weight": 0.0}
