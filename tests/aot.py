@@ -5,6 +5,13 @@ kernel for sm_90 / sm_80 and read what the GPU would get: shared memory, registe
 and the PTX (wgmma, cp.async, atomics). The interpreter accepts code the compiler rejects,
 so every kernel is compiled this way too. Compilation must run without TRITON_INTERPRET:
 :func:`offline` runs a test module's function in a fresh interpreter.
+
+Everything here uses the Triton that Python imports. To check another release (say, the one
+a GPU machine has), install it into a side directory and put that first on PYTHONPATH; the
+interpreted tests run the same way (Triton 3.6 needs numpy < 2.4 there):
+
+    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 "numpy<2.4"
+    PYTHONPATH=/tmp/t36/lib/python3.11/site-packages .venv/bin/python tests/aot.py
 """
 from __future__ import annotations
 

@@ -75,6 +75,7 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
     # In bf16 on sm_90 (`python tests/aot.py`): 128×128 compiles without spills (145 registers
     # with TMA, 166 without, no bias or softcap); 128×256 and 256×128 at 8 warps too, but
     # only without a softcap: with one, every tile above 128×128 spills 0.4–1.4 KB per thread.
+    # (Triton 3.8. Under 3.6, 128×128 is 149/172 registers and 128×256 spills 96 B with TMA.)
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
@@ -201,7 +202,9 @@ AUTOTUNE["linear_token_kl_bwd"] = [
 # linear_preference_loss.py: the one-sweep head's chunk epilogue over cuBLAS logits. One program
 # = ROWS rows looping over the vocabulary in BLOCK_V tiles (2–3 passes): memory-bound, no dot, so
 # ROWS is not held to tl.dot's 16 (the launcher checks BLOCK_* only) and stays small enough
-# that a chunk of a few hundred rows fills the GPU. Not timed (no GPU yet).
+# that a chunk of a few hundred rows fills the GPU. Not timed yet. Spill-free under Triton
+# 3.8; under 3.6 the sm90 entry spills 20 B with a softcap and KL (the AOT test in
+# tests/kernels/test_one_sweep_triton.py).
 CONFIGS["linear_preference_loss_fwd"] = {
     "sm90": _c(8, 2, ROWS=2, BLOCK_V=2048),
     "sm80": _c(8, 2, ROWS=2, BLOCK_V=2048),
