@@ -8,7 +8,7 @@
 # each going on past a failure:
 # environment and versions; the peer wheels in .whl/ (pip --no-deps); the CUDA tests; logprobs
 # fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and peaked logits; the
-# loss op; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the backward kernels when
+# loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the backward kernels when
 # ncu exists. Output: at most 8 files in $OUT (default gpu_out/): env.txt, session.log,
 # tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt. Commit results.csv and
 # the plots under benchmarks/results/ (the CSV rows carry device and versions).
@@ -48,10 +48,12 @@ step() {
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
-  SHAPE=toy; PEAKED=toy-peaked; TOKENS=128; SWEEP=128,256; DEV=cpu; REPS=2; WARM=1
+  SHAPE=toy; PEAKED=toy-peaked; TOKENS=128; PAIR=128; SWEEP=128,256; DEV=cpu; REPS=2; WARM=1
   TESTS=(tests/kernels/test_common.py)
 else
-  SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; SWEEP=4k,8k,16k,32k,64k; DEV=cuda
+  # PAIR: the loss step's one pair, chosen + rejected (8k + 8k)
+  SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; PAIR=16k; SWEEP=4k,8k,16k,32k,64k
+  DEV=cuda
   REPS=10; WARM=3
   # every test that needs a GPU, and the kernels' oracle tests compiled for it
   TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton or tma")
@@ -119,9 +121,10 @@ step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
-step loss 50 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$TOKENS" \
-     --providers ours-triton,ours-torch,ours-one-sweep,ours-one-sweep-torch,eager,liger-dpo,trl-chunked,torch-lce,\
-cce_exact
+# the providers the loss targets compare first (rows are appended as each one finishes)
+step loss 50 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
+     --providers ours-one-sweep,ours-triton,liger-dpo,eager,trl-chunked,torch-lce,cce_exact,\
+ours-torch,ours-one-sweep-torch
 step memory_sweep 70 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check
 step ncu 40 bash -c ncu_bwd

@@ -275,6 +275,24 @@ def _fake_gpu_rows():
     rows.append(R.make_row(env, op="e2e_step", provider="ours-triton", mode="summary",
                            shape="llama3.2-1b", tokens=131072, metric="longest_pair_fits",
                            unit="pair_tokens", value=131072, x_name="pair_tokens"))
+    for op, prov, shape, n, ms, pairs in (
+            ("ceiling", "dense-matmul", "llama3-8b", 8192, 2.0, None),
+            ("logprobs", "ours-filtered", "llama3-8b-peaked", 8192, 30.0, None),
+            ("loss", "ours-one-sweep", "llama3-8b", 16384, 1.0, 2),    # not the target's pair
+            ("loss", "ours-one-sweep", "llama3-8b", 16384, 40.0, 1),
+            ("loss", "ours-triton", "llama3-8b", 16384, 60.0, 1),
+            ("loss", "liger-dpo", "llama3-8b", 16384, 70.0, 1)):
+        rows.append(R.make_row(env, op=op, provider=prov, mode="fwd" if op == "ceiling"
+                               else "fwdbwd", shape=shape, tokens=n, metric="time", unit="ms",
+                               value=ms, p20=ms, p80=ms, dtype="bf16", extra={"pairs": pairs}))
+    for pairs, mib in ((128, 3000.0), (8, 3100.0), (1, 3050.0)):      # memory flat in T
+        rows.append(R.make_row(env, op="loss", provider="ours-one-sweep", mode="fwdbwd",
+                               shape="llama3-8b", tokens=131072, metric="peak_memory",
+                               unit="MiB", value=mib, dtype="bf16", extra={"pairs": pairs}))
+    other_run = dict(env, date="2000-01-01T00:00:00+00:00")    # never compared with this run
+    rows.append(R.make_row(other_run, op="logprobs", provider="cce", mode="fwdbwd",
+                           shape="llama3-8b", tokens=8192, metric="time", unit="ms", value=5.0,
+                           dtype="bf16"))
     return rows
 
 
@@ -293,9 +311,14 @@ def test_readme_table(tmp_path):
         in text
     assert "| llama3-8b | 8192 | liger-dpo | OOM |" in text
     assert "Longest pair that fits: ours-triton: 131072" in text
-    assert "at floor memory: 10.0 ms (met; fastest peer 20.0 ms)" in text
-    assert "memory flat in T: not measured" in text
-    assert "longest pair that fitted: 131072 tokens" in text
+    assert ("every peer in the same run: 10.0 ms; 1.25× the dense GEMMs (4 × 2.0 ms) (met); "
+            "fastest peer eager 20.0 ms (met)") in text
+    assert "(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms (met)" in text
+    assert ("Liger's fused DPO loss: 40.0 ms; 0.67× the recompute path 60.0 ms (met); 0.57× "
+            "Liger's 70.0 ms (not met)") in text
+    assert "3000–3100 MiB over pairs of 1024–131072 tokens (1.03×, met)" in text
+    assert "ours-triton: longest pair that fitted 131072 tokens (met)" in text
+    assert "| llama3-8b | 16384 | ours-one-sweep | 40.00 (40.00–40.00) |" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{readme_table.BEGIN}\nold\n{readme_table.END}\ntail\n")
     assert readme_table.main(["--results", str(tmp_path), "--write", str(readme)]) == 0
