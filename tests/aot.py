@@ -93,10 +93,9 @@ def offline(test_file: str, func: str, timeout: int = 300):
 
 
 def _head_tiles() -> None:
-    """Registers and spills of the LM-head kernels per tile on sm_90 in bf16: with and
-    without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the backward's dz
-    slab) (the numbers
-    tisdpo_kernels/_triton/configs.py quotes)."""
+    """Registers, spills and shared memory of the LM-head kernels per tile on sm_90 in bf16:
+    with and without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the
+    backward's dz slab): the numbers tisdpo_kernels/_triton/configs.py and docs quote."""
     from tisdpo_kernels._triton import linear_logprobs as L
 
     fp32 = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "pmax_ptr"}
@@ -114,8 +113,8 @@ def _head_tiles() -> None:
     tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
              (256, 128, 64, 16, 3), (128, 256, 32, 8, 4)]
     print("| kernel | bias + softcap | FLATTEN | TMA | tile | BLOCK_D | warps | stages "
-          "| registers | spill B |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| registers | spill B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("fwd", "bwd"):
         for cap in (False, True):
             for flat in ((False, True) if kind == "fwd" else (False,)):
@@ -130,10 +129,11 @@ def _head_tiles() -> None:
                         else:
                             fn = L.linear_logprobs_bwd_kernel
                             cx.update(HAS_FILTER=False, GROUP_N=8)
-                        _, _, regs, spills = compile_kernel(fn, 90, cx, types(cx),
-                                                            num_warps=w, num_stages=st)
+                        shared, _, regs, spills = compile_kernel(
+                            fn, 90, cx, types(cx), num_warps=w, num_stages=st)
                         print(f"| {kind} | {cap} | {flat if kind == 'fwd' else '-'} | {tma} "
-                              f"| {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} |")
+                              f"| {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} "
+                              f"| {shared / 1024:.0f} |")
 
 
 if __name__ == "__main__":      # python tests/aot.py (sm_90, bf16; no GPU needed)
