@@ -65,8 +65,8 @@ TARGETS = [
     "(e2e_long)",
 ]
 FLAT_TOKENS = 131072
-HEAD = dict(shape="llama3-8b", x_value="8192")
-LOSS = dict(shape="llama3-8b", x_value="16384")
+HEAD = dict(shape="llama3-8b", x_value="8192", dtype="bf16")
+LOSS = dict(shape="llama3-8b", x_value="16384", dtype="bf16")
 
 
 def _find(rows, **where) -> dict | None:
@@ -129,7 +129,7 @@ def _head_target(rows: list[dict]) -> str:
 
 
 def _filter_target(rows: list[dict]) -> str:
-    r = _fwdbwd(rows, "logprobs", "ours-filtered", shape="llama3-8b-peaked", x_value="8192")
+    r = _fwdbwd(rows, "logprobs", "ours-filtered", **dict(HEAD, shape="llama3-8b-peaked"))
     if r is None:
         return "not measured"
     t = float(r["value"])
@@ -157,9 +157,9 @@ def _loss_target(rows: list[dict]) -> str:
 def _memory_target(rows: list[dict]) -> str:
     peak = {}
     for r in rows:
-        if (r["op"], r["provider"], r["mode"], r["metric"], r["shape"], r["x_value"]) == (
-                "loss", "ours-one-sweep", "fwdbwd", "peak_memory", "llama3-8b",
-                str(FLAT_TOKENS)) and r["value"] != "" and _pairs(r):
+        if (r["op"], r["provider"], r["mode"], r["metric"], r["shape"], r["x_value"],
+                r["dtype"]) == ("loss", "ours-one-sweep", "fwdbwd", "peak_memory", "llama3-8b",
+                                str(FLAT_TOKENS), "bf16") and r["value"] != "" and _pairs(r):
             peak[FLAT_TOKENS // _pairs(r)] = float(r["value"])
     if len(peak) < 2:
         return "not measured"
