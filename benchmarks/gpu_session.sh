@@ -8,10 +8,11 @@
 # each going on past a failure:
 # environment and versions; the peer wheels in .whl/ (pip --no-deps); the CUDA tests; logprobs
 # fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and peaked logits; the
-# loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the backward kernels when
-# ncu exists. Output: at most 8 files in $OUT (default gpu_out/): env.txt, session.log,
-# tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt. Commit results.csv and
-# the plots under benchmarks/results/ (the CSV rows carry device and versions).
+# loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the
+# backward kernels when ncu exists. Output: at most 8 files in $OUT (default gpu_out/):
+# env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt.
+# Commit results.csv and the plots under benchmarks/results/ (the CSV rows carry device and
+# versions).
 set -u
 cd "$(dirname "$0")/.."
 
