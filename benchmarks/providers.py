@@ -66,8 +66,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "tisdpo fused Triton kernels with gradient filtering, filter_eps=2^-12 "
              "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only"),
     Provider("ours-no-tma", ("logprobs",), "recompute",
-             "ours-triton with the weight loaded through pointers instead of Hopper's tensor "
-             "memory accelerator (TISDPO_TMA=0; the same on GPUs before Hopper)",
+             "ours-triton with the weight tiles loaded, and the backward's dz tiles stored, "
+             "through pointers instead of Hopper's tensor memory accelerator (TISDPO_TMA=0; "
+             "the same on GPUs before Hopper)",
              env=(("TISDPO_TMA", "0"),)),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),

@@ -78,6 +78,24 @@ def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
     return (k.metadata.shared, ptx, *ptxas_usage(ptx, arch))
 
 
+# the head kernels' tensors in the input dtype; every other float pointer is fp32
+HEAD_INPUTS = frozenset({"h_ptr", "w_ptr", "b_ptr", "hr_ptr", "wr_ptr", "br_ptr", "dz_ptr"})
+
+
+def head_ptr_type(cx: dict, dt: str):
+    """``ptr_type`` for a head kernel compiled in dtype ``dt`` with constexprs ``cx``: with
+    ``cx["TMA"]`` the weights are [BLOCK_V, BLOCK_D] and the dz slab [BLOCK_N, BLOCK_V] tensor
+    descriptors, as the launchers pass them; index pointers are integers."""
+    def ptr_type(n):
+        if cx.get("TMA") and n in ("w_ptr", "wr_ptr"):
+            return f"tensordesc<{dt}[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
+        if cx.get("TMA") and n == "dz_ptr":
+            return f"tensordesc<{dt}[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
+        return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
+            n, f"*{dt}" if n in HEAD_INPUTS else "*fp32")
+    return ptr_type
+
+
 def offline(test_file: str, func: str, timeout: int = 300):
     """``func()`` of the test module ``test_file`` (pass ``__file__``), run in a fresh
     interpreter without TRITON_INTERPRET; returns its (picklable) result."""
@@ -97,18 +115,6 @@ def _head_tiles() -> None:
     with and without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the
     backward's dz slab): the numbers tisdpo_kernels/_triton/configs.py and docs quote."""
     from tisdpo_kernels._triton import linear_logprobs as L
-
-    fp32 = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr", "pmax_ptr"}
-
-    def types(cx):
-        def ptr_type(n):
-            if n == "w_ptr" and cx["TMA"]:
-                return f"tensordesc<bf16[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
-            if n == "dz_ptr" and cx["TMA"]:
-                return f"tensordesc<bf16[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
-            return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
-                n, "*fp32" if n in fp32 else "*bf16")
-        return ptr_type
 
     tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
              (256, 128, 64, 16, 3), (128, 256, 32, 8, 4)]
@@ -130,7 +136,7 @@ def _head_tiles() -> None:
                             fn = L.linear_logprobs_bwd_kernel
                             cx.update(HAS_FILTER=False, GROUP_N=8)
                         shared, _, regs, spills = compile_kernel(
-                            fn, 90, cx, types(cx), num_warps=w, num_stages=st)
+                            fn, 90, cx, head_ptr_type(cx, "bf16"), num_warps=w, num_stages=st)
                         print(f"| {kind} | {cap} | {flat if kind == 'fwd' else '-'} | {tma} "
                               f"| {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} "
                               f"| {shared / 1024:.0f} |")

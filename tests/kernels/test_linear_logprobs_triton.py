@@ -308,9 +308,9 @@ def test_realistic_shape_cuda():
 def _aot_compile_matrix():
     """Compile the kernels with the tuned configs for sm90/sm80 (tests/aot.py; run through
     ``aot.offline``), as they launch there: on sm_90 the weight and the dz slab through TMA
-    descriptors (and once through pointers, as TISDPO_TMA=0 runs). Returns [(name, arch, shared bytes, ptx,
-    regs, spills)]."""
-    from aot import compile_kernel
+    descriptors (and once through pointers, as TISDPO_TMA=0 runs). Returns [(name, arch,
+    shared bytes, ptx, regs, spills)]."""
+    from aot import compile_kernel, head_ptr_type
 
     from tisdpo_kernels._triton import linear_logprobs as L
     from tisdpo_kernels._triton.configs import AUTOTUNE, CONFIGS
@@ -318,8 +318,6 @@ def _aot_compile_matrix():
     fns = {"fwd": (L.linear_logprobs_fwd_kernel, "linear_logprobs_fwd"),
            "bwd": (L.linear_logprobs_bwd_kernel, "linear_logprobs_bwd"),
            "combine": (L.linear_logprobs_fwd_combine_kernel, "linear_logprobs_fwd_combine")}
-    fp32_ptrs = {"part_ptr", "tlogit_ptr", "logp_ptr", "lse_ptr", "gl_ptr", "gs_ptr",
-                 "pmax_ptr"}
     plain = dict(HAS_BIAS=False, HAS_SOFTCAP=False)
     out = []
     for kind, arch, dt, flags in [
@@ -348,20 +346,12 @@ def _aot_compile_matrix():
             cx.update(stride_hd=1, stride_wd=1, UPCAST=False, DOT_PRECISION="ieee")
             cx["TMA"] = flags.get("TMA", arch >= 90)       # TISDPO_TMA=auto
 
-        def ptr_type(n, dt=dt, cx=cx):
-            if n == "w_ptr" and cx.get("TMA"):
-                return f"tensordesc<{dt}[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
-            if n == "dz_ptr" and cx.get("TMA"):
-                return f"tensordesc<{dt}[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
-            return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
-                n, "*fp32" if n in fp32_ptrs else f"*{dt}")
-
         tag = (("-tma" if cx.get("TMA") else "") + ("-filter" if flags.get("HAS_FILTER")
                                                      else "")
                + (f"-autotune{tuned}" if tuned else ""))
         out.append((f"{kind}-sm{arch}-{dt}{tag}", arch,
-                    *compile_kernel(fn, arch, cx, ptr_type, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages)))
+                    *compile_kernel(fn, arch, cx, head_ptr_type(cx, dt),
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     return out
 
 

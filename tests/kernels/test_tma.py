@@ -157,7 +157,7 @@ def test_autotune_hook_sizes_each_descriptor_to_the_config():
 def _aot_token_kl():
     """linear_token_kl's forward and backward with their sm90 configs, both heads (and the dz
     slab) by descriptor, compiled for sm_90 in bf16: [(name, shared, ptx, regs, spills)]."""
-    from aot import compile_kernel
+    from aot import compile_kernel, head_ptr_type
 
     from tisdpo_kernels._triton import linear_token_kl as K
     from tisdpo_kernels._triton.configs import CONFIGS
@@ -169,17 +169,8 @@ def _aot_token_kl():
         cx = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_SOFTCAP=True, POLICY_REF=True,
                   UPCAST=False, DOT_PRECISION="ieee", TMA=True, stride_hd=1, stride_wd=1,
                   stride_hrd=1, stride_wrd=1, **extra, **cfg.meta)
-
-        def ptr_type(n, cx=cx):
-            if n in ("w_ptr", "wr_ptr"):
-                return f"tensordesc<bf16[{cx['BLOCK_V']}, {cx['BLOCK_D']}]>"
-            if n == "dz_ptr":
-                return f"tensordesc<bf16[{cx['BLOCK_N']}, {cx['BLOCK_V']}]>"
-            return {"t_ptr": "*i64", "rows_ptr": "*i64", "count_ptr": "*i32"}.get(
-                n, "*bf16" if n[:2] in ("h_", "b_", "hr", "br") else "*fp32")
-
-        out.append((name, *compile_kernel(fn, 90, cx, ptr_type, num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages)))
+        out.append((name, *compile_kernel(fn, 90, cx, head_ptr_type(cx, "bf16"),
+                                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     return out
 
 
