@@ -13,6 +13,15 @@
 # env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt.
 # Commit results.csv and the plots under benchmarks/results/ (the CSV rows carry device and
 # versions).
+#
+# Before (on a machine with PyPI access): put every wheel the peers need in .whl/, which the
+# session installs with --no-deps. TRL's chunked log-probs import trl.trainer in their backward,
+# which needs `datasets`; a host without it takes its pure-Python wheels too (for the host's
+# Python version):
+#
+#   mkdir -p .whl && cp /path/to/peer/wheels/*.whl .whl/    # liger-kernel, cut-cross-entropy, trl
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20"
 set -u
 cd "$(dirname "$0")/.."
 
@@ -24,7 +33,7 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/session.log"
 STATUS="$OUT_DIR/status.txt"
 DEADLINE=$(( $(date +%s) + 540 ))          # 9 minutes from now
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 : > "$LOG"
 : > "$STATUS"
 
