@@ -79,7 +79,8 @@ def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
 
 
 # the head kernels' tensors in the input dtype; every other float pointer is fp32
-HEAD_INPUTS = frozenset({"h_ptr", "w_ptr", "b_ptr", "hr_ptr", "wr_ptr", "br_ptr", "dz_ptr"})
+HEAD_INPUTS = frozenset({"h_ptr", "w_ptr", "b_ptr", "hr_ptr", "wr_ptr", "br_ptr", "dz_ptr",
+                         "z_ptr"})
 
 
 def head_ptr_type(cx: dict, dt: str):
@@ -113,7 +114,8 @@ def offline(test_file: str, func: str, timeout: int = 300):
 def _head_tiles() -> None:
     """Registers, spills and shared memory of the LM-head kernels per tile on sm_90 in bf16:
     with and without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the
-    backward's dz slab): the numbers tisdpo_kernels/_triton/configs.py and docs quote."""
+    backward's dz slab), and with Z_GIVEN: the numbers tisdpo_kernels/_triton/configs.py and
+    docs quote."""
     from tisdpo_kernels._triton import linear_logprobs as L
 
     tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
@@ -140,6 +142,22 @@ def _head_tiles() -> None:
                         print(f"| {kind} | {cap} | {flat if kind == 'fwd' else '-'} | {tma} "
                               f"| {bn}×{bv} | {bd} | {w} | {st} | {regs} | {spills} "
                               f"| {shared / 1024:.0f} |")
+    # Z_GIVEN (TISDPO_HEAD_LOGITS=gemm): the tiles read from a GEMM's logits, no dot
+    for kind in ("fwd-z", "bwd-z"):
+        for cap in (False, True):
+            for bn, bv, w in ((64, 256, 8), (32, 256, 8), (16, 512, 8), (16, 256, 4)):
+                cx = dict(HAS_BIAS=cap, HAS_SOFTCAP=cap, UPCAST=False, TMA=False, Z_GIVEN=True,
+                          DOT_PRECISION="ieee", BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
+                if kind == "fwd-z":
+                    fn = L.linear_logprobs_fwd_kernel
+                    cx.update(FINAL=False)
+                else:
+                    fn = L.linear_logprobs_bwd_kernel
+                    cx.update(HAS_FILTER=False, GROUP_N=1)
+                shared, _, regs, spills = compile_kernel(
+                    fn, 90, cx, head_ptr_type(cx, "bf16"), num_warps=w, num_stages=2)
+                print(f"| {kind} | {cap} | - | False | {bn}×{bv} | - | {w} | 2 | {regs} "
+                      f"| {spills} | {shared / 1024:.0f} |")
 
 
 if __name__ == "__main__":      # python tests/aot.py (sm_90, bf16; no GPU needed)

@@ -63,6 +63,21 @@ def tma() -> str:
     raise ValueError(f"environment variable TISDPO_TMA={raw!r}: expected auto, 0 or 1")
 
 
+def head_logits() -> str:
+    """TISDPO_HEAD_LOGITS: who computes the logit tiles of the Triton ``linear_logprobs``.
+    ``fused`` (default): the head kernels, as tiles of their own GEMM that are never stored;
+    ``gemm``: the framework's GEMM (cuBLAS on CUDA) writes them, a chunk of rows at a time
+    into the dz slab's budget (``TISDPO_DZ_MB``), in the input dtype as eager rounds them, and
+    the same kernels read them back instead of multiplying.
+    """
+    raw = os.environ.get("TISDPO_HEAD_LOGITS", "fused")
+    value = raw.strip().lower() or "fused"
+    if value not in ("fused", "gemm"):
+        raise ValueError(f"environment variable TISDPO_HEAD_LOGITS={raw!r}: expected fused or "
+                         f"gemm")
+    return value
+
+
 def torch_chunk_tokens(vocab: int) -> int:
     """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most).
 

@@ -93,9 +93,13 @@ def _run_three(impl, masters, y, grads, *, dtype, device, eps, softcap=None):
 
 @pytest.mark.parametrize("chunks", ["one", "several"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [pytest.param("triton-gemm", marks=requires_triton)])
 def test_filtered_gradients_within_the_stated_bound(impl, dtype, chunks, device, kept,
                                                     monkeypatch):
+    """triton-gemm: the Triton backward reading logits a GEMM wrote (TISDPO_HEAD_LOGITS)."""
+    if impl == "triton-gemm":
+        monkeypatch.setenv("TISDPO_HEAD_LOGITS", "gemm")
+        impl = "triton"
     n = N
     if chunks == "several":
         monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "16")   # torch: chunks of 16 rows

@@ -127,6 +127,24 @@ def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
     z = logits_tile(h_ptr, w_ptr, rows, cols, col0, row_mask, col_mask, D,
                     stride_hn, stride_hd, stride_wv, stride_wd,
                     BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, TMA)
+    return _bias_softcap(z, b_ptr, cols, col_mask, stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr, stride_b, cap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """:func:`head_logits` from logits a GEMM already wrote (``TISDPO_HEAD_LOGITS=gemm``):
+    the fp32 tile softcap(z[local, cols] + bias[cols]) of a [C, V] matrix z (the head's
+    h·Wᵀ without bias) with row stride ``stride_z``; 0 + bias outside ``row_mask``, so rows a
+    mask leaves out never read what they hold (NaN padding included)."""
+    z = tl.load(z_ptr + local.to(tl.int64)[:, None] * stride_z + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    return _bias_softcap(z, b_ptr, cols, col_mask, stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _bias_softcap(z, b_ptr, cols, col_mask, stride_b, cap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     if HAS_BIAS:
         b = tl.load(b_ptr + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)
         z += b[None, :]

@@ -82,6 +82,22 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
         "default": _c(4, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
         "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, GROUP_N=1),
     },
+    # The same two kernels reading logits a GEMM wrote (TISDPO_HEAD_LOGITS=gemm): no dot, a
+    # pass over a [C, V] matrix in the input dtype, memory-bound; BLOCK_D is unused. 32
+    # elements per thread: in bf16 on sm_90 at most 128 registers with a bias and softcap (two
+    # 8-warp programs per SM), no spills; 64 per thread takes 170–254. Not timed.
+    "linear_logprobs_fwd_z": {
+        "sm90": _c(8, 2, BLOCK_N=32, BLOCK_V=256, BLOCK_D=16),
+        "sm80": _c(8, 2, BLOCK_N=32, BLOCK_V=256, BLOCK_D=16),
+        "default": _c(4, 2, BLOCK_N=16, BLOCK_V=256, BLOCK_D=16),
+        "interpret": _c(BLOCK_N=128, BLOCK_V=512, BLOCK_D=16),
+    },
+    "linear_logprobs_bwd_z": {
+        "sm90": _c(8, 2, BLOCK_N=32, BLOCK_V=256, BLOCK_D=16, GROUP_N=1),
+        "sm80": _c(8, 2, BLOCK_N=32, BLOCK_V=256, BLOCK_D=16, GROUP_N=1),
+        "default": _c(4, 2, BLOCK_N=16, BLOCK_V=256, BLOCK_D=16, GROUP_N=1),
+        "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=16, GROUP_N=1),
+    },
 }
 
 # Searched only with TISDPO_AUTOTUNE=1 on a GPU (several configs cannot run interpreted).
@@ -105,6 +121,16 @@ AUTOTUNE: dict[str, list[KernelConfig]] = {
         for bn, bv, bd, w, s, g in [(128, 128, 64, 8, 3, 8), (128, 128, 32, 8, 4, 8),
                                     (64, 128, 64, 4, 3, 8), (128, 64, 64, 4, 3, 8),
                                     (128, 128, 64, 8, 3, 16), (128, 256, 64, 8, 3, 8)]
+    ],
+    "linear_logprobs_fwd_z": [
+        _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
+        for bn, bv, w, s in [(32, 256, 8, 2), (16, 512, 8, 2), (64, 128, 8, 2),
+                             (16, 256, 4, 2), (32, 256, 8, 3), (64, 256, 8, 2)]
+    ],
+    "linear_logprobs_bwd_z": [
+        _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16, GROUP_N=1)
+        for bn, bv, w, s in [(32, 256, 8, 2), (16, 512, 8, 2), (64, 128, 8, 2),
+                             (16, 256, 4, 2), (64, 256, 8, 2)]
     ],
 }
 

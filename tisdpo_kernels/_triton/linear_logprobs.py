@@ -33,6 +33,12 @@ do no work, backward tiles past it only write their zeros (the GEMMs still see t
 sizing them to the kept count would need a host sync). Ignored tokens get logp = lse = 0 and
 zero gradient.
 
+Logits from a GEMM (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per chunk of rows within
+the dz budget, the framework's GEMM (cuBLAS on CUDA) writes the logits h·Wᵀ in the input
+dtype and both kernels read their tiles from it (``Z_GIVEN``) instead of multiplying; the
+backward's dz overwrites them in place. The same math and outputs, the logits rounded as
+eager rounds them; no TMA (nothing is multiplied), no host sync.
+
 Dispatch: CUDA tensors run compiled; CPU tensors run under TRITON_INTERPRET=1, where 16-bit
 tiles are upcast to fp32 after loading (UPCAST) and dz is not rounded to the input dtype.
 The public function goes through ``torch.library`` custom ops (registered on first use) so
@@ -48,11 +54,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tisdpo_kernels import _env
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
-    grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step, slab_backward,
-    softcap_grad, split_rows, store_tile, tma, upcast,
+    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, dz_chunk_rows,
+    dz_dtype, dz_slab, gather_cols, given_logits, grouped_tile, head_logits, launch, mask_cols,
+    num_splits, online_lse_step, slab_backward, softcap_grad, split_rows, store_tile, tma,
+    upcast,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -66,13 +74,16 @@ __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
 @triton.jit
 def linear_logprobs_fwd_kernel(
         h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr,
-        part_ptr, tlogit_ptr, logp_ptr, lse_ptr,
+        part_ptr, tlogit_ptr, logp_ptr, lse_ptr, z_ptr,
         N, V, D, NUM_SPLITS,
-        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, cap,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, stride_z, cap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        FLATTEN: tl.constexpr = False, TMA: tl.constexpr = False):
+        FLATTEN: tl.constexpr = False, TMA: tl.constexpr = False,
+        Z_GIVEN: tl.constexpr = False):
+    """Z_GIVEN: the logit tiles are read from z [N, V] (slot i's logits in row i) instead of
+    multiplied (``TISDPO_HEAD_LOGITS=gemm``); h_ptr and w_ptr are then unused."""
     split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
         tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -84,10 +95,14 @@ def linear_logprobs_fwd_kernel(
         col0 = v_lo + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
-                        TMA)
+        if Z_GIVEN:
+            z = given_logits(z_ptr, slots, cols, row_mask, col_mask, stride_z, b_ptr,
+                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+        else:
+            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
+                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
         zt += gather_cols(z, cols, tgt)
         m, s = online_lse_step(m, s, mask_cols(z, col_mask))
     lse = m + tl.log(tl.maximum(s, 1e-30))     # s ≥ 1 unless the split is empty (then −inf)
@@ -125,17 +140,19 @@ def linear_logprobs_fwd_combine_kernel(
 
 @triton.jit
 def linear_logprobs_bwd_kernel(
-        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr,
-        pmax_ptr, lo, C, V, D,
+        h_ptr, w_ptr, b_ptr, t_ptr, rows_ptr, count_ptr, lse_ptr, gl_ptr, gs_ptr, z_ptr,
+        dz_ptr, pmax_ptr, lo, C, V, D,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t, stride_gl, stride_gs,
-        stride_dz, stride_pm, cap,
+        stride_z, stride_dz, stride_pm, cap,
         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FILTER: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr, TMA: tl.constexpr = False):
+        GROUP_N: tl.constexpr, TMA: tl.constexpr = False, Z_GIVEN: tl.constexpr = False):
     """One [BLOCK_N, BLOCK_V] tile of the dz slab for slots lo..lo+C: recomputed logits, then
     dz = g_logp·(onehot − p) + g_lse·p (× softcap′); zeros for slots past the kept count.
-    TMA: the weight and the dz slab are tensor descriptors.
+    TMA: the weight and the dz slab are tensor descriptors. Z_GIVEN: the tiles are read from
+    the chunk's logits h·Wᵀ z [C, V] (``TISDPO_HEAD_LOGITS=gemm``) instead of multiplied; z
+    may be the dz slab itself (each program reads, then writes, only its own tile).
     HAS_FILTER: also the tile's column maxima of p into row pid_n of pmax (zeroed by the
     launcher), for the filtered backward's column choice."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
@@ -151,10 +168,14 @@ def linear_logprobs_bwd_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
         g_lse = tl.load(gs_ptr + rows * stride_gs, mask=row_mask, other=0.0).to(tl.float32)
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, pid_v * BLOCK_V, row_mask, col_mask,
-                        D, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
-                        TMA)
+        if Z_GIVEN:
+            z = given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr,
+                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+        else:
+            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, pid_v * BLOCK_V, row_mask,
+                            col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+                            cap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
         p = tl.exp(z - lse[:, None])
         p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
         if HAS_FILTER:
@@ -182,7 +203,9 @@ _BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
 def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
                         softcap: float | None):
     """(logp [N], lse [N]) float32, 0 where ``targets == ignore_index``. hidden [N, D] and
-    weight [V, D] may be strided views; targets [N] int64; bias [V] or None."""
+    weight [V, D] may be strided views; targets [N] int64; bias [V] or None. Under
+    ``TISDPO_HEAD_LOGITS=gemm``, chunk by chunk of the dz budget: the logits by a GEMM, then
+    the same kernel reading them (:func:`_gemm_logits`)."""
     N, D = hidden.shape
     V = weight.shape[0]
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
@@ -190,30 +213,64 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
     if N == 0:
         return logp, lse
     rows, count = compact_rows(targets != ignore_index)
-    cfg = configs.get("linear_logprobs_fwd", hidden)
-    splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
-    final = splits == 1
-    part = torch.empty((splits, N) if not final else (1,), dtype=torch.float32,
-                       device=hidden.device)
-    tlogit = torch.empty(N if not final else 1, dtype=torch.float32, device=hidden.device)
-    b = bias if bias is not None else weight
-    args = (hidden, weight, b, targets, rows, count, part, tlogit, logp, lse, N, V, D, splits,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            b.stride(0), targets.stride(0), float(softcap or 1.0))
-    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, FINAL=final,
+    gemm = _env.head_logits() == "gemm"
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                  UPCAST=upcast(hidden), DOT_PRECISION=dot_precision(hidden.dtype),
-                 TMA=tma(hidden, weight))
+                 TMA=not gemm and tma(hidden, weight), Z_GIVEN=gemm)
     with device_guard(hidden):
-        launch("linear_logprobs_fwd", linear_logprobs_fwd_kernel,
-               lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args, flags,
-               autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
-        if not final:
-            cc = configs.get("linear_logprobs_fwd_combine", hidden)
-            check_blocks("linear_logprobs_fwd_combine", **cc.meta)
-            linear_logprobs_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
-                part, tlogit, rows, count, logp, lse, N, splits, **cc.meta,
-                **cc.launch_kwargs(hidden))
+        if not gemm:
+            _fwd_rows(hidden, weight, bias, targets, rows, count, logp, lse, softcap, flags)
+            return logp, lse
+        dt = dz_dtype(hidden)
+        c = dz_chunk_rows(N, V, torch.finfo(dt).bits // 8)
+        buf = dz_slab(c, V, dt, hidden.device)             # one chunk's logits, reused
+        for lo in range(0, N, c):
+            sl = rows[lo:lo + c]
+            z = _gemm_logits(hidden, weight, sl, buf[:sl.shape[0]])
+            _fwd_rows(hidden, weight, bias, targets, sl, (count - lo).clamp(0, sl.shape[0]),
+                      logp, lse, softcap, flags, z)
     return logp, lse
+
+
+def _fwd_rows(hidden, weight, bias, targets, rows, count, logp, lse, softcap, flags, z=None):
+    """The forward kernel (and the split combine) over the slots of ``rows`` (``count`` [1]
+    of them kept), writing logp and lse at the rows' ids; ``z`` [slots, V]: their logits
+    (Z_GIVEN) or None."""
+    n, D = rows.shape[0], hidden.shape[1]
+    V = weight.shape[0]
+    name = "linear_logprobs_fwd_z" if flags["Z_GIVEN"] else "linear_logprobs_fwd"
+    cfg = configs.get(name, hidden)
+    splits = num_splits(cfg, hidden, n, V)   # with autotuning: from the default blocks
+    final = splits == 1
+    part = torch.empty((splits, n) if not final else (1,), dtype=torch.float32,
+                       device=hidden.device)
+    tlogit = torch.empty(n if not final else 1, dtype=torch.float32, device=hidden.device)
+    b = bias if bias is not None else weight
+    zz = z if z is not None else hidden
+    args = (hidden, weight, b, targets, rows, count, part, tlogit, logp, lse, zz, n, V, D,
+            splits, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            b.stride(0), targets.stride(0), zz.stride(0), float(softcap or 1.0))
+    launch(name, linear_logprobs_fwd_kernel,
+           lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,), hidden, args,
+           {**flags, "FINAL": final}, autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
+    if not final:
+        cc = configs.get("linear_logprobs_fwd_combine", hidden)
+        check_blocks("linear_logprobs_fwd_combine", **cc.meta)
+        linear_logprobs_fwd_combine_kernel[(triton.cdiv(n, cc.meta["BLOCK_N"]),)](
+            part, tlogit, rows, count, logp, lse, n, splits, **cc.meta,
+            **cc.launch_kwargs(hidden))
+
+
+def _gemm_logits(hidden, weight, rows, out):
+    """``out`` [C, V] = hidden[rows] @ weightᵀ, rounded to the input dtype as eager rounds
+    the logits (a cuBLAS GEMM on CUDA; under the interpreter the float32 slab takes the
+    rounded values)."""
+    h = hidden.index_select(0, rows)
+    if out.dtype == hidden.dtype and out.is_contiguous():
+        torch.matmul(h, weight.T, out=out)
+    else:
+        out.copy_(h @ weight.T)
+    return out
 
 
 def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index: int,
@@ -223,7 +280,8 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
 
     g_logp, g_lse: [N] upstream gradients of logp and lse (any values; may be strided or
     expanded); lse: the forward's [N] float32 lse. dz slabs, then GEMMs (``slab_backward``;
-    over the kept columns only with ``filter_eps``).
+    over the kept columns only with ``filter_eps``). Under ``TISDPO_HEAD_LOGITS=gemm`` a GEMM
+    first writes each slab's logits, which the kernel reads and overwrites with dz.
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -232,23 +290,30 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     rows, count = compact_rows(keep)
     b = bias if bias is not None else weight
     filtering = filter_eps is not None
+    gemm = _env.head_logits() == "gemm"
+    name = "linear_logprobs_bwd_z" if gemm else "linear_logprobs_bwd"
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                  HAS_FILTER=filtering, UPCAST=upcast(hidden),
-                 DOT_PRECISION=dot_precision(hidden.dtype), TMA=tma(hidden, weight))
+                 DOT_PRECISION=dot_precision(hidden.dtype),
+                 TMA=not gemm and tma(hidden, weight), Z_GIVEN=gemm)
 
     def write_dz(dz, lo, pmax):
         C = dz.shape[0]
         pm = pmax if pmax is not None else dz
-        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, dz, pm, lo, C, V,
-                D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        z = dz
+        if gemm:     # in place, except under autotuning (its trials would read dz as z)
+            z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
+            _gemm_logits(hidden, weight, rows[lo:lo + C], z)
+        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, z, dz, pm, lo, C,
+                V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),
-                dz.stride(0), pm.stride(0), float(softcap or 1.0))
-        launch("linear_logprobs_bwd", linear_logprobs_bwd_kernel,
+                z.stride(0), dz.stride(0), pm.stride(0), float(softcap or 1.0))
+        launch(name, linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=("V", "D"), descriptors=_BWD_DESCRIPTORS)
 
-    stats_block_n = min([configs.get("linear_logprobs_bwd", hidden).meta["BLOCK_N"]] + (
-        [c.meta["BLOCK_N"] for c in configs.AUTOTUNE["linear_logprobs_bwd"]]
+    stats_block_n = min([configs.get(name, hidden).meta["BLOCK_N"]] + (
+        [c.meta["BLOCK_N"] for c in configs.AUTOTUNE[name]]
         if configs.autotuning(hidden) else []))
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,

@@ -1,0 +1,177 @@
+"""TISDPO_HEAD_LOGITS=gemm: the Triton ``linear_logprobs`` with its logits written by a GEMM
+(cuBLAS on CUDA) a chunk at a time, then read by the same kernels, against the oracle.
+
+The logits are rounded to the input dtype, as eager rounds them; the oracle's eager term
+(tests/numerics.py) carries that rounding, so the bounds are the fused kernels' own.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+
+from dispatch_probe import OpProbe
+from head_cases import POLICY as ALL
+from head_cases import check_three_way, logprobs_case, run_logprobs
+from markers import requires_triton
+
+pytestmark = requires_triton
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+check = partial(check_three_way, run_logprobs, "triton", check_dtypes=True)
+
+
+@pytest.fixture(autouse=True)
+def gemm_logits(monkeypatch):
+    monkeypatch.setenv("TISDPO_HEAD_LOGITS", "gemm")
+
+
+@pytest.mark.parametrize("bias,softcap,scale", [
+    (False, None, 2.0), (True, None, 2.0), (True, 2.5, 2.0), (True, None, 40.0),
+], ids=["plain", "bias", "bias+softcap", "large-logits"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_matches_oracle(dtype, bias, softcap, scale, device):
+    masters, y, grads = logprobs_case(47, 31, 123, bias=bias, scale=scale)
+    check(masters, y, grads, dtype=dtype, device=device, softcap=softcap)
+
+
+def _small_blocks():
+    """GPU-like launches under the interpreter: several token blocks, 4 vocabulary splits and
+    their combine in every chunk, several vocabulary tiles in backward."""
+    from tisdpo_kernels._triton import configs as C
+    return C.override(
+        linear_logprobs_fwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16},
+                                             host={"min_splits": 4}),
+        linear_logprobs_fwd_combine=C.KernelConfig({"BLOCK_N": 32}),
+        linear_logprobs_bwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16,
+                                              "GROUP_N": 2}),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_several_chunks_splits_and_packed_rows(dtype, device, monkeypatch):
+    """TISDPO_DZ_MB=1: forward and backward in two chunks of logits (the second chunk holds
+    no kept row past the packed ones), each forward chunk split four ways; a run of ignored
+    rows packed away."""
+    from tisdpo_kernels._triton.common import dz_chunk_rows
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    assert dz_chunk_rows(300, 1100, 4) < 300
+    masters, y, grads = logprobs_case(300, 40, 1100, ignored=list(range(60, 130)) + [0, 299])
+    with _small_blocks():
+        check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
+
+
+def test_agrees_with_the_fused_kernels_in_float32(device, monkeypatch):
+    """Same math, other rounding only: in float32 the two modes agree to float32 roundoff of
+    the logits' magnitude (the GEMM and the kernel's dot sum D products in other orders)."""
+    masters, y, grads = logprobs_case(120, 64, 500, ignored=(3, 50))
+    gemm = run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device,
+                        softcap=5.0)
+    monkeypatch.setenv("TISDPO_HEAD_LOGITS", "fused")
+    fused = run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device,
+                         softcap=5.0)
+    for k in fused:
+        scale = fused[k].abs().max().item()
+        err = (gemm[k] - fused[k]).abs().max().item()
+        assert err <= 1e-4 * max(scale, 1.0), (k, err, scale)
+    assert torch.equal(gemm["logp"] == 0, fused["logp"] == 0)
+
+
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_backward_is_bitwise_deterministic(chunks, device, monkeypatch):
+    if chunks == "several":
+        monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    masters, y, grads = logprobs_case(300, 31, 1100)
+    a, b = (run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
+            for _ in range(2))
+    for k in ("logp", "lse", "d_hidden", "d_weight", "d_bias"):
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_views_in_nan_buffers(dtype, device):
+    """Strided views inside NaN-filled buffers: NaN hidden rows of ignored tokens reach the
+    GEMM's logits, and neither logp nor any gradient may see them."""
+    masters, y, grads = logprobs_case(47, 31, 123)
+    check(masters, y, grads, dtype=dtype, device=device, softcap=3.0, view=True)
+
+
+@pytest.mark.parametrize("wrt", [("hidden",), ("weight", "bias"), ()],
+                         ids=["hidden", "weight+bias", "none"])
+def test_partial_requires_grad(wrt, device):
+    masters, y, grads = logprobs_case(47, 31, 123)
+    act = check(masters, y, grads, dtype=torch.float32, device=device, wrt=wrt)
+    assert set(act) == {"logp", "lse"} | {f"d_{k}" for k in wrt}
+    assert set(wrt) <= set(ALL)
+
+
+def test_gradient_through_lse_only(device):
+    masters, y, (_, g_lse) = logprobs_case(47, 31, 123)
+    check(masters, y, (torch.zeros_like(g_lse), g_lse), dtype=torch.float32, device=device)
+
+
+def test_all_ignored(device):
+    masters, y, grads = logprobs_case(47, 31, 123, ignored=range(47))
+    act = check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
+    for k, t in act.items():
+        assert torch.all(t == 0), f"{k} is not all zero"
+
+
+def test_no_host_sync(device, monkeypatch):
+    """The chunk loop stays on the device: the kept count is clamped per chunk, never read."""
+    monkeypatch.setenv("TISDPO_CHECKS", "off")
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    masters, y, grads = logprobs_case(300, 31, 1100)
+    with OpProbe() as probe:
+        run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
+    assert not probe.sync_ops(), probe.sync_ops()
+
+
+def test_bad_mode_is_named(device, monkeypatch):
+    monkeypatch.setenv("TISDPO_HEAD_LOGITS", "cublas")
+    masters, y, grads = logprobs_case(8, 8, 16)
+    with pytest.raises(ValueError, match="TISDPO_HEAD_LOGITS='cublas'"):
+        run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
+
+
+# --- the GPU build, checked without a GPU ----------------------------------------------------
+
+
+def _aot_compile_z_kernels():
+    """The two kernels with Z_GIVEN and their tuned configs, compiled for sm90/sm80 in bf16
+    with a bias and a softcap (tests/aot.py): [(name, arch, shared, ptx, regs, spills)]."""
+    from aot import compile_kernel, head_ptr_type
+
+    from tisdpo_kernels._triton import linear_logprobs as L
+    from tisdpo_kernels._triton.configs import CONFIGS
+
+    out = []
+    for kind, fn, flags in [
+            ("fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=False)),
+            ("fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=True)),
+            ("bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=False)),
+            ("bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=True))]:
+        for arch in (90, 80):
+            cfg = CONFIGS[f"linear_logprobs_{kind}_z"]["sm90" if arch >= 90 else "sm80"]
+            cx = {**flags, **cfg.meta, "HAS_BIAS": True, "HAS_SOFTCAP": True, "Z_GIVEN": True,
+                  "TMA": False, "UPCAST": False, "DOT_PRECISION": "ieee"}
+            tag = "".join(f"-{k.lower()}" for k in ("FINAL", "HAS_FILTER") if flags.get(k))
+            out.append((f"{kind}-z-sm{arch}-bf16{tag}", arch,
+                        *compile_kernel(fn, arch, cx, head_ptr_type(cx, "bf16"),
+                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real tests compile them")
+def test_z_kernels_compile_for_hopper_and_ampere():
+    """Compiled for sm_90/sm_80 they fit in shared memory, do not spill, hold no matrix
+    instruction (the GEMM is the framework's) and no atomic."""
+    from aot import ATOMIC, SMEM_LIMIT, offline
+
+    for name, arch, shared, ptx, regs, spills in offline(__file__, "_aot_compile_z_kernels"):
+        assert shared <= SMEM_LIMIT[arch], f"{name}: {shared} B shared memory"
+        assert "mma" not in ptx, f"{name}: a matrix instruction"
+        atomic = ATOMIC.search(ptx)
+        assert atomic is None, f"{name}: atomic instruction {atomic and atomic.group(0)}"
+        assert spills == 0, f"{name}: {spills} bytes of register spills ({regs} registers)"
