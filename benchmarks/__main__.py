@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the dense matmul ceiling")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU only: run the providers on our Triton kernels (ours-triton, "
-                         "ours-filtered, ours-no-tma) under the Triton interpreter "
+                         "ours-filtered, ours-no-tma, ours-gemm) under the Triton interpreter "
                          "(sets TRITON_INTERPRET=1 before any kernel is imported)")
     ap.add_argument("--seed", type=int, default=0)
     return ap

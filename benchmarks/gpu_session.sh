@@ -66,7 +66,8 @@ else
   DEV=cuda
   REPS=10; WARM=3
   # every test that needs a GPU, and the kernels' oracle tests compiled for it
-  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton or tma")
+  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic \
+or filter or one_sweep_triton or tma or head_gemm")
 fi
 CSV="$OUT_DIR/results.csv"
 BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup "$WARM"
@@ -129,8 +130,11 @@ cp "$LOG" "$OUT_DIR/env.txt"
 step wheels 40 bash -c wheels
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
+# every logprobs provider, the head target's comparisons first (the slow compile last)
 step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
-     --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS"
+     --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS" \
+     --providers ours-triton,ours-gemm,eager,trl-chunked,torch-lce,cce_exact,liger-flce,cce,\
+ours-filtered,ours-no-tma,ours-torch,torch-compile
 # the providers the loss targets compare first (rows are appended as each one finishes)
 step loss 50 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
      --providers ours-one-sweep,ours-triton,liger-dpo,eager,trl-chunked,torch-lce,cce_exact,\

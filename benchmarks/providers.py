@@ -70,6 +70,12 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "through pointers instead of Hopper's tensor memory accelerator (TISDPO_TMA=0; "
              "the same on GPUs before Hopper)",
              env=(("TISDPO_TMA", "0"),)),
+    Provider("ours-gemm", ("logprobs",), "recompute",
+             "ours-triton with the logits written by cuBLAS a chunk at a time (input dtype, "
+             "as eager rounds them) and read back by the same kernels "
+             "(TISDPO_HEAD_LOGITS=gemm): the GEMMs at cuBLAS speed, plus one memory pass per "
+             "chunk in forward and backward",
+             env=(("TISDPO_HEAD_LOGITS", "gemm"),)),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),
     Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
@@ -94,7 +100,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "options=LinearCrossEntropyOptions()) (torch >= 2.13)", softcap=False),
 )}
 
-_OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch", "ours-no-tma": "triton"}
+_OURS_IMPL = {"ours-triton": "triton", "ours-torch": "torch", "ours-no-tma": "triton",
+              "ours-gemm": "triton"}
 FILTER_EPS = 2.0 ** -12        # ours-filtered: Cut Cross-Entropy's default threshold for bf16
 # the loss op's strategy per provider of ours: the recompute rows stay recompute whatever
 # TISDPOLoss(strategy="auto") would pick, so each row measures what its flop model counts

@@ -105,9 +105,18 @@ def _best_run(rows: list[dict], ours: str, op: str, where: dict) -> tuple[dict, 
 
 
 def _head_target(rows: list[dict]) -> str:
-    ours, run = _best_run(rows, "ours-triton", "logprobs", HEAD)
+    """The default kernels' judgement, then (when measured) that of the GEMM-logits mode."""
+    parts = [_head_judgement(rows, "ours-triton")]
+    gemm = _head_judgement(rows, "ours-gemm")
+    if gemm is not None:
+        parts.append(f"with TISDPO_HEAD_LOGITS=gemm (ours-gemm): {gemm}")
+    return " | ".join(p for p in parts if p is not None) or "not measured"
+
+
+def _head_judgement(rows: list[dict], provider: str) -> str | None:
+    ours, run = _best_run(rows, provider, "logprobs", HEAD)
     if ours is None:
-        return "not measured"
+        return None
     head = float(ours["value"])
     out = [f"{head:.1f} ms"]
     gemm = _find(run, op="ceiling", metric="time", **HEAD)       # one 2NDV GEMM

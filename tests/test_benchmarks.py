@@ -198,6 +198,25 @@ def test_provider_env_holds_through_forward_and_backward(monkeypatch):
     assert os.environ["TISDPO_TMA"] == "1"
 
 
+def test_ours_gemm_reads_gemm_logits_forward_and_backward(monkeypatch):
+    """ours-gemm: every forward and backward of the run goes through the GEMM-logits path
+    (TISDPO_HEAD_LOGITS=gemm), and its error rows against the fp32 reference are written."""
+    why = providers.skip_reason("ours-gemm", "logprobs", CPU, dtype=torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"ours-gemm unavailable on CPU here: {why}")
+    from tisdpo_kernels._triton import linear_logprobs
+
+    seen, real = [], linear_logprobs._gemm_logits
+    monkeypatch.setattr(linear_logprobs, "_gemm_logits",
+                        lambda *a: seen.append(os.environ.get("TISDPO_HEAD_LOGITS")) or real(*a))
+    rows = run(_config(modes=["fwdbwd"], providers=["ours-gemm"], reps=1, ceiling=False),
+               _env())
+    assert _value(rows, provider="ours-gemm", mode="fwdbwd", metric="time") > 0
+    assert _by(rows, provider="ours-gemm", metric="err_dweight")
+    assert len(seen) >= 2 and set(seen) == {"gemm"}, seen
+    assert "TISDPO_HEAD_LOGITS" not in os.environ
+
+
 def test_oom_and_errors_become_rows(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
@@ -263,7 +282,7 @@ def _fake_gpu_rows():
     """Rows shaped like a GPU run's, for testing the writer only (never committed)."""
     env = dict(_env(), device_kind="cuda", device="Test GPU", cuda="12.8")
     rows = []
-    for prov, ms in (("eager", 20.0), ("ours-triton", 10.0), ("cce", 15.0)):
+    for prov, ms in (("eager", 20.0), ("ours-triton", 10.0), ("cce", 15.0), ("ours-gemm", 9.0)):
         for metric, unit, v in (("time", "ms", ms), ("peak_memory", "MiB", 100.0),
                                 ("tflops", "TFLOP/s", 1.0), ("pct_ceiling", "%", 50.0)):
             rows.append(R.make_row(env, op="logprobs", provider=prov, mode="fwdbwd",
@@ -317,7 +336,8 @@ def test_readme_table(tmp_path):
     assert "| llama3-8b | 8192 | liger-dpo | OOM |" in text
     assert "Longest pair that fits: ours-triton: 131072" in text
     assert ("every peer in the same run: 10.0 ms; 1.25× the dense GEMMs (4 × 2.0 ms) (met); "
-            "fastest peer cce 15.0 ms (met)") in text
+            "fastest peer cce 15.0 ms (met) | with TISDPO_HEAD_LOGITS=gemm (ours-gemm): 9.0 ms; "
+            "1.12× the dense GEMMs (4 × 2.0 ms) (met); fastest peer cce 15.0 ms (met)") in text
     assert "(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms (met)" in text
     assert ("Liger's fused DPO loss: 40.0 ms; 0.67× the recompute path 60.0 ms (met); 0.57× "
             "Liger's 70.0 ms (not met)") in text
