@@ -6,18 +6,19 @@
 #
 # Steps, each under `timeout` within the session's own deadline (their limits add up to it),
 # each going on past a failure:
-# environment and versions; the peer wheels in .whl/ (pip --no-deps); the CUDA tests; logprobs
-# fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and peaked logits; the
-# loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager; Nsight Compute on the
-# backward kernels when ncu exists. Output: at most 8 files in $OUT (default gpu_out/):
-# env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt, plots.tgz, status.txt.
+# the peer wheels in .whl/ (pip --no-deps into .peers/); environment and versions; the CUDA
+# tests; logprobs fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and
+# peaked logits; the loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager;
+# Nsight Compute on the backward kernels when ncu exists. Output: at most 8 files in $OUT
+# (default gpu_out/): env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt,
+# plots.tgz, status.txt.
 # Commit results.csv and the plots under benchmarks/results/ (the CSV rows carry device and
 # versions).
 #
 # Before (on a machine with PyPI access): put every wheel the peers need in .whl/, which the
-# session installs with --no-deps. TRL's chunked log-probs import trl.trainer in their backward,
-# which needs `datasets`; a host without it takes its pure-Python wheels too (for the host's
-# Python version):
+# session installs with --no-deps into .peers/. TRL's chunked log-probs import trl.trainer in
+# their backward, which needs `datasets`; a host without it takes its pure-Python wheels too
+# (for the host's Python version):
 #
 #   mkdir -p .whl && cp /path/to/peer/wheels/*.whl .whl/    # liger-kernel, cut-cross-entropy, trl
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -95,9 +96,12 @@ EOF
   git log -1 --format='commit %H %cd' 2>/dev/null
 }
 
+# into .peers/ (ignored by git), first on PYTHONPATH for every later step: nothing is written
+# into the host's own environment, which may be read-only
 wheels() {
   if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install --no-deps .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target .peers .whl/*.whl
   else
     echo "no .whl/ folder: the peers that need a wheel will be skipped with their reason"
   fi
@@ -125,9 +129,10 @@ EOF
 
 export PY
 export -f environment wheels ncu_bwd          # run under `timeout` through bash -c
-step environment 20 bash -c environment
-cp "$LOG" "$OUT_DIR/env.txt"
 step wheels 40 bash -c wheels
+export PYTHONPATH="$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}"
+step environment 20 bash -c environment        # the versions the steps below run with
+cp "$LOG" "$OUT_DIR/env.txt"
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 # every logprobs provider, the head target's comparisons first (the slow compile last)

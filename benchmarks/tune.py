@@ -9,8 +9,11 @@ chose, the times of the runs and the largest difference between the default's an
 run's outputs (every ``AUTOTUNE`` entry is also checked against the oracle by
 ``tests/kernels/test_linear_logprobs_triton.py``, compiled when run on a GPU). A chosen config
 that beats the default is the candidate for the device class's ``CONFIGS`` entry.
+``--logits gemm`` does the same for the kernels that read cuBLAS logits
+(``TISDPO_HEAD_LOGITS=gemm``; they never use TMA, so that column is left out).
 
     python -m benchmarks.tune --shape llama3-8b --tokens 8k
+    python -m benchmarks.tune --shape llama3-8b --tokens 8k --logits gemm
     python -m benchmarks.tune --cpu-smoke          # the same steps, interpreted, no autotuning
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 from benchmarks.measure import env_vars, time_fn
 from benchmarks.shapes import PRESETS, parse_tokens
 
-KERNELS = ("linear_logprobs_fwd", "linear_logprobs_bwd")
+KERNELS = {"fused": ("linear_logprobs_fwd", "linear_logprobs_bwd"),
+           "gemm": ("linear_logprobs_fwd_z", "linear_logprobs_bwd_z")}
 
 
 def _inputs(n, d, v, dtype, device, seed=0):
@@ -58,17 +62,18 @@ def _run(h, w, y, up, *, reps, warmup):
     return f, b, (logp.detach(), h.grad.clone(), w.grad.clone())
 
 
-def _chosen(h, w) -> dict:
+def _chosen(h, w, logits: str) -> dict:
     """The config the autotuner kept for each kernel (after a run with TISDPO_AUTOTUNE=1)."""
     from tisdpo_kernels._triton import common, linear_logprobs as L
 
-    kernels = {"linear_logprobs_fwd": (L.linear_logprobs_fwd_kernel, L._DESCRIPTORS),
-               "linear_logprobs_bwd": (L.linear_logprobs_bwd_kernel, L._BWD_DESCRIPTORS)}
+    fwd, bwd = KERNELS[logits]
+    kernels = {fwd: (L.linear_logprobs_fwd_kernel, L._DESCRIPTORS),
+               bwd: (L.linear_logprobs_bwd_kernel, L._BWD_DESCRIPTORS)}
+    tma = logits == "fused" and common.tma(h, w)
     out = {}
-    for name in KERNELS:
+    for name in KERNELS[logits]:
         fn, descriptors = kernels[name]         # keyed as the launchers key the autotuner
-        tuner = common._autotuned(name, fn, ("V", "D"), (),
-                                  descriptors if common.tma(h, w) else ())
+        tuner = common._autotuned(name, fn, ("V", "D"), (), descriptors if tma else ())
         best = getattr(tuner, "best_config", None)
         out[name] = None if best is None else {**best.kwargs, "num_warps": best.num_warps,
                                                "num_stages": best.num_stages}
@@ -81,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(PRESETS)}")
     ap.add_argument("--tokens", default="8k")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--logits", default="fused", choices=("fused", "gemm"),
+                    help="TISDPO_HEAD_LOGITS: the fused kernels, or those reading cuBLAS logits")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -99,25 +106,29 @@ def main(argv=None) -> int:
             args.dtype]
     h, w, y, up = _inputs(n, d, v, dtype, device)
     rows = {}
-    for mode, autotune, tma in (("default", "0", "auto"), ("no-tma", "0", "0"),
-                                ("autotuned", "1", "auto")):
-        with env_vars(TISDPO_AUTOTUNE=autotune, TISDPO_TMA=tma):
+    kernels = KERNELS[args.logits]
+    modes = (("default", "0", "auto"), ("no-tma", "0", "0"), ("autotuned", "1", "auto"))
+    for mode, autotune, tma in modes:
+        if mode == "no-tma" and args.logits == "gemm":
+            continue
+        with env_vars(TISDPO_AUTOTUNE=autotune, TISDPO_TMA=tma,
+                      TISDPO_HEAD_LOGITS=args.logits):
             rows[mode] = _run(h, w, y, up, reps=args.reps, warmup=args.warmup)
             if mode == "autotuned":       # the autotuner's key depends on TISDPO_TMA
-                chosen = (_chosen(h, w) if device.type == "cuda"
-                          else {k: None for k in KERNELS})
+                chosen = (_chosen(h, w, args.logits) if device.type == "cuda"
+                          else {k: None for k in kernels})
     diff = [(a.float() - b.float()).abs().max().item()
             for a, b in zip(rows["default"][2], rows["autotuned"][2])]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(json.dumps({"device": gpu, "torch": torch.__version__, "N": n, "D": d, "V": v,
-                      "dtype": str(dtype), "chosen": chosen,
+                      "dtype": str(dtype), "logits": args.logits, "chosen": chosen,
                       "max_diff": dict(zip(("logp", "d_hidden", "d_weight"), diff))}))
     print(f"| pass | default ms | TISDPO_TMA=0 ms | autotuned ms | chosen config ({gpu}, "
           f"N={n}, D={d}, V={v}) |")
     print("|---|---|---|---|---|")
-    for i, (name, kernel) in enumerate(zip(("forward", "backward"), KERNELS)):
-        print(f"| {name} | {rows['default'][i].median_ms:.3f} | "
-              f"{rows['no-tma'][i].median_ms:.3f} | "
+    for i, (name, kernel) in enumerate(zip(("forward", "backward"), kernels)):
+        no_tma = f"{rows['no-tma'][i].median_ms:.3f}" if "no-tma" in rows else "—"
+        print(f"| {name} | {rows['default'][i].median_ms:.3f} | {no_tma} | "
               f"{rows['autotuned'][i].median_ms:.3f} | {chosen[kernel] or 'n/a'} |")
     return 0
 

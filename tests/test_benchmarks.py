@@ -400,19 +400,28 @@ def test_filtering_table(capsys):
 
 
 @requires_triton
-def test_tune_cpu_smoke(capsys, monkeypatch):
+@pytest.mark.parametrize("logits", ["fused", "gemm"])
+def test_tune_cpu_smoke(logits, capsys, monkeypatch):
     """benchmarks.tune's steps at toy size (the interpreter cannot autotune: both runs use
     the default configs and agree exactly); the caller's TISDPO_* settings are back after."""
     from benchmarks import tune
+    from tisdpo_kernels._triton import linear_logprobs
 
+    calls, real = [], linear_logprobs._gemm_logits
+    monkeypatch.setattr(linear_logprobs, "_gemm_logits", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("TISDPO_AUTOTUNE", "0")
     monkeypatch.delenv("TISDPO_TMA", raising=False)
-    assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0"]) == 0
+    monkeypatch.delenv("TISDPO_HEAD_LOGITS", raising=False)
+    assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0", "--logits", logits]) == 0
     assert os.environ["TISDPO_AUTOTUNE"] == "0" and "TISDPO_TMA" not in os.environ
+    assert "TISDPO_HEAD_LOGITS" not in os.environ
     out = capsys.readouterr().out.splitlines()
     info = json.loads(out[0])
+    assert info["logits"] == logits and bool(calls) == (logits == "gemm")
     assert info["max_diff"] == {"logp": 0.0, "d_hidden": 0.0, "d_weight": 0.0}
-    assert [line.split("|")[1].strip() for line in out[3:]] == ["forward", "backward"]
+    table = [line.split("|") for line in out[3:]]
+    assert [r[1].strip() for r in table] == ["forward", "backward"]
+    assert all((r[3].strip() == "—") == (logits == "gemm") for r in table)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
