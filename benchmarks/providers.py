@@ -73,8 +73,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("ours-gemm", ("logprobs",), "recompute",
              "ours-triton with the logits written by cuBLAS a chunk at a time (input dtype, "
              "as eager rounds them) and read back by the same kernels "
-             "(TISDPO_HEAD_LOGITS=gemm): the GEMMs at cuBLAS speed, plus one memory pass per "
-             "chunk in forward and backward",
+             "(TISDPO_HEAD_LOGITS=gemm): the GEMMs at cuBLAS speed, plus a write and a read of "
+             "the logits per chunk in forward and in backward",
              env=(("TISDPO_HEAD_LOGITS", "gemm"),)),
     Provider("eager", OPS, "materialise",
              "eager PyTorch: materialised logits, fp32 log_softmax, gather (TRL-style)"),

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dispatch_probe import OpProbe
-from head_cases import POLICY as ALL
 from head_cases import check_three_way, logprobs_case, run_logprobs
 from markers import requires_triton
 
@@ -51,31 +50,15 @@ def _small_blocks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_several_chunks_splits_and_packed_rows(dtype, device, monkeypatch):
-    """TISDPO_DZ_MB=1: forward and backward in two chunks of logits (the second chunk holds
-    no kept row past the packed ones), each forward chunk split four ways; a run of ignored
-    rows packed away."""
+    """TISDPO_DZ_MB=1: forward and backward in chunks of 224 rows, so the second chunk holds
+    the last 4 of the 228 kept rows and then only rows past the kept count; each forward
+    chunk split four ways; a run of ignored rows packed away."""
     from tisdpo_kernels._triton.common import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    assert dz_chunk_rows(300, 1100, 4) < 300
+    assert dz_chunk_rows(300, 1100, 4) == 224
     masters, y, grads = logprobs_case(300, 40, 1100, ignored=list(range(60, 130)) + [0, 299])
     with _small_blocks():
         check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
-
-
-def test_agrees_with_the_fused_kernels_in_float32(device, monkeypatch):
-    """Same math, other rounding only: in float32 the two modes agree to float32 roundoff of
-    the logits' magnitude (the GEMM and the kernel's dot sum D products in other orders)."""
-    masters, y, grads = logprobs_case(120, 64, 500, ignored=(3, 50))
-    gemm = run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device,
-                        softcap=5.0)
-    monkeypatch.setenv("TISDPO_HEAD_LOGITS", "fused")
-    fused = run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device,
-                         softcap=5.0)
-    for k in fused:
-        scale = fused[k].abs().max().item()
-        err = (gemm[k] - fused[k]).abs().max().item()
-        assert err <= 1e-4 * max(scale, 1.0), (k, err, scale)
-    assert torch.equal(gemm["logp"] == 0, fused["logp"] == 0)
 
 
 @pytest.mark.parametrize("chunks", ["one", "several"])
@@ -103,7 +86,6 @@ def test_partial_requires_grad(wrt, device):
     masters, y, grads = logprobs_case(47, 31, 123)
     act = check(masters, y, grads, dtype=torch.float32, device=device, wrt=wrt)
     assert set(act) == {"logp", "lse"} | {f"d_{k}" for k in wrt}
-    assert set(wrt) <= set(ALL)
 
 
 def test_gradient_through_lse_only(device):
