@@ -137,8 +137,7 @@ def given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr, stride
     the fp32 tile softcap(z[local, cols] + bias[cols]) of a [C, V] matrix z (the head's
     h·Wᵀ without bias) with row stride ``stride_z``; 0 + bias outside ``row_mask``, so rows a
     mask leaves out never read what they hold (NaN padding included)."""
-    z = tl.load(z_ptr + local.to(tl.int64)[:, None] * stride_z + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    z = load_tile(z_ptr, local, cols, stride_z, 1, row_mask, col_mask, True)   # fp32
     return _bias_softcap(z, b_ptr, cols, col_mask, stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
 
 
