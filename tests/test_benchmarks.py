@@ -206,8 +206,8 @@ def test_ours_gemm_reads_gemm_logits_forward_and_backward(monkeypatch):
         pytest.skip(f"ours-gemm unavailable on CPU here: {why}")
     from tisdpo_kernels._triton import linear_logprobs
 
-    seen, real = [], linear_logprobs._gemm_logits
-    monkeypatch.setattr(linear_logprobs, "_gemm_logits",
+    seen, real = [], linear_logprobs.gemm_logits
+    monkeypatch.setattr(linear_logprobs, "gemm_logits",
                         lambda *a: seen.append(os.environ.get("TISDPO_HEAD_LOGITS")) or real(*a))
     rows = run(_config(modes=["fwdbwd"], providers=["ours-gemm"], reps=1, ceiling=False),
                _env())
@@ -407,8 +407,8 @@ def test_tune_cpu_smoke(logits, capsys, monkeypatch):
     from benchmarks import tune
     from tisdpo_kernels._triton import linear_logprobs
 
-    calls, real = [], linear_logprobs._gemm_logits
-    monkeypatch.setattr(linear_logprobs, "_gemm_logits", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], linear_logprobs.gemm_logits
+    monkeypatch.setattr(linear_logprobs, "gemm_logits", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("TISDPO_AUTOTUNE", "0")
     monkeypatch.delenv("TISDPO_TMA", raising=False)
     monkeypatch.delenv("TISDPO_HEAD_LOGITS", raising=False)

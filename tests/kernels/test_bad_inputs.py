@@ -83,7 +83,7 @@ def test_linear_logprobs_ignores_garbage_in_ignored_rows(impl, dtype, softcap, g
 def test_triton_ignored_rows_in_several_dz_slabs(monkeypatch):
     """TISDPO_DZ_MB=1 splits the backward into slabs: the rows past the kept count of each
     slab reach the d_weight GEMM as zeros, not as their (NaN) hidden states."""
-    from tisdpo_kernels._triton.common import dz_chunk_rows
+    from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     case = _head_case(n=300, d=16, v=1100)
     assert dz_chunk_rows(300, 1100, 4) < 300

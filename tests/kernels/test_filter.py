@@ -76,8 +76,8 @@ def kept(monkeypatch):
 
     monkeypatch.setattr(torch_head, "kept_columns", spy)
     try:
-        from tisdpo_kernels._triton import common as triton_common
-        monkeypatch.setattr(triton_common, "kept_columns", spy)
+        from tisdpo_kernels._triton import slabs
+        monkeypatch.setattr(slabs, "kept_columns", spy)
     except ImportError:
         pass
     return seen

@@ -53,7 +53,7 @@ def test_several_chunks_splits_and_packed_rows(dtype, device, monkeypatch):
     """TISDPO_DZ_MB=1: forward and backward in chunks of 224 rows, so the second chunk holds
     the last 4 of the 228 kept rows and then only rows past the kept count; each forward
     chunk split four ways; a run of ignored rows packed away."""
-    from tisdpo_kernels._triton.common import dz_chunk_rows
+    from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4) == 224
     masters, y, grads = logprobs_case(300, 40, 1100, ignored=list(range(60, 130)) + [0, 299])

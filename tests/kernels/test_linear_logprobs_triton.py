@@ -46,7 +46,7 @@ def test_matches_oracle(dtype, bias, softcap, scale, device):
 def test_backward_in_several_dz_slabs(dtype, device, monkeypatch):
     """TISDPO_DZ_MB=1 below the slab of all N rows (N·V·4 = 1.3 MB): the backward runs in two
     chunks, d_weight and d_bias accumulate across them, and the oracle still holds."""
-    from tisdpo_kernels._triton.common import dz_chunk_rows
+    from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4) < 300
     masters, y, grads = make_inputs(n=300, v=1100, ignored=(0, 5, 299))

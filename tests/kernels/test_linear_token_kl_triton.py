@@ -145,7 +145,7 @@ def test_extreme_logits_underflow(dtype, direction, device):
 def test_backward_in_several_dz_slabs(direction, dtype, device, monkeypatch):
     """TISDPO_DZ_MB=1 below the slab of all N rows: the backward runs in two chunks and the
     oracle still holds; two runs give the same gradients bit for bit (no atomics)."""
-    from tisdpo_kernels._triton.common import dz_chunk_rows
+    from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4) < 300
     masters, y, grads = make_inputs(n=300, v=1100, ignored=(0, 5, 299))

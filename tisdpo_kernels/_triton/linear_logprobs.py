@@ -12,7 +12,7 @@ per-split lse partials [S, N] and the split holding the target writes the target
 parallelism (few tokens) and for L2 reuse (programs that run together share hidden strips and
 weight tiles). Flops: 2·N·D·V.
 
-Backward, per chunk of C rows (``common.slab_backward``; C from ``TISDPO_DZ_MB``, all N in
+Backward, per chunk of C rows (``slabs.slab_backward``; C from ``TISDPO_DZ_MB``, all N in
 one chunk when they fit): ``linear_logprobs_bwd_kernel``, one program per (token block,
 vocabulary block) tile of the chunk, grouped GROUP_N token blocks at a time for L2 reuse,
 recomputes the logit tile and writes
@@ -57,10 +57,12 @@ from torch import Tensor
 from tisdpo_kernels import _env
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, dz_chunk_rows,
-    dz_dtype, dz_slab, gather_cols, given_logits, grouped_tile, head_logits, launch, mask_cols,
-    num_splits, online_lse_step, slab_backward, softcap_grad, split_rows, store_tile, tma,
-    upcast,
+    check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
+    given_logits, grouped_tile, head_logits, launch, mask_cols, num_splits, online_lse_step,
+    softcap_grad, split_rows, store_tile, tma, upcast,
+)
+from tisdpo_kernels._triton.slabs import (
+    dz_chunk_rows, dz_dtype, dz_slab, gemm_logits, slab_backward,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -205,7 +207,7 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
     """(logp [N], lse [N]) float32, 0 where ``targets == ignore_index``. hidden [N, D] and
     weight [V, D] may be strided views; targets [N] int64; bias [V] or None. Under
     ``TISDPO_HEAD_LOGITS=gemm``, chunk by chunk of the dz budget: the logits by a GEMM, then
-    the same kernel reading them (:func:`_gemm_logits`)."""
+    the same kernel reading them (``slabs.gemm_logits``)."""
     N, D = hidden.shape
     V = weight.shape[0]
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
@@ -226,7 +228,7 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
         buf = dz_slab(c, V, dt, hidden.device)             # one chunk's logits, reused
         for lo in range(0, N, c):
             sl = rows[lo:lo + c]
-            z = _gemm_logits(hidden, weight, sl, buf[:sl.shape[0]])
+            z = gemm_logits(hidden, weight, sl, buf[:sl.shape[0]])
             _fwd_rows(hidden, weight, bias, targets, sl, (count - lo).clamp(0, sl.shape[0]),
                       logp, lse, softcap, flags, z)
     return logp, lse
@@ -261,18 +263,6 @@ def _fwd_rows(hidden, weight, bias, targets, rows, count, logp, lse, softcap, fl
             **cc.launch_kwargs(hidden))
 
 
-def _gemm_logits(hidden, weight, rows, out):
-    """``out`` [C, V] = hidden[rows] @ weightᵀ, rounded to the input dtype as eager rounds
-    the logits (a cuBLAS GEMM on CUDA; under the interpreter the float32 slab takes the
-    rounded values)."""
-    h = hidden.index_select(0, rows)
-    if out.dtype == hidden.dtype and out.is_contiguous():
-        torch.matmul(h, weight.T, out=out)
-    else:
-        out.copy_(h @ weight.T)
-    return out
-
-
 def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignore_index: int,
                         softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool,
                         filter_eps: float | None = None):
@@ -303,7 +293,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
         z = dz
         if gemm:     # in place, except under autotuning (its trials would read dz as z)
             z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
-            _gemm_logits(hidden, weight, rows[lo:lo + C], z)
+            gemm_logits(hidden, weight, rows[lo:lo + C], z)
         args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, z, dz, pm, lo, C,
                 V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),

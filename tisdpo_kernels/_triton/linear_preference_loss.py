@@ -42,9 +42,10 @@ from tisdpo_kernels._common import addmm_f32_, chunk_size
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
-    check_dtype, device_guard, dz_dtype, gather_cols, launch, mask_cols, online_lse_step,
-    softcap_fwd, softcap_grad,
+    check_dtype, device_guard, gather_cols, launch, mask_cols, online_lse_step, softcap_fwd,
+    softcap_grad,
 )
+from tisdpo_kernels._triton.slabs import dz_dtype
 from tisdpo_kernels.config import PairHeadOptions
 
 __all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]

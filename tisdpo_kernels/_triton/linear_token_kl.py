@@ -27,7 +27,7 @@ partial statistics by the same rule. Saved for backward: m_p, log S_p, m_q, log 
 fp32 lse of magnitude |z| would add a per-row error that sums coherently into d_weight).
 Flops: 2·N·(D + D')·V.
 
-Backward, per chunk of C rows (``common.slab_backward``, as in linear_logprobs.py):
+Backward, per chunk of C rows (``slabs.slab_backward``, as in linear_logprobs.py):
 ``linear_token_kl_bwd_kernel``, one program per (token block, vocab block) tile of the chunk,
 grouped GROUP_N token blocks at a time for L2 reuse, recomputes both logit tiles and writes
 
@@ -60,9 +60,10 @@ from torch import Tensor
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
-    grouped_tile, head_logits, launch, mask_cols, num_splits, slab_backward, softcap_grad,
-    split_rows, store_tile, tma, upcast,
+    grouped_tile, head_logits, launch, mask_cols, num_splits, softcap_grad, split_rows,
+    store_tile, tma, upcast,
 )
+from tisdpo_kernels._triton.slabs import slab_backward
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
            "LinearTokenKLFunction"]
