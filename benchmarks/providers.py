@@ -70,7 +70,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "through pointers instead of Hopper's tensor memory accelerator (TISDPO_TMA=0; "
              "the same on GPUs before Hopper)",
              env=(("TISDPO_TMA", "0"),)),
-    Provider("ours-gemm", ("logprobs",), "recompute",
+    Provider("ours-gemm", ("logprobs", "kl"), "recompute",
              "ours-triton with the logits written by cuBLAS a chunk at a time (input dtype, "
              "as eager rounds them) and read back by the same kernels "
              "(TISDPO_HEAD_LOGITS=gemm): the GEMMs at cuBLAS speed, plus a write and a read of "

@@ -80,7 +80,7 @@ def compile_kernel(fn, arch: int, constexprs: dict, ptr_type, *, num_warps: int,
 
 # the head kernels' tensors in the input dtype; every other float pointer is fp32
 HEAD_INPUTS = frozenset({"h_ptr", "w_ptr", "b_ptr", "hr_ptr", "wr_ptr", "br_ptr", "dz_ptr",
-                         "z_ptr"})
+                         "z_ptr", "r_ptr"})
 
 
 def head_ptr_type(cx: dict, dt: str):
@@ -114,8 +114,8 @@ def offline(test_file: str, func: str, timeout: int = 300):
 def _head_tiles() -> None:
     """Registers, spills and shared memory of the LM-head kernels per tile on sm_90 in bf16:
     with and without a bias + softcap, FLATTEN (forward) and TMA for the weight (and the
-    backward's dz slab), and with Z_GIVEN: the numbers tisdpo_kernels/_triton/configs.py and
-    docs quote."""
+    backward's dz slab), and with Z_GIVEN (the KL head's too): the numbers
+    tisdpo_kernels/_triton/configs.py and docs quote."""
     from tisdpo_kernels._triton import linear_logprobs as L
 
     tiles = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
@@ -154,6 +154,24 @@ def _head_tiles() -> None:
                 else:
                     fn = L.linear_logprobs_bwd_kernel
                     cx.update(HAS_FILTER=False, GROUP_N=1)
+                shared, _, regs, spills = compile_kernel(
+                    fn, 90, cx, head_ptr_type(cx, "bf16"), num_warps=w, num_stages=2)
+                print(f"| {kind} | {cap} | - | False | {bn}×{bv} | - | {w} | 2 | {regs} "
+                      f"| {spills} | {shared / 1024:.0f} |")
+    # the KL head's kernels with Z_GIVEN: two logit tiles read per tile (policy_ref)
+    from tisdpo_kernels._triton import linear_token_kl as K
+    for kind in ("kl-fwd-z", "kl-bwd-z"):
+        for cap in (False, True):
+            for bn, bv, w in ((16, 128, 8), (16, 256, 8), (32, 256, 16)):
+                cx = dict(HAS_BIAS=cap, HAS_REF_BIAS=cap, HAS_SOFTCAP=cap, POLICY_REF=True,
+                          UPCAST=False, TMA=False, Z_GIVEN=True, DOT_PRECISION="ieee",
+                          BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
+                if kind == "kl-fwd-z":
+                    fn = K.linear_token_kl_fwd_kernel
+                    cx.update(FINAL=False)
+                else:
+                    fn = K.linear_token_kl_bwd_kernel
+                    cx.update(GROUP_N=1)
                 shared, _, regs, spills = compile_kernel(
                     fn, 90, cx, head_ptr_type(cx, "bf16"), num_warps=w, num_stages=2)
                 print(f"| {kind} | {cap} | - | False | {bn}×{bv} | - | {w} | 2 | {regs} "

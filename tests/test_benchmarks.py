@@ -198,19 +198,22 @@ def test_provider_env_holds_through_forward_and_backward(monkeypatch):
     assert os.environ["TISDPO_TMA"] == "1"
 
 
-def test_ours_gemm_reads_gemm_logits_forward_and_backward(monkeypatch):
+@pytest.mark.parametrize("op,module", [("logprobs", "linear_logprobs"),
+                                       ("kl", "linear_token_kl")])
+def test_ours_gemm_reads_gemm_logits_forward_and_backward(op, module, monkeypatch):
     """ours-gemm: every forward and backward of the run goes through the GEMM-logits path
     (TISDPO_HEAD_LOGITS=gemm), and its error rows against the fp32 reference are written."""
-    why = providers.skip_reason("ours-gemm", "logprobs", CPU, dtype=torch.bfloat16)
+    import importlib
+    why = providers.skip_reason("ours-gemm", op, CPU, dtype=torch.bfloat16)
     if why is not None:
         pytest.skip(f"ours-gemm unavailable on CPU here: {why}")
-    from tisdpo_kernels._triton import linear_logprobs
+    mod = importlib.import_module(f"tisdpo_kernels._triton.{module}")
 
-    seen, real = [], linear_logprobs.gemm_logits
-    monkeypatch.setattr(linear_logprobs, "gemm_logits",
+    seen, real = [], mod.gemm_logits
+    monkeypatch.setattr(mod, "gemm_logits",
                         lambda *a: seen.append(os.environ.get("TISDPO_HEAD_LOGITS")) or real(*a))
-    rows = run(_config(modes=["fwdbwd"], providers=["ours-gemm"], reps=1, ceiling=False),
-               _env())
+    rows = run(_config(ops=[op], modes=["fwdbwd"], providers=["ours-gemm"], reps=1,
+                       ceiling=False), _env())
     assert _value(rows, provider="ours-gemm", mode="fwdbwd", metric="time") > 0
     assert _by(rows, provider="ours-gemm", metric="err_dweight")
     assert len(seen) >= 2 and set(seen) == {"gemm"}, seen

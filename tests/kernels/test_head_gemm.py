@@ -1,5 +1,6 @@
-"""TISDPO_HEAD_LOGITS=gemm: the Triton ``linear_logprobs`` with its logits written by a GEMM
-(cuBLAS on CUDA) a chunk at a time, then read by the same kernels, against the oracle.
+"""TISDPO_HEAD_LOGITS=gemm: the Triton ``linear_logprobs`` and ``linear_token_kl`` with their
+logits written by a GEMM (cuBLAS on CUDA) a chunk at a time, then read by the same kernels,
+against the oracle.
 
 The logits are rounded to the input dtype, as eager rounds them; the oracle's eager term
 (tests/numerics.py) carries that rounding, so the bounds are the fused kernels' own.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from dispatch_probe import OpProbe
-from head_cases import check_three_way, logprobs_case, run_logprobs
+from head_cases import check_three_way, kl_case, logprobs_case, run_kl, run_logprobs
 from markers import requires_triton
 
 pytestmark = requires_triton
@@ -19,6 +20,7 @@ pytestmark = requires_triton
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 check = partial(check_three_way, run_logprobs, "triton", check_dtypes=True)
+check_kl = partial(check_three_way, run_kl, "triton", check_dtypes=True)
 
 
 @pytest.fixture(autouse=True)
@@ -117,29 +119,153 @@ def test_bad_mode_is_named(device, monkeypatch):
         run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
 
 
+# --- linear_token_kl: both heads' logits from GEMMs ------------------------------------------
+
+
+def _kl_inputs(n=47, v=123, **kw):
+    """kl_case with D ≠ D', upstream zeros every 5th kl / 4th logp, none every 7th token."""
+    return kl_case(n, 31, 29, v, ref_bias=kw.pop("ref_bias", True),
+                   zeros=(slice(None, None, 5), slice(1, None, 4)), silent=slice(2, None, 7),
+                   **kw)
+
+
+@pytest.mark.parametrize("bias,softcap,scale", [
+    (False, None, 2.0), (True, 2.5, 2.0), (True, None, 40.0),
+], ids=["plain", "biases+softcap", "large-logits"])
+@pytest.mark.parametrize("direction", ["policy_ref", "ref_policy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_kl_matches_oracle(dtype, direction, bias, softcap, scale, device):
+    masters, y, grads = _kl_inputs(bias=bias, ref_bias=bias, scale=scale, ref_scale=scale)
+    act = check_kl(masters, y, grads, dtype=dtype, device=device, direction=direction,
+                   softcap=softcap)
+    ignored = (y == -100).to(device)
+    for k in ("kl", "logp", "ref_logp", "d_hidden"):
+        assert torch.all(act[k][ignored] == 0), k
+
+
+def _kl_small_blocks():
+    """As _small_blocks, for the KL kernels: 4 vocabulary splits and their combine."""
+    from tisdpo_kernels._triton import configs as C
+    return C.override(
+        linear_token_kl_fwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16},
+                                             host={"min_splits": 4}),
+        linear_token_kl_fwd_combine=C.KernelConfig({"BLOCK_N": 32}),
+        linear_token_kl_bwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16,
+                                              "GROUP_N": 2}),
+    )
+
+
+@pytest.mark.parametrize("dtype,direction", [(torch.float32, "policy_ref"),
+                                             (torch.bfloat16, "ref_policy")],
+                         ids=["fp32-policy_ref", "bf16-ref_policy"])
+def test_kl_several_chunks_splits_and_packed_rows(dtype, direction, device, monkeypatch):
+    """TISDPO_DZ_MB=1: the two heads' logits share the budget, so chunks of 112 rows (half of
+    the one-head 224): 228 kept rows fill two chunks and 4 rows of the third, whose other
+    rows are past the kept count; each forward chunk split four ways; 70 ignored rows packed
+    away."""
+    from tisdpo_kernels._triton.slabs import dz_chunk_rows
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    assert dz_chunk_rows(300, 1100, 4 + 4) == 112
+    masters, y, grads = _kl_inputs(300, 1100, ignored=list(range(60, 130)) + [0, 299])
+    with _kl_small_blocks():
+        check_kl(masters, y, grads, dtype=dtype, device=device, direction=direction,
+                 softcap=3.0)
+
+
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_kl_backward_is_bitwise_deterministic(chunks, device, monkeypatch):
+    if chunks == "several":
+        monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    masters, y, grads = _kl_inputs(300, 1100)
+    a, b = (run_kl("triton", masters, y, grads, dtype=torch.float32, device=device,
+                   softcap=3.0) for _ in range(2))
+    for k in ("kl", "logp", "ref_logp", "d_hidden", "d_weight", "d_bias"):
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_kl_views_in_nan_buffers(dtype, device):
+    masters, y, grads = _kl_inputs()
+    check_kl(masters, y, grads, dtype=dtype, device=device, direction="ref_policy", softcap=3.0,
+             view=True)
+
+
+@pytest.mark.parametrize("ref_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kl_reference_head_in_another_dtype(ref_dtype, device):
+    """The two logit slabs in different dtypes: a bf16 policy against an fp32 reference head,
+    and the other way round."""
+    masters, y, grads = _kl_inputs()
+    dtype = torch.bfloat16 if ref_dtype == torch.float32 else torch.float32
+    check_kl(masters, y, grads, dtype=dtype, device=device, ref_dtype=ref_dtype,
+             direction="policy_ref", softcap=4.0)
+
+
+@pytest.mark.parametrize("use,wrt", [(("kl",), ("hidden",)), (("logp",), ("weight", "bias")),
+                                     (("kl", "logp"), ())],
+                         ids=["kl->hidden", "logp->weight+bias", "none"])
+def test_kl_partial_upstream_and_requires_grad(use, wrt, device):
+    masters, y, grads = _kl_inputs()
+    act = check_kl(masters, y, grads, dtype=torch.float32, device=device, use=use, wrt=wrt)
+    assert set(act) == {"kl", "logp", "ref_logp"} | {f"d_{k}" for k in wrt}
+
+
+def test_kl_all_ignored(device):
+    masters, y, grads = _kl_inputs(ignored=range(47))
+    act = check_kl(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
+    for k, t in act.items():
+        assert torch.all(t == 0), f"{k} is not all zero"
+
+
+def test_kl_no_host_sync_and_both_slabs_within_the_budget(monkeypatch):
+    """The launchers issue no host-synchronising op, and with the budget at 1 MiB every
+    allocation, the two logit slabs included, is at most half of it (they share it)."""
+    from tisdpo_kernels._triton.linear_token_kl import linear_token_kl_bwd, linear_token_kl_fwd
+    monkeypatch.setenv("TISDPO_CHECKS", "off")
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    masters, y, (g_kl, g_logp) = _kl_inputs(600, 1000, ignored=list(range(30, 90)))
+    t = {k: v.float() for k, v in masters.items()}
+    heads = (t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], y, t["bias"],
+             t["ref_bias"])
+    with OpProbe() as probe:
+        _, _, _, stats = linear_token_kl_fwd(*heads, "policy_ref", -100, 4.0)
+        linear_token_kl_bwd(g_kl.float(), g_logp.float(), *heads, stats, "policy_ref", -100,
+                            4.0, True, True, True)
+    assert not probe.sync_ops(), probe.sync_ops()
+    assert probe.max_bytes <= 1 << 19, probe.max_op
+
+
 # --- the GPU build, checked without a GPU ----------------------------------------------------
 
 
 def _aot_compile_z_kernels():
-    """The two kernels with Z_GIVEN and their tuned configs, compiled for sm90/sm80 in bf16
-    with a bias and a softcap (tests/aot.py): [(name, arch, shared, ptx, regs, spills)]."""
+    """The four kernels with Z_GIVEN and their tuned configs, compiled for sm90/sm80 in bf16
+    with biases and a softcap (tests/aot.py): [(name, arch, shared, ptx, regs, spills)]."""
     from aot import compile_kernel, head_ptr_type
 
-    from tisdpo_kernels._triton import linear_logprobs as L
+    from tisdpo_kernels._triton import linear_logprobs as L, linear_token_kl as K
     from tisdpo_kernels._triton.configs import CONFIGS
 
     out = []
-    for kind, fn, flags in [
-            ("fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=False)),
-            ("fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=True)),
-            ("bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=False)),
-            ("bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=True))]:
+    for op, kind, fn, flags in [
+            ("linear_logprobs", "fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=False)),
+            ("linear_logprobs", "fwd", L.linear_logprobs_fwd_kernel, dict(FINAL=True)),
+            ("linear_logprobs", "bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=False)),
+            ("linear_logprobs", "bwd", L.linear_logprobs_bwd_kernel, dict(HAS_FILTER=True)),
+            ("linear_token_kl", "fwd", K.linear_token_kl_fwd_kernel,
+             dict(FINAL=False, POLICY_REF=True)),
+            ("linear_token_kl", "fwd", K.linear_token_kl_fwd_kernel,
+             dict(FINAL=True, POLICY_REF=False)),
+            ("linear_token_kl", "bwd", K.linear_token_kl_bwd_kernel, dict(POLICY_REF=True)),
+            ("linear_token_kl", "bwd", K.linear_token_kl_bwd_kernel, dict(POLICY_REF=False))]:
         for arch in (90, 80):
-            cfg = CONFIGS[f"linear_logprobs_{kind}_z"]["sm90" if arch >= 90 else "sm80"]
+            cfg = CONFIGS[f"{op}_{kind}_z"]["sm90" if arch >= 90 else "sm80"]
             cx = {**flags, **cfg.meta, "HAS_BIAS": True, "HAS_SOFTCAP": True, "Z_GIVEN": True,
                   "TMA": False, "UPCAST": False, "DOT_PRECISION": "ieee"}
-            tag = "".join(f"-{k.lower()}" for k in ("FINAL", "HAS_FILTER") if flags.get(k))
-            out.append((f"{kind}-z-sm{arch}-bf16{tag}", arch,
+            if op == "linear_token_kl":
+                cx["HAS_REF_BIAS"] = True
+            tag = "".join(f"-{k.lower()}" for k in ("FINAL", "HAS_FILTER", "POLICY_REF")
+                          if flags.get(k))
+            out.append((f"{op}-{kind}-z-sm{arch}-bf16{tag}", arch,
                         *compile_kernel(fn, arch, cx, head_ptr_type(cx, "bf16"),
                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     return out
@@ -147,8 +273,8 @@ def _aot_compile_z_kernels():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real tests compile them")
 def test_z_kernels_compile_for_hopper_and_ampere():
-    """Compiled for sm_90/sm_80 they fit in shared memory, do not spill, hold no matrix
-    instruction (the GEMM is the framework's) and no atomic."""
+    """Both heads' Z_GIVEN kernels: compiled for sm_90/sm_80 they fit in shared memory, do
+    not spill, hold no matrix instruction (the GEMM is the framework's) and no atomic."""
     from aot import ATOMIC, SMEM_LIMIT, offline
 
     for name, arch, shared, ptx, regs, spills in offline(__file__, "_aot_compile_z_kernels"):

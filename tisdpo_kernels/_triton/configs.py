@@ -213,6 +213,35 @@ CONFIGS["linear_token_kl_bwd"] = {
     "default": _c(8, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, GROUP_N=8),
     "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=1),
 }
+# With TISDPO_HEAD_LOGITS=gemm both logit tiles are read from GEMM outputs (Z_GIVEN), no dot:
+# a memory-bound pass, so 16×128 tiles at 8 warps, 8 elements per thread (16-byte bf16
+# vectors). In bf16 on sm_90 with policy_ref (`python tests/aot.py`): 59–74 registers forward,
+# 39–48 backward under Triton 3.8 (56–64 and 39–64 under 3.6); 16 elements per thread takes
+# 94–128. No spills for either direction on sm_90 and sm_80 under 3.8 (the AOT test in
+# tests/kernels/test_head_gemm.py) or 3.6. No weight tiles to share, so no minimum of splits
+# (as linear_logprobs_fwd_z). Not timed.
+CONFIGS["linear_token_kl_fwd_z"] = {
+    "sm90": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16),
+    "sm80": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16),
+    "default": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16),
+    "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=16),
+}
+CONFIGS["linear_token_kl_bwd_z"] = {
+    "sm90": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16, GROUP_N=1),
+    "sm80": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16, GROUP_N=1),
+    "default": _c(8, 2, BLOCK_N=16, BLOCK_V=128, BLOCK_D=16, GROUP_N=1),
+    "interpret": _c(BLOCK_N=128, BLOCK_V=256, BLOCK_D=16, GROUP_N=1),
+}
+AUTOTUNE["linear_token_kl_fwd_z"] = [
+    _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
+    for bn, bv, w, s in [(16, 128, 8, 2), (16, 256, 8, 2), (32, 256, 16, 2), (32, 128, 8, 2),
+                         (16, 64, 4, 2), (16, 128, 4, 2)]
+]
+AUTOTUNE["linear_token_kl_bwd_z"] = [
+    _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16, GROUP_N=1)
+    for bn, bv, w, s in [(16, 128, 8, 2), (16, 256, 8, 2), (32, 256, 16, 2), (32, 128, 8, 2),
+                         (16, 64, 4, 2)]
+]
 AUTOTUNE["linear_token_kl_fwd"] = [
     _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
     for bn, bv, bd, w, s in [(64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 128, 32, 8, 4),

@@ -44,6 +44,13 @@ Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0
 out on the device (``common.compact_rows``, no host sync): they cost no GEMM work and get
 kl = logp = ref_logp = 0 and zero gradient. The reference head gets no gradient.
 
+Logits from GEMMs (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per chunk of rows, the
+framework's GEMM (cuBLAS on CUDA) writes both heads' logits h·Wᵀ and h'·W'ᵀ in their input
+dtypes (the two slabs share the dz budget) and both kernels read their tiles from them
+(``Z_GIVEN``) instead of multiplying; the backward's dz overwrites the policy's logits in
+place. The same math and outputs, the logits rounded as eager rounds them; no TMA, no host
+sync.
+
 Dispatch as linear_logprobs.py: compiled on CUDA; interpreted on CPU with 16-bit tiles upcast after
 loading (UPCAST). The public function goes through ``torch.library`` custom ops so that
 torch.compile sees one node. float64 is rejected (use impl="torch" or "reference").
@@ -57,16 +64,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tisdpo_kernels import _env
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
-    grouped_tile, head_logits, launch, num_splits, softcap_grad, split_rows,
+    given_logits, grouped_tile, head_logits, launch, num_splits, softcap_grad, split_rows,
     store_tile, tma, upcast,
 )
 from tisdpo_kernels._triton.linear_token_kl_stats import (
     M0, kl_online_step, kl_store, linear_token_kl_fwd_combine_kernel,
 )
-from tisdpo_kernels._triton.slabs import slab_backward
+from tisdpo_kernels._triton.slabs import (
+    dz_chunk_rows, dz_dtype, dz_slab, gemm_logits, slab_backward,
+)
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
            "LinearTokenKLFunction"]
@@ -79,15 +89,19 @@ __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
 @triton.jit
 def linear_token_kl_fwd_kernel(
         h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr,
-        part_ptr, tlogit_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr,
+        part_ptr, tlogit_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr, z_ptr, r_ptr,
         N, V, D, DR, NUM_SPLITS,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
-        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, stride_t, cap,
+        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, stride_t, stride_s,
+        stride_z, stride_r, cap,
         HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         POLICY_REF: tl.constexpr, FINAL: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        TMA: tl.constexpr = False):
+        TMA: tl.constexpr = False, Z_GIVEN: tl.constexpr = False):
+    """Over the N slots of rows_ptr; stats [5, stride_s] by row id. Z_GIVEN: both heads'
+    logit tiles are read from z and r [N, V] (slot i's logits in row i; the heads' h·Wᵀ,
+    ``TISDPO_HEAD_LOGITS=gemm``) instead of multiplied."""
     split, slots, row_mask, rows, tgt, v_lo, v_hi, n_tiles = split_rows(
         tl.program_id(0), NUM_SPLITS, rows_ptr, count_ptr, t_ptr, stride_t, V, BLOCK_N, BLOCK_V)
     m_p = tl.full((BLOCK_N,), M0, tl.float32)
@@ -101,21 +115,27 @@ def linear_token_kl_fwd_kernel(
         col0 = v_lo + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
-                        TMA)
-        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
-                        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
-                        HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                        DOT_PRECISION, TMA)
+        if Z_GIVEN:
+            z = given_logits(z_ptr, slots, cols, row_mask, col_mask, stride_z, b_ptr,
+                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+            r = given_logits(r_ptr, slots, cols, row_mask, col_mask, stride_r, br_ptr,
+                             stride_br, cap, HAS_REF_BIAS, HAS_SOFTCAP)
+        else:
+            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
+                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
+            r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
+                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+                            HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
         zt += gather_cols(z, cols, tgt)
         rt += gather_cols(r, cols, tgt)
         m_p, s_p, m_q, s_q, acc = kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask,
-                                                  POLICY_REF)
+                                                 POLICY_REF)
     if FINAL:
         kl_store(rows, row_mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr,
-                  rlogp_ptr, stats_ptr, N, POLICY_REF)
+                 rlogp_ptr, stats_ptr, stride_s, POLICY_REF)
     else:
         # part [5, S, N] by slot: m_p, S_p, m_q, S_q, A; the split holding the target writes
         # the target logits tlogit [2, N]
@@ -134,17 +154,20 @@ def linear_token_kl_fwd_kernel(
 @triton.jit
 def linear_token_kl_bwd_kernel(
         h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr, stats_ptr,
-        gk_ptr, gl_ptr, dz_ptr,
+        gk_ptr, gl_ptr, z_ptr, r_ptr, dz_ptr,
         lo, C, N, V, D, DR,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
         stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br,
-        stride_t, stride_gk, stride_gl, stride_dz, cap,
+        stride_t, stride_gk, stride_gl, stride_z, stride_r, stride_dz, cap,
         HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         POLICY_REF: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr, TMA: tl.constexpr = False):
+        GROUP_N: tl.constexpr, TMA: tl.constexpr = False, Z_GIVEN: tl.constexpr = False):
     """One [BLOCK_N, BLOCK_V] tile of the policy's dz slab for slots lo..lo+C (module
-    docstring): both heads' logits recomputed; zeros for slots past the kept count."""
+    docstring): both heads' logits recomputed; zeros for slots past the kept count.
+    Z_GIVEN: the tiles are read from the chunk's logits z and r [C, V] (the heads' h·Wᵀ)
+    instead of multiplied; z may be the dz slab itself (each program reads, then writes, only
+    its own tile)."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), C, V, BLOCK_N, BLOCK_V, GROUP_N)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -158,14 +181,20 @@ def linear_token_kl_bwd_kernel(
         g_kl = tl.load(gk_ptr + rows * stride_gk, mask=row_mask, other=0.0).to(tl.float32)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
         col0 = pid_v * BLOCK_V
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION,
-                        TMA)
-        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
-                        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
-                        HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                        DOT_PRECISION, TMA)
+        if Z_GIVEN:
+            z = given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr,
+                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
+            r = given_logits(r_ptr, local, cols, row_mask, col_mask, stride_r, br_ptr,
+                             stride_br, cap, HAS_REF_BIAS, HAS_SOFTCAP)
+        else:
+            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
+                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
+            r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
+                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+                            HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                            DOT_PRECISION, TMA)
         m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
         ls_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
         m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
@@ -201,13 +230,13 @@ _BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
 
 
 def _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
-                  softcap) -> dict:
+                  softcap, gemm: bool) -> dict:
     fp32 = torch.float32 in (hidden.dtype, ref_hidden.dtype)
     return dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
                 HAS_SOFTCAP=softcap is not None, POLICY_REF=direction == "policy_ref",
                 UPCAST=upcast(hidden) or upcast(ref_hidden),
                 DOT_PRECISION=dot_precision(torch.float32 if fp32 else hidden.dtype),
-                TMA=tma(hidden, weight, ref_weight))
+                TMA=not gemm and tma(hidden, weight, ref_weight), Z_GIVEN=gemm)
 
 
 def _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
@@ -222,37 +251,68 @@ def _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
 def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias,
                         direction: str, ignore_index: int, softcap: float | None):
     """(kl, logp, ref_logp) float32 [N], 0 where ignored, and the backward's statistics
-    stats [5, N] = (m_p, log S_p, m_q, log S_q, KL). Inputs may be strided views."""
-    N, D = hidden.shape
-    V, DR = weight.shape[0], ref_weight.shape[1]
+    stats [5, N] = (m_p, log S_p, m_q, log S_q, KL). Inputs may be strided views. Under
+    ``TISDPO_HEAD_LOGITS=gemm``, chunk by chunk of the dz budget (both heads' logits within
+    it): the two heads' logits by GEMMs, then the same kernel reading them."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     kl, logp, rlogp = (torch.zeros(N, **f32) for _ in range(3))
     stats = torch.zeros(5, N, **f32)
     if N == 0:
         return kl, logp, rlogp, stats
     rows, count = compact_rows(targets != ignore_index)
-    cfg = configs.get("linear_token_kl_fwd", hidden)
-    splits = num_splits(cfg, hidden, N, V)   # with autotuning: from the default blocks
-    final = splits == 1
-    part = torch.empty((5, splits, N) if not final else (1,), **f32)
-    tlogit = torch.empty((2, N) if not final else (1,), **f32)
-    heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    args = (*heads, targets, rows, count, part, tlogit, kl, logp, rlogp, stats,
-            N, V, D, DR, splits, *strides, targets.stride(0), float(softcap or 1.0))
+    gemm = _env.head_logits() == "gemm"
     flags = _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
-                          softcap)
+                          softcap, gemm)
+    heads = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    outs = (kl, logp, rlogp, stats)
     with device_guard(hidden):
-        launch("linear_token_kl_fwd", linear_token_kl_fwd_kernel,
-               lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * splits,), hidden, args,
-               dict(flags, FINAL=final), autotune_key=("V", "D", "DR"),
-               descriptors=_DESCRIPTORS)
-        if not final:
-            cc = configs.get("linear_token_kl_fwd_combine", hidden)
-            check_blocks("linear_token_kl_fwd_combine", **cc.meta)
-            linear_token_kl_fwd_combine_kernel[(triton.cdiv(N, cc.meta["BLOCK_N"]),)](
-                part, tlogit, rows, count, kl, logp, rlogp, stats, N, splits,
-                POLICY_REF=direction == "policy_ref", **cc.meta, **cc.launch_kwargs(hidden))
+        if not gemm:
+            _fwd_rows(heads, targets, rows, count, outs, softcap, flags)
+            return kl, logp, rlogp, stats
+        dt, dtr = dz_dtype(hidden), dz_dtype(ref_hidden)
+        c = dz_chunk_rows(N, V, (torch.finfo(dt).bits + torch.finfo(dtr).bits) // 8)
+        zbuf, rbuf = dz_slab(c, V, dt, hidden.device), dz_slab(c, V, dtr, hidden.device)
+        for lo in range(0, N, c):
+            sl = rows[lo:lo + c]
+            n = sl.shape[0]
+            z = gemm_logits(hidden, weight, sl, zbuf[:n])
+            r = gemm_logits(ref_hidden, ref_weight, sl, rbuf[:n])
+            _fwd_rows(heads, targets, sl, (count - lo).clamp(0, n), outs, softcap, flags, z, r)
     return kl, logp, rlogp, stats
+
+
+def _fwd_rows(heads, targets, rows, count, outs, softcap, flags, z=None, r=None):
+    """The forward kernel (and the split combine) over the slots of ``rows`` (``count`` [1]
+    of them kept), writing outs = (kl, logp, ref_logp, stats) at the rows' ids; ``z``, ``r``
+    [slots, V]: the two heads' logits (Z_GIVEN) or None."""
+    hidden, weight, ref_hidden, ref_weight = heads[0], heads[1], heads[3], heads[4]
+    kl, logp, rlogp, stats = outs
+    n, D = rows.shape[0], hidden.shape[1]
+    V, DR = weight.shape[0], ref_weight.shape[1]
+    name = "linear_token_kl_fwd_z" if flags["Z_GIVEN"] else "linear_token_kl_fwd"
+    cfg = configs.get(name, hidden)
+    splits = num_splits(cfg, hidden, n, V)   # with autotuning: from the default blocks
+    final = splits == 1
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    part = torch.empty((5, splits, n) if not final else (1,), **f32)
+    tlogit = torch.empty((2, n) if not final else (1,), **f32)
+    ptrs, strides = _head_args(*heads)
+    z = z if z is not None else hidden
+    r = r if r is not None else ref_hidden
+    args = (*ptrs, targets, rows, count, part, tlogit, kl, logp, rlogp, stats, z, r,
+            n, V, D, DR, splits, *strides, targets.stride(0), stats.stride(0), z.stride(0),
+            r.stride(0), float(softcap or 1.0))
+    launch(name, linear_token_kl_fwd_kernel,
+           lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,), hidden, args,
+           dict(flags, FINAL=final), autotune_key=("V", "D", "DR"), descriptors=_DESCRIPTORS)
+    if not final:
+        cc = configs.get("linear_token_kl_fwd_combine", hidden)
+        check_blocks("linear_token_kl_fwd_combine", **cc.meta)
+        linear_token_kl_fwd_combine_kernel[(triton.cdiv(n, cc.meta["BLOCK_N"]),)](
+            part, tlogit, rows, count, kl, logp, rlogp, stats, n, splits, stats.stride(0),
+            POLICY_REF=flags["POLICY_REF"], **cc.meta, **cc.launch_kwargs(hidden))
 
 
 def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, targets, bias,
@@ -261,29 +321,45 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     """(d_hidden, d_weight, d_bias) in the policy inputs' dtypes, each None unless requested.
 
     g_kl, g_logp: [N] upstream gradients (any values; may be strided or expanded); stats: the
-    forward's [5, N]. dz slabs, then GEMMs (``slab_backward``).
+    forward's [5, N]. dz slabs, then GEMMs (``slab_backward``). Under
+    ``TISDPO_HEAD_LOGITS=gemm`` GEMMs first write each chunk's logits of both heads (the
+    policy's into the dz slab, which the kernel overwrites with dz; the reference's into a
+    second slab, the two within the dz budget).
     """
     N, D = hidden.shape
     V, DR = weight.shape[0], ref_weight.shape[1]
     need_db = need_db and bias is not None
     keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
     rows, count = compact_rows(keep)
-    heads, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    ptrs, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    gemm = _env.head_logits() == "gemm"
+    name = "linear_token_kl_bwd_z" if gemm else "linear_token_kl_bwd"
     flags = _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
-                          softcap)
+                          softcap, gemm)
+    dtr = dz_dtype(ref_hidden)
+    rbuf = []                          # the reference logits' slab, made on first use
 
     def write_dz(dz, lo, _pmax):      # (no gradient filtering for the KL head)
         C = dz.shape[0]
-        args = (*heads, targets, rows, count, stats, g_kl, g_logp, dz, lo, C, N, V, D, DR,
-                *strides, targets.stride(0), g_kl.stride(0), g_logp.stride(0), dz.stride(0),
-                float(softcap or 1.0))
-        launch("linear_token_kl_bwd", linear_token_kl_bwd_kernel,
+        z, r = hidden, ref_hidden
+        if gemm:     # in place, except under autotuning (its trials would read dz as z)
+            z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
+            if not rbuf:             # the first chunk is the largest
+                rbuf.append(dz_slab(C, V, dtr, dz.device))
+            sl = rows[lo:lo + C]
+            gemm_logits(hidden, weight, sl, z)
+            r = gemm_logits(ref_hidden, ref_weight, sl, rbuf[0][:C])
+        args = (*ptrs, targets, rows, count, stats, g_kl, g_logp, z, r, dz, lo, C, N, V, D,
+                DR, *strides, targets.stride(0), g_kl.stride(0), g_logp.stride(0),
+                z.stride(0), r.stride(0), dz.stride(0), float(softcap or 1.0))
+        launch(name, linear_token_kl_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=("V", "D", "DR"), descriptors=_BWD_DESCRIPTORS)
 
+    extra = torch.finfo(dtr).bits // 8 if gemm else 0
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
-                             need_db)
+                             need_db, extra_itemsize=extra)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ def kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask, POLICY_REF: tl.const
 
 @triton.jit
 def kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
-              stats_ptr, N, POLICY_REF: tl.constexpr):
-    """Final per-token outputs and the backward's statistics, at the tokens' own rows."""
+              stats_ptr, stride_s, POLICY_REF: tl.constexpr):
+    """Final per-token outputs and the backward's statistics stats [5, stride_s], at the
+    tokens' own rows."""
     ls_p = tl.log(tl.maximum(s_p, 1e-30))    # s ≥ 1 for every stored row
     ls_q = tl.log(tl.maximum(s_q, 1e-30))
     if POLICY_REF:
@@ -50,17 +51,18 @@ def kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlog
     tl.store(logp_ptr + rows, (zt - m_p) - ls_p, mask=mask)
     tl.store(rlogp_ptr + rows, (rt - m_q) - ls_q, mask=mask)
     tl.store(stats_ptr + rows, m_p, mask=mask)
-    tl.store(stats_ptr + N + rows, ls_p, mask=mask)
-    tl.store(stats_ptr + 2 * N + rows, m_q, mask=mask)
-    tl.store(stats_ptr + 3 * N + rows, ls_q, mask=mask)
-    tl.store(stats_ptr + 4 * N + rows, kl, mask=mask)
+    tl.store(stats_ptr + stride_s + rows, ls_p, mask=mask)
+    tl.store(stats_ptr + 2 * stride_s + rows, m_q, mask=mask)
+    tl.store(stats_ptr + 3 * stride_s + rows, ls_q, mask=mask)
+    tl.store(stats_ptr + 4 * stride_s + rows, kl, mask=mask)
 
 
 @triton.jit
 def linear_token_kl_fwd_combine_kernel(
         part_ptr, tlogit_ptr, rows_ptr, count_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr,
-        N, NUM_SPLITS, POLICY_REF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Merge the splits' statistics (empty splits hold m = −1e30, S = A = 0 and vanish)."""
+        N, NUM_SPLITS, stride_s, POLICY_REF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge the splits' statistics part [5, S, N] of N slots (empty splits hold m = −1e30,
+    S = A = 0 and vanish)."""
     slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = slots < tl.load(count_ptr)
     step = NUM_SPLITS.to(tl.int64) * N
@@ -95,4 +97,4 @@ def linear_token_kl_fwd_combine_kernel(
     zt = tl.load(tlogit_ptr + slots, mask=mask, other=0.0)
     rt = tl.load(tlogit_ptr + N + slots, mask=mask, other=0.0)
     kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
-              stats_ptr, N, POLICY_REF)
+              stats_ptr, stride_s, POLICY_REF)

@@ -51,7 +51,7 @@ def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
 
 def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows, count,
                   need_dh: bool, need_dw: bool, need_db: bool, *, filter_eps=None,
-                  targets=None, stats_block_n: int = 16):
+                  targets=None, stats_block_n: int = 16, extra_itemsize: int = 0):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) from dz slabs.
 
     ``rows`` [N] is the compacted row order (``compact_rows``): the kept rows first, ``count``
@@ -69,6 +69,9 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
     V] that ``write_dz`` fills with per-token-block column maxima of the softmax (``pmax`` is
     None otherwise); the GEMMs then run on the columns ``kept_columns`` keeps (``targets`` [N]
     gives the rows' target ids), one host sync per chunk.
+
+    ``extra_itemsize``: bytes per logit of other [C, V] buffers ``write_dz`` holds per chunk
+    (the KL head's reference logits under ``TISDPO_HEAD_LOGITS=gemm``), counted in the budget.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -78,7 +81,7 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
                 torch.zeros_like(bias) if need_db else None)
     dev = hidden.device
     dt = dz_dtype(hidden)
-    c = dz_chunk_rows(n, v, torch.finfo(dt).bits // 8)
+    c = dz_chunk_rows(n, v, torch.finfo(dt).bits // 8 + extra_itemsize)
     single = c >= n
     w = weight if weight.dtype == dt else weight.to(dt)
     dh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_dh else None
