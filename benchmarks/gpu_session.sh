@@ -66,9 +66,16 @@ else
   SHAPE=llama3-8b; PEAKED=llama3-8b-peaked; TOKENS=8k; PAIR=16k; SWEEP=4k,8k,16k,32k,64k
   DEV=cuda
   REPS=10; WARM=3
-  # every test that needs a GPU, and the kernels' oracle tests compiled for it
-  TESTS=(tests/kernels tests/test_loss.py -k "cuda or matches_oracle or slabs or deterministic \
-or filter or one_sweep_triton or tma or head_gemm")
+  # every test that needs a GPU, and the kernels' oracle tests compiled for it; the files
+  # with the realistic-shape tests first, so that a step cut short loses the least
+  FIRST=(tests/kernels/test_linear_logprobs_triton.py tests/kernels/test_linear_token_kl_triton.py
+         tests/test_loss.py tests/kernels/test_one_sweep_triton.py tests/kernels/test_head_gemm.py)
+  TESTS=("${FIRST[@]}")
+  for f in tests/kernels/test_*.py; do
+    [[ " ${FIRST[*]} " == *" $f "* ]] || TESTS+=("$f")
+  done
+  TESTS+=(-k "cuda or matches_oracle or slabs or deterministic or filter or one_sweep_triton \
+or tma or head_gemm")
 fi
 CSV="$OUT_DIR/results.csv"
 BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup "$WARM"
