@@ -37,17 +37,17 @@ def test_matches_oracle(dtype, bias, softcap, scale, device):
     check(masters, y, grads, dtype=dtype, device=device, softcap=softcap)
 
 
-def _small_blocks():
-    """GPU-like launches under the interpreter: several token blocks, 4 vocabulary splits and
-    their combine in every chunk, several vocabulary tiles in backward."""
+def _small_blocks(op="linear_logprobs"):
+    """GPU-like launches of ``op``'s kernels under the interpreter: several token blocks, 4
+    vocabulary splits and their combine in every chunk, several vocabulary tiles in backward."""
     from tisdpo_kernels._triton import configs as C
-    return C.override(
-        linear_logprobs_fwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16},
-                                             host={"min_splits": 4}),
-        linear_logprobs_fwd_combine=C.KernelConfig({"BLOCK_N": 32}),
-        linear_logprobs_bwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16,
-                                              "GROUP_N": 2}),
-    )
+    return C.override(**{
+        f"{op}_fwd_z": C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16},
+                                      host={"min_splits": 4}),
+        f"{op}_fwd_combine": C.KernelConfig({"BLOCK_N": 32}),
+        f"{op}_bwd_z": C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16,
+                                       "GROUP_N": 2}),
+    })
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -143,18 +143,6 @@ def test_kl_matches_oracle(dtype, direction, bias, softcap, scale, device):
         assert torch.all(act[k][ignored] == 0), k
 
 
-def _kl_small_blocks():
-    """As _small_blocks, for the KL kernels: 4 vocabulary splits and their combine."""
-    from tisdpo_kernels._triton import configs as C
-    return C.override(
-        linear_token_kl_fwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16},
-                                             host={"min_splits": 4}),
-        linear_token_kl_fwd_combine=C.KernelConfig({"BLOCK_N": 32}),
-        linear_token_kl_bwd_z=C.KernelConfig({"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_D": 16,
-                                              "GROUP_N": 2}),
-    )
-
-
 @pytest.mark.parametrize("dtype,direction", [(torch.float32, "policy_ref"),
                                              (torch.bfloat16, "ref_policy")],
                          ids=["fp32-policy_ref", "bf16-ref_policy"])
@@ -167,7 +155,7 @@ def test_kl_several_chunks_splits_and_packed_rows(dtype, direction, device, monk
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4 + 4) == 112
     masters, y, grads = _kl_inputs(300, 1100, ignored=list(range(60, 130)) + [0, 299])
-    with _kl_small_blocks():
+    with _small_blocks("linear_token_kl"):
         check_kl(masters, y, grads, dtype=dtype, device=device, direction=direction,
                  softcap=3.0)
 
@@ -214,24 +202,6 @@ def test_kl_all_ignored(device):
     act = check_kl(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
     for k, t in act.items():
         assert torch.all(t == 0), f"{k} is not all zero"
-
-
-def test_kl_no_host_sync_and_both_slabs_within_the_budget(monkeypatch):
-    """The launchers issue no host-synchronising op, and with the budget at 1 MiB every
-    allocation, the two logit slabs included, is at most half of it (they share it)."""
-    from tisdpo_kernels._triton.linear_token_kl import linear_token_kl_bwd, linear_token_kl_fwd
-    monkeypatch.setenv("TISDPO_CHECKS", "off")
-    monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    masters, y, (g_kl, g_logp) = _kl_inputs(600, 1000, ignored=list(range(30, 90)))
-    t = {k: v.float() for k, v in masters.items()}
-    heads = (t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], y, t["bias"],
-             t["ref_bias"])
-    with OpProbe() as probe:
-        _, _, _, stats = linear_token_kl_fwd(*heads, "policy_ref", -100, 4.0)
-        linear_token_kl_bwd(g_kl.float(), g_logp.float(), *heads, stats, "policy_ref", -100,
-                            4.0, True, True, True)
-    assert not probe.sync_ops(), probe.sync_ops()
-    assert probe.max_bytes <= 1 << 19, probe.max_op
 
 
 # --- the GPU build, checked without a GPU ----------------------------------------------------

@@ -87,6 +87,32 @@ __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
 
 
 @triton.jit
+def _both_logits(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, z_ptr, r_ptr, rows, local, cols,
+                 col0, row_mask, col_mask, D, DR, stride_hn, stride_hd, stride_wv, stride_wd,
+                 stride_b, stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, stride_z,
+                 stride_r, cap, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 TMA: tl.constexpr, Z_GIVEN: tl.constexpr):
+    """The policy's and the reference's fp32 logit tiles at (rows, cols): multiplied from the
+    heads, or with Z_GIVEN read from rows ``local`` of the GEMMs' logits z and r."""
+    if Z_GIVEN:
+        z = given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr, stride_b, cap,
+                         HAS_BIAS, HAS_SOFTCAP)
+        r = given_logits(r_ptr, local, cols, row_mask, col_mask, stride_r, br_ptr, stride_br,
+                         cap, HAS_REF_BIAS, HAS_SOFTCAP)
+    else:
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
+                        stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap, HAS_BIAS,
+                        HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, TMA)
+        r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
+                        stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+                        HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                        DOT_PRECISION, TMA)
+    return z, r
+
+
+@triton.jit
 def linear_token_kl_fwd_kernel(
         h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, t_ptr, rows_ptr, count_ptr,
         part_ptr, tlogit_ptr, kl_ptr, logp_ptr, rlogp_ptr, stats_ptr, z_ptr, r_ptr,
@@ -115,20 +141,12 @@ def linear_token_kl_fwd_kernel(
         col0 = v_lo + i * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        if Z_GIVEN:
-            z = given_logits(z_ptr, slots, cols, row_mask, col_mask, stride_z, b_ptr,
-                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
-            r = given_logits(r_ptr, slots, cols, row_mask, col_mask, stride_r, br_ptr,
-                             stride_br, cap, HAS_REF_BIAS, HAS_SOFTCAP)
-        else:
-            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
-                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION, TMA)
-            r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
-                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+        z, r = _both_logits(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, z_ptr, r_ptr, rows,
+                            slots, cols, col0, row_mask, col_mask, D, DR, stride_hn, stride_hd,
+                            stride_wv, stride_wd, stride_b, stride_hrn, stride_hrd, stride_wrv,
+                            stride_wrd, stride_br, stride_z, stride_r, cap, HAS_BIAS,
                             HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION, TMA)
+                            DOT_PRECISION, TMA, Z_GIVEN)
         zt += gather_cols(z, cols, tgt)
         rt += gather_cols(r, cols, tgt)
         m_p, s_p, m_q, s_q, acc = kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask,
@@ -181,20 +199,12 @@ def linear_token_kl_bwd_kernel(
         g_kl = tl.load(gk_ptr + rows * stride_gk, mask=row_mask, other=0.0).to(tl.float32)
         g_lp = tl.load(gl_ptr + rows * stride_gl, mask=row_mask, other=0.0).to(tl.float32)
         col0 = pid_v * BLOCK_V
-        if Z_GIVEN:
-            z = given_logits(z_ptr, local, cols, row_mask, col_mask, stride_z, b_ptr,
-                             stride_b, cap, HAS_BIAS, HAS_SOFTCAP)
-            r = given_logits(r_ptr, local, cols, row_mask, col_mask, stride_r, br_ptr,
-                             stride_br, cap, HAS_REF_BIAS, HAS_SOFTCAP)
-        else:
-            z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, col0, row_mask, col_mask, D,
-                            stride_hn, stride_hd, stride_wv, stride_wd, stride_b, cap,
-                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION, TMA)
-            r = head_logits(hr_ptr, wr_ptr, br_ptr, rows, cols, col0, row_mask, col_mask, DR,
-                            stride_hrn, stride_hrd, stride_wrv, stride_wrd, stride_br, cap,
+        z, r = _both_logits(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, z_ptr, r_ptr, rows,
+                            local, cols, col0, row_mask, col_mask, D, DR, stride_hn, stride_hd,
+                            stride_wv, stride_wd, stride_b, stride_hrn, stride_hrd, stride_wrv,
+                            stride_wrd, stride_br, stride_z, stride_r, cap, HAS_BIAS,
                             HAS_REF_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                            DOT_PRECISION, TMA)
+                            DOT_PRECISION, TMA, Z_GIVEN)
         m_p = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
         ls_p = tl.load(stats_ptr + N + rows, mask=row_mask, other=0.0)
         m_q = tl.load(stats_ptr + 2 * N + rows, mask=row_mask, other=0.0)
