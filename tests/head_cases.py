@@ -6,6 +6,8 @@ call the public op and take autograd gradients; ``check_three_way`` compares an 
 against the reference at the test dtype and in float64 (tests/numerics.py), with the rounding
 magnitudes of tests/magnitudes.py.
 """
+import contextlib
+
 import torch
 
 import magnitudes
@@ -178,13 +180,16 @@ def head_magnitudes(run_fn, masters, y, grads, *, dtype, softcap=None, wrt=POLIC
                                softcap=softcap, grads=names)
 
 
-def check_three_way(run_fn, impl, masters, y, grads, *, dtype, check_dtypes=False, **kw):
+def check_three_way(run_fn, impl, masters, y, grads, *, dtype, check_dtypes=False,
+                    around_actual=contextlib.nullcontext, **kw):
     """truth = reference in float64, ref = reference at ``dtype``, actual = ``impl``; every
     output and gradient through assert_oracle with its rounding magnitude. ``check_dtypes``:
-    also require actual and ref to have the same dtype."""
+    also require actual and ref to have the same dtype. ``around_actual()``: a context the
+    actual run (forward and backward) alone runs in."""
     truth = run_fn("reference", masters, y, grads, dtype=dtype, as_dtype=torch.float64, **kw)
     ref = run_fn("reference", masters, y, grads, dtype=dtype, **kw)
-    act = run_fn(impl, masters, y, grads, dtype=dtype, **kw)
+    with around_actual():
+        act = run_fn(impl, masters, y, grads, dtype=dtype, **kw)
     mags = head_magnitudes(run_fn, masters, y, grads, dtype=dtype, **kw)
     assert act.keys() == truth.keys()
     for k in truth:

@@ -71,6 +71,16 @@ def test_views_in_nan_buffers(dtype, device):
     check(masters, y, grads, dtype=dtype, device=device, softcap=3.0, view=True)
 
 
+@pytest.mark.parametrize("logits", ["fused", "gemm"])
+def test_autocast_does_not_change_the_math(logits, device, monkeypatch):
+    """Under bf16 autocast around both passes, fp32 inputs still compute in fp32, the
+    backward's gradient GEMMs (and the gemm mode's logits) included: fp32's oracle bound."""
+    monkeypatch.setenv("TISDPO_HEAD_LOGITS", logits)
+    masters, y, grads = make_inputs()
+    check(masters, y, grads, dtype=torch.float32, device=device, softcap=3.0,
+          around_actual=partial(torch.autocast, device.type, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("wrt", [("hidden",), ("weight",), ("bias",), ("weight", "bias"), ()],
                          ids=["hidden", "weight", "bias", "weight+bias", "none"])
 def test_partial_requires_grad(wrt, device, monkeypatch):

@@ -164,6 +164,16 @@ def test_views_in_nan_buffers(dtype, device):
           view=True)
 
 
+@pytest.mark.parametrize("logits", ["fused", "gemm"])
+def test_autocast_does_not_change_the_math(logits, device, monkeypatch):
+    """Under bf16 autocast around both passes, fp32 inputs still compute in fp32, the
+    backward's gradient GEMMs (and the gemm mode's logits) included: fp32's oracle bound."""
+    monkeypatch.setenv("TISDPO_HEAD_LOGITS", logits)
+    masters, y, grads = make_inputs()
+    check(masters, y, grads, dtype=torch.float32, device=device, direction="policy_ref",
+          around_actual=partial(torch.autocast, device.type, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("ref_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_reference_head_in_another_dtype(ref_dtype, device):
     """A bf16 policy against an fp32 reference head and an fp32 policy against a bf16 one."""

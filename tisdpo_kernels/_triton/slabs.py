@@ -12,7 +12,7 @@ import torch
 import triton
 
 from tisdpo_kernels import _env
-from tisdpo_kernels._common import addmm_f32_, kept_columns
+from tisdpo_kernels._common import addmm_f32_, kept_columns, no_autocast
 from tisdpo_kernels._triton.common import upcast
 
 
@@ -40,12 +40,13 @@ def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
     """``out`` [C, V] = hidden[rows] @ weightᵀ, rounded to the input dtype as eager rounds
     the logits (``TISDPO_HEAD_LOGITS=gemm``: a cuBLAS GEMM on CUDA; under the interpreter the
-    float32 slab takes the rounded values)."""
+    float32 slab takes the rounded values). In the input dtype whatever autocast is on."""
     h = hidden.index_select(0, rows)
-    if out.dtype == hidden.dtype and out.is_contiguous():
-        torch.matmul(h, weight.T, out=out)
-    else:
-        out.copy_(h @ weight.T)
+    with no_autocast(hidden.device):
+        if out.dtype == hidden.dtype and out.is_contiguous():
+            torch.matmul(h, weight.T, out=out)
+        else:
+            out.copy_(h @ weight.T)
     return out
 
 
@@ -87,43 +88,45 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
     dh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_dh else None
     dw = None if (single or not need_dw) else torch.zeros(v, d, dtype=torch.float32, device=dev)
     db = None
-    for lo in range(0, n, c):
-        hi = min(lo + c, n)
-        dz = dz_slab(hi - lo, v, dt, dev)
-        sl = rows[lo:hi]
-        kept = torch.arange(lo, hi, device=dev) < count                 # [C], no sync
-        cols = None
-        if filter_eps is None:
-            write_dz(dz, lo, None)
-        else:
-            pmax = torch.zeros(triton.cdiv(hi - lo, stats_block_n), v, dtype=torch.float32,
-                               device=dev)
-            write_dz(dz, lo, pmax)
-            tg = torch.where(kept, targets.index_select(0, sl), 0)     # ignored: any id
-            cols = kept_columns(pmax.amax(0), tg, kept, filter_eps)
-        wc = w if cols is None else w.index_select(0, cols)
-        dzc = dz if cols is None else dz.index_select(1, cols)
-        del dz
-        if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
-            dh.index_copy_(0, sl, (dzc @ wc).to(hidden.dtype))
-        if need_dw:
-            h = hidden.index_select(0, sl)
-            h = torch.where(kept[:, None], h, torch.zeros((), dtype=h.dtype, device=dev))
-            h = h if h.dtype == dt else h.to(dt)
-            if single:
-                part = (dzc.t() @ h).to(weight.dtype)
-                dw = part if cols is None else torch.zeros(
-                    v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
-            elif cols is None:
-                addmm_f32_(dw, dzc.t(), h)
-            else:        # distinct columns: one add per element, deterministic
-                dw.index_add_(0, cols, addmm_f32_(torch.zeros(
-                    cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
-        if need_db:
-            part = dzc.sum(0, dtype=torch.float32)
-            if cols is not None:
-                part = torch.zeros(v, dtype=torch.float32, device=dev).index_copy_(0, cols, part)
-            db = part if db is None else db.add_(part)
+    with no_autocast(dev):       # the compute dtype, whatever autocast the caller has on
+        for lo in range(0, n, c):
+            hi = min(lo + c, n)
+            dz = dz_slab(hi - lo, v, dt, dev)
+            sl = rows[lo:hi]
+            kept = torch.arange(lo, hi, device=dev) < count                 # [C], no sync
+            cols = None
+            if filter_eps is None:
+                write_dz(dz, lo, None)
+            else:
+                pmax = torch.zeros(triton.cdiv(hi - lo, stats_block_n), v, dtype=torch.float32,
+                                   device=dev)
+                write_dz(dz, lo, pmax)
+                tg = torch.where(kept, targets.index_select(0, sl), 0)     # ignored: any id
+                cols = kept_columns(pmax.amax(0), tg, kept, filter_eps)
+            wc = w if cols is None else w.index_select(0, cols)
+            dzc = dz if cols is None else dz.index_select(1, cols)
+            del dz
+            if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
+                dh.index_copy_(0, sl, (dzc @ wc).to(hidden.dtype))
+            if need_dw:
+                h = hidden.index_select(0, sl)
+                h = torch.where(kept[:, None], h, torch.zeros((), dtype=h.dtype, device=dev))
+                h = h if h.dtype == dt else h.to(dt)
+                if single:
+                    part = (dzc.t() @ h).to(weight.dtype)
+                    dw = part if cols is None else torch.zeros(
+                        v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
+                elif cols is None:
+                    addmm_f32_(dw, dzc.t(), h)
+                else:        # distinct columns: one add per element, deterministic
+                    dw.index_add_(0, cols, addmm_f32_(torch.zeros(
+                        cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
+            if need_db:
+                part = dzc.sum(0, dtype=torch.float32)
+                if cols is not None:
+                    part = torch.zeros(v, dtype=torch.float32, device=dev).index_copy_(
+                        0, cols, part)
+                db = part if db is None else db.add_(part)
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
     return dh, dw, db
