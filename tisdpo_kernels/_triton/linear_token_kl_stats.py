@@ -38,7 +38,7 @@ def kl_online_step(m_p, s_p, m_q, s_q, acc, z, r, col_mask, POLICY_REF: tl.const
 
 @triton.jit
 def kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
-              stats_ptr, stride_s, POLICY_REF: tl.constexpr):
+             stats_ptr, stride_s, POLICY_REF: tl.constexpr):
     """Final per-token outputs and the backward's statistics stats [5, stride_s], at the
     tokens' own rows."""
     ls_p = tl.log(tl.maximum(s_p, 1e-30))    # s ≥ 1 for every stored row
@@ -97,4 +97,4 @@ def linear_token_kl_fwd_combine_kernel(
     zt = tl.load(tlogit_ptr + slots, mask=mask, other=0.0)
     rt = tl.load(tlogit_ptr + N + slots, mask=mask, other=0.0)
     kl_store(rows, mask, m_p, s_p, m_q, s_q, acc, zt, rt, kl_ptr, logp_ptr, rlogp_ptr,
-              stats_ptr, stride_s, POLICY_REF)
+             stats_ptr, stride_s, POLICY_REF)
