@@ -207,16 +207,18 @@ def test_ours_gemm_reads_gemm_logits_forward_and_backward(op, module, monkeypatc
     why = providers.skip_reason("ours-gemm", op, CPU, dtype=torch.bfloat16)
     if why is not None:
         pytest.skip(f"ours-gemm unavailable on CPU here: {why}")
+    from tisdpo_kernels._triton import slabs
     mod = importlib.import_module(f"tisdpo_kernels._triton.{module}")
 
-    seen, real = [], mod.gemm_logits
-    monkeypatch.setattr(mod, "gemm_logits",
-                        lambda *a: seen.append(os.environ.get("TISDPO_HEAD_LOGITS")) or real(*a))
+    seen = []      # the forward's logits come through slabs.logit_chunks, the backward's not
+    for owner, tag in ((slabs, "fwd"), (mod, "bwd")):
+        monkeypatch.setattr(owner, "gemm_logits", lambda *a, real=owner.gemm_logits, tag=tag: (
+            seen.append((tag, os.environ.get("TISDPO_HEAD_LOGITS"))) or real(*a)))
     rows = run(_config(ops=[op], modes=["fwdbwd"], providers=["ours-gemm"], reps=1,
                        ceiling=False), _env())
     assert _value(rows, provider="ours-gemm", mode="fwdbwd", metric="time") > 0
     assert _by(rows, provider="ours-gemm", metric="err_dweight")
-    assert len(seen) >= 2 and set(seen) == {"gemm"}, seen
+    assert {t for t, _ in seen} == {"fwd", "bwd"} and {e for _, e in seen} == {"gemm"}, seen
     assert "TISDPO_HEAD_LOGITS" not in os.environ
 
 
@@ -408,10 +410,10 @@ def test_tune_cpu_smoke(logits, capsys, monkeypatch):
     """benchmarks.tune's steps at toy size (the interpreter cannot autotune: both runs use
     the default configs and agree exactly); the caller's TISDPO_* settings are back after."""
     from benchmarks import tune
-    from tisdpo_kernels._triton import linear_logprobs
+    from tisdpo_kernels._triton import slabs
 
-    calls, real = [], linear_logprobs.gemm_logits
-    monkeypatch.setattr(linear_logprobs, "gemm_logits", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], slabs.gemm_logits       # the forward's chunk logits
+    monkeypatch.setattr(slabs, "gemm_logits", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("TISDPO_AUTOTUNE", "0")
     monkeypatch.delenv("TISDPO_TMA", raising=False)
     monkeypatch.delenv("TISDPO_HEAD_LOGITS", raising=False)

@@ -384,8 +384,3 @@ def num_splits(cfg, t: torch.Tensor, N: int, V: int) -> int:
         sms = torch.cuda.get_device_properties(t.device).multi_processor_count
         want = max(want, triton.cdiv(2 * sms, n_blocks))
     return max(1, min(want, n_vtiles))
-
-
-# --------------------------------------------------------------------------------------------
-# the backward's gradient GEMMs: dz slabs, no atomics
-# --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from tisdpo_kernels._triton.common import (
     softcap_grad, split_rows, store_tile, tma, upcast,
 )
 from tisdpo_kernels._triton.slabs import (
-    dz_chunk_rows, dz_dtype, dz_slab, gemm_logits, slab_backward,
+    gemm_logits, logit_chunks, slab_backward,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -207,9 +207,8 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
     """(logp [N], lse [N]) float32, 0 where ``targets == ignore_index``. hidden [N, D] and
     weight [V, D] may be strided views; targets [N] int64; bias [V] or None. Under
     ``TISDPO_HEAD_LOGITS=gemm``, chunk by chunk of the dz budget: the logits by a GEMM, then
-    the same kernel reading them (``slabs.gemm_logits``)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
+    the same kernel reading them (``slabs.logit_chunks``)."""
+    N = hidden.shape[0]
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     if N == 0:
@@ -223,14 +222,8 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
         if not gemm:
             _fwd_rows(hidden, weight, bias, targets, rows, count, logp, lse, softcap, flags)
             return logp, lse
-        dt = dz_dtype(hidden)
-        c = dz_chunk_rows(N, V, torch.finfo(dt).bits // 8)
-        buf = dz_slab(c, V, dt, hidden.device)             # one chunk's logits, reused
-        for lo in range(0, N, c):
-            sl = rows[lo:lo + c]
-            z = gemm_logits(hidden, weight, sl, buf[:sl.shape[0]])
-            _fwd_rows(hidden, weight, bias, targets, sl, (count - lo).clamp(0, sl.shape[0]),
-                      logp, lse, softcap, flags, z)
+        for sl, kept, (z,) in logit_chunks(rows, count, [(hidden, weight)]):
+            _fwd_rows(hidden, weight, bias, targets, sl, kept, logp, lse, softcap, flags, z)
     return logp, lse
 
 

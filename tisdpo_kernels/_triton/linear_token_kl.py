@@ -75,7 +75,7 @@ from tisdpo_kernels._triton.linear_token_kl_stats import (
     M0, kl_online_step, kl_store, linear_token_kl_fwd_combine_kernel,
 )
 from tisdpo_kernels._triton.slabs import (
-    dz_chunk_rows, dz_dtype, dz_slab, gemm_logits, slab_backward,
+    dz_dtype, dz_slab, gemm_logits, logit_chunks, slab_backward,
 )
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
@@ -265,7 +265,6 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     ``TISDPO_HEAD_LOGITS=gemm``, chunk by chunk of the dz budget (both heads' logits within
     it): the two heads' logits by GEMMs, then the same kernel reading them."""
     N = hidden.shape[0]
-    V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     kl, logp, rlogp = (torch.zeros(N, **f32) for _ in range(3))
     stats = torch.zeros(5, N, **f32)
@@ -281,15 +280,9 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
         if not gemm:
             _fwd_rows(heads, targets, rows, count, outs, softcap, flags)
             return kl, logp, rlogp, stats
-        dt, dtr = dz_dtype(hidden), dz_dtype(ref_hidden)
-        c = dz_chunk_rows(N, V, (torch.finfo(dt).bits + torch.finfo(dtr).bits) // 8)
-        zbuf, rbuf = dz_slab(c, V, dt, hidden.device), dz_slab(c, V, dtr, hidden.device)
-        for lo in range(0, N, c):
-            sl = rows[lo:lo + c]
-            n = sl.shape[0]
-            z = gemm_logits(hidden, weight, sl, zbuf[:n])
-            r = gemm_logits(ref_hidden, ref_weight, sl, rbuf[:n])
-            _fwd_rows(heads, targets, sl, (count - lo).clamp(0, n), outs, softcap, flags, z, r)
+        for sl, kept, (z, r) in logit_chunks(rows, count,
+                                             [(hidden, weight), (ref_hidden, ref_weight)]):
+            _fwd_rows(heads, targets, sl, kept, outs, softcap, flags, z, r)
     return kl, logp, rlogp, stats
 
 

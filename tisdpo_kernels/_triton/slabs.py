@@ -50,6 +50,22 @@ def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
     return out
 
 
+def logit_chunks(rows: torch.Tensor, count: torch.Tensor, heads):
+    """The forward's chunks under ``TISDPO_HEAD_LOGITS=gemm``: for each chunk of the slots of
+    ``rows`` (``count`` [1] kept), (its rows, its kept count clamped to it on the device,
+    [logits of each (hidden, weight) in ``heads``]). The heads' logit slabs, allocated once,
+    share the ``TISDPO_DZ_MB`` budget."""
+    n, v = rows.shape[0], heads[0][1].shape[0]
+    dts = [dz_dtype(h) for h, _ in heads]
+    c = dz_chunk_rows(n, v, sum(torch.finfo(dt).bits // 8 for dt in dts))
+    bufs = [dz_slab(c, v, dt, rows.device) for dt in dts]
+    for lo in range(0, n, c):
+        sl = rows[lo:lo + c]
+        k = sl.shape[0]
+        yield sl, (count - lo).clamp(0, k), [gemm_logits(h, w, sl, buf[:k])
+                                             for (h, w), buf in zip(heads, bufs)]
+
+
 def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows, count,
                   need_dh: bool, need_dw: bool, need_db: bool, *, filter_eps=None,
                   targets=None, stats_block_n: int = 16, extra_itemsize: int = 0):
