@@ -8,12 +8,12 @@ never import each other).
 - ``per_sequence_weights``: the rank_based / binary token weights within each sequence, by
   two stable sorts (no host sync); the Triton backend computes the scores with its kernel and
   ranks them here, since a segmented-sort kernel would not pay at these sizes.
-- ``addmm_f32_``: a float32 gradient accumulator += a product of 16-bit operands, on tensor
-  cores with fp32 accumulation on a GPU.
-- The token-chunk helpers of the chunked head code (``chunk_size``, ``chunks``,
-  ``no_autocast``, ``valid_and_safe``, ``masked``, ``kept_rows``) and the preference
-  links ``link_loss``: the one-sweep head's sweep (``_one_sweep.py``) runs them for either
-  backend.
+- ``addmm_f32_`` / ``mm_f32``: a float32 gradient accumulator += (or =) a product of 16-bit
+  operands, on tensor cores with fp32 accumulation on a GPU.
+- The token-chunk helpers of the chunked head code (``chunk_size``, ``dz_chunk_rows``,
+  ``chunks``, ``no_autocast``, ``valid_and_safe``, ``masked``, ``kept_rows``) and the
+  preference links ``link_loss``: the one-sweep head's sweep (``_one_sweep.py``) runs them for
+  either backend.
 - ``kept_columns``: the vocabulary columns an opt-in filtered backward keeps for one chunk of
   rows (``filter_eps``, docs/FILTERING.md).
 """
@@ -28,9 +28,9 @@ from tisdpo_kernels import _env
 from tisdpo_kernels import validate as V
 from tisdpo_kernels.config import PreferenceConfig, WeightParams
 
-__all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_",
-           "kept_columns", "chunk_size", "chunks", "no_autocast", "valid_and_safe", "masked",
-           "kept_rows", "link_loss"]
+__all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_", "mm_f32",
+           "kept_columns", "chunk_size", "dz_chunk_rows", "chunks", "no_autocast",
+           "valid_and_safe", "masked", "kept_rows", "link_loss"]
 
 _F64 = torch.float64
 
@@ -48,6 +48,16 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
             and hasattr(torch.ops.aten.addmm, "dtype_out"):
         return torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b as a new ``dtype`` (float32 or float64) tensor: what ``addmm_f32_`` adds, without
+    reading (or first zeroing) an accumulator. bf16/fp16 operands on a GPU: cuBLAS with fp32
+    accumulation (``aten::mm.dtype``); anything else: a GEMM in ``dtype``."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype \
+            and dtype == torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return a.to(dtype) @ b.to(dtype)
 
 
 def kept_columns(col_max_p: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
@@ -127,6 +137,13 @@ def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return chunk_tokens
+
+
+def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
+    """Rows of one dz slab: ``TISDPO_DZ_MB`` over V·itemsize bytes, a multiple of 16 (at
+    least 16), and no more than the n rows there are."""
+    rows = max(16, (_env.dz_budget_bytes() // max(v * itemsize, 1)) // 16 * 16)
+    return max(1, min(n, rows))
 
 
 def chunks(n: int, size: int):

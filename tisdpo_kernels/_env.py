@@ -80,7 +80,8 @@ def head_logits() -> str:
 
 
 def torch_chunk_tokens(vocab: int) -> int:
-    """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most).
+    """TISDPO_CHUNK_TOKENS: tokens per chunk in the torch backend (chunk x V logits at most);
+    when set, also the Triton one-sweep head's (unset, that head fills ``TISDPO_DZ_MB``).
 
     Unset, the chunk is sized from the vocabulary so one fp32 chunk x V buffer is about
     256 MB (2048 tokens up to V = 32768; 523 at V = 128256), and at least 16 tokens.
@@ -89,13 +90,21 @@ def torch_chunk_tokens(vocab: int) -> int:
     return _int("TISDPO_CHUNK_TOKENS", default)
 
 
+def chunk_tokens_set() -> bool:
+    """Whether TISDPO_CHUNK_TOKENS is set (the Triton one-sweep head then takes its chunks
+    from it instead of from ``TISDPO_DZ_MB``)."""
+    return os.environ.get("TISDPO_CHUNK_TOKENS", "").strip() != ""
+
+
 def one_sweep_min_tokens() -> int:
     """TISDPO_ONE_SWEEP_MIN_TOKENS: the tokens per pair (chosen + rejected, padding included)
-    from which ``TISDPOLoss(strategy="auto")`` uses the one-sweep head on CUDA.
+    from which ``TISDPOLoss(strategy="auto")`` uses the one-sweep head on CUDA for pairs longer
+    than one chunk of its sweep (pairs that fit a chunk need no fold and always qualify).
 
-    Default 2048: folding a pair's [V, D] gradient into d_weight moves about 16·V·D bytes and
-    saves 2·T·D·V flops, so it pays above T ≈ 8·(flop/s)/(bytes/s) — about 1.9k tokens on an
-    H100 (≈ 790 TFLOP/s bf16, 3.35 TB/s), 1.3k on an H200 (4.8 TB/s).
+    Default 2048: folding a long pair's [V, D] float32 gradient into d_weight moves about
+    12·V·D bytes and saves 2·T·D·V flops, so it pays above T ≈ 6·(flop/s)/(bytes/s) — about
+    1.4k tokens on an H100 (≈ 790 TFLOP/s bf16, 3.35 TB/s), 1.0k on an H200 (4.8 TB/s), from
+    the spec sheets; 2048 leaves a margin.
     """
     return _int("TISDPO_ONE_SWEEP_MIN_TOKENS", 2048)
 
@@ -103,7 +112,7 @@ def one_sweep_min_tokens() -> int:
 def dz_budget_bytes() -> int:
     """TISDPO_DZ_MB: megabytes for one dz slab of the Triton backward (C rows x V logits).
 
-    Default 1024: at V = 128256 in bf16 that is 4181 rows per chunk; a batch that fits is
+    Default 1024: at V = 128256 in bf16 that is 4176 rows per chunk; a batch that fits is
     one chunk (its gradients are written in the parameters' dtype directly).
     """
     return _int("TISDPO_DZ_MB", 1024) << 20

@@ -1,6 +1,6 @@
 """The backend-neutral sweep of ``linear_preference_loss``, the one-sweep preference head
 (docs/ONE_SWEEP.md). Both backends run it (they never import each other); each supplies a
-:class:`SweepBackend`: its per-chunk function and its gradient accumulator.
+:class:`SweepBackend`: its per-chunk step and its gradient GEMMs.
 
 For a loss that is a sum of per-pair terms, loss = Σ_b ℓ(z_b) / norm with
 
@@ -12,15 +12,20 @@ s_b = [pair b has a token]·ℓ'(z_b) / norm and a per-token vector known in the
 
     e_t = c_t·(onehot(y_t) − p_t) + κ'_t·G_t          (× 1 − tanh² under a softcap)
 
-(G_t = ∂KL_t/∂z_t; κ'_t = κ_t, or 0 on the chosen side when its KL is stop-gradient). The
-forward sweeps pair b's rows chunk by chunk: the backend's chunk function forms the chunk's
-logits once and returns its logp, ref_logp, KL and e; the backend's accumulator writes e_t·W
-into the pair's d_hidden rows and sums M_b = Σ_t e_tᵀ·h_t (and Σ_t e_t) into one [V, D]
-float32 scratch. When the pair's last chunk is done the sweep has z_b, hence s_b (a device
-tensor: no host sync); it scales the pair's d_hidden rows by s_b and adds s_b·M_b into
-d_weight. The backward multiplies the stored gradients by the upstream scalar: no logits are
-recomputed and no head GEMM runs. Memory: d_hidden, d_weight, the scratch (none for a single
-pair) and the backend's chunk buffers; nothing grows with the tokens of a pair.
+(G_t = ∂KL_t/∂z_t; κ'_t = κ_t, or 0 on the chosen side when its KL is stop-gradient). e is
+linear in (c, κ'), so s_b·e_t is e_t with coefficients s_b·c_t and s_b·κ'_t.
+
+The sweep walks chunks of at most ``chunk`` rows (``_schedule``). Pairs with at most that many
+rows go whole, several to a chunk: the chunk's statistics give each of its pairs' z_b, hence
+s_b, before its e is formed, so e comes out already scaled and its GEMMs add straight into
+d_hidden, d_weight and d_bias — no per-pair buffer. A longer pair goes chunk by chunk: each
+chunk's unscaled e·W goes into the pair's d_hidden rows and M_b = Σ_t e_tᵀ·h_t (and Σ_t e_t)
+into a [V, D] float32 buffer; at the pair's last chunk s_b scales its rows and s_b·M_b is
+folded into d_weight (the first such pair's buffer becomes the sum). s_b is a device tensor:
+no host sync. The backward multiplies the stored gradients by the upstream scalar: no logits
+are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most one [V, D] buffer
+besides it (only with two or more long pairs) and the backend's chunk buffers; nothing grows
+with the tokens of a pair.
 """
 from __future__ import annotations
 
@@ -45,20 +50,80 @@ _HALF = (torch.bfloat16, torch.float16)
 class SweepBackend(NamedTuple):
     """What a backend gives the sweep.
 
-    chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts, sd, want_e) ->
-    (logp [C], ref_logp [C] | None, kl [C] | None, e [C, V] | None) for one chunk of rows:
-    h [C, D] (ignored rows already zero), safe [C] the targets (0 where ignored), c and kg [C]
-    the coefficients c_t and κ'_t in the statistics dtype ``sd`` (0 on ignored rows); e is
-    wanted when ``want_e``, in whatever dtype the accumulator takes.
+    chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts, sd, want_e) ->
+    (logp [C], ref_logp [C] | None, kl [C] | None, grad) for one chunk of rows: h [C, D]
+    (ignored rows already zero), safe [C] the targets (0 where ignored), ``sd`` the statistics
+    dtype. ``grad`` is None unless ``want_e``; ``grad(c, kg)`` returns e [C, V] for the
+    coefficients c_t and κ'_t [C] in ``sd`` (0 on ignored rows), in the dtype the GEMMs take.
+    Called at most once: it may overwrite the chunk's logits.
 
-    head_grads(hidden, weight, bias, needs_hidden, needs_weight, needs_bias) -> an accumulator
-    with attributes ``dh`` (d_hidden [N, D] in hidden's dtype), ``dw`` and ``db`` (float32
-    sums, or None when not wanted) and ``add(start, end, h, e)``: d_hidden[start:end] = e·W,
-    dw += eᵀ·h, db += Σ_rows e.
+    gemms(hidden, weight) -> an object with ``acc_dtype`` (d_weight's and d_bias's sums),
+    ``e_w(e, out)``: out [C, D] (hidden's dtype) = e·W, and ``et_h(acc, e, h)``: acc + eᵀ·h
+    in place, or a new sum when acc is None.
     """
 
     chunk: Callable
-    head_grads: Callable
+    gemms: Callable
+
+
+class _Step(NamedTuple):
+    """One chunk: rows ``order[lo:hi]`` of the sweep order, the host ranges ``ranges`` (the
+    same rows, adjacent ones merged), its pair segments ``seg_pair[seg_lo:seg_hi]`` with their
+    offsets in the chunk ``bounds[seg_lo + k : seg_hi + k + 1]`` (k the step's index);
+    ``pair`` is the long pair it is a chunk of (−1: whole pairs), ``last`` its last chunk."""
+
+    lo: int
+    hi: int
+    ranges: tuple
+    seg_lo: int
+    seg_hi: int
+    pair: int
+    last: bool
+
+
+def _schedule(pair_rows, chunk: int):
+    """(steps, order [M], side [M], bounds, seg_pair) on the host: the long pairs (more than
+    ``chunk`` rows) first, each range in balanced chunks; then the other pairs whole, in
+    order, packed into chunks of at most ``chunk`` rows. ``order`` lists the rows in sweep
+    order, ``side`` is 2·b + (0 chosen, 1 rejected) for each; rows in no pair are in neither.
+    Within a step each pair's rows are consecutive, a segment: ``seg_pair`` lists the
+    segments' pairs, ``bounds`` each step's segment offsets (0, …, its row count)."""
+    steps, order, side, bounds, seg_pair = [], [], [], [], []
+
+    def add(parts, pair, last):
+        lo, seg_lo, ranges = len(order), len(seg_pair), []
+        bounds.append(0)
+        for i, ((a, b), tag) in enumerate(parts):
+            order.extend(range(a, b))
+            side.extend([tag] * (b - a))
+            if ranges and ranges[-1][1] == a:        # adjacent rows: one range, taken as a view
+                ranges[-1] = (ranges[-1][0], b)
+            else:
+                ranges.append((a, b))
+            if i + 1 == len(parts) or parts[i + 1][1] // 2 != tag // 2:
+                bounds.append(len(order) - lo)
+                seg_pair.append(tag // 2)
+        steps.append(_Step(lo, len(order), tuple(ranges), seg_lo, len(seg_pair), pair, last))
+
+    short, group, size = [], [], 0
+    for b, pair in enumerate(pair_rows):
+        parts = [(r, 2 * b + k) for k, ranges in enumerate(pair) for r in ranges if r[1] > r[0]]
+        rows = sum(r[1] - r[0] for r, _ in parts)
+        if rows > chunk:
+            pieces = [((a + lo, a + hi), tag) for (a, e), tag in parts
+                      for lo, hi in chunks(e - a, chunk)]
+            for i, piece in enumerate(pieces):
+                add([piece], b, i == len(pieces) - 1)
+        elif rows:
+            short.append((parts, rows))
+    for parts, rows in short:
+        if size + rows > chunk:
+            add(group, -1, True)
+            group, size = [], 0
+        group, size = group + parts, size + rows
+    if group:
+        add(group, -1, True)
+    return steps, *(torch.tensor(x, dtype=torch.long) for x in (order, side, bounds, seg_pair))
 
 
 def _scale_rows_(t: torch.Tensor, s: torch.Tensor, chunk: int) -> None:
@@ -71,48 +136,73 @@ def _scale_rows_(t: torch.Tensor, s: torch.Tensor, chunk: int) -> None:
         t.mul_(s.to(t.dtype))
 
 
-class _PairGrads:
-    """Σ_b s_b·(the gradients of pair b), one pair at a time: the backend's accumulator
-    collects the current pair's unscaled d_hidden rows, M_b (its ``dw``) and Σ e (its ``db``)."""
+class _Grads:
+    """d_hidden [N, D], and the d_weight / d_bias sums, from the chunks' e."""
 
-    def __init__(self, head_grads, hidden, weight, bias, needs, chunk):
-        self.head = head_grads(hidden, weight, bias, *needs)
+    def __init__(self, gemms, hidden, weight, bias, needs, chunk):
+        self.g = gemms(hidden, weight)
         self.weight, self.bias, self.chunk = weight, bias, chunk
-        self.dw = self.db = None
+        self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                   if needs[0] else None)
+        self.want_w, self.want_b = needs[1], needs[2] and bias is not None
+        self.dw = self.db = None          # the sums
+        self.mw = self.mb = None          # the current long pair's M_b and Σ e
 
-    def add(self, start, end, h, e):
-        self.head.add(start, end, h, e)
+    def _sums(self, w, b, e, h):
+        if self.want_w:
+            w = self.g.et_h(w, e, h)
+        if self.want_b:
+            part = e.sum(0, dtype=self.g.acc_dtype)
+            b = part if b is None else b.add_(part)
+        return w, b
 
-    def close(self, ranges, s, last: bool):
-        """Scale pair b's d_hidden rows by s and fold s·M_b into d_weight (s·Σe into d_bias)."""
-        head = self.head
-        if head.dh is not None:
-            for a, b in ranges:
-                _scale_rows_(head.dh[a:b], s, self.chunk)
-        for name in ("dw", "db"):
-            m = getattr(head, name)
-            if m is None:
-                continue
-            total = getattr(self, name)
-            if total is None:               # the first pair's scratch becomes the sum
-                setattr(self, name, m.mul_(s.to(m.dtype)))
-                setattr(head, name, None if last else torch.zeros_like(m))
+    def add(self, step: _Step, rows, h, e):
+        """A chunk of whole pairs, e already scaled by each row's s_b."""
+        if self.dh is not None:
+            if rows is None:
+                a, b = step.ranges[0]
+                self.g.e_w(e, self.dh[a:b])
             else:
-                total.addcmul_(m, s.to(m.dtype))
-                if not last:
-                    m.zero_()
+                out = torch.empty((e.shape[0], self.dh.shape[1]), dtype=self.dh.dtype,
+                                  device=e.device)
+                self.dh.index_copy_(0, rows, self.g.e_w(e, out))
+        self.dw, self.db = self._sums(self.dw, self.db, e, h)
+
+    def add_unscaled(self, step: _Step, h, e):
+        """A chunk (one range) of a long pair, e not yet scaled."""
+        if self.dh is not None:
+            a, b = step.ranges[0]
+            self.g.e_w(e, self.dh[a:b])
+        self.mw, self.mb = self._sums(self.mw, self.mb, e, h)
+
+    def close(self, ranges, s):
+        """Scale the long pair's d_hidden rows by s and fold s·M_b into d_weight (s·Σe into
+        d_bias)."""
+        if self.dh is not None:
+            for a, b in ranges:
+                _scale_rows_(self.dh[a:b], s, self.chunk)
+        for total, m in (("dw", "mw"), ("db", "mb")):
+            part = getattr(self, m)
+            if part is None:
+                continue
+            acc = getattr(self, total)
+            setattr(self, total, part.mul_(s.to(part.dtype)) if acc is None
+                    else acc.addcmul_(part, s.to(part.dtype)))
+            setattr(self, m, None)
 
     def finish(self, uncovered):
         """(d_hidden, d_weight, d_bias), None where not wanted; rows in no pair get 0."""
-        dh = self.head.dh
+        dh = self.dh
         if dh is not None:
             for a, b in uncovered:
                 dh[a:b] = 0
         dw = db = None
-        if self.head.dw is not None or self.dw is not None:
-            dw = (self.dw if self.dw is not None else self.head.dw).to(self.weight.dtype)
-        if self.head.db is not None or self.db is not None:
-            db = (self.db if self.db is not None else self.head.db).to(self.bias.dtype)
+        if self.want_w:
+            dw = (self.dw.to(self.weight.dtype) if self.dw is not None
+                  else torch.zeros_like(self.weight))
+        if self.want_b:
+            db = (self.db.to(self.bias.dtype) if self.db is not None
+                  else torch.zeros_like(self.bias))
         return dh, dw, db
 
 
@@ -127,15 +217,58 @@ def _uncovered(pair_rows, n):
     return out + ([(pos, n)] if pos < n else [])
 
 
-def _pair_link(z, cfg, want_grad):
-    """(ℓ(z), ℓ'(z)) through the same ``link_loss`` the recompute path differentiates."""
-    if not want_grad:
-        return link_loss(z, cfg), None
+def _link_grad(z, cfg):
+    """ℓ'(z) elementwise, through the same ``link_loss`` the recompute path differentiates."""
     zz = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = link_loss(zz, cfg)
+        loss = link_loss(zz, cfg).sum()
     (g,) = torch.autograd.grad(loss, zz)
-    return loss.detach(), g
+    return g
+
+
+class _Rows:
+    """Per-row coefficients of the sweep, in sweep order (float64): c_t, κ_t and κ'_t, the
+    pair of each row, and s(z) = [pair counts]·ℓ'(z)/norm for all pairs at once."""
+
+    def __init__(self, cfg, valid, weights, order, side, num_pairs, normalizer, dev):
+        self.cfg = cfg
+        v = valid.index_select(0, order)
+        w64 = v.to(_F64) if weights is None else torch.where(
+            v, weights.index_select(0, order).to(_F64), 0.0)
+        nu64 = w64 if (cfg.kl_token_weighted and weights is not None) else v.to(_F64)
+        counts = torch.zeros(2 * num_pairs, dtype=torch.long, device=dev).index_add_(
+            0, side, v.long())
+        self.pair_valid = counts.view(num_pairs, 2).sum(1) > 0
+        self.norm = (normalizer if normalizer is not None
+                     else self.pair_valid.sum().clamp(min=1).to(_F64))
+        rejected = (side % 2).bool()
+        inv_n = (1.0 / counts.clamp(min=1).to(_F64))[side] if cfg.reduction == "mean" else 1.0
+        self.valid, self.pair = v, side // 2
+        self.c = torch.where(rejected, -w64, w64) * inv_n                      # ∂z/∂lp_t
+        self.kz = torch.where(rejected, nu64 * cfg.kl_rejected_coef, nu64 * cfg.kl_chosen_coef)
+        self.kg = (self.kz if not cfg.kl_stop_grad_chosen
+                   else torch.where(rejected, self.kz, 0.0))                  # κ'_t
+
+    def s(self, z):
+        """s_b for every pair, from the current z [P] (meaningful for finished pairs)."""
+        return torch.where(self.pair_valid, _link_grad(z, self.cfg), 0.0) / self.norm
+
+
+def _take(t, st: _Step, rows):
+    """The step's rows of t: a view for one range, else a gather (``rows`` on the device)."""
+    if rows is None:
+        a, b = st.ranges[0]
+        return t[a:b]
+    return t.index_select(0, rows)
+
+
+def _put(t, x, st: _Step, rows):
+    """t[the step's rows] = x."""
+    if rows is None:
+        a, b = st.ranges[0]
+        t[a:b] = x
+    else:
+        t.index_copy_(0, rows, x)
 
 
 def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, bias, ref_hidden,
@@ -149,8 +282,13 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
     n, dev = hidden.shape[0], hidden.device
     sd = stat_dtype(hidden.dtype)
     valid, safe = valid_and_safe(targets, opts.ignore_index)
-    w64 = valid.to(_F64) if weights is None else torch.where(valid, weights.to(_F64), 0.0)
-    nu64 = w64 if (cfg.kl_token_weighted and weights is not None) else valid.to(_F64)
+    steps, *meta = _schedule(opts.pair_rows, chunk)
+    if dev.type == "cuda":                       # one small host-to-device copy, no sync
+        sizes = [t.numel() for t in meta]
+        meta = torch.cat(meta).pin_memory().to(dev, non_blocking=True).split(sizes)
+    order, side, bounds, seg_pair = meta
+    num_pairs = len(opts.pair_rows)
+    rows_ = _Rows(cfg, valid, weights, order, side, num_pairs, normalizer, dev)
     logp = torch.zeros(n, dtype=sd, device=dev)
     kl = torch.zeros(n, dtype=sd, device=dev) if cfg.uses_kl else None
     if ref_hidden is not None:
@@ -159,56 +297,52 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
         ref_out = None if ref_logp is None else torch.where(valid, ref_logp.to(sd), 0.0)
     use_ref = ref_out is not None and not cfg.reference_free
     want_e = any(opts.needs)
-    grads = _PairGrads(backend.head_grads, hidden, weight, bias, opts.needs, chunk)
-    # the pairs' token counts, validity and the normaliser are known before the sweep
-    counts = [torch.stack([sum((valid[a:b].sum() for a, b in side),
-                               torch.zeros((), dtype=torch.long, device=dev)) for side in pair])
-              for pair in opts.pair_rows]
-    counts = (torch.stack(counts).to(_F64) if counts
-              else torch.zeros(0, 2, dtype=_F64, device=dev))
-    pair_valid = counts.sum(1) > 0
-    norm = normalizer if normalizer is not None else pair_valid.sum().clamp(min=1).to(_F64)
-    total = torch.zeros((), dtype=_F64, device=dev)
-    sides = ((1.0, cfg.kl_chosen_coef, not cfg.kl_stop_grad_chosen), (-1.0, cfg.kl_rejected_coef,
-                                                                         True))
+    grads = _Grads(backend.gemms, hidden, weight, bias, opts.needs, chunk)
+    z = torch.full((num_pairs,), -cfg.margin, dtype=_F64, device=dev)
     with no_autocast(dev):
-        for b, pair in enumerate(opts.pair_rows):
-            z = torch.full((), -cfg.margin, dtype=_F64, device=dev)
-            for side, (sign, kc, kl_grad), cnt in zip(pair, sides, counts[b]):
-                inv_n = 1.0 / cnt.clamp(min=1) if cfg.reduction == "mean" else 1.0
-                for start, end in side:
-                    for lo, hi in chunks(end - start, chunk):
-                        s, e = start + lo, start + hi
-                        c = sign * w64[s:e] * inv_n                       # ∂z/∂lp_t, f64
-                        kz = kc * nu64[s:e]                                # ∂z/∂KL_t, f64
-                        kg = kz if kl_grad else torch.zeros_like(kz)
-                        v = valid[s:e]
-                        ref_h = None if ref_hidden is None else kept_rows(ref_hidden[s:e], v)
-                        h = kept_rows(hidden[s:e], v)
-                        lp_c, lr_c, kl_c, e_c = backend.chunk(
-                            h, weight, bias, ref_h, ref_weight, ref_bias, safe[s:e],
-                            c.to(sd), kg.to(sd), opts, sd, want_e)
-                        logp[s:e] = masked(lp_c, v)
-                        delta = logp[s:e].to(_F64)
-                        if lr_c is not None:
-                            ref_out[s:e] = masked(lr_c, v)
-                        if use_ref:
-                            delta = delta - ref_out[s:e].to(_F64)
-                        z = z + (c * delta).sum()
-                        if kl_c is not None:
-                            kl[s:e] = masked(kl_c, v)
-                            z = z + (kz * kl[s:e].to(_F64)).sum()
-                        if e_c is not None:
-                            grads.add(s, e, h, e_c)
-                        del e_c
-            loss_b, g_b = _pair_link(z, cfg, want_e)
-            total = total + torch.where(pair_valid[b], loss_b, 0.0)
-            if want_e:
-                s_b = torch.where(pair_valid[b], g_b, 0.0) / norm
-                grads.close([r for side in pair for r in side], s_b,
-                            last=b == len(opts.pair_rows) - 1)
-    dgrads = grads.finish(_uncovered(opts.pair_rows, n))
-    return (total / norm).to(sd), logp, ref_out, kl, dgrads
+        for k, st in enumerate(steps):
+            sl = slice(st.lo, st.hi)
+            rows = None if len(st.ranges) == 1 else order[sl]
+            v = rows_.valid[sl]
+            h = kept_rows(_take(hidden, st, rows), v)
+            ref_h = None if ref_hidden is None else kept_rows(_take(ref_hidden, st, rows), v)
+            lp_c, lr_c, kl_c, grad = backend.chunk(h, weight, bias, ref_h, ref_weight, ref_bias,
+                                                   _take(safe, st, rows), opts, sd, want_e)
+            lp_c = masked(lp_c, v)
+            _put(logp, lp_c, st, rows)
+            delta = lp_c.to(_F64)
+            if lr_c is not None:
+                lr_c = masked(lr_c, v)
+                _put(ref_out, lr_c, st, rows)
+            elif use_ref:
+                lr_c = _take(ref_out, st, rows)
+            if use_ref:
+                delta = delta - lr_c.to(_F64)
+            r = rows_.c[sl] * delta
+            if kl_c is not None:
+                kl_c = masked(kl_c, v)
+                _put(kl, kl_c, st, rows)
+                r = r + rows_.kz[sl] * kl_c.to(_F64)
+            # per pair segment, each summed in a fixed order (CUB's segmented reduction on
+            # CUDA): the same bits on every run; each pair once, so index_add_ adds no two
+            seg = torch.segment_reduce(r, "sum", offsets=bounds[st.seg_lo + k:st.seg_hi + k + 1])
+            z.index_add_(0, seg_pair[st.seg_lo:st.seg_hi], seg)
+            if grad is None:
+                continue
+            if st.pair < 0:                      # whole pairs: e scaled by each row's s_b
+                s_row = rows_.s(z).index_select(0, rows_.pair[sl])
+                e = grad((rows_.c[sl] * s_row).to(sd), (rows_.kg[sl] * s_row).to(sd))
+                grads.add(st, rows, h, e)
+            else:
+                e = grad(rows_.c[sl].to(sd), rows_.kg[sl].to(sd))
+                grads.add_unscaled(st, h, e)
+                if st.last:
+                    b = st.pair
+                    grads.close([x for side in opts.pair_rows[b] for x in side], rows_.s(z)[b])
+            del e, grad
+    total = torch.where(rows_.pair_valid, link_loss(z, cfg), 0.0).sum()
+    dgrads = grads.finish(_uncovered(opts.pair_rows, n)) if want_e else (None,) * 3
+    return (total / rows_.norm).to(sd), logp, ref_out, kl, dgrads
 
 
 class LinearPreferenceLossFunction(torch.autograd.Function):

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._common import dz_chunk_rows
 from tisdpo_kernels._impl import triton_available
 from tisdpo_kernels.config import PreferenceConfig
 
-__all__ = ["STRATEGIES", "one_sweep_unsupported", "choose_strategy", "device_free_bytes"]
+__all__ = ["STRATEGIES", "one_sweep_unsupported", "choose_strategy", "device_free_bytes",
+           "sweep_chunk_rows", "one_sweep_bytes"]
 
 STRATEGIES = ("auto", "one_sweep", "recompute")
 
@@ -38,15 +40,28 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def sweep_chunk_rows(tokens: int, vocab: int, elem: int, *, triton: bool = False) -> int:
+    """Rows per chunk of the one-sweep head: the torch backend's ``TISDPO_CHUNK_TOKENS``; the
+    Triton backend's from the ``TISDPO_DZ_MB`` budget over V logits in the input dtype (the
+    policy head's; a reference head shares the budget), or ``TISDPO_CHUNK_TOKENS`` when set."""
+    if triton and not _env.chunk_tokens_set():
+        return dz_chunk_rows(tokens, vocab, elem)
+    return _env.torch_chunk_tokens(vocab)
+
+
 def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int, *,
                     triton: bool = False) -> int:
-    """Bytes the one-sweep head allocates: d_hidden, the float32 d_weight sum and (for more
-    than one pair) its per-pair scratch, and the chunk × V buffers: ~6 float32 ones for the
-    torch backend; for the Triton epilogue the policy and reference logits in the input dtype
-    (e is written over the policy logits)."""
-    chunk = _env.torch_chunk_tokens(vocab)
-    scratch = 2 if num_pairs > 1 else 1
-    chunk_bytes = 2 * chunk * vocab * elem if triton else 6 * chunk * vocab * 4
+    """Bytes the one-sweep head allocates: d_hidden; the float32 d_weight sum, and a second
+    [V, D] buffer when two or more pairs are longer than a chunk (mean pair length); the
+    chunk × V buffers: ~6 float32 ones for the torch backend, for the Triton epilogue the policy
+    and reference logits in the input dtype (e is written over the policy logits)."""
+    rows = sweep_chunk_rows(tokens, vocab, elem, triton=triton)
+    long_pairs = num_pairs if tokens > rows * num_pairs else 0
+    scratch = 2 if long_pairs >= 2 else 1
+    if triton and not _env.chunk_tokens_set():
+        chunk_bytes = min(_env.dz_budget_bytes(), 2 * tokens * vocab * elem)
+    else:
+        chunk_bytes = 2 * rows * vocab * elem if triton else 6 * rows * vocab * 4
     return tokens * dim * elem + scratch * vocab * dim * 4 + chunk_bytes
 
 
@@ -60,8 +75,10 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     stays with recompute); impl is "auto", "triton" or "torch" (each has a one-sweep backend:
     cuBLAS GEMMs with a Triton epilogue, or with torch elementwise ops; "reference" is the
     materialising oracle, never a sweep); the mean tokens per pair (chosen +
-    rejected, padding included) reach ``TISDPO_ONE_SWEEP_MIN_TOKENS`` (2048: see
-    ``_env.one_sweep_min_tokens`` for the flop/byte trade-off); a packed layout's
+    rejected, padding included) fit one chunk of the sweep (:func:`sweep_chunk_rows`: such a
+    pair's gradients go straight into the sums) or reach ``TISDPO_ONE_SWEEP_MIN_TOKENS`` (2048:
+    see ``_env.one_sweep_min_tokens`` for the trade-off of folding a longer pair's [V, D]
+    buffer); a packed layout's
     ``seq_offsets`` and ``pairs`` are CPU tensors (the sweep's schedule is read on the host)
     and no sequence is in two pairs; and the device has the memory the sweep allocates.
     """
@@ -89,10 +106,12 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     else:
         num_pairs = hidden.shape[0] // 2
     tokens = hidden.numel() // hidden.shape[-1]
-    if num_pairs < 1 or tokens < _env.one_sweep_min_tokens() * num_pairs:
+    triton = impl == "triton" or (impl == "auto" and triton_available())
+    vocab, elem = weight.shape[0], hidden.element_size()
+    # a pair that fits a chunk costs no per-pair fold; a longer one pays from the threshold on
+    fits = tokens <= sweep_chunk_rows(tokens, vocab, elem, triton=triton) * num_pairs
+    if num_pairs < 1 or not (fits or tokens >= _env.one_sweep_min_tokens() * num_pairs):
         return "recompute"
-    need = one_sweep_bytes(tokens, num_pairs, weight.shape[0], weight.shape[1],
-                           hidden.element_size(),
-                           triton=impl == "triton" or (impl == "auto" and triton_available()))
+    need = one_sweep_bytes(tokens, num_pairs, vocab, weight.shape[1], elem, triton=triton)
     free = device_free_bytes(hidden.device)
     return "one_sweep" if free is not None and free >= need else "recompute"

@@ -53,10 +53,16 @@ def both_ways(method, dtype, layout, case=None, *, module_kw=None, loss_kw=None,
 
 # ---------------------------------------------------------------------------- every preset
 
+# Chunks of 4 rows: every pair goes chunk by chunk (a [V, D] buffer per pair, folded at its
+# end). 19: packed, pair 0 (20 rows) so; pairs 1 and 2 (18 and 9 rows) whole, one chunk each,
+# their two sequences gathered; padded pairs (22 rows) chunk by chunk. 48: padded pairs 0 and 1
+# share a chunk, pair 2 has its own; packed, all three pairs in one chunk.
+@pytest.mark.parametrize("chunk", [4, 19, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("method", SEQ)
-def test_preset(method, layout, dtype):
+def test_preset(method, layout, dtype, chunk, monkeypatch):
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", str(chunk))
     both_ways(method, dtype, layout)
 
 
@@ -244,6 +250,36 @@ def test_tied_embeddings():
         assert_oracle(ga[k], gr[k], gt[k], dtype=torch.float32, name=f"d{k}")
 
 
+# ---------------------------------------------------------------------------- the schedule
+
+def test_schedule_long_pairs_in_chunks_short_pairs_whole():
+    """Long pairs (more rows than a chunk) first, each range in balanced chunks; then the
+    others whole, in order, packed into chunks, adjacent ranges merged; every paired row
+    exactly once, tagged 2·pair + side."""
+    from tisdpo_kernels._one_sweep import _schedule
+    pair_rows = ((((0, 5),), ((5, 9),)),          # 9 rows
+                 (((9, 30),), ((40, 45),)),        # 26 rows: longer than a chunk of 10
+                 (((45, 47),), ((50, 53),)),       # 5 rows
+                 (((60, 60),), ((60, 60),)),       # no rows
+                 (((53, 55),), ((47, 50),)))       # 5 rows
+    steps, order, side, bounds, seg_pair = _schedule(pair_rows, 10)
+    assert [(st.pair, st.last, st.ranges) for st in steps] == [
+        (1, False, ((9, 16),)), (1, False, ((16, 23),)), (1, False, ((23, 30),)),
+        (1, True, ((40, 45),)), (-1, True, ((0, 9),)),
+        (-1, True, ((45, 47), (50, 55), (47, 50)))]
+    # a pair's rows are consecutive within a step: one segment each
+    assert [(bounds[st.seg_lo + k:st.seg_hi + k + 1].tolist(),
+             seg_pair[st.seg_lo:st.seg_hi].tolist()) for k, st in enumerate(steps)] == [
+        ([0, 7], [1]), ([0, 7], [1]), ([0, 7], [1]), ([0, 5], [1]), ([0, 9], [0]),
+        ([0, 5, 10], [2, 4])]
+    parts = [(9, 30, 2), (40, 45, 3), (0, 5, 0), (5, 9, 1), (45, 47, 4), (50, 53, 5),
+             (53, 55, 8), (47, 50, 9)]
+    assert order.tolist() == [r for a, b, _ in parts for r in range(a, b)]
+    assert side.tolist() == [tag for a, b, tag in parts for _ in range(a, b)]
+    assert [(st.lo, st.hi) for st in steps] == [(0, 7), (7, 14), (14, 21), (21, 26), (26, 35),
+                                               (35, 45)]
+
+
 # ---------------------------------------------------------------------------- cost
 
 def _op_case(pairs, tokens, d=16, v=1024, seed=0):
@@ -286,6 +322,27 @@ def test_peak_memory_does_not_grow_with_tokens_per_pair(impl, monkeypatch):
     with OpProbe() as probe:
         linear_preference_loss(h, w, y, impl="reference", **kw)[0].backward()
     assert probe.max_bytes >= 4 * n * v
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_whole_pairs_need_no_pair_buffer(impl, monkeypatch):
+    """Pairs that fit a chunk go whole, their gradients straight into the sums: 8 pairs of 64
+    tokens in chunks of 128 never open a long pair's [V, D] buffer, and their peak stays
+    below that of 2 pairs of 256 tokens, which hold two (the sum and one pair's M_b)."""
+    from tisdpo_kernels import _one_sweep as OS
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "128")
+    n, d, v = 512, 256, 1024
+    real, long_chunks, peaks = OS._Grads.add_unscaled, [], {}
+    monkeypatch.setattr(OS._Grads, "add_unscaled",
+                        lambda self, *a: long_chunks.append(1) or real(self, *a))
+    for pairs in (8, 2):
+        (h, w, y), kw = _op_case(pairs, n, d, v)
+        long_chunks.clear()
+        with OpProbe() as probe:
+            linear_preference_loss(h, w, y, impl=impl, **kw)[0].backward()
+        peaks[pairs] = probe.peak_live_bytes
+        assert bool(long_chunks) == (pairs == 2), (pairs, len(long_chunks))
+    assert peaks[8] <= peaks[2] - 2 * v * d, peaks       # half a float32 [V, D] less at least
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -360,22 +417,30 @@ class _Stub:
 
 @pytest.mark.parametrize("tokens_per_pair,pairs,free_gb,method,impl,expect", [
     (8192, 1, 80, "tisdpo", "auto", "one_sweep"),
-    (2048, 4, 80, "tdpo2", "torch", "one_sweep"),
-    (2046, 4, 80, "tisdpo", "auto", "recompute"),      # below TISDPO_ONE_SWEEP_MIN_TOKENS
+    (2048, 4, 80, "tdpo2", "torch", "one_sweep"),       # longer than a torch chunk (523 rows)
+    (2046, 4, 80, "tisdpo", "torch", "recompute"),      # ... and below the threshold
+    (512, 16, 80, "tisdpo", "torch", "one_sweep"),      # whole in a chunk: no fold to pay for
+    (2046, 4, 80, "tisdpo", "auto", "one_sweep"),       # whole in a Triton chunk (4176 rows)
     (8192, 1, 1, "tisdpo", "auto", "recompute"),        # not enough free memory
     (8192, 1, 80, "tisdpo", "triton", "one_sweep"),     # cuBLAS + the Triton epilogue
     (8192, 1, 80, "tisdpo", "reference", "recompute"),  # the oracle never sweeps
     (8192, 1, 80, "cdpo_code", "auto", "recompute"),    # no per-pair scalar
 ])
 def test_auto_rule(tokens_per_pair, pairs, free_gb, method, impl, expect, monkeypatch):
+    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")           # the default chunks
     monkeypatch.setattr(S, "device_free_bytes", lambda dev: free_gb << 30)
     hidden = _Stub(2 * pairs, tokens_per_pair // 2, 4096)
     weight = _Stub(128256, 4096)
     cfg = get_preset(method).config
     assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == expect
+    # the threshold moves only pairs longer than a chunk
+    triton = impl in ("auto", "triton")
+    longer = tokens_per_pair > S.sweep_chunk_rows(hidden.numel() // 4096, 128256, 2,
+                                                  triton=triton)
+    assert longer == (tokens_per_pair == 8192 or not triton and tokens_per_pair > 523)
     monkeypatch.setenv("TISDPO_ONE_SWEEP_MIN_TOKENS", str(tokens_per_pair + 1))
     assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == \
-        "recompute"
+        ("recompute" if longer else expect)
 
 
 def test_auto_rule_packed_and_cpu(monkeypatch):

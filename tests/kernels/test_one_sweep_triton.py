@@ -143,8 +143,12 @@ def op_check(method, dtype, device, softcap=None, blocks=None):
 ], ids=["tisdpo_paper-fp32-softcap-blocks", "tisdpo_paper-bf16", "tdpo2-fp32",
         "tdpo2-bf16-softcap-blocks", "tisdpo-fp32", "dpo-bf16-blocks", "simpo-fp32-softcap",
         "ipo-bf16"])
-def test_op_matches_oracle_and_torch_backend(method, dtype, softcap, blocks, device):
-    """Every op input is used (bias, weights, a reference head unless reference-free)."""
+@pytest.mark.parametrize("chunk", [8, 40], ids=["long-pairs", "whole-pairs"])
+def test_op_matches_oracle_and_torch_backend(method, dtype, softcap, blocks, chunk, device,
+                                             monkeypatch):
+    """Every op input is used (bias, weights, a reference head unless reference-free). Chunks
+    of 8 rows take each pair (18 rows) chunk by chunk; 40 takes both pairs in one chunk."""
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", str(chunk))
     op_check(method, dtype, device, softcap, blocks)
 
 
@@ -209,8 +213,10 @@ def triton_ways(method, dtype, layout, case=None, *, module_kw=None, loss_kw=Non
     ("tdpo2", "packed", torch.float32),
     ("tisdpo_paper", "padded", torch.bfloat16),
 ], ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("chunk", [8, 48])    # 48: whole pairs (as in test_one_sweep.py)
 @interpreted
-def test_module_preset(method, layout, dtype):
+def test_module_preset(method, layout, dtype, chunk, monkeypatch):
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", str(chunk))
     triton_ways(method, dtype, layout)
 
 
@@ -259,15 +265,49 @@ class _CudaStub:
 @pytest.mark.parametrize("impl,expect", [("triton", "one_sweep"), ("auto", "one_sweep"),
                                          ("torch", "recompute")])
 def test_auto_counts_the_epilogue_buffers(impl, expect, monkeypatch):
-    """3 GiB free at V = 128256, D = 4096, one pair of 8192 tokens: beside d_hidden and the
-    fp32 d_weight, the Triton backend's two bf16 chunk × V buffers fit, the torch backend's
-    six fp32 ones do not."""
+    """3.25 GiB free at V = 128256, D = 4096, one pair of 8192 tokens: beside d_hidden and the
+    fp32 d_weight, the Triton backend's chunk (the 1 GiB TISDPO_DZ_MB budget) fits, the torch
+    backend's six fp32 523 × V buffers (1.5 GiB) do not."""
     from tisdpo_kernels import strategy as S
-    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")       # the default chunk: 523 tokens here
-    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 3 << 30)
+    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")       # the default chunks
+    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 13 << 28)
     hidden, weight = _CudaStub(2, 4096, 4096), _CudaStub(128256, 4096)
     cfg = get_preset("tisdpo").config
     assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == expect
+
+
+@interpreted
+def test_default_chunk_fills_the_dz_budget(monkeypatch):
+    """Unset TISDPO_CHUNK_TOKENS, the Triton sweep's chunk holds as many rows as the
+    TISDPO_DZ_MB budget has room for, counting every [C, V] buffer it holds: each head's
+    logits and, where e cannot overwrite the policy's (bf16 logits, float32 e under the
+    interpreter), e. A budget of 512·V bytes: 64 rows of 8 bytes per logit."""
+    from tisdpo_kernels._triton import linear_preference_loss as K
+    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
+    monkeypatch.setattr(K._env, "dz_budget_bytes", lambda: 512 * V)
+    f32, bf16 = (torch.empty(1000, 2, dtype=dt) for dt in (torch.float32, torch.bfloat16))
+    assert K._chunk_rows(f32, None, V, None) == 128                    # 4 bytes
+    assert K._chunk_rows(f32, f32, V, None) == 64                      # 4 + 4
+    assert K._chunk_rows(bf16, bf16, V, None) == 64                    # 2 + 4 (e) + 2
+    assert K._chunk_rows(bf16, None, V, None) == 80                    # 6: 85, a multiple of 16
+    assert K._chunk_rows(bf16, None, V, 7) == 7                        # chunk_tokens
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "5")
+    assert K._chunk_rows(bf16, None, V, None) == 5
+    # the sweep takes them: 4 rows of 9 tokens, pairs of 18 rows, in chunks of at most 16 rows
+    # (each sequence alone), 32 (each pair whole) or 64 (both pairs in one chunk)
+    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
+    case, calls = op_case(), []
+    real = K.linear_preference_loss_fwd
+    monkeypatch.setattr(K, "linear_preference_loss_fwd",
+                        lambda z, *a, **k: calls.append(z.shape[0]) or real(z, *a, **k))
+    for rows, seen in ((16, [9] * 4), (32, [18, 18]), (64, [36])):
+        monkeypatch.setattr(K._env, "dz_budget_bytes", lambda rows=rows: rows * 4 * V)
+        calls.clear()
+        with torch.no_grad():
+            linear_preference_loss(case["hidden"].float(), case["weight"].float(),
+                                   case["labels"], config=get_preset("simpo").config,
+                                   impl="triton")
+        assert calls == seen, (rows, calls)
 
 
 # ---------------------------------------------------------------------------- the GPU build

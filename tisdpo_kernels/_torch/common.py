@@ -111,7 +111,7 @@ class HeadGrads:
         if cols is not None:
             dz = dz.index_select(1, cols)
         if self.dh is not None:
-            self._add_dh(self.dh[start:end], dz.to(w.dtype), w)
+            self.matmul_dh(self.dh[start:end], dz.to(w.dtype), w)
         if self.dw is not None:
             dw = self.dw if cols is None else torch.zeros(
                 (cols.numel(), h.shape[1]), dtype=self.dw.dtype, device=h.device)
@@ -129,7 +129,8 @@ class HeadGrads:
             else:
                 self.db.index_add_(0, cols, dz.sum(0))
 
-    def _add_dh(self, out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor) -> None:
+    @staticmethod
+    def matmul_dh(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor) -> None:
         """out = dz @ weight; a thin full-precision chunk sums V-blocks of the product."""
         v = weight.shape[0]
         if dz.shape[0] >= _THIN_ROWS or v <= _DH_BLOCK_V or dz.dtype != stat_dtype(dz.dtype):

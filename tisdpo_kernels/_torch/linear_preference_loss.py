@@ -1,20 +1,25 @@
 """Torch backend of ``linear_preference_loss``: the one-sweep preference head (docs/ONE_SWEEP.md).
 
-The sweep over the pairs, their scalars s_b and the folding of each pair's gradients are
-backend-neutral (``tisdpo_kernels/_one_sweep.py``); this module gives it the torch chunk step.
-Per chunk of rows, :func:`_chunk` forms the logits z = softcap(h Wᵀ + b) once (the reference
-head's too), computes logp, ref_logp and KL per token and the per-logit vector
+The sweep over the pairs, their scalars s_b and the folding of long pairs' gradients are
+backend-neutral (``tisdpo_kernels/_one_sweep.py``); this module gives it the torch chunk step
+and GEMMs. Per chunk of rows, :func:`_chunk` forms the logits z = softcap(h Wᵀ + b) once (the
+reference head's too) and computes logp, ref_logp and KL per token; its ``grad(c, kg)`` then
+turns the same buffers into the per-logit vector
 
     e_t = c_t·(onehot(y_t) − p_t) + κ'_t·G_t          (× 1 − tanh² under a softcap)
 
-in place of the softmax buffer, with torch elementwise ops in the statistics dtype; then
-``HeadGrads`` runs the GEMMs e·W and eᵀ·h. Memory: a few C × V chunk buffers.
+with torch elementwise ops in the statistics dtype; :class:`_GEMMs` runs e·W and eᵀ·h.
+Memory: a few C × V chunk buffers.
 """
 from __future__ import annotations
 
+import torch
+
+from tisdpo_kernels._common import addmm_f32_, mm_f32
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, log_softmax_stats_, logsumexp, softcap_grad_factor,
+    stat_dtype,
 )
 from tisdpo_kernels.config import PairHeadOptions
 
@@ -25,14 +30,14 @@ def _gather(x, safe):
     return x.gather(1, safe[:, None]).squeeze(1)
 
 
-def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts: PairHeadOptions,
-           sd, want_e):
-    """(logp, ref_logp | None, kl | None, e | None) [C] / [C, V] of one chunk, from its
-    logits formed once; its other [C, V] buffers die on return."""
+def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOptions, sd,
+           want_e):
+    """(logp, ref_logp | None, kl | None, grad | None) of one chunk, from its logits formed
+    once; ``grad(c, kg)`` forms e [C, V] in place of the softmax buffers."""
     cfg = opts.config
     z = chunk_logits(h, weight, bias, opts.softcap)                            # [C, V]
     cap = softcap_grad_factor(z, opts.softcap) if want_e else None
-    kl = e = ref_logp = None
+    kl = ref_logp = None
     if cfg.uses_kl:
         lp = log_softmax_stats_(z)[0]
         lq = log_softmax_stats_(chunk_logits(ref_h, ref_weight, ref_bias, opts.softcap))[0]
@@ -42,16 +47,19 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts: Pair
             diff = lq.neg_().add_(lp)
             p = lp.exp_()
             kl = (p * diff).sum(1)
-            if want_e:
-                e = diff.sub_(kl[:, None]).mul_(p).mul_(kg[:, None])         # κ'·G
+
+            def kl_part(kg):
+                return diff.sub_(kl[:, None]).mul_(p).mul_(kg[:, None])       # κ'·G
         else:                                                                 # Σ q(lq − lp)
             q = lq.exp()
             kl = (q * lq.sub_(lp)).sum(1)
             p = lp.exp_()
-            if want_e:
-                e = q.neg_().add_(p).mul_(kg[:, None])                        # κ'·(p − q)
-        if want_e:
-            e.sub_(p.mul_(c[:, None]))                                        # − c·p
+
+            def kl_part(kg):
+                return q.neg_().add_(p).mul_(kg[:, None])                     # κ'·(p − q)
+
+        def minus_cp(c, kg):
+            return kl_part(kg).sub_(p.mul_(c[:, None]))                       # − c·p
     else:
         lse = logsumexp(z)
         logp = _gather(z, safe) - lse
@@ -59,16 +67,43 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts: Pair
             zr = chunk_logits(ref_h, ref_weight, ref_bias, opts.softcap)
             ref_logp = (_gather(zr, safe) - logsumexp(zr)).to(sd)
             del zr
-        if want_e:
-            e = z.sub_(lse[:, None]).exp_().mul_(-c[:, None])                 # − c·p
-    if e is not None:
+
+        def minus_cp(c, kg):
+            return z.sub_(lse[:, None]).exp_().mul_(-c[:, None])              # − c·p
+
+    def grad(c, kg):
+        e = minus_cp(c, kg)
         e.scatter_add_(1, safe[:, None], c[:, None])                          # + c·onehot
-        if cap is not None:
-            e.mul_(cap)
-    return logp, ref_logp, kl, e
+        return e if cap is None else e.mul_(cap)
+
+    return logp, ref_logp, kl, (grad if want_e else None)
 
 
-_BACKEND = SweepBackend(chunk=_chunk, head_grads=HeadGrads)
+class _GEMMs:
+    """The sweep's gradient GEMMs (``SweepBackend.gemms``) with ``HeadGrads``' dtype rules:
+    e·W in the input dtype (e cast to it, as eager autograd does); eᵀ·h summed in the
+    statistics dtype, with e rounded to the input dtype and fp32 accumulation on a GPU with
+    16-bit inputs."""
+
+    def __init__(self, hidden, weight):
+        self.weight = weight
+        self.acc_dtype = stat_dtype(hidden.dtype)
+        self.half_gpu = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+
+    def e_w(self, e, out):
+        HeadGrads.matmul_dh(out, e.to(self.weight.dtype), self.weight)
+        return out
+
+    def et_h(self, acc, e, h):
+        et = e.T.to(h.dtype) if self.half_gpu else e.T
+        if acc is None:
+            return mm_f32(et, h, self.acc_dtype)
+        if self.half_gpu:
+            return addmm_f32_(acc, et, h)
+        return acc.addmm_(et, h.to(acc.dtype))
+
+
+_BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
 
 
 def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,

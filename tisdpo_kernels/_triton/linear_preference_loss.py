@@ -2,7 +2,8 @@
 epilogue (docs/ONE_SWEEP.md).
 
 The sweep over the pairs is backend-neutral (``tisdpo_kernels/_one_sweep.py``); this module
-supplies its chunk step. Per chunk of C rows:
+supplies its chunk step and GEMMs. A chunk holds as many rows as ``TISDPO_DZ_MB`` has room
+for with its [C, V] buffers (``_chunk_rows``). Per chunk of C rows:
 
 1. the logits z = h·Wᵀ (+ b) [C, V] by cuBLAS in the input dtype, as eager and the torch
    backend form them (the reference head's z_r too, when it is given);
@@ -20,15 +21,18 @@ supplies its chunk step. Per chunk of C rows:
 
      written in the GEMM dtype (``dz_dtype``: the input dtype on a GPU, tensor-core operands;
      fp32 under the interpreter), in place over the policy logits when the dtypes agree.
-     Rows with c = κ' = 0 (ignored tokens, zero weights) get e = 0 exactly;
-3. the gradient GEMMs e·W (d_hidden rows) and eᵀ·h (the pair's [V, D] fp32 scratch), and Σ e
-   (``_HeadGEMMs``: cuBLAS).
+     Rows with c = κ' = 0 (ignored tokens, zero weights) get e = 0 exactly. It runs first
+     for the statistics alone (the sweep needs them for the pairs' z_b), then, when a gradient
+     is wanted, again with the coefficients the sweep hands it (scaled by s_b for pairs that
+     fit the chunk), recomputing the same statistics and writing e;
+3. the gradient GEMMs e·W (d_hidden rows) and eᵀ·h (the d_weight sum, or a long pair's
+   [V, D] fp32 buffer), and Σ e (``_GEMMs``: cuBLAS).
 
 Traffic over the [C, V] buffers per chunk, for element size b (2 for bf16), policy head only:
-the GEMM writes z, pass 1 reads it, pass 3 reads it and writes e over it: 4·C·V·b, then the
-two gradient GEMMs read e. A bias adds one read and write of z (eager's rounding of z + b);
-a reference head adds its GEMM's write and one read per pass; KL(π‖ref) adds pass 2. The
-torch backend's chunk runs about ten fp32 passes instead. No atomics (each row's statistics
+the GEMM writes z, the statistics launch reads it, the second launch reads it twice and writes
+e over it: 5·C·V·b, then the two gradient GEMMs read e. A bias adds one read and write of z
+(eager's rounding of z + b); a reference head adds its GEMM's write and one read per pass;
+KL(π‖ref) adds pass 2. The torch backend's chunk runs about ten fp32 passes instead. No atomics (each row's statistics
 belong to one program; the GEMMs are cuBLAS) and no host syncs (the per-pair scalar stays on
 the device). float64 is rejected (use impl="torch" or "reference").
 """
@@ -38,14 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels._common import addmm_f32_, chunk_size
+from tisdpo_kernels import _env
+from tisdpo_kernels._common import addmm_f32_, chunk_size, mm_f32
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_dtype, device_guard, gather_cols, launch, mask_cols, online_lse_step, softcap_fwd,
     softcap_grad,
 )
-from tisdpo_kernels._triton.slabs import dz_dtype
+from tisdpo_kernels._triton.slabs import dz_chunk_rows, dz_dtype
 from tisdpo_kernels.config import PairHeadOptions
 
 __all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]
@@ -167,8 +172,9 @@ def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None):
 
     z [C, V]: the policy logits h·Wᵀ + b (any float dtype, rows contiguous, not yet
     softcapped), zr the reference head's or None; safe [C] int64 targets (0 where ignored);
-    c, kg [C] float32 the coefficients of e; e [C, V] (may be z itself) or None when no
-    gradient is wanted. kl: None, "policy_ref" or "ref_policy" (needs zr).
+    c, kg [C] float32 the coefficients of e, or None with e (the statistics only); e [C, V]
+    (may be z itself) or None when no gradient is wanted. kl: None, "policy_ref" or
+    "ref_policy" (needs zr).
     """
     C, V = z.shape
     dev = z.device
@@ -179,6 +185,8 @@ def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None):
     assert e is None or e.stride(1) == 1
     zr_ = zr if zr is not None else z
     e_ = e if e is not None else z
+    if e is None:        # KL(ref‖π)'s pass loads them but stores no e: any float32 [C] will do
+        c = kg = logp
     args = (z, zr_, safe.contiguous(), c.contiguous(), kg.contiguous(), e_, logp,
             logp if ref_logp is None else ref_logp, logp if kl_out is None else kl_out,
             C, V, z.stride(0), zr_.stride(0), e_.stride(0), float(softcap or 1.0))
@@ -191,32 +199,27 @@ def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None):
     return logp, ref_logp, kl_out
 
 
-class _HeadGEMMs:
-    """The gradient GEMMs of the sweep (``SweepBackend.head_grads``) from e in the GEMM dtype:
-    d_hidden rows = e·W in the input dtype, dw += eᵀ·h and db += Σ_rows e in float32 (on a GPU
-    with 16-bit inputs, tensor-core GEMMs with fp32 accumulation, ``addmm_f32_``)."""
+class _GEMMs:
+    """The sweep's gradient GEMMs (``SweepBackend.gemms``) from e in the GEMM dtype: e·W in
+    the input dtype, eᵀ·h summed in float32 (on a GPU with 16-bit inputs, tensor-core GEMMs
+    with fp32 accumulation: ``addmm_f32_`` / ``mm_f32``)."""
 
-    def __init__(self, hidden, weight, bias, needs_hidden, needs_weight, needs_bias):
-        dev, dt = hidden.device, dz_dtype(hidden)
+    acc_dtype = torch.float32
+
+    def __init__(self, hidden, weight):
+        dt = dz_dtype(hidden)
         self.w = weight if weight.dtype == dt else weight.to(dt)   # fp32 under the interpreter
-        self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
-                   if needs_hidden else None)
-        self.dw = (torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-                   if needs_weight else None)
-        self.db = (torch.zeros(bias.shape, dtype=torch.float32, device=dev)
-                   if (needs_bias and bias is not None) else None)
 
-    def add(self, start, end, h, e):
-        if self.dh is not None:
-            out = self.dh[start:end]
-            if out.dtype == e.dtype:
-                torch.matmul(e, self.w, out=out)
-            else:
-                out.copy_(e @ self.w)
-        if self.dw is not None:
-            addmm_f32_(self.dw, e.T, h if h.dtype == e.dtype else h.to(e.dtype))
-        if self.db is not None:
-            self.db.add_(e.sum(0, dtype=torch.float32))
+    def e_w(self, e, out):
+        if out.dtype == e.dtype and out.is_contiguous():
+            torch.matmul(e, self.w, out=out)
+        else:
+            out.copy_(e @ self.w)
+        return out
+
+    def et_h(self, acc, e, h):
+        h = h if h.dtype == e.dtype else h.to(e.dtype)
+        return mm_f32(e.T, h) if acc is None else addmm_f32_(acc, e.T, h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,25 +234,45 @@ def _logits(h, weight, bias):
     return z if bias is None else z.add_(bias)
 
 
-def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, c, kg, opts: PairHeadOptions,
-           sd, want_e):
-    """(logp, ref_logp | None, kl | None, e | None) of one chunk (``SweepBackend.chunk``):
-    cuBLAS logits, then the epilogue kernel; e overwrites the policy logits where it can."""
+def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOptions, sd,
+           want_e):
+    """(logp, ref_logp | None, kl | None, grad | None) of one chunk (``SweepBackend.chunk``):
+    cuBLAS logits, then the epilogue's statistics; ``grad(c, kg)`` runs the epilogue again
+    with e written, over the policy logits where the dtypes agree."""
     cfg = opts.config
+    kl_mode = cfg.kl if cfg.uses_kl else None
     z = _logits(h, weight, bias)
     zr = None if ref_h is None else _logits(ref_h, ref_weight, ref_bias)
-    e = None
-    if want_e:
+    logp, ref_logp, kl = linear_preference_loss_fwd(z, zr, safe, None, None, None, opts.softcap,
+                                                    kl_mode)
+    if not want_e:
+        return logp, ref_logp, kl, None
+
+    def grad(c, kg):
         dt = dz_dtype(h)
         # in place, except under autotuning (its trial runs would read e back as logits)
         e = z if (z.dtype == dt and not configs.autotuning(z)) else torch.empty(
             z.shape, dtype=dt, device=z.device)
-    logp, ref_logp, kl = linear_preference_loss_fwd(
-        z, zr, safe, c, kg, e, opts.softcap, cfg.kl if cfg.uses_kl else None)
-    return logp, ref_logp, kl, e
+        linear_preference_loss_fwd(z, zr, safe, c, kg, e, opts.softcap, kl_mode)
+        return e
+
+    return logp, ref_logp, kl, grad
 
 
-_BACKEND = SweepBackend(chunk=_chunk, head_grads=_HeadGEMMs)
+_BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
+
+
+def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
+    """Rows per chunk of the sweep: ``chunk_tokens``, else ``TISDPO_CHUNK_TOKENS`` when set,
+    else as many as fit the ``TISDPO_DZ_MB`` budget with every [C, V] buffer a chunk holds
+    (the logits of each head in its input dtype, and e when it cannot overwrite them)."""
+    if chunk_tokens is not None or _env.chunk_tokens_set():
+        return chunk_size(chunk_tokens, v)
+    dt = dz_dtype(hidden)
+    per = hidden.element_size() + (0 if dt == hidden.dtype else torch.finfo(dt).bits // 8)
+    if ref_hidden is not None:
+        per += ref_hidden.element_size()
+    return dz_chunk_rows(hidden.shape[0], v, per)
 
 
 def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
@@ -261,8 +284,8 @@ def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight
     token weights [N] or None, normalizer a float64 0-d tensor or None and ``opts.pair_rows``.
 
     loss: 0-d float32, differentiable in hidden, weight and bias (those ``opts.needs`` names);
-    logp, ref_logp, kl: [N] float32, detached, 0 where ignored. ``chunk_tokens`` overrides
-    ``TISDPO_CHUNK_TOKENS``.
+    logp, ref_logp, kl: [N] float32, detached, 0 where ignored. ``chunk_tokens``: rows per
+    chunk (default: ``_chunk_rows``).
     """
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
                     ("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
@@ -274,4 +297,4 @@ def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight
                          "non-empty")
     return run_sweep(_BACKEND, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                      ref_logp, weights, normalizer, opts,
-                     chunk_size(chunk_tokens, weight.shape[0]))
+                     _chunk_rows(hidden, ref_hidden, weight.shape[0], chunk_tokens))

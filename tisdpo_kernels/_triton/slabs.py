@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from tisdpo_kernels import _env
-from tisdpo_kernels._common import addmm_f32_, kept_columns, no_autocast
+from tisdpo_kernels._common import (  # dz_chunk_rows: the slabs' rows, shared with strategy
+    addmm_f32_, dz_chunk_rows, kept_columns, no_autocast,
+)
 from tisdpo_kernels._triton.common import upcast
 
 
@@ -27,13 +28,6 @@ def dz_slab(rows: int, v: int, dtype: torch.dtype, device) -> torch.Tensor:
     with its row length rounded up), so a TMA store can write it whatever V is."""
     per = 128 // torch.finfo(dtype).bits          # elements in 16 bytes
     return torch.empty(rows, triton.cdiv(v, per) * per, dtype=dtype, device=device)[:, :v]
-
-
-def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
-    """Rows of one dz slab: ``TISDPO_DZ_MB`` over V·itemsize bytes, a multiple of 16 (at
-    least 16), and no more than the n rows there are."""
-    rows = max(16, (_env.dz_budget_bytes() // max(v * itemsize, 1)) // 16 * 16)
-    return max(1, min(n, rows))
 
 
 def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
