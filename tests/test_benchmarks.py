@@ -405,8 +405,9 @@ def test_filtering_table(capsys):
 
 
 @requires_triton
-@pytest.mark.parametrize("logits", ["fused", "gemm"])
-def test_tune_cpu_smoke(logits, capsys, monkeypatch):
+@pytest.mark.parametrize("op,logits", [("logprobs", "fused"), ("logprobs", "gemm"),
+                                       ("kl", "gemm"), ("loss", "fused")])
+def test_tune_cpu_smoke(op, logits, capsys, monkeypatch):
     """benchmarks.tune's steps at toy size (the interpreter cannot autotune: both runs use
     the default configs and agree exactly); the caller's TISDPO_* settings are back after."""
     from benchmarks import tune
@@ -417,16 +418,21 @@ def test_tune_cpu_smoke(logits, capsys, monkeypatch):
     monkeypatch.setenv("TISDPO_AUTOTUNE", "0")
     monkeypatch.delenv("TISDPO_TMA", raising=False)
     monkeypatch.delenv("TISDPO_HEAD_LOGITS", raising=False)
-    assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0", "--logits", logits]) == 0
+    assert tune.main(["--cpu-smoke", "--reps", "1", "--warmup", "0", "--logits", logits,
+                      "--op", op]) == 0
     assert os.environ["TISDPO_AUTOTUNE"] == "0" and "TISDPO_TMA" not in os.environ
     assert "TISDPO_HEAD_LOGITS" not in os.environ
     out = capsys.readouterr().out.splitlines()
     info = json.loads(out[0])
-    assert info["logits"] == logits and bool(calls) == (logits == "gemm")
-    assert info["max_diff"] == {"logp": 0.0, "d_hidden": 0.0, "d_weight": 0.0}
+    assert info["op"] == op and info["logits"] == logits and bool(calls) == (logits == "gemm")
+    out_name = {"logprobs": "logp", "kl": "kl", "loss": "loss"}[op]
+    assert info["max_diff"] == {out_name: 0.0, "d_hidden": 0.0, "d_weight": 0.0}
+    assert list(info["chosen"]) == [k[0] for k in tune.kernels(op, logits)]
     table = [line.split("|") for line in out[3:]]
     assert [r[1].strip() for r in table] == ["forward", "backward"]
-    assert all((r[3].strip() == "—") == (logits == "gemm") for r in table)
+    assert all((r[3].strip() == "—") == (logits == "gemm" or op == "loss") for r in table)
+    with pytest.raises(SystemExit):                  # the one-sweep head has no fused mode
+        tune.main(["--cpu-smoke", "--op", "loss", "--logits", "gemm"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
