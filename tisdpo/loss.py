@@ -199,7 +199,7 @@ class TISDPOLoss(nn.Module):
         strategy = "recompute" if self.filter_eps is not None else self.strategy
         one_sweep = choose_strategy(strategy, cfg, hidden=hidden, weight=lm_head_weight,
                                     bias=bias, impl=self.impl, seq_offsets=seq_offsets,
-                                    pairs=pairs) == "one_sweep"
+                                    pairs=pairs, ref_hidden=ref_hidden) == "one_sweep"
         if one_sweep:   # the loss and every head gradient in this forward (docs/ONE_SWEEP.md)
             sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             w = self._weights(sd, mask, side, layout, weights, pos_logps, neg_logps)

@@ -40,33 +40,33 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def sweep_chunk_rows(tokens: int, vocab: int, elem: int, *, triton: bool = False) -> int:
+def sweep_chunk_rows(tokens: int, vocab: int, elem: int, *, triton: bool = False,
+                     ref_elem: int = 0) -> int:
     """Rows per chunk of the one-sweep head: the torch backend's ``TISDPO_CHUNK_TOKENS``; the
-    Triton backend's from the ``TISDPO_DZ_MB`` budget over V logits in the input dtype (the
-    policy head's; a reference head shares the budget), or ``TISDPO_CHUNK_TOKENS`` when set."""
+    Triton backend's from the ``TISDPO_DZ_MB`` budget over V logits of each head in its input
+    dtype (``ref_elem``: the reference head's element size, 0 without one; on CUDA e is
+    written over the policy logits), or ``TISDPO_CHUNK_TOKENS`` when set."""
     if triton and not _env.chunk_tokens_set():
-        return dz_chunk_rows(tokens, vocab, elem)
+        return dz_chunk_rows(tokens, vocab, elem + ref_elem)
     return _env.torch_chunk_tokens(vocab)
 
 
 def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int, *,
-                    triton: bool = False) -> int:
+                    triton: bool = False, ref_elem: int = 0) -> int:
     """Bytes the one-sweep head allocates: d_hidden; the float32 d_weight sum, and a second
     [V, D] buffer when two or more pairs are longer than a chunk (mean pair length); the
-    chunk × V buffers: ~6 float32 ones for the torch backend, for the Triton epilogue the policy
-    and reference logits in the input dtype (e is written over the policy logits)."""
-    rows = sweep_chunk_rows(tokens, vocab, elem, triton=triton)
+    chunk × V buffers: ~6 float32 ones for the torch backend, for the Triton epilogue each
+    head's logits in its input dtype (e is written over the policy logits)."""
+    rows = sweep_chunk_rows(tokens, vocab, elem, triton=triton, ref_elem=ref_elem)
     long_pairs = num_pairs if tokens > rows * num_pairs else 0
     scratch = 2 if long_pairs >= 2 else 1
-    if triton and not _env.chunk_tokens_set():
-        chunk_bytes = min(_env.dz_budget_bytes(), 2 * tokens * vocab * elem)
-    else:
-        chunk_bytes = 2 * rows * vocab * elem if triton else 6 * rows * vocab * 4
+    chunk_bytes = (rows * vocab * (elem + ref_elem) if triton
+                   else 6 * rows * vocab * 4)
     return tokens * dim * elem + scratch * vocab * dim * 4 + chunk_bytes
 
 
 def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, bias=None,
-                    impl: str = "auto", seq_offsets=None, pairs=None) -> str:
+                    impl: str = "auto", seq_offsets=None, pairs=None, ref_hidden=None) -> str:
     """``"one_sweep"`` or ``"recompute"`` for one call (shapes and host metadata only).
 
     ``"one_sweep"`` asked for a preset it cannot compute raises ValueError saying why.
@@ -108,10 +108,11 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     tokens = hidden.numel() // hidden.shape[-1]
     triton = impl == "triton" or (impl == "auto" and triton_available())
     vocab, elem = weight.shape[0], hidden.element_size()
+    sizes = dict(triton=triton, ref_elem=0 if ref_hidden is None else ref_hidden.element_size())
     # a pair that fits a chunk costs no per-pair fold; a longer one pays from the threshold on
-    fits = tokens <= sweep_chunk_rows(tokens, vocab, elem, triton=triton) * num_pairs
+    fits = tokens <= sweep_chunk_rows(tokens, vocab, elem, **sizes) * num_pairs
     if num_pairs < 1 or not (fits or tokens >= _env.one_sweep_min_tokens() * num_pairs):
         return "recompute"
-    need = one_sweep_bytes(tokens, num_pairs, vocab, weight.shape[1], elem, triton=triton)
+    need = one_sweep_bytes(tokens, num_pairs, vocab, weight.shape[1], elem, **sizes)
     free = device_free_bytes(hidden.device)
     return "one_sweep" if free is not None and free >= need else "recompute"

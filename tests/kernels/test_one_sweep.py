@@ -443,6 +443,21 @@ def test_auto_rule(tokens_per_pair, pairs, free_gb, method, impl, expect, monkey
         ("recompute" if longer else expect)
 
 
+def test_auto_rule_counts_the_reference_head_in_the_chunk(monkeypatch):
+    """Pairs of 3000 tokens fit a Triton chunk of the policy head's logits (4176 rows at
+    V = 128256 in bf16) but not one that also holds a reference head's (2080 rows): below
+    the threshold, only the first goes one_sweep."""
+    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
+    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 80 << 30)
+    monkeypatch.setenv("TISDPO_ONE_SWEEP_MIN_TOKENS", "3001")
+    hidden, weight = _Stub(8, 1500, 4096), _Stub(128256, 4096)
+    cfg = get_preset("tisdpo").config
+    pick = lambda ref: S.choose_strategy("auto", cfg, hidden=hidden, weight=weight,  # noqa
+                                         impl="triton", ref_hidden=ref)
+    assert S.sweep_chunk_rows(12000, 128256, 2, triton=True, ref_elem=2) == 2080
+    assert pick(None) == "one_sweep" and pick(_Stub(8, 1500, 4096)) == "recompute"
+
+
 def test_auto_rule_packed_and_cpu(monkeypatch):
     monkeypatch.setattr(S, "device_free_bytes", lambda dev: 80 << 30)
     cfg = get_preset("tisdpo").config
