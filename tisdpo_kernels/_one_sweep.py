@@ -58,8 +58,9 @@ class SweepBackend(NamedTuple):
     Called at most once: it may overwrite the chunk's logits.
 
     gemms(hidden, weight) -> an object with ``acc_dtype`` (d_weight's and d_bias's sums),
-    ``e_w(e, out)``: out [C, D] (hidden's dtype) = e·W, and ``et_h(acc, e, h)``: acc + eᵀ·h
-    in place, or a new sum when acc is None.
+    ``e_w(e, out)``: out [C, D] (hidden's dtype) = e·W, and ``et_h(acc, e, h, dtype=None)``:
+    acc + eᵀ·h in place, or a new sum when acc is None; with ``dtype``, eᵀ·h as the whole
+    d_weight in that dtype (the GEMM's own output, rounded once on a GPU).
     """
 
     chunk: Callable
@@ -139,9 +140,10 @@ def _scale_rows_(t: torch.Tensor, s: torch.Tensor, chunk: int) -> None:
 class _Grads:
     """d_hidden [N, D], and the d_weight / d_bias sums, from the chunks' e."""
 
-    def __init__(self, gemms, hidden, weight, bias, needs, chunk):
+    def __init__(self, gemms, hidden, weight, bias, needs, chunk, single: bool):
         self.g = gemms(hidden, weight)
         self.weight, self.bias, self.chunk = weight, bias, chunk
+        self.single = single              # one chunk of whole pairs: no float32 sum needed
         self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
                    if needs[0] else None)
         self.want_w, self.want_b = needs[1], needs[2] and bias is not None
@@ -150,7 +152,7 @@ class _Grads:
 
     def _sums(self, w, b, e, h):
         if self.want_w:
-            w = self.g.et_h(w, e, h)
+            w = self.g.et_h(w, e, h, self.weight.dtype if self.single else None)
         if self.want_b:
             part = e.sum(0, dtype=self.g.acc_dtype)
             b = part if b is None else b.add_(part)
@@ -297,7 +299,8 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
         ref_out = None if ref_logp is None else torch.where(valid, ref_logp.to(sd), 0.0)
     use_ref = ref_out is not None and not cfg.reference_free
     want_e = any(opts.needs)
-    grads = _Grads(backend.gemms, hidden, weight, bias, opts.needs, chunk)
+    grads = _Grads(backend.gemms, hidden, weight, bias, opts.needs, chunk,
+                   single=len(steps) == 1 and steps[0].pair < 0)
     z = torch.full((num_pairs,), -cfg.margin, dtype=_F64, device=dev)
     with no_autocast(dev):
         for k, st in enumerate(steps):

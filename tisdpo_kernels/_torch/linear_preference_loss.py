@@ -94,8 +94,10 @@ class _GEMMs:
         HeadGrads.matmul_dh(out, e.to(self.weight.dtype), self.weight)
         return out
 
-    def et_h(self, acc, e, h):
+    def et_h(self, acc, e, h, dtype=None):
         et = e.T.to(h.dtype) if self.half_gpu else e.T
+        if dtype is not None:                   # the whole d_weight in one product
+            return (et @ (h if self.half_gpu else h.to(et.dtype))).to(dtype)
         if acc is None:
             return mm_f32(et, h, self.acc_dtype)
         if self.half_gpu:

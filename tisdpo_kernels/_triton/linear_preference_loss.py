@@ -217,8 +217,10 @@ class _GEMMs:
             out.copy_(e @ self.w)
         return out
 
-    def et_h(self, acc, e, h):
+    def et_h(self, acc, e, h, dtype=None):
         h = h if h.dtype == e.dtype else h.to(e.dtype)
+        if dtype is not None:                   # the whole d_weight in one product
+            return (e.T @ h).to(dtype)
         return mm_f32(e.T, h) if acc is None else addmm_f32_(acc, e.T, h)
 
 
