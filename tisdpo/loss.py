@@ -46,9 +46,9 @@ class TISDPOLoss(nn.Module):
       strategy: "recompute" (per-token log-probs, logits recomputed in the backward),
         "one_sweep" (``linear_preference_loss``: every head gradient formed in the forward,
         6·N·D·V flops instead of 8, the backward only scales them; not for cdpo_code, whose
-        loss is no sum of per-pair terms) or "auto" (default: one_sweep only on CUDA, from
-        ``TISDPO_ONE_SWEEP_MIN_TOKENS`` tokens per pair, when memory allows; see
-        ``tisdpo_kernels.strategy.choose_strategy``).
+        loss is no sum of per-pair terms) or "auto" (default: one_sweep only on CUDA, for pairs
+        that fit one chunk of its sweep or reach ``TISDPO_ONE_SWEEP_MIN_TOKENS`` tokens, when
+        memory allows; see ``tisdpo_kernels.strategy.choose_strategy``).
       filter_eps: None (exact) or ε ∈ (0, 1): opt-in gradient filtering of the policy's
         log-prob head (``tisdpo_kernels.linear_logprobs``, docs/FILTERING.md); recompute
         strategy only (auto then picks it), not for methods with KL terms.

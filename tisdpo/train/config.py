@@ -178,9 +178,9 @@ class PolicyConfig(TrainConfig):
     impl: str = opt("auto", "kernel backend: auto (triton on CUDA, torch on CPU), triton, torch, "
                             "reference", ("auto", "triton", "torch", "reference"))
     strategy: str = opt("auto", "how the loss forms the LM head's gradients: recompute (logits "
-                                "again in the backward), one_sweep (all in the forward; long "
-                                "pairs), auto (one_sweep on CUDA from "
-                                "TISDPO_ONE_SWEEP_MIN_TOKENS tokens per pair)",
+                                "again in the backward), one_sweep (all in the forward), auto "
+                                "(one_sweep on CUDA for pairs that fit one chunk of its sweep or "
+                                "reach TISDPO_ONE_SWEEP_MIN_TOKENS tokens, memory allowing)",
                         ("auto", "one_sweep", "recompute"))
     filter_eps: float | None = opt(None, "opt-in gradient filtering of the policy head's "
                                          "backward (docs/FILTERING.md): a probability threshold "
