@@ -11,7 +11,7 @@ never import each other).
 - ``addmm_f32_`` / ``mm_f32``: a float32 gradient accumulator += (or =) a product of 16-bit
   operands, on tensor cores with fp32 accumulation on a GPU.
 - The token-chunk helpers of the chunked head code (``chunk_size``, ``dz_chunk_rows``,
-  ``chunks``, ``no_autocast``, ``valid_and_safe``, ``masked``, ``kept_rows``) and the
+  ``sweep_rows``, ``chunks``, ``no_autocast``, ``valid_and_safe``, ``masked``, ``kept_rows``) and the
   preference links ``link_loss``: the one-sweep head's sweep (``_one_sweep.py``) runs them for
   either backend.
 - ``kept_columns``: the vocabulary columns an opt-in filtered backward keeps for one chunk of
@@ -29,7 +29,7 @@ from tisdpo_kernels import validate as V
 from tisdpo_kernels.config import PreferenceConfig, WeightParams
 
 __all__ = ["stat_dtype", "normalizer_tensor", "per_sequence_weights", "addmm_f32_", "mm_f32",
-           "kept_columns", "chunk_size", "dz_chunk_rows", "chunks", "no_autocast",
+           "kept_columns", "chunk_size", "dz_chunk_rows", "sweep_rows", "chunks", "no_autocast",
            "valid_and_safe", "masked", "kept_rows", "link_loss"]
 
 _F64 = torch.float64
@@ -144,6 +144,15 @@ def dz_chunk_rows(n: int, v: int, itemsize: int) -> int:
     least 16), and no more than the n rows there are."""
     rows = max(16, (_env.dz_budget_bytes() // max(v * itemsize, 1)) // 16 * 16)
     return max(1, min(n, rows))
+
+
+def sweep_rows(n: int, v: int, itemsize: int, chunk_tokens: int | None = None) -> int:
+    """Rows per chunk of the Triton one-sweep head: ``chunk_tokens``, else
+    ``TISDPO_CHUNK_TOKENS`` when set, else as many as the ``TISDPO_DZ_MB`` budget holds at
+    ``itemsize`` bytes per logit (every [C, V] buffer a chunk keeps)."""
+    if chunk_tokens is not None or _env.chunk_tokens_set():
+        return chunk_size(chunk_tokens, v)
+    return dz_chunk_rows(n, v, itemsize)
 
 
 def chunks(n: int, size: int):

@@ -69,15 +69,15 @@ class SweepBackend(NamedTuple):
 
 class _Step(NamedTuple):
     """One chunk: rows ``order[lo:hi]`` of the sweep order, the host ranges ``ranges`` (the
-    same rows, adjacent ones merged), its pair segments ``seg_pair[seg_lo:seg_hi]`` with their
-    offsets in the chunk ``bounds[seg_lo + k : seg_hi + k + 1]`` (k the step's index);
+    same rows, adjacent ones merged), its pair segments ``seg_pair[segs]`` with their offsets
+    in the chunk ``bounds[offs]`` (0, …, its row count);
     ``pair`` is the long pair it is a chunk of (−1: whole pairs), ``last`` its last chunk."""
 
     lo: int
     hi: int
     ranges: tuple
-    seg_lo: int
-    seg_hi: int
+    segs: slice
+    offs: slice
     pair: int
     last: bool
 
@@ -92,7 +92,7 @@ def _schedule(pair_rows, chunk: int):
     steps, order, side, bounds, seg_pair = [], [], [], [], []
 
     def add(parts, pair, last):
-        lo, seg_lo, ranges = len(order), len(seg_pair), []
+        lo, seg_lo, off_lo, ranges = len(order), len(seg_pair), len(bounds), []
         bounds.append(0)
         for i, ((a, b), tag) in enumerate(parts):
             order.extend(range(a, b))
@@ -104,7 +104,8 @@ def _schedule(pair_rows, chunk: int):
             if i + 1 == len(parts) or parts[i + 1][1] // 2 != tag // 2:
                 bounds.append(len(order) - lo)
                 seg_pair.append(tag // 2)
-        steps.append(_Step(lo, len(order), tuple(ranges), seg_lo, len(seg_pair), pair, last))
+        steps.append(_Step(lo, len(order), tuple(ranges), slice(seg_lo, len(seg_pair)),
+                           slice(off_lo, len(bounds)), pair, last))
 
     short, group, size = [], [], 0
     for b, pair in enumerate(pair_rows):
@@ -303,7 +304,7 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
                    single=len(steps) == 1 and steps[0].pair < 0)
     z = torch.full((num_pairs,), -cfg.margin, dtype=_F64, device=dev)
     with no_autocast(dev):
-        for k, st in enumerate(steps):
+        for st in steps:
             sl = slice(st.lo, st.hi)
             rows = None if len(st.ranges) == 1 else order[sl]
             v = rows_.valid[sl]
@@ -329,9 +330,8 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
             # per pair segment, each summed in a fixed order (CUB's segmented reduction on
             # CUDA): the same bits on every run; each pair once, so index_add_ adds no two.
             # unsafe: skip the offsets' validation, a host sync (they are right by construction)
-            seg = torch.segment_reduce(r, "sum", offsets=bounds[st.seg_lo + k:st.seg_hi + k + 1],
-                                       unsafe=True)
-            z.index_add_(0, seg_pair[st.seg_lo:st.seg_hi], seg)
+            seg = torch.segment_reduce(r, "sum", offsets=bounds[st.offs], unsafe=True)
+            z.index_add_(0, seg_pair[st.segs], seg)
             if grad is None:
                 continue
             if st.pair < 0:                      # whole pairs: e scaled by each row's s_b

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tisdpo_kernels import _env
-from tisdpo_kernels._common import dz_chunk_rows
+from tisdpo_kernels._common import sweep_rows
 from tisdpo_kernels._impl import triton_available
 from tisdpo_kernels.config import PreferenceConfig
 
@@ -46,8 +46,8 @@ def sweep_chunk_rows(tokens: int, vocab: int, elem: int, *, triton: bool = False
     Triton backend's from the ``TISDPO_DZ_MB`` budget over V logits of each head in its input
     dtype (``ref_elem``: the reference head's element size, 0 without one; on CUDA e is
     written over the policy logits), or ``TISDPO_CHUNK_TOKENS`` when set."""
-    if triton and not _env.chunk_tokens_set():
-        return dz_chunk_rows(tokens, vocab, elem + ref_elem)
+    if triton:
+        return sweep_rows(tokens, vocab, elem + ref_elem)
     return _env.torch_chunk_tokens(vocab)
 
 

@@ -268,8 +268,7 @@ def test_schedule_long_pairs_in_chunks_short_pairs_whole():
         (1, True, ((40, 45),)), (-1, True, ((0, 9),)),
         (-1, True, ((45, 47), (50, 55), (47, 50)))]
     # a pair's rows are consecutive within a step: one segment each
-    assert [(bounds[st.seg_lo + k:st.seg_hi + k + 1].tolist(),
-             seg_pair[st.seg_lo:st.seg_hi].tolist()) for k, st in enumerate(steps)] == [
+    assert [(bounds[st.offs].tolist(), seg_pair[st.segs].tolist()) for st in steps] == [
         ([0, 7], [1]), ([0, 7], [1]), ([0, 7], [1]), ([0, 5], [1]), ([0, 9], [0]),
         ([0, 5, 10], [2, 4])]
     parts = [(9, 30, 2), (40, 45, 3), (0, 5, 0), (5, 9, 1), (45, 47, 4), (50, 53, 5),

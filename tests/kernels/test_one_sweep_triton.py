@@ -285,9 +285,10 @@ def test_default_chunk_fills_the_dz_budget(monkeypatch):
     TISDPO_DZ_MB budget has room for, counting every [C, V] buffer it holds: each head's
     logits and, where e cannot overwrite the policy's (bf16 logits, float32 e under the
     interpreter), e. A budget of 512·V bytes: 64 rows of 8 bytes per logit."""
+    from tisdpo_kernels import _env
     from tisdpo_kernels._triton import linear_preference_loss as K
     monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
-    monkeypatch.setattr(K._env, "dz_budget_bytes", lambda: 512 * V)
+    monkeypatch.setattr(_env, "dz_budget_bytes", lambda: 512 * V)
     f32, bf16 = (torch.empty(1000, 2, dtype=dt) for dt in (torch.float32, torch.bfloat16))
     assert K._chunk_rows(f32, None, V, None) == 128                    # 4 bytes
     assert K._chunk_rows(f32, f32, V, None) == 64                      # 4 + 4
@@ -304,7 +305,7 @@ def test_default_chunk_fills_the_dz_budget(monkeypatch):
     monkeypatch.setattr(K, "linear_preference_loss_fwd",
                         lambda z, *a, **k: calls.append(z.shape[0]) or real(z, *a, **k))
     for rows, seen in ((16, [9] * 4), (32, [18, 18]), (64, [36])):
-        monkeypatch.setattr(K._env, "dz_budget_bytes", lambda rows=rows: rows * 4 * V)
+        monkeypatch.setattr(_env, "dz_budget_bytes", lambda rows=rows: rows * 4 * V)
         calls.clear()
         with torch.no_grad():
             linear_preference_loss(case["hidden"].float(), case["weight"].float(),

@@ -98,11 +98,7 @@ class _GEMMs:
         et = e.T.to(h.dtype) if self.half_gpu else e.T
         if dtype is not None:                   # the whole d_weight in one product
             return (et @ (h if self.half_gpu else h.to(et.dtype))).to(dtype)
-        if acc is None:
-            return mm_f32(et, h, self.acc_dtype)
-        if self.half_gpu:
-            return addmm_f32_(acc, et, h)
-        return acc.addmm_(et, h.to(acc.dtype))
+        return mm_f32(et, h, self.acc_dtype) if acc is None else addmm_f32_(acc, et, h)
 
 
 _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)

@@ -42,15 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels import _env
-from tisdpo_kernels._common import addmm_f32_, chunk_size, mm_f32
+from tisdpo_kernels._common import addmm_f32_, mm_f32, sweep_rows
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_dtype, device_guard, gather_cols, launch, mask_cols, online_lse_step, softcap_fwd,
     softcap_grad,
 )
-from tisdpo_kernels._triton.slabs import dz_chunk_rows, dz_dtype
+from tisdpo_kernels._triton.slabs import dz_dtype
 from tisdpo_kernels.config import PairHeadOptions
 
 __all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]
@@ -265,16 +264,13 @@ _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
 
 
 def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
-    """Rows per chunk of the sweep: ``chunk_tokens``, else ``TISDPO_CHUNK_TOKENS`` when set,
-    else as many as fit the ``TISDPO_DZ_MB`` budget with every [C, V] buffer a chunk holds
-    (the logits of each head in its input dtype, and e when it cannot overwrite them)."""
-    if chunk_tokens is not None or _env.chunk_tokens_set():
-        return chunk_size(chunk_tokens, v)
+    """Rows per chunk of the sweep (``sweep_rows``), counting every [C, V] buffer a chunk
+    holds: the logits of each head in its input dtype, and e when it cannot overwrite them."""
     dt = dz_dtype(hidden)
     per = hidden.element_size() + (0 if dt == hidden.dtype else torch.finfo(dt).bits // 8)
     if ref_hidden is not None:
         per += ref_hidden.element_size()
-    return dz_chunk_rows(hidden.shape[0], v, per)
+    return sweep_rows(hidden.shape[0], v, per, chunk_tokens)
 
 
 def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from tisdpo_kernels._common import (  # dz_chunk_rows: the slabs' rows, shared with strategy
-    addmm_f32_, dz_chunk_rows, kept_columns, no_autocast,
-)
+from tisdpo_kernels._common import addmm_f32_, dz_chunk_rows, kept_columns, no_autocast
 from tisdpo_kernels._triton.common import upcast
 
 
