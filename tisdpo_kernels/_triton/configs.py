@@ -75,7 +75,8 @@ CONFIGS: dict[str, dict[str, KernelConfig]] = {
     # In bf16 on sm_90 (`python tests/aot.py`): 128×128 compiles without spills (145 registers
     # with TMA, 166 without, no bias or softcap); 128×256 and 256×128 at 8 warps too, but
     # only without a softcap: with one, every tile above 128×128 spills 0.4–1.4 KB per thread.
-    # (Triton 3.8. Under 3.6, 128×128 is 149/172 registers and 128×256 spills 96 B with TMA.)
+    # (Triton 3.8. Under 3.6, 128×128 is 149/172 registers and 128×256 spills 96 B with TMA;
+    # 256×128 is spill-free under both, so it is the large tile the autotuner tries.)
     "linear_logprobs_bwd": {
         "sm90": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8),
         "sm80": _c(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, GROUP_N=8),
@@ -120,7 +121,7 @@ AUTOTUNE: dict[str, list[KernelConfig]] = {
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=g)
         for bn, bv, bd, w, s, g in [(128, 128, 64, 8, 3, 8), (128, 128, 32, 8, 4, 8),
                                     (64, 128, 64, 4, 3, 8), (128, 64, 64, 4, 3, 8),
-                                    (128, 128, 64, 8, 3, 16), (128, 256, 64, 8, 3, 8)]
+                                    (128, 128, 64, 8, 3, 16), (256, 128, 64, 8, 3, 8)]
     ],
     "linear_logprobs_fwd_z": [
         _c(w, s, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
