@@ -43,7 +43,8 @@ def kernels(op: str, logits: str) -> list[tuple]:
     key the autotuner."""
     if op == "loss":
         from tisdpo_kernels._triton import linear_preference_loss as P
-        return [("linear_preference_loss_fwd", P.linear_preference_loss_fwd_kernel, ("V",), ())]
+        return [("linear_preference_loss_fwd", P.linear_preference_loss_fwd_kernel,
+                 P._AUTOTUNE_KEY, ())]
     if op == "kl":
         from tisdpo_kernels._triton import linear_token_kl as M
         stem, key = "linear_token_kl", ("V", "D", "DR")

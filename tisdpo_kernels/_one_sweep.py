@@ -50,12 +50,14 @@ _HALF = (torch.bfloat16, torch.float16)
 class SweepBackend(NamedTuple):
     """What a backend gives the sweep.
 
-    chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts, sd, want_e) ->
-    (logp [C], ref_logp [C] | None, kl [C] | None, grad) for one chunk of rows: h [C, D]
+    chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts, sd, want_e, coef=None) ->
+    (logp [C], ref_logp [C] | None, kl [C] | None, g) for one chunk of rows: h [C, D]
     (ignored rows already zero), safe [C] the targets (0 where ignored), ``sd`` the statistics
-    dtype. ``grad`` is None unless ``want_e``; ``grad(c, kg)`` returns e [C, V] for the
-    coefficients c_t and κ'_t [C] in ``sd`` (0 on ignored rows), in the dtype the GEMMs take.
-    Called at most once: it may overwrite the chunk's logits.
+    dtype. e [C, V] is the gradient for the coefficients c_t and κ'_t [C] in ``sd`` (0 on
+    ignored rows), in the dtype the GEMMs take; it may overwrite the chunk's logits. ``g`` is
+    None unless ``want_e``; e itself when ``coef`` = (c, kg) is given (coefficients known
+    before the chunk's statistics: formed in the same pass); else ``grad(c, kg)`` -> e,
+    called at most once.
 
     gemms(hidden, weight) -> an object with ``acc_dtype`` (d_weight's and d_bias's sums),
     ``e_w(e, out)``: out [C, D] (hidden's dtype) = e·W, and ``et_h(acc, e, h, dtype=None)``:
@@ -310,8 +312,11 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
             v = rows_.valid[sl]
             h = kept_rows(_take(hidden, st, rows), v)
             ref_h = None if ref_hidden is None else kept_rows(_take(ref_hidden, st, rows), v)
-            lp_c, lr_c, kl_c, grad = backend.chunk(h, weight, bias, ref_h, ref_weight, ref_bias,
-                                                   _take(safe, st, rows), opts, sd, want_e)
+            # a long pair's coefficients are known now (s_b scales its sums later)
+            coef = None if st.pair < 0 or not want_e else (rows_.c[sl].to(sd),
+                                                           rows_.kg[sl].to(sd))
+            lp_c, lr_c, kl_c, g = backend.chunk(h, weight, bias, ref_h, ref_weight, ref_bias,
+                                                _take(safe, st, rows), opts, sd, want_e, coef)
             lp_c = masked(lp_c, v)
             _put(logp, lp_c, st, rows)
             delta = lp_c.to(_F64)
@@ -332,19 +337,19 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
             # unsafe: skip the offsets' validation, a host sync (they are right by construction)
             seg = torch.segment_reduce(r, "sum", offsets=bounds[st.offs], unsafe=True)
             z.index_add_(0, seg_pair[st.segs], seg)
-            if grad is None:
+            if g is None:
                 continue
             if st.pair < 0:                      # whole pairs: e scaled by each row's s_b
                 s_row = rows_.s(z).index_select(0, rows_.pair[sl])
-                e = grad((rows_.c[sl] * s_row).to(sd), (rows_.kg[sl] * s_row).to(sd))
+                e = g((rows_.c[sl] * s_row).to(sd), (rows_.kg[sl] * s_row).to(sd))
                 grads.add(st, rows, h, e)
             else:
-                e = grad(rows_.c[sl].to(sd), rows_.kg[sl].to(sd))
+                e = g
                 grads.add_unscaled(st, h, e)
                 if st.last:
                     b = st.pair
                     grads.close([x for side in opts.pair_rows[b] for x in side], rows_.s(z)[b])
-            del e, grad
+            del e, g
     total = torch.where(rows_.pair_valid, link_loss(z, cfg), 0.0).sum()
     dgrads = grads.finish(_uncovered(opts.pair_rows, n)) if want_e else (None,) * 3
     return (total / rows_.norm).to(sd), logp, ref_out, kl, dgrads

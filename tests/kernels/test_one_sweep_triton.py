@@ -30,6 +30,7 @@ interpreted = pytest.mark.skipif(torch.cuda.is_available(),
 
 ONE = {"strategy": "one_sweep"}
 GPU_LIKE = configs.KernelConfig({"ROWS": 2, "BLOCK_V": 32})
+ROW_LIKE = configs.KernelConfig({"ROWS": 1, "BLOCK_V": 32})     # one row per program (sm90)
 
 
 @pytest.fixture(autouse=True)
@@ -137,11 +138,11 @@ def op_check(method, dtype, device, softcap=None, blocks=None):
     ("tdpo2", torch.float32, None, None),             # KL(ref‖π), stop-gradient chosen KL
     ("tdpo2", torch.bfloat16, 3.0, GPU_LIKE),
     ("tisdpo", torch.float32, None, None),            # a reference head, no KL
-    ("dpo", torch.bfloat16, None, GPU_LIKE),
+    ("dpo", torch.bfloat16, None, ROW_LIKE),
     ("simpo", torch.float32, 3.0, None),              # reference-free, mean reduction
     ("ipo", torch.bfloat16, None, None),              # mean reduction
 ], ids=["tisdpo_paper-fp32-softcap-blocks", "tisdpo_paper-bf16", "tdpo2-fp32",
-        "tdpo2-bf16-softcap-blocks", "tisdpo-fp32", "dpo-bf16-blocks", "simpo-fp32-softcap",
+        "tdpo2-bf16-softcap-blocks", "tisdpo-fp32", "dpo-bf16-row-blocks", "simpo-fp32-softcap",
         "ipo-bf16"])
 @pytest.mark.parametrize("chunk", [8, 40], ids=["long-pairs", "whole-pairs"])
 def test_op_matches_oracle_and_torch_backend(method, dtype, softcap, blocks, chunk, device,
@@ -188,6 +189,57 @@ def test_op_refusals_and_dispatch(monkeypatch):
     assert not calls                                 # auto on the CPU: the torch backend
     linear_preference_loss(h.float(), w.float(), y, impl="triton", config=cfg, **f32)
     assert len(calls) == 4 * 2                       # 4 rows of 9 tokens, chunks of ≤ 8
+
+
+@pytest.mark.parametrize("kl", [None, "policy_ref", "ref_policy"])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_epilogue_from_saved_statistics_matches_one_launch(kl, softcap, device):
+    """A chunk of whole pairs runs the epilogue twice: statistics saved, then e from them.
+    That gives the same statistics and e, bit for bit, as the single launch a long pair's
+    chunk makes (GPU-like blocks; dead rows with c = κ' = 0; C not a multiple of ROWS)."""
+    from tisdpo_kernels._triton import linear_preference_loss as K
+    g = torch.Generator().manual_seed(3)
+    C = 7
+    z, zr = (3 * torch.randn(C, V, generator=g) for _ in range(2))
+    safe = torch.randint(0, V, (C,), generator=g)
+    c, kg = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    c[2] = kg[2] = 0.0
+    z, zr, safe, c, kg = (t.to(device) for t in (z, zr, safe, c, kg))
+    zr = zr if kl is not None else None
+    e_one, e_two = torch.full_like(z, float("nan")), torch.full_like(z, float("nan"))
+    stats = torch.full((5, C), float("nan"), device=device)
+    with configs.override(linear_preference_loss_fwd=GPU_LIKE):
+        one = K.linear_preference_loss_fwd(z, zr, safe, c, kg, e_one, softcap, kl)
+        saved = K.linear_preference_loss_fwd(z, zr, safe, None, None, None, softcap, kl, stats)
+        assert K.linear_preference_loss_fwd(z, zr, safe, c, kg, e_two, softcap, kl,
+                                            stats) is None
+    assert torch.equal(e_one, e_two)
+    assert e_one.isfinite().all() and (e_one[2] == 0).all()
+    for a, b in zip(one, saved):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("chunk,launches", [
+    (8, [(4, True, False), (5, True, False)] * 4),     # each sequence in two chunks: one launch
+    (40, [(36, False, True), (36, True, True)]),      # both pairs whole: statistics, then e
+], ids=["long-pairs", "whole-pairs"])
+@interpreted
+def test_epilogue_launches_per_chunk(chunk, launches, monkeypatch):
+    """With a gradient, a chunk of a long pair launches the epilogue once (statistics and
+    e); a chunk of whole pairs twice (statistics saved, then e). (rows, writes e, statistics
+    buffer) per launch."""
+    from tisdpo_kernels._triton import linear_preference_loss as K
+    monkeypatch.setenv("TISDPO_CHUNK_TOKENS", str(chunk))
+    calls, real = [], K.linear_preference_loss_fwd
+
+    def spy(z, zr, safe, c, kg, e, *a, **k):
+        stats = a[2] if len(a) > 2 else k.get("stats")
+        calls.append((z.shape[0], e is not None, stats is not None))
+        return real(z, zr, safe, c, kg, e, *a, **k)
+
+    monkeypatch.setattr(K, "linear_preference_loss_fwd", spy)
+    op_run("triton", op_case(), "tisdpo_paper", torch.float32)
+    assert calls == launches
 
 
 # ---------------------------------------------------------------------------- module level
@@ -324,21 +376,27 @@ def _aot_compile_epilogue():
     from tisdpo_kernels._triton import linear_preference_loss as L
     from tisdpo_kernels._triton.configs import CONFIGS
 
-    fp32_ptrs = {"c_ptr", "kg_ptr", "logp_ptr", "ref_logp_ptr", "kl_ptr"}
+    fp32_ptrs = {"c_ptr", "kg_ptr", "logp_ptr", "ref_logp_ptr", "kl_ptr", "st_ptr"}
     out = []
-    for arch, dt, flags in [
-            (90, "bf16", dict(HAS_SOFTCAP=True, HAS_REF=True, KL=1, WRITE_E=True)),
-            (90, "bf16", dict(HAS_SOFTCAP=False, HAS_REF=True, KL=2, WRITE_E=True)),
-            (80, "bf16", dict(HAS_SOFTCAP=True, HAS_REF=True, KL=1, WRITE_E=True))]:
+    # every launch the sweep makes, with a reference head and either KL, with and without a
+    # softcap: a long pair's chunk (statistics and e at once), a chunk of whole pairs
+    # (statistics saved, then e from them)
+    launches = [(kl, cap, write_e, stats) for kl in (1, 2) for cap in (True, False)
+                for write_e, stats in ((True, 0), (False, 1), (True, 2))]
+    for arch in (90, 80):
         cfg = CONFIGS["linear_preference_loss_fwd"]["sm90" if arch >= 90 else "sm80"]
 
-        def ptr_type(n, dt=dt):
-            return "*i64" if n == "t_ptr" else "*fp32" if n in fp32_ptrs else f"*{dt}"
+        def ptr_type(n):
+            return "*i64" if n == "t_ptr" else "*fp32" if n in fp32_ptrs else "*bf16"
 
-        out.append((f"epilogue-KL{flags['KL']}-sm{arch}-{dt}", arch,
-                    *compile_kernel(L.linear_preference_loss_fwd_kernel, arch,
-                                    {**flags, **cfg.meta}, ptr_type, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages, unaligned=("cap", "C"))))
+        for kl, cap, write_e, stats in launches:
+            flags = dict(HAS_SOFTCAP=cap, HAS_REF=True, KL=kl, WRITE_E=write_e, STATS=stats)
+            out.append((f"epilogue-KL{kl}-cap{int(cap)}-E{int(write_e)}-STATS{stats}-sm{arch}",
+                        arch,
+                        *compile_kernel(L.linear_preference_loss_fwd_kernel, arch,
+                                        {**flags, **cfg.meta}, ptr_type,
+                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                        unaligned=("cap", "C"))))
     return out
 
 

@@ -31,9 +31,10 @@ def _gather(x, safe):
 
 
 def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOptions, sd,
-           want_e):
-    """(logp, ref_logp | None, kl | None, grad | None) of one chunk, from its logits formed
-    once; ``grad(c, kg)`` forms e [C, V] in place of the softmax buffers."""
+           want_e, coef=None):
+    """(logp, ref_logp | None, kl | None, e | grad | None) of one chunk
+    (``SweepBackend.chunk``), from its logits formed once; ``grad(c, kg)`` forms e [C, V] in
+    place of the softmax buffers (at once for ``coef``)."""
     cfg = opts.config
     z = chunk_logits(h, weight, bias, opts.softcap)                            # [C, V]
     cap = softcap_grad_factor(z, opts.softcap) if want_e else None
@@ -76,7 +77,9 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOpt
         e.scatter_add_(1, safe[:, None], c[:, None])                          # + c·onehot
         return e if cap is None else e.mul_(cap)
 
-    return logp, ref_logp, kl, (grad if want_e else None)
+    if not want_e:
+        return logp, ref_logp, kl, None
+    return logp, ref_logp, kl, (grad if coef is None else grad(*coef))
 
 
 class _GEMMs:

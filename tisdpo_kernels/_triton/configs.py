@@ -256,19 +256,21 @@ AUTOTUNE["linear_token_kl_bwd"] = [
 ]
 
 # linear_preference_loss.py: the one-sweep head's chunk epilogue over cuBLAS logits. One program
-# = ROWS rows looping over the vocabulary in BLOCK_V tiles (2–3 passes): memory-bound, no dot, so
-# ROWS is not held to tl.dot's 16 (the launcher checks BLOCK_* only) and stays small enough
-# that a chunk of a few hundred rows fills the GPU. Not timed yet. Spill-free under Triton
-# 3.8; under 3.6 the sm90 entry spills 20 B with a softcap and KL (the AOT test in
-# tests/kernels/test_one_sweep_triton.py).
+# = ROWS rows looping over the vocabulary in BLOCK_V tiles (1–3 passes): memory-bound, no dot,
+# so ROWS is not held to tl.dot's 16 (the launcher checks BLOCK_* only) and stays small enough
+# that a chunk of a few hundred rows fills the GPU. Not timed yet. One row × 2048 at 8 warps
+# (8 elements per thread, 16-byte bf16 loads) is the entry that compiles without spills for
+# sm_90 and sm_80 under Triton 3.6 and 3.8 for every launch the sweep makes, with every flag
+# (at most 48 registers; the AOT test in tests/kernels/test_one_sweep_triton.py). Of the
+# 16-element shapes each spills 8–20 B in some launch under one of the two releases.
 CONFIGS["linear_preference_loss_fwd"] = {
-    "sm90": _c(8, 2, ROWS=2, BLOCK_V=2048),
-    "sm80": _c(8, 2, ROWS=2, BLOCK_V=2048),
+    "sm90": _c(8, 2, ROWS=1, BLOCK_V=2048),
+    "sm80": _c(8, 2, ROWS=1, BLOCK_V=2048),
     "default": _c(4, 2, ROWS=2, BLOCK_V=1024),
     "interpret": _c(ROWS=64, BLOCK_V=512),
 }
 AUTOTUNE["linear_preference_loss_fwd"] = [
     _c(w, s, ROWS=r, BLOCK_V=bv)
-    for r, bv, w, s in [(2, 2048, 8, 2), (1, 4096, 8, 2), (4, 1024, 8, 2), (2, 1024, 4, 2),
-                        (4, 2048, 16, 2), (1, 2048, 4, 3)]
+    for r, bv, w, s in [(1, 2048, 8, 2), (2, 2048, 8, 2), (1, 4096, 8, 2), (4, 1024, 8, 2),
+                        (2, 1024, 4, 2), (4, 2048, 16, 2), (1, 2048, 4, 3)]
 ]

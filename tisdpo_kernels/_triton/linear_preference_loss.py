@@ -21,20 +21,22 @@ for with its [C, V] buffers (``_chunk_rows``). Per chunk of C rows:
 
      written in the GEMM dtype (``dz_dtype``: the input dtype on a GPU, tensor-core operands;
      fp32 under the interpreter), in place over the policy logits when the dtypes agree.
-     Rows with c = κ' = 0 (ignored tokens, zero weights) get e = 0 exactly. It runs first
-     for the statistics alone (the sweep needs them for the pairs' z_b), then, when a gradient
-     is wanted, again with the coefficients the sweep hands it (scaled by s_b for pairs that
-     fit the chunk), recomputing the same statistics and writing e;
+     Rows with c = κ' = 0 (ignored tokens, zero weights) get e = 0 exactly. A chunk of a
+     long pair knows its coefficients up front: one launch, all passes. A chunk of whole
+     pairs needs the statistics before its coefficients (s_b comes from the pairs' z_b): a
+     first launch runs passes 1–2 and saves each row's max, log Σ exp and KL ([5, C]
+     float32); a second runs pass 3 alone from them, with the coefficients scaled by s_b;
 3. the gradient GEMMs e·W (d_hidden rows) and eᵀ·h (the d_weight sum, or a long pair's
    [V, D] fp32 buffer), and Σ e (``_GEMMs``: cuBLAS).
 
 Traffic over the [C, V] buffers per chunk, for element size b (2 for bf16), policy head only:
-the GEMM writes z, the statistics launch reads it, the second launch reads it twice and writes
-e over it: 5·C·V·b, then the two gradient GEMMs read e. A bias adds one read and write of z
-(eager's rounding of z + b); a reference head adds its GEMM's write and one read per pass;
-KL(π‖ref) adds pass 2. The torch backend's chunk runs about ten fp32 passes instead. No atomics (each row's statistics
-belong to one program; the GEMMs are cuBLAS) and no host syncs (the per-pair scalar stays on
-the device). float64 is rejected (use impl="torch" or "reference").
+the GEMM writes z, pass 1 reads it, pass 3 reads it and writes e over it: 4·C·V·b, then the
+two gradient GEMMs read e. A bias adds one read and write of z (eager's rounding of z + b); a
+reference head adds its GEMM's write, a read in pass 1 and one in pass 3 with a KL term;
+KL(π‖ref) adds pass 2. The torch backend's chunk runs about ten fp32 passes instead. No
+atomics (each row's statistics belong to one program; the GEMMs are cuBLAS) and no host syncs
+(the per-pair scalar stays on the device). float64 is rejected (use impl="torch" or
+"reference").
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ from tisdpo_kernels.config import PairHeadOptions
 __all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]
 
 _KL_MODE = {None: 0, "policy_ref": 1, "ref_policy": 2}
+# the autotuner's key: each launch kind (passes run, e written or not) is timed on its own
+_AUTOTUNE_KEY = ("V", "HAS_SOFTCAP", "HAS_REF", "KL", "WRITE_E", "STATS")
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -75,54 +79,69 @@ def _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
 
 @triton.jit
 def linear_preference_loss_fwd_kernel(
-        z_ptr, zr_ptr, t_ptr, c_ptr, kg_ptr, e_ptr, logp_ptr, ref_logp_ptr, kl_ptr,
+        z_ptr, zr_ptr, t_ptr, c_ptr, kg_ptr, e_ptr, logp_ptr, ref_logp_ptr, kl_ptr, st_ptr,
         C, V, stride_z, stride_zr, stride_e, cap,
         HAS_SOFTCAP: tl.constexpr, HAS_REF: tl.constexpr, KL: tl.constexpr,
-        WRITE_E: tl.constexpr,
+        WRITE_E: tl.constexpr, STATS: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """The chunk epilogue of one block of rows: logp, ref_logp, KL and e (see the module
-    docstring). KL: 0 none, 1 policy_ref, 2 ref_policy (both need HAS_REF)."""
+    docstring). KL: 0 none, 1 policy_ref, 2 ref_policy (both need HAS_REF). STATS: 0 none,
+    1 also save each row's (m, log S, m_ref, log S_ref, KL) to st [5, C], 2 load them
+    instead of passes 1–2 and write e only."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < C
     rows = rows.to(tl.int64)            # C·V may exceed 2^31 elements
     tgt = tl.load(t_ptr + rows, mask=row_mask, other=0)
-    # pass 1: online logsumexp of each head and the target logits
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    s = tl.zeros((ROWS,), tl.float32)
-    zt = tl.zeros((ROWS,), tl.float32)
-    mq = tl.full((ROWS,), float("-inf"), tl.float32)
-    sq = tl.zeros((ROWS,), tl.float32)
-    qt = tl.zeros((ROWS,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap, HAS_SOFTCAP)
-        zt += gather_cols(z, cols, tgt)
-        m, s = online_lse_step(m, s, mask_cols(z, col_mask))
-        if HAS_REF:
-            zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
-                             HAS_SOFTCAP)
-            qt += gather_cols(zr, cols, tgt)
-            mq, sq = online_lse_step(mq, sq, mask_cols(zr, col_mask))
-    ls = tl.log(s)                      # log p = (z − m) − ls, as log_softmax forms it
-    lsq = tl.zeros((ROWS,), tl.float32)
-    if HAS_REF:
-        lsq = tl.log(sq)
-    kl = tl.zeros((ROWS,), tl.float32)
-    # pass 2, KL(π‖ref) = Σ p (log p − log q): e needs it whole
-    if KL == 1:
+    if STATS == 2:                      # the statistics a first launch saved, bit for bit
+        m = tl.load(st_ptr + rows, mask=row_mask, other=0.0)
+        ls = tl.load(st_ptr + C + rows, mask=row_mask, other=0.0)
+        mq = tl.load(st_ptr + 2 * C + rows, mask=row_mask, other=0.0)
+        lsq = tl.load(st_ptr + 3 * C + rows, mask=row_mask, other=0.0)
+        kl = tl.load(st_ptr + 4 * C + rows, mask=row_mask, other=0.0)
+    else:
+        # pass 1: online logsumexp of each head and the target logits
+        m = tl.full((ROWS,), float("-inf"), tl.float32)
+        s = tl.zeros((ROWS,), tl.float32)
+        zt = tl.zeros((ROWS,), tl.float32)
+        mq = tl.full((ROWS,), float("-inf"), tl.float32)
+        sq = tl.zeros((ROWS,), tl.float32)
+        qt = tl.zeros((ROWS,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
-            z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
-                            HAS_SOFTCAP)
-            zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
-                             HAS_SOFTCAP)
-            lp = (z - m[:, None]) - ls[:, None]
-            lq = (zr - mq[:, None]) - lsq[:, None]
-            kl += tl.sum(tl.where(col_mask[None, :], tl.exp(lp) * (lp - lq), 0.0), axis=1)
+            z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap, HAS_SOFTCAP)
+            zt += gather_cols(z, cols, tgt)
+            m, s = online_lse_step(m, s, mask_cols(z, col_mask))
+            if HAS_REF:
+                zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
+                                 HAS_SOFTCAP)
+                qt += gather_cols(zr, cols, tgt)
+                mq, sq = online_lse_step(mq, sq, mask_cols(zr, col_mask))
+        ls = tl.log(s)                  # log p = (z − m) − ls, as log_softmax forms it
+        lsq = tl.zeros((ROWS,), tl.float32)
+        if HAS_REF:
+            lsq = tl.log(sq)
+        kl = tl.zeros((ROWS,), tl.float32)
+        # pass 2, KL(π‖ref) = Σ p (log p − log q): e needs it whole
+        if KL == 1:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                col_mask = cols < V
+                z = _logit_tile(z_ptr, rows, cols, row_mask, col_mask, stride_z, cap,
+                                HAS_SOFTCAP)
+                zr = _logit_tile(zr_ptr, rows, cols, row_mask, col_mask, stride_zr, cap,
+                                 HAS_SOFTCAP)
+                lp = (z - m[:, None]) - ls[:, None]
+                lq = (zr - mq[:, None]) - lsq[:, None]
+                kl += tl.sum(tl.where(col_mask[None, :], tl.exp(lp) * (lp - lq), 0.0), axis=1)
+        if STATS == 1:
+            tl.store(st_ptr + rows, m, mask=row_mask)
+            tl.store(st_ptr + C + rows, ls, mask=row_mask)
+            tl.store(st_ptr + 2 * C + rows, mq, mask=row_mask)
+            tl.store(st_ptr + 3 * C + rows, lsq, mask=row_mask)
+            tl.store(st_ptr + 4 * C + rows, kl, mask=row_mask)
     # pass 3: e (and KL(ref‖π) = Σ q (log q − log p), which e does not need)
-    if WRITE_E or KL == 2:
+    if WRITE_E or (KL == 2 and STATS != 2):
         c = tl.load(c_ptr + rows, mask=row_mask, other=0.0)
         kg = tl.load(kg_ptr + rows, mask=row_mask, other=0.0)
         live = (c != 0.0) | (kg != 0.0)
@@ -143,7 +162,8 @@ def linear_preference_loss_fwd_kernel(
                     e = ((lp - lq) - kl[:, None]) * p * kg[:, None]         # κ'·G
                 else:
                     q = tl.exp(lq)
-                    kl += tl.sum(tl.where(col_mask[None, :], q * (lq - lp), 0.0), axis=1)
+                    if STATS != 2:
+                        kl += tl.sum(tl.where(col_mask[None, :], q * (lq - lp), 0.0), axis=1)
                     e = (p - q) * kg[:, None]                              # κ'·(p − q)
                 e -= p * c[:, None]                                        # − c·p
             if WRITE_E:
@@ -154,11 +174,12 @@ def linear_preference_loss_fwd_kernel(
                 tl.store(e_ptr + rows[:, None] * stride_e + cols[None, :],
                          e.to(e_ptr.dtype.element_ty),
                          mask=row_mask[:, None] & col_mask[None, :])
-    tl.store(logp_ptr + rows, (zt - m) - ls, mask=row_mask)
-    if HAS_REF:
-        tl.store(ref_logp_ptr + rows, (qt - mq) - lsq, mask=row_mask)
-    if KL != 0:
-        tl.store(kl_ptr + rows, kl, mask=row_mask)
+    if STATS != 2:
+        tl.store(logp_ptr + rows, (zt - m) - ls, mask=row_mask)
+        if HAS_REF:
+            tl.store(ref_logp_ptr + rows, (qt - mq) - lsq, mask=row_mask)
+        if KL != 0:
+            tl.store(kl_ptr + rows, kl, mask=row_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,36 +187,43 @@ def linear_preference_loss_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None):
+def linear_preference_loss_fwd(z, zr, safe, c, kg, e, softcap, kl: str | None, stats=None):
     """(logp [C], ref_logp [C] | None, kl [C] | None) float32 of one chunk, and e written.
 
     z [C, V]: the policy logits h·Wᵀ + b (any float dtype, rows contiguous, not yet
     softcapped), zr the reference head's or None; safe [C] int64 targets (0 where ignored);
     c, kg [C] float32 the coefficients of e, or None with e (the statistics only); e [C, V]
     (may be z itself) or None when no gradient is wanted. kl: None, "policy_ref" or
-    "ref_policy" (needs zr).
+    "ref_policy" (needs zr). stats: a float32 [5, C] buffer of per-row statistics; a launch
+    without e fills it, and a launch with e then reads it instead of recomputing them, writes
+    e only and returns None.
     """
     C, V = z.shape
     dev = z.device
-    logp = torch.empty(C, dtype=torch.float32, device=dev)
-    ref_logp = torch.empty(C, dtype=torch.float32, device=dev) if zr is not None else None
-    kl_out = torch.empty(C, dtype=torch.float32, device=dev) if kl is not None else None
+    mode = 0 if stats is None else 1 if e is None else 2
     assert z.stride(1) == 1 and (zr is None or zr.stride(1) == 1)
     assert e is None or e.stride(1) == 1
+    assert stats is None or (stats.shape == (5, C) and stats.is_contiguous())
+
+    def out(on: bool):
+        return torch.empty(C, dtype=torch.float32, device=dev) if on and mode != 2 else None
+
+    logp, ref_logp, kl_out = out(True), out(zr is not None), out(kl is not None)
+    any_f32 = logp if logp is not None else stats     # for pointers the kernel never touches
     zr_ = zr if zr is not None else z
     e_ = e if e is not None else z
-    if e is None:        # KL(ref‖π)'s pass loads them but stores no e: any float32 [C] will do
-        c = kg = logp
-    args = (z, zr_, safe.contiguous(), c.contiguous(), kg.contiguous(), e_, logp,
-            logp if ref_logp is None else ref_logp, logp if kl_out is None else kl_out,
+    if e is None:        # KL(ref‖π)'s pass loads them but stores no e
+        c = kg = any_f32
+    args = (z, zr_, safe.contiguous(), c.contiguous(), kg.contiguous(), e_,
+            *(any_f32 if t is None else t for t in (logp, ref_logp, kl_out, stats)),
             C, V, z.stride(0), zr_.stride(0), e_.stride(0), float(softcap or 1.0))
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_REF=zr is not None, KL=_KL_MODE[kl],
-                 WRITE_E=e is not None)
+                 WRITE_E=e is not None, STATS=mode)
     with device_guard(z):
         launch("linear_preference_loss_fwd", linear_preference_loss_fwd_kernel,
                lambda meta: (triton.cdiv(C, meta["ROWS"]),), z, args, flags,
-               autotune_key=("V",))
-    return logp, ref_logp, kl_out
+               autotune_key=_AUTOTUNE_KEY)
+    return None if mode == 2 else (logp, ref_logp, kl_out)
 
 
 class _GEMMs:
@@ -236,28 +264,34 @@ def _logits(h, weight, bias):
 
 
 def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOptions, sd,
-           want_e):
-    """(logp, ref_logp | None, kl | None, grad | None) of one chunk (``SweepBackend.chunk``):
-    cuBLAS logits, then the epilogue's statistics; ``grad(c, kg)`` runs the epilogue again
-    with e written, over the policy logits where the dtypes agree."""
+           want_e, coef=None):
+    """(logp, ref_logp | None, kl | None, e | grad | None) of one chunk
+    (``SweepBackend.chunk``): cuBLAS logits, then the epilogue. With ``coef`` one launch gives
+    the statistics and e. Without, a first launch gives the statistics and saves each row's
+    (max, log Σ exp, KL), and ``grad(c, kg)`` launches again to write e from them, reading
+    each head's logits once. e goes over the policy logits where the dtypes agree."""
     cfg = opts.config
     kl_mode = cfg.kl if cfg.uses_kl else None
     z = _logits(h, weight, bias)
     zr = None if ref_h is None else _logits(ref_h, ref_weight, ref_bias)
-    logp, ref_logp, kl = linear_preference_loss_fwd(z, zr, safe, None, None, None, opts.softcap,
-                                                    kl_mode)
     if not want_e:
-        return logp, ref_logp, kl, None
+        return (*linear_preference_loss_fwd(z, zr, safe, None, None, None, opts.softcap,
+                                            kl_mode), None)
+    dt = dz_dtype(h)
+    # in place, except under autotuning (its trial runs would read e back as logits)
+    e = z if (z.dtype == dt and not configs.autotuning(z)) else torch.empty(
+        z.shape, dtype=dt, device=z.device)
+    if coef is not None:
+        return (*linear_preference_loss_fwd(z, zr, safe, *coef, e, opts.softcap, kl_mode), e)
+    stats = torch.empty((5, z.shape[0]), dtype=torch.float32, device=z.device)
+    out = linear_preference_loss_fwd(z, zr, safe, None, None, None, opts.softcap, kl_mode,
+                                     stats)
 
     def grad(c, kg):
-        dt = dz_dtype(h)
-        # in place, except under autotuning (its trial runs would read e back as logits)
-        e = z if (z.dtype == dt and not configs.autotuning(z)) else torch.empty(
-            z.shape, dtype=dt, device=z.device)
-        linear_preference_loss_fwd(z, zr, safe, c, kg, e, opts.softcap, kl_mode)
+        linear_preference_loss_fwd(z, zr, safe, c, kg, e, opts.softcap, kl_mode, stats)
         return e
 
-    return logp, ref_logp, kl, grad
+    return (*out, grad)
 
 
 _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
