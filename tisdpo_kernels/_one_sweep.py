@@ -21,11 +21,12 @@ s_b, before its e is formed, so e comes out already scaled and its GEMMs add str
 d_hidden, d_weight and d_bias — no per-pair buffer. A longer pair goes chunk by chunk: each
 chunk's unscaled e·W goes into the pair's d_hidden rows and M_b = Σ_t e_tᵀ·h_t (and Σ_t e_t)
 into a [V, D] float32 buffer; at the pair's last chunk s_b scales its rows and s_b·M_b is
-folded into d_weight (the first such pair's buffer becomes the sum). s_b is a device tensor:
-no host sync. The backward multiplies the stored gradients by the upstream scalar: no logits
-are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most one [V, D] buffer
-besides it (only with two or more long pairs) and the backend's chunk buffers; nothing grows
-with the tokens of a pair.
+folded into d_weight (the first such pair's buffer becomes the sum). Its coefficients go to
+the backend with each chunk, so e may be formed in the pass that forms the statistics. s_b is
+a device tensor: no host sync. The backward multiplies the stored gradients by the upstream
+scalar: no logits are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most
+one [V, D] buffer besides it (only with two or more long pairs) and the backend's chunk
+buffers; nothing grows with the tokens of a pair.
 """
 from __future__ import annotations
 
