@@ -141,9 +141,10 @@ def op_check(method, dtype, device, softcap=None, blocks=None):
     ("dpo", torch.bfloat16, None, ROW_LIKE),
     ("simpo", torch.float32, 3.0, None),              # reference-free, mean reduction
     ("ipo", torch.bfloat16, None, None),              # mean reduction
+    ("tisdpo_paper", torch.float16, 3.0, GPU_LIKE),
 ], ids=["tisdpo_paper-fp32-softcap-blocks", "tisdpo_paper-bf16", "tdpo2-fp32",
         "tdpo2-bf16-softcap-blocks", "tisdpo-fp32", "dpo-bf16-row-blocks", "simpo-fp32-softcap",
-        "ipo-bf16"])
+        "ipo-bf16", "tisdpo_paper-fp16-softcap-blocks"])
 @pytest.mark.parametrize("chunk", [8, 40], ids=["long-pairs", "whole-pairs"])
 def test_op_matches_oracle_and_torch_backend(method, dtype, softcap, blocks, chunk, device,
                                              monkeypatch):
