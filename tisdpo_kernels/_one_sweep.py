@@ -92,22 +92,24 @@ def _schedule(pair_rows, chunk: int):
     order, ``side`` is 2·b + (0 chosen, 1 rejected) for each; rows in no pair are in neither.
     Within a step each pair's rows are consecutive, a segment: ``seg_pair`` lists the
     segments' pairs, ``bounds`` each step's segment offsets (0, …, its row count)."""
-    steps, order, side, bounds, seg_pair = [], [], [], [], []
+    steps, spans, bounds, seg_pair = [], [], [], []     # spans: (first row, rows, tag)
+    total = 0
 
     def add(parts, pair, last):
-        lo, seg_lo, off_lo, ranges = len(order), len(seg_pair), len(bounds), []
+        nonlocal total
+        lo, seg_lo, off_lo, ranges = total, len(seg_pair), len(bounds), []
         bounds.append(0)
         for i, ((a, b), tag) in enumerate(parts):
-            order.extend(range(a, b))
-            side.extend([tag] * (b - a))
+            spans.append((a, b - a, tag))
+            total += b - a
             if ranges and ranges[-1][1] == a:        # adjacent rows: one range, taken as a view
                 ranges[-1] = (ranges[-1][0], b)
             else:
                 ranges.append((a, b))
             if i + 1 == len(parts) or parts[i + 1][1] // 2 != tag // 2:
-                bounds.append(len(order) - lo)
+                bounds.append(total - lo)
                 seg_pair.append(tag // 2)
-        steps.append(_Step(lo, len(order), tuple(ranges), slice(seg_lo, len(seg_pair)),
+        steps.append(_Step(lo, total, tuple(ranges), slice(seg_lo, len(seg_pair)),
                            slice(off_lo, len(bounds)), pair, last))
 
     short, group, size = [], [], 0
@@ -125,10 +127,16 @@ def _schedule(pair_rows, chunk: int):
         if size + rows > chunk:
             add(group, -1, True)
             group, size = [], 0
-        group, size = group + parts, size + rows
+        group.extend(parts)
+        size += rows
     if group:
         add(group, -1, True)
-    return steps, *(torch.tensor(x, dtype=torch.long) for x in (order, side, bounds, seg_pair))
+    # rows from the spans with tensor ops: no Python object per row
+    first, length, tag = torch.tensor(spans, dtype=torch.long).view(-1, 3).unbind(1)
+    shift = first - (length.cumsum(0) - length)      # row = its position + its span's shift
+    order = torch.arange(total) + torch.repeat_interleave(shift, length, output_size=total)
+    side = torch.repeat_interleave(tag, length, output_size=total)
+    return steps, order, side, *(torch.tensor(x, dtype=torch.long) for x in (bounds, seg_pair))
 
 
 def _scale_rows_(t: torch.Tensor, s: torch.Tensor, chunk: int) -> None:

@@ -277,6 +277,8 @@ def test_schedule_long_pairs_in_chunks_short_pairs_whole():
     assert side.tolist() == [tag for a, b, tag in parts for _ in range(a, b)]
     assert [(st.lo, st.hi) for st in steps] == [(0, 7), (7, 14), (14, 21), (21, 26), (26, 35),
                                                (35, 45)]
+    steps, *rest = _schedule(pair_rows[3:4], 10)                  # no row in any pair
+    assert steps == [] and all(t.dtype == torch.long and t.numel() == 0 for t in rest)
 
 
 # ---------------------------------------------------------------------------- cost
