@@ -47,11 +47,11 @@ def kernels(op: str, logits: str) -> list[tuple]:
                  P._AUTOTUNE_KEY, ())]
     if op == "kl":
         from tisdpo_kernels._triton import linear_token_kl as M
-        stem, key = "linear_token_kl", ("V", "D", "DR")
+        stem = "linear_token_kl"
     else:
         from tisdpo_kernels._triton import linear_logprobs as M
-        stem, key = "linear_logprobs", ("V", "D")
-    z = "_z" if logits == "gemm" else ""
+        stem = "linear_logprobs"
+    z, key = "_z" if logits == "gemm" else "", M._AUTOTUNE_KEY
     return [(f"{stem}_fwd{z}", getattr(M, f"{stem}_fwd_kernel"), key, M._DESCRIPTORS),
             (f"{stem}_bwd{z}", getattr(M, f"{stem}_bwd_kernel"), key, M._BWD_DESCRIPTORS)]
 

@@ -169,6 +169,32 @@ def test_each_autotune_config_against_the_oracle(kernel, index, device):
         check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=20.0)
 
 
+@pytest.mark.parametrize("module,stems", [
+    ("linear_logprobs", ("linear_logprobs_fwd", "linear_logprobs_bwd")),
+    ("linear_token_kl", ("linear_token_kl_fwd", "linear_token_kl_bwd")),
+    ("linear_preference_loss", ("linear_preference_loss_fwd",))])
+def test_autotune_key_names_every_launch_flag(module, stems):
+    """Under TISDPO_AUTOTUNE=1 a config is chosen per key: the key names every constexpr of
+    the kernel that no AUTOTUNE entry sets (the flags: bias, softcap, split or not...), so no
+    launch kind reuses a choice timed on another; and it names nothing the kernels lack."""
+    import importlib
+    import inspect
+
+    from tisdpo_kernels._triton import configs as C
+    mod = importlib.import_module(f"tisdpo_kernels._triton.{module}")
+    key, names = set(mod._AUTOTUNE_KEY), set()
+    for stem in stems:
+        fn = getattr(mod, f"{stem}_kernel")
+        names |= set(fn.arg_names)
+        tuned = {k for name in (stem, f"{stem}_z") for cfg in C.AUTOTUNE.get(name, ())
+                 for k in cfg.meta}
+        constexprs = {n for n, p in inspect.signature(fn.fn).parameters.items()
+                      if "constexpr" in str(p.annotation)}    # jitted or interpreted
+        flags = constexprs - tuned
+        assert flags <= key, f"{stem}: {sorted(flags - key)} not in the autotune key"
+    assert key <= names, sorted(key - names)
+
+
 @pytest.mark.parametrize("dtype,bias,softcap,v", [(torch.float32, True, None, 1100),
                                                    (torch.bfloat16, False, 20.0, 1000)],
                          ids=["fp32-bias-V1100", "bf16-softcap-V1000"])

@@ -200,6 +200,10 @@ def linear_logprobs_bwd_kernel(
 # (common.launch)
 _DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")),)
 _BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
+# the autotuner's key, both kernels (a name a kernel lacks is left out of its key): the shape,
+# and the flags, so that each launch kind (bias, softcap, split or not...) is timed on its own
+_AUTOTUNE_KEY = ("V", "D", "HAS_BIAS", "HAS_SOFTCAP", "HAS_FILTER", "FINAL", "UPCAST",
+                 "DOT_PRECISION", "TMA", "Z_GIVEN")
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias, ignore_index: int,
@@ -247,7 +251,7 @@ def _fwd_rows(hidden, weight, bias, targets, rows, count, logp, lse, softcap, fl
             b.stride(0), targets.stride(0), zz.stride(0), float(softcap or 1.0))
     launch(name, linear_logprobs_fwd_kernel,
            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,), hidden, args,
-           {**flags, "FINAL": final}, autotune_key=("V", "D"), descriptors=_DESCRIPTORS)
+           {**flags, "FINAL": final}, autotune_key=_AUTOTUNE_KEY, descriptors=_DESCRIPTORS)
     if not final:
         cc = configs.get("linear_logprobs_fwd_combine", hidden)
         check_blocks("linear_logprobs_fwd_combine", **cc.meta)
@@ -293,7 +297,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                 z.stride(0), dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch(name, linear_logprobs_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D"), descriptors=_BWD_DESCRIPTORS)
+               hidden, args, flags, autotune_key=_AUTOTUNE_KEY, descriptors=_BWD_DESCRIPTORS)
 
     stats_block_n = min([configs.get(name, hidden).meta["BLOCK_N"]] + (
         [c.meta["BLOCK_N"] for c in configs.AUTOTUNE[name]]

@@ -237,6 +237,10 @@ def linear_token_kl_bwd_kernel(
 # on (common.launch)
 _DESCRIPTORS = (("w_ptr", ("BLOCK_V", "BLOCK_D")), ("wr_ptr", ("BLOCK_V", "BLOCK_D")))
 _BWD_DESCRIPTORS = _DESCRIPTORS + (("dz_ptr", ("BLOCK_N", "BLOCK_V")),)
+# the autotuner's key, both kernels (a name a kernel lacks is left out of its key): the shapes,
+# and the flags, so that each launch kind is timed on its own
+_AUTOTUNE_KEY = ("V", "D", "DR", "HAS_BIAS", "HAS_REF_BIAS", "HAS_SOFTCAP", "POLICY_REF",
+                 "FINAL", "UPCAST", "DOT_PRECISION", "TMA", "Z_GIVEN")
 
 
 def _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
@@ -309,7 +313,7 @@ def _fwd_rows(heads, targets, rows, count, outs, softcap, flags, z=None, r=None)
             r.stride(0), float(softcap or 1.0))
     launch(name, linear_token_kl_fwd_kernel,
            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,), hidden, args,
-           dict(flags, FINAL=final), autotune_key=("V", "D", "DR"), descriptors=_DESCRIPTORS)
+           dict(flags, FINAL=final), autotune_key=_AUTOTUNE_KEY, descriptors=_DESCRIPTORS)
     if not final:
         cc = configs.get("linear_token_kl_fwd_combine", hidden)
         check_blocks("linear_token_kl_fwd_combine", **cc.meta)
@@ -357,7 +361,7 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                 z.stride(0), r.stride(0), dz.stride(0), float(softcap or 1.0))
         launch(name, linear_token_kl_bwd_kernel,
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
-               hidden, args, flags, autotune_key=("V", "D", "DR"), descriptors=_BWD_DESCRIPTORS)
+               hidden, args, flags, autotune_key=_AUTOTUNE_KEY, descriptors=_BWD_DESCRIPTORS)
 
     extra = torch.finfo(dtr).bits // 8 if gemm else 0
     with device_guard(hidden):
