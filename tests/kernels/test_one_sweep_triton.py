@@ -5,10 +5,10 @@ Without a GPU the epilogue runs under TRITON_INTERPRET=1 (set by conftest.py). E
 goes through the oracle (tests/numerics.py) as in tests/kernels/test_one_sweep.py: truth is
 the float64 reference, and the comparison runs are the eager reference at the test dtype and
 the torch backend of the same op. Op-level cases use odd shapes (V = 67, D = 24, T = 9),
-some with GPU-like blocks (2 rows × 32 columns: two row programs per chunk, three vocabulary
-tiles, the last one partial); module-level cases reuse tests/loss_cases.py. Chunks of at
-most 8 tokens, so most sequences span two chunks of their pair's sweep. The interpreter runs
-each chunk's kernel slowly, so the cases are few and small.
+some with GPU-like blocks (2 rows, or 1 as on sm_90 and sm_80, × 32 columns: several row
+programs per chunk, three vocabulary tiles, the last one partial); module-level cases reuse
+tests/loss_cases.py. Chunks of at most 8 tokens, so most sequences span two chunks of their
+pair's sweep. The interpreter runs each chunk's kernel slowly, so the cases are few and small.
 """
 import pytest
 import torch
