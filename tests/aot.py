@@ -178,5 +178,42 @@ def _head_tiles() -> None:
                       f"| {spills} | {shared / 1024:.0f} |")
 
 
-if __name__ == "__main__":      # python tests/aot.py (sm_90, bf16; no GPU needed)
+def _epilogue_shapes() -> None:
+    """The one-sweep epilogue per shape of its CONFIGS and AUTOTUNE entries, on sm_90 and sm_80
+    in bf16: the most registers and spill bytes over every launch kind the sweep makes (no KL,
+    either KL with a reference head; with and without a softcap; statistics and e at once,
+    statistics saved, e from saved statistics, statistics only)."""
+    from tisdpo_kernels._triton import linear_preference_loss as P
+    from tisdpo_kernels._triton.configs import AUTOTUNE, CONFIGS
+
+    fp32 = {"c_ptr", "kg_ptr", "logp_ptr", "ref_logp_ptr", "kl_ptr", "st_ptr"}
+
+    def ptr_type(n):
+        return "*i64" if n == "t_ptr" else "*fp32" if n in fp32 else "*bf16"
+
+    cfgs = {(c.meta["ROWS"], c.meta["BLOCK_V"], c.num_warps, c.num_stages): None
+            for c in [CONFIGS["linear_preference_loss_fwd"][k] for k in ("sm90", "sm80")]
+            + AUTOTUNE["linear_preference_loss_fwd"]}
+    launches = [dict(HAS_SOFTCAP=cap, HAS_REF=kl > 0, KL=kl, WRITE_E=e, STATS=st)
+                for kl in (0, 1, 2) for cap in (False, True)
+                for e, st in ((True, 0), (False, 1), (True, 2), (False, 0))]
+    print("\n| epilogue rows × BLOCK_V | warps | stages | arch | max registers | max spill B "
+          "| worst launch |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, bv, w, st in cfgs:
+        for arch in (90, 80):
+            worst = (0, 0, None)
+            for flags in launches:
+                _, _, regs, spills = compile_kernel(
+                    P.linear_preference_loss_fwd_kernel, arch,
+                    {**flags, "ROWS": rows, "BLOCK_V": bv}, ptr_type, num_warps=w,
+                    num_stages=st, unaligned=("cap", "C"))
+                worst = max(worst, (spills, regs, flags), key=lambda x: x[:2])
+            spills, regs, flags = worst
+            kind = ", ".join(f"{k}={int(v)}" for k, v in flags.items())
+            print(f"| {rows} × {bv} | {w} | {st} | sm_{arch} | {regs} | {spills} | {kind} |")
+
+
+if __name__ == "__main__":      # python tests/aot.py (bf16; no GPU needed)
     _head_tiles()
+    _epilogue_shapes()

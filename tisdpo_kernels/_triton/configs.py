@@ -261,8 +261,9 @@ AUTOTUNE["linear_token_kl_bwd"] = [
 # that a chunk of a few hundred rows fills the GPU. Not timed yet. One row × 2048 at 8 warps
 # (8 elements per thread, 16-byte bf16 loads) is the entry that compiles without spills for
 # sm_90 and sm_80 under Triton 3.6 and 3.8 for every launch the sweep makes, with every flag
-# (at most 48 registers; the AOT test in tests/kernels/test_one_sweep_triton.py). Of the
-# 16-element shapes each spills 8–20 B in some launch under one of the two releases.
+# (at most 48 registers; the AOT test in tests/kernels/test_one_sweep_triton.py, the table
+# `python tests/aot.py` prints). The other entries below each spill 8–20 B in some launch
+# under one of the two releases, except one row × 2048 at 4 warps (72 registers).
 CONFIGS["linear_preference_loss_fwd"] = {
     "sm90": _c(8, 2, ROWS=1, BLOCK_V=2048),
     "sm80": _c(8, 2, ROWS=1, BLOCK_V=2048),
