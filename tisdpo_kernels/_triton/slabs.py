@@ -32,10 +32,12 @@ def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
     """``out`` [C, V] = hidden[rows] @ weightᵀ, rounded to the input dtype as eager rounds
     the logits (``TISDPO_HEAD_LOGITS=gemm``: a cuBLAS GEMM on CUDA; under the interpreter the
-    float32 slab takes the rounded values). In the input dtype whatever autocast is on."""
+    float32 slab takes the rounded values). In the input dtype whatever autocast is on.
+    ``out`` may be a slab with padded rows: cuBLAS writes them in place (row stride as its
+    leading dimension), with no [C, V] temporary."""
     h = hidden.index_select(0, rows)
     with no_autocast(hidden.device):
-        if out.dtype == hidden.dtype and out.is_contiguous():
+        if out.dtype == hidden.dtype and out.stride(1) == 1:
             torch.matmul(h, weight.T, out=out)
         else:
             out.copy_(h @ weight.T)
