@@ -53,6 +53,26 @@ def test_backward_in_several_dz_slabs(dtype, device, monkeypatch):
     check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
 
 
+def test_several_dz_slabs_sum_d_weight_without_zero_fill(device, monkeypatch):
+    """With several slabs the float32 d_weight sum is written by the first slab's GEMM and
+    added to by the next: no [V, D] zero-fill, a full write and read of 4·V·D bytes saved."""
+    from dispatch_probe import OpProbe
+
+    from tisdpo_kernels._triton import linear_logprobs as L
+    monkeypatch.setenv("TISDPO_DZ_MB", "1")
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(300, 31, generator=g), torch.randn(1100, 31, generator=g) / 5
+    h, w, y = h.to(device), w.to(device), torch.randint(0, 1100, (300,), generator=g).to(device)
+    lse = L.linear_logprobs_fwd(h, w, y, None, -100, None)[1]
+    up = torch.randn(300, device=device)
+    with OpProbe() as probe:
+        L.linear_logprobs_bwd(up, torch.zeros_like(up), h, w, y, None, lse, -100, None, False,
+                              True, False)
+    ops = [name for name, shape in probe.out_shapes if shape == (1100, 31)]
+    assert not {"zeros", "zero_", "fill_", "new_zeros", "zeros_like"} & set(ops), ops
+    assert sum(op in ("mm", "addmm", "addmm_") for op in ops) > 1, ops     # several slabs
+
+
 @pytest.mark.parametrize("chunks", ["one", "several"])
 def test_backward_is_bitwise_deterministic(chunks, device, monkeypatch):
     """No atomics: two backward passes give the same gradients bit for bit."""

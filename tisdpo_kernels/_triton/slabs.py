@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from tisdpo_kernels._common import addmm_f32_, dz_chunk_rows, kept_columns, no_autocast
+from tisdpo_kernels._common import addmm_f32_, dz_chunk_rows, kept_columns, mm_f32, no_autocast
 from tisdpo_kernels._triton.common import upcast
 
 
@@ -96,7 +96,10 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
     single = c >= n
     w = weight if weight.dtype == dt else weight.to(dt)
     dh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_dh else None
-    dw = None if (single or not need_dw) else torch.zeros(v, d, dtype=torch.float32, device=dev)
+    # several chunks: a float32 sum, which the first chunk's GEMM writes (no zero-fill) unless
+    # filtering may add a chunk's kept columns into it
+    dw = (torch.zeros(v, d, dtype=torch.float32, device=dev)
+          if need_dw and not single and filter_eps is not None else None)
     db = None
     with no_autocast(dev):       # the compute dtype, whatever autocast the caller has on
         for lo in range(0, n, c):
@@ -127,7 +130,7 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
                     dw = part if cols is None else torch.zeros(
                         v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
                 elif cols is None:
-                    addmm_f32_(dw, dzc.t(), h)
+                    dw = mm_f32(dzc.t(), h) if dw is None else addmm_f32_(dw, dzc.t(), h)
                 else:        # distinct columns: one add per element, deterministic
                     dw.index_add_(0, cols, addmm_f32_(torch.zeros(
                         cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
