@@ -60,6 +60,13 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32)
     return a.to(dtype) @ b.to(dtype)
 
 
+def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """acc + a @ b in place (``addmm_f32_``), or, when acc is None, a new ``dtype`` sum that
+    the GEMM writes (``mm_f32``): the first of several products needs no zero-filled sum."""
+    return mm_f32(a, b, dtype) if acc is None else addmm_f32_(acc, a, b)
+
+
 def kept_columns(col_max_p: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor,
                  eps: float) -> torch.Tensor | None:
     """Indices [K] of the vocabulary columns a filtered backward keeps for one chunk of rows,

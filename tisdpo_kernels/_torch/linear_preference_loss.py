@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tisdpo_kernels._common import addmm_f32_, mm_f32
+from tisdpo_kernels._common import accumulate_mm
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, log_softmax_stats_, logsumexp, softcap_grad_factor,
@@ -101,7 +101,7 @@ class _GEMMs:
         et = e.T.to(h.dtype) if self.half_gpu else e.T
         if dtype is not None:                   # the whole d_weight in one product
             return (et @ (h if self.half_gpu else h.to(et.dtype))).to(dtype)
-        return mm_f32(et, h, self.acc_dtype) if acc is None else addmm_f32_(acc, et, h)
+        return accumulate_mm(acc, et, h, self.acc_dtype)
 
 
 _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels._common import addmm_f32_, mm_f32, sweep_rows
+from tisdpo_kernels._common import accumulate_mm, sweep_rows
 from tisdpo_kernels._one_sweep import SweepBackend, run_sweep
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
@@ -248,7 +248,7 @@ class _GEMMs:
         h = h if h.dtype == e.dtype else h.to(e.dtype)
         if dtype is not None:                   # the whole d_weight in one product
             return (e.T @ h).to(dtype)
-        return mm_f32(e.T, h) if acc is None else addmm_f32_(acc, e.T, h)
+        return accumulate_mm(acc, e.T, h)
 
 
 # --------------------------------------------------------------------------------------------

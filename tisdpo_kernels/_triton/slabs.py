@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from tisdpo_kernels._common import addmm_f32_, dz_chunk_rows, kept_columns, mm_f32, no_autocast
+from tisdpo_kernels._common import (
+    accumulate_mm, addmm_f32_, dz_chunk_rows, kept_columns, no_autocast,
+)
 from tisdpo_kernels._triton.common import upcast
 
 
@@ -130,7 +132,7 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
                     dw = part if cols is None else torch.zeros(
                         v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
                 elif cols is None:
-                    dw = mm_f32(dzc.t(), h) if dw is None else addmm_f32_(dw, dzc.t(), h)
+                    dw = accumulate_mm(dw, dzc.t(), h)
                 else:        # distinct columns: one add per element, deterministic
                     dw.index_add_(0, cols, addmm_f32_(torch.zeros(
                         cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
