@@ -24,7 +24,7 @@ into a [V, D] float32 buffer; at the pair's last chunk s_b scales its rows and s
 folded into d_weight (the first such pair's buffer becomes the sum). Its coefficients go to
 the backend with each chunk, so e may be formed in the pass that forms the statistics. s_b is
 a device tensor: no host sync. The backward multiplies the stored gradients by the upstream
-scalar: no logits are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most
+scalar, in place unless the graph is retained: no logits are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most
 one [V, D] buffer besides it (only with two or more long pairs) and the backend's chunk
 buffers; nothing grows with the tokens of a pair.
 """
@@ -364,6 +364,13 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
     return (total / rows_.norm).to(sd), logp, ref_out, kl, dgrads
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when this
+    torch cannot tell, so that stored gradients are then never scaled in place."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
+
+
 class LinearPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend: SweepBackend, hidden, weight, bias, targets, ref_hidden, ref_weight,
@@ -379,10 +386,15 @@ class LinearPreferenceLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, *_):
+        # The stored gradients are scaled in place and handed to autograd, which frees the
+        # saved references before passing them on: no second d_weight-sized tensor at the
+        # start of the model's backward. A graph kept for another backward gets copies.
+        keep = _graph_is_kept()
+
         def scaled(t):
             if t is None:
                 return None
-            out = t.clone()
+            out = t.clone() if keep else t
             _scale_rows_(out, g_loss.to(stat_dtype(t.dtype)), ctx.chunk)
             return out
 

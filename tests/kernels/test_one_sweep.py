@@ -473,3 +473,25 @@ def test_auto_rule_packed_and_cpu(monkeypatch):
     assert pick(torch.tensor([[0, 1], [2, 3]])) == "recompute"   # no gradient wanted
     h = torch.zeros(2, 8192, 8, requires_grad=True)               # CPU: never one_sweep
     assert S.choose_strategy("auto", cfg, hidden=h, weight=torch.zeros(64, 8)) == "recompute"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_scales_the_stored_gradients_in_place(impl):
+    """The backward allocates nothing the size of d_hidden or d_weight: it scales the stored
+    gradients and autograd takes them as .grad. Under retain_graph=True each backward scales a
+    copy, so a second backward adds the same gradients again, bit for bit."""
+    (h, w, y), kw = _op_case(2, 96)
+    for keep in (False, True):
+        h.grad = w.grad = kw["bias"].grad = None
+        loss = 3 * linear_preference_loss(h, w, y, impl=impl, **kw)[0]
+        with OpProbe() as bwd:
+            loss.backward(retain_graph=keep)
+        fresh = bwd.peak_live_bytes
+        assert (fresh >= 4 * (h.numel() + w.numel())) if keep else fresh < 4 * h.numel(), fresh
+        first = [t.grad.clone() for t in (h, w, kw["bias"])]
+        if keep:
+            loss.backward()
+            assert all(torch.equal(t.grad, 2 * f) for t, f in zip((h, w, kw["bias"]), first))
+        else:
+            once = first
+    assert all(torch.equal(a, b) for a, b in zip(once, first))
