@@ -80,13 +80,13 @@ def test_linear_logprobs_ignores_garbage_in_ignored_rows(impl, dtype, softcap, g
 
 
 @requires_triton
-def test_triton_ignored_rows_in_several_dz_slabs(monkeypatch):
-    """TISDPO_DZ_MB=1 splits the backward into slabs: the rows past the kept count of each
-    slab reach the d_weight GEMM as zeros, not as their (NaN) hidden states."""
-    from tisdpo_kernels._triton.slabs import dz_chunk_rows
-    monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    case = _head_case(n=300, d=16, v=1100)
-    assert dz_chunk_rows(300, 1100, 4) < 300
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+def test_triton_ignored_rows_in_several_dz_slabs(kind, monkeypatch):
+    """A backward in several slabs (chunks of rows or bands of columns): the rows past the
+    kept count reach the d_weight GEMM as zeros, not as their (NaN) hidden states."""
+    from head_cases import several_slabs
+    n, v = several_slabs(monkeypatch, kind)
+    case = _head_case(n=n, d=16, v=v)
     y, g1 = case["targets"].to(DEV), case["g1"].to(DEV)
 
     def run(hidden, weight, bias, _ref):

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from dispatch_probe import OpProbe
-from head_cases import check_three_way, kl_case, logprobs_case, run_kl, run_logprobs
+from head_cases import (
+    check_three_way, kl_case, logprobs_case, run_kl, run_logprobs, several_slabs,
+)
 from markers import requires_triton
 
 pytestmark = requires_triton
@@ -68,15 +70,31 @@ def _small_blocks(op="linear_logprobs"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_several_chunks_splits_and_packed_rows(dtype, device, monkeypatch):
-    """TISDPO_DZ_MB=1: forward and backward in chunks of 224 rows, so the second chunk holds
-    the last 4 of the 228 kept rows and then only rows past the kept count; each forward
-    chunk split four ways; a run of ignored rows packed away."""
+    """TISDPO_DZ_MB=1: forward in chunks of 224 rows, so the second chunk holds the last 4 of
+    the 228 kept rows and then only rows past the kept count; each forward chunk split four
+    ways; a run of ignored rows packed away. The backward (N < V) runs in bands of columns."""
     from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4) == 224
     masters, y, grads = logprobs_case(300, 40, 1100, ignored=list(range(60, 130)) + [0, 299])
     with _small_blocks():
         check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
+def test_backward_slabs_of_each_kind(op, kind, device, monkeypatch):
+    """The backward's dz slabs as chunks of rows (N ≥ V) or bands of columns (N < V), each
+    slab's logits (both heads' for the KL head, sharing the budget) written by GEMMs first."""
+    extra = 4 if op == "linear_token_kl" else 0
+    n, v = several_slabs(monkeypatch, kind, extra=extra)
+    if extra:
+        masters, y, grads = _kl_inputs(n, v, ignored=[0, 7, 299])
+        check_kl(masters, y, grads, dtype=torch.bfloat16, device=device,
+                 direction="policy_ref", softcap=3.0)
+    else:
+        masters, y, grads = logprobs_case(n, 31, v, ignored=[0, 7, 299])
+        check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
 
 
 @pytest.mark.parametrize("chunks", ["one", "several"])
@@ -165,8 +183,8 @@ def test_kl_matches_oracle(dtype, direction, bias, softcap, scale, device):
 def test_kl_several_chunks_splits_and_packed_rows(dtype, direction, device, monkeypatch):
     """TISDPO_DZ_MB=1: the two heads' logits share the budget, so chunks of 112 rows (half of
     the one-head 224): in forward the 228 kept rows fill two chunks and 4 rows of the third,
-    whose other rows are past the kept count (the backward also packs away the tokens without
-    upstream gradient); each forward chunk split four ways; 70 ignored rows packed away."""
+    whose other rows are past the kept count; each forward chunk split four ways; 70 ignored
+    rows packed away. The backward (N < V) runs in bands of columns of both heads' logits."""
     from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4 + 4) == 112

@@ -13,7 +13,7 @@ import torch
 
 import tisdpo_kernels as tk
 from head_cases import POLICY as ALL
-from head_cases import check_three_way, logprobs_case, run_logprobs
+from head_cases import check_three_way, logprobs_case, run_logprobs, several_slabs
 from markers import requires_cuda, requires_triton
 from numerics import assert_oracle
 from tisdpo_kernels._impl import Impl, resolve_impl
@@ -42,43 +42,70 @@ def test_matches_oracle(dtype, bias, softcap, scale, device):
     check(masters, y, grads, dtype=dtype, device=device, softcap=softcap)
 
 
+@pytest.mark.parametrize("kind,wrt", [("rows", ALL), ("columns", ALL),
+                                      ("columns", ("weight", "bias"))],
+                         ids=["rows", "columns", "columns-no-d_hidden"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_backward_in_several_dz_slabs(dtype, device, monkeypatch):
-    """TISDPO_DZ_MB=1 below the slab of all N rows (N·V·4 = 1.3 MB): the backward runs in two
-    chunks, d_weight and d_bias accumulate across them, and the oracle still holds."""
-    from tisdpo_kernels._triton.slabs import dz_chunk_rows
-    monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    assert dz_chunk_rows(300, 1100, 4) < 300
-    masters, y, grads = make_inputs(n=300, v=1100, ignored=(0, 5, 299))
-    check(masters, y, grads, dtype=dtype, device=device, softcap=3.0)
+def test_backward_in_several_dz_slabs(dtype, kind, wrt, device, monkeypatch):
+    """A dz budget below the slab of all N rows: the backward runs in chunks of rows (d_weight
+    and d_bias summed over them) or in bands of vocabulary columns (d_hidden summed over them,
+    each band's d_weight and d_bias rows written once), and the oracle still holds."""
+    n, v = several_slabs(monkeypatch, kind, need_dh="hidden" in wrt)
+    masters, y, grads = make_inputs(n=n, v=v, ignored=(0, 5, 299))
+    check(masters, y, grads, dtype=dtype, device=device, softcap=3.0, wrt=wrt)
 
 
-def test_several_dz_slabs_sum_d_weight_without_zero_fill(device, monkeypatch):
-    """With several slabs the float32 d_weight sum is written by the first slab's GEMM and
-    added to by the next: no [V, D] zero-fill, a full write and read of 4·V·D bytes saved."""
+def _probe_backward(n, v, dtype, device, need_dh=True):
+    """The dispatch probe of ``linear_logprobs_bwd`` (d_weight wanted) on an n × v case."""
     from dispatch_probe import OpProbe
 
     from tisdpo_kernels._triton import linear_logprobs as L
-    monkeypatch.setenv("TISDPO_DZ_MB", "1")
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(300, 31, generator=g), torch.randn(1100, 31, generator=g) / 5
-    h, w, y = h.to(device), w.to(device), torch.randint(0, 1100, (300,), generator=g).to(device)
+    h, w = torch.randn(n, 31, generator=g), torch.randn(v, 31, generator=g) / 5
+    h, w = h.to(device, dtype), w.to(device, dtype)
+    y = torch.randint(0, v, (n,), generator=g).to(device)
     lse = L.linear_logprobs_fwd(h, w, y, None, -100, None)[1]
-    up = torch.randn(300, device=device)
+    up = torch.randn(n, device=device)
     with OpProbe() as probe:
-        L.linear_logprobs_bwd(up, torch.zeros_like(up), h, w, y, None, lse, -100, None, False,
-                              True, False)
-    ops = [name for name, shape in probe.out_shapes if shape == (1100, 31)]
+        grads = L.linear_logprobs_bwd(up, torch.zeros_like(up), h, w, y, None, lse, -100, None,
+                                      need_dh, True, False)
+    return probe, grads
+
+
+def test_several_row_chunks_sum_d_weight_without_zero_fill(device, monkeypatch):
+    """With several row chunks the float32 d_weight sum is written by the first chunk's GEMM
+    and added to by the next: no [V, D] zero-fill, a full write and read of 4·V·D bytes saved."""
+    n, v = several_slabs(monkeypatch, "rows")
+    probe, _ = _probe_backward(n, v, torch.float32, device)
+    ops = [name for name, shape in probe.out_shapes if shape == (v, 31)]
     assert not {"zeros", "zero_", "fill_", "new_zeros", "zeros_like"} & set(ops), ops
     assert sum(op in ("mm", "addmm", "addmm_") for op in ops) > 1, ops     # several slabs
 
 
-@pytest.mark.parametrize("chunks", ["one", "several"])
+@pytest.mark.parametrize("need_dh", [True, False])
+def test_column_bands_write_d_weight_once_in_its_dtype(need_dh, device, monkeypatch):
+    """In bands of columns no float32 [V, D] sum exists: the only [V, D] tensor made is
+    d_weight in bf16 (and, under the interpreter, whose GEMM operands are float32, the float32
+    copy of the weight that the d_hidden GEMM reads), and each band's GEMM writes its rows;
+    d_hidden's float32 sum is [N, D]."""
+    n, v = several_slabs(monkeypatch, "columns", need_dh)
+    probe, (dh, dw, _) = _probe_backward(n, v, torch.bfloat16, device, need_dh)
+    whole = [name for name, shape in probe.out_shapes if shape == (v, 31)]
+    operand = need_dh and device.type == "cpu"
+    assert whole.count("empty") == 1 and whole.count("_to_copy") == operand, whole
+    assert set(whole) <= {"empty", "fill_", "_to_copy"}, whole
+    write = "copy_" if device.type == "cpu" else "mm"    # interpreter: a float32 product
+    bands = [shape[0] for name, shape in probe.out_shapes
+             if name == write and len(shape) == 2 and shape[1] == 31 and shape[0] < v]
+    assert len(bands) > 1 and sum(bands) == v, bands
+    assert dw.dtype == torch.bfloat16 and (dh is not None) == need_dh
+
+
+@pytest.mark.parametrize("chunks", ["one", "rows", "columns"])
 def test_backward_is_bitwise_deterministic(chunks, device, monkeypatch):
     """No atomics: two backward passes give the same gradients bit for bit."""
-    if chunks == "several":
-        monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    masters, y, grads = make_inputs(n=300, v=1100)
+    n, v = (300, 1100) if chunks == "one" else several_slabs(monkeypatch, chunks)
+    masters, y, grads = make_inputs(n=n, v=v)
     a, b = (run_logprobs("triton", masters, y, grads, dtype=torch.float32, device=device)
             for _ in range(2))
     for k in ("d_hidden", "d_weight", "d_bias"):

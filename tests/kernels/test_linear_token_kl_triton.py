@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tisdpo_kernels as tk
-from head_cases import POLICY, REF, check_three_way, kl_case, run_kl
+from head_cases import POLICY, REF, check_three_way, kl_case, run_kl, several_slabs
 from markers import requires_cuda, requires_triton
 from numerics import assert_oracle
 
@@ -139,16 +139,16 @@ def test_extreme_logits_underflow(dtype, direction, device):
     assert act["kl"].max() > 10
 
 
+@pytest.mark.parametrize("kind", ["rows", "columns"])
 @pytest.mark.parametrize("direction,dtype", [("policy_ref", torch.float32),
                                              ("ref_policy", torch.bfloat16)],
                          ids=["policy_ref-fp32", "ref_policy-bf16"])
-def test_backward_in_several_dz_slabs(direction, dtype, device, monkeypatch):
-    """TISDPO_DZ_MB=1 below the slab of all N rows: the backward runs in two chunks and the
-    oracle still holds; two runs give the same gradients bit for bit (no atomics)."""
-    from tisdpo_kernels._triton.slabs import dz_chunk_rows
-    monkeypatch.setenv("TISDPO_DZ_MB", "1")
-    assert dz_chunk_rows(300, 1100, 4) < 300
-    masters, y, grads = make_inputs(n=300, v=1100, ignored=(0, 5, 299))
+def test_backward_in_several_dz_slabs(direction, dtype, kind, device, monkeypatch):
+    """A dz budget below the slab of all N rows: the backward runs in chunks of rows or bands
+    of vocabulary columns (both heads sliced to the band) and the oracle still holds; two
+    runs give the same gradients bit for bit (no atomics)."""
+    n, v = several_slabs(monkeypatch, kind)
+    masters, y, grads = make_inputs(n=n, v=v, ignored=(0, 5, 299))
     act = check(masters, y, grads, dtype=dtype, device=device, direction=direction,
                 softcap=3.0)
     again = run_kl("triton", masters, y, grads, dtype=dtype, device=device,

@@ -12,18 +12,20 @@ per-split lse partials [S, N] and the split holding the target writes the target
 parallelism (few tokens) and for L2 reuse (programs that run together share hidden strips and
 weight tiles). Flops: 2·N·D·V.
 
-Backward, per chunk of C rows (``slabs.slab_backward``; C from ``TISDPO_DZ_MB``, all N in
-one chunk when they fit): ``linear_logprobs_bwd_kernel``, one program per (token block,
-vocabulary block) tile of the chunk, grouped GROUP_N token blocks at a time for L2 reuse,
-recomputes the logit tile and writes
+Backward, per dz slab (``slabs.slab_backward``: within ``TISDPO_DZ_MB``, all N rows × V when
+they fit, else chunks of rows or bands of vocabulary columns, ``slabs.slab_plan``; a band is
+launched as the head's slice with shifted targets): ``linear_logprobs_bwd_kernel``, one
+program per (token block, vocabulary block) tile of the slab, grouped GROUP_N token blocks at
+a time for L2 reuse, recomputes the logit tile and writes
 
     dz = g_logp·(onehot(y) − p) + g_lse·p,   p = exp(z − lse)   (× softcap′(z) with softcap)
 
-for arbitrary per-token upstream gradients (any sign, zero) into a dz slab [C, V] in the
-compute dtype; then d_hidden = dz·W, d_weight (+)= dzᵀ·H and d_bias (+)= Σ_rows dz are plain
+for arbitrary per-token upstream gradients (any sign, zero) into the dz slab in the
+compute dtype; then d_hidden (+)= dz·W, d_weight (+)= dzᵀ·H and d_bias (+)= Σ_rows dz are plain
 GEMMs and a sum through torch (cuBLAS, fp32 accumulation). No atomics: the gradients are the
 same bit for bit run to run. Flops: 2·N·D·V (recompute) + 2·N·D·V per requested gradient,
-i.e. 8·N·D·V for forward + backward with both; extra memory: one slab. Exact by default;
+i.e. 8·N·D·V for forward + backward with both; extra memory: one slab, and with several the
+float32 sum over them ([N, D] for bands, [V, D] for row chunks). Exact by default;
 with ``filter_eps`` (docs/FILTERING.md) each tile also writes its column maxima of p, and the
 GEMMs run on the chunk's kept columns only (gathered; one host sync per chunk).
 
@@ -62,7 +64,7 @@ from tisdpo_kernels._triton.common import (
     softcap_grad, split_rows, store_tile, tma, upcast,
 )
 from tisdpo_kernels._triton.slabs import (
-    gemm_logits, logit_chunks, slab_backward,
+    column_band, gemm_logits, logit_chunks, slab_backward,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -270,8 +272,7 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     over the kept columns only with ``filter_eps``). Under ``TISDPO_HEAD_LOGITS=gemm`` a GEMM
     first writes each slab's logits, which the kernel reads and overwrites with dz.
     """
-    N, D = hidden.shape
-    V = weight.shape[0]
+    D = hidden.shape[1]
     need_db = need_db and bias is not None
     keep = (targets != ignore_index) & ((g_logp != 0) | (g_lse != 0))
     rows, count = compact_rows(keep)
@@ -284,19 +285,20 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                  DOT_PRECISION=dot_precision(hidden.dtype),
                  TMA=not gemm and tma(hidden, weight), Z_GIVEN=gemm)
 
-    def write_dz(dz, lo, pmax):
-        C = dz.shape[0]
+    def write_dz(dz, lo, pmax, v0):
+        C, W = dz.shape      # slots lo..lo+C, columns v0..v0+W: a band is the head's slice
+        w, bb, t = column_band(v0, W, targets, weight, b)
         pm = pmax if pmax is not None else dz
         z = dz
         if gemm:     # in place, except under autotuning (its trials would read dz as z)
             z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
-            gemm_logits(hidden, weight, rows[lo:lo + C], z)
-        args = (hidden, weight, b, targets, rows, count, lse, g_logp, g_lse, z, dz, pm, lo, C,
-                V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                b.stride(0), targets.stride(0), g_logp.stride(0), g_lse.stride(0),
+            gemm_logits(hidden, w, rows[lo:lo + C], z)
+        args = (hidden, w, bb, t, rows, count, lse, g_logp, g_lse, z, dz, pm, lo, C,
+                W, D, hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1),
+                bb.stride(0), t.stride(0), g_logp.stride(0), g_lse.stride(0),
                 z.stride(0), dz.stride(0), pm.stride(0), float(softcap or 1.0))
         launch(name, linear_logprobs_bwd_kernel,
-               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
+               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(W, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=_AUTOTUNE_KEY, descriptors=_BWD_DESCRIPTORS)
 
     stats_block_n = min([configs.get(name, hidden).meta["BLOCK_N"]] + (

@@ -27,9 +27,10 @@ partial statistics by the same rule. Saved for backward: m_p, log S_p, m_q, log 
 fp32 lse of magnitude |z| would add a per-row error that sums coherently into d_weight).
 Flops: 2·N·(D + D')·V.
 
-Backward, per chunk of C rows (``slabs.slab_backward``, as in linear_logprobs.py):
-``linear_token_kl_bwd_kernel``, one program per (token block, vocab block) tile of the chunk,
-grouped GROUP_N token blocks at a time for L2 reuse, recomputes both logit tiles and writes
+Backward, per dz slab of rows or of vocabulary columns (``slabs.slab_backward``, as in
+linear_logprobs.py): ``linear_token_kl_bwd_kernel``, one program per (token block, vocab
+block) tile of the slab, grouped GROUP_N token blocks at a time for L2 reuse, recomputes both
+logit tiles and writes
 
     dz_v = g_logp (1[v = y] − p_v) + g_kl G_v,
     G_v = p_v (log p_v − log q_v − KL_t)  (policy_ref),     G_v = p_v − q_v  (ref_policy)
@@ -75,7 +76,7 @@ from tisdpo_kernels._triton.linear_token_kl_stats import (
     M0, kl_online_step, kl_store, linear_token_kl_fwd_combine_kernel,
 )
 from tisdpo_kernels._triton.slabs import (
-    dz_dtype, dz_slab, gemm_logits, logit_chunks, slab_backward,
+    column_band, dz_dtype, dz_slab, gemm_logits, logit_chunks, slab_backward,
 )
 
 __all__ = ["linear_token_kl", "linear_token_kl_fwd", "linear_token_kl_bwd",
@@ -334,11 +335,10 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     second slab, the two within the dz budget).
     """
     N, D = hidden.shape
-    V, DR = weight.shape[0], ref_weight.shape[1]
+    DR = ref_weight.shape[1]
     need_db = need_db and bias is not None
     keep = (targets != ignore_index) & ((g_kl != 0) | (g_logp != 0))
     rows, count = compact_rows(keep)
-    ptrs, strides = _head_args(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     gemm = _env.head_logits() == "gemm"
     name = "linear_token_kl_bwd_z" if gemm else "linear_token_kl_bwd"
     flags = _common_flags(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, direction,
@@ -346,21 +346,23 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     dtr = dz_dtype(ref_hidden)
     rbuf = []                          # the reference logits' slab, made on first use
 
-    def write_dz(dz, lo, _pmax):      # (no gradient filtering for the KL head)
-        C = dz.shape[0]
+    def write_dz(dz, lo, _pmax, v0):  # (no gradient filtering for the KL head)
+        C, W = dz.shape      # slots lo..lo+C, columns v0..v0+W: a band is the heads' slices
+        w, bb, wr, br, t = column_band(v0, W, targets, weight, bias, ref_weight, ref_bias)
+        ptrs, strides = _head_args(hidden, w, bb, ref_hidden, wr, br)
         z, r = hidden, ref_hidden
         if gemm:     # in place, except under autotuning (its trials would read dz as z)
             z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
-            if not rbuf:             # the first chunk is the largest
-                rbuf.append(dz_slab(C, V, dtr, dz.device))
+            if not rbuf:             # the first slab is the largest
+                rbuf.append(dz_slab(C, W, dtr, dz.device))
             sl = rows[lo:lo + C]
-            gemm_logits(hidden, weight, sl, z)
-            r = gemm_logits(ref_hidden, ref_weight, sl, rbuf[0][:C])
-        args = (*ptrs, targets, rows, count, stats, g_kl, g_logp, z, r, dz, lo, C, N, V, D,
-                DR, *strides, targets.stride(0), g_kl.stride(0), g_logp.stride(0),
+            gemm_logits(hidden, w, sl, z)
+            r = gemm_logits(ref_hidden, wr, sl, rbuf[0][:C, :W])
+        args = (*ptrs, t, rows, count, stats, g_kl, g_logp, z, r, dz, lo, C, N, W, D,
+                DR, *strides, t.stride(0), g_kl.stride(0), g_logp.stride(0),
                 z.stride(0), r.stride(0), dz.stride(0), float(softcap or 1.0))
         launch(name, linear_token_kl_bwd_kernel,
-               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),),
+               lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(W, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=_AUTOTUNE_KEY, descriptors=_BWD_DESCRIPTORS)
 
     extra = torch.finfo(dtr).bits // 8 if gemm else 0

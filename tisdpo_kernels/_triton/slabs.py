@@ -1,20 +1,27 @@
 """The chunked backward of the fused heads: dz slabs, then GEMMs through torch.
 
-A backward kernel writes the per-logit gradient dz of a chunk of rows into a slab [C, V] in
-the compute dtype; d_hidden, d_weight and d_bias then come from plain GEMMs and a column sum
-(cuBLAS on CUDA), with no atomics. The chunk size comes from ``TISDPO_DZ_MB``. Under
-``TISDPO_HEAD_LOGITS=gemm`` the framework's GEMM also writes a chunk's logits
-(:func:`gemm_logits`) for the kernels to read instead of multiplying.
+A backward kernel writes the per-logit gradient dz into a slab in the compute dtype; d_hidden,
+d_weight and d_bias then come from plain GEMMs and a column sum (cuBLAS on CUDA), with no
+atomics. A slab holds ``TISDPO_DZ_MB``: all the rows when they fit, else either a chunk of
+rows [C, V] (d_weight summed over the chunks in float32) or a band of vocabulary columns
+[N, W] (d_hidden summed over the bands in float32, each band's d_weight rows written once),
+whichever sum is the smaller (:func:`slab_plan`). Under ``TISDPO_HEAD_LOGITS=gemm`` the
+framework's GEMM also writes a slab's logits (:func:`gemm_logits`) for the kernels to read
+instead of multiplying.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from tisdpo_kernels import _env
 from tisdpo_kernels._common import (
     accumulate_mm, addmm_f32_, dz_chunk_rows, kept_columns, no_autocast,
 )
 from tisdpo_kernels._triton.common import upcast
+
+# a column band's width is a multiple of this (whole tiles of every config but the last band's)
+BAND_ALIGN = 128
 
 
 def dz_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -46,6 +53,16 @@ def gemm_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
     return out
 
 
+def column_band(v0: int, width: int, targets: torch.Tensor, *heads):
+    """(each of ``heads`` [V, ...] sliced to rows v0..v0+width, targets − v0): what a backward
+    kernel takes to write the dz band of columns v0..v0+width as if the vocabulary were that
+    band (a target outside it matches no column). None stays None; the tensors themselves
+    for the whole vocabulary."""
+    if v0 == 0 and all(t is None or t.shape[0] == width for t in heads):
+        return (*heads, targets)
+    return (*(None if t is None else t[v0:v0 + width] for t in heads), targets - v0)
+
+
 def logit_chunks(rows: torch.Tensor, count: torch.Tensor, heads):
     """The forward's chunks under ``TISDPO_HEAD_LOGITS=gemm``: for each chunk of the slots of
     ``rows`` (``count`` [1] kept), (its rows, its kept count clamped to it on the device,
@@ -62,86 +79,161 @@ def logit_chunks(rows: torch.Tensor, count: torch.Tensor, heads):
                                              for (h, w), buf in zip(heads, bufs)]
 
 
+def slab_plan(n: int, v: int, itemsize: int, need_dh: bool, need_dw: bool,
+              filtering: bool) -> tuple[str, int]:
+    """How the backward cuts its dz into slabs of at most ``TISDPO_DZ_MB``: ("rows", C) for
+    chunks of C rows (one chunk of all n when it fits), or ("columns", W) for bands of W
+    vocabulary columns and all n rows.
+
+    Rows sum d_weight over the chunks in a float32 [V, D] and cast it at the end; bands write
+    each band's d_weight rows once, in the parameter dtype, and sum d_hidden over the bands in
+    a float32 [n, D]. So bands are taken when d_weight is wanted and their sum is the smaller
+    (n < V, or no d_hidden wanted): at n = 8192, V = 128256, D = 4096 in bf16, 128 MiB of
+    float32 instead of 2 GiB plus the 1 GiB cast. Gradient filtering keeps row chunks (its
+    column choice is per chunk of rows), and so does a budget narrower than one aligned band.
+    """
+    c = dz_chunk_rows(n, v, itemsize)
+    if c >= n or not need_dw or filtering or (need_dh and n >= v):
+        return "rows", c
+    widest = _env.dz_budget_bytes() // (n * itemsize) // BAND_ALIGN * BAND_ALIGN
+    if widest < BAND_ALIGN:
+        return "rows", c
+    bands = triton.cdiv(v, widest)                  # as few as fit, of near-equal width
+    return "columns", triton.cdiv(triton.cdiv(v, bands), BAND_ALIGN) * BAND_ALIGN
+
+
 def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, rows, count,
                   need_dh: bool, need_dw: bool, need_db: bool, *, filter_eps=None,
                   targets=None, stats_block_n: int = 16, extra_itemsize: int = 0):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) from dz slabs.
 
     ``rows`` [N] is the compacted row order (``compact_rows``): the kept rows first, ``count``
-    [1] (on the device) how many. For each chunk of C slots, ``write_dz(dz, lo, pmax)`` fills
-    dz [C, V] for slots lo..lo+C (rows past the kept count as zeros); then d_hidden[rows] =
-    dz·W, d_weight (+)= dzᵀ·H[rows] and d_bias (+)= Σ_rows dz. The hidden rows past the kept
-    count enter the d_weight GEMM as zeros, so an ignored row's hidden state (even NaN or inf,
-    as padding may hold) contributes exactly nothing (0·NaN would be NaN). One chunk writes
-    d_weight and d_bias in the parameters' dtypes; more accumulate in float32 and cast once.
-    Every output element is written by exactly one GEMM or sum, so the result is the same bit
-    for bit on every run. Slots past the kept count still cost their (zero) rows of GEMM
-    work: sizing the GEMMs to the kept count would need a host sync.
+    [1] (on the device) how many. ``write_dz(dz, lo, pmax, v0)`` fills dz [C, W] for slots
+    lo..lo+C and vocabulary columns v0..v0+W (rows past the kept count as zeros); the slabs
+    are chunks of rows or bands of columns (:func:`slab_plan`). Then d_hidden[rows] (+)= dz·W,
+    d_weight (+)= dzᵀ·H[rows] and d_bias (+)= Σ_rows dz. The hidden rows past the kept count
+    enter the d_weight GEMM as zeros, so an ignored row's hidden state (even NaN or inf, as
+    padding may hold) contributes exactly nothing (0·NaN would be NaN). A gradient that one
+    GEMM writes whole is written in its dtype; one summed over several slabs is summed in
+    float32 and cast once. Every output element is written by exactly one GEMM or sum, so the
+    result is the same bit for bit on every run. Slots past the kept count still cost their
+    (zero) rows of GEMM work: sizing the GEMMs to the kept count would need a host sync.
 
-    With ``filter_eps`` (docs/FILTERING.md) ``pmax`` is a zeroed float32 [⌈C/stats_block_n⌉,
-    V] that ``write_dz`` fills with per-token-block column maxima of the softmax (``pmax`` is
-    None otherwise); the GEMMs then run on the columns ``kept_columns`` keeps (``targets`` [N]
-    gives the rows' target ids), one host sync per chunk.
+    With ``filter_eps`` (docs/FILTERING.md; row chunks) ``pmax`` is a zeroed float32
+    [⌈C/stats_block_n⌉, V] that ``write_dz`` fills with per-token-block column maxima of the
+    softmax (``pmax`` is None otherwise); the GEMMs then run on the columns ``kept_columns``
+    keeps (``targets`` [N] gives the rows' target ids), one host sync per chunk.
 
-    ``extra_itemsize``: bytes per logit of other [C, V] buffers ``write_dz`` holds per chunk
-    (the KL head's reference logits under ``TISDPO_HEAD_LOGITS=gemm``), counted in the budget.
+    ``extra_itemsize``: bytes per logit of other slab-shaped buffers ``write_dz`` holds (the
+    KL head's reference logits under ``TISDPO_HEAD_LOGITS=gemm``), counted in the budget.
     """
-    n, d = hidden.shape
-    v = weight.shape[0]
+    n = hidden.shape[0]
     if n == 0:
         return (torch.zeros_like(hidden) if need_dh else None,
                 torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
-    dev = hidden.device
     dt = dz_dtype(hidden)
-    c = dz_chunk_rows(n, v, torch.finfo(dt).bits // 8 + extra_itemsize)
+    kind, size = slab_plan(n, weight.shape[0], torch.finfo(dt).bits // 8 + extra_itemsize,
+                           need_dh, need_dw, filter_eps is not None)
+    # the d_hidden GEMM's weight operand in the compute dtype
+    w = None if not need_dh else weight if weight.dtype == dt else weight.to(dt)
+    with no_autocast(hidden.device):  # the compute dtype, whatever autocast the caller has on
+        if kind == "columns":
+            dh, dw, db = _column_bands(write_dz, hidden, weight, w, rows, count, need_dh,
+                                       need_db, dt, size)
+        else:
+            dh, dw, db = _row_chunks(write_dz, hidden, weight, w, rows, count, need_dh,
+                                     need_dw, need_db, dt, size, filter_eps, targets,
+                                     stats_block_n)
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dh, dw, db
+
+
+def _kept_hidden(hidden, sl, kept, dt):
+    """hidden[sl] in dtype dt, rows not ``kept`` zeroed (whatever they held)."""
+    h = hidden.index_select(0, sl)
+    h = torch.where(kept[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h if h.dtype == dt else h.to(dt)
+
+
+def _row_chunks(write_dz, hidden, weight, w, rows, count, need_dh, need_dw, need_db, dt, c,
+                filter_eps, targets, stats_block_n):
+    """slab_backward over chunks of c rows: (d_hidden, d_weight, d_bias sum)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
     single = c >= n
-    w = weight if weight.dtype == dt else weight.to(dt)
     dh = torch.empty(n, d, dtype=hidden.dtype, device=dev) if need_dh else None
     # several chunks: a float32 sum, which the first chunk's GEMM writes (no zero-fill) unless
     # filtering may add a chunk's kept columns into it
     dw = (torch.zeros(v, d, dtype=torch.float32, device=dev)
           if need_dw and not single and filter_eps is not None else None)
     db = None
-    with no_autocast(dev):       # the compute dtype, whatever autocast the caller has on
-        for lo in range(0, n, c):
-            hi = min(lo + c, n)
-            dz = dz_slab(hi - lo, v, dt, dev)
-            sl = rows[lo:hi]
-            kept = torch.arange(lo, hi, device=dev) < count                 # [C], no sync
-            cols = None
-            if filter_eps is None:
-                write_dz(dz, lo, None)
-            else:
-                pmax = torch.zeros(triton.cdiv(hi - lo, stats_block_n), v, dtype=torch.float32,
-                                   device=dev)
-                write_dz(dz, lo, pmax)
-                tg = torch.where(kept, targets.index_select(0, sl), 0)     # ignored: any id
-                cols = kept_columns(pmax.amax(0), tg, kept, filter_eps)
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        dz = dz_slab(hi - lo, v, dt, dev)
+        sl = rows[lo:hi]
+        kept = torch.arange(lo, hi, device=dev) < count                     # [C], no sync
+        cols = None
+        if filter_eps is None:
+            write_dz(dz, lo, None, 0)
+        else:
+            pmax = torch.zeros(triton.cdiv(hi - lo, stats_block_n), v, dtype=torch.float32,
+                               device=dev)
+            write_dz(dz, lo, pmax, 0)
+            tg = torch.where(kept, targets.index_select(0, sl), 0)         # ignored: any id
+            cols = kept_columns(pmax.amax(0), tg, kept, filter_eps)
+        dzc = dz if cols is None else dz.index_select(1, cols)
+        del dz
+        if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
             wc = w if cols is None else w.index_select(0, cols)
-            dzc = dz if cols is None else dz.index_select(1, cols)
-            del dz
-            if need_dh:      # the GEMM's own output dtype is the compute dtype (fp32 accumulation)
-                dh.index_copy_(0, sl, (dzc @ wc).to(hidden.dtype))
-            if need_dw:
-                h = hidden.index_select(0, sl)
-                h = torch.where(kept[:, None], h, torch.zeros((), dtype=h.dtype, device=dev))
-                h = h if h.dtype == dt else h.to(dt)
-                if single:
-                    part = (dzc.t() @ h).to(weight.dtype)
-                    dw = part if cols is None else torch.zeros(
-                        v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
-                elif cols is None:
-                    dw = accumulate_mm(dw, dzc.t(), h)
-                else:        # distinct columns: one add per element, deterministic
-                    dw.index_add_(0, cols, addmm_f32_(torch.zeros(
-                        cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
-            if need_db:
-                part = dzc.sum(0, dtype=torch.float32)
-                if cols is not None:
-                    part = torch.zeros(v, dtype=torch.float32, device=dev).index_copy_(
-                        0, cols, part)
-                db = part if db is None else db.add_(part)
-    dw = None if dw is None else dw.to(weight.dtype)
-    db = None if db is None else db.to(bias.dtype)
+            dh.index_copy_(0, sl, (dzc @ wc).to(hidden.dtype))
+        if need_dw:
+            h = _kept_hidden(hidden, sl, kept, dt)
+            if single:
+                part = (dzc.t() @ h).to(weight.dtype)
+                dw = part if cols is None else torch.zeros(
+                    v, d, dtype=weight.dtype, device=dev).index_copy_(0, cols, part)
+            elif cols is None:
+                dw = accumulate_mm(dw, dzc.t(), h)
+            else:        # distinct columns: one add per element, deterministic
+                dw.index_add_(0, cols, addmm_f32_(torch.zeros(
+                    cols.numel(), d, dtype=torch.float32, device=dev), dzc.t(), h))
+        if need_db:
+            part = dzc.sum(0, dtype=torch.float32)
+            if cols is not None:
+                part = torch.zeros(v, dtype=torch.float32, device=dev).index_copy_(0, cols, part)
+            db = part if db is None else db.add_(part)
+    return dh, dw, db
+
+
+def _column_bands(write_dz, hidden, weight, w, rows, count, need_dh, need_db, dt, width):
+    """slab_backward over bands of ``width`` vocabulary columns, all rows in each: every
+    band's d_weight rows by one GEMM into the parameter-dtype d_weight, d_hidden summed over
+    the bands in float32 (the first band's GEMM writes the sum)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    h = _kept_hidden(hidden, rows, torch.arange(n, device=dev) < count, dt)
+    dw = torch.empty(v, d, dtype=weight.dtype, device=dev)
+    db = torch.empty(v, dtype=torch.float32, device=dev) if need_db else None
+    acc = None
+    for v0 in range(0, v, width):
+        v1 = min(v0 + width, v)
+        dz = dz_slab(n, v1 - v0, dt, dev)
+        write_dz(dz, 0, None, v0)
+        if need_dh:
+            acc = accumulate_mm(acc, dz, w[v0:v1])
+        if dt == weight.dtype:
+            torch.matmul(dz.t(), h, out=dw[v0:v1])
+        else:
+            dw[v0:v1] = dz.t() @ h
+        if need_db:
+            torch.sum(dz, 0, dtype=torch.float32, out=db[v0:v1])
+        del dz
+    dh = None
+    if need_dh:
+        dh = torch.empty(n, d, dtype=hidden.dtype, device=dev).index_copy_(
+            0, rows, acc.to(hidden.dtype))
     return dh, dw, db
