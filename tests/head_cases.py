@@ -22,18 +22,20 @@ REF = ("ref_hidden", "ref_weight", "ref_bias")
 SLAB_SHAPES = {"rows": (300, 123), "columns": (300, 1100)}
 
 
-def several_slabs(monkeypatch, kind: str, need_dh: bool = True, extra: int = 0):
-    """(N, V) of SLAB_SHAPES[kind], with the dz budget set to a quarter of the float32 (half
-    of the bf16) logits of N × V, and a check that the backward's plan is ``kind`` in several
-    slabs for dz in float32 (the interpreter) and bf16 (a GPU); ``extra``: bytes per logit of
-    other slab-shaped buffers (the KL head's reference logits under the gemm mode)."""
+def several_slabs(monkeypatch, kind: str, need_dh: bool = True, extra: int = 0, d: int = 31):
+    """(N, V) of SLAB_SHAPES[kind], with the dz budget set to about a quarter of the float32
+    (half of the bf16) logits of N × V, plus the band loop's [N, D] buffers for bands, and a
+    check that the backward's plan is ``kind`` in several slabs for dz in float32 (the
+    interpreter) and bf16 (a GPU); ``extra``: bytes per logit of other slab-shaped buffers
+    (the KL head's reference logits under the gemm mode)."""
     from tisdpo_kernels import _env
     from tisdpo_kernels._triton.slabs import slab_plan
     n, v = SLAB_SHAPES[kind]
-    monkeypatch.setattr(_env, "dz_budget_bytes", lambda: n * v)
-    for itemsize in (4, 2):
-        got, size = slab_plan(n, v, itemsize + extra, need_dh, True, False)
-        assert got == kind and size < (n if kind == "rows" else v), (itemsize, got, size)
+    budget = n * v if kind == "rows" else n * v * (2 + extra) // 2 + 8 * n * d
+    monkeypatch.setattr(_env, "dz_budget_bytes", lambda: budget)
+    for size in (4, 2):
+        got, width = slab_plan(n, v, d, size, extra, need_dh, True, False)
+        assert got == kind and width < (n if kind == "rows" else v), (size, got, width)
     return n, v
 
 

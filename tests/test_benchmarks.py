@@ -344,6 +344,7 @@ def test_readme_table(tmp_path):
             "fastest peer cce 15.0 ms (met) | with TISDPO_HEAD_LOGITS=gemm (ours-gemm): 9.0 ms; "
             "1.12× the dense GEMMs (4 × 2.0 ms) (met); fastest peer cce 15.0 ms (met)") in text
     assert "(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms (met)" in text
+    assert "+ 64 bytes per token: 100 MiB of 2090 allowed (met)" in text
     assert ("Liger's fused DPO loss: 40.0 ms; 0.67× the recompute path 60.0 ms (met); 0.57× "
             "Liger's 70.0 ms (not met)") in text
     assert "3000–3100 MiB over pairs of 1024–131072 tokens (1.03×, met)" in text

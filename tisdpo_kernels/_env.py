@@ -110,10 +110,11 @@ def one_sweep_min_tokens() -> int:
 
 
 def dz_budget_bytes() -> int:
-    """TISDPO_DZ_MB: megabytes for one dz slab of the Triton backward (C rows x V logits).
+    """TISDPO_DZ_MB: megabytes for one dz slab of the Triton backward (C rows x V logits, or
+    all N rows x a band of columns together with the band loop's [N, D] buffers).
 
     Default 1024: at V = 128256 in bf16 that is 4176 rows per chunk; a batch that fits is
-    one chunk (its gradients are written in the parameters' dtype directly).
+    one slab (its gradients are written in the parameters' dtype directly).
     """
     return _int("TISDPO_DZ_MB", 1024) << 20
 

@@ -85,7 +85,7 @@ def test_triton_ignored_rows_in_several_dz_slabs(kind, monkeypatch):
     """A backward in several slabs (chunks of rows or bands of columns): the rows past the
     kept count reach the d_weight GEMM as zeros, not as their (NaN) hidden states."""
     from head_cases import several_slabs
-    n, v = several_slabs(monkeypatch, kind)
+    n, v = several_slabs(monkeypatch, kind, d=16)
     case = _head_case(n=n, d=16, v=v)
     y, g1 = case["targets"].to(DEV), case["g1"].to(DEV)
 

@@ -55,13 +55,13 @@ def test_backward_in_several_dz_slabs(dtype, kind, wrt, device, monkeypatch):
     check(masters, y, grads, dtype=dtype, device=device, softcap=3.0, wrt=wrt)
 
 
-def _probe_backward(n, v, dtype, device, need_dh=True):
+def _probe_backward(n, v, dtype, device, need_dh=True, d=31):
     """The dispatch probe of ``linear_logprobs_bwd`` (d_weight wanted) on an n × v case."""
     from dispatch_probe import OpProbe
 
     from tisdpo_kernels._triton import linear_logprobs as L
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(n, 31, generator=g), torch.randn(v, 31, generator=g) / 5
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / 5
     h, w = h.to(device, dtype), w.to(device, dtype)
     y = torch.randint(0, v, (n,), generator=g).to(device)
     lse = L.linear_logprobs_fwd(h, w, y, None, -100, None)[1]
@@ -99,6 +99,24 @@ def test_column_bands_write_d_weight_once_in_its_dtype(need_dh, device, monkeypa
              if name == write and len(shape) == 2 and shape[1] == 31 and shape[0] < v]
     assert len(bands) > 1 and sum(bands) == v, bands
     assert dw.dtype == torch.bfloat16 and (dh is not None) == need_dh
+
+
+@pytest.mark.parametrize("need_dh", [True, False])
+def test_column_bands_stay_within_d_weight_and_the_budget(need_dh, device, monkeypatch):
+    """The budget covers a band and the band loop's [N, D] buffers (masked hidden rows, and
+    d_hidden's float32 sum), so the backward holds at most d_weight + TISDPO_DZ_MB + O(N).
+    Float32 (no operand copies); D = 128 and a budget of [N, D] buffers + 256 columns, so a
+    plan that left the [N, D] buffers out would take bands of 512 or 384 columns."""
+    from tisdpo_kernels import _env
+    n, v, d = 300, 1100, 128
+    budget = n * (d * (8 if need_dh else 4) + 4 * 256)
+    monkeypatch.setattr(_env, "dz_budget_bytes", lambda: budget)
+    probe, _ = _probe_backward(n, v, torch.float32, device, need_dh, d)
+    widths = {shape[1] for name, shape in probe.out_shapes
+              if name == "empty" and len(shape) == 2 and shape[0] == n and shape[1] != d}
+    assert 256 in widths and max(widths) <= 256, widths
+    bound = 4 * v * d + budget + 64 * n
+    assert probe.peak_live_bytes <= bound, (probe.peak_live_bytes, bound)
 
 
 @pytest.mark.parametrize("chunks", ["one", "rows", "columns"])

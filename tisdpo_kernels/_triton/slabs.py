@@ -79,23 +79,28 @@ def logit_chunks(rows: torch.Tensor, count: torch.Tensor, heads):
                                              for (h, w), buf in zip(heads, bufs)]
 
 
-def slab_plan(n: int, v: int, itemsize: int, need_dh: bool, need_dw: bool,
-              filtering: bool) -> tuple[str, int]:
-    """How the backward cuts its dz into slabs of at most ``TISDPO_DZ_MB``: ("rows", C) for
-    chunks of C rows (one chunk of all n when it fits), or ("columns", W) for bands of W
-    vocabulary columns and all n rows.
+def slab_plan(n: int, v: int, d: int, dz_size: int, extra_size: int, need_dh: bool,
+              need_dw: bool, filtering: bool) -> tuple[str, int]:
+    """How the backward cuts its dz into slabs within ``TISDPO_DZ_MB``: ("rows", C) for chunks
+    of C rows (one chunk of all n when it fits), or ("columns", W) for bands of W vocabulary
+    columns and all n rows. ``dz_size``: bytes of a dz element (the compute dtype's),
+    ``extra_size``: bytes per logit of other slab-shaped buffers.
 
     Rows sum d_weight over the chunks in a float32 [V, D] and cast it at the end; bands write
     each band's d_weight rows once, in the parameter dtype, and sum d_hidden over the bands in
     a float32 [n, D]. So bands are taken when d_weight is wanted and their sum is the smaller
     (n < V, or no d_hidden wanted): at n = 8192, V = 128256, D = 4096 in bf16, 128 MiB of
-    float32 instead of 2 GiB plus the 1 GiB cast. Gradient filtering keeps row chunks (its
-    column choice is per chunk of rows), and so does a budget narrower than one aligned band.
+    float32 instead of 2 GiB plus the 1 GiB cast. The budget then holds a band and the band
+    loop's own [n, D] buffers (the masked hidden rows, d_hidden's float32 sum), so the
+    backward's memory is d_hidden + d_weight + the budget + O(n). Gradient filtering keeps
+    row chunks (its column choice is per chunk of rows), and so does a budget that leaves less
+    than one aligned band.
     """
-    c = dz_chunk_rows(n, v, itemsize)
+    c = dz_chunk_rows(n, v, dz_size + extra_size)
     if c >= n or not need_dw or filtering or (need_dh and n >= v):
         return "rows", c
-    widest = _env.dz_budget_bytes() // (n * itemsize) // BAND_ALIGN * BAND_ALIGN
+    room = _env.dz_budget_bytes() - n * d * (dz_size + (4 if need_dh else 0))
+    widest = max(room, 0) // (n * (dz_size + extra_size)) // BAND_ALIGN * BAND_ALIGN
     if widest < BAND_ALIGN:
         return "rows", c
     bands = triton.cdiv(v, widest)                  # as few as fit, of near-equal width
@@ -133,8 +138,8 @@ def slab_backward(write_dz, hidden: torch.Tensor, weight: torch.Tensor, bias, ro
                 torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
     dt = dz_dtype(hidden)
-    kind, size = slab_plan(n, weight.shape[0], torch.finfo(dt).bits // 8 + extra_itemsize,
-                           need_dh, need_dw, filter_eps is not None)
+    kind, size = slab_plan(n, weight.shape[0], hidden.shape[1], torch.finfo(dt).bits // 8,
+                           extra_itemsize, need_dh, need_dw, filter_eps is not None)
     # the d_hidden GEMM's weight operand in the compute dtype
     w = None if not need_dh else weight if weight.dtype == dt else weight.to(dt)
     with no_autocast(hidden.device):  # the compute dtype, whatever autocast the caller has on
