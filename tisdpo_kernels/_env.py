@@ -67,7 +67,7 @@ def head_logits() -> str:
     """TISDPO_HEAD_LOGITS: who computes the logit tiles of the Triton ``linear_logprobs`` and
     ``linear_token_kl``. ``fused`` (default): the head kernels, as tiles of their own GEMM
     that are never stored; ``gemm``: the framework's GEMM (cuBLAS on CUDA) writes them, a
-    chunk of rows at a time into the dz slab's budget (``TISDPO_DZ_MB``; the KL head's two
+    slab at a time into the dz slab's budget (``TISDPO_DZ_MB``; the KL head's two
     heads share it), in the input dtype as eager rounds them, and the same kernels read them
     back instead of multiplying.
     """

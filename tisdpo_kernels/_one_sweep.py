@@ -24,9 +24,9 @@ into a [V, D] float32 buffer; at the pair's last chunk s_b scales its rows and s
 folded into d_weight (the first such pair's buffer becomes the sum). Its coefficients go to
 the backend with each chunk, so e may be formed in the pass that forms the statistics. s_b is
 a device tensor: no host sync. The backward multiplies the stored gradients by the upstream
-scalar, in place unless the graph is retained: no logits are recomputed and no head GEMM runs. Memory: d_hidden, d_weight, at most
-one [V, D] buffer besides it (only with two or more long pairs) and the backend's chunk
-buffers; nothing grows with the tokens of a pair.
+scalar, in place unless the graph is retained: no logits are recomputed and no head GEMM
+runs. Memory: d_hidden, d_weight, at most one [V, D] buffer besides it (only with two or more
+long pairs) and the backend's chunk buffers; nothing grows with the tokens of a pair.
 """
 from __future__ import annotations
 

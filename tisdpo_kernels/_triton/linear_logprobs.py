@@ -35,11 +35,12 @@ do no work, backward tiles past it only write their zeros (the GEMMs still see t
 sizing them to the kept count would need a host sync). Ignored tokens get logp = lse = 0 and
 zero gradient.
 
-Logits from a GEMM (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per chunk of rows within
-the dz budget, the framework's GEMM (cuBLAS on CUDA) writes the logits h·Wᵀ in the input
-dtype and both kernels read their tiles from it (``Z_GIVEN``) instead of multiplying; the
-backward's dz overwrites them in place. The same math and outputs, the logits rounded as
-eager rounds them; no TMA (nothing is multiplied), no host sync.
+Logits from a GEMM (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per slab within the dz
+budget (chunks of rows in the forward, the backward's slabs in the backward), the framework's
+GEMM (cuBLAS on CUDA) writes the logits h·Wᵀ in the input dtype and both kernels read their
+tiles from it (``Z_GIVEN``) instead of multiplying; the backward's dz overwrites them in
+place. The same math and outputs, the logits rounded as eager rounds them; no TMA (nothing is
+multiplied), no host sync.
 
 Dispatch: CUDA tensors run compiled; CPU tensors run under TRITON_INTERPRET=1, where 16-bit
 tiles are upcast to fp32 after loading (UPCAST) and dz is not rounded to the input dtype.

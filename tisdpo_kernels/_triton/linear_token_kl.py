@@ -45,12 +45,12 @@ Ignored tokens (and, in backward, tokens whose two upstream gradients are both 0
 out on the device (``common.compact_rows``, no host sync): they cost no GEMM work and get
 kl = logp = ref_logp = 0 and zero gradient. The reference head gets no gradient.
 
-Logits from GEMMs (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per chunk of rows, the
-framework's GEMM (cuBLAS on CUDA) writes both heads' logits h·Wᵀ and h'·W'ᵀ in their input
-dtypes (the two slabs share the dz budget) and both kernels read their tiles from them
-(``Z_GIVEN``) instead of multiplying; the backward's dz overwrites the policy's logits in
-place. The same math and outputs, the logits rounded as eager rounds them; no TMA, no host
-sync.
+Logits from GEMMs (``TISDPO_HEAD_LOGITS=gemm``, docs/DESIGN.md §3): per slab (chunks of rows
+in the forward, the backward's slabs in the backward), the framework's GEMM (cuBLAS on CUDA)
+writes both heads' logits h·Wᵀ and h'·W'ᵀ in their input dtypes (the two slabs share the dz
+budget) and both kernels read their tiles from them (``Z_GIVEN``) instead of multiplying; the
+backward's dz overwrites the policy's logits in place. The same math and outputs, the logits
+rounded as eager rounds them; no TMA, no host sync.
 
 Dispatch as linear_logprobs.py: compiled on CUDA; interpreted on CPU with 16-bit tiles upcast after
 loading (UPCAST). The public function goes through ``torch.library`` custom ops so that
