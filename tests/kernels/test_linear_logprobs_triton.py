@@ -101,20 +101,22 @@ def test_column_bands_write_d_weight_once_in_its_dtype(need_dh, device, monkeypa
     assert dw.dtype == torch.bfloat16 and (dh is not None) == need_dh
 
 
+@pytest.mark.parametrize("d,width", [(128, 256), (256, 128)])
 @pytest.mark.parametrize("need_dh", [True, False])
-def test_column_bands_stay_within_d_weight_and_the_budget(need_dh, device, monkeypatch):
+def test_column_bands_stay_within_d_weight_and_the_budget(need_dh, d, width, device,
+                                                          monkeypatch):
     """The budget covers a band and the band loop's [N, D] buffers (masked hidden rows, and
-    d_hidden's float32 sum), so the backward holds at most d_weight + TISDPO_DZ_MB + O(N).
-    Float32 (no operand copies); D = 128 and a budget of [N, D] buffers + 256 columns, so a
-    plan that left the [N, D] buffers out would take bands of 512 or 384 columns."""
+    d_hidden's float32 sum, then its cast), so the backward holds at most d_weight +
+    TISDPO_DZ_MB + O(N). Float32 (no operand copies); a budget of the [N, D] buffers and
+    ``width`` columns, so a plan that left those buffers out would take wider bands."""
     from tisdpo_kernels import _env
-    n, v, d = 300, 1100, 128
-    budget = n * (d * (8 if need_dh else 4) + 4 * 256)
+    n, v = 300, 1100
+    budget = n * (d * (8 if need_dh else 4) + 4 * width)
     monkeypatch.setattr(_env, "dz_budget_bytes", lambda: budget)
     probe, _ = _probe_backward(n, v, torch.float32, device, need_dh, d)
     widths = {shape[1] for name, shape in probe.out_shapes
               if name == "empty" and len(shape) == 2 and shape[0] == n and shape[1] != d}
-    assert 256 in widths and max(widths) <= 256, widths
+    assert width in widths and max(widths) <= width, widths
     bound = 4 * v * d + budget + 64 * n
     assert probe.peak_live_bytes <= bound, (probe.peak_live_bytes, bound)
 

@@ -237,8 +237,9 @@ def _column_bands(write_dz, hidden, weight, w, rows, count, need_dh, need_db, dt
         if need_db:
             torch.sum(dz, 0, dtype=torch.float32, out=db[v0:v1])
         del dz
+    del h
     dh = None
-    if need_dh:
-        dh = torch.empty(n, d, dtype=hidden.dtype, device=dev).index_copy_(
-            0, rows, acc.to(hidden.dtype))
+    if need_dh:      # cast, free the float32 sum, then put the slots' rows in row order
+        acc = acc.to(hidden.dtype)
+        dh = torch.empty(n, d, dtype=hidden.dtype, device=dev).index_copy_(0, rows, acc)
     return dh, dw, db
