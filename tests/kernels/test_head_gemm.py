@@ -183,8 +183,9 @@ def test_kl_matches_oracle(dtype, direction, bias, softcap, scale, device):
 def test_kl_several_chunks_splits_and_packed_rows(dtype, direction, device, monkeypatch):
     """TISDPO_DZ_MB=1: the two heads' logits share the budget, so chunks of 112 rows (half of
     the one-head 224): in forward the 228 kept rows fill two chunks and 4 rows of the third,
-    whose other rows are past the kept count; each forward chunk split four ways; 70 ignored
-    rows packed away. The backward (N < V) runs in bands of columns of both heads' logits."""
+    whose other rows are past the kept count (the backward also packs away the tokens without
+    upstream gradient); each forward chunk split four ways; 70 ignored rows packed away. The
+    backward (N < V) runs in bands of columns of both heads' logits."""
     from tisdpo_kernels._triton.slabs import dz_chunk_rows
     monkeypatch.setenv("TISDPO_DZ_MB", "1")
     assert dz_chunk_rows(300, 1100, 4 + 4) == 112

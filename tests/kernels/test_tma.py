@@ -13,7 +13,9 @@ from functools import partial
 import pytest
 import torch
 
-from head_cases import check_three_way, kl_case, logprobs_case, run_kl, run_logprobs
+from head_cases import (
+    check_three_way, kl_case, logprobs_case, run_kl, run_logprobs, several_slabs,
+)
 from markers import requires_triton
 
 pytestmark = requires_triton
@@ -86,6 +88,25 @@ def test_token_kl_through_descriptors(dtype, direction, device, descriptors):
                         direction=direction, softcap=3.0, check_dtypes=True)
     assert descriptors.count((64, 16)) >= 4, descriptors    # two heads × (forward, backward)
     assert (64, 64) in descriptors, descriptors              # the backward's dz slab
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
+def test_column_bands_through_descriptors(op, device, descriptors, monkeypatch):
+    """A backward in bands of vocabulary columns: each band's descriptor is built on the
+    head's slice of rows v0..v0+W (its own bounds), and the oracle holds."""
+    n, v = several_slabs(monkeypatch, "columns")
+    if op == "linear_logprobs":
+        masters, y, grads = logprobs_case(n, 40, v, ignored=(0, 7, 299))
+        with _logprobs_blocks():
+            check_three_way(run_logprobs, "triton", masters, y, grads, dtype=torch.bfloat16,
+                            device=device, softcap=3.0, check_dtypes=True)
+    else:
+        masters, y, grads = kl_case(n, 40, 24, v, ref_bias=True, ignored=(0, 7, 299))
+        with _kl_blocks():
+            check_three_way(run_kl, "triton", masters, y, grads, dtype=torch.bfloat16,
+                            device=device, direction="policy_ref", softcap=3.0,
+                            check_dtypes=True)
+    assert descriptors, "no descriptor was launched"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter emulation only")
