@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 
+# megabytes of the dz budget when TISDPO_DZ_MB is unset
+DZ_MB_DEFAULT = 1024
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -116,7 +119,7 @@ def dz_budget_bytes() -> int:
     Default 1024: at V = 128256 in bf16 that is 4176 rows per chunk; a batch that fits is
     one slab (its gradients are written in the parameters' dtype directly).
     """
-    return _int("TISDPO_DZ_MB", 1024) << 20
+    return _int("TISDPO_DZ_MB", DZ_MB_DEFAULT) << 20
 
 
 def value_checks() -> str:
