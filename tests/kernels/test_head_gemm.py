@@ -50,7 +50,7 @@ def test_gemm_writes_a_padded_slab_in_place(dtype):
     out = dz_slab(4, 123, dtype, "cpu")
     assert not out.is_contiguous()
     with OpProbe() as probe:
-        gemm_logits(h, w, rows, out)
+        gemm_logits(h[rows], w, out)
     assert probe.peak_live_bytes < out.numel() * out.element_size(), probe.ops
     assert torch.equal(out, h[rows] @ w.T)
 
@@ -95,6 +95,79 @@ def test_backward_slabs_of_each_kind(op, kind, device, monkeypatch):
     else:
         masters, y, grads = logprobs_case(n, 31, v, ignored=[0, 7, 299])
         check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
+
+
+def _backward_call(op, n, d, dr, v):
+    """``op``'s backward launcher with its arguments after the forward (every gradient of the
+    policy head but the bias; KL(π‖ref) for the KL head), on a float32 n × v case with
+    ignored rows: call it to run the backward."""
+    from tisdpo_kernels._triton import linear_logprobs as L
+    from tisdpo_kernels._triton import linear_token_kl as K
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / 5
+    hr, wr = torch.randn(n, dr, generator=g), torch.randn(v, dr, generator=g) / 5
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[0, 7, n - 1]] = -100
+    up = torch.randn(n, generator=g)
+    if op == "linear_token_kl":
+        heads = (h, w, hr, wr, y, None, None)
+        stats = K.linear_token_kl_fwd(*heads, "policy_ref", -100, None)[3]
+        return partial(K.linear_token_kl_bwd, up, up, *heads, stats, "policy_ref", -100, None,
+                       True, True, False)
+    lse = L.linear_logprobs_fwd(h, w, y, None, -100, None)[1]
+    return partial(L.linear_logprobs_bwd, up, torch.zeros_like(up), h, w, y, None, lse, -100,
+                   None, True, True, False)
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
+def test_column_bands_gather_the_hidden_rows_once_within_the_budget(op, monkeypatch):
+    """Every band's logits GEMM reads the same hidden rows: each head's are gathered once for
+    all bands (the policy's masked rows also feed the d_weight GEMM), and the budget counts
+    them, so the backward holds at most d_weight + TISDPO_DZ_MB + O(N) (float32: no operand
+    copies). The budget holds the band loop's [N, ·] buffers (masked hidden rows, d_hidden's
+    float32 sum, the reference head's rows) and 128 columns of each head's slab, so a plan
+    that left a buffer out would take wider bands."""
+    from tisdpo_kernels import _env
+    n, d, dr, v, width = 300, 160, 288, 1100, 128
+    kl = op == "linear_token_kl"
+    budget = n * (8 * d + 4 * dr * kl) + n * width * 4 * (1 + kl)
+    monkeypatch.setattr(_env, "dz_budget_bytes", lambda: budget)
+    backward = _backward_call(op, n, d, dr, v)
+    with OpProbe() as probe:
+        backward()
+    gathers = [shape for name, shape in probe.out_shapes if name == "index_select"]
+    assert gathers.count((n, d)) == 1 and gathers.count((n, dr)) == kl, gathers
+    widths = {shape[1] for name, shape in probe.out_shapes
+              if name == "empty" and len(shape) == 2 and shape[0] == n and shape[1] != d}
+    assert width in widths and max(widths) <= width, widths
+    bound = 4 * v * d + budget + 64 * n
+    assert probe.peak_live_bytes <= bound, (probe.peak_live_bytes, bound)
+
+
+class _Planned(Exception):
+    pass
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
+def test_autotuning_counts_its_separate_logits_slab(op, monkeypatch):
+    """Under TISDPO_AUTOTUNE=1 the logits go to a slab of their own beside dz (trial runs
+    would read dz back as logits): the plan counts it, so the slabs get narrower to stay
+    within the budget. Autotuning needs a GPU; here the backward stops at its plan."""
+    from tisdpo_kernels._triton import configs, slabs
+    backward = _backward_call(op, 300, 160, 96, 1100)
+
+    def plan(*args):
+        seen.append(args[4])                        # extra bytes per logit
+        raise _Planned
+
+    monkeypatch.setattr(slabs, "slab_plan", plan)
+    seen = []
+    for tuning in (False, True):
+        monkeypatch.setattr(configs, "autotuning", lambda t, on=tuning: on)
+        with pytest.raises(_Planned):
+            backward()
+    ref = 4 if op == "linear_token_kl" else 0     # the reference head's logit slab
+    assert seen == [ref, ref + 4], seen
 
 
 @pytest.mark.parametrize("chunks", ["one", "several"])

@@ -337,7 +337,7 @@ def test_default_chunk_fills_the_dz_budget(monkeypatch):
     """Unset TISDPO_CHUNK_TOKENS, the Triton sweep's chunk holds as many rows as the
     TISDPO_DZ_MB budget has room for, counting every [C, V] buffer it holds: each head's
     logits and, where e cannot overwrite the policy's (bf16 logits, float32 e under the
-    interpreter), e. A budget of 512·V bytes: 64 rows of 8 bytes per logit."""
+    interpreter, or autotuning), e. A budget of 512·V bytes: 64 rows of 8 bytes per logit."""
     from tisdpo_kernels import _env
     from tisdpo_kernels._triton import linear_preference_loss as K
     monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
@@ -348,6 +348,11 @@ def test_default_chunk_fills_the_dz_budget(monkeypatch):
     assert K._chunk_rows(bf16, bf16, V, None) == 64                    # 2 + 4 (e) + 2
     assert K._chunk_rows(bf16, None, V, None) == 80                    # 6: 85, a multiple of 16
     assert K._chunk_rows(bf16, None, V, 7) == 7                        # chunk_tokens
+    # autotuning: e in a buffer of its own (trial runs would read it back as logits)
+    with monkeypatch.context() as tuning:
+        tuning.setattr(configs, "autotuning", lambda t: True)
+        assert K._chunk_rows(f32, None, V, None) == 64                 # 4 + 4 (e)
+        assert K._chunk_rows(bf16, None, V, None) == 80                # 2 + 4 (e), as before
     monkeypatch.setenv("TISDPO_CHUNK_TOKENS", "5")
     assert K._chunk_rows(bf16, None, V, None) == 5
     # the sweep takes them: 4 rows of 9 tokens, pairs of 18 rows, in chunks of at most 16 rows

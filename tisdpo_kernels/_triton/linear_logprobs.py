@@ -65,7 +65,7 @@ from tisdpo_kernels._triton.common import (
     softcap_grad, split_rows, store_tile, tma, upcast,
 )
 from tisdpo_kernels._triton.slabs import (
-    column_band, gemm_logits, logit_chunks, slab_backward,
+    column_band, dz_dtype, gemm_logits, logit_chunks, slab_backward,
 )
 
 __all__ = ["linear_logprobs", "linear_logprobs_fwd", "linear_logprobs_bwd",
@@ -286,14 +286,16 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
                  DOT_PRECISION=dot_precision(hidden.dtype),
                  TMA=not gemm and tma(hidden, weight), Z_GIVEN=gemm)
 
-    def write_dz(dz, lo, pmax, v0):
+    autotuning = gemm and configs.autotuning(hidden)
+
+    def write_dz(dz, lo, pmax, v0, hs):
         C, W = dz.shape      # slots lo..lo+C, columns v0..v0+W: a band is the head's slice
         w, bb, t = column_band(v0, W, targets, weight, b)
         pm = pmax if pmax is not None else dz
         z = dz
         if gemm:     # in place, except under autotuning (its trials would read dz as z)
-            z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
-            gemm_logits(hidden, w, rows[lo:lo + C], z)
+            z = dz if not autotuning else torch.empty_like(dz)
+            gemm_logits(hs[0], w, z)
         args = (hidden, w, bb, t, rows, count, lse, g_logp, g_lse, z, dz, pm, lo, C,
                 W, D, hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1),
                 bb.stride(0), t.stride(0), g_logp.stride(0), g_lse.stride(0),
@@ -308,7 +310,10 @@ def linear_logprobs_bwd(g_logp, g_lse, hidden, weight, targets, bias, lse, ignor
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
                              need_db, filter_eps=filter_eps, targets=targets,
-                             stats_block_n=stats_block_n)
+                             stats_block_n=stats_block_n,
+                             extra_itemsize=torch.finfo(dz_dtype(hidden)).bits // 8
+                             if autotuning else 0,
+                             logit_hidden=(hidden,) if gemm else ())
 
 
 # --------------------------------------------------------------------------------------------

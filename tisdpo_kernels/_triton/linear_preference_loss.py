@@ -299,9 +299,11 @@ _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
 
 def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
     """Rows per chunk of the sweep (``sweep_rows``), counting every [C, V] buffer a chunk
-    holds: the logits of each head in its input dtype, and e when it cannot overwrite them."""
+    holds: the logits of each head in its input dtype, and e when it cannot overwrite them
+    (another dtype, or autotuning: ``_chunk``)."""
     dt = dz_dtype(hidden)
-    per = hidden.element_size() + (0 if dt == hidden.dtype else torch.finfo(dt).bits // 8)
+    own_e = dt != hidden.dtype or configs.autotuning(hidden)
+    per = hidden.element_size() + (torch.finfo(dt).bits // 8 if own_e else 0)
     if ref_hidden is not None:
         per += ref_hidden.element_size()
     return sweep_rows(hidden.shape[0], v, per, chunk_tokens)

@@ -346,18 +346,19 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
     dtr = dz_dtype(ref_hidden)
     rbuf = []                          # the reference logits' slab, made on first use
 
-    def write_dz(dz, lo, _pmax, v0):  # (no gradient filtering for the KL head)
+    autotuning = gemm and configs.autotuning(hidden)
+
+    def write_dz(dz, lo, _pmax, v0, hs):  # (no gradient filtering for the KL head)
         C, W = dz.shape      # slots lo..lo+C, columns v0..v0+W: a band is the heads' slices
         w, bb, wr, br, t = column_band(v0, W, targets, weight, bias, ref_weight, ref_bias)
         ptrs, strides = _head_args(hidden, w, bb, ref_hidden, wr, br)
         z, r = hidden, ref_hidden
         if gemm:     # in place, except under autotuning (its trials would read dz as z)
-            z = dz if not configs.autotuning(hidden) else torch.empty_like(dz)
+            z = dz if not autotuning else torch.empty_like(dz)
             if not rbuf:             # the first slab is the largest
                 rbuf.append(dz_slab(C, W, dtr, dz.device))
-            sl = rows[lo:lo + C]
-            gemm_logits(hidden, w, sl, z)
-            r = gemm_logits(ref_hidden, wr, sl, rbuf[0][:C, :W])
+            gemm_logits(hs[0], w, z)
+            r = gemm_logits(hs[1], wr, rbuf[0][:C, :W])
         args = (*ptrs, t, rows, count, stats, g_kl, g_logp, z, r, dz, lo, C, N, W, D,
                 DR, *strides, t.stride(0), g_kl.stride(0), g_logp.stride(0),
                 z.stride(0), r.stride(0), dz.stride(0), float(softcap or 1.0))
@@ -365,10 +366,13 @@ def linear_token_kl_bwd(g_kl, g_logp, hidden, weight, ref_hidden, ref_weight, ta
                lambda meta: (triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(W, meta["BLOCK_V"]),),
                hidden, args, flags, autotune_key=_AUTOTUNE_KEY, descriptors=_BWD_DESCRIPTORS)
 
-    extra = torch.finfo(dtr).bits // 8 if gemm else 0
+    # the reference logits' slab, and z's own under autotuning, share the budget
+    extra = (torch.finfo(dtr).bits // 8 if gemm else 0) + (
+        torch.finfo(dz_dtype(hidden)).bits // 8 if autotuning else 0)
     with device_guard(hidden):
         return slab_backward(write_dz, hidden, weight, bias, rows, count, need_dh, need_dw,
-                             need_db, extra_itemsize=extra)
+                             need_db, extra_itemsize=extra,
+                             logit_hidden=(hidden, ref_hidden) if gemm else ())
 
 
 # --------------------------------------------------------------------------------------------
