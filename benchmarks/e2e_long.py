@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,7 +123,11 @@ def _time_steps(step, device, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def run(args, device: torch.device, env: dict) -> list[dict]:
+def run(args, device: torch.device, env: dict,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every provider at every length; ``on_rows`` gets each (provider, length)'s rows, and
+    each provider's summary, as soon as they are measured, so a run stopped part way (by a
+    time limit, say) keeps what it finished."""
     attn = args.attn if args.attn != "auto" else (
         "flex_attention" if (device.type == "cuda" and args.layout == "packed") else "sdpa")
     config = (toy_config if args.toy else llama32_1b_config)(attn)
@@ -132,6 +137,12 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     lengths = parse_tokens(args.lengths or ("64,128" if args.toy else DEFAULT_LENGTHS))
     rows = []
+
+    def emit(new: list[dict]) -> None:
+        rows.extend(new)
+        if on_rows is not None:
+            on_rows(new)
+
     cols = dict(shape=shape_name, dtype="bf16", hidden=config.hidden_size,
                 vocab=config.vocab_size, x_name="pair_tokens")
     for name in args.providers:
@@ -161,8 +172,8 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
             opt.zero_grad(set_to_none=True)
             if st != "ok":
                 print(f"  {name} L={length}: {st}: {out}", file=sys.stderr)
-                rows.append(R.make_row(env, metric="status", unit="", status=st,
-                                       extra={**extra, "message": out}, **common))
+                emit([R.make_row(env, metric="status", unit="", status=st,
+                                 extra={**extra, "message": out}, **common)])
                 batch = step = None
                 M.free_memory(device)
                 if args.stop_at_oom:
@@ -170,7 +181,7 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
                 continue
             stats = M.Stats.of(out)
             longest = max(longest, length)
-            rows += [
+            new = [
                 R.make_row(env, metric="step_time", unit="ms", value=stats.median_ms,
                            p20=stats.p20_ms, p80=stats.p80_ms, extra=extra, **common),
                 R.make_row(env, metric="tokens_per_s", unit="tok/s",
@@ -178,17 +189,18 @@ def run(args, device: torch.device, env: dict) -> list[dict]:
             ]
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**20
-                rows += [R.make_row(env, metric="peak_memory", unit="MiB", value=peak,
-                                    extra={**extra, "before_step_mib": base / 2**20}, **common)]
+                new += [R.make_row(env, metric="peak_memory", unit="MiB", value=peak,
+                                   extra={**extra, "before_step_mib": base / 2**20}, **common)]
+            emit(new)
             print(f"  {name:<12} L={length:>7}  {stats.median_ms:10.1f} ms/step"
-                  + (f"  peak {rows[-1]['value']} MiB" if device.type == "cuda" else ""),
+                  + (f"  peak {new[-1]['value']} MiB" if device.type == "cuda" else ""),
                   file=sys.stderr)
             batch = step = None
             M.free_memory(device)
-        rows.append(R.make_row(env, op="e2e_step", provider=name, mode="summary",
-                               tokens=max(lengths), metric="longest_pair_fits",
-                               unit="pair_tokens", value=longest or None,
-                               extra={"tested": list(lengths)}, **cols))
+        emit([R.make_row(env, op="e2e_step", provider=name, mode="summary",
+                         tokens=max(lengths), metric="longest_pair_fits",
+                         unit="pair_tokens", value=longest or None,
+                         extra={"tested": list(lengths)}, **cols)])
     return rows
 
 
@@ -261,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     env = R.environment(device, argv, program="python -m benchmarks.e2e_long")
-    rows = run(args, device, env)
-    _print_summary(rows)
-    if args.out != "-" and rows:
+    out = None
+    if args.out != "-":
         stem = "e2e-" + (R.device_slug(env["device"]) if device.type == "cuda" else "cpu")
-        out = R.append_csv(rows, Path(args.out) if args.out else R.RESULTS_DIR / f"{stem}.csv")
+        out = Path(args.out) if args.out else R.RESULTS_DIR / f"{stem}.csv"
+    rows = run(args, device, env, on_rows=(lambda rs: R.append_csv(rs, out)) if out else None)
+    _print_summary(rows)
+    if out and rows:
         print(f"rows appended to {out}")
     return 0
 

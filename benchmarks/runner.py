@@ -166,7 +166,8 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
 
 def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None = None
         ) -> list[dict]:
-    """Measure the grid; ``on_rows`` is called after each (shape, tokens, op) block."""
+    """Measure the grid; ``on_rows`` is called with each provider's rows (and the ceiling's)
+    as soon as they are measured, so a run stopped part way keeps what it finished."""
     dtype = DTYPES[cfg.dtype]
     if "loss" in cfg.ops:
         for shape in cfg.shapes:
@@ -198,10 +199,10 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                           for p in cfg.providers for m in cfg.modes])
                     M.free_memory(cfg.device)
                     continue
-                rows = []
                 if not ceiling_done:        # once per (shape, tokens), before the providers
                     crow, ceiling = _measure_ceiling(cfg, case, inp, env)
-                    rows, ceiling_done = rows + crow, True
+                    emit(crow)
+                    ceiling_done = True
                 for name in cfg.providers:
                     why = P.skip_reason(name, op, cfg.device, dtype=dtype, softcap=shape.softcap)
                     if why is not None:
@@ -210,9 +211,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                             _log(f"  {name}: skipped: {why}")
                         continue
                     with P.provider_env(name):
-                        rows += _provider_rows(cfg, case, inp, name, env, ceiling)
+                        emit(_provider_rows(cfg, case, inp, name, env, ceiling))
                     M.free_memory(cfg.device)      # the provider's workload is gone by now
                 del inp
                 M.free_memory(cfg.device)
-                emit(rows)
     return all_rows
