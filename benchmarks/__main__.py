@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pairs", type=int, default=1,
                     help="loss op: pairs B; hidden is [2B, N/2B, D] (default 1)")
     ap.add_argument("--beta", type=float, default=0.1, help="loss op: β (default 0.1)")
+    ap.add_argument("--reference", default="online", choices=("online", "precomputed"),
+                    help="loss op: an online reference head (default), or precomputed "
+                         "reference log-probs, as an offline pass gives them (Liger's DPO "
+                         "loss cannot take them and runs reference-free)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--out", default=None,
                     help="results CSV to append to (default benchmarks/results/<device>.csv; "
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             ops=_csv_list(args.op), modes=_csv_list(args.mode), shapes=shapes,
             providers=P.resolve_providers(args.providers), device=device, dtype=args.dtype,
             tokens=parse_tokens(args.tokens) if args.tokens else None, reps=args.reps,
-            warmup=args.warmup, pairs=args.pairs, beta=args.beta, check=args.check,
+            warmup=args.warmup, pairs=args.pairs, beta=args.beta,
+            reference=args.reference, check=args.check,
             ceiling=args.ceiling, seed=args.seed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,7 +8,8 @@
 # each going on past a failure:
 # the peer wheels in .whl/ (pip --no-deps into .peers/); environment and versions; the CUDA
 # tests; logprobs fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and
-# peaked logits; the loss op on one 8k+8k pair; a memory sweep 4k-64k for ours vs eager;
+# peaked logits; the loss op on one 8k+8k pair (precomputed reference log-probs, then an
+# online reference head); a memory sweep 4k-64k for ours vs eager;
 # Nsight Compute on the backward kernels when ncu exists. Output: at most 8 files in $OUT
 # (default gpu_out/): env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt,
 # plots.tgz, status.txt.
@@ -148,12 +149,14 @@ step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --providers ours-triton,ours-gemm,eager,trl-chunked,torch-lce,cce_exact,liger-flce,cce,\
 ours-filtered,ours-no-tma,ours-torch,torch-compile
 # the providers the loss targets compare first (rows are appended as each one finishes)
-step loss 50 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
+step loss_given 25 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
+     --reference precomputed --providers ours-one-sweep,ours-triton,liger-dpo
+step loss 45 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
      --providers ours-one-sweep,ours-triton,liger-dpo,eager,trl-chunked,torch-lce,cce_exact,\
 ours-torch,ours-one-sweep-torch
-step memory_sweep 70 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
+step memory_sweep 60 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check
-step ncu 40 bash -c ncu_bwd
+step ncu 30 bash -c ncu_bwd
 sed -n '/=== ncu/,$p' "$LOG" > "$OUT_DIR/ncu.txt"
 grep -v "^=== \|^\[" "$LOG" | grep -E "ms|TFLOP|skipped|OOM|ERROR" > "$OUT_DIR/bench.log" || true
 if [ -f "$CSV" ]; then

@@ -26,7 +26,8 @@ __all__ = [
 # Flops as multiples of N·D·V (docs/DESIGN.md §5). "recompute": logits are
 # recomputed in backward (CCE, us); "materialise": autograd keeps the logits (eager,
 # torch.compile); "grads_in_forward": the gradient GEMMs run inside forward (Liger's chunked
-# DPO loss), backward only rescales. The loss and KL ops run a second (reference) head.
+# DPO loss), backward only rescales. The loss and KL ops run a second (reference) head,
+# 2·N·D·V in forward, which the loss op skips when its reference log-probs are precomputed.
 FLOP_MODELS: dict[tuple[str, str], dict[str, int]] = {
     ("logprobs", "recompute"): {"fwd": 2, "bwd": 6, "fwdbwd": 8},
     ("logprobs", "materialise"): {"fwd": 2, "bwd": 4, "fwdbwd": 6},
@@ -48,9 +49,14 @@ def flop_multiple(op: str, strategy: str, mode: str) -> int:
                          f"mode={mode!r}") from None
 
 
-def flops(op: str, strategy: str, mode: str, tokens: int, hidden: int, vocab: int) -> float:
-    """Counted floating-point operations of one call."""
-    return float(flop_multiple(op, strategy, mode)) * tokens * hidden * vocab
+def flops(op: str, strategy: str, mode: str, tokens: int, hidden: int, vocab: int, *,
+          reference_head: bool = True) -> float:
+    """Counted floating-point operations of one call (``reference_head=False``: the loss op
+    with precomputed reference log-probs, no reference head forward)."""
+    multiple = flop_multiple(op, strategy, mode)
+    if op == "loss" and not reference_head and mode != "bwd":
+        multiple -= 2
+    return float(multiple) * tokens * hidden * vocab
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -5,8 +5,10 @@ Ops (``N`` tokens, head ``D``×``V``):
 - ``logprobs``: per-token log p(target) from hidden [N, D] and weight [V, D]; backward from
   a random per-token upstream gradient (as a weighted loss sends).
 - ``loss``: the full preference-loss step: policy head fwd+bwd, reference head fwd (online,
-  ``ref_hidden``/``ref_weight``), per-token weights, reduction to the TIS-DPO loss; hidden
-  laid out [2B, T, D] with B = ``pairs`` (chosen rows first), T = N / 2B.
+  ``ref_hidden``/``ref_weight``; with ``reference="precomputed"`` the reference log-probs
+  are given instead, as an offline pass makes them: the fp32 reference head's), per-token
+  weights, reduction to the TIS-DPO loss; hidden laid out [2B, T, D] with B = ``pairs``
+  (chosen rows first), T = N / 2B.
 - ``kl``: the fused token KL(π‖ref) and logp, backward from random upstream gradients.
 - ``ceiling``: the dense [N, D]×[D, V] matmul in the run's dtype (row blocks of 8192 into one
   output buffer, so it fits at any N): the rate a head op is measured against.
@@ -35,6 +37,7 @@ __all__ = ["Case", "Inputs", "Workload", "make_inputs", "build_workload", "ceili
            "reference_errors"]
 
 LOGIT_STD = 2.0
+REFERENCES = ("online", "precomputed")
 ZIPF = 1.5             # peaked logits: prior −ZIPF·ln(1 + v)
 CEILING_ROWS = 8192
 
@@ -49,10 +52,13 @@ class Case:
     pairs: int = 1
     beta: float = 0.1
     seed: int = 0
+    reference: str = "online"      # loss op: "online" head or "precomputed" log-probs
 
     def __post_init__(self):
         if self.op not in P.OPS:
             raise ValueError(f"op must be one of {P.OPS}, got {self.op!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.op == "loss" and self.tokens % (2 * self.pairs):
             raise ValueError(f"loss op: tokens={self.tokens} must be a multiple of 2·pairs="
                              f"{2 * self.pairs}")
@@ -74,6 +80,7 @@ class Inputs:
     grads: tuple[torch.Tensor, ...]   # upstream gradients of the per-token outputs
     ref_hidden: torch.Tensor | None = None
     ref_weight: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None   # [N] float32: the loss op's precomputed reference
     weights: torch.Tensor | None = None
     truth: dict = field(default_factory=dict)   # cached fp32 references
 
@@ -99,6 +106,10 @@ def make_inputs(case: Case) -> Inputs:
                           + randn(v, d, scale=0.1 * LOGIT_STD / d ** 0.5).float()).to(dt)
     if case.op == "loss":
         inp.weights = 0.7 + 0.6 * torch.rand(case.rows, case.seq, generator=g, device=dev)
+        if case.reference == "precomputed":    # the reference head's, then the head is gone
+            inp.ref_logps = _fp32(lambda: _truth_head(inp, case.shape.softcap, None,
+                                                      ref=True)["logp"])
+            inp.ref_hidden = inp.ref_weight = None
     elif case.op == "logprobs":
         inp.grads = (torch.randn(n, generator=g, device=dev),)
     else:
@@ -147,10 +158,13 @@ def build_workload(case: Case, inp: Inputs, provider: str) -> Workload:
     shape3 = (case.rows, case.seq, case.shape.hidden)
     weights = inp.weights if P.PROVIDERS[provider].token_weights else None
 
+    if inp.ref_logps is not None:
+        ref = dict(ref_logps=inp.ref_logps.view(case.rows, case.seq))
+    else:
+        ref = dict(ref_hidden=inp.ref_hidden.view(shape3), ref_weight=inp.ref_weight)
+
     def call():
-        return (fn(h.view(shape3), w, t.view(case.rows, case.seq),
-                   ref_hidden=inp.ref_hidden.view(shape3), ref_weight=inp.ref_weight,
-                   weights=weights),)
+        return (fn(h.view(shape3), w, t.view(case.rows, case.seq), weights=weights, **ref),)
     return Workload(call, lambda outs: outs[0].backward(),
                     (h, w), ("loss",))
 
@@ -220,12 +234,19 @@ def _truth_kl(inp: Inputs, softcap) -> dict:
     return {"kl": kl, "logp": logp, "dhidden": dh, "dweight": w32.grad}
 
 
-def _truth_loss(case: Case, inp: Inputs, weighted: bool) -> dict:
+def _truth_loss(case: Case, inp: Inputs, weighted: bool, ref_free: bool) -> dict:
+    """``ref_free``: the reference-free loss (what a provider that cannot take precomputed
+    reference log-probs computes in their place)."""
     from tisdpo_kernels import PRESETS, preference_loss
 
     softcap = case.shape.softcap
     lp = _truth_head(inp, softcap, None)["logp"].view(case.rows, case.seq)
-    rlp = _truth_head(inp, softcap, None, ref=True)["logp"].view(case.rows, case.seq)
+    if ref_free:
+        rlp = torch.zeros_like(lp)
+    elif inp.ref_logps is not None:
+        rlp = inp.ref_logps.view(case.rows, case.seq)
+    else:
+        rlp = _truth_head(inp, softcap, None, ref=True)["logp"].view(case.rows, case.seq)
     lp.requires_grad_()
     mask = inp.targets.view(case.rows, case.seq) != P.IGNORE
     config = PRESETS["tisdpo"].config.replace(beta=case.beta)
@@ -237,23 +258,29 @@ def _truth_loss(case: Case, inp: Inputs, weighted: bool) -> dict:
             "dweight": head["dweight"]}
 
 
+def _fp32(fn):
+    """fn() with true fp32 matmuls (no TF32)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return fn()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def _truth(case: Case, inp: Inputs, provider: str) -> dict:
     """The fp32 reference (true fp32 matmuls, no TF32), cached on the host so that it takes
     no device memory from the providers measured after it."""
     weighted = P.PROVIDERS[provider].token_weights
-    key = (case.op, weighted)
+    ref_free = inp.ref_logps is not None and not P.PROVIDERS[provider].ref_logps
+    key = (case.op, weighted, ref_free)
     if key not in inp.truth:
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            if case.op == "logprobs":
-                truth = _truth_head(inp, case.shape.softcap, inp.grads[0])
-            elif case.op == "kl":
-                truth = _truth_kl(inp, case.shape.softcap)
-            else:
-                truth = _truth_loss(case, inp, weighted)
-        finally:
-            torch.set_float32_matmul_precision(precision)
+        if case.op == "logprobs":
+            truth = _fp32(lambda: _truth_head(inp, case.shape.softcap, inp.grads[0]))
+        elif case.op == "kl":
+            truth = _fp32(lambda: _truth_kl(inp, case.shape.softcap))
+        else:
+            truth = _fp32(lambda: _truth_loss(case, inp, weighted, ref_free))
         inp.truth[key] = {k: v.cpu() for k, v in truth.items()}
     return inp.truth[key]
 

@@ -1,12 +1,15 @@
 """PNG plots from result rows: time and peak memory against token count, one line per provider.
 
 One figure per (op, shape, mode, dtype, device), two panels (one without memory figures);
+the loss op's figures are apart per number of pairs and per reference (an online head, or
+precomputed log-probs);
 OOM and error points are marked with a labelled cross above the measured points.
 ``python -m benchmarks.plot FILE.csv [--out DIR]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +19,16 @@ from benchmarks import results as R
 __all__ = ["plot_rows", "main"]
 
 
+def _op_label(r: dict) -> str:
+    """The op, and for the loss op its pairs (when not 1) and a precomputed reference."""
+    if r["op"] != "loss":
+        return r["op"]
+    extra = json.loads(r["extra"] or "{}")
+    pairs = extra.get("pairs") or 1
+    return ("loss" + (f"-{pairs}pairs" if pairs != 1 else "")
+            + ("-precomputed-ref" if extra.get("ref_logps") == "precomputed" else ""))
+
+
 def _series(rows):
     """{(op, shape, mode, dtype, device, kind): {provider: {metric: {N: value}}}}, failures."""
     data = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
@@ -23,7 +36,8 @@ def _series(rows):
     for r in rows:
         if r["op"] == "ceiling" or r["mode"] == "check":
             continue
-        key = (r["op"], r["shape"], r["mode"], r["dtype"], r["device"], r["device_kind"])
+        key = (_op_label(r), r["shape"], r["mode"], r["dtype"], r["device"],
+               r["device_kind"])
         n = int(r["x_value"])
         if r["metric"] == "status":
             fails[key][r["provider"]].append((n, r["status"]))

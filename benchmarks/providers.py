@@ -46,6 +46,7 @@ class Provider:
     packages: tuple[str, ...] = ()   # importable module names it needs
     cuda_only: bool = False
     token_weights: bool = True       # honours per-token weights in the loss op
+    ref_logps: bool = True           # takes precomputed reference log-probs in the loss op
     softcap: bool = True             # supports a logit softcap
     env: tuple[tuple[str, str], ...] = ()   # environment variables set while it runs
 
@@ -89,8 +90,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "Liger fused linear cross entropy, reduction='none' (recomputes in backward)",
              packages=("liger_kernel",), cuda_only=True),
     Provider("liger-dpo", ("loss",), "grads_in_forward",
-             "Liger LigerFusedLinearDPOLoss (chunks whole pairs; no per-token weights)",
-             packages=("liger_kernel",), cuda_only=True, token_weights=False, softcap=False),
+             "Liger LigerFusedLinearDPOLoss (chunks whole pairs; no per-token weights; "
+             "reference-free where the reference log-probs are precomputed, which it cannot "
+             "take)", packages=("liger_kernel",), cuda_only=True, token_weights=False,
+             softcap=False, ref_logps=False),
     Provider("trl-chunked", ("logprobs", "loss"), "recompute",
              "TRL 1.16 trl.kernels.ChunkedLogProbFunction (cuBLAS tiles, a Triton fold, "
              "recompute in backward: what DPOTrainer runs); its backward needs trl.trainer "

@@ -162,7 +162,10 @@ def format_table(rows: list[dict], baseline: str = "eager") -> str:
             continue
         ceil = ceilings.get((shape, tokens))
         ceil_txt = f", dense ceiling {float(ceil['value']):.4g} TFLOP/s" if ceil else ""
-        lines += ["", f"[{op}] {shape} N={tokens} mode={mode}{ceil_txt}", header]
+        given = any(json.loads(r["extra"] or "{}").get("ref_logps") == "precomputed"
+                    for m in provs.values() for r in m.values())
+        ref_txt = ", precomputed reference log-probs" if given else ""
+        lines += ["", f"[{op}] {shape} N={tokens} mode={mode}{ref_txt}{ceil_txt}", header]
         base = provs.get(baseline, {})
         base_t = _num(base.get("time", {}).get("value", ""))
         base_m = _num(base.get("peak_memory", {}).get("value", ""))

@@ -32,6 +32,7 @@ class RunConfig:
     warmup: int = 5
     pairs: int = 1
     beta: float = 0.1
+    reference: str = "online"                  # the loss op's: O.REFERENCES
     check: bool = True
     ceiling: bool = True
     seed: int = 0
@@ -44,6 +45,8 @@ class RunConfig:
         for op in self.ops:
             if op not in P.OPS:
                 raise ValueError(f"--op: unknown op {op!r}; valid ops are {P.OPS}")
+        if self.reference not in O.REFERENCES:
+            raise ValueError(f"--reference: {self.reference!r} is not one of {O.REFERENCES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: unknown dtype {self.dtype!r}; valid are {list(DTYPES)}")
         if self.reps < 1 or self.warmup < 0:
@@ -133,9 +136,12 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
             rows += status_rows([mode], st, out)
             continue
         stats, mem = out
-        fl = M.flops(case.op, strategy, mode, case.tokens, case.shape.hidden, case.shape.vocab)
+        fl = M.flops(case.op, strategy, mode, case.tokens, case.shape.hidden, case.shape.vocab,
+                     reference_head=case.reference == "online")
         extra = {"flops": fl, "flop_model": strategy, "reps": stats.reps, "warmup": cfg.warmup,
                  "pairs": case.pairs if case.op == "loss" else None}
+        if case.op == "loss":
+            extra["ref_logps"] = case.reference     # "online" head or "precomputed"
         common = dict(op=case.op, provider=name, mode=mode, extra=extra, **cols)
         rows.append(R.make_row(env, metric="time", unit="ms", value=stats.median_ms,
                                p20=stats.p20_ms, p80=stats.p80_ms, **common))
@@ -188,8 +194,10 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
             ceiling, ceiling_done = float("nan"), not cfg.ceiling
             for op in cfg.ops:
                 case = O.Case(op, shape, tokens, dtype, cfg.device, pairs=cfg.pairs,
-                              beta=cfg.beta, seed=cfg.seed)
-                _log(f"[{op}] {shape.name} N={tokens} {cfg.dtype} on {env['device']}")
+                              beta=cfg.beta, seed=cfg.seed,
+                              reference=cfg.reference if op == "loss" else "online")
+                given = ", precomputed reference log-probs" if case.reference != "online" else ""
+                _log(f"[{op}] {shape.name} N={tokens} {cfg.dtype}{given} on {env['device']}")
                 st, inp = M.guarded(lambda: O.make_inputs(case))
                 if st != "ok":
                     _log(f"  inputs: {st}: {inp}")

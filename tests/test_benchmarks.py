@@ -299,20 +299,27 @@ def _fake_gpu_rows():
     rows.append(R.make_row(env, op="e2e_step", provider="ours-triton", mode="summary",
                            shape="llama3.2-1b", tokens=131072, metric="longest_pair_fits",
                            unit="pair_tokens", value=131072, x_name="pair_tokens"))
-    for op, prov, shape, n, ms, pairs in (
-            ("ceiling", "dense-matmul", "llama3-8b", 8192, 2.0, None),
-            ("logprobs", "ours-filtered", "llama3-8b-peaked", 8192, 30.0, None),
-            ("loss", "ours-one-sweep", "llama3-8b", 16384, 1.0, 2),    # not the target's pair
-            ("loss", "ours-one-sweep", "llama3-8b", 16384, 40.0, 1),
-            ("loss", "ours-triton", "llama3-8b", 16384, 60.0, 1),
-            ("loss", "liger-dpo", "llama3-8b", 16384, 70.0, 1)):
+    pre = "precomputed"        # the loss op's reference log-probs given ("online": a head)
+    for op, prov, shape, n, ms, pairs, ref in (
+            ("ceiling", "dense-matmul", "llama3-8b", 8192, 2.0, None, None),
+            ("logprobs", "ours-filtered", "llama3-8b-peaked", 8192, 30.0, None, None),
+            ("loss", "ours-one-sweep", "llama3-8b", 16384, 1.0, 2, None),   # not a target's
+            ("loss", "ours-one-sweep", "llama3-8b", 16384, 40.0, 1, None),
+            ("loss", "ours-triton", "llama3-8b", 16384, 60.0, 1, "online"),
+            ("loss", "liger-dpo", "llama3-8b", 16384, 70.0, 1, None),
+            ("loss", "ours-one-sweep", "llama3-8b", 16384, 30.0, 1, pre),
+            ("loss", "ours-triton", "llama3-8b", 16384, 45.0, 1, pre),
+            ("loss", "liger-dpo", "llama3-8b", 16384, 50.0, 1, pre)):
         rows.append(R.make_row(env, op=op, provider=prov, mode="fwd" if op == "ceiling"
                                else "fwdbwd", shape=shape, tokens=n, metric="time", unit="ms",
-                               value=ms, p20=ms, p80=ms, dtype="bf16", extra={"pairs": pairs}))
-    for pairs, mib in ((128, 3000.0), (8, 3100.0), (1, 3050.0)):      # memory flat in T
+                               value=ms, p20=ms, p80=ms, dtype="bf16",
+                               extra={"pairs": pairs, **({"ref_logps": ref} if ref else {})}))
+    for pairs, mib, ref in ((128, 3000.0, None), (8, 3100.0, None), (1, 3050.0, "online"),
+                            (2, 9000.0, pre)):          # memory flat in T (online head)
         rows.append(R.make_row(env, op="loss", provider="ours-one-sweep", mode="fwdbwd",
                                shape="llama3-8b", tokens=131072, metric="peak_memory",
-                               unit="MiB", value=mib, dtype="bf16", extra={"pairs": pairs}))
+                               unit="MiB", value=mib, dtype="bf16",
+                               extra={"pairs": pairs, **({"ref_logps": ref} if ref else {})}))
     # two other runs at the headline case: an older one and a later one with fewer providers
     # (a memory sweep); ratios and tables keep to the run with the most providers
     for date, prov_ms in (("2000-01-01T00:00:00+00:00", (("cce", 5.0),)),
@@ -345,8 +352,11 @@ def test_readme_table(tmp_path):
             "1.12× the dense GEMMs (4 × 2.0 ms) (met); fastest peer cce 15.0 ms (met)") in text
     assert "(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms (met)" in text
     assert "+ 64 bytes per token: 100 MiB of 2090 allowed (met)" in text
-    assert ("Liger's fused DPO loss: 40.0 ms; 0.67× the recompute path 60.0 ms (met); 0.57× "
-            "Liger's 70.0 ms (not met)") in text
+    assert ("(8NDV against 10NDV): precomputed reference log-probs: 30.0 ms; 0.67× the "
+            "recompute path 45.0 ms (met); 0.60× Liger's 50.0 ms (not met) | online reference "
+            "head: 40.0 ms; 0.67× the recompute path 60.0 ms (met); 0.57× Liger's 70.0 ms "
+            "(not met)") in text
+    assert "| 16384 | ours-one-sweep | 30.00" not in text       # the table: an online head
     assert "3000–3100 MiB over pairs of 1024–131072 tokens (1.03×, met)" in text
     assert "ours-triton: longest pair that fitted 131072 tokens (met)" in text
     assert "| llama3-8b | 16384 | ours-one-sweep | 40.00 (40.00–40.00) |" in text
@@ -477,8 +487,8 @@ def test_gpu_session_dry_run_on_cpu(tmp_path):
                           cwd=root, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     status = (tmp_path / "status.txt").read_text()
-    for name in ("environment", "wheels", "tests", "logprobs", "loss", "memory_sweep", "ncu",
-                 "plots"):
+    for name in ("environment", "wheels", "tests", "logprobs", "loss_given", "loss",
+                 "memory_sweep", "ncu", "plots"):
         assert f"{name}: rc=0" in status, status
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and "results.csv" in files and "plots.tgz" in files, files
@@ -487,3 +497,4 @@ def test_gpu_session_dry_run_on_cpu(tmp_path):
     shapes = {r["shape"] for r in rows}
     assert {"toy", "toy-peaked"} <= shapes
     assert {"ours-triton", "ours-torch", "eager"} <= {r["provider"] for r in rows}
+    assert any(json.loads(r["extra"] or "{}").get("ref_logps") == "precomputed" for r in rows)
