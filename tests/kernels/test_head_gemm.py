@@ -97,7 +97,7 @@ def test_backward_slabs_of_each_kind(op, kind, device, monkeypatch):
         check(masters, y, grads, dtype=torch.bfloat16, device=device, softcap=3.0)
 
 
-def _backward_call(op, n, d, dr, v):
+def _backward_call(op, n, d, dr, v, device):
     """``op``'s backward launcher with its arguments after the forward (every gradient of the
     policy head but the bias; KL(π‖ref) for the KL head), on a float32 n × v case with
     ignored rows: call it to run the backward."""
@@ -109,6 +109,7 @@ def _backward_call(op, n, d, dr, v):
     y = torch.randint(0, v, (n,), generator=g)
     y[[0, 7, n - 1]] = -100
     up = torch.randn(n, generator=g)
+    h, w, hr, wr, y, up = (t.to(device) for t in (h, w, hr, wr, y, up))
     if op == "linear_token_kl":
         heads = (h, w, hr, wr, y, None, None)
         stats = K.linear_token_kl_fwd(*heads, "policy_ref", -100, None)[3]
@@ -120,7 +121,7 @@ def _backward_call(op, n, d, dr, v):
 
 
 @pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
-def test_column_bands_gather_the_hidden_rows_once_within_the_budget(op, monkeypatch):
+def test_column_bands_gather_the_hidden_rows_once_within_the_budget(op, device, monkeypatch):
     """Every band's logits GEMM reads the same hidden rows: each head's are gathered once for
     all bands (the policy's masked rows also feed the d_weight GEMM), and the budget counts
     them, so the backward holds at most d_weight + TISDPO_DZ_MB + O(N) (float32: no operand
@@ -132,7 +133,7 @@ def test_column_bands_gather_the_hidden_rows_once_within_the_budget(op, monkeypa
     kl = op == "linear_token_kl"
     budget = n * (8 * d + 4 * dr * kl) + n * width * 4 * (1 + kl)
     monkeypatch.setattr(_env, "dz_budget_bytes", lambda: budget)
-    backward = _backward_call(op, n, d, dr, v)
+    backward = _backward_call(op, n, d, dr, v, device)
     with OpProbe() as probe:
         backward()
     gathers = [shape for name, shape in probe.out_shapes if name == "index_select"]
@@ -149,12 +150,12 @@ class _Planned(Exception):
 
 
 @pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl"])
-def test_autotuning_counts_its_separate_logits_slab(op, monkeypatch):
+def test_autotuning_counts_its_separate_logits_slab(op, device, monkeypatch):
     """Under TISDPO_AUTOTUNE=1 the logits go to a slab of their own beside dz (trial runs
     would read dz back as logits): the plan counts it, so the slabs get narrower to stay
     within the budget. Autotuning needs a GPU; here the backward stops at its plan."""
     from tisdpo_kernels._triton import configs, slabs
-    backward = _backward_call(op, 300, 160, 96, 1100)
+    backward = _backward_call(op, 300, 160, 96, 1100, device)
 
     def plan(*args):
         seen.append(args[4])                        # extra bytes per logit
