@@ -99,6 +99,12 @@ def _mode_fns(work: O.Workload, mode: str):
     return work.backward, work.call
 
 
+def _case_extra(case: O.Case) -> dict:
+    """What every row of a loss case carries in ``extra``: its pairs and its reference (an
+    "online" head or "precomputed" log-probs), so that runs of different cases never mix."""
+    return {"pairs": case.pairs, "ref_logps": case.reference} if case.op == "loss" else {}
+
+
 def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: dict,
                    ceiling: float) -> list[dict]:
     cols = _shape_cols(case, cfg.dtype)
@@ -107,7 +113,8 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
 
     def status_rows(modes, status, message):
         return [R.make_row(env, op=case.op, provider=name, mode=m, metric="status", unit="",
-                           status=status, extra={"message": message}, **cols) for m in modes]
+                           status=status, extra={"message": message, **_case_extra(case)},
+                           **cols) for m in modes]
 
     st, work = M.guarded(lambda: O.build_workload(case, inp, name))
     if st == "ok":
@@ -139,9 +146,7 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
         fl = M.flops(case.op, strategy, mode, case.tokens, case.shape.hidden, case.shape.vocab,
                      reference_head=case.reference == "online")
         extra = {"flops": fl, "flop_model": strategy, "reps": stats.reps, "warmup": cfg.warmup,
-                 "pairs": case.pairs if case.op == "loss" else None}
-        if case.op == "loss":
-            extra["ref_logps"] = case.reference     # "online" head or "precomputed"
+                 "pairs": None, **_case_extra(case)}
         common = dict(op=case.op, provider=name, mode=mode, extra=extra, **cols)
         rows.append(R.make_row(env, metric="time", unit="ms", value=stats.median_ms,
                                p20=stats.p20_ms, p80=stats.p80_ms, **common))
@@ -161,12 +166,14 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
         st, errs = M.guarded(lambda: O.reference_errors(case, inp, name, work))
         if st != "ok":
             rows += [R.make_row(env, op=case.op, provider=name, mode="check", metric="status",
-                                unit="", status=st, extra={"message": errs}, **cols)]
+                                unit="", status=st, extra={"message": errs, **_case_extra(case)},
+                                **cols)]
         else:
             for out_name, (err, ref_max) in errs.items():
                 rows.append(R.make_row(env, op=case.op, provider=name, mode="check",
                                        metric=f"err_{out_name}", unit="max_abs", value=err,
-                                       extra={"ref_max": ref_max, "reference": "fp32"}, **cols))
+                                       extra={"ref_max": ref_max, "reference": "fp32",
+                                              **_case_extra(case)}, **cols))
     return rows
 
 
@@ -202,7 +209,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                 if st != "ok":
                     _log(f"  inputs: {st}: {inp}")
                     emit([R.make_row(env, op=op, provider=p, mode=m, metric="status", unit="",
-                                     status=st, extra={"message": f"inputs: {inp}"},
+                                     status=st, extra={"message": f"inputs: {inp}",
+                                                       **_case_extra(case)},
                                      **_shape_cols(case, cfg.dtype))
                           for p in cfg.providers for m in cfg.modes])
                     M.free_memory(cfg.device)

@@ -40,8 +40,9 @@ def test_precomputed_inputs_are_the_reference_heads_fp32_logps():
 
 
 def test_precomputed_reference_rows():
-    """Rows say the reference was precomputed and count no reference-head flops, and every
-    provider matches the fp32 loss and gradients of the same precomputed log-probs."""
+    """Rows say the reference was precomputed (error rows too) and count no reference-head
+    flops, and every provider matches the fp32 loss and gradients of the same precomputed
+    log-probs."""
     cfg = RunConfig(ops=["loss"], modes=["fwd", "fwdbwd"], shapes=[TINY],
                     providers=["ours-torch", "ours-one-sweep-torch", "eager"], device=CPU,
                     reps=1, warmup=0, pairs=2, ceiling=False, reference="precomputed")
@@ -56,7 +57,9 @@ def test_precomputed_reference_rows():
                   (prov, mode, "time")]
         extra = json.loads(row["extra"])
         assert extra["ref_logps"] == "precomputed" and extra["flops"] == multiple * ndv
-    for r in rows:
+    for r in rows:                      # every row of the case says which case it is
+        extra = json.loads(r["extra"])
+        assert (extra["pairs"], extra["ref_logps"]) == (2, "precomputed"), r
         if r["metric"].startswith("err_"):
             rel = float(r["value"]) / json.loads(r["extra"])["ref_max"]
             assert rel < 2e-2, (r["provider"], r["metric"], rel)
@@ -73,3 +76,19 @@ def test_plots_keep_the_references_apart(tmp_path):
             for ms, pairs, ref in ((1.0, 1, None), (2.0, 1, "precomputed"), (3.0, 2, None))]
     names = sorted(p.name.split("-tiny-")[0] for p in plot_rows(rows, tmp_path))
     assert names == ["loss", "loss-2pairs", "loss-precomputed-ref"], names
+
+
+def test_readme_tables_show_the_online_reference_only():
+    """The README's loss table is the online-head case (its title says so): a precomputed
+    run's rows, an out-of-memory status row included, stay out of it."""
+    from benchmarks import readme_table
+    env = dict(R.environment(CPU, ["--test"]), device_kind="cuda", device="Test GPU")
+    cols = dict(op="loss", mode="fwdbwd", shape="llama3-8b", tokens=16384, dtype="bf16")
+    rows = [R.make_row(env, provider="eager", metric="time", unit="ms", value=9.0,
+                       extra={"pairs": 1, "ref_logps": "online"}, **cols),
+            R.make_row(env, provider="liger-dpo", metric="status", unit="", status="oom",
+                       extra={"pairs": 1, "ref_logps": "precomputed"}, **cols)]
+    for r in rows:
+        r["_file"] = "benchmarks/results/test.csv"
+    text = readme_table.render(rows, tokens=(16384,))
+    assert "| llama3-8b | 16384 | eager | 9.00" in text and "liger-dpo | OOM" not in text
