@@ -18,12 +18,15 @@ from benchmarks import results as R
 from benchmarks.shapes import PRESETS, parse_tokens
 from tisdpo_kernels._env import DZ_MB_DEFAULT
 
-__all__ = ["render", "main", "GPU_COMMAND", "E2E_COMMAND", "BEGIN", "END"]
+__all__ = ["render", "main", "GPU_COMMAND", "GIVEN_REF_COMMAND", "E2E_COMMAND", "BEGIN", "END"]
 
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 GPU_COMMAND = ("python -m benchmarks --op logprobs,loss,kl --mode fwd,bwd,fwdbwd "
                "--shapes llama3-8b,llama3.2-1b,qwen2.5-7b,gemma2-2b "
                "--tokens 4k,8k,16k,32k,64k --plot")
+# the loss target's case with precomputed reference log-probs (the grid runs an online head)
+GIVEN_REF_COMMAND = ("python -m benchmarks --op loss --mode fwdbwd --shapes llama3-8b "
+                     "--tokens 16k --reference precomputed")
 E2E_COMMAND = "python -m benchmarks.e2e_long"
 HEADLINE_TOKENS = (8192, 16384, 32768)
 OP_TITLES = {"logprobs": "Fused head: per-token log-probs, forward + backward",
@@ -247,8 +250,8 @@ def _no_gpu(cpu_rows: list[dict]) -> list[str]:
                      "numbers and are not shown.")
     lines += ["", "Performance targets, not measured yet:", ""] + [f"- {t}" for t in TARGETS]
     lines += ["", "To produce the numbers on a CUDA host (see `benchmarks/README.md`):", "",
-              "```bash", GPU_COMMAND, E2E_COMMAND, "python -m benchmarks.readme_table "
-              "--write README.md", "```"]
+              "```bash", GPU_COMMAND, GIVEN_REF_COMMAND, E2E_COMMAND,
+              "python -m benchmarks.readme_table --write README.md", "```"]
     return lines
 
 
