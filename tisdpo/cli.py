@@ -31,7 +31,7 @@ from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
 from tisdpo.pipeline.lock import RunLocked, run_lock
 from tisdpo.train.config import RunConfig, build_config, coerce, dump_yaml, field_specs
-from tisdpo.train.parallel import torchrun_env
+from tisdpo.train.parallel import teardown, torchrun_env
 from tisdpo.train.trainer import TrainingDiverged
 
 COMMANDS = {
@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
     try:
-        return _locked_run(args, cfg)
+        code = _locked_run(args, cfg)
+        teardown()                 # every rank got here: the process group goes, as torch asks
+        return code
     except StageStopped as stop:
+        teardown()                 # all ranks stopped at the same step
         logging.getLogger("tisdpo").info("%s", stop)
         return 128 + signal.Signals[stop.signal].value if stop.signal else 0
     except _EXPECTED as err:

@@ -150,3 +150,17 @@ def test_pipeline_command_from_a_yaml_file(tmp_path, capsys):
     run = tmp_path / "run"
     assert json.load(open(run / "policy" / "done.json"))["init"].endswith("sft/final")
     assert yaml.safe_load(open(run / "config.yaml"))["policy"]["max_steps"] == 2
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("stop", [False, True], ids=["finished", "stopped"])
+def test_a_distributed_command_ends_its_process_group(mode, stop, tmp_path):
+    """A command in a distributed mode (here a one-process group, as without torchrun)
+    destroys the process group it made, whether it finished or stopped at an agreed step."""
+    import torch.distributed as dist
+    argv = ["train", "--policy.method", "dpo", "--policy.max_steps", "2",
+            "--policy.batch_size", "4", "--run_dir", str(tmp_path / "run"),
+            "--distributed.mode", mode] + TINY + (["--policy.stop_after", "1"] if stop else [])
+    assert cli.main(argv) == 0
+    assert os.path.isfile(tmp_path / "run" / "policy" / "done.json") != stop
+    assert not dist.is_initialized()

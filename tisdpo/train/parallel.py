@@ -69,8 +69,8 @@ from tisdpo.train.checkpoint import (
 from tisdpo.train.model import head, hidden_states, save_model
 from tisdpo_kernels.validate import check_not_sharded  # re-exported: the loss refuses shards
 
-__all__ = ["Parallel", "setup", "PolicyWithLoss", "fully_shard_model", "check_not_sharded",
-           "shard_positions", "torchrun_env"]
+__all__ = ["Parallel", "setup", "teardown", "PolicyWithLoss", "fully_shard_model",
+           "check_not_sharded", "shard_positions", "torchrun_env"]
 
 MODES = ("none", "ddp", "fsdp2")
 
@@ -404,6 +404,16 @@ class Parallel:
         yield
         if self.is_main:
             self.barrier()
+
+
+def teardown() -> None:
+    """Destroy the default process group, if there is one: at the end of a command that every
+    rank reaches (finished, or stopped at the step all ranks agreed on). Torch asks for it
+    before a normal exit: on NCCL a rank that exits without it may block another's progress."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup(cfg, device: str = "auto", model_dtype: str = "float32") -> Parallel:
