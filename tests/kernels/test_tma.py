@@ -94,7 +94,7 @@ def test_token_kl_through_descriptors(dtype, direction, device, descriptors):
 def test_column_bands_through_descriptors(op, device, descriptors, monkeypatch):
     """A backward in bands of vocabulary columns: each band's descriptor is built on the
     head's slice of rows v0..v0+W (its own bounds), and the oracle holds."""
-    n, v = several_slabs(monkeypatch, "columns")
+    n, v = several_slabs(monkeypatch, "columns", d=40)
     if op == "linear_logprobs":
         masters, y, grads = logprobs_case(n, 40, v, ignored=(0, 7, 299))
         with _logprobs_blocks():

@@ -269,7 +269,7 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOpt
     (``SweepBackend.chunk``): cuBLAS logits, then the epilogue. With ``coef`` one launch gives
     the statistics and e. Without, a first launch gives the statistics and saves each row's
     (max, log Σ exp, KL), and ``grad(c, kg)`` launches again to write e from them, reading
-    each head's logits once. e goes over the policy logits where the dtypes agree."""
+    each head's logits once. e goes over the policy logits unless ``_own_e``."""
     cfg = opts.config
     kl_mode = cfg.kl if cfg.uses_kl else None
     z = _logits(h, weight, bias)
@@ -277,10 +277,7 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOpt
     if not want_e:
         return (*linear_preference_loss_fwd(z, zr, safe, None, None, None, opts.softcap,
                                             kl_mode), None)
-    dt = dz_dtype(h)
-    # in place, except under autotuning (its trial runs would read e back as logits)
-    e = z if (z.dtype == dt and not configs.autotuning(z)) else torch.empty(
-        z.shape, dtype=dt, device=z.device)
+    e = torch.empty(z.shape, dtype=dz_dtype(h), device=z.device) if _own_e(h) else z
     if coef is not None:
         return (*linear_preference_loss_fwd(z, zr, safe, *coef, e, opts.softcap, kl_mode), e)
     stats = torch.empty((5, z.shape[0]), dtype=torch.float32, device=z.device)
@@ -297,13 +294,19 @@ def _chunk(h, weight, bias, ref_h, ref_weight, ref_bias, safe, opts: PairHeadOpt
 _BACKEND = SweepBackend(chunk=_chunk, gemms=_GEMMs)
 
 
+def _own_e(h) -> bool:
+    """Whether a chunk's e needs a buffer of its own instead of overwriting the policy logits
+    (which are in h's dtype): e in another dtype (the interpreter's float32), or autotuning
+    (its trial runs would read e back as logits)."""
+    return dz_dtype(h) != h.dtype or configs.autotuning(h)
+
+
 def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
     """Rows per chunk of the sweep (``sweep_rows``), counting every [C, V] buffer a chunk
     holds: the logits of each head in its input dtype, and e when it cannot overwrite them
-    (another dtype, or autotuning: ``_chunk``)."""
-    dt = dz_dtype(hidden)
-    own_e = dt != hidden.dtype or configs.autotuning(hidden)
-    per = hidden.element_size() + (torch.finfo(dt).bits // 8 if own_e else 0)
+    (``_own_e``)."""
+    per = hidden.element_size() + (
+        torch.finfo(dz_dtype(hidden)).bits // 8 if _own_e(hidden) else 0)
     if ref_hidden is not None:
         per += ref_hidden.element_size()
     return sweep_rows(hidden.shape[0], v, per, chunk_tokens)
