@@ -40,29 +40,32 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def sweep_chunk_rows(tokens: int, vocab: int, elem: int, *, triton: bool = False,
-                     ref_elem: int = 0) -> int:
-    """Rows per chunk of the one-sweep head: the torch backend's ``TISDPO_CHUNK_TOKENS``; the
-    Triton backend's from the ``TISDPO_DZ_MB`` budget over V logits of each head in its input
-    dtype (``ref_elem``: the reference head's element size, 0 without one; on CUDA e is
-    written over the policy logits), or ``TISDPO_CHUNK_TOKENS`` when set."""
-    if triton:
-        return sweep_rows(tokens, vocab, elem + ref_elem)
+def sweep_chunk_rows(tokens: int, vocab: int, itemsize: int | None = None) -> int:
+    """Rows per chunk of the one-sweep head: the torch backend's ``TISDPO_CHUNK_TOKENS``
+    (``itemsize`` None); the Triton backend's from the ``TISDPO_DZ_MB`` budget at ``itemsize``
+    bytes per logit, every [C, V] buffer its chunk holds (``chunk_itemsize`` of the Triton
+    head), or ``TISDPO_CHUNK_TOKENS`` when set."""
+    if itemsize is not None:
+        return sweep_rows(tokens, vocab, itemsize)
     return _env.torch_chunk_tokens(vocab)
 
 
-def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int, *,
-                    triton: bool = False, ref_elem: int = 0) -> int:
+def one_sweep_bytes(tokens: int, num_pairs: int, vocab: int, dim: int, elem: int,
+                    itemsize: int | None = None) -> int:
     """Bytes the one-sweep head allocates: d_hidden; the float32 d_weight sum, and a second
     [V, D] buffer when two or more pairs are longer than a chunk (mean pair length); the
-    chunk × V buffers: ~6 float32 ones for the torch backend, for the Triton epilogue each
-    head's logits in its input dtype (e is written over the policy logits)."""
-    rows = sweep_chunk_rows(tokens, vocab, elem, triton=triton, ref_elem=ref_elem)
+    chunk × V buffers: ~6 float32 ones for the torch backend, ``itemsize`` bytes per logit
+    for the Triton one (``sweep_chunk_rows``)."""
+    rows = sweep_chunk_rows(tokens, vocab, itemsize)
     long_pairs = num_pairs if tokens > rows * num_pairs else 0
     scratch = 2 if long_pairs >= 2 else 1
-    chunk_bytes = (rows * vocab * (elem + ref_elem) if triton
-                   else 6 * rows * vocab * 4)
+    chunk_bytes = rows * vocab * (4 * 6 if itemsize is None else itemsize)
     return tokens * dim * elem + scratch * vocab * dim * 4 + chunk_bytes
+
+
+def _triton_itemsize(hidden, ref_hidden) -> int:
+    from tisdpo_kernels._triton.linear_preference_loss import chunk_itemsize
+    return chunk_itemsize(hidden, ref_hidden)
 
 
 def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, bias=None,
@@ -106,13 +109,13 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     else:
         num_pairs = hidden.shape[0] // 2
     tokens = hidden.numel() // hidden.shape[-1]
-    triton = impl == "triton" or (impl == "auto" and triton_available())
+    triton = impl in ("auto", "triton") and triton_available()
     vocab, elem = weight.shape[0], hidden.element_size()
-    sizes = dict(triton=triton, ref_elem=0 if ref_hidden is None else ref_hidden.element_size())
+    itemsize = _triton_itemsize(hidden, ref_hidden) if triton else None
     # a pair that fits a chunk costs no per-pair fold; a longer one pays from the threshold on
-    fits = tokens <= sweep_chunk_rows(tokens, vocab, elem, **sizes) * num_pairs
+    fits = tokens <= sweep_chunk_rows(tokens, vocab, itemsize) * num_pairs
     if num_pairs < 1 or not (fits or tokens >= _env.one_sweep_min_tokens() * num_pairs):
         return "recompute"
-    need = one_sweep_bytes(tokens, num_pairs, vocab, weight.shape[1], elem, **sizes)
+    need = one_sweep_bytes(tokens, num_pairs, vocab, weight.shape[1], elem, itemsize)
     free = device_free_bytes(hidden.device)
     return "one_sweep" if free is not None and free >= need else "recompute"

@@ -6,8 +6,6 @@ reference at the test dtype, and against the recompute path (``strategy="recompu
 comparison run; truth is the float64 reference module. Chunks of 4 tokens, so every sequence
 of more than 4 tokens spans several chunks of its pair's sweep.
 """
-import math
-
 import pytest
 import torch
 
@@ -20,7 +18,6 @@ from markers import requires_triton
 from numerics import assert_oracle
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import PRESETS, get_preset, linear_preference_loss
-from tisdpo_kernels import strategy as S
 
 SEQ = [m for m in PRESETS if PRESETS[m].config.granularity == "seq"]
 ONE = {"strategy": "one_sweep"}
@@ -400,79 +397,6 @@ def test_op_refusals():
                                pairs=torch.tensor([[0, 1], [2, 1]]),
                                **{**kw, "ref_hidden": kw["ref_hidden"].reshape(hp.shape),
                                   "weights": kw["weights"].reshape(-1)})
-
-
-class _Stub:
-    """Just what ``choose_strategy`` reads of a tensor: a CUDA device, shape, sizes."""
-
-    def __init__(self, *shape, requires_grad=True):
-        self.shape, self.device = torch.Size(shape), torch.device("cuda")
-        self.requires_grad = requires_grad
-
-    def numel(self):
-        return math.prod(self.shape)
-
-    def element_size(self):
-        return 2
-
-
-@pytest.mark.parametrize("tokens_per_pair,pairs,free_gb,method,impl,expect", [
-    (8192, 1, 80, "tisdpo", "auto", "one_sweep"),
-    (2048, 4, 80, "tdpo2", "torch", "one_sweep"),       # longer than a torch chunk (523 rows)
-    (2046, 4, 80, "tisdpo", "torch", "recompute"),      # ... and below the threshold
-    (512, 16, 80, "tisdpo", "torch", "one_sweep"),      # whole in a chunk: no fold to pay for
-    (2046, 4, 80, "tisdpo", "auto", "one_sweep"),       # whole in a Triton chunk (4176 rows)
-    (8192, 1, 1, "tisdpo", "auto", "recompute"),        # not enough free memory
-    (8192, 1, 80, "tisdpo", "triton", "one_sweep"),     # cuBLAS + the Triton epilogue
-    (8192, 1, 80, "tisdpo", "reference", "recompute"),  # the oracle never sweeps
-    (8192, 1, 80, "cdpo_code", "auto", "recompute"),    # no per-pair scalar
-])
-def test_auto_rule(tokens_per_pair, pairs, free_gb, method, impl, expect, monkeypatch):
-    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")           # the default chunks
-    monkeypatch.setattr(S, "device_free_bytes", lambda dev: free_gb << 30)
-    hidden = _Stub(2 * pairs, tokens_per_pair // 2, 4096)
-    weight = _Stub(128256, 4096)
-    cfg = get_preset(method).config
-    assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == expect
-    # the threshold moves only pairs longer than a chunk
-    triton = impl in ("auto", "triton")
-    longer = tokens_per_pair > S.sweep_chunk_rows(hidden.numel() // 4096, 128256, 2,
-                                                  triton=triton)
-    assert longer == (tokens_per_pair == 8192 or not triton and tokens_per_pair > 523)
-    monkeypatch.setenv("TISDPO_ONE_SWEEP_MIN_TOKENS", str(tokens_per_pair + 1))
-    assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == \
-        ("recompute" if longer else expect)
-
-
-def test_auto_rule_counts_the_reference_head_in_the_chunk(monkeypatch):
-    """Pairs of 3000 tokens fit a Triton chunk of the policy head's logits (4176 rows at
-    V = 128256 in bf16) but not one that also holds a reference head's (2080 rows): below
-    the threshold, only the first goes one_sweep."""
-    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")
-    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 80 << 30)
-    monkeypatch.setenv("TISDPO_ONE_SWEEP_MIN_TOKENS", "3001")
-    hidden, weight = _Stub(8, 1500, 4096), _Stub(128256, 4096)
-    cfg = get_preset("tisdpo").config
-    pick = lambda ref: S.choose_strategy("auto", cfg, hidden=hidden, weight=weight,  # noqa
-                                         impl="triton", ref_hidden=ref)
-    assert S.sweep_chunk_rows(12000, 128256, 2, triton=True, ref_elem=2) == 2080
-    assert pick(None) == "one_sweep" and pick(_Stub(8, 1500, 4096)) == "recompute"
-
-
-def test_auto_rule_packed_and_cpu(monkeypatch):
-    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 80 << 30)
-    cfg = get_preset("tisdpo").config
-    hidden, weight = _Stub(16384, 4096), _Stub(128256, 4096)
-    off = torch.tensor([0, 4096, 8192, 12288, 16384])
-    pick = lambda prs, o=off: S.choose_strategy("auto", cfg, hidden=hidden, weight=weight,  # noqa
-                                                seq_offsets=o, pairs=prs)
-    assert pick(torch.tensor([[0, 1], [2, 3]])) == "one_sweep"
-    assert pick(torch.tensor([[0, 1], [2, 1]])) == "recompute"   # a sequence in two pairs
-    assert pick(torch.tensor([[0, 1], [2, 3]]), off.to("meta")) == "recompute"   # off the host
-    hidden.requires_grad = weight.requires_grad = False
-    assert pick(torch.tensor([[0, 1], [2, 3]])) == "recompute"   # no gradient wanted
-    h = torch.zeros(2, 8192, 8, requires_grad=True)               # CPU: never one_sweep
-    assert S.choose_strategy("auto", cfg, hidden=h, weight=torch.zeros(64, 8)) == "recompute"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

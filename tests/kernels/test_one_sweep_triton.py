@@ -304,34 +304,6 @@ def test_no_host_sync(monkeypatch, device):
     assert not probe.sync_ops(), probe.sync_ops()
 
 
-class _CudaStub:
-    """Just what ``choose_strategy`` reads of a bf16 CUDA tensor: device, shape, sizes."""
-
-    def __init__(self, *shape):
-        self.shape, self.device = torch.Size(shape), torch.device("cuda")
-        self.requires_grad = True
-
-    def numel(self):
-        return self.shape.numel()
-
-    def element_size(self):
-        return 2
-
-
-@pytest.mark.parametrize("impl,expect", [("triton", "one_sweep"), ("auto", "one_sweep"),
-                                         ("torch", "recompute")])
-def test_auto_counts_the_epilogue_buffers(impl, expect, monkeypatch):
-    """3.25 GiB free at V = 128256, D = 4096, one pair of 8192 tokens: beside d_hidden and the
-    fp32 d_weight, the Triton backend's chunk (the 1 GiB TISDPO_DZ_MB budget) fits, the torch
-    backend's six fp32 523 × V buffers (1.5 GiB) do not."""
-    from tisdpo_kernels import strategy as S
-    monkeypatch.delenv("TISDPO_CHUNK_TOKENS")       # the default chunks
-    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 13 << 28)
-    hidden, weight = _CudaStub(2, 4096, 4096), _CudaStub(128256, 4096)
-    cfg = get_preset("tisdpo").config
-    assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight, impl=impl) == expect
-
-
 @interpreted
 def test_default_chunk_fills_the_dz_budget(monkeypatch):
     """Unset TISDPO_CHUNK_TOKENS, the Triton sweep's chunk holds as many rows as the

@@ -54,7 +54,7 @@ from tisdpo_kernels._triton.common import (
 from tisdpo_kernels._triton.slabs import dz_dtype
 from tisdpo_kernels.config import PairHeadOptions
 
-__all__ = ["linear_preference_loss", "linear_preference_loss_fwd"]
+__all__ = ["linear_preference_loss", "linear_preference_loss_fwd", "chunk_itemsize"]
 
 _KL_MODE = {None: 0, "policy_ref": 1, "ref_policy": 2}
 # the autotuner's key: each launch kind (passes run, e written or not) is timed on its own
@@ -301,15 +301,19 @@ def _own_e(h) -> bool:
     return dz_dtype(h) != h.dtype or configs.autotuning(h)
 
 
-def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
-    """Rows per chunk of the sweep (``sweep_rows``), counting every [C, V] buffer a chunk
-    holds: the logits of each head in its input dtype, and e when it cannot overwrite them
-    (``_own_e``)."""
+def chunk_itemsize(hidden, ref_hidden) -> int:
+    """Bytes per logit of every [C, V] buffer a chunk of the sweep holds: the logits of each
+    head in its input dtype, and e when it cannot overwrite them (``_own_e``)."""
     per = hidden.element_size() + (
         torch.finfo(dz_dtype(hidden)).bits // 8 if _own_e(hidden) else 0)
     if ref_hidden is not None:
         per += ref_hidden.element_size()
-    return sweep_rows(hidden.shape[0], v, per, chunk_tokens)
+    return per
+
+
+def _chunk_rows(hidden, ref_hidden, v: int, chunk_tokens: int | None) -> int:
+    """Rows per chunk of the sweep (``sweep_rows`` at ``chunk_itemsize``)."""
+    return sweep_rows(hidden.shape[0], v, chunk_itemsize(hidden, ref_hidden), chunk_tokens)
 
 
 def linear_preference_loss(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
