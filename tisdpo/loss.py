@@ -86,8 +86,10 @@ class TISDPOLoss(nn.Module):
     naming it (an asynchronous device assertion on CUDA); a non-finite ``ref_logps`` gives a
     NaN loss. Neither becomes a finite number.
 
-    normalizer: divide the summed pair losses by this (e.g. the number of pairs in the whole
-    accumulated batch); default: the pairs that have a response token.
+    normalizer: divide the summed pair losses by this; default: the pairs that have a
+    response token (``cdpo_code``, a mean over positions: all of its B×T position slots).
+    Under gradient accumulation pass the sum of :meth:`normalizer_count` over the step's
+    micro-batches, so the step's loss is the one big batch's.
 
     pair_metrics: True gives the rewards/*, logps/* (and kl/*) metrics per pair ([P]
     tensors, pair order) instead of their batch means; weights/* stay batch means.
@@ -127,6 +129,7 @@ class TISDPOLoss(nn.Module):
         V.require(why is None, f"strategy='one_sweep' cannot compute method {method!r}: {why}; "
                   f"use strategy='recompute' or 'auto'")
         V.check_filter_eps(filter_eps)
+        V.check_env()      # the TISDPO_* variables (each is read again where it is used)
         if filter_eps is not None:
             V.require(not cfg.uses_kl, f"filter_eps={filter_eps!r}: method {method!r} computes "
                       f"KL terms over the whole vocabulary, whose head has no filtering; use "
@@ -144,6 +147,14 @@ class TISDPOLoss(nn.Module):
         self.ignore_index = ignore_index
         self.softcap = softcap
         self.impl = impl
+
+    def normalizer_count(self, labels: torch.Tensor, pairs: torch.Tensor | None = None) -> int:
+        """How much of the normalizer one batch holds, from shapes alone (no host sync): its
+        pairs (``pairs``' rows when packed, else half of ``labels``' rows), or for a preset
+        that averages over positions (``cdpo_code``) its B×T slots, padding included."""
+        if self.config.granularity == "pos":
+            return labels.shape[0] // 2 * labels.shape[-1]
+        return pairs.shape[0] if pairs is not None else labels.shape[0] // 2
 
     def extra_repr(self) -> str:
         c = self.config
@@ -187,6 +198,7 @@ class TISDPOLoss(nn.Module):
                           f"{tuple(labels.shape)}")
         V.check_linear_inputs(hidden, lm_head_weight, labels, bias,
                               names={"weight": "lm_head_weight", "targets": "labels"})
+        V.check_targets("labels", labels, lm_head_weight.shape[0], self.ignore_index)
         if ref_hidden is not None:
             self._check_ref_head(hidden, lm_head_weight, labels, ref_hidden, ref_weight,
                                  ref_bias, bias)
@@ -202,7 +214,7 @@ class TISDPOLoss(nn.Module):
                                     pairs=pairs, ref_hidden=ref_hidden) == "one_sweep"
         if one_sweep:   # the loss and every head gradient in this forward (docs/ONE_SWEEP.md)
             sd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            w = self._weights(sd, mask, side, layout, weights, pos_logps, neg_logps)
+            w = self._weights(sd, mask, side, rejected, layout, weights, pos_logps, neg_logps)
             ref_in = None if ref_logps is None else \
                 torch.where(mask, ref_logps.detach().to(sd), 0.0)
             loss, logp, ref_logp, kl = linear_preference_loss(
@@ -224,7 +236,8 @@ class TISDPOLoss(nn.Module):
             elif ref_logps is not None:
                 ref_logp = torch.where(mask, ref_logps.detach().to(logp.dtype), 0.0)
         if not one_sweep:
-            w = self._weights(logp.dtype, mask, side, layout, weights, pos_logps, neg_logps)
+            w = self._weights(logp.dtype, mask, side, rejected, layout, weights, pos_logps,
+                              neg_logps)
 
         pair_loss, per_pair = preference_loss(logp, ref_logp, w, config=cfg, kl=kl,
                                               normalizer=normalizer, impl=self.impl, **layout)
@@ -365,7 +378,7 @@ class TISDPOLoss(nn.Module):
                   f"method {method!r} needs a reference: pass ref_hidden (+ ref_weight) or "
                   f"ref_logps")
 
-    def _weights(self, dtype, mask, side, layout, weights, pos_logps, neg_logps):
+    def _weights(self, dtype, mask, side, rejected, layout, weights, pos_logps, neg_logps):
         V.require(weights is None or (pos_logps is None and neg_logps is None),
                   "pass either weights or pos_logps/neg_logps, not both")
         if weights is not None:
@@ -383,6 +396,14 @@ class TISDPOLoss(nn.Module):
         V.check_finite_at("pos_logps", pos_logps.detach(), mask)
         if rule != "cdpo":
             V.check_finite_at("neg_logps", neg_logps.detach(), mask)
+        # every rule depends on the side, and a token has one weight: a packed sequence that is
+        # chosen in one pair and rejected in another would need two
+        V.value_check(side & rejected & mask, lambda b: (
+            "pos_logps/neg_logps: weights computed from them depend on the side, but "
+            + ("a sequence" if b is None else
+               f"sequence {int(layout['seq_ids'][torch.nonzero(b)[0, 0]])}")
+            + " is chosen in one pair and rejected in another; pass weights= (one per token) "
+            "or give each pair its own copy of the sequence"))
         seg = {"mask": mask} if "mask" in layout else {"seq_ids": layout["seq_ids"]}
         w = token_weights(pos_logps.detach(), None if rule == "cdpo" else neg_logps.detach(),
                           side=side, method=rule, params=self.weight_params, impl=self.impl,

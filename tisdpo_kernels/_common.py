@@ -20,6 +20,7 @@ never import each other).
 from __future__ import annotations
 
 import itertools
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,12 @@ def normalizer_tensor(normalizer, device) -> torch.Tensor | None:
         V.require(normalizer.numel() == 1,
                   f"normalizer must be a number or a 1-element tensor, got shape "
                   f"{tuple(normalizer.shape)}")
-        return normalizer.detach().to(device=device, dtype=_F64).reshape(())
+        norm = normalizer.detach().to(device=device, dtype=_F64).reshape(())
+        V.value_check(~(norm > 0) | ~torch.isfinite(norm), lambda b: (
+            "normalizer must be finite and > 0" + ("" if b is None else f", got {float(norm)}")))
+        return norm
+    if isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
+        normalizer = float(normalizer)            # numpy scalars too
     V.check_scalar("normalizer", normalizer, low=0.0, low_open=True)
     return torch.full((), float(normalizer), dtype=_F64, device=device)
 

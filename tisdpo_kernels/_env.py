@@ -133,3 +133,12 @@ def value_checks() -> str:
     if raw not in {"auto", "full", "off"}:
         raise ValueError(f"environment variable TISDPO_CHECKS={raw!r}: expected auto, full or off")
     return raw
+
+
+def check_all() -> None:
+    """Parse every variable above, so a bad value is a ValueError naming it on any machine,
+    not only where the code path that reads it runs (a GPU's)."""
+    for parse in (triton_interpret, autotune, tma, head_logits, one_sweep_min_tokens,
+                  dz_budget_bytes, value_checks):
+        parse()
+    torch_chunk_tokens(1)

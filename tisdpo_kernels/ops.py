@@ -193,8 +193,12 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
         V.require(side in ("chosen", "rejected"),
                   f"side must be 'chosen', 'rejected' or a bool tensor, got {side!r}")
     else:
-        V.require(isinstance(side, torch.Tensor) and tuple(side.shape) == tuple(logp_pos.shape),
-                  f"side as a tensor must have logp_pos's shape {tuple(logp_pos.shape)}")
+        V.require(isinstance(side, torch.Tensor) and side.dtype == torch.bool
+                  and tuple(side.shape) == tuple(logp_pos.shape),
+                  f"side as a tensor must be bool (True = chosen) with logp_pos's shape "
+                  f"{tuple(logp_pos.shape)}, got " + (f"{side.dtype} {tuple(side.shape)}"
+                                                      if isinstance(side, torch.Tensor)
+                                                      else type(side).__name__))
     which = resolve_impl(impl, logp_pos.device, op="token_weights")
     ids, num_seqs = _segments_from(logp_pos, seq_ids, mask, name="logp_pos")
     kept = (ids >= 0).view(logp_pos.shape)

@@ -27,8 +27,8 @@ def check_float(name: str, t: torch.Tensor) -> None:
 def check_index(name: str, t: torch.Tensor) -> None:
     require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     require(
-        t.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8),
-        f"{name} must be an integer tensor, got dtype {t.dtype}",
+        t.dtype in (torch.int64, torch.int32, torch.int16),
+        f"{name} must be an integer tensor (int64, int32 or int16), got dtype {t.dtype}",
     )
 
 
@@ -66,6 +66,13 @@ def value_check(cond_bad: torch.Tensor, msg_fn) -> None:
             raise ValueError(msg_fn(cond_bad))
         return
     torch._assert_async(~cond_bad.any(), msg_fn(None))
+
+
+def check_env() -> None:
+    """Every environment variable the kernels read holds a valid value (``_env.check_all``)."""
+    from tisdpo_kernels import _env
+
+    _env.check_all()
 
 
 def check_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

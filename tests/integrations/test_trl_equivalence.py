@@ -232,3 +232,20 @@ def test_a_plain_dpo_config_is_refused_the_same_way(tmp_path, tok):
     with pytest.raises(ValueError, match="loss_type='nca_pair'"):
         TISDPOTrainer(model=C.tiny_model(tok), args=args, train_dataset=C.dataset(2),
                       processing_class=tok)
+
+
+def test_cdpo_code_is_a_mean_over_its_position_slots(tmp_path, tok, data, monkeypatch):
+    """cdpo_code averages over every position slot of a micro-batch, as the released cDPO
+    trainer (a DPOTrainer subclass) does; a pair count would scale its loss by T."""
+    from tisdpo.loss import TISDPOLoss
+    seen, forward = [], TISDPOLoss.forward
+
+    def spy(self, weight, hidden, labels, **kw):
+        seen.append((labels.shape[0] // 2 * labels.shape[1], kw.get("normalizer")))
+        return forward(self, weight, hidden, labels, **kw)
+
+    monkeypatch.setattr(TISDPOLoss, "forward", spy)
+    args = C.config(TISDPOConfig, tmp_path / "cdpo", method="cdpo_code", token_weights="none",
+                    max_steps=1)
+    C.run(TISDPOTrainer, args, tok=tok, train=data[0], with_ref=True)
+    assert seen and all(norm == slots for slots, norm in seen), seen

@@ -341,7 +341,7 @@ class TISDPOTrainer(_TRLDPOTrainer):
                              f"no 'weights' (a custom data_collator must carry them; see "
                              f"TISDPOCollator), or set token_weights='none'")
         step = PolicyStep(self._tisdpo_loss, labels, reference=reference, weights=weights,
-                          normalizer=float(labels.shape[0] // 2),
+                          normalizer=float(self._tisdpo_loss.normalizer_count(labels)),
                           head_metrics=getattr(self.args, "head_metrics", True))
         with self.accelerator.autocast():
             out = model(**kwargs, tisdpo=step)

@@ -67,9 +67,10 @@ class PreferenceObjective:
         self.reference_free, self.needs_ref_hidden = cfg.reference_free, cfg.uses_kl
 
     def count(self, batch: dict) -> float:
-        """Pairs in the batch (the loss is a mean over pairs)."""
-        return float(batch["pairs"].shape[0] if _is_packed(batch)
-                     else batch["input_ids"].shape[0] // 2)
+        """The batch's share of the normaliser: its pairs (the loss is a mean over pairs), or
+        its position slots for a loss that averages over positions (``normalizer_count``)."""
+        return float(self.loss_fn.normalizer_count(
+            batch["labels"], batch["pairs"] if _is_packed(batch) else None))
 
     def _ref_head(self, batch: dict) -> dict:
         with torch.no_grad():
