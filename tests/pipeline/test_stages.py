@@ -192,6 +192,8 @@ def test_sft_based_contrastive_variant(tmp_path):
 
 
 def test_truncated_completions_get_zero_padded_columns(tmp_path):
+    """Tokens cut by max_length get 0; every token the policy keeps gets a score, also under
+    the prompt variant, whose longer prefixed prompts would leave pi+/pi- fewer tokens."""
     ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
                                                     "data.max_length": 12,
                                                     "data.max_prompt_length": 6}))
@@ -206,6 +208,7 @@ def test_truncated_completions_get_zero_padded_columns(tmp_path):
         n, k = len(f["chosen_ids"]), len(c["chosen_ids"])
         assert len(rec["chosen_weight"]) == n and k <= 12
         assert all(x == 0.0 for x in rec["chosen_score"][k:])
+        assert all(x != 0.0 for x in rec["chosen_score"][:k]), (k, rec["chosen_score"])
     assert any(len(c["chosen_ids"]) < len(f["chosen_ids"]) for f, c in zip(full, cut))
     assert math.isfinite(sum(raw[0]["chosen_weight"]))
 

@@ -20,7 +20,9 @@ tokenisation (recorded in ``weights/meta.json``):
   model's log-probs, so policy training needs no reference model (unless its loss has a KL).
 
 Tokens cut off by ``data.max_length`` get 0.0 in every column (they are cut again, with their
-tokens, when the same configuration tokenises the records for training). The pass writes
+tokens, when the same configuration tokenises the records for training); every token the
+policy keeps is scored, also under the prompt variant, where pi+/pi- read the prefixed
+prompt followed by exactly the policy's completion tokens. The pass writes
 shards of 2048 pairs and resumes from the last finished shard.
 
 Spans and balance (``weights.span``, ``weights.span_reduce``, ``weights.balance``; see
@@ -116,6 +118,28 @@ def _with_prefix(raw, prefix: str):
             return {"prompt": prefix + p}
         return {"prompt": [{"role": "system", "content": prefix.strip()}] + list(p)}
     return raw.map(fn, desc="contrastive prompt")
+
+
+class _PromptedRows:
+    """The prompt variant's rows for pi+ or pi-: each record's prompt with ``prefix`` as the
+    contrastive stage tokenised it (cut to ``max_prompt_length`` when its pair is too long),
+    then exactly the policy's completion tokens. Cut to ``max_length`` themselves, the
+    longer prompts would leave pi+/pi- fewer completion tokens than the policy trains on,
+    and those would get no score."""
+
+    def __init__(self, ctx, raw, prefix: str, tok_cfg, name: str):
+        self.tok = tokenize_records(ctx, _with_prefix(raw, prefix), "", f"{name} prompts",
+                                    tok_cfg)
+        self.at = {int(r): i for i, r in enumerate(self.tok["record_index"])}
+        self.name = name
+
+    def __call__(self, pol_rows: list[dict]) -> list[dict]:
+        missing = [r["record_index"] for r in pol_rows if int(r["record_index"]) not in self.at]
+        if missing:
+            raise ValueError(f"weights: record {missing[0]} has no {self.name} prompt "
+                             f"(its prefixed prompt did not tokenise)")
+        pref = rows_of(self.tok, [self.at[int(r["record_index"])] for r in pol_rows])
+        return [{**r, "prompt_ids": p["prompt_ids"]} for r, p in zip(pol_rows, pref)]
 
 
 def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
@@ -232,19 +256,18 @@ def run_weights(ctx: Context) -> str:
         spans = span_rows(raw, tok_pol, span, ctx.tokenizer, full)
         if variant == "prompt":
             c = cfg.contrastive
-            tok_pos = tokenize_records(ctx, _with_prefix(raw, c.positive_prompt), "",
-                                       "pi+ prompts", tok_cfg)
-            tok_neg = tokenize_records(ctx, _with_prefix(raw, c.negative_prompt), "",
-                                       "pi- prompts", tok_cfg)
+            pos_rows = _PromptedRows(ctx, raw, c.positive_prompt, tok_cfg, "pi+")
+            neg_rows = _PromptedRows(ctx, raw, c.negative_prompt, tok_cfg, "pi-")
         else:
-            tok_pos = tok_neg = tok_pol
+            pos_rows = neg_rows = list                # the policy's own rows
         shards, shard_size = [], SHARD
         for k, start in enumerate(range(0, len(tok_pol), shard_size)):
             sdir = os.path.join(out_dir, "_shards", f"{split}-{k:05d}")
             if not os.path.isdir(sdir) and ctx.par.owns(k):      # shards round-robin to ranks
                 idx = range(start, min(start + shard_size, len(tok_pol)))
-                cols = _estimate_shard(ctx, rows_of(tok_pol, idx), rows_of(tok_pos, idx),
-                                       rows_of(tok_neg, idx), models, rule, params, impl,
+                pol = rows_of(tok_pol, idx)
+                cols = _estimate_shard(ctx, pol, pos_rows(pol), neg_rows(pol),
+                                       models, rule, params, impl,
                                        spans=None if spans is None else spans[idx.start:idx.stop])
                 if ref_path is None:
                     for r in REF_COLUMNS:
