@@ -116,3 +116,13 @@ def test_normalizer_count_is_pairs_or_position_slots():
     assert TISDPOLoss("dpo").normalizer_count(packed["labels"], pairs) == 2
     assert PreferenceObjective(TISDPOLoss("dpo"), model_cfg=None, device="cpu").count(
         {"labels": packed["labels"], "seq_offsets": packed["seq_offsets"], "pairs": pairs}) == 2
+
+
+def test_arguments_a_call_would_ignore_are_refused():
+    """cDPO's rule reads only the log-score; pair_metrics is a flag."""
+    kw = _packed()
+    with pytest.raises(ValueError, match="weight rule 'cdpo' reads only pos_logps"):
+        TISDPOLoss("cdpo", impl="torch")(**kw, pairs=torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="pair_metrics must be True or False, got 'yes'"):
+        TISDPOLoss("dpo", impl="torch")(**_packed(scores=False), pairs=torch.tensor([[0, 1]]),
+                                        pair_metrics="yes")

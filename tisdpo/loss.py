@@ -66,8 +66,8 @@ class TISDPOLoss(nn.Module):
 
     Packed layout (padding-free): add ``seq_offsets`` [S+1] (cu_seqlens-style, sequence s
     is tokens offsets[s]..offsets[s+1]−1; tokens past the last offset belong to no sequence)
-    and ``pairs`` [P, 2] (chosen sequence, rejected sequence); hidden [N, D] or [1, N, D],
-    labels and every per-token tensor [N] or [1, N].
+    and ``pairs`` [P, 2] (chosen sequence, rejected sequence); hidden [N, D] with labels and
+    every per-token tensor [N], or hidden [1, N, D] with them [N] or [1, N].
 
     Reference (one of): ``ref_hidden`` [same tokens, D′] with ``ref_weight`` [V, D′]
     (default: ``lm_head_weight``) and ``ref_bias`` (default: ``bias`` when ref_weight is
@@ -76,7 +76,7 @@ class TISDPOLoss(nn.Module):
     tdpo1, tdpo2) need ``ref_hidden``: the full-vocabulary KL cannot come from ref_logps.
 
     Token weights ω (one of): ``weights`` per token, used exactly as given (only response
-    tokens count); or ``pos_logps``/``neg_logps`` (log π⁺(y_t), log π⁻(y_t); for cdpo
+    tokens count; no gradient flows into them); or ``pos_logps``/``neg_logps`` (log π⁺(y_t), log π⁻(y_t); for cdpo
     ``pos_logps`` is the log-score log s_t) turned into weights by the method's rule; or
     none: unit weights — for ``"tisdpo"`` that is exactly DPO on the same tokens.
 
@@ -170,6 +170,8 @@ class TISDPOLoss(nn.Module):
                 neg_logps=None, seq_offsets=None, pairs=None, normalizer=None,
                 pair_metrics=False):
         cfg = self.config
+        V.require(isinstance(pair_metrics, bool),
+                  f"pair_metrics must be True or False, got {pair_metrics!r}")
         check_not_sharded(lm_head_weight, "lm_head_weight")   # an FSDP2 shard: see the error
         check_not_sharded(ref_weight, "ref_weight")
         V.check_float("lm_head_weight", lm_head_weight)
@@ -392,6 +394,9 @@ class TISDPOLoss(nn.Module):
         V.require(pos_logps is not None, "neg_logps given without pos_logps")
         V.require(rule == "cdpo" or neg_logps is not None,
                   f"weight rule {rule!r} needs both pos_logps and neg_logps")
+        V.require(rule != "cdpo" or neg_logps is None,
+                  "weight rule 'cdpo' reads only pos_logps (the log-score log s_t); do not "
+                  "pass neg_logps")
         # a NaN score would become a finite weight: name the argument the caller passed
         V.check_finite_at("pos_logps", pos_logps.detach(), mask)
         if rule != "cdpo":
