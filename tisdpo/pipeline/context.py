@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from tisdpo.pipeline.fingerprint import check_options, stage_options
+from tisdpo.pipeline.fingerprint import (
+    OPTIONS_FILE, StageOptionsChanged, check_ignored_options, check_options,
+    contrastive_options, stage_options,
+)
 from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.collate import PackedPairCollator, PaddedPairCollator
 from tisdpo.train.config import RunConfig
@@ -82,20 +85,26 @@ def base_model_path(ctx: Context) -> str:
         return ctx.cfg.model.path
     out = ctx.path("base")
     # the model's sizes and the seed make the base: another choice is refused, never mixed
-    options = {"options": {k: v for k, v in stage_options(ctx.cfg, ())["options"].items()
-                           if k == "seed" or k.startswith("model.")}, "upstream": {}}
+    every = stage_options(ctx.cfg, ())
+    options = {"options": {k: v for k, v in every["options"].items()
+                           if k == "seed" or k.startswith("model.")}, "upstream": {},
+               "inputs": {k: v for k, v in every["inputs"].items() if k.startswith("model.")}}
     with ctx.par.main_first():
         made = os.path.isfile(os.path.join(out, "config.json"))
         check_options(out, options, desc="base model", resume=made, reusable=made,
                       is_main=ctx.par.is_main and made)
+        if made and ctx.par.is_main and not os.path.isfile(os.path.join(out, OPTIONS_FILE)):
+            # made before options were recorded: accepted, and from now on checked
+            check_options(out, options, desc="base model", resume=False, reusable=False)
         if not made:
             model = load_model(ctx.cfg.model, None, device=torch.device("cpu"),
                                tokenizer=ctx.tokenizer, seed=ctx.cfg.seed, trainable=False)
             save_model(model, out + ".tmp", ctx.tokenizer)
+            # recorded before the folder is in place: a base is never there without them
+            check_options(out + ".tmp", options, desc="base model", resume=False,
+                          reusable=False, is_main=ctx.par.is_main)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(out + ".tmp", out)
-            check_options(out, options, desc="base model", resume=False, reusable=False,
-                          is_main=ctx.par.is_main)
     return out
 
 
@@ -140,6 +149,7 @@ def load_records(ctx: Context):
     same way after the split; ``tokenize_pairs`` drops it.
     """
     cfg = ctx.cfg
+    check_ignored_options(cfg)
 
     def load(option: str):
         path = getattr(cfg.data, option)
@@ -233,9 +243,24 @@ def make_collator(ctx: Context, *, packed: bool | None = None):
 
 
 def contrastive_models(ctx: Context) -> dict:
-    """The contrastive stage's record of where pi+ and pi− are."""
+    """The contrastive stage's record of where pi+ and pi− are; refused, as ``tisdpo
+    contrastive`` (and ``tisdpo pipeline``) would refuse it, when made with another
+    ``contrastive.variant`` or pi+ / pi− with other options than this run's."""
     root = ctx.path("contrastive")
     if not stage_done(root):
         raise ValueError(f"the contrastive stage has not finished ({root}/done.json missing); "
                          f"run `tisdpo contrastive` first")
-    return read_done(root)
+    info = read_done(root)
+    variant = ctx.cfg.contrastive.variant
+    if info.get("variant", variant) != variant:
+        raise StageOptionsChanged(
+            f"contrastive: {root} was made with other options: contrastive.variant="
+            f"{info['variant']!r} then, {variant!r} now; rerun with the same options to reuse "
+            f"it, use another --run_dir, or delete {root} to redo this stage")
+    if variant in ("dpo", "sft"):
+        options = contrastive_options(ctx, variant)
+        for side, desc in (("positive", "contrastive+"), ("negative", "contrastive-")):
+            check_options(os.path.join(root, side), options, resume=True, reusable=True,
+                          desc=desc if variant == "dpo" else f"contrastive/{side}",
+                          is_main=False)
+    return info

@@ -40,7 +40,10 @@ from tisdpo.pipeline.context import (
     init_path, load_records, load_stage_model, log, make_collator, reference_path, tokenize_cfg,
     tokenize_records,
 )
-from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
+from tisdpo.pipeline.fingerprint import (
+    StageOptionsChanged, contrastive_options, enter_stage, recorded_options, stage_options,
+    upstream,
+)
 from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, weight_rule
 from tisdpo.train.checkpoint import read_done, stage_done
 from tisdpo.train.config import PolicyConfig, TrainConfig
@@ -98,8 +101,8 @@ def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
         return SFTObjective(model_cfg=ctx.cfg.model, device=ctx.device, side=side,
                             impl=ctx.cfg.policy.impl, softcap=head(model).softcap)
 
-    section = "sft" if tcfg is None else "contrastive"
-    options = stage_options(ctx.cfg, (section,), upstream=upstream(ctx) if tcfg else {})
+    options = stage_options(ctx.cfg, ("sft",)) if tcfg is None else \
+        contrastive_options(ctx, "sft")
     return _train(ctx, tcfg or ctx.cfg.sft, ctx.path(name), init=init or base_model_path(ctx),
                   objective_fn=objective, train_tok=tok_train, eval_tok=tok_eval, desc=name,
                   options=options, extra={"side": side})
@@ -117,7 +120,7 @@ def _preference_objective(ctx: Context, model, method: str, beta: float | None, 
 def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta: float | None,
             train_raw, eval_raw, impl: str, desc: str) -> str:
     """A DPO-family run with an on-the-fly reference model (no token weights)."""
-    options = stage_options(ctx.cfg, ("contrastive", "pipeline"), upstream=upstream(ctx))
+    options = contrastive_options(ctx, "dpo")
     if enter_stage(ctx, out_dir, options, desc):
         return os.path.join(out_dir, "final")
     tok_train = tokenize_records(ctx, train_raw, method, f"{desc} train")
@@ -225,6 +228,8 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         log.info("policy (%s): using the stored %s weights (this preset's own rule is %s; "
                  "policy.token_weights=recompute applies it)", pcfg.method, made_with,
                  preset.weight_method)
+    if meta is not None and same:
+        _check_stored_weights(ctx, pcfg, mode, made_with)
     if mode == "stored" and not set(WEIGHT_COLUMNS) <= cols:
         raise ValueError(f"policy.method={pcfg.method!r} uses token weights but the data has no "
                          f"{WEIGHT_COLUMNS} columns: run `tisdpo weights` first (or set "
@@ -252,6 +257,33 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
 
 
+def _check_stored_weights(ctx: Context, pcfg: PolicyConfig, mode: str, made_with) -> None:
+    """Refuse ``weights.*`` options that policy training would ignore yet record: with the
+    stored weights used as they are (``stored``) any of them, with ``recompute`` those only
+    the weights stage applies (the scores' and reference log-probs' options)."""
+    if mode not in ("stored", "recompute"):
+        return
+    wdir = ctx.path("weights")
+    then = recorded_options(wdir)
+    if then is None:                        # made before options were recorded
+        return
+    now = json.loads(json.dumps(stage_options(ctx.cfg, ("weights",))["options"]))
+    _, params = weight_rule(ctx.cfg, pcfg.method)
+    rule_keys = {"weights.method", *(f"weights.{n}" for n in _params_dict(params))}
+    for k in sorted(k for k in then if k.startswith("weights.") and k in now):
+        if then[k] == now[k] or (k == "weights.method" and now[k] in (None, made_with)):
+            continue                        # unset: the stored rule, whichever it is
+        if mode == "recompute" and k in rule_keys:
+            continue                        # applied now, to the stored scores
+        how = ("policy.token_weights=recompute applies this run's rule to the stored scores; "
+               if k in rule_keys else "")
+        raise StageOptionsChanged(
+            f"policy ({pcfg.method}): the stored token weights ({wdir}) were made with other "
+            f"weights.* options: {k}={then[k]!r} then, {now[k]!r} now; {how}give the options "
+            f"they were made with, or rerun `tisdpo weights` with --pipeline.resume false to "
+            f"remake them")
+
+
 def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None = None,
                seed: int | None = None) -> str:
     """Policy training with ``policy.method`` on the weights stage's data; returns final dir.
@@ -268,8 +300,9 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
     options = stage_options(ctx.cfg, ("policy", "weights", "pipeline"), overrides={"policy": pcfg},
                             upstream=upstream(ctx, ctx.path("weights")))
     options["options"].pop("policy.name", None)      # the folder, not an option of the result
-    options["options"].pop("policy.seed", None)      # recorded as the seed it resolves to
-    options["options"]["seed"] = ctx.cfg.seed if seed is None else seed
+    # the policy's own seed (data order, random weights) as it resolves; ``seed`` stays the
+    # run's, which made the base model, the train/eval split and the synthetic data
+    options["options"]["policy.seed"] = ctx.cfg.seed if seed is None else seed
     if enter_stage(ctx, out_dir, options, name):
         return os.path.join(out_dir, "final")
     preset = get_preset(pcfg.method)

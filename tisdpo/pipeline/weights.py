@@ -218,15 +218,19 @@ def run_weights(ctx: Context) -> str:
 
     cfg = ctx.cfg
     out_dir = ctx.path("weights")
-    with ctx.par.main_first():
-        if not cfg.pipeline.resume and ctx.par.is_main:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir, exist_ok=True)
-    # the shards depend on these (a shard is never mixed into a pass with other options)
+    # the shards depend on these (a shard is never mixed into a pass with other options);
+    # contrastive models made from other data or options are refused before anything is
+    # deleted
     options = stage_options(cfg, ("contrastive", "weights", "pipeline"),
                             upstream=upstream(ctx, ctx.path("contrastive", "positive"),
                                               ctx.path("contrastive", "negative")))
     options["options"]["policy.method"] = cfg.policy.method
+    if not cfg.pipeline.resume:
+        contrastive_models(ctx)
+    with ctx.par.main_first():
+        if not cfg.pipeline.resume and ctx.par.is_main:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir, exist_ok=True)
     shards = os.path.join(out_dir, "_shards")
     if enter_stage(ctx, out_dir, options, "weights",
                    partial=os.path.isdir(shards) and bool(os.listdir(shards))):
