@@ -30,7 +30,9 @@ from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
 from tisdpo.pipeline.lock import RunLocked, run_lock
-from tisdpo.train.config import RunConfig, build_config, coerce, dump_yaml, field_specs
+from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, coerce, dump_yaml,
+                                 field_specs)
+from tisdpo.train.model import resolve_device
 from tisdpo.train.parallel import teardown, torchrun_env
 from tisdpo.train.trainer import TrainingDiverged
 
@@ -201,13 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         _compare_config(args)
     try:
+        _check_args(args)
         cfg = resolve(args, base)
+    except ConfigFileError as err:
+        print(f"tisdpo {args.command}: --config {err.path}: {err.reason}", file=sys.stderr)
+        return 2
     except ValueError as err:
         print(f"tisdpo {args.command}: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    try:            # the machine's devices: after --print-config, which may be for another one
+        if args.command in _ON_DEVICE and cfg.distributed.mode == "none":
+            resolve_device(cfg.device)
+    except ValueError as err:
+        print(f"tisdpo {args.command}: {err}", file=sys.stderr)
+        return 2
     rank = (torchrun_env() or (0, 1, 0))[0]           # under torchrun only rank 0 logs info
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -233,6 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tisdpo {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT.value
 
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The options of a command that are not configuration options (``--pairs``, ...)."""
+    if args.command == "inspect":
+        if args.pairs < 1:
+            raise ValueError(f"--pairs must be >= 1, got {args.pairs}")
+        if args.start < 0:
+            raise ValueError(f"--start must be >= 0, got {args.start}")
+
+
+# commands that always run on the ``device`` option's device (checked before they start;
+# under distributed.mode ddp/fsdp2 each rank takes its LOCAL_RANK's GPU instead)
+_ON_DEVICE = ("sft", "contrastive", "weights", "train", "pipeline", "demo")
 
 # errors that are the user's input, data, files or a diverged run: one line, exit status 1
 _EXPECTED = (ValueError, OSError, RunLocked, TrainingDiverged)

@@ -30,8 +30,8 @@ from tisdpo.train.validation import check_config
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
     "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig",
-    "DistributedConfig", "RunConfig",
-    "apply_overrides", "build_config", "validate", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
+    "DistributedConfig", "RunConfig", "ConfigFileError", "apply_overrides", "build_config",
+    "validate", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
 ]
 
 
@@ -405,8 +405,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Set options from a nested dict or a flat ``{"section.option": value}`` dict, in place."""
+    """Set options from a nested dict or a flat ``{"section.option": value}`` dict, in place
+    (a section left empty, ``policy:`` with nothing under it, sets nothing)."""
+    sections = {s.name.split(".")[0] for s in field_specs() if "." in s.name}
     for name, value in _flatten(overrides).items():
+        if name in sections:
+            if value is None:
+                continue
+            raise ValueError(f"config section {name} must be a mapping of its options "
+                             f"({name}: {{option: value, ...}}), got {value!r}")
         spec = _spec(name)
         obj = cfg
         *path, leaf = spec.name.split(".")
@@ -416,17 +423,41 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+class ConfigFileError(ValueError):
+    """A config file unreadable, not YAML or with a bad option: ``path``, one-line ``reason``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"config file {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _yaml_problem(err) -> str:
+    """One line of a PyYAML error: where (line, column) and what."""
+    mark, problem, context = (getattr(err, a, None) for a in ("problem_mark", "problem",
+                                                               "context"))
+    if mark is None or not problem:
+        return (str(err).strip() or type(err).__name__).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (
+        f" ({context})" if context else "")
+
+
 def load_yaml(path: str) -> dict:
-    """The option dict of a YAML config file (nested sections)."""
+    """The option dict of a YAML config file (nested sections); else a ConfigFileError."""
     import yaml
 
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigFileError(path, (err.strerror or str(err)).lower()) from None
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(path, f"not UTF-8 text ({err.reason})") from None
+    except yaml.YAMLError as err:
+        raise ConfigFileError(path, f"invalid YAML at {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping of sections, got "
-                         f"{type(data).__name__}")
+        raise ConfigFileError(path, f"expected a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -458,7 +489,11 @@ def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None 
     """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags); validated."""
     cfg = base if base is not None else RunConfig()
     if yaml_path:
-        apply_overrides(cfg, load_yaml(yaml_path))
+        data = load_yaml(yaml_path)
+        try:
+            apply_overrides(cfg, data)
+        except ValueError as err:
+            raise ConfigFileError(yaml_path, str(err)) from None
     if overrides:
         apply_overrides(cfg, overrides)
     return validate(cfg)

@@ -20,7 +20,10 @@ record's position in the column ``SOURCE_COLUMN``.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
@@ -38,6 +41,9 @@ DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 #: its file ("data.train pairs.jsonl line 5 (record 4)"), which ``tokenize_pairs`` names in
 #: its errors in place of "record N" (and drops from its output).
 SOURCE_COLUMN = "_record_source"
+_BOM = b"\xef\xbb\xbf"
+
+log = logging.getLogger("tisdpo")
 
 
 # ------------------------------------------------------------------------- record checks
@@ -119,6 +125,14 @@ class _Checker:
                                  f"both)")
 
 
+class _NonObjects(list):
+    """With the checks off: (position, type) of each record that is not a JSON object."""
+
+    def __call__(self, rec, at: str) -> None:
+        if not isinstance(rec, dict):
+            self.append((at, type(rec).__name__))
+
+
 # --------------------------------------------------------------------------- file scans
 
 def _json_error(where: str, line: int, err: json.JSONDecodeError) -> ValueError:
@@ -143,9 +157,8 @@ def _scan_json_array(where: str, data: bytes, check) -> list[str]:
     except json.JSONDecodeError as err:
         raise _json_error(where, err.lineno, err) from None
     ats = [f"record {i}" for i in range(len(records))]
-    if check:
-        for rec, at in zip(records, ats):
-            check(rec, at)
+    for rec, at in zip(records, ats):
+        check(rec, at)
     return ats
 
 
@@ -170,21 +183,20 @@ def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | Non
                 return [], _json_error(where, line_no, err)
             raise _json_error(where, line_no, err) from None
         at = f"line {line_no} (record {len(ats)})"
-        if check:
-            check(rec, at)
+        check(rec, at)
         ats.append(at)
     return ats, None
 
 
-def _scan_json(path: str, check: bool) -> list[str]:
-    """Each record's position in the JSON file ``path`` (checking them with ``check``)."""
-    checker = _Checker(path) if check else None
+def _scan_json(path: str, check: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """(each record's position in the JSON file ``path``, checking them if ``check``; else
+    the (position, type) of those that are not JSON objects)."""
+    checker = _Checker(path) if check else _NonObjects()
     with open(path, "rb") as fh:
-        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        head = fh.read(4096).removeprefix(_BOM).lstrip()
         fh.seek(0)
         if head.startswith(b"["):
-            ats, first = _scan_json_array(path, fh.read().removeprefix(b"\xef\xbb\xbf"),
-                                          checker), None
+            ats, first = _scan_json_array(path, fh.read().removeprefix(_BOM), checker), None
         else:
             ats, first = _scan_json_lines(path, fh, checker)
     if first is not None:
@@ -196,15 +208,17 @@ def _scan_json(path: str, check: bool) -> list[str]:
             doc = None
         if not isinstance(doc, dict):
             raise first
-        if checker:
-            checker(doc, "record 0")
-        return ["record 0"]
+        checker(doc, "record 0")
+        return ["record 0"], []
     if not ats:
         raise ValueError(f"{path}: no records (an empty file)")
-    return ats
+    odd = [] if check else list(checker)
+    if len(odd) == len(ats):
+        raise ValueError(f"{path}: no JSON object among its records ({odd[0][0]}: {odd[0][1]})")
+    return ats, odd
 
 
-def _scan_parquet(path: str, check: bool) -> list[str]:
+def _scan_parquet(path: str, check: bool) -> tuple[list[str], list]:
     """Each record's position in the Parquet file ``path`` (checking them if ``check``)."""
     import pyarrow.parquet as pq
 
@@ -218,7 +232,7 @@ def _scan_parquet(path: str, check: bool) -> list[str]:
     if check:
         _check_batches(path, (b.to_pylist() for b in pf.iter_batches(
             batch_size=1024, columns=_present(pf.schema_arrow.names))))
-    return [f"record {i}" for i in range(pf.metadata.num_rows)]
+    return [f"record {i}" for i in range(pf.metadata.num_rows)], []
 
 
 def _present(names) -> list[str]:
@@ -251,7 +265,8 @@ def _check_dataset(where: str, ds, check: bool) -> None:
 
 # ------------------------------------------------------------------------------- loading
 
-def _pick_split(available, split, where):
+def _pick_split(available, split, where, path_of):
+    """The split to load; ``path_of(split)``: a path that loads that split alone."""
     available = list(available)
     if split is not None:
         if split not in available:
@@ -262,7 +277,9 @@ def _pick_split(available, split, where):
         return "train"
     if len(available) == 1:
         return available[0]
-    raise ValueError(f"{where} has splits {available}: pass split=")
+    shown = ", ".join(str(path_of(name)) for name in available[:3])
+    raise ValueError(f"{where} holds several splits {available}, none named 'train': give the "
+                     f"path of the one to load ({shown}{', ...' if len(available) > 3 else ''})")
 
 
 def _with_sources(ds, sources: list[str], prefix: str | None):
@@ -277,7 +294,9 @@ def _with_sources(ds, sources: list[str], prefix: str | None):
     return ds.add_column(SOURCE_COLUMN, [prefix + s for s in sources])
 
 
-def _load_files(files: list[str], check: bool, prefix: str | None):
+def _load_files(files: list[str], check: bool, prefix: str | None) -> tuple:
+    """(the records of ``files``, each record's position); ``prefix``: of the positions
+    named in a warning."""
     import datasets
 
     kinds = {DATA_EXTS.get(Path(f).suffix.lower()) for f in files}
@@ -285,12 +304,70 @@ def _load_files(files: list[str], check: bool, prefix: str | None):
         raise ValueError(f"path_or_dir: expected .json, .jsonl or .parquet files of one kind, "
                          f"got {[str(f) for f in files]}")
     kind = kinds.pop()
-    sources = []
+    sources, odd = [], {}
     for f in files:
-        sources += [f"{f} {at}" for at in (_scan_json if kind == "json" else _scan_parquet)(
-            f, check)]
-    ds = datasets.load_dataset(kind, data_files=files, split="train")
-    return _with_sources(ds, sources, prefix)
+        ats, odd[f] = (_scan_json if kind == "json" else _scan_parquet)(f, check)
+        sources += [f"{f} {at}" for at in ats]
+    if not any(odd.values()):
+        return datasets.load_dataset(kind, data_files=files, split="train"), sources
+    n = sum(len(v) for v in odd.values())
+    f, (at, what) = next((f, v[0]) for f, v in odd.items() if v)
+    log.warning("%s%s %s: expected a JSON object (one record), got %s (%d such record%s); "
+                "each loads as a record without fields, which is invalid", prefix or "", f, at,
+                what, n, "" if n == 1 else "s")
+    # datasets reads no such line: a copy of those files with {} in their place
+    with tempfile.TemporaryDirectory(prefix="tisdpo-records-") as tmp:
+        paths = [_objects_only(f, os.path.join(tmp, f"{i}.jsonl")) if odd[f] else f
+                 for i, f in enumerate(files)]
+        ds = datasets.load_dataset("json", data_files=paths, split="train",
+                                   cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True)
+    return ds, sources
+
+
+def _objects_only(src: str, dst: str) -> str:
+    """``dst``: the JSON or JSON Lines file ``src`` as JSON Lines, each record that is not a
+    JSON object replaced by ``{}`` (a record with no field, in its place)."""
+    with open(src, "rb") as fh:
+        array = fh.read(4096).removeprefix(_BOM).lstrip().startswith(b"[")
+    with open(src, "rb") as fh, open(dst, "wb") as out:
+        if array:
+            for rec in json.loads(fh.read().decode("utf-8-sig")):
+                out.write(json.dumps(rec if isinstance(rec, dict) else {}).encode() + b"\n")
+        else:
+            for raw in fh:
+                keep = not raw.strip() or isinstance(json.loads(raw), dict)
+                out.write(raw if keep else b"{}\n")
+    return dst
+
+
+#: data whose identical pairs were reported in this process (each stage loads its records)
+_REPORTED: set = set()
+
+
+def _report_identical(ds, sources: list[str], label: str) -> None:
+    """Warn (once per ``label``) how many records have chosen identical to rejected: legal,
+    but a DPO-style loss learns nothing from such a pair."""
+    import datasets
+    import pyarrow.compute as pc
+
+    if label in _REPORTED or not {"chosen", "rejected"} <= set(ds.column_names):
+        return
+    _REPORTED.add(label)
+    plain = all(ds.features[c] == datasets.Value("string") for c in ("chosen", "rejected"))
+    sub = ds.select_columns(["chosen", "rejected"]).with_format("arrow" if plain else None)
+    count, first = 0, None
+    for i in range(0, len(sub), 4096):
+        b = sub[i:i + 4096]
+        same = pc.fill_null(pc.equal(b["chosen"], b["rejected"]), False).to_pylist() if plain \
+            else [c is not None and c == r for c, r in zip(b["chosen"], b["rejected"])]
+        if first is None and any(same):
+            first = i + same.index(True)
+        count += sum(same)
+    if count:
+        where = sources[first] if len(sources) == len(ds) else f"row {first}"
+        log.warning("%s: %d record%s chosen identical to rejected (first: %s); kept, though a "
+                    "DPO-style loss learns nothing from such a pair", label, count,
+                    " has" if count == 1 else "s have", where)
 
 
 def load_preference_dataset(path_or_dir, split: str | None = None, *,
@@ -306,13 +383,22 @@ def load_preference_dataset(path_or_dir, split: str | None = None, *,
     UTF-8 raise a one-line ``ValueError`` naming the file and line. check_records: also check
     each record for what needs no tokenizer, the error naming the file, the line (JSON
     Lines) or record index, and the field; off (``data.skip_invalid``), invalid records load
-    and ``tokenize_pairs`` drops them.
+    and ``tokenize_pairs`` drops them (one that is not a JSON object loads, with a warning,
+    as a record without fields). Records whose chosen equals their rejected are legal and
+    kept; a warning counts them (once per ``source_prefix`` and path in a process).
 
     source_prefix: when given, add the string column ``SOURCE_COLUMN`` holding each
     record's position as these errors name it, after the prefix (``source_prefix="data.train
     "`` gives "data.train pairs.jsonl line 5 (record 4)"); ``tokenize_pairs`` then names it
     in its errors instead of the record's row, which a later split or shuffle changes.
     """
+    ds, sources = _load(path_or_dir, split, check_records, source_prefix)
+    _report_identical(ds, sources, f"{source_prefix or ''}{path_or_dir}")
+    return _with_sources(ds, sources, source_prefix)
+
+
+def _load(path_or_dir, split: str | None, check: bool, prefix: str | None) -> tuple:
+    """(the records, each record's position) of :func:`load_preference_dataset`."""
     import datasets
 
     if isinstance(path_or_dir, (list, tuple)):
@@ -320,23 +406,22 @@ def load_preference_dataset(path_or_dir, split: str | None = None, *,
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"path_or_dir: no such file {f!r}")
-        return _load_files(files, check_records, source_prefix)
+        return _load_files(files, check, prefix)
     path = Path(path_or_dir)
     if path.is_file():
-        return _load_files([str(path)], check_records, source_prefix)
+        return _load_files([str(path)], check, prefix)
     if not path.is_dir():
         raise FileNotFoundError(f"path_or_dir: no such file or directory {str(path)!r}")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         ds = datasets.load_from_disk(str(path))
         where = str(path)
         if isinstance(ds, datasets.DatasetDict):
-            name = _pick_split(ds.keys(), split, str(path))
+            name = _pick_split(ds.keys(), split, str(path), lambda n: path / n)
             ds, where = ds[name], f"{path} split {name!r}"
         elif split is not None:
             raise ValueError(f"split={split!r} given but {str(path)!r} holds a single Dataset")
-        _check_dataset(where, ds, check_records)
-        return _with_sources(ds, [f"{where} record {i}" for i in range(len(ds))],
-                             source_prefix)
+        _check_dataset(where, ds, check)
+        return ds, [f"{where} record {i}" for i in range(len(ds))]
     by_split = {}
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix.lower() in DATA_EXTS:
@@ -344,5 +429,5 @@ def load_preference_dataset(path_or_dir, split: str | None = None, *,
     if not by_split:
         raise ValueError(f"path_or_dir: {str(path)!r} has no .json/.jsonl/.parquet files and "
                          "is not a save_to_disk directory")
-    return _load_files(by_split[_pick_split(by_split, split, str(path))], check_records,
-                       source_prefix)
+    return _load_files(by_split[_pick_split(by_split, split, str(path),
+                                            lambda n: by_split[n][0])], check, prefix)

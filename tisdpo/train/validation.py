@@ -7,7 +7,10 @@ configuration is built, before any stage, so ``tisdpo <command> --print-config``
 refuses a bad value. ``data.max_length`` is held to the position embeddings of the model:
 the tiny demo model's ``model.tiny_max_positions``, or those in ``model.path``'s
 ``config.json`` when it is readable (a folder that is not a model is refused where it is
-loaded, ``tisdpo.train.model.check_model_dir``).
+loaded, ``tisdpo.train.model.check_model_dir``). A float option that reaches float32
+arithmetic (learning rate, weight decay, epsilon, clipping norm, beta, the weight rule's
+parameters, the sampling temperature) is held within ``F32_SAFE`` (1e30) of 0, where the
+optimiser's and loss's float32 scalars do not overflow.
 
 This module imports nothing of ``tisdpo.train.config`` (which imports it): it reads the
 configuration's attributes, and ``config.validate`` passes in the option specs.
@@ -27,6 +30,10 @@ DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 #: The sections sharing ``TrainConfig`` (one training stage each).
 TRAIN_SECTIONS = ("sft", "contrastive", "policy")
+#: The largest magnitude of a float option that reaches float32 arithmetic (optimiser
+#: scalars, loss and weight-rule factors; float32 ends at 3.4e38): headroom for what scales
+#: it there, such as AdamW's bias correction 1 / (1 - adam_beta1^step).
+F32_SAFE = 1e30
 #: Keys under which Hugging Face configs store the longest sequence the model takes.
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
                   "seq_length")
@@ -64,6 +71,15 @@ def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=
         _fail(name, rule, value)
     if high is not None and (value >= high if high_open else value > high):
         _fail(name, rule, value)
+
+
+def _f32(name: str, value) -> None:
+    """``value`` (a number or None) within F32_SAFE of 0: an option that reaches float32
+    arithmetic, past which it overflows. Checked after the option's own range, whose
+    message comes first."""
+    if value is not None and abs(value) > F32_SAFE:
+        _fail(name, f"at most {F32_SAFE:g} in magnitude (it reaches float32 arithmetic, "
+                    f"which ends at 3.4e+38)", value)
 
 
 def _count(name: str, value, low: int = 1, *, optional: bool = False, meaning: str = ""):
@@ -185,6 +201,8 @@ def _check_train(name: str, t) -> None:
     if t.max_steps == 0 and t.epochs <= 0:
         _fail(f"{name}.epochs", f"> 0 when {name}.max_steps is 0", t.epochs)
     _number(f"{name}.max_grad_norm", t.max_grad_norm, low=0, low_open=True, optional=True)
+    for attr in ("lr", "weight_decay", "eps", "max_grad_norm"):
+        _f32(f"{name}.{attr}", getattr(t, attr))
     _count(f"{name}.eval_every", t.eval_every, 0, meaning=" (0: only at the end)")
     _count(f"{name}.eval_batch_size", t.eval_batch_size)
     _count(f"{name}.eval_max_pairs", t.eval_max_pairs, optional=True,
@@ -217,6 +235,7 @@ def _check_methods(cfg) -> None:
         if method not in PRESETS:
             _fail(f"{name}.method", f"a loss preset, one of {known}", method)
         _number(f"{name}.beta", beta, low=0, low_open=True, optional=optional)
+        _f32(f"{name}.beta", beta)
         try:
             resolve_preset(method, beta=beta)
         except ValueError as err:
@@ -250,8 +269,10 @@ def _check_weights(cfg) -> None:
         _fail("weights.method", f"a weight rule, one of {list(WEIGHT_METHODS)}, or empty "
                                 f"(the policy preset's rule)", w.method)
     _number("weights.k", w.k, low=0, low_open=True)
+    _f32("weights.k", w.k)
     for attr in ("lower", "upper", "clip_lower", "clip_upper", "w_min", "w_max", "cdpo_b"):
         _number(f"weights.{attr}", getattr(w, attr))
+        _f32(f"weights.{attr}", getattr(w, attr))
     if w.lower > w.upper:
         _fail("weights.lower", f"<= weights.upper={w.upper}", w.lower)
     if w.clip_lower >= w.clip_upper:
@@ -278,6 +299,7 @@ def _check_rest(cfg) -> None:
     _count("demo.samples_per_prompt", demo.samples_per_prompt)
     _count("demo.max_new_tokens", demo.max_new_tokens)
     _number("demo.temperature", demo.temperature, low=0, low_open=True)
+    _f32("demo.temperature", demo.temperature)
 
 
 def check_config(cfg, specs=()) -> None:
