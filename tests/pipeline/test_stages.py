@@ -144,7 +144,8 @@ def test_policy_trains_from_stored_reference_logps_and_packed(weighted_run, tmp_
 def test_stage_stop_resume_and_skip(tmp_path):
     ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.stop_after": 1,
                                                     "contrastive.max_steps": 3}))
-    with pytest.raises(context.StageStopped, match="contrastive\\+: stopped after step 1, checkpointed"):
+    with pytest.raises(context.StageStopped, match="contrastive\\+: stopped after step 1, "
+                                                   "checkpointed; rerun without stop_after"):
         stages.run_contrastive(ctx)
     assert not stage_done(ctx.path("contrastive"))
     ctx.cfg.contrastive.stop_after = None

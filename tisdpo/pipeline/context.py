@@ -42,9 +42,10 @@ class StageStopped(Exception):
     it), checkpointed and resumable."""
 
     def __init__(self, stage: str, step: int, signal: str | None = None):
+        how = ("run the same command again to resume" if signal else
+               "rerun without stop_after, or with a larger one, to continue")
         why = f" on {signal}" if signal else ""
-        super().__init__(f"{stage}: stopped{why} after step {step}, checkpointed; run the same "
-                         f"command again to resume")
+        super().__init__(f"{stage}: stopped{why} after step {step}, checkpointed; {how}")
         self.stage, self.step, self.signal = stage, step, signal
 
 

@@ -5,8 +5,10 @@ process's optimiser state and the FQN-keyed one that distributed state dicts use
 
 A checkpoint is ``<out_dir>/checkpoints/step-NNNNNNN/state.pt``. It is written into
 ``step-NNNNNNN.tmp`` and renamed when complete, so a process killed while writing leaves only a
-``.tmp`` folder, which readers ignore and the next run removes. A checkpoint that cannot be
-read (truncated, corrupt) is reported by path and the next older one is used instead.
+``.tmp`` folder, which readers ignore and the next run removes; a step written again has its
+state.pt replaced in one rename, so a finished checkpoint is never deleted first. A checkpoint
+that cannot be read (truncated, corrupt) is reported by path and the next older one is used
+instead.
 """
 from __future__ import annotations
 
@@ -83,8 +85,9 @@ def _disk_full(err: BaseException, folder: str) -> bool:
 
 def write_state(final: str, state: dict) -> None:
     """Write ``state`` to ``final``/state.pt atomically: into ``final``.tmp, flushed to disk,
-    then renamed. A full disk becomes one OSError naming the folder; the .tmp is removed and
-    the older checkpoints stay as they were."""
+    then renamed (the folder, or over an existing ``final``'s state.pt the file). A full disk
+    becomes one OSError naming the folder; the .tmp is removed and the older checkpoints stay
+    as they were."""
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -102,8 +105,13 @@ def write_state(final: str, state: dict) -> None:
                           f"{os.path.basename(final)} failed (the earlier checkpoints and "
                           f"stages are intact)") from err
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if os.path.isdir(final):
+        # the same step written again: the file is replaced in one rename, so the folder
+        # holds the old or the new state.pt at every moment, never neither
+        os.replace(path, os.path.join(final, STATE_FILE))
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def read_state(folder: str, *, mmap: bool = False) -> dict:

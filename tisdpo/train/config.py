@@ -119,14 +119,15 @@ class TrainConfig:
                              "the pairs of the whole accumulated batch")
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = opt(0, "optimiser steps; 0 means derive from epochs")
-    max_grad_norm: float | None = opt(10.0, "clip the gradient norm to this (empty: no clipping)")
+    max_grad_norm: float | None = opt(10.0, "clip the gradient norm to this (empty: none; "
+                                            "it is logged and checked either way)")
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
     eval_batch_size: int = opt(16, "pairs per evaluation batch")
     eval_max_pairs: int | None = opt(None, "evaluate on at most this many held-out pairs")
     save_every: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep")
-    stop_after: int | None = opt(None, "stop this process after N steps (checkpointed), "
-                                       "leaving the stage resumable; for tests and preemption")
+    stop_after: int | None = opt(None, "stop at step N (checkpointed, resumable); rerun "
+                                       "without it, or with a larger N, to continue")
 
 
 @dataclass

@@ -16,10 +16,14 @@ computations as an uninterrupted one, so it ends with the same parameters bit fo
 
 Checkpoints are written atomically (``step-N.tmp`` renamed when complete); on resume the
 leftovers of an interrupted write are removed and an unreadable checkpoint is moved aside to
-``step-N.corrupt`` (named in a warning) in favour of the next older one. A loss or gradient
-norm that becomes non-finite raises :class:`TrainingDiverged` before the update (one host
-sync per step). SIGTERM / SIGINT during :meth:`Trainer.train` finish the current step, write a
-checkpoint and return ``{"stopped": True, "signal": ...}``; a second SIGINT interrupts at once.
+``step-N.corrupt`` (named in a warning) in favour of the next older one; a step's checkpoint
+is written once. A loss or gradient norm (computed whether or not it is clipped) that becomes
+non-finite raises :class:`TrainingDiverged` before the update (one host sync per step).
+SIGTERM / SIGINT during :meth:`Trainer.train` finish the current step, write a checkpoint and
+return ``{"stopped": True, "signal": ...}`` (during the final evaluation or saves: once the
+stage is finished); a second SIGINT interrupts at once. The last checkpoint is written before
+the final evaluation and records the length of metrics.jsonl, so a resumed stage ends with the
+same metrics.jsonl and done.json as an uninterrupted one.
 
 Several processes (torchrun, DDP / FSDP2): pass ``parallel=`` a
 :class:`tisdpo.train.parallel.Parallel`; ``batch_size`` is then per process, each global
@@ -46,6 +50,7 @@ from tisdpo.train.checkpoint import (
     rng_state, write_state,
 )
 from tisdpo.train.config import LogConfig, TrainConfig
+from tisdpo.train.metrics_log import MetricSink, NoSink, progress_bar
 from tisdpo.train.parallel import Parallel
 
 __all__ = ["Trainer", "TrainState", "TrainingDiverged", "rows_of", "make_optimizer",
@@ -117,43 +122,6 @@ def rows_of(data, idx) -> list[dict]:
     return [data[i] for i in idx]
 
 
-class _MetricSink:
-    """metrics.jsonl (+ TensorBoard when installed)."""
-
-    def __init__(self, out_dir: str, tensorboard: bool, resume_step: int | None):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.isfile(self.path):
-            # drop lines logged after the checkpoint we resume from (they will be redone)
-            with open(self.path, encoding="utf-8") as fh:
-                keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0)
-                        <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as fh:
-                fh.writelines(keep)
-        elif resume_step is None and os.path.isfile(self.path):
-            os.remove(self.path)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def write(self, step: int, values: dict) -> None:
-        row = {"step": step, **values}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _mean_metrics(chunks: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
     """Per-key mean of batch-mean metrics, weighted by each batch's count; on device."""
     sums: dict[str, torch.Tensor] = {}
@@ -200,6 +168,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg, self.state.total_steps)
         self._order: tuple[int, list[int]] | None = None
         self._signal: str | None = None          # SIGTERM / SIGINT received (handler sets it)
+        self._saved: int | None = None           # the step of the checkpoint on disk we made/read
+        self._last: dict = {}                    # the last logged training metrics
+        self._log_rows: int | None = None        # metrics.jsonl's length at that checkpoint
+        self._sink = NoSink()
 
     # ------------------------------------------------------------------ data position
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -225,11 +197,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
+        """Write this step's checkpoint, unless it is the one this trainer wrote or resumed
+        from (the same state: never rewritten)."""
         root = os.path.join(self.out_dir, "checkpoints")
         final = os.path.join(root, f"step-{self.state.step:07d}")
+        if self._saved == self.state.step:
+            return final
         model_sd, optim_sd = self.par.state_dicts(self.model, self.optimizer)
         if not self.par.is_main:                  # rank 0 writes, the others wait for it
             self.par.barrier()
+            self._saved = self.state.step
             return final
         write_state(final, {
             "model": model_sd,
@@ -238,7 +215,10 @@ class Trainer:
             "rng": rng_state(),
             "state": asdict(self.state),
             "global_batch_size": self.par.global_batch(self.cfg.batch_size),
+            "metrics_rows": self._sink.rows,       # what a resume keeps of metrics.jsonl
+            "last_metrics": self._last,            # done.json's training metrics
         })
+        self._saved = self.state.step
         for old in checkpoints(self.out_dir)[max(self.cfg.keep_checkpoints, 1):]:
             shutil.rmtree(old, ignore_errors=True)
         self.par.barrier()
@@ -263,6 +243,8 @@ class Trainer:
                              f"--pipeline.resume false)")
         self.state = saved
         restore_rng_state(ckpt["rng"])
+        self._saved, self._last = saved.step, dict(ckpt.get("last_metrics", {}))
+        self._log_rows = ckpt.get("metrics_rows")
 
     def _resume(self) -> str | None:
         """Load the newest readable checkpoint (an unreadable one is named and skipped);
@@ -303,19 +285,21 @@ class Trainer:
             total = total + loss.float()
             chunks.append((metrics, c))
         total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks), sum(counts))
-        if self.cfg.max_grad_norm is not None:
-            metrics["grad_norm"] = self.par.clip_grad_norm(
-                self.model.parameters(), self.cfg.max_grad_norm)
+        # the total norm over every rank's (sharded) gradient; without clipping the same call
+        # with an infinite bound, which scales the gradients by exactly 1
+        clip = self.cfg.max_grad_norm
+        metrics["grad_norm"] = self.par.clip_grad_norm(
+            self.model.parameters(), math.inf if clip is None else clip)
         # one host sync per optimiser step: a non-finite loss or gradient stops the stage
         # before the update reaches the weights (reduced values: every rank agrees)
-        watch = torch.stack([total.float().reshape(()),
-                             metrics.get("grad_norm", total).float().reshape(())])
+        watch = torch.stack([total.float().reshape(()), metrics["grad_norm"].float().reshape(())])
         if not bool(torch.isfinite(watch).all()):
-            norm = f", gradient norm {float(watch[1])}" if "grad_norm" in metrics else ""
+            loss, norm = watch.tolist()
+            what = "gradient norm" if math.isfinite(loss) else "loss"
             raise TrainingDiverged(
-                f"{self.desc}: the loss became non-finite at step {self.state.step + 1} "
-                f"(loss {float(watch[0])}{norm}); stopped before the update, not marked done "
-                f"(a lower lr, or fp32, usually helps)")
+                f"{self.desc}: the {what} became non-finite at step {self.state.step + 1} "
+                f"(loss {loss}, gradient norm {norm}); stopped before the update, not marked "
+                f"done (a lower lr, or fp32, usually helps)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -353,37 +337,41 @@ class Trainer:
     def train(self, *, resume: bool = True) -> dict:
         """Run (or continue) the stage; returns the final metrics (also in done.json).
 
-        Stops early, checkpointed and resumable, when ``cfg.stop_after`` steps are reached;
-        the return value then has ``"stopped": True``.
+        Stops early, checkpointed and resumable, when step ``cfg.stop_after`` is reached; the
+        return value then has ``"stopped": True``. SIGTERM / SIGINT stop after the current step
+        (checkpointed), or, when they come during the final evaluation or saves, after the
+        stage is finished; the return value then also has ``"signal"``.
         """
         os.makedirs(self.out_dir, exist_ok=True)
         ckpt = self._resume() if resume else None
         if not resume:
             shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
-        sink = _MetricSink(self.out_dir, self.log.tensorboard,
-                           self.state.step if ckpt is not None else None) \
-            if self.par.is_main else _NoSink()
-        bar = _progress(self.log.progress and self.par.is_main, self.state.total_steps,
-                        self.state.step, self.desc)
+        if self.par.is_main:
+            self._sink = MetricSink(self.out_dir, self.log.tensorboard,
+                                    None if ckpt is None else (self.state.step, self._log_rows),
+                                    self.desc)
+        sink, start = self._sink, self.state.step
+        bar = progress_bar(self.log.progress and self.par.is_main, self.state.total_steps,
+                           self.state.step, self.desc)
         cfg, t0 = self.cfg, time.perf_counter()
-        last: dict = {}
         restore = self._catch_signals()
         try:
             while self.state.step < self.state.total_steps:
                 if cfg.stop_after is not None and self.state.step >= cfg.stop_after:
                     self.save_checkpoint()
+                    self._say_stopped(start)
                     return {"stopped": True, "step": self.state.step}
                 loss, metrics = self._step()
                 step = self.state.step
                 bar.update(1)
                 if step % max(self.log.every, 1) == 0 or step == self.state.total_steps:
-                    last = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
-                            "epoch": self.state.epoch + self.state.micro /
-                            self.micro_per_epoch,
-                            **{k: float(v) for k, v in metrics.items()}}
+                    self._last = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
+                                  "epoch": self.state.epoch + self.state.micro /
+                                  self.micro_per_epoch,
+                                  **{k: float(v) for k, v in metrics.items()}}
                     # wall time goes to the log only: results stay reproducible run to run
-                    sink.write(step, {**last, "elapsed_s": time.perf_counter() - t0})
-                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    sink.write(step, {**self._last, "elapsed_s": time.perf_counter() - t0})
+                    bar.set_postfix(loss=f"{self._last['loss']:.4f}")
                 if cfg.eval_every and step % cfg.eval_every == 0 and \
                         step != self.state.total_steps:
                     sink.write(step, self.evaluate())
@@ -397,15 +385,35 @@ class Trainer:
                         self.save_checkpoint()
                     return {"stopped": True, "step": self.state.step,
                             "signal": self._signal or "a signal on another rank"}
+            # checkpointed before the final evaluation: a stage resumed here redoes only that
+            self.save_checkpoint()
             final_eval = self.evaluate()
             sink.write(self.state.step, final_eval)
-            self.save_checkpoint()
-            self._finish({**last, **final_eval})
-            return {**last, **final_eval}
+            result = {**self._last, **final_eval}
+            self._finish(result)
+            restore()      # a signal from here on has its usual effect; one before stops here
+            if self.par.sum_host([float(self._signal is not None)])[0] > 0:
+                log.warning("%s: finished; stopping on %s before anything else runs", self.desc,
+                            self._signal or "a signal on another rank")
+                return {**result, "stopped": True, "step": self.state.step,
+                        "signal": self._signal or "a signal on another rank"}
+            return result
         finally:
             restore()
             bar.close()
             sink.close()
+
+    def _say_stopped(self, start: int) -> None:
+        """How to go on from a stop at ``stop_after``."""
+        step, limit = self.state.step, self.cfg.stop_after
+        if start < step:
+            log.info("%s: stopped at step %d of %d (stop_after %d); rerun without stop_after, "
+                     "or with a larger one, to continue", self.desc, step,
+                     self.state.total_steps, limit)
+        else:
+            log.warning("%s: already at step %d of %d, and stop_after is %d: nothing to do; "
+                        "rerun without stop_after, or with a larger one, to continue",
+                        self.desc, step, self.state.total_steps, limit)
 
     def _catch_signals(self):
         """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step (a
@@ -429,26 +437,9 @@ class Trainer:
         self.par.save_model(self.model, os.path.join(self.out_dir, "final"), self.tokenizer)
         done = {"stage": self.desc, "steps": self.state.step, "metrics": metrics,
                 **self.extra_done}
-        if self.par.is_main:
-            with open(os.path.join(self.out_dir, DONE_FILE), "w", encoding="utf-8") as fh:
+        if self.par.is_main:                 # renamed when complete: never half a done.json
+            path = os.path.join(self.out_dir, DONE_FILE)
+            with open(path + ".tmp", "w", encoding="utf-8") as fh:
                 json.dump(done, fh, indent=2)
+            os.replace(path + ".tmp", path)
         self.par.barrier()
-
-
-class _NoSink:
-    def write(self, step, values): pass
-    def close(self): pass
-
-
-class _NoBar:
-    def update(self, n): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-
-
-def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
