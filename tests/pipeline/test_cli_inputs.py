@@ -241,3 +241,20 @@ def test_pairs_whose_chosen_equals_rejected_are_counted_in_a_warning(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="tisdpo"):
         load_preference_dataset(path, source_prefix="data.train ")
     assert "identical" not in caplog.text
+
+
+@pytest.mark.parametrize("pairs", [0, -3])
+def test_load_pairs_refuses_a_count_that_shows_nothing(tmp_path, pairs):
+    """The Python entry behind inspect: no silent one-pair page for pairs < 1."""
+    import json
+
+    from tisdpo.pipeline.demo import demo_config
+    from tisdpo.pipeline.heatmap import load_pairs
+
+    data = tmp_path / "w.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b",
+                                "chosen_weight": [1.0], "rejected_weight": [1.0]}) + "\n")
+    cfg = demo_config(fast=True)
+    cfg.run_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=f"pairs={pairs}: show at least 1 pair"):
+        load_pairs(cfg, data=str(data), pairs=pairs)

@@ -62,7 +62,9 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
         tok_cfg = tokenize_cfg(cfg, cfg.policy.method)
     if not 0 <= start < len(raw):
         raise ValueError(f"start={start} is outside the {len(raw)} records")
-    raw = raw.select(range(start, min(start + max(pairs, 1), len(raw))))
+    if not (isinstance(pairs, int) and pairs >= 1):
+        raise ValueError(f"pairs={pairs!r}: show at least 1 pair")
+    raw = raw.select(range(start, min(start + pairs, len(raw))))
     tokenizer = load_tokenizer(cfg.model)
     tok, _ = tokenize_pairs(raw, tokenizer, tok_cfg)
     out = []
