@@ -110,8 +110,25 @@ class TISDPOConfig(_TRLDPOConfig):
     def __post_init__(self):
         super().__post_init__()
         method = resolve_method(self)          # a refused option fails here, in one line
-        check_reference(self, build_loss(self), method)
+        loss = build_loss(self)
+        check_reference(self, loss, method)
+        _check_trainer_options(self, loss, method)
         weight_columns(self, method)
+
+
+def _check_trainer_options(args, loss, method: str) -> None:
+    """Refuses DPOConfig options that TRL honours but that would change this trainer's
+    loss or fail on a path TRL never takes."""
+    cfg = loss.config
+    if cfg.reference_free and getattr(args, "sync_ref_model", False):
+        raise ValueError(f"TISDPOConfig sync_ref_model=True: method {method!r} is "
+                         f"reference-free, so there is no reference model to sync; set it to "
+                         f"False")
+    multiple = getattr(args, "pad_to_multiple_of", None)
+    if cfg.granularity == "pos" and isinstance(multiple, int):
+        raise ValueError(f"TISDPOConfig pad_to_multiple_of={multiple}: method {method!r} "
+                         f"averages over every position slot of a batch, padding included, so "
+                         f"extra padding would shrink its loss and gradient; leave it None")
 
 
 class TISDPOTrainer(_TRLDPOTrainer):
@@ -137,6 +154,7 @@ class TISDPOTrainer(_TRLDPOTrainer):
         self._tisdpo_columns = weight_columns(args, self._tisdpo_method)
         cfg = self._tisdpo_loss.config
         check_reference(args, self._tisdpo_loss, self._tisdpo_method)
+        _check_trainer_options(args, self._tisdpo_loss, self._tisdpo_method)
         names = getattr(train_dataset, "column_names", None) or []
         cols = self._tisdpo_columns
         if needs_weights(self._tisdpo_method) and cols is not None and names \
@@ -144,6 +162,9 @@ class TISDPOTrainer(_TRLDPOTrainer):
             raise ValueError(f"TISDPOConfig method={self._tisdpo_method!r} weights tokens but "
                              f"train_dataset has no {list(cols)} columns ({_ALIGNMENT_HINT}); or "
                              f"set token_weights='none' for unit weights")
+        # whether the training loss is weighted (None: unknown, an IterableDataset)
+        self._tisdpo_train_weighted = (cols is not None and any(c in names for c in cols)) \
+            if names else None
         # a reference-free preset needs no reference model: TRL loads none when it thinks
         # the reference log-probs are precomputed (our _precompute_ref_logps then does nothing)
         restore = None
@@ -189,6 +210,9 @@ class TISDPOTrainer(_TRLDPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         cols = self._tisdpo_columns
         names = getattr(dataset, "column_names", None) or []
+        if cols is not None and names:
+            self._check_weighted_like_train(any(c in names for c in cols), dataset_name,
+                                            getattr(args, "token_weights", "auto"))
         check = isinstance(dataset, Dataset) and cols is not None and any(c in names
                                                                             for c in cols)
         if check:
@@ -202,6 +226,24 @@ class TISDPOTrainer(_TRLDPOTrainer):
             check_token_columns(out, cols, name=dataset_name, rows=out[_ROW])
             out = out.remove_columns(_ROW)
         return out
+
+    def _check_weighted_like_train(self, weighted: bool, dataset_name: str, spec) -> None:
+        """Every split is weighted as the training loss is: a weighted preset's eval split
+        without the columns would fail at its first batch, after training; any other
+        mismatch would log a different loss under the same name."""
+        cols, method = list(self._tisdpo_columns), self._tisdpo_method
+        if needs_weights(method) and not weighted:
+            raise ValueError(f"TISDPOConfig method={method!r} weights tokens but the "
+                             f"{dataset_name!r} dataset has no {cols} columns "
+                             f"({_ALIGNMENT_HINT}); or set token_weights='none'")
+        train = self._tisdpo_train_weighted
+        if train is not None and weighted != train:
+            how = ("has the", "does not", "weighted", "not") if weighted else \
+                ("has no", "does", "unweighted", "weighted")
+            raise ValueError(f"TISDPOConfig token_weights={spec!r}: the {dataset_name!r} "
+                             f"dataset {how[0]} {cols} columns but train_dataset {how[1]}, so "
+                             f"its loss would be {how[2]} and the training loss {how[3]}; give "
+                             f"both the columns or set token_weights='none'")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

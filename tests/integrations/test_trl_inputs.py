@@ -1,0 +1,152 @@
+"""TRL options and inputs a DPOTrainer user may bring to TISDPOTrainer: each either behaves
+as in TRL's DPOTrainer or is refused in one line, at construction, naming what to change."""
+import warnings
+
+import datasets
+import pytest
+
+pytest.importorskip("trl", reason="the TRL integration needs trl (pip install 'tisdpo[trl]')")
+
+import trl_cases as C  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from tisdpo.integrations.trl import TISDPOConfig, TISDPOTrainer  # noqa: E402
+from tisdpo.integrations.trl_weights import trl_completion_ids  # noqa: E402
+
+COLS = r"\['chosen_weight', 'rejected_weight'\]"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return C.tokenizer()
+
+
+def _weighted(tok, n, seed=0):
+    """``n`` records with unit weights, one per completion token as TRL tokenises them."""
+    rows = C.records(n, seed)
+    for r in rows:
+        ids = trl_completion_ids(tok, r["prompt"], r["chosen"], r["rejected"])[0]
+        r["chosen_weight"], r["rejected_weight"] = ([1.0] * len(x) for x in ids)
+    return datasets.Dataset.from_list(rows)
+
+
+def _trainer(tok, tmp_path, train, *, eval_dataset=None, **options):
+    args = C.config(TISDPOConfig, tmp_path, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), args=args,
+                             train_dataset=train, eval_dataset=eval_dataset,
+                             processing_class=tok)
+
+
+def _one_line(err):
+    assert "\n" not in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------ weight columns per split
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_weighted_method_refuses_an_eval_split_without_weights_at_init(tok, tmp_path,
+                                                                          as_dict):
+    """Without the check, training ran and the first evaluation batch failed."""
+    plain = C.dataset(4, seed=1)
+    name = "held_out" if as_dict else "eval"
+    with pytest.raises(ValueError, match=rf"method='tisdpo' weights tokens but the '{name}' "
+                                         rf"dataset has no {COLS} columns") as err:
+        _trainer(tok, tmp_path, _weighted(tok, 4), method="tisdpo",
+                 eval_dataset={name: plain} if as_dict else plain)
+    _one_line(err)
+
+
+def test_a_weighted_method_refuses_an_unweighted_dataset_given_to_evaluate(tok, tmp_path):
+    trainer = _trainer(tok, tmp_path, _weighted(tok, 4), method="tisdpo")
+    with pytest.raises(ValueError, match=rf"the 'eval' dataset has no {COLS} columns") as err:
+        trainer.evaluate(eval_dataset=C.dataset(4, seed=1))
+    _one_line(err)
+
+
+@pytest.mark.parametrize("train_weighted", [True, False])
+def test_an_eval_split_weighted_unlike_train_is_refused(tok, tmp_path, train_weighted):
+    """token_weights='auto' with an unweighted preset (loss_type='sigmoid') uses the columns
+    where present: an eval split that differs would log another loss as eval_loss."""
+    weighted, plain = _weighted(tok, 4), C.dataset(4, seed=1)
+    train, evaluation = (weighted, plain) if train_weighted else (plain, _weighted(tok, 4, 1))
+    how = "has no" if train_weighted else "has the"
+    with pytest.raises(ValueError, match=rf"token_weights='auto': the 'eval' dataset {how} "
+                                         rf"{COLS} columns but train_dataset") as err:
+        _trainer(tok, tmp_path, train, eval_dataset=evaluation)
+    _one_line(err)
+
+
+def test_eval_splits_weighted_like_train_are_accepted(tok, tmp_path):
+    _trainer(tok, tmp_path, _weighted(tok, 4), eval_dataset=_weighted(tok, 4, 1))
+    _trainer(tok, tmp_path / "none", _weighted(tok, 4), eval_dataset=C.dataset(4, seed=1),
+             token_weights="none")
+    _trainer(tok, tmp_path / "plain", C.dataset(4), eval_dataset=C.dataset(4, seed=1))
+
+
+# ------------------------------------------------------------------ options TRL honours
+
+def test_a_reference_free_method_refuses_sync_ref_model(tok, tmp_path):
+    """TRL's own message named precompute_ref_log_probs, which the user had not set."""
+    with pytest.raises(ValueError, match=r"sync_ref_model=True: method 'simpo' is "
+                                         r"reference-free") as err:
+        C.config(TISDPOConfig, tmp_path, method="simpo", beta=2.0, sync_ref_model=True)
+    _one_line(err)
+
+
+def test_cdpo_code_refuses_pad_to_multiple_of(tok, tmp_path):
+    """cdpo_code's mean over B×T slots counts padding: padding to a multiple of 64 cut the
+    gradient norm of the first step about threefold on this data."""
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=64: method 'cdpo_code'") as err:
+        C.config(TISDPOConfig, tmp_path, method="cdpo_code", token_weights="none",
+                 pad_to_multiple_of=64)
+    _one_line(err)
+    C.config(TISDPOConfig, tmp_path, method="dpo", pad_to_multiple_of=64)
+
+
+# ------------------------------------------------------------------ the same as DPOTrainer
+
+def test_an_uneven_last_batch_truncated_from_the_end_steps_as_dpo_trainer(tok, tmp_path):
+    """7 pairs, 2 per micro-batch, 2 accumulated: the last step has one micro-batch of one
+    pair; keep_end truncation cuts completions, with reference log-probs precomputed."""
+    over = dict(max_steps=-1, num_train_epochs=1, max_length=20, truncation_mode="keep_end",
+                precompute_ref_log_probs=True)
+    train = C.dataset(7)
+    stock = C.run(DPOTrainer, C.config(DPOConfig, tmp_path / "trl", **over), tok=tok,
+                  train=train, with_ref=False)
+    mine = C.run(TISDPOTrainer, C.config(TISDPOConfig, tmp_path / "tisdpo", **over), tok=tok,
+                 train=train, with_ref=False)
+    assert len(stock[0]) == len(mine[0]) == 2
+    for a, b in zip(stock[0], mine[0]):
+        C.assert_logs_match(a, b, beta=0.1, what="uneven")
+    C.assert_params_match(stock[2], mine[2], stock[3])
+
+
+def test_compute_metrics_and_predict_see_what_dpo_trainer_gives(tok, tmp_path):
+    """With compute_metrics, evaluation asks compute_loss for outputs: the same logits, the
+    same loss, metrics and keys as DPOTrainer, and predict() too."""
+    got = {}
+    for name, trainer_cls, config_cls in (("trl", DPOTrainer, DPOConfig),
+                                          ("tisdpo", TISDPOTrainer, TISDPOConfig)):
+        shapes = []
+
+        def metrics(pred, shapes=shapes):
+            shapes.append(pred.predictions.shape)
+            return {"mean_logit": float(pred.predictions.mean())}
+
+        args = C.config(config_cls, tmp_path / name, max_steps=1)
+        _, _, _, _, trainer = C.run(trainer_cls, args, tok=tok, train=C.dataset(4),
+                                    evaluation=C.dataset(4, seed=1), compute_metrics=metrics)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            evaluated = trainer.evaluate()
+            predicted = trainer.predict(trainer.eval_dataset)
+        got[name] = evaluated, predicted, shapes
+    (ev_a, pr_a, shapes_a), (ev_b, pr_b, shapes_b) = got["trl"], got["tisdpo"]
+    assert shapes_a == shapes_b and len(shapes_a) == 3
+    keys = [k for k in ev_a if "runtime" not in k and "per_second" not in k]
+    C.assert_logs_match(ev_a, ev_b, beta=0.1, keys=keys, what="evaluate")
+    assert pr_a.predictions.shape == pr_b.predictions.shape
+    C.assert_logs_match(pr_a.metrics, pr_b.metrics, beta=0.1, what="predict",
+                        keys=["test_loss", "test_mean_logit"])
