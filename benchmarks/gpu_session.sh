@@ -8,13 +8,18 @@
 # each going on past a failure:
 # the peer wheels in .whl/ (pip --no-deps into .peers/); environment and versions; the CUDA
 # tests; logprobs fwd/bwd/fwdbwd at llama3-8b x 8k tokens for every provider, uniform and
-# peaked logits; the loss op on one 8k+8k pair (precomputed reference log-probs, then an
-# online reference head); a memory sweep 4k-64k for ours vs eager;
+# peaked logits (torch.compile, the slow compile, in a step of its own after them); the loss
+# op on one 8k+8k pair (precomputed reference log-probs, then an online reference head); a
+# memory sweep 4k-64k for ours vs eager;
 # Nsight Compute on the backward kernels when ncu exists. Output: at most 8 files in $OUT
 # (default gpu_out/): env.txt, session.log, tests.log, results.csv, bench.log, ncu.txt,
 # plots.tgz, status.txt.
+# A step at its limit gets SIGINT (pytest then still prints its failures and the test it was
+# in; a benchmark keeps every row it appended), SIGKILL 8 s later.
 # Commit results.csv and the plots under benchmarks/results/ (the CSV rows carry device and
-# versions).
+# versions). Where .git does not travel with the tree, TISDPO_GIT_COMMIT=<sha> names the
+# commit in the rows instead of "unknown". GPU_SESSION_ONLY="wheels environment" runs only
+# the steps named (the tests of this script use it).
 #
 # Before (on a machine with PyPI access): put every wheel the peers need in .whl/, which the
 # session installs with --no-deps into .peers/. TRL's chunked log-probs import trl.trainer in
@@ -36,6 +41,8 @@ LOG="$OUT_DIR/session.log"
 STATUS="$OUT_DIR/status.txt"
 DEADLINE=$(( $(date +%s) + 540 ))          # 9 minutes from now
 PY="${PYTHON:-python3}"
+# every print reaches the log at once, also from a step that is killed at its limit
+export PYTHONUNBUFFERED=1
 : > "$LOG"
 : > "$STATUS"
 
@@ -43,6 +50,9 @@ PY="${PYTHON:-python3}"
 step() {
   local name=$1 budget=$2
   shift 2
+  if [ -n "${GPU_SESSION_ONLY:-}" ] && [[ " $GPU_SESSION_ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$(( DEADLINE - $(date +%s) - 5 ))
   if [ "$left" -le 5 ]; then
     echo "$name: skipped (deadline)" | tee -a "$STATUS"
@@ -52,7 +62,9 @@ step() {
   local t0
   t0=$(date +%s)
   echo "=== $name (limit ${budget}s) $(date -u +%H:%M:%S)" >> "$LOG"
-  timeout --signal=TERM --kill-after=10 "$budget" "$@" >> "$LOG" 2>&1
+  # SIGINT first: Python raises KeyboardInterrupt, so pytest prints the failures so far and
+  # the test it was in (SIGTERM loses both); SIGKILL for whatever ignores it
+  timeout --signal=INT --kill-after=8 "$budget" "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "$name: rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$STATUS"
   return 0
@@ -88,39 +100,76 @@ environment() {
   nproc
   command -v nvidia-smi >/dev/null && nvidia-smi
   "$PY" - <<'EOF'
-import importlib, platform, sys
+import importlib, importlib.metadata, platform, sys
 import torch
-print("python", sys.version.split()[0], platform.machine())
+print("python", sys.version.split()[0], platform.machine(), sys.executable)
+gpu = torch.cuda.is_available()
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-for mod in ("triton", "numpy", "transformers", "liger_kernel", "cut_cross_entropy", "trl",
-            "accelerate", "datasets"):
+      torch.cuda.get_device_name(0) if gpu else None,
+      "capability", torch.cuda.get_device_capability(0) if gpu else None)
+# the peers and what they import (datasets' own pins: pyarrow>=24, fsspec<=2026.9.0,
+# huggingface-hub>=1.31): the version each import found, and where
+for mod, dist in (("triton", "triton"), ("numpy", "numpy"), ("transformers", "transformers"),
+                  ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"),
+                  ("trl", "trl"), ("accelerate", "accelerate"), ("datasets", "datasets"),
+                  ("dill", "dill"), ("multiprocess", "multiprocess"), ("pyarrow", "pyarrow"),
+                  ("fsspec", "fsspec"), ("huggingface_hub", "huggingface-hub"),
+                  ("pandas", "pandas"), ("xxhash", "xxhash"), ("matplotlib", "matplotlib"),
+                  ("pytest", "pytest")):
     try:
         m = importlib.import_module(mod)
-        print(mod, getattr(m, "__version__", "?"))
     except Exception as err:       # report and go on: this is an inventory
-        print(mod, "missing:", type(err).__name__)
+        print(mod, "missing:", type(err).__name__, str(err)[:200])
+        continue
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(m, "__version__", "?")
+    print(mod, version, getattr(m, "__file__", "") or "")
+try:                               # what trl-chunked's backward imports
+    import trl.trainer.utils       # noqa: F401
+    print("trl.trainer.utils imports")
+except Exception as err:
+    print("trl.trainer.utils does not import:", type(err).__name__, str(err)[:200])
 EOF
-  git log -1 --format='commit %H %cd' 2>/dev/null
+  git log -1 --format='commit %H %cd' 2>/dev/null \
+    || echo "commit ${TISDPO_GIT_COMMIT:-unknown (no git repository here)}"
+  command -v ncu >/dev/null && ncu --version | tail -1
+  return 0
 }
 
 # into .peers/ (ignored by git), first on PYTHONPATH for every later step: nothing is written
 # into the host's own environment, which may be read-only
 wheels() {
   if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target .peers .whl/*.whl
+    local pip=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
+               --upgrade --target .peers)
+    ls -l .whl/*.whl
+    # all at once; where that fails (two versions of one package refuse to install together,
+    # one bad wheel), one by one, so that one bad wheel costs its peer only
+    "${pip[@]}" .whl/*.whl && return 0
+    echo "installing the wheels together failed: one by one"
+    local w rc=0
+    for w in .whl/*.whl; do
+      "${pip[@]}" "$w" || { echo "FAILED: $w"; rc=1; }
+    done
+    return $rc
   else
     echo "no .whl/ folder: the peers that need a wheel will be skipped with their reason"
   fi
 }
 
 ncu_bwd() {
-  if ! command -v ncu >/dev/null; then
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
+        | head -n 1)
+  if [ -z "$ncu" ]; then
     echo "ncu not found: no kernel profile"
     return 0
   fi
-  ncu --target-processes all --kernel-name regex:"bwd_kernel" --launch-count 2 \
+  # --clock-control none: the card's clocks are left as they are (ncu would lock them to base)
+  "$ncu" --clock-control none --target-processes all --kernel-name regex:"bwd_kernel" \
+      --launch-count 2 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       "$PY" - <<'EOF'
 import torch
@@ -137,25 +186,33 @@ EOF
 
 export PY
 export -f environment wheels ncu_bwd          # run under `timeout` through bash -c
-step wheels 40 bash -c wheels
+step wheels 20 bash -c wheels
 export PYTHONPATH="$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}"
-step environment 20 bash -c environment        # the versions the steps below run with
+step environment 15 bash -c environment        # the versions the steps below run with
 cp "$LOG" "$OUT_DIR/env.txt"
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+# -v: each test's name as it ends, so a step cut at its limit still says how far it got
+step tests 150 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
+     -o faulthandler_timeout=120 "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
-# every logprobs provider, the head target's comparisons first (the slow compile last)
-step logprobs 150 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
+# every logprobs provider but torch.compile, uniform then peaked logits (the filtering
+# comparisons), the head target's comparisons first; rows are appended as each one finishes
+step logprobs 120 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd \
      --shapes "$SHAPE,$PEAKED" --tokens "$TOKENS" \
      --providers ours-triton,ours-gemm,eager,trl-chunked,torch-lce,cce_exact,liger-flce,cce,\
-ours-filtered,ours-no-tma,ours-torch,torch-compile
+ours-filtered,ours-no-tma,ours-torch
+# torch.compile's cold compile (tens of seconds) apart, so that it never holds back the
+# peaked rows above; uniform logits only
+step logprobs_compile 35 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd --shapes "$SHAPE" \
+     --tokens "$TOKENS" --providers torch-compile
 # the providers the loss targets compare first (rows are appended as each one finishes)
-step loss_given 25 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
+step loss_given 35 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
      --reference precomputed --providers ours-one-sweep,ours-triton,liger-dpo
-step loss 45 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
+step loss 55 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
      --providers ours-one-sweep,ours-triton,liger-dpo,eager,trl-chunked,torch-lce,cce_exact,\
 ours-torch,ours-one-sweep-torch
+# peak memory is one call per row: 5 timed repetitions are enough here, so 64k is reached
 step memory_sweep 60 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
-     --tokens "$SWEEP" --providers ours-triton,eager --no-check
+     --tokens "$SWEEP" --providers ours-triton,eager --no-check --reps 5 --warmup 1
 step ncu 30 bash -c ncu_bwd
 sed -n '/=== ncu/,$p' "$LOG" > "$OUT_DIR/ncu.txt"
 grep -v "^=== \|^\[" "$LOG" | grep -E "ms|TFLOP|skipped|OOM|ERROR" > "$OUT_DIR/bench.log" || true

@@ -13,6 +13,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -31,19 +32,24 @@ COLUMNS = [
     "p80", "status", "dtype", "hidden", "vocab", "softcap", "extra", "device_kind", "device",
     "torch", "triton", "cuda", "peers", "date", "git_commit", "command",
 ]
-_PEERS = ("liger-kernel", "cut-cross-entropy")
+# every peer package a provider runs (trl: trl-chunked); the peers column names each one found
+_PEERS = ("liger-kernel", "cut-cross-entropy", "trl")
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); where there is no git
+    repository or no git (a copy of the tree on a GPU host), ``TISDPO_GIT_COMMIT`` if set,
+    else "unknown"."""
     root = Path(__file__).resolve().parent.parent
+    given = os.environ.get("TISDPO_GIT_COMMIT", "").strip()
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+        return given or "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else (given or "unknown")
 
 
 def _version(dist: str) -> str:

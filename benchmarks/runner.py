@@ -220,7 +220,21 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                     emit(crow)
                     ceiling_done = True
                 for name in cfg.providers:
-                    why = P.skip_reason(name, op, cfg.device, dtype=dtype, softcap=shape.softcap)
+                    # skip_reason runs our loss providers once at a tiny size (a probe): a
+                    # failure there that is no "unavailable" (a Triton compile error, a CUDA
+                    # error) becomes this provider's error rows, never the end of the run
+                    st, why = M.guarded(lambda: P.skip_reason(name, op, cfg.device, dtype=dtype,
+                                                              softcap=shape.softcap))
+                    if st != "ok":
+                        _log(f"  {name}: {st} in its probe: {why}")
+                        emit([R.make_row(env, op=op, provider=name, mode=m, metric="status",
+                                         unit="", status=st,
+                                         extra={"message": f"probe: {why}",
+                                                **_case_extra(case)},
+                                         **_shape_cols(case, cfg.dtype))
+                              for m in cfg.modes])
+                        M.free_memory(cfg.device)
+                        continue
                     if why is not None:
                         if (name, op, why) not in cfg.skipped:
                             cfg.skipped.append((name, op, why))
