@@ -232,7 +232,8 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
     ``chosen_seq``/``rejected_seq`` [P] sequence ids of each pair. ref_logp (required unless
     ``config.reference_free``), weights ω (default 1) and kl (required when config.uses_kl)
     have logp's shape. normalizer: divide the summed pair losses by this (e.g. the pairs of
-    the whole accumulated batch); default: pairs with at least one response token, ≥ 1.
+    the whole accumulated batch); default: pairs with at least one response token, ≥ 1
+    (``granularity="pos"``, as cdpo_code: all B×T position slots).
 
     Returns (loss, metrics): a scalar, and per-pair detached tensors named as TRL names them
     (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,

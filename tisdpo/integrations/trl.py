@@ -99,7 +99,7 @@ class TISDPOConfig(_TRLDPOConfig):
         "help": "kernel backend: 'auto', 'triton', 'torch' or 'reference'"})
     strategy: str = field(default="auto", metadata={
         "help": "how the loss forms the LM head's gradients: 'recompute', 'one_sweep' (all in "
-                "the forward; long pairs) or 'auto' (TISDPOLoss's rule)"})
+                "the forward, not cdpo_code) or 'auto' (TISDPOLoss's rule)"})
     filter_eps: float | None = field(default=None, metadata={
         "help": "opt-in gradient filtering of the LM head's backward: drop vocabulary columns "
                 "below this probability in a whole chunk of rows (docs/FILTERING.md); "
