@@ -270,3 +270,22 @@ def test_builtin_tokenizer_warns_on_data_it_does_not_fit(caplog):
         assert warn_builtin_tokenizer(tok, alien, "alien.jsonl") is None   # once per file
     (rec,) = caplog.records
     assert "alien.jsonl" in rec.getMessage() and "model.tokenizer" in rec.getMessage()
+
+
+def test_weights_pass_is_done_before_its_shards_go(tmp_path, monkeypatch):
+    """A kill while the finished pass removes its shards leaves it done (done.json is
+    renamed into place first), never a pass that must start over."""
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.max_steps": 1}))
+    stages.run_contrastive(ctx)
+    real = weights.shutil.rmtree
+
+    def killed(path, *a, **kw):
+        if os.path.basename(path) == "_shards":
+            raise KeyboardInterrupt("killed")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(weights.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        weights.run_weights(ctx)
+    assert stage_done(ctx.path("weights"))
+    assert not any(f.endswith(".tmp") for f in os.listdir(ctx.path("weights")))

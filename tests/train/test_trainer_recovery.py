@@ -100,6 +100,27 @@ def test_signal_during_the_final_evaluation_or_save_finishes_then_stops(tmp_path
     assert _rows(tmp_path) == reference[0]
 
 
+@pytest.mark.parametrize("others", [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_a_signal_on_another_rank_is_named_on_this_one(tmp_path, others):
+    """Only another rank received the signal (the sum over ranks says which): this rank
+    stops after the same step and names that signal, which the CLI turns into its exit
+    status (128 + its number), never a placeholder."""
+    t = _run(tmp_path)
+    local = t.par.sum_host
+
+    def sum_host(values):
+        out = local(values)
+        if len(values) == 2 and t.state.step == 2:      # the signal reduction after step 2
+            out = [a + b for a, b in zip(out, others)]
+        return out
+
+    t.par.sum_host = sum_host
+    out = t.train()
+    name = "SIGTERM" if others[0] else "SIGINT"
+    assert out == {"stopped": True, "step": 2, "signal": name}
+    assert signal.Signals[out["signal"]].value in (signal.SIGTERM, signal.SIGINT)
+
+
 def test_sigterm_during_a_stages_final_evaluation_exits_143_before_the_next(tmp_path, capsys,
                                                                            monkeypatch):
     tiny = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads",

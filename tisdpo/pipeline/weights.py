@@ -302,11 +302,14 @@ def run_weights(ctx: Context) -> str:
             "variant": variant, "positive": info["positive"], "negative": info["negative"],
             "reference": ref_path}
     if ctx.par.is_main:
-        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2)
+        # each file renamed into place when complete; the shards go only once done.json is
+        # there, so a kill at any point leaves either a finished pass or its shards
+        for name, doc in (("meta.json", meta), ("done.json", {"stage": "weights", **meta})):
+            path = os.path.join(out_dir, name)
+            with open(path + ".tmp", "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, indent=2)
+            os.replace(path + ".tmp", path)
         shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
-        with open(os.path.join(out_dir, "done.json"), "w", encoding="utf-8") as fh:
-            json.dump({"stage": "weights", **meta}, fh, indent=2)
     ctx.par.barrier()
     return out_dir
 

@@ -446,9 +446,15 @@ def setup(cfg, device: str = "auto", model_dtype: str = "float32") -> Parallel:
                              f"distributed.mode='none': each would train alone; set "
                              f"--distributed.mode ddp or fsdp2")
         return Parallel("none")
-    if device in ("auto", "cuda"):
-        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    elif device == "cpu":
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device='cuda' under distributed.mode={cfg.mode!r}: CUDA is not "
+                         f"available here; use 'cpu' or 'auto'")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s); start at most that many processes per node")
+        dev = torch.device("cuda", local)
+    elif device in ("auto", "cpu"):
         dev = torch.device("cpu")
     else:
         raise ValueError(f"device={device!r} under distributed.mode={cfg.mode!r}: use 'auto', "

@@ -58,6 +58,10 @@ __all__ = ["Trainer", "TrainState", "TrainingDiverged", "rows_of", "make_optimiz
 
 log = logging.getLogger("tisdpo")
 
+#: the signals that stop a stage after the current step, in the order one is named when
+#: ranks received different ones
+_SIGNALS = ("SIGTERM", "SIGINT")
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became non-finite; the stage stopped before the update
@@ -380,11 +384,11 @@ class Trainer:
                 if saved:
                     self.save_checkpoint()
                 # SIGTERM / SIGINT on any rank: every rank saves after this step, then stops
-                if self.par.sum_host([float(self._signal is not None)])[0] > 0:
+                sig = self._agreed_signal()
+                if sig is not None:
                     if not saved:
                         self.save_checkpoint()
-                    return {"stopped": True, "step": self.state.step,
-                            "signal": self._signal or "a signal on another rank"}
+                    return {"stopped": True, "step": self.state.step, "signal": sig}
             # checkpointed before the final evaluation: a stage resumed here redoes only that
             self.save_checkpoint()
             final_eval = self.evaluate()
@@ -392,11 +396,11 @@ class Trainer:
             result = {**self._last, **final_eval}
             self._finish(result)
             restore()      # a signal from here on has its usual effect; one before stops here
-            if self.par.sum_host([float(self._signal is not None)])[0] > 0:
+            sig = self._agreed_signal()
+            if sig is not None:
                 log.warning("%s: finished; stopping on %s before anything else runs", self.desc,
-                            self._signal or "a signal on another rank")
-                return {**result, "stopped": True, "step": self.state.step,
-                        "signal": self._signal or "a signal on another rank"}
+                            sig)
+                return {**result, "stopped": True, "step": self.state.step, "signal": sig}
             return result
         finally:
             restore()
@@ -414,6 +418,12 @@ class Trainer:
             log.warning("%s: already at step %d of %d, and stop_after is %d: nothing to do; "
                         "rerun without stop_after, or with a larger one, to continue",
                         self.desc, step, self.state.total_steps, limit)
+
+    def _agreed_signal(self) -> str | None:
+        """The signal any rank received (SIGTERM over SIGINT when ranks got different ones),
+        the same name on every rank (one host reduction); None when no rank got one."""
+        counts = self.par.sum_host([float(self._signal == name) for name in _SIGNALS])
+        return next((name for name, n in zip(_SIGNALS, counts) if n > 0), None)
 
     def _catch_signals(self):
         """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current step (a
