@@ -14,7 +14,8 @@
 Every option is ``--section.option value`` (``tisdpo <command> --help`` lists them with their
 defaults) and may instead be set in the YAML file given by ``--config``; flags win over the
 file, the file over the defaults. The resolved configuration is logged, and written to
-``<run_dir>/config.yaml`` by a run's first command and by every command that finishes.
+``<run_dir>/config.yaml`` by a run's first command and by every command that finishes (by
+rank 0 alone when there are several processes).
 """
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 from tisdpo.pipeline import stages, weights
 from tisdpo.pipeline.compare import DEFAULT_GROUP, run_compare
 from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
-from tisdpo.pipeline.lock import RunLocked, run_lock
+from tisdpo.pipeline.lock import RankFailed, RunLocked, run_lock
 from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, coerce, dump_yaml,
                                  field_specs)
 from tisdpo.train.model import resolve_device
-from tisdpo.train.parallel import teardown, torchrun_env
+from tisdpo.train.parallel import setup, teardown, torchrun_env
 from tisdpo.train.trainer import TrainingDiverged
 
 COMMANDS = {
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except _EXPECTED as err:
         if args.debug:
             raise
+        if isinstance(err, (RunLocked, RankFailed)):
+            teardown()             # raised by the run lock on every rank, which all agreed on
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"tisdpo {args.command}: error: {first} (--debug shows the traceback)",
               file=sys.stderr)
@@ -244,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tisdpo {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT.value
+    except Exception as err:
+        if args.debug or not _collective_failure(err):
+            raise
+        print(f"tisdpo {args.command}: error: another rank failed (see its error above); this "
+              f"rank stopped at a collective ({_gist(err)}) (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -260,7 +271,48 @@ def _check_args(args: argparse.Namespace) -> None:
 _ON_DEVICE = ("sft", "contrastive", "weights", "train", "pipeline", "demo")
 
 # errors that are the user's input, data, files or a diverged run: one line, exit status 1
-_EXPECTED = (ValueError, OSError, RunLocked, TrainingDiverged)
+_EXPECTED = (ValueError, OSError, RunLocked, RankFailed, TrainingDiverged)
+
+# where torch raises when a collective fails: a peer closed the connection or timed out
+_COLLECTIVE_FILES = (os.sep.join(("torch", "distributed", "")),
+                     os.sep.join(("torch", "nn", "parallel", "distributed.py")))
+
+
+def _collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is this rank's collective failing, with no error of its own before.
+
+    Recognised by where torch raised it, not by its text (gloo raises a plain RuntimeError):
+    a DistError, or a RuntimeError raised in torch.distributed or DDP, while several
+    processes share a process group and no other exception was being handled.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if err.__context__ is not None or err.__cause__ is not None:
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return type(err) is RuntimeError and bool(frames) and any(
+        part in frames[-1].filename for part in _COLLECTIVE_FILES)
+
+
+def _gist(err: BaseException) -> str:
+    """The first sentence of torch's message, without gloo's source location."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0][:120]
+
+
+def _processes(args, cfg: RunConfig):
+    """A stage command's process group when it is one of several processes (None otherwise),
+    made before the run lock so that rank 0 can tell the others whether it got it."""
+    env = torchrun_env()
+    if args.command not in STAGES or env is None or env[1] == 1:
+        return None
+    return setup(cfg.distributed, cfg.device, cfg.model.dtype)
 
 
 def _locked_run(args, cfg: RunConfig) -> int:
@@ -268,15 +320,19 @@ def _locked_run(args, cfg: RunConfig) -> int:
     if args.command in ("inspect", "compare"):    # they only read the run (compare.json aside)
         return _run(args, cfg)
     path = os.path.join(cfg.run_dir, "config.yaml")
-    with run_lock(cfg.run_dir):            # before anything in run_dir is written
-        if not os.path.isfile(path):       # a new run: its options from its first command on
+    par = _processes(args, cfg)
+    # the one rank that writes config.yaml (and holds the lock): rank 0
+    first = par.is_main if par is not None else (torchrun_env() or (0,))[0] == 0
+    with run_lock(cfg.run_dir, par):       # before anything in run_dir is written
+        if first and not os.path.isfile(path):   # a new run: its options from its first command
             dump_yaml(cfg, path)
         logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s",
                                          args.command, text)
         code = _run(args, cfg)
         # only a command that finished replaces it: a refused, failed or stopped one (options
         # that do not match the run's outputs, say) leaves the run's record as it was
-        dump_yaml(cfg, path)
+        if first:
+            dump_yaml(cfg, path)
         return code
 
 
