@@ -16,7 +16,10 @@ An earlier stage a stage reads must have been made from the same records, model 
 
 Options that change how a result is computed but not what it is are left out: devices and
 threads, kernels (``*.impl``), checkpoint and evaluation cadence, stopping, logging, padding
-and packing, and process layout.
+and packing, and process layout. A training section's ``batch_size`` is per process: what
+its result depends on is the global micro-batch, ``batch_size × world size`` pairs (what a
+checkpoint records and the trainer checks), recorded as ``<section>.global_batch_size``, so
+a run made on one process resumes on two with half the batch size, and the other way round.
 """
 from __future__ import annotations
 
@@ -53,8 +56,13 @@ RUN_OPTIONS = ("seed", "data.train", "data.eval", "data.synthetic_train", "data.
                "data.skip_invalid", "model.path", "model.tokenizer")
 #: the options whose files or folders are recorded by content (``inputs``)
 _INPUTS = ("data.train", "data.eval", "model.path", "model.tokenizer")
-#: an option older options.json files lack -> the name that then held its value
-_RENAMED = {"policy.seed": "seed"}
+#: training sections whose ``batch_size`` is per process (recorded as ``global_batch_size``)
+_TRAIN_SECTIONS = ("sft", "contrastive", "policy")
+#: an option older options.json files lack -> the name that then held its value (the
+#: per-process batch size of a one-process run is its global batch; one of a several-process
+#: run differs from it and is refused, naming the option)
+_BATCH_AS = {f"{s}.global_batch_size": f"{s}.batch_size" for s in _TRAIN_SECTIONS}
+_RENAMED = {"policy.seed": "seed", **_BATCH_AS}
 
 
 class StageOptionsChanged(ValueError):
@@ -85,6 +93,27 @@ def check_ignored_options(cfg) -> None:
                          f"data.train too, or leave data.eval empty")
 
 
+def _world_size() -> int:
+    """Processes in the default process group (the training stages' ranks); 1 without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _global_batches(flat: dict) -> dict:
+    """``<section>.batch_size`` (per process) of each training section replaced by
+    ``<section>.global_batch_size`` (× world size: ``Parallel.global_batch``)."""
+    world = None
+    for section in _TRAIN_SECTIONS:
+        key = f"{section}.batch_size"
+        if key in flat:
+            world = _world_size() if world is None else world
+            flat[f"{section}.global_batch_size"] = flat.pop(key) * world
+    return flat
+
+
 def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = None,
                   upstream: dict | None = None) -> dict:
     """The options of ``sections`` (and seed, model, data) that a stage's result depends on,
@@ -92,6 +121,8 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
 
     ``overrides``: a section replaced by the dataclass the stage really uses (a named
     policy's own PolicyConfig); ``upstream``: ``{stage directory: digest}`` of its inputs.
+    A training section's per-process ``batch_size`` is recorded as its
+    ``global_batch_size`` (times the process group's world size).
     """
     check_ignored_options(cfg)
     tree = config_to_dict(cfg)
@@ -101,7 +132,8 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
     flat = {k: v for k, v in _flat(tree).items()
             if (k.split(".")[0] in keep or k in keep) and _kept(k)
             and not (v is None and k in _OMITTED_WHEN_NONE)}
-    return {"options": flat, "upstream": dict(upstream or {}), "inputs": input_identity(cfg)}
+    return {"options": _global_batches(flat), "upstream": dict(upstream or {}),
+            "inputs": input_identity(cfg)}
 
 
 # ---------------------------------------------------------------------------- input identity
@@ -209,7 +241,9 @@ def recorded_options(stage_dir: str) -> dict | None:
 def stage_digest(stage_dir: str) -> str | None:
     """A digest of a finished stage's done.json and recorded options and upstream digests
     (not its inputs: an options.json completed with them keeps its digest); None when not
-    finished."""
+    finished. ``<section>.global_batch_size`` is digested under its older name
+    ``<section>.batch_size``: an options.json rewritten with the new name when a one-process
+    run resumes (the same number) keeps its digest, so later stages still match it."""
     if not stage_done(stage_dir):
         return None
     h = hashlib.sha256()
@@ -221,6 +255,8 @@ def stage_digest(stage_dir: str) -> str | None:
             raw = fh.read()
         try:                        # as options.json was written before inputs were recorded
             old = json.loads(raw)
+            if isinstance(old.get("options"), dict):
+                old["options"] = {_BATCH_AS.get(k, k): v for k, v in old["options"].items()}
             raw = json.dumps({k: old[k] for k in ("options", "upstream") if k in old},
                              indent=1, sort_keys=True).encode()
         except (ValueError, TypeError):
@@ -242,7 +278,8 @@ def _differences(old: dict, new: dict, *, keys=None) -> list[str]:
             continue
         then, now = a.get(legacy.get(k, k), "<unset>"), b.get(k, "<unset>")
         if then != now:
-            out.append(f"{k}={then!r} then, {now!r} now")
+            was = f" (recorded as {legacy[k]})" if k in legacy else ""
+            out.append(f"{k}={then!r} then{was}, {now!r} now")
     ia, ib = old.get("inputs", {}), new.get("inputs", {})
     for k in sorted(set(ia) & set(ib)):
         if ia[k] != ib[k] and (keys is None or keys(k)):
