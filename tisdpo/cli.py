@@ -366,7 +366,11 @@ def _run(args, cfg: RunConfig) -> int:
     if args.command == "weights" and args.trl:
         from tisdpo.integrations.trl_weights import export_trl_weights
 
-        out = "\n".join([out, *export_trl_weights(out, ctx.tokenizer)])
+        # rank 0 writes the copy; the others wait for it (the paths are the same on every rank)
+        with ctx.par.main_first():
+            paths = export_trl_weights(out, ctx.tokenizer) if ctx.par.is_main else \
+                [os.path.join(out, "trl", f) for s in ("train", "eval") for f in (s, s + ".jsonl")]
+        out = "\n".join([out, *paths])
     if isinstance(out, dict):                       # pipeline: every stage's output
         out = "\n".join(f"{stage}: {o}" for stage, o in out.items())
     elif isinstance(out, tuple):                    # contrastive: pi+ and pi-
