@@ -37,7 +37,8 @@ def test_a_sequence_in_both_roles_refuses_computed_weights():
     with pytest.raises(ValueError, match="sequence 1 is chosen in one pair and rejected") as e:
         loss(**kw, pairs=torch.tensor([[0, 1], [1, 2]]))
     assert "\n" not in str(e.value)
-    out, _ = loss(**_packed(scores=False), pairs=torch.tensor([[0, 1], [1, 2]]), weights=torch.rand(12))
+    out, _ = loss(**_packed(scores=False), pairs=torch.tensor([[0, 1], [1, 2]]),
+                  weights=torch.rand(12))
     assert torch.isfinite(out)
     out, _ = loss(**kw, pairs=torch.tensor([[0, 1], [2, 1]]))    # B rejected twice: one side
     assert torch.isfinite(out)

@@ -76,9 +76,10 @@ class TISDPOLoss(nn.Module):
     tdpo1, tdpo2) need ``ref_hidden``: the full-vocabulary KL cannot come from ref_logps.
 
     Token weights ω (one of): ``weights`` per token, used exactly as given (only response
-    tokens count; no gradient flows into them); or ``pos_logps``/``neg_logps`` (log π⁺(y_t), log π⁻(y_t); for cdpo
-    ``pos_logps`` is the log-score log s_t) turned into weights by the method's rule; or
-    none: unit weights — for ``"tisdpo"`` that is exactly DPO on the same tokens.
+    tokens count; no gradient flows into them); or ``pos_logps``/``neg_logps`` (log π⁺(y_t),
+    log π⁻(y_t); for cdpo ``pos_logps`` is the log-score log s_t) turned into weights by the
+    method's rule; or none: unit weights — for ``"tisdpo"`` that is exactly DPO on the same
+    tokens.
 
     Ignored positions (``ignore_index`` labels: prompts, padding) may hold anything, NaN
     included, in every per-token input: they change neither the loss nor any gradient. At
