@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
@@ -55,6 +56,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
 def _launch(tmp_path, ranks):
     """Run one process per (job, delay, argv) of ``ranks``; [(exit status, stderr)] by rank."""
     script = tmp_path / "worker.py"
@@ -65,6 +69,8 @@ def _launch(tmp_path, ranks):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(len(ranks)),
                    LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                    OMP_NUM_THREADS="1")
+        # the checkout first, installed or not (the worker script lives in tmp_path)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
         procs.append(subprocess.Popen([sys.executable, str(script), job, str(delay), *argv],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
