@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """The options of a command that are not configuration options (``--pairs``, ...)."""
+    """The options of a command that are not configuration options (``--pairs``, ...), and
+    the launch: the commands that are not stages run as one process."""
+    env = torchrun_env()
+    if args.command not in STAGES and env is not None and env[1] > 1:
+        raise ValueError(f"{args.command} runs as one process; launch it without torchrun "
+                         f"(WORLD_SIZE={env[1]})")
     if args.command == "inspect":
         if args.pairs < 1:
             raise ValueError(f"--pairs must be >= 1, got {args.pairs}")

@@ -258,3 +258,16 @@ def test_load_pairs_refuses_a_count_that_shows_nothing(tmp_path, pairs):
     cfg.run_dir = str(tmp_path)
     with pytest.raises(ValueError, match=f"pairs={pairs}: show at least 1 pair"):
         load_pairs(cfg, data=str(data), pairs=pairs)
+
+
+@pytest.mark.parametrize("command", [["demo", "--fast"], ["compare"], ["inspect"]])
+def test_a_one_process_command_under_torchrun_says_so(tmp_path, capsys, monkeypatch, command):
+    """demo, compare and inspect take no distributed option: under torchrun with several
+    processes the error says to launch them without it (not to set an option they lack)."""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert cli.main(command + ["--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tisdpo {command[0]}: {command[0]} runs as one process; launch it without "
+                   f"torchrun (WORLD_SIZE=2)"), err
+    assert not (tmp_path / "run").exists()
