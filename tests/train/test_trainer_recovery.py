@@ -367,3 +367,26 @@ def test_checkpoint_without_the_log_length_resumes_as_before(tmp_path, reference
         fh.write('{"step": 5, "loss": 1.0}\n')           # logged after it: redone
     _run(tmp_path).train()
     assert _rows(tmp_path) == reference[0] and _done(tmp_path) == reference[1]
+
+
+def test_metrics_are_weighted_by_pairs_not_by_the_normaliser(tmp_path):
+    """cdpo_code's normaliser counts position slots (padding included), but its metrics are
+    means over pairs: batches of equal pairs weigh equally however long their padding."""
+    objective = pref_objective(method="cdpo_code")
+    t = _run(tmp_path, objective, eval_batch_size=2, eval_max_pairs=4)
+    seen = []
+    real = objective.__call__
+
+    class _Probe:
+        count, metric_weight = objective.count, objective.metric_weight
+
+        def __call__(self, model, batch, *, normalizer):
+            loss, metrics = real(model, batch, normalizer=normalizer)
+            seen.append((objective.count(batch), objective.metric_weight(batch)))
+            return loss, {"probe": torch.tensor(float(len(seen)))}
+
+    t.objective = _Probe()
+    t._run = t.par.wrap(t.model, t.objective)
+    out = t.evaluate()
+    assert len(seen) == 2 and seen[0][0] != seen[1][0] and seen[0][1] == seen[1][1] == 2
+    assert out["eval/probe"] == 1.5                     # (1 + 2) / 2, not slot-weighted

@@ -72,6 +72,12 @@ class PreferenceObjective:
         return float(self.loss_fn.normalizer_count(
             batch["labels"], batch["pairs"] if _is_packed(batch) else None))
 
+    def metric_weight(self, batch: dict) -> float:
+        """Pairs in the batch: what its metrics are means over (``count`` is the
+        normaliser's share, position slots for cdpo_code)."""
+        return float(batch["pairs"].shape[0] if _is_packed(batch)
+                     else batch["labels"].shape[0] // 2)
+
     def _ref_head(self, batch: dict) -> dict:
         with torch.no_grad():
             ref_hidden, ref_weight, ref_bias = forward_hidden(

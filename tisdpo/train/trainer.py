@@ -1,7 +1,8 @@
 """The thin training loop: one objective, one optimiser, resumable to the bit.
 
 A stage hands the loop a model, an *objective* (``objective(model, batch, normalizer) ->
-(loss, metrics)`` plus ``objective.count(batch)``, the batch's share of the normaliser),
+(loss, metrics)`` plus ``objective.count(batch)``, the batch's share of the normaliser, and
+optionally ``objective.metric_weight(batch)``, what its metrics are means over),
 tokenised records and a collator. Per optimiser step the loop takes ``grad_accum``
 micro-batches, sums their counts on the host (pairs for preference losses, tokens for SFT;
 the batches are still on the CPU, so this is no device sync), and backpropagates each
@@ -143,7 +144,8 @@ class Trainer:
     """Runs one stage's optimisation; see the module docstring.
 
     model: trained in place. objective: callable (model, batch, normalizer) -> (loss,
-    metrics) with ``count(batch) -> float``. train_data: indexable records (e.g. a tokenised
+    metrics) with ``count(batch) -> float`` (and ``metric_weight``, else ``count`` weighs its
+    metrics). train_data: indexable records (e.g. a tokenised
     ``datasets.Dataset``). collate_fn: list of records -> batch dict (CPU tensors).
     eval_data: optional held-out records, evaluated with the same objective (no gradient).
     out_dir: this stage's directory (checkpoints/, metrics.jsonl, final/, done.json).
@@ -282,13 +284,14 @@ class Trainer:
         normalizer = self.par.sum_host([sum(counts)])[0]
         total = torch.zeros((), device=self.device)
         chunks = []
-        for k, (b, c) in enumerate(zip(batches, counts)):
+        for k, b in enumerate(batches):
             loss, metrics = self.par.forward_backward(
                 self._run, _to_device(b, self.device), max(normalizer, 1.0),
                 padded=shares[k][1], last=k == len(batches) - 1)
             total = total + loss.float()
-            chunks.append((metrics, c))
-        total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks), sum(counts))
+            chunks.append((metrics, 0.0 if shares[k][1] else self._metric_weight(b)))
+        total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks),
+                                                 sum(w for _, w in chunks))
         # the total norm over every rank's (sharded) gradient; without clipping the same call
         # with an infinite bound, which scales the gradients by exactly 1
         clip = self.cfg.max_grad_norm
@@ -310,6 +313,12 @@ class Trainer:
         self.state.step += 1
         return total, metrics
 
+    def _metric_weight(self, batch: dict) -> float:
+        """What a batch's metrics are means over: the objective's ``metric_weight`` (pairs)
+        where it has one, else its ``count`` (an SFT objective's tokens)."""
+        weight = getattr(self.objective, "metric_weight", None) or self.objective.count
+        return float(weight(batch))
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The objective's loss and metrics on the held-out records (means over pairs)."""
@@ -329,11 +338,11 @@ class Trainer:
             loss, metrics = self._run(_to_device(batch, self.device), max(c, 1.0))
             weighted += float(loss) * c
             count += c
-            chunks.append((metrics, c))
+            chunks.append((metrics, 0.0 if pad else self._metric_weight(batch)))
         self.model.train(was_training)
         weighted, total = self.par.sum_host([weighted, count])
         _, metrics = self.par.reduce_metrics(torch.zeros((), device=self.device),
-                                             _mean_metrics(chunks), count)
+                                             _mean_metrics(chunks), sum(w for _, w in chunks))
         out = {f"eval/{k}": float(v) for k, v in metrics.items()}
         out["eval/loss"] = weighted / max(total, 1.0)
         return out
