@@ -52,13 +52,16 @@ REWARD = "reward"
 
 
 def mean_se(values) -> tuple[float, float]:
-    """(mean, standard error of the mean); the error is nan for fewer than two values."""
+    """(mean, standard error of the mean: sample standard deviation (n − 1) / √n); the error
+    is nan for fewer than two values, exactly 0 for equal values."""
     v = [float(x) for x in values]
     if not v:
         return math.nan, math.nan
-    mean = sum(v) / len(v)
     if len(v) < 2:
-        return mean, math.nan
+        return v[0], math.nan
+    if min(v) == max(v):                 # exactly 0, not a rounding residue of the mean
+        return v[0], 0.0
+    mean = sum(v) / len(v)
     var = sum((x - mean) ** 2 for x in v) / (len(v) - 1)
     return mean, math.sqrt(var / len(v))
 

@@ -28,12 +28,14 @@ Reported, as measured (nothing is tuned per method):
   and on held-out pairs; and the AUC of the final weights in the direction the method wants
   (chosen: good tokens weighted above bad ones; rejected: bad above good).
 - per policy (each trained ``demo.policy_seeds`` times, 3 by default, with different data
-  orders; mean ± standard error across seeds): held-out preference accuracy — the fraction of held-out pairs whose implicit
-  reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the response's text tokens (no EOS, no
-  weights: one yardstick for every method) is higher for the chosen response — and the task
-  reward (#good − #bad words)/#words of responses sampled for held-out prompts (two samples
-  per prompt at temperature 1, the same seed for every model; ``demo.do_sample=false`` for
-  greedy), with the SFT reference as a baseline row; each ± one standard error.
+  orders; mean ± standard error across seeds): held-out preference accuracy — the fraction
+  of held-out pairs whose implicit reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the
+  response's text tokens (no EOS, no weights: one yardstick for every method) is higher for
+  the chosen response — and the task reward (#good − #bad words)/#words of responses sampled
+  for held-out prompts (two samples per prompt at temperature 1, the same seed for every
+  model; ``demo.do_sample=false`` for greedy), with the SFT reference as a baseline row; each
+  ± one standard error (the reference row's, and with one seed every row's: over the held-out
+  pairs, or over the prompts' mean rewards).
 """
 from __future__ import annotations
 
@@ -199,10 +201,13 @@ def held_out_prompts(ctx):
 
 @torch.no_grad()
 def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> dict:
-    """Mean task reward of one response per prompt (same RNG stream for every model)."""
+    """Mean task reward of ``demo.samples_per_prompt`` responses per prompt (one when
+    greedy; same RNG stream for every model). ``reward_se``: the standard error over the
+    per-prompt mean rewards (``prompt_rewards``; a prompt's samples are not independent)."""
     d, tok = ctx.cfg.demo, ctx.tokenizer
     pad = tok.pad_token_id
-    prompts = [p for p in prompts for _ in range(d.samples_per_prompt if d.do_sample else 1)]
+    per_prompt = max(d.samples_per_prompt, 1) if d.do_sample else 1
+    prompts = [p for p in prompts for _ in range(per_prompt)]
     rewards, examples = [], []
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -223,8 +228,9 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
                 rewards.append(info.reward(text, prompt, tok))
                 if len(examples) < 3:
                     examples.append(text)
-    return {"reward": float(np.mean(rewards)), "reward_se": _se(rewards),
-            "samples": len(rewards), "examples": examples}
+    by_prompt = np.asarray(rewards, dtype=np.float64).reshape(-1, per_prompt).mean(1)
+    return {"reward": float(np.mean(rewards)), "reward_se": _se(by_prompt),
+            "samples": len(rewards), "examples": examples, "prompt_rewards": by_prompt.tolist()}
 
 
 def standard_error(values) -> float:
@@ -292,8 +298,13 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict(rows: dict, n_seeds: int) -> str:
-    """TIS-DPO against DPO per metric: the mean paired difference over seeds and its SE."""
+def _verdict(rows: dict, n_seeds: int, items: dict | None = None) -> str:
+    """TIS-DPO against DPO per metric: the mean paired difference over seeds and its SE.
+
+    One seed: the SE of the per-item differences in ``items`` (``{label: {"accuracy":
+    per-pair wins, "reward": per-prompt rewards}}``: both models saw the same held-out pairs
+    and prompts), else the two rows' SEs combined as if independent. A zero or undefined SE
+    decides nothing (no "beat" from a difference whose spread was not measured)."""
     t, d = rows["TIS-DPO"], rows["DPO"]
     parts, wins, losses = [], [], []
     for key, name in (("reward", "task reward"), ("accuracy", "held-out accuracy")):
@@ -301,11 +312,17 @@ def _verdict(rows: dict, n_seeds: int) -> str:
         diff = float(diffs.mean())
         if diffs.size > 1:
             se = float(diffs.std(ddof=1) / np.sqrt(diffs.size))
+        elif items and key in items.get("TIS-DPO", {}) and key in items.get("DPO", {}):
+            se = _se(np.asarray(items["TIS-DPO"][key], dtype=np.float64)
+                     - np.asarray(items["DPO"][key], dtype=np.float64))
         else:
             se = math.hypot(t.get(f"{key}_se") or 0.0, d.get(f"{key}_se") or 0.0)
-        z = diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
+        se = 0.0 if se < 1e-9 else se        # equal differences up to rounding: spread 0
+        z = diff / se if se > 0 else math.nan              # se 0 or nan: no test
         seeds = ", ".join(f"{x:+.3f}" for x in diffs)
-        parts.append(f"{name} {diff:+.3f} ({z:+.1f} SE; per seed {seeds})")
+        zs = f"{z:+.1f} SE" if math.isfinite(z) else "SE 0: untested" if se == 0 \
+            else "SE n/a: untested"
+        parts.append(f"{name} {diff:+.3f} ({zs}; per seed {seeds})")
         if z > 2:
             wins.append(name)
         elif z < -2:
@@ -374,7 +391,8 @@ def run_demo(cfg: RunConfig) -> dict:
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
     rows = [{"method": "reference (SFT)", "accuracy": None,
              **sample_rewards(ctx, ref, prompts, info, seed=cfg.seed)}]
-    by_label = {}
+    rows[0].pop("prompt_rewards")
+    by_label, items = {}, {}
     for label, paths in finals.items():
         runs = []
         for path in paths:
@@ -385,6 +403,8 @@ def run_demo(cfg: RunConfig) -> dict:
             runs.append({"accuracy": float(wins.mean()), "accuracy_se": _se(wins),
                          "own_accuracy": own,
                          **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)})
+            runs[-1]["wins"] = wins.tolist()
+        items[label] = {"accuracy": runs[0]["wins"], "reward": runs[0]["prompt_rewards"]}
         by_label[label] = _aggregate(label, runs)
         rows.append(by_label[label])
     res = {
@@ -394,7 +414,7 @@ def run_demo(cfg: RunConfig) -> dict:
         "policy_seeds": seeds,
         "weight_method": weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,
-        "note": _verdict(by_label, len(seeds)), "wall_s": time.perf_counter() - t0,
+        "note": _verdict(by_label, len(seeds), items), "wall_s": time.perf_counter() - t0,
         "device": str(ctx.device), "sampling": "greedy" if not cfg.demo.do_sample else
         f"{cfg.demo.samples_per_prompt} per prompt, temperature {cfg.demo.temperature}, "
         f"seed {cfg.seed}",
