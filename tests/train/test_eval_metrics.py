@@ -138,3 +138,25 @@ def test_collapse_warning(caplog, chosen, rejected, warned):
     if warned:
         assert "policies/x" in msg and f"{chosen:+.3f}" in msg and hits[0].levelname == "WARNING"
     assert displacement_warning({}, "x") is None
+
+
+def test_an_appended_eos_is_left_out_of_the_comparable_metrics():
+    """A preset that counts EOS and one that does not see the same text tokens: with the
+    EOS id given, the metrics of a batch whose responses end in EOS equal those of the same
+    batch with the EOS labels ignored, so methods of both kinds are compared alike."""
+    model = _model(seed=3).eval()
+    batch = PaddedPairCollator(0)(_records(12, seed=5))
+    eos = 7
+    last = (batch["labels"] != -100).cumsum(1).argmax(1)          # each row's last response token
+    with_eos = dict(batch, labels=batch["labels"].clone())
+    with_eos["labels"][torch.arange(len(last)), last] = eos
+    without = dict(batch, labels=with_eos["labels"].masked_fill(with_eos["labels"] == eos, -100))
+    keys = ("rewards/accuracies_unweighted", "logps/chosen_delta", "logps/rejected_delta")
+    obj = PreferenceObjective(TISDPOLoss(method="dpo", impl="torch"), model_cfg=MCFG, device=CPU,
+                              eos_token_id=eos)
+    with torch.no_grad():
+        _, got = obj(model, with_eos, normalizer=12.0)
+        _, want = _objective("dpo", weights=False)(model, without, normalizer=12.0)
+        _, counted = _objective("dpo", weights=False)(model, with_eos, normalizer=12.0)
+    assert all(torch.equal(got[k], want[k]) for k in keys)
+    assert any(not torch.equal(counted[k], want[k]) for k in keys)     # the case bites

@@ -114,7 +114,8 @@ def _preference_objective(ctx: Context, model, method: str, beta: float | None, 
     loss = TISDPOLoss(method=method, beta=beta, softcap=head(model).softcap, impl=impl,
                       strategy=strategy, filter_eps=filter_eps)
     return PreferenceObjective(loss, model_cfg=ctx.cfg.model, device=ctx.device,
-                               ref_model=ref_model, use_weights=use_weights)
+                               ref_model=ref_model, use_weights=use_weights,
+                               eos_token_id=ctx.tokenizer.eos_token_id)
 
 
 def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta: float | None,

@@ -60,9 +60,13 @@ class PreferenceObjective:
     weights come from the batch's ``weights`` when ``use_weights``, else unit weights.
     """
 
-    def __init__(self, loss_fn, *, model_cfg, device, ref_model=None, use_weights=False):
+    def __init__(self, loss_fn, *, model_cfg, device, ref_model=None, use_weights=False,
+                 eos_token_id: int | None = None):
         self.loss_fn, self.model_cfg, self.device = loss_fn, model_cfg, device
         self.ref_model, self.use_weights = ref_model, use_weights
+        # the comparable metrics leave out an appended EOS, which some presets count and
+        # others do not (responses never contain the EOS token: the data checks refuse it)
+        self.eos_token_id = eos_token_id
         cfg = loss_fn.config
         self.reference_free, self.needs_ref_hidden = cfg.reference_free, cfg.uses_kl
 
@@ -127,6 +131,8 @@ class PreferenceObjective:
                                        bias=ref["ref_bias"], **head)
         else:
             ref_logp = ref_logps.reshape(lab.shape).to(logp.dtype)
+        if self.eos_token_id is not None:      # the text tokens only, for every method
+            lab = torch.where(lab == self.eos_token_id, fn.ignore_index, lab)
         return comparable_metrics(logp, ref_logp, lab, beta=fn.config.beta,
                                   ignore_index=fn.ignore_index,
                                   seq_offsets=batch.get("seq_offsets"), pairs=batch.get("pairs"))
