@@ -24,14 +24,17 @@ def _seed():
     yield
 
 
-#: test folders that run on one CPU thread without datasets' progress bars: their tiny models
-#: are faster so, and resume- and step-equality checks need one summation order
+#: test folders (and files elsewhere) that run on one CPU thread without datasets' progress
+#: bars: their tiny models are faster so, and resume- and step-equality checks need one
+#: summation order
 ONE_THREAD_DIRS = ("pipeline", "integrations")
+ONE_THREAD_FILES = ("test_trainer.py", "test_trainer_faults.py", "test_trainer_recovery.py")
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
-    if request.node.path.parent.name not in ONE_THREAD_DIRS:
+    if request.node.path.parent.name not in ONE_THREAD_DIRS and \
+            request.node.path.name not in ONE_THREAD_FILES:
         yield
         return
     import datasets

@@ -49,3 +49,24 @@ def trainer(model, objective, data, out_dir, *, collate=None, **cfg):
     return Trainer(model=model, objective=objective, train_data=data,
                    collate_fn=collate or PaddedPairCollator(0), cfg=TrainConfig(**base),
                    out_dir=str(out_dir), device=CPU, seed=7, log=QUIET, desc="test")
+
+
+class Poisoned:
+    """``inner``, non-finite from its ``at``-th call on: a NaN loss, or with ``gradient``
+    a finite loss whose gradient is NaN (value 0, gradient 0 / 0 through the untaken branch)."""
+
+    def __init__(self, inner, at, *, gradient=False):
+        self.inner, self.at, self.gradient, self.calls = inner, at, gradient, 0
+
+    def count(self, batch):
+        return self.inner.count(batch)
+
+    def __call__(self, model, batch, *, normalizer):
+        self.calls += 1
+        loss, metrics = self.inner(model, batch, normalizer=normalizer)
+        if self.calls < self.at:
+            return loss, metrics
+        if self.gradient:
+            p = next(model.parameters())
+            return loss + torch.where(torch.tensor(True), torch.zeros(()), p.sum() / 0.0), metrics
+        return loss * float("nan"), metrics

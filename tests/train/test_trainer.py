@@ -20,13 +20,6 @@ from tisdpo.train.model import (
 from tisdpo.train.objectives import PreferenceObjective, SFTObjective
 from tisdpo.train.trainer import lr_factor
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
 def test_resume_between_steps_is_bitwise_identical(tmp_path, optimizer):

@@ -11,18 +11,10 @@ import sys
 import pytest
 import torch
 
-from trainer_cases import model, pref_objective, records, trainer
+from trainer_cases import Poisoned, model, pref_objective, records, trainer
 from tisdpo.train import checkpoint
 from tisdpo.train.checkpoint import checkpoints, stage_done, write_state
 from tisdpo.train.trainer import TrainingDiverged
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 DATA = records(16)          # 6 steps in 2 epochs with the trainer_cases defaults
@@ -155,24 +147,9 @@ def test_write_state_replaces_and_reads_back(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["step-0000001"]
 
 
-class _Poisoned:
-    """The objective, with a NaN loss from the ``at``-th call on."""
-
-    def __init__(self, inner, at):
-        self.inner, self.at, self.calls = inner, at, 0
-
-    def count(self, batch):
-        return self.inner.count(batch)
-
-    def __call__(self, model, batch, *, normalizer):
-        self.calls += 1
-        loss, metrics = self.inner(model, batch, normalizer=normalizer)
-        return (loss * float("nan") if self.calls >= self.at else loss), metrics
-
-
 def test_non_finite_loss_stops_before_the_update_and_is_not_done(tmp_path):
     # grad_accum 2: calls 5 and 6 form step 3; the poisoned gradient never reaches the weights
-    t = trainer(model(), _Poisoned(pref_objective(), at=5), DATA, tmp_path, save_every=1)
+    t = trainer(model(), Poisoned(pref_objective(), at=5), DATA, tmp_path, save_every=1)
     with pytest.raises(TrainingDiverged, match="non-finite at step 3") as info:
         t.train()
     assert "\n" not in str(info.value)

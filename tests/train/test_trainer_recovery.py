@@ -11,19 +11,11 @@ import signal
 import pytest
 import torch
 
-from trainer_cases import model, pref_objective, records, trainer
+from trainer_cases import Poisoned, model, pref_objective, records, trainer
 from tisdpo import cli
 from tisdpo.train import checkpoint, trainer as trainer_module
 from tisdpo.train.checkpoint import checkpoints, read_state, stage_done, write_state
 from tisdpo.train.trainer import TrainingDiverged
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 DATA, HELD = records(16), records(4, seed=1)       # 6 steps with the trainer_cases defaults
@@ -147,28 +139,10 @@ def test_sigterm_during_a_stages_final_evaluation_exits_143_before_the_next(tmp_
 
 # ------------------------------------------------------------------ a NaN gradient, no clipping
 
-class _NanGradient:
-    """The objective, with a finite loss but a NaN gradient from the ``at``-th call on."""
-
-    def __init__(self, inner, at):
-        self.inner, self.at, self.calls = inner, at, 0
-
-    def count(self, batch):
-        return self.inner.count(batch)
-
-    def __call__(self, model, batch, *, normalizer):
-        self.calls += 1
-        loss, metrics = self.inner(model, batch, normalizer=normalizer)
-        if self.calls >= self.at:               # value 0, gradient 0 / 0 through the branch
-            p = next(model.parameters())
-            loss = loss + torch.where(torch.tensor(True), torch.zeros(()), p.sum() / 0.0)
-        return loss, metrics
-
-
 def test_nan_gradient_without_clipping_stops_before_the_update(tmp_path):
     # grad_accum 2: calls 5 and 6 form step 3
-    t = trainer(model(), _NanGradient(pref_objective(), at=5), DATA, tmp_path, save_every=1,
-                max_grad_norm=None)
+    t = trainer(model(), Poisoned(pref_objective(), at=5, gradient=True), DATA, tmp_path,
+                save_every=1, max_grad_norm=None)
     with pytest.raises(TrainingDiverged, match=r"gradient norm became non-finite at step 3 "
                                                r"\(loss [0-9.]+, gradient norm nan\)") as info:
         t.train()
