@@ -32,13 +32,12 @@ lost likelihood against the reference (``objectives.displacement_warning``) are 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 import re
 
 from tisdpo.pipeline.stages import POLICIES_DIR
-from tisdpo.train.checkpoint import read_done, stage_done
+from tisdpo.train.checkpoint import read_done, stage_done, write_json
 from tisdpo.train.config import RunConfig
 from tisdpo.train.objectives import COLLAPSE_THRESHOLD
 
@@ -260,11 +259,7 @@ def run_compare(cfg: RunConfig, *, policies=None, group: str | None = None,
     res = summarize(runs, metrics, baseline)
     text = format_markdown(res, cfg.run_dir)
     print(text)
-    path = out or os.path.join(cfg.run_dir, "compare.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(res), fh, indent=2)
-    os.replace(tmp, path)
+    write_json(out or os.path.join(cfg.run_dir, "compare.json"), _jsonable(res))
     return res
 
 

@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import asdict
 
-from tisdpo.train.checkpoint import DONE_FILE, checkpoints, stage_done
+from tisdpo.train.checkpoint import DONE_FILE, checkpoints, stage_done, write_json
 from tisdpo.train.config import config_to_dict
 from tisdpo.train.records import DATA_EXTS
 
@@ -294,10 +294,7 @@ def _differences(old: dict, new: dict, *, keys=None) -> list[str]:
 
 def _write(path: str, options: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(options, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(path, options, indent=1, sort_keys=True)
 
 
 def check_options(out_dir: str, options: dict, *, desc: str, resume: bool,

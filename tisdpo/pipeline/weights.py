@@ -33,7 +33,6 @@ the raw per-token c_t.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict
@@ -48,6 +47,7 @@ from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.pipeline.spans import (
     SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_rows,
 )
+from tisdpo.train.checkpoint import DONE_FILE, write_json
 from tisdpo.train.config import RunConfig
 from tisdpo.train.model import head
 from tisdpo.train.objectives import forward_hidden
@@ -304,11 +304,8 @@ def run_weights(ctx: Context) -> str:
     if ctx.par.is_main:
         # each file renamed into place when complete; the shards go only once done.json is
         # there, so a kill at any point leaves either a finished pass or its shards
-        for name, doc in (("meta.json", meta), ("done.json", {"stage": "weights", **meta})):
-            path = os.path.join(out_dir, name)
-            with open(path + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=2)
-            os.replace(path + ".tmp", path)
+        write_json(os.path.join(out_dir, "meta.json"), meta)
+        write_json(os.path.join(out_dir, DONE_FILE), {"stage": "weights", **meta})
         shutil.rmtree(os.path.join(out_dir, "_shards"), ignore_errors=True)
     ctx.par.barrier()
     return out_dir

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["DONE_FILE", "CorruptCheckpoint", "checkpoints", "latest_checkpoint",
-           "remove_partial", "write_state", "read_state", "stage_done", "read_done",
+           "remove_partial", "write_state", "read_state", "stage_done", "read_done", "write_json",
            "rng_state", "restore_rng_state", "optimizer_state_to_indices",
            "optimizer_state_to_fqns", "fqns_by_group"]
 
@@ -135,6 +135,15 @@ def stage_done(out_dir: str) -> bool:
 def read_done(out_dir: str) -> dict:
     with open(os.path.join(out_dir, DONE_FILE), encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def write_json(path: str, doc, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """``doc`` as JSON at ``path``, written beside it and renamed into place when complete: a
+    killed writer leaves the old file or none, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=indent, sort_keys=sort_keys)
+    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

@@ -34,7 +34,6 @@ Every ``self.par`` call is the single-process behaviour when ``parallel`` is Non
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ import torch
 
 from tisdpo.train.checkpoint import (
     DONE_FILE, CorruptCheckpoint, checkpoints, read_state, remove_partial, restore_rng_state,
-    rng_state, write_state,
+    rng_state, write_json, write_state,
 )
 from tisdpo.train.config import LogConfig, TrainConfig
 from tisdpo.train.metrics_log import MetricSink, NoSink, progress_bar
@@ -457,8 +456,5 @@ class Trainer:
         done = {"stage": self.desc, "steps": self.state.step, "metrics": metrics,
                 **self.extra_done}
         if self.par.is_main:                 # renamed when complete: never half a done.json
-            path = os.path.join(self.out_dir, DONE_FILE)
-            with open(path + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump(done, fh, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json(os.path.join(self.out_dir, DONE_FILE), done)
         self.par.barrier()
