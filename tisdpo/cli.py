@@ -326,8 +326,9 @@ def _locked_run(args, cfg: RunConfig) -> int:
         return _run(args, cfg)
     path = os.path.join(cfg.run_dir, "config.yaml")
     par = _processes(args, cfg)
-    # the one rank that writes config.yaml (and holds the lock): rank 0
-    first = par.is_main if par is not None else (torchrun_env() or (0,))[0] == 0
+    # the one rank that writes config.yaml (and holds the lock): rank 0 (several processes
+    # run only a stage command, which then has its process group)
+    first = par is None or par.is_main
     with run_lock(cfg.run_dir, par):       # before anything in run_dir is written
         if first and not os.path.isfile(path):   # a new run: its options from its first command
             dump_yaml(cfg, path)
@@ -369,12 +370,11 @@ def _run(args, cfg: RunConfig) -> int:
     ctx = make_context(cfg)
     out = STAGES[args.command](ctx)
     if args.command == "weights" and args.trl:
-        from tisdpo.integrations.trl_weights import export_trl_weights
+        from tisdpo.integrations.trl_weights import export_trl_weights, trl_weight_paths
 
-        # rank 0 writes the copy; the others wait for it (the paths are the same on every rank)
-        with ctx.par.main_first():
+        with ctx.par.main_first():                  # rank 0 writes the copy, the others wait
             paths = export_trl_weights(out, ctx.tokenizer) if ctx.par.is_main else \
-                [os.path.join(out, "trl", f) for s in ("train", "eval") for f in (s, s + ".jsonl")]
+                trl_weight_paths(out)
         out = "\n".join([out, *paths])
     if isinstance(out, dict):                       # pipeline: every stage's output
         out = "\n".join(f"{stage}: {o}" for stage, o in out.items())

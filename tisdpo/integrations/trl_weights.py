@@ -29,7 +29,7 @@ import os
 
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 
-__all__ = ["align_weights_to_trl", "load_trl_weights", "export_trl_weights",
+__all__ = ["align_weights_to_trl", "load_trl_weights", "export_trl_weights", "trl_weight_paths",
            "trl_completion_ids", "TISDPO_TOKEN_COLUMNS"]
 
 #: Per-token columns of the weights stage (tisdpo alignment), dropped by the conversion.
@@ -163,19 +163,24 @@ def load_trl_weights(weights_dir: str, tokenizer, split: str = "train", *,
                                 unscored_weight=unscored_weight)
 
 
+def trl_weight_paths(weights_dir: str, out_dir: str | None = None) -> list[str]:
+    """Where :func:`export_trl_weights` writes: ``train/``, ``train.jsonl``, ``eval/``,
+    ``eval.jsonl`` under ``out_dir`` (default ``<weights_dir>/trl``)."""
+    out_dir = out_dir or os.path.join(weights_dir, "trl")
+    return [os.path.join(out_dir, split) + ext for split in ("train", "eval")
+            for ext in ("", ".jsonl")]
+
+
 def export_trl_weights(weights_dir: str, tokenizer, out_dir: str | None = None, *,
                        unscored_weight: float = 0.0) -> list[str]:
     """Writes both splits of a finished ``weights`` stage in TRL's alignment
     (:func:`load_trl_weights`) to ``out_dir`` (default ``<weights_dir>/trl``): ``train/`` and
     ``eval/`` (``datasets.save_to_disk``, for ``load_from_disk``) and ``train.jsonl``,
     ``eval.jsonl``. Returns the written paths."""
-    out_dir = out_dir or os.path.join(weights_dir, "trl")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for split in ("train", "eval"):
+    paths = trl_weight_paths(weights_dir, out_dir)
+    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    for split, path in zip(("train", "eval"), paths[::2]):
         ds = load_trl_weights(weights_dir, tokenizer, split, unscored_weight=unscored_weight)
-        path = os.path.join(out_dir, split)
         ds.save_to_disk(path)
         ds.to_json(path + ".jsonl", lines=True, force_ascii=False)
-        paths += [path, path + ".jsonl"]
     return paths
