@@ -332,9 +332,14 @@ class Parallel:
         n = buf[-1].clamp(min=1e-12)
         return buf[0], {k: buf[1 + i] / n for i, k in enumerate(keys)}
 
-    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
-        """``clip_grad_norm_`` over all ranks' gradients (sharded ones included)."""
-        norm = nn.utils.clip_grad_norm_(list(params), max_norm)
+    def clip_grad_norm(self, params, max_norm: float | None) -> torch.Tensor:
+        """``clip_grad_norm_`` over all ranks' gradients (sharded ones included); with
+        ``max_norm`` None only their total norm (no pass that scales them)."""
+        params = list(params)
+        if max_norm is None:
+            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            norm = nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ------------------------------------------------------------------ checkpoints

@@ -291,11 +291,9 @@ class Trainer:
             chunks.append((metrics, 0.0 if shares[k][1] else self._metric_weight(b)))
         total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks),
                                                  sum(w for _, w in chunks))
-        # the total norm over every rank's (sharded) gradient; without clipping the same call
-        # with an infinite bound, which scales the gradients by exactly 1
-        clip = self.cfg.max_grad_norm
-        metrics["grad_norm"] = self.par.clip_grad_norm(
-            self.model.parameters(), math.inf if clip is None else clip)
+        # the total norm over every rank's (sharded) gradient, clipped to max_grad_norm if set
+        metrics["grad_norm"] = self.par.clip_grad_norm(self.model.parameters(),
+                                                       self.cfg.max_grad_norm)
         # one host sync per optimiser step: a non-finite loss or gradient stops the stage
         # before the update reaches the weights (reduced values: every rank agrees)
         watch = torch.stack([total.float().reshape(()), metrics["grad_norm"].float().reshape(())])
