@@ -105,6 +105,15 @@ def _case_extra(case: O.Case) -> dict:
     return {"pairs": case.pairs, "ref_logps": case.reference} if case.op == "loss" else {}
 
 
+def _status_rows(env: dict, case: O.Case, dtype: str, providers, modes, status: str,
+                 message: str) -> list[dict]:
+    """Rows that measured nothing (skipped, error, OOM) for ``providers`` × ``modes`` of one
+    case, carrying its message and the case's extra."""
+    return [R.make_row(env, op=case.op, provider=p, mode=m, metric="status", unit="",
+                       status=status, extra={"message": message, **_case_extra(case)},
+                       **_shape_cols(case, dtype)) for p in providers for m in modes]
+
+
 def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: dict,
                    ceiling: float) -> list[dict]:
     cols = _shape_cols(case, cfg.dtype)
@@ -112,9 +121,7 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
     rows = []
 
     def status_rows(modes, status, message):
-        return [R.make_row(env, op=case.op, provider=name, mode=m, metric="status", unit="",
-                           status=status, extra={"message": message, **_case_extra(case)},
-                           **cols) for m in modes]
+        return _status_rows(env, case, cfg.dtype, [name], modes, status, message)
 
     st, work = M.guarded(lambda: O.build_workload(case, inp, name))
     if st == "ok":
@@ -165,9 +172,7 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
     if cfg.check:
         st, errs = M.guarded(lambda: O.reference_errors(case, inp, name, work))
         if st != "ok":
-            rows += [R.make_row(env, op=case.op, provider=name, mode="check", metric="status",
-                                unit="", status=st, extra={"message": errs, **_case_extra(case)},
-                                **cols)]
+            rows += status_rows(["check"], st, errs)
         else:
             for out_name, (err, ref_max) in errs.items():
                 rows.append(R.make_row(env, op=case.op, provider=name, mode="check",
@@ -208,11 +213,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                 st, inp = M.guarded(lambda: O.make_inputs(case))
                 if st != "ok":
                     _log(f"  inputs: {st}: {inp}")
-                    emit([R.make_row(env, op=op, provider=p, mode=m, metric="status", unit="",
-                                     status=st, extra={"message": f"inputs: {inp}",
-                                                       **_case_extra(case)},
-                                     **_shape_cols(case, cfg.dtype))
-                          for p in cfg.providers for m in cfg.modes])
+                    emit(_status_rows(env, case, cfg.dtype, cfg.providers, cfg.modes, st,
+                                      f"inputs: {inp}"))
                     M.free_memory(cfg.device)
                     continue
                 if not ceiling_done:        # once per (shape, tokens), before the providers
@@ -227,12 +229,8 @@ def run(cfg: RunConfig, env: dict, on_rows: Callable[[list[dict]], None] | None 
                                                               softcap=shape.softcap))
                     if st != "ok":
                         _log(f"  {name}: {st} in its probe: {why}")
-                        emit([R.make_row(env, op=op, provider=name, mode=m, metric="status",
-                                         unit="", status=st,
-                                         extra={"message": f"probe: {why}",
-                                                **_case_extra(case)},
-                                         **_shape_cols(case, cfg.dtype))
-                              for m in cfg.modes])
+                        emit(_status_rows(env, case, cfg.dtype, [name], cfg.modes, st,
+                                          f"probe: {why}"))
                         M.free_memory(cfg.device)
                         continue
                     if why is not None:
