@@ -115,10 +115,12 @@ def assert_oracle(actual, ref, truth, *, dtype, name="output", c=2.0, metric="ma
     out_dtype = actual.dtype if actual.dtype.is_floating_point else torch.float64
     a, r, t = (x.detach().to(torch.float64).cpu() for x in (actual, ref, truth))
     assert torch.isfinite(t).all(), f"{name}: the float64 truth itself is not finite"
-    bad = ~torch.isfinite(a)
-    if bad.any():
-        idx = tuple(torch.nonzero(bad)[0].tolist())
-        raise AssertionError(f"{name}: non-finite value {a[idx].item()} at index {idx}")
+    for what, x in (("non-finite value", a), ("the reference's error sets the bound; its "
+                                              "non-finite value", r)):
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            idx = tuple(torch.nonzero(bad)[0].tolist())
+            raise AssertionError(f"{name}: {what} {x[idx].item()} at index {idx}")
     m = _magnitude(magnitude, t, name)
     err, ref_err = (a - t).abs(), (r - t).abs()
     allowed, e = allowed_error(ref_err, t, m, dtype=dtype, out_dtype=out_dtype, c=c,

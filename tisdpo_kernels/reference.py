@@ -23,7 +23,12 @@ __all__ = [
 ]
 
 
-def _logits(hidden, weight, bias, softcap):
+def _logits(hidden, weight, bias, softcap, valid):
+    """softcap(hidden @ weight.T + bias), from hidden with the ignored rows set to 0: their
+    logits are never used, and a NaN/inf there must not reach another row through a GEMM
+    kernel that reads past a row's end (some CPU bfloat16 kernels do)."""
+    hidden = torch.where(valid[..., None], hidden, torch.zeros((), dtype=hidden.dtype,
+                                                               device=hidden.device))
     z = hidden @ weight.T
     if bias is not None:
         z = z + bias
@@ -41,7 +46,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
     logp and lse, and no gradient.
     """
     valid = targets != ignore_index
-    z = _logits(hidden, weight, bias, softcap)
+    z = _logits(hidden, weight, bias, softcap, valid)
     lse = torch.logsumexp(z, dim=-1)
     safe = torch.where(valid, targets, 0).long()
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
@@ -61,10 +66,10 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
     gradients reach the policy inputs only.
     """
     valid = targets != ignore_index
-    logp_all = torch.log_softmax(_logits(hidden, weight, bias, softcap), dim=-1)
+    logp_all = torch.log_softmax(_logits(hidden, weight, bias, softcap, valid), dim=-1)
     with torch.no_grad():
         logq_all = torch.log_softmax(
-            _logits(ref_hidden, ref_weight, ref_bias, softcap), dim=-1).to(logp_all.dtype)
+            _logits(ref_hidden, ref_weight, ref_bias, softcap, valid), dim=-1).to(logp_all.dtype)
     if direction == "policy_ref":
         kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
     elif direction == "ref_policy":
@@ -82,8 +87,8 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
                           bias_pos=None, bias_neg=None, ignore_index=-100):
     """cDPO's log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[target] (docs/ALGORITHMS.md §6.2)."""
     valid = targets != ignore_index
-    z = (1 + b) * _logits(hidden_pos, weight_pos, bias_pos, None) \
-        - b * _logits(hidden_neg, weight_neg, bias_neg, None)
+    z = (1 + b) * _logits(hidden_pos, weight_pos, bias_pos, None, valid) \
+        - b * _logits(hidden_neg, weight_neg, bias_neg, None, valid)
     safe = torch.where(valid, targets, 0).long().unsqueeze(-1)
     out = torch.log_softmax(z, dim=-1).gather(-1, safe).squeeze(-1)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -55,7 +55,8 @@ def linear_logprobs_fwd(hidden, weight, targets, bias, opts: HeadOptions, chunk:
     lse = torch.empty(n, dtype=sd, device=hidden.device)
     with no_autocast(hidden.device):
         for s, e in chunks(n, chunk):
-            logp[s:e], lse[s:e] = _chunk_fwd(hidden[s:e], weight, bias, safe[s:e], opts.softcap)
+            logp[s:e], lse[s:e] = _chunk_fwd(kept_rows(hidden[s:e], valid[s:e]), weight, bias,
+                                             safe[s:e], opts.softcap)
     return masked(logp, valid), lse
 
 

@@ -78,7 +78,8 @@ def linear_token_kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
     with no_autocast(dev):
         for s, e in chunks(n, chunk):
             kl[s:e], logp[s:e], ref_logp[s:e], m_p[s:e], s_p[s:e], m_q[s:e], s_q[s:e] = \
-                _chunk_fwd(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
+                _chunk_fwd(kept_rows(hidden[s:e], valid[s:e]), weight, bias,
+                           kept_rows(ref_hidden[s:e], valid[s:e]), ref_weight, ref_bias,
                            safe[s:e], opts, sd)
     return (masked(kl, valid), masked(logp, valid), masked(ref_logp, valid),
             (m_p, s_p, m_q, s_q), kl)
@@ -97,9 +98,9 @@ def linear_token_kl_bwd(hidden, weight, ref_hidden, ref_weight, targets, bias, r
             # ignored rows contribute exactly nothing, whatever their hidden states (even
             # NaN/inf): their dz rows are zeroed and their hidden rows never reach d_weight
             h = kept_rows(hidden[s:e], valid[s:e])
-            dz = _chunk_dz(h, weight, bias, ref_hidden[s:e], ref_weight, ref_bias,
-                           safe[s:e], tuple(t[s:e] for t in stats), kl[s:e], g_kl[s:e],
-                           g_logp[s:e], opts, sd)
+            dz = _chunk_dz(h, weight, bias, kept_rows(ref_hidden[s:e], valid[s:e]),
+                           ref_weight, ref_bias, safe[s:e], tuple(t[s:e] for t in stats),
+                           kl[s:e], g_kl[s:e], g_logp[s:e], opts, sd)
             grads.add(s, e, h, dz.masked_fill_(~valid[s:e, None], 0.0))
             del dz                                  # free it before the next chunk's is made
     return grads.finish()
