@@ -204,7 +204,7 @@ def kept_rows(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """h [C, D] with the rows of ignored tokens set to exactly 0 (a dense [C, D] copy, no
     sync), so a NaN/inf hidden state at an ignored position never reaches a GEMM: not a
     gradient GEMM (0·NaN = NaN), and not the logits GEMM either, where some CPU bfloat16
-    kernels (oneDNN's AMX path when D is not a multiple of 32) read a few elements past each
+    kernels (oneDNN's AMX path, at some D that are not multiples of 32) read past each
     row, into the next row or a strided view's padding, and let a NaN there into the row's
     logits. The torch backend's and the one-sweep head's GEMMs take hidden rows through here."""
     return torch.where(valid[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
