@@ -101,6 +101,14 @@ def _magnitude(magnitude, t: torch.Tensor, name: str) -> torch.Tensor:
     return m
 
 
+def _assert_finite(x: torch.Tensor, what: str) -> None:
+    """AssertionError naming ``what``, the first non-finite value of ``x`` and its index."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        idx = tuple(torch.nonzero(bad)[0].tolist())
+        raise AssertionError(f"{what} {x[idx].item()} at index {idx}")
+
+
 def assert_oracle(actual, ref, truth, *, dtype, name="output", c=2.0, metric="max",
                   magnitude=None):
     """Check ``actual`` against float64 ``truth`` with bound (1) of the module docstring.
@@ -115,12 +123,8 @@ def assert_oracle(actual, ref, truth, *, dtype, name="output", c=2.0, metric="ma
     out_dtype = actual.dtype if actual.dtype.is_floating_point else torch.float64
     a, r, t = (x.detach().to(torch.float64).cpu() for x in (actual, ref, truth))
     assert torch.isfinite(t).all(), f"{name}: the float64 truth itself is not finite"
-    for what, x in (("non-finite value", a), ("the reference's error sets the bound; its "
-                                              "non-finite value", r)):
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            idx = tuple(torch.nonzero(bad)[0].tolist())
-            raise AssertionError(f"{name}: {what} {x[idx].item()} at index {idx}")
+    _assert_finite(a, f"{name}: non-finite value")
+    _assert_finite(r, f"{name}: the reference, whose error sets the bound, has a non-finite value")
     m = _magnitude(magnitude, t, name)
     err, ref_err = (a - t).abs(), (r - t).abs()
     allowed, e = allowed_error(ref_err, t, m, dtype=dtype, out_dtype=out_dtype, c=c,

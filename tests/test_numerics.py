@@ -192,6 +192,17 @@ def test_magnitude_below_the_value_is_refused():
         assert_oracle(t.float(), t, t, dtype=torch.float32, name="x", magnitude=1.0)
 
 
+def test_non_finite_output_or_reference_is_named():
+    """A NaN in the output fails naming it; so does one in the reference, which would
+    otherwise make the bound NaN (and no element could be judged against it)."""
+    t = torch.tensor([3.0, 1.0], dtype=F64)
+    nan = torch.tensor([3.0, float("nan")])
+    with pytest.raises(AssertionError, match=r"x: non-finite value nan at index \(1,\)"):
+        assert_oracle(nan, t.float(), t, dtype=torch.float32, name="x")
+    with pytest.raises(AssertionError, match=r"x: the reference, .* nan at index \(1,\)"):
+        assert_oracle(t.float(), nan, t, dtype=torch.float32, name="x")
+
+
 def test_three_way_uses_the_model_on_the_kernels():
     """check_three_way passes the torch backend on an odd case (the wiring of the model)."""
     masters, y, grads = logprobs_case(7, 5, 11, ignored=(2,))

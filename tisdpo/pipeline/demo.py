@@ -311,7 +311,7 @@ def _verdict(rows: dict, n_seeds: int, items: dict | None = None) -> str:
         diffs = np.asarray(t[f"{key}_per_seed"]) - np.asarray(d[f"{key}_per_seed"])
         diff = float(diffs.mean())
         if diffs.size > 1:
-            se = float(diffs.std(ddof=1) / np.sqrt(diffs.size))
+            se = _se(diffs)
         elif items and key in items.get("TIS-DPO", {}) and key in items.get("DPO", {}):
             se = _se(np.asarray(items["TIS-DPO"][key], dtype=np.float64)
                      - np.asarray(items["DPO"][key], dtype=np.float64))
