@@ -200,7 +200,8 @@ def run(args, device: torch.device, env: dict,
         emit([R.make_row(env, op="e2e_step", provider=name, mode="summary",
                          tokens=max(lengths), metric="longest_pair_fits",
                          unit="pair_tokens", value=longest or None,
-                         extra={"tested": list(lengths)}, **cols)])
+                         extra={"tested": list(lengths), "layout": args.layout,
+                                "attn": attn}, **cols)])
     return rows
 
 

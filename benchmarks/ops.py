@@ -25,6 +25,7 @@ gradient filtering (Cut Cross-Entropy's, or any) exploits; uniform logits give i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -306,7 +307,9 @@ def reference_errors(case: Case, inp: Inputs, provider: str,
         # and four passes over 2 GB running on the host's cores, about a second per provider
         out = got[name]
         ref = ref.to(out.device).reshape(out.shape)
-        err = (out.float() - ref).abs().max().item()
+        # a NaN in the output is an infinite error, not a NaN that a max may drop or a CSV
+        # cell may show as blank
+        err = (out.float() - ref).abs().nan_to_num(nan=math.inf).max().item()
         errs[name] = (err, ref.abs().max().item())
         del ref
     for leaf in work.leaves:

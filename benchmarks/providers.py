@@ -48,6 +48,7 @@ class Provider:
     token_weights: bool = True       # honours per-token weights in the loss op
     ref_logps: bool = True           # takes precomputed reference log-probs in the loss op
     softcap: bool = True             # supports a logit softcap
+    filtered: bool = False           # its backward skips work that depends on the data
     env: tuple[tuple[str, str], ...] = ()   # environment variables set while it runs
 
 
@@ -65,7 +66,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "chunk instead of the Triton epilogue; the same cuBLAS GEMMs)"),
     Provider("ours-filtered", ("logprobs",), "recompute",
              "tisdpo fused Triton kernels with gradient filtering, filter_eps=2^-12 "
-             "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only"),
+             "(docs/FILTERING.md): exact forward, backward GEMMs on the kept columns only",
+             filtered=True),
     Provider("ours-no-tma", ("logprobs",), "recompute",
              "ours-triton with the weight tiles loaded, and the backward's dz tiles stored, "
              "through pointers instead of Hopper's tensor memory accelerator (TISDPO_TMA=0; "
@@ -82,7 +84,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("torch-compile", OPS, "materialise", "torch.compile of the eager code"),
     Provider("cce", ("logprobs", "loss"), "recompute",
              "Cut Cross-Entropy linear_cross_entropy(reduction='none'), default filtering",
-             packages=("cut_cross_entropy",), cuda_only=True),
+             packages=("cut_cross_entropy",), cuda_only=True, filtered=True),
     Provider("cce_exact", ("logprobs", "loss"), "recompute",
              "Cut Cross-Entropy with gradient filtering off (filter_eps=None)",
              packages=("cut_cross_entropy",), cuda_only=True),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -48,11 +49,18 @@ def _ref(r: dict) -> str | None:
     return json.loads(r["extra"] or "{}").get("ref_logps", "online")
 
 
+def _layout(r: dict) -> str | None:
+    """An end-to-end row's batch layout ("packed" or "rows"); None elsewhere."""
+    if r["op"] != "e2e_step":
+        return None
+    return json.loads(r["extra"] or "{}").get("layout", "packed")
+
+
 def _latest(rows: list[dict]) -> list[dict]:
     keep: dict[tuple, dict] = {}
     for r in rows:
         key = (r["device"], r["op"], r["provider"], r["mode"], r["shape"], r["x_value"],
-               _pairs(r), _ref(r), r["dtype"], r["metric"])
+               _pairs(r), _ref(r), _layout(r), r["dtype"], r["metric"])
         if key not in keep or r["date"] >= keep[key]["date"]:
             keep[key] = r
     return list(keep.values())
@@ -120,6 +128,32 @@ def _best_run(rows: list[dict], ours: str, op: str, where: dict) -> tuple[dict, 
     return (None, []) if best is None else best[1:]
 
 
+def _error(run: list[dict], provider: str, op: str, where: dict) -> float | None:
+    """``provider``'s worst error against the fp32 reference in ``run`` at ``where``: max |Δ|
+    over max |reference|, the worst of its outputs (inf where one was not finite); None when
+    that run did not check it."""
+    worst = None
+    for r in run:
+        if (r["op"], r["provider"], r["mode"]) == (op, provider, "check") and \
+                r["metric"].startswith("err_") and all(r[k] == v for k, v in where.items()):
+            err = R.error_value(r)
+            ref = json.loads(r["extra"] or "{}").get("ref_max") or 0.0
+            rel = err / ref if ref else (0.0 if err == 0 else math.inf)
+            worst = rel if worst is None else max(worst, rel)
+    return worst
+
+
+def _checked(run: list[dict], provider: str, op: str, where: dict) -> tuple[bool, str]:
+    """(may it count as met, what its check says): a provider whose output was not finite
+    never meets a target; one its run did not check is shown as unchecked."""
+    err = _error(run, provider, op, where)
+    if err is None:
+        return True, "output not checked in that run"
+    if not math.isfinite(err):
+        return False, "output NOT FINITE against the fp32 reference"
+    return True, f"max error {err:.1e} of the fp32 reference's largest value"
+
+
 def _head_target(rows: list[dict]) -> str:
     """The default kernels' judgement, then (when measured) that of the GEMM-logits mode."""
     parts = [_head_judgement(rows, "ours-triton")]
@@ -134,31 +168,42 @@ def _head_judgement(rows: list[dict], provider: str) -> str | None:
     if ours is None:
         return None
     head = float(ours["value"])
-    out = [f"{head:.1f} ms"]
+    ok, check = _checked(run, provider, "logprobs", HEAD)
+    out = [f"{head:.1f} ms", check]
     gemm = _find(run, op="ceiling", metric="time", **HEAD)       # one 2NDV GEMM
     if gemm is not None:
         ratio = head / (4 * float(gemm["value"]))
         out.append(f"{ratio:.2f}× the dense GEMMs (4 × {float(gemm['value']):.1f} ms) "
-                   f"({'met' if ratio <= 1.25 else 'not met'})")
+                   f"({_met(ok and ratio <= 1.25)})")
     peers = {r["provider"]: float(r["value"]) for r in run
              if r["op"] == "logprobs" and r["mode"] == "fwdbwd" and r["metric"] == "time"
              and r["value"] != "" and not r["provider"].startswith("ours")
              and all(r[k] == v for k, v in HEAD.items())}
+    wrong = sorted(p for p in peers if not _checked(run, p, "logprobs", HEAD)[0])
+    peers = {p: t for p, t in peers.items() if p not in wrong}
     if peers:
         best = min(peers, key=peers.get)
         out.append(f"fastest peer {best} {peers[best]:.1f} ms "
-                   f"({'met' if head < peers[best] else 'not met'})")
+                   f"({_met(ok and head < peers[best])})")
     else:
         out.append("no peer measured in that run")
+    if wrong:
+        out.append(f"left out, output not finite: {', '.join(wrong)}")
     return "; ".join(out)
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
 def _filter_target(rows: list[dict]) -> str:
-    r = _fwdbwd(rows, "logprobs", "ours-filtered", **dict(HEAD, shape="llama3-8b-peaked"))
+    where = dict(HEAD, shape="llama3-8b-peaked")
+    r, run = _best_run(rows, "ours-filtered", "logprobs", where)
     if r is None:
         return "not measured"
     t = float(r["value"])
-    return f"{t:.1f} ms ({'met' if t <= 35 else 'not met'})"
+    ok, check = _checked(run, "ours-filtered", "logprobs", where)
+    return f"{t:.1f} ms; {check} ({_met(ok and t <= 35)})"
 
 
 def _head_memory_target(rows: list[dict]) -> str:
@@ -186,16 +231,19 @@ def _loss_judgement(rows: list[dict]) -> str:
     if ours is None:
         return "not measured"
     sweep = float(ours["value"])
-    out = [f"{sweep:.1f} ms"]
+    ok, check = _checked(run, "ours-one-sweep", "loss", LOSS)
+    out = [f"{sweep:.1f} ms", check]
     for name, bound, word in (("ours-triton", 0.8, "the recompute path"),
                               ("liger-dpo", 0.5, "Liger's")):
         other = _fwdbwd(run, "loss", name, **LOSS)
         if other is None:
             out.append(f"{word}: not measured in that run")
+        elif not _checked(run, name, "loss", LOSS)[0]:
+            out.append(f"{word}: its output was not finite in that run")
         else:
             t = float(other["value"])
             out.append(f"{sweep / t:.2f}× {word} {t:.1f} ms "
-                       f"({'met' if sweep <= bound * t else 'not met'})")
+                       f"({_met(ok and sweep <= bound * t)})")
     return "; ".join(out)
 
 
@@ -217,14 +265,20 @@ def _memory_target(rows: list[dict]) -> str:
             f"({hi / lo:.2f}×, {verdict})")
 
 
+E2E_SHAPE = "llama3.2-1b"
+
+
 def _e2e_target(rows: list[dict]) -> str:
-    fits = {r["provider"]: r["value"] for r in rows
-            if r["op"] == "e2e_step" and r["metric"] == "longest_pair_fits"}
+    """The Llama-3.2-1B-shaped runs only, each layout on its own."""
+    fits = {(_layout(r), r["provider"]): r["value"] for r in rows
+            if r["op"] == "e2e_step" and r["metric"] == "longest_pair_fits"
+            and r["shape"] == E2E_SHAPE}
     if not fits:
         return "not measured"
-    return "; ".join(f"{p}: longest pair that fitted {int(float(v)) if v else 'none'} tokens "
+    return "; ".join(f"{p} ({layout} layout): longest pair that fitted "
+                     f"{int(float(v)) if v else 'none'} tokens "
                      f"({'met' if v and float(v) >= 131072 else 'not met'})"
-                     for p, v in sorted(fits.items()))
+                     for (layout, p), v in sorted(fits.items()))
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -234,7 +288,7 @@ def _targets(rows: list[dict]) -> list[str]:
     out = ["Performance targets and where they stand on this device:", ""]
     for target, judge, src in zip(TARGETS, (_head_target, _filter_target, _head_memory_target,
                                             _loss_target, _memory_target, _e2e_target),
-                                  (rows, latest, latest, rows, latest, latest), strict=True):
+                                  (rows, rows, latest, rows, latest, latest), strict=True):
         out.append(f"- {target}: {judge(src)}")
     return out + [""]
 
@@ -263,7 +317,8 @@ def _op_table(rows: list[dict], op: str, tokens: tuple[int, ...]) -> list[str]:
         if (r["op"] in (op, "ceiling") and r["mode"] in ("fwdbwd", "fwd")
                 and int(r["x_value"]) in tokens and _pairs(r) in (None, 1)
                 and _ref(r) in (None, "online")):
-            runs[(r["shape"], int(r["x_value"]))][_run_key(r)].append(r)
+            label = r["shape"] if r["dtype"] == "bf16" else f"{r['shape']} ({r['dtype']})"
+            runs[(label, int(r["x_value"]))][_run_key(r)].append(r)
     cells, ceil = defaultdict(dict), {}
     for case, by_run in runs.items():
         def rank(key, by_run=by_run):
@@ -303,29 +358,33 @@ def _op_table(rows: list[dict], op: str, tokens: tuple[int, ...]) -> list[str]:
 
 
 def _e2e_table(rows: list[dict]) -> list[str]:
-    e2e = [r for r in rows if r["op"] == "e2e_step"]
-    if not e2e:
-        return []
-    cells = defaultdict(dict)
-    for r in e2e:
-        cells[(r["provider"], int(r["x_value"]), r["mode"])][r["metric"]] = r
-    out = ["**End to end**: TIS-DPO training steps of a Llama-3.2-1B-shaped model (random "
-           "weights, bf16, activation checkpointing, packed pair, precomputed reference "
-           "log-probs)", "",
-           "| provider | pair tokens | ms/step | tokens/s | peak MiB |",
-           "|---|---:|---:|---:|---:|"]
-    fits = []
-    for (prov, n, mode) in sorted(cells):
-        m = cells[(prov, n, mode)]
-        if mode == "summary":
-            fits.append(f"{prov}: {m['longest_pair_fits']['value'] or 'none'}")
-        elif "status" in m:
-            out.append(f"| {prov} | {n} | {m['status']['status'].upper()} | | |")
-        else:
-            out.append(f"| {prov} | {n} | {_f(m['step_time']['value'], '.0f')} | "
-                       f"{_f(m['tokens_per_s']['value'], '.0f')} | "
-                       f"{_f(m.get('peak_memory', {}).get('value'), '.0f')} |")
-    return out + ["", "Longest pair that fits: " + "; ".join(fits) + ".", ""]
+    """One table per model shape and batch layout."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["op"] == "e2e_step":
+            groups[(r["shape"], _layout(r))][(r["provider"], int(r["x_value"]),
+                                              r["mode"])][r["metric"]] = r
+    out = []
+    for (shape, layout), cells in sorted(groups.items()):
+        model = ("a Llama-3.2-1B-shaped model" if shape == E2E_SHAPE
+                 else f"the {shape} model")
+        out += [f"**End to end**: TIS-DPO training steps of {model} (random weights, bf16, "
+                f"activation checkpointing, {layout} pair, precomputed reference log-probs)",
+                "", "| provider | pair tokens | ms/step | tokens/s | peak MiB |",
+                "|---|---:|---:|---:|---:|"]
+        fits = []
+        for (prov, n, mode) in sorted(cells):
+            m = cells[(prov, n, mode)]
+            if mode == "summary":
+                fits.append(f"{prov}: {m['longest_pair_fits']['value'] or 'none'}")
+            elif "status" in m:
+                out.append(f"| {prov} | {n} | {m['status']['status'].upper()} | | |")
+            else:
+                out.append(f"| {prov} | {n} | {_f(m['step_time']['value'], '.0f')} | "
+                           f"{_f(m['tokens_per_s']['value'], '.0f')} | "
+                           f"{_f(m.get('peak_memory', {}).get('value'), '.0f')} |")
+        out += ["", "Longest pair that fits: " + "; ".join(fits) + ".", ""]
+    return out
 
 
 def render(rows: list[dict], tokens: tuple[int, ...] = HEADLINE_TOKENS) -> str:
@@ -358,7 +417,7 @@ def render(rows: list[dict], tokens: tuple[int, ...] = HEADLINE_TOKENS) -> str:
                 ref = json.loads(r["extra"] or "{}").get("ref_max") or 0.0
                 if ref:
                     k = (r["op"], r["provider"], r["metric"][4:])
-                    worst[k] = max(worst[k], float(r["value"]) / ref)
+                    worst[k] = max(worst[k], R.error_value(r) / ref)
             lines += ["Largest error against the fp32 reference (max |Δ| / max |reference|):",
                       "", "| op | provider | output | error |", "|---|---|---|---:|"]
             lines += [f"| {op} | {p} | {o} | {e:.1e} |" for (op, p, o), e in sorted(worst.items())]
@@ -399,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"updated {args.write}")
         else:
             print(section)
-    except ValueError as err:
+    except (ValueError, OSError) as err:      # a bad CSV, a missing README: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["COLUMNS", "RESULTS_DIR", "environment", "make_row", "append_csv", "read_csv",
-           "format_table", "device_slug"]
+__all__ = ["COLUMNS", "RESULTS_DIR", "environment", "make_row", "error_value", "append_csv",
+           "read_csv", "format_table", "device_slug"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = [
@@ -82,6 +82,12 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.6g}"
     return str(x)
+
+
+def error_value(row: dict) -> float:
+    """An ``err_*`` row's max |error|: a blank cell (a NaN written by an older version) is
+    an output that was not finite, as ``inf`` is."""
+    return float(row["value"]) if row["value"] != "" else math.inf
 
 
 def make_row(env: dict, *, op, provider, mode, shape, tokens, metric, unit, value=None,
@@ -201,7 +207,8 @@ def format_table(rows: list[dict], baseline: str = "eager") -> str:
             for metric, r in sorted(metrics.items()):
                 if metric.startswith("err_"):
                     ref = json.loads(r["extra"] or "{}").get("ref_max")
-                    rel = f" ({float(r['value']) / ref:.1e})" if ref else ""
-                    parts.append(f"{metric[4:]} {float(r['value']):.2e}{rel}")
+                    err = error_value(r)
+                    rel = f" ({err / ref:.1e})" if ref else ""
+                    parts.append(f"{metric[4:]} {err:.2e}{rel}")
             lines.append(f"[{op}] {shape} N={tokens} {prov:<14} " + ", ".join(parts))
     return "\n".join(lines)

@@ -152,14 +152,18 @@ def _provider_rows(cfg: RunConfig, case: O.Case, inp: O.Inputs, name: str, env: 
         stats, mem = out
         fl = M.flops(case.op, strategy, mode, case.tokens, case.shape.hidden, case.shape.vocab,
                      reference_head=case.reference == "online")
-        extra = {"flops": fl, "flop_model": strategy, "reps": stats.reps, "warmup": cfg.warmup,
-                 "pairs": None, **_case_extra(case)}
+        # a filtering backward skips GEMM work by the data: the model's count would credit it
+        # with flops it never ran, so its backward gets no TFLOP/s and no % of dense
+        counted = not (P.PROVIDERS[name].filtered and mode != "fwd")
+        extra = {"flops": fl if counted else None,
+                 "flop_model": strategy if counted else f"{strategy}, filtered: not counted",
+                 "reps": stats.reps, "warmup": cfg.warmup, "pairs": None, **_case_extra(case)}
         common = dict(op=case.op, provider=name, mode=mode, extra=extra, **cols)
         rows.append(R.make_row(env, metric="time", unit="ms", value=stats.median_ms,
                                p20=stats.p20_ms, p80=stats.p80_ms, **common))
         if mem is not None:
             rows.append(R.make_row(env, metric="peak_memory", unit="MiB", value=mem, **common))
-        if fl > 0:
+        if fl > 0 and counted:
             tf = fl / (stats.median_ms * 1e-3) / 1e12
             rows.append(R.make_row(env, metric="tflops", unit="TFLOP/s", value=tf,
                                    p20=fl / (stats.p80_ms * 1e-3) / 1e12,
