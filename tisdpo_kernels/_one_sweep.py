@@ -305,10 +305,10 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
     rows_ = _Rows(cfg, valid, weights, order, side, num_pairs, normalizer, dev)
     logp = torch.zeros(n, dtype=sd, device=dev)
     kl = torch.zeros(n, dtype=sd, device=dev) if cfg.uses_kl else None
-    if ref_hidden is not None:
-        ref_out = torch.zeros(n, dtype=sd, device=dev)
-    else:
-        ref_out = None if ref_logp is None else torch.where(valid, ref_logp.to(sd), 0.0)
+    ref_out = None if ref_hidden is None and ref_logp is None else \
+        torch.zeros(n, dtype=sd, device=dev)
+    if ref_hidden is None and ref_logp is not None:     # given: kept on the pairs' rows only
+        ref_out.index_copy_(0, order, torch.where(valid, ref_logp.to(sd), 0.0)[order])
     use_ref = ref_out is not None and not cfg.reference_free
     want_e = any(opts.needs)
     grads = _Grads(backend.gemms, hidden, weight, bias, opts.needs, chunk,

@@ -136,6 +136,8 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
 def _segments_from(x, seq_ids, mask, *, name):
     """(flat seq_ids [N], num_seqs bound) for a [N] packed or [B, T] padded input."""
     if x.dim() == 2:
+        V.require(seq_ids is None, f"seq_ids is for a packed [N] {name}; a padded [B, T] one "
+                  f"takes mask (each row one sequence)")
         if mask is not None:
             V.require(tuple(mask.shape) == tuple(x.shape),
                       f"mask shape {tuple(mask.shape)} must equal {name} shape {tuple(x.shape)}")

@@ -265,13 +265,19 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config: PreferenceConf
         valid_all.append((nw + nl) > 0)
         parts.append((aw + cfg.kl_chosen_coef * kw, al - cfg.kl_rejected_coef * kl_, lw, ll,
                       kw, kl_))
-    losses = torch.stack(loss_all)
-    valid = torch.stack(valid_all)
+    # no pairs: empty per-pair tensors (still in lp's graph) and a loss of 0
+    none = (lp.to(sd) * 0).sum().reshape(1)[:0]
+
+    def stack(xs):
+        return torch.stack(xs) if xs else none
+
+    losses = stack(loss_all)
+    valid = stack(valid_all).bool()
     losses = torch.where(valid, losses, torch.zeros((), dtype=sd, device=losses.device))
     if normalizer is None:
         normalizer = valid.sum().clamp(min=1)
     loss = losses.sum() / normalizer
-    cols = [torch.stack(c) for c in zip(*parts)]
+    cols = [stack([p[i] for p in parts]) for i in range(6)]
     return loss, _pair_metrics(cfg, (cols[0], cols[1]), (cols[2], cols[3]),
                                (cols[4], cols[5]) if cfg.uses_kl else None)
 

@@ -220,3 +220,15 @@ def test_token_weights_refuse_non_finite_kept_scores(impl, method):
                       None if neg_arg is None else neg[:8].view(2, 4),
                       side="chosen", method=method, impl=impl,
                       mask=torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]], device=DEV).bool())
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_token_weights_padded_input_refuses_seq_ids(impl):
+    """A padded [B, T] input's sequences are its rows (``mask`` marks the kept tokens):
+    seq_ids there would be read by the reference and ignored by the fused backends."""
+    p, n = torch.randn(3, 4, device=DEV), torch.randn(3, 4, device=DEV)
+    ids = torch.tensor([[0] * 4, [1] * 4, [-1] * 4], device=DEV)
+    with pytest.raises(ValueError, match=r"^seq_ids is for a packed \[N\] logp_pos; a padded "
+                                         r"\[B, T\] one takes mask") as err:
+        token_weights(p, n, side="chosen", method="rank_based", seq_ids=ids, impl=impl)
+    assert "\n" not in str(err.value)

@@ -176,6 +176,25 @@ def test_packed_unpaired_sequence_counts_nowhere():
                                                                            torch.float32))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_outputs_are_zero_in_no_pair(impl):
+    """Packed rows that no pair names (6–8): logp and a given ref_logp come back 0 there, as
+    the reference gives them, even where the given ref_logp holds NaN."""
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(9, 6, generator=g), torch.randn(11, 6, generator=g)
+    y = torch.randint(0, 11, (9,), generator=g)
+    ref = -1.0 - torch.rand(9, generator=g)
+    ref[7] = float("nan")
+    kw = dict(config=get_preset("dpo").config, seq_offsets=torch.tensor([0, 3, 6, 9]),
+              pairs=torch.tensor([[1, 0]]))
+    want = linear_preference_loss(h.double(), w.double(), y, ref_logp=ref.double(),
+                                  impl="reference", **kw)
+    got = linear_preference_loss(h, w, y, ref_logp=ref, impl=impl, **kw)
+    for name, a, b in zip(("loss", "logp", "ref_logp"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not got[1][6:].any() and not got[2][6:].any()
+
+
 # ---------------------------------------------------------------------------- accumulation
 
 def _sub_case(case, ids):

@@ -351,6 +351,22 @@ def test_all_ignored_gives_zero_loss_and_grads(impl, preset):
         assert loss.item() == 0.0 and torch.all(g["lp"] == 0)
 
 
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+@pytest.mark.parametrize("preset", ["dpo", "tdpo2"])
+def test_no_pairs_gives_zero_loss_and_empty_metrics(impl, preset):
+    """A packed batch with no pair: loss 0, zero gradients, [0] metrics, on every backend
+    (the reference included: it is the oracle of this case too)."""
+    cfg = get_preset(preset).config
+    lp = torch.randn(6, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.long)
+    loss, met = preference_loss(lp, torch.randn(6), config=cfg, seq_ids=torch.full((6,), -1),
+                                kl=torch.rand(6) if cfg.uses_kl else None, chosen_seq=none,
+                                rejected_seq=none, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(6))
+    assert met and all(v.shape == (0,) for v in met.values())
+
+
 # --------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("impl", IMPLS)
