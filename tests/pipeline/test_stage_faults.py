@@ -79,12 +79,65 @@ def test_filter_eps_is_an_option_of_the_policy_result(tmp_path, capsys, monkeypa
     assert opts["policy.filter_eps"] == 0.001 and seen[-1] == 0.001
 
 
+def test_eval_max_pairs_is_an_option_of_the_result(tmp_path, capsys):
+    """It picks the pairs behind done.json's eval metrics (which compare reads): a finished
+    stage evaluated on one pair is not reported done for a run that asks for all of them.
+    Recorded only when set, so a stage made before it was recorded stays reusable."""
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run + ["--policy.eval_max_pairs", "1"], capsys)[0] == 0
+    code, err = _cli(DPO + run, capsys)
+    assert code == 1 and "policy.eval_max_pairs=1 then, '<unset>' now" in err
+    assert _cli(DPO + run + ["--policy.eval_max_pairs", "1"], capsys)[0] == 0
+    other = ["--run_dir", str(tmp_path / "b")]
+    assert _cli(DPO + other, capsys)[0] == 0
+    assert "policy.eval_max_pairs" not in json.load(
+        open(tmp_path / "b" / "policy" / "options.json"))["options"]
+
+
+def test_a_damaged_record_of_a_stage_names_its_file(tmp_path, capsys, caplog):
+    """options.json and done.json are written whole (beside, then renamed); damaged anyway,
+    each is one line naming it: a refused run, a policy compare leaves out and says so."""
+    run = ["--run_dir", str(tmp_path)]
+    assert _cli(DPO + run, capsys)[0] == 0
+    done, options = tmp_path / "policy" / "done.json", tmp_path / "policy" / "options.json"
+    text = options.read_text()
+    options.write_text(text[:10])
+    code, err = _cli(DPO + run, capsys)
+    assert code == 1 and err.count("\n") == 1 and f"{options}: not a readable JSON file" in err
+    options.write_text(text)
+    done.write_text(done.read_text()[:10])
+    with caplog.at_level("WARNING", logger="tisdpo"):
+        code, err = _cli(["compare", "--run_dir", str(tmp_path)], capsys)
+    assert code == 1 and f"{done}: not a readable JSON file" in caplog.text
+
+
 def test_redo_without_resume_is_never_done_with_old_results(tmp_path, capsys):
     run = ["--run_dir", str(tmp_path)]
     assert _cli(DPO + run, capsys)[0] == 0
     code, _ = _cli(DPO + run + ["--pipeline.resume", "false", "--policy.stop_after", "1"],
                    capsys)
     assert code == 0 and not stage_done(str(tmp_path / "policy"))
+
+
+def test_interrupted_redo_never_resumes_the_old_checkpoints(tmp_path, capsys, monkeypatch):
+    """A redo at a new lr that fails after recording its options, before its first step
+    (here: loading the model): the next run trains afresh at that lr, instead of resuming
+    the old run's checkpoint as if it had been made with it."""
+    run, out = ["--run_dir", str(tmp_path), "--log.every", "1"], str(tmp_path / "policy")
+    assert _cli(DPO + run + ["--policy.stop_after", "2"], capsys)[0] == 0
+    assert checkpoints(out)
+
+    def interrupted(*a, **k):
+        raise ValueError("interrupted while loading the model")
+    with monkeypatch.context() as m:
+        m.setattr(stages, "load_stage_model", interrupted)
+        code, err = _cli(DPO + run + ["--policy.lr", "5e-4", "--pipeline.resume", "false"],
+                         capsys)
+    assert code == 1 and "interrupted" in err and not checkpoints(out)
+    assert _cli(DPO + run + ["--policy.lr", "5e-4"], capsys)[0] == 0
+    rows = [json.loads(x) for x in open(tmp_path / "policy" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2, 3, 4]
+    assert all(r["lr"] <= 5e-4 for r in rows if "lr" in r), rows
 
 
 def _tiny_cfg(root):

@@ -5,8 +5,10 @@ import errno
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -66,7 +68,23 @@ def test_leftover_tmp_folder_is_ignored_and_removed(tmp_path, uninterrupted, cap
     assert "step-0000010.tmp" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not_a_checkpoint"])
+def _flip_tensor_bytes(path: str) -> None:
+    """Flip a byte inside the largest tensor's stored bytes (past its local zip header)."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not_a_checkpoint",
+                                    "flipped"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_older(tmp_path, uninterrupted, caplog,
                                                             damage):
     _stopped_run(tmp_path, stop_after=4, save_every=1, keep_checkpoints=2)
@@ -80,6 +98,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_older(tmp_path, uninterrupt
         open(state, "wb").write(os.urandom(len(blob)))
     elif damage == "empty":
         open(state, "wb").close()
+    elif damage == "flipped":           # torch.load reads it; only the CRC tells
+        _flip_tensor_bytes(state)
     else:
         torch.save({"weights": torch.zeros(3)}, state)
     with caplog.at_level(logging.WARNING, logger="tisdpo"):

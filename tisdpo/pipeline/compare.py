@@ -32,6 +32,7 @@ lost likelihood against the reference (``objectives.displacement_warning``) are 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import os
 import re
@@ -43,6 +44,8 @@ from tisdpo.train.objectives import COLLAPSE_THRESHOLD
 
 __all__ = ["DEFAULT_GROUP", "DEFAULT_METRICS", "find_policies", "group_policies", "summarize",
            "format_markdown", "run_compare", "mean_se"]
+
+log = logging.getLogger("tisdpo")
 
 DEFAULT_GROUP = r"^(?P<method>.+?)(?:[-_]s(?:eed)?(?P<seed>\d+))?$"
 DEFAULT_METRICS = ("eval/rewards/accuracies_unweighted", "eval/rewards/accuracies",
@@ -70,7 +73,8 @@ def _is_policy(path: str) -> bool:
         return False
     try:
         done = read_done(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:        # a finished stage whose record is damaged
+        log.warning("%s: left out, %s", path, err)
         return False
     return isinstance(done, dict) and "token_weights" in done and "metrics" in done
 

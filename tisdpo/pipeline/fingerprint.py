@@ -29,7 +29,9 @@ import logging
 import os
 from dataclasses import asdict
 
-from tisdpo.train.checkpoint import DONE_FILE, checkpoints, stage_done, write_json
+from tisdpo.train.checkpoint import (
+    DONE_FILE, checkpoints, read_json, remove_checkpoints, stage_done, write_json,
+)
 from tisdpo.train.config import config_to_dict
 from tisdpo.train.records import DATA_EXTS
 
@@ -44,11 +46,13 @@ _IGNORED_TOP = {"run_dir", "device", "threads", "log", "demo", "distributed"}
 _IGNORED = {"model.gradient_checkpointing", "model.attn_implementation", "data.packing",
             "data.pad_to_multiple_of", "pipeline.resume", "weights.batch_size",
             "weights.jsonl", "weights.impl"}
-_IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "eval_max_pairs",
-                 "save_every", "keep_checkpoints", "stop_after"}
-# options recorded only when set: at their default (None, the exact computation) a result is
-# what it was before the option existed, so outputs recorded then stay reusable
+_IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "save_every",
+                 "keep_checkpoints", "stop_after"}
+# options recorded only when set: at their default (None: the exact computation, every
+# held-out pair) a result is what it was before they were recorded, so outputs recorded then
+# stay reusable. eval_max_pairs picks the pairs of the final evaluation in done.json.
 _OMITTED_WHEN_NONE = {"policy.filter_eps"}
+_OMITTED_LEAF_WHEN_NONE = {"eval_max_pairs"}
 #: the options that say which records, model and seed a run uses (with ``model.tiny_*`` and
 #: the inputs' content): every stage of a run shares them
 RUN_OPTIONS = ("seed", "data.train", "data.eval", "data.synthetic_train", "data.synthetic_eval",
@@ -131,7 +135,8 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
     keep = {"seed", "model", "data", *sections}
     flat = {k: v for k, v in _flat(tree).items()
             if (k.split(".")[0] in keep or k in keep) and _kept(k)
-            and not (v is None and k in _OMITTED_WHEN_NONE)}
+            and not (v is None and (k in _OMITTED_WHEN_NONE or
+                                    k.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE))}
     return {"options": _global_batches(flat), "upstream": dict(upstream or {}),
             "inputs": input_identity(cfg)}
 
@@ -226,10 +231,7 @@ def input_identity(cfg) -> dict:
 # ---------------------------------------------------------------------------- comparing
 
 def _load(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def recorded_options(stage_dir: str) -> dict | None:
@@ -332,13 +334,18 @@ def enter_stage(ctx, out_dir: str, options: dict, desc: str, *,
     and record them; True when the stage is finished and is to be skipped. ``partial``: the
     directory holds partial work other than checkpoints (the weights pass's shards)."""
     resume, done = ctx.cfg.pipeline.resume, stage_done(out_dir)
+    if not resume and ctx.par.is_main:
+        # redone: the old results go before the new options are recorded, so that a redo
+        # stopped before its first checkpoint never leaves them under the new options
+        if done:
+            os.remove(os.path.join(out_dir, DONE_FILE))
+        remove_checkpoints(out_dir)
+        done = False
     check_options(out_dir, options, desc=desc, resume=resume, is_main=ctx.par.is_main,
                   reusable=done or partial or bool(checkpoints(out_dir)))
     if resume and done:
         log.info("%s: already done (%s), skipping", desc, out_dir)
         return True
-    if not resume and done and ctx.par.is_main:     # redone: never "done" with old results
-        os.remove(os.path.join(out_dir, DONE_FILE))
     ctx.par.barrier()
     return False
 

@@ -45,7 +45,7 @@ from tisdpo.pipeline.fingerprint import (
     upstream,
 )
 from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, weight_rule
-from tisdpo.train.checkpoint import read_done, stage_done
+from tisdpo.train.checkpoint import read_done, stage_done, write_json
 from tisdpo.train.config import PolicyConfig, TrainConfig
 from tisdpo.train.data import reverse_pairs
 from tisdpo.train.model import head
@@ -159,8 +159,8 @@ def run_contrastive(ctx: Context) -> tuple[str, str]:
     else:
         raise ValueError(f"contrastive.variant must be dpo, sft or prompt, got {c.variant!r}")
     if ctx.par.is_main:
-        with open(os.path.join(root, "done.json"), "w", encoding="utf-8") as fh:
-            json.dump({"variant": c.variant, "positive": pos, "negative": neg}, fh, indent=2)
+        write_json(os.path.join(root, "done.json"),
+                   {"variant": c.variant, "positive": pos, "negative": neg})
     ctx.par.barrier()
     return pos, neg
 

@@ -18,14 +18,15 @@ import os
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 
 __all__ = ["DONE_FILE", "CorruptCheckpoint", "checkpoints", "latest_checkpoint",
-           "remove_partial", "write_state", "read_state", "stage_done", "read_done", "write_json",
-           "rng_state", "restore_rng_state", "optimizer_state_to_indices",
-           "optimizer_state_to_fqns", "fqns_by_group"]
+           "remove_checkpoints", "remove_partial", "write_state", "read_state", "stage_done",
+           "read_done", "read_json", "write_json", "rng_state", "restore_rng_state",
+           "optimizer_state_to_indices", "optimizer_state_to_fqns", "fqns_by_group"]
 
 DONE_FILE = "done.json"
 STATE_FILE = "state.pt"
@@ -57,6 +58,11 @@ def checkpoints(out_dir: str) -> list[str]:
 def latest_checkpoint(out_dir: str) -> str | None:
     found = checkpoints(out_dir)
     return found[0] if found else None
+
+
+def remove_checkpoints(out_dir: str) -> None:
+    """Remove every checkpoint of a stage (finished or not): a stage that starts over."""
+    shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
 
 
 def remove_partial(out_dir: str) -> list[str]:
@@ -114,9 +120,23 @@ def write_state(final: str, state: dict) -> None:
         os.replace(tmp, final)
 
 
+def _check_crcs(path: str) -> None:
+    """CorruptCheckpoint when a member of the zip archive torch.save writes fails its CRC:
+    torch.load does not check them, so damaged bytes inside a tensor would load silently.
+    Reads the file once (at a resume, not at each step)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CorruptCheckpoint(path, f"{type(err).__name__}: {err}"[:200]) from err
+    if bad is not None:
+        raise CorruptCheckpoint(path, f"{bad} fails its CRC check (damaged bytes)")
+
+
 def read_state(folder: str, *, mmap: bool = False) -> dict:
     """The state of checkpoint ``folder``; CorruptCheckpoint when the file cannot be read."""
     path = os.path.join(folder, STATE_FILE)
+    _check_crcs(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:   # a truncated zip, random bytes, an empty file: anything
@@ -133,8 +153,17 @@ def stage_done(out_dir: str) -> bool:
 
 
 def read_done(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, DONE_FILE), encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json(os.path.join(out_dir, DONE_FILE))
+
+
+def read_json(path: str):
+    """The JSON document at ``path``; a damaged one is a ValueError naming the file."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except ValueError as err:               # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not a readable JSON file ({err}); delete its stage's "
+                             f"folder to redo that stage") from None
 
 
 def write_json(path: str, doc, *, indent: int = 2, sort_keys: bool = False) -> None:

@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tisdpo.train.checkpoint import (
-    DONE_FILE, CorruptCheckpoint, checkpoints, read_state, remove_partial, restore_rng_state,
-    rng_state, write_json, write_state,
+    DONE_FILE, CorruptCheckpoint, checkpoints, read_state, remove_checkpoints, remove_partial,
+    restore_rng_state, rng_state, write_json, write_state,
 )
 from tisdpo.train.config import LogConfig, TrainConfig
 from tisdpo.train.metrics_log import MetricSink, NoSink, progress_bar
@@ -355,7 +355,7 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         ckpt = self._resume() if resume else None
         if not resume:
-            shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
+            remove_checkpoints(self.out_dir)
         if self.par.is_main:
             self._sink = MetricSink(self.out_dir, self.log.tensorboard,
                                     None if ckpt is None else (self.state.step, self._log_rows),
