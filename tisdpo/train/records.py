@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,9 @@ DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 #: its errors in place of "record N" (and drops from its output).
 SOURCE_COLUMN = "_record_source"
 _BOM = b"\xef\xbb\xbf"
+# a JSON \u escape of a UTF-16 surrogate: json accepts one without its pair, pyarrow does not
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_JSON_SPACE = " \t\r\n"                 # JSON's whitespace (str.strip() takes more)
 
 log = logging.getLogger("tisdpo")
 
@@ -147,6 +151,25 @@ def _utf8_error(where: str, line: int, err: UnicodeDecodeError) -> ValueError:
                       f"{err.object[err.start:err.start + 1]!r})")
 
 
+def _lone_surrogate(rec) -> bool:
+    """Whether a decoded record holds a lone UTF-16 surrogate (not text: pyarrow refuses it)."""
+    if isinstance(rec, str):
+        try:
+            rec.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(rec, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in rec.items())
+    return isinstance(rec, list) and any(_lone_surrogate(v) for v in rec)
+
+
+def _check_text(where: str, at: str, raw: bytes, rec) -> None:
+    if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(rec):
+        raise ValueError(f"{where} {at}: a \\u escape of a lone UTF-16 surrogate "
+                         f"(\\ud800-\\udfff without its pair), which is not text")
+
+
 def _scan_json_array(where: str, data: bytes, check) -> list[str]:
     try:
         text = data.decode("utf-8")
@@ -158,6 +181,7 @@ def _scan_json_array(where: str, data: bytes, check) -> list[str]:
         raise _json_error(where, err.lineno, err) from None
     ats = [f"record {i}" for i in range(len(records))]
     for rec, at in zip(records, ats):
+        _check_text(where, at, data, rec)
         check(rec, at)
     return ats
 
@@ -174,8 +198,12 @@ def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | Non
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise _utf8_error(where, line_no, err) from None
-        if not line.strip():
+        if not line.strip(_JSON_SPACE):
             continue
+        if not line.strip():
+            odd = next(c for c in line if c not in _JSON_SPACE)
+            raise ValueError(f"{where} line {line_no}: a blank line holding {odd!r}, which "
+                             f"JSON does not take as whitespace (only space, tab, CR, LF)")
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
@@ -183,6 +211,7 @@ def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | Non
                 return [], _json_error(where, line_no, err)
             raise _json_error(where, line_no, err) from None
         at = f"line {line_no} (record {len(ats)})"
+        _check_text(where, at, raw, rec)
         check(rec, at)
         ats.append(at)
     return ats, None
@@ -202,12 +231,14 @@ def _scan_json(path: str, check: bool) -> tuple[list[str], list[tuple[str, str]]
     if first is not None:
         # one multi-line JSON object (datasets reads it as one record), else the first
         # line's error
+        data = Path(path).read_bytes()
         try:
-            doc = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+            doc = json.loads(data.decode("utf-8-sig"))
         except ValueError:                      # JSONDecodeError, UnicodeDecodeError
             doc = None
         if not isinstance(doc, dict):
             raise first
+        _check_text(path, "record 0", data, doc)
         checker(doc, "record 0")
         return ["record 0"], []
     if not ats:
@@ -309,7 +340,8 @@ def _load_files(files: list[str], check: bool, prefix: str | None) -> tuple:
         ats, odd[f] = (_scan_json if kind == "json" else _scan_parquet)(f, check)
         sources += [f"{f} {at}" for at in ats]
     if not any(odd.values()):
-        return datasets.load_dataset(kind, data_files=files, split="train"), sources
+        return _read(lambda: datasets.load_dataset(kind, data_files=files, split="train"),
+                     files), sources
     n = sum(len(v) for v in odd.values())
     f, (at, what) = next((f, v[0]) for f, v in odd.items() if v)
     log.warning("%s%s %s: expected a JSON object (one record), got %s (%d such record%s); "
@@ -319,9 +351,26 @@ def _load_files(files: list[str], check: bool, prefix: str | None) -> tuple:
     with tempfile.TemporaryDirectory(prefix="tisdpo-records-") as tmp:
         paths = [_objects_only(f, os.path.join(tmp, f"{i}.jsonl")) if odd[f] else f
                  for i, f in enumerate(files)]
-        ds = datasets.load_dataset("json", data_files=paths, split="train",
-                                   cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True)
+        ds = _read(lambda: datasets.load_dataset(
+            "json", data_files=paths, split="train", cache_dir=os.path.join(tmp, "cache"),
+            keep_in_memory=True), files)
     return ds, sources
+
+
+def _read(load, files: list[str]):
+    """``load()``, with what datasets' reader refuses in a file the scan above let through as
+    one line naming the files and the reader's own reason."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return load()
+    except DatasetGenerationError as err:
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"{', '.join(map(str, files))}: datasets could not read it ({why})") \
+            from None
 
 
 def _objects_only(src: str, dst: str) -> str:
