@@ -90,7 +90,9 @@ class TISDPOLoss(nn.Module):
     normalizer: divide the summed pair losses by this; default: the pairs that have a
     response token (``cdpo_code``, a mean over positions: all of its B×T position slots).
     Under gradient accumulation pass the sum of :meth:`normalizer_count` over the step's
-    micro-batches, so the step's loss is the one big batch's.
+    micro-batches: the step's loss is then the one big batch's when every pair has a response
+    token (counted from shapes, ``normalizer_count`` also counts a pair without one, as TRL's
+    mean over pairs does; the default normalizer does not).
 
     pair_metrics: True gives the rewards/*, logps/* (and kl/*) metrics per pair ([P]
     tensors, pair order) instead of their batch means; weights/* stay batch means.
