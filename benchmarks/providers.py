@@ -98,8 +98,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              softcap=False, ref_logps=False),
     Provider("trl-chunked", ("logprobs", "loss"), "recompute",
              "TRL 1.16 trl.kernels.ChunkedLogProbFunction (cuBLAS tiles, a Triton fold, "
-             "recompute in backward: what DPOTrainer runs); its backward needs trl.trainer "
-             "(accelerate, datasets)", packages=("trl", "accelerate", "datasets")),
+             "recompute in backward: what DPOTrainer runs), log-probs only (DPOTrainer also "
+             "asks its policy head for entropy, mean logits and top-1 hits); its backward "
+             "needs trl.trainer (accelerate, datasets)",
+             packages=("trl", "accelerate", "datasets")),
     Provider("torch-lce", ("logprobs", "loss"), "recompute",
              "PyTorch's chunked F.linear_cross_entropy(reduction='none', "
              "options=LinearCrossEntropyOptions()) (torch >= 2.13)", softcap=False),

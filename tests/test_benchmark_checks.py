@@ -85,18 +85,21 @@ def _head_rows(errors: dict[str, float | None]) -> list[dict]:
 def test_a_target_counts_only_finite_outputs():
     ok = readme_table._head_judgement(_head_rows({"ours-triton": 1e-3, "liger-flce": 2e-3}),
                                       "ours-triton")
+    absent = "not in that run: eager, torch-compile, trl-chunked, torch-lce"
     assert ok == ("9.0 ms; max error 1.0e-03 of the fp32 reference's largest value; 1.12× the "
-                  "dense GEMMs (4 × 2.0 ms) (met); fastest peer liger-flce 12.0 ms (met)")
+                  f"dense GEMMs (4 × 2.0 ms) (met); fastest peer liger-flce 12.0 ms (met); "
+                  f"{absent}")
     ours_nan = readme_table._head_judgement(_head_rows({"ours-triton": math.inf}),
                                             "ours-triton")
     assert ours_nan == ("9.0 ms; output NOT FINITE against the fp32 reference; 1.12× the dense "
-                        "GEMMs (4 × 2.0 ms) (not met); fastest peer liger-flce 12.0 ms (not met)")
+                        "GEMMs (4 × 2.0 ms) (not met); fastest peer liger-flce 12.0 ms (not "
+                        f"met); {absent}")
     # a peer whose output is not finite is no competition: the next one is
     peer_nan = readme_table._head_judgement(
         _head_rows({"ours-triton": 0.0, "liger-flce": math.inf, "cce_exact": 0.0}),
         "ours-triton")
     assert peer_nan.endswith("fastest peer cce_exact 15.0 ms (met); left out, output not "
-                             "finite: liger-flce")
+                             f"finite: liger-flce; {absent}")
 
 
 def test_a_filtering_backward_gets_no_tflops(monkeypatch):
@@ -125,6 +128,9 @@ def _e2e_rows(shape: str, layout: str | None, fits: int) -> list[dict]:
             R.make_row(env, op="e2e_step", provider="ours-triton", mode="step", shape=shape,
                        tokens=fits, metric="tokens_per_s", unit="tok/s", value=fits * 10.0,
                        extra=extra, x_name="pair_tokens"),
+            R.make_row(env, op="e2e_step", provider="ours-triton", mode="step", shape=shape,
+                       tokens=fits, metric="peak_memory", unit="MiB", value=fits / 2.0,
+                       extra=extra, x_name="pair_tokens"),
             R.make_row(env, op="e2e_step", provider="ours-triton", mode="summary",
                        shape=shape, tokens=fits, metric="longest_pair_fits",
                        unit="pair_tokens", value=fits, extra=extra, x_name="pair_tokens")]
@@ -137,8 +143,9 @@ def test_end_to_end_layouts_and_models_never_mix(tmp_path):
             + _e2e_rows("toy-llama", "packed", 262144))
     R.append_csv(rows, tmp_path / "e2e.csv")
     text = readme_table.render(readme_table.load(tmp_path))
-    assert ("ours-triton (packed layout): longest pair that fitted 131072 tokens (met); "
-            "ours-triton (rows layout): longest pair that fitted 65536 tokens (not met)") in text
+    assert ("ours-triton (packed layout): longest pair that fitted 131072 tokens, peak 64.0 "
+            "GiB (met); ours-triton (rows layout): longest pair that fitted 65536 tokens, peak "
+            "32.0 GiB (not met)") in text
     assert "262144 tokens" not in text.split("Performance targets")[1].split("\n\n")[1]
     for model, layout, n in (("a Llama-3.2-1B-shaped model", "packed", 131072),
                              ("a Llama-3.2-1B-shaped model", "rows", 65536),
