@@ -56,6 +56,10 @@ def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys, print_con
 @pytest.mark.parametrize("text, message", [
     (b"policy: {lr: [1\n", "invalid YAML at line 2, column 1: expected ',' or ']'"),
     (b"policy:\n  lr: 1\n lr: 2\n", "invalid YAML at line 3"),
+    (b"policy:\n  lr: 1\n  beta: 0.2\n  lr: 2\n",
+     "invalid YAML at line 4, column 3: the key 'lr' again (first on line 2)"),
+    (b"policy: {lr: 1}\nsft: {}\npolicy: {beta: 0.2}\n",
+     "invalid YAML at line 3, column 1: the key 'policy' again (first on line 1)"),
     (b"policy: {lr: \xff}\n", "not UTF-8 text"),
     (b"policy: 5\n", "config section policy must be a mapping of its options"),
     (b"data: [1, 2]\n", "config section data must be a mapping of its options"),
@@ -79,6 +83,14 @@ def test_a_config_file_error_names_the_file_in_python_too(tmp_path):
     with pytest.raises(ConfigFileError, match=r"^config file .*nope\.yaml: no such file") as e:
         build_config(str(tmp_path / "nope.yaml"))
     assert e.value.path == str(tmp_path / "nope.yaml")
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """``<<:`` merges a mapping whose keys the section may set again: not a key given twice."""
+    path = tmp_path / "run.yaml"
+    path.write_text("sft: &base {lr: 0.001, epochs: 2}\npolicy:\n  <<: *base\n  lr: 0.002\n")
+    cfg = build_config(str(path))
+    assert (cfg.sft.lr, cfg.policy.lr, cfg.policy.epochs) == (0.001, 0.002, 2)
 
 
 def test_a_section_left_empty_sets_nothing(tmp_path, capsys):

@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tisdpo.train.config_file import ConfigFileError, load_yaml
 from tisdpo.train.validation import check_config
 
 __all__ = [
@@ -422,44 +423,6 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             obj = getattr(obj, part)
         setattr(obj, leaf, coerce(name, value))
     return cfg
-
-
-class ConfigFileError(ValueError):
-    """A config file unreadable, not YAML or with a bad option: ``path``, one-line ``reason``."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"config file {path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-def _yaml_problem(err) -> str:
-    """One line of a PyYAML error: where (line, column) and what."""
-    mark, problem, context = (getattr(err, a, None) for a in ("problem_mark", "problem",
-                                                               "context"))
-    if mark is None or not problem:
-        return (str(err).strip() or type(err).__name__).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (
-        f" ({context})" if context else "")
-
-
-def load_yaml(path: str) -> dict:
-    """The option dict of a YAML config file (nested sections); else a ConfigFileError."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as err:
-        raise ConfigFileError(path, (err.strerror or str(err)).lower()) from None
-    except UnicodeDecodeError as err:
-        raise ConfigFileError(path, f"not UTF-8 text ({err.reason})") from None
-    except yaml.YAMLError as err:
-        raise ConfigFileError(path, f"invalid YAML at {_yaml_problem(err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigFileError(path, f"expected a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
