@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 __all__ = ["MetricSink", "NoSink", "progress_bar"]
 
@@ -68,14 +69,20 @@ class MetricSink:
             self.rows = len(keep)
         elif resume is None and os.path.isfile(self.path):
             os.remove(self.path)
+        tb_dir = os.path.join(out_dir, "tensorboard")
+        if resume is None:                  # afresh: no events of an earlier run
+            shutil.rmtree(tb_dir, ignore_errors=True)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
             except ImportError:
-                self.tb = None
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                # resumed: the events logged after the checkpoint's step are redone, so the
+                # writer purges them (as the log above is cut back)
+                self.tb = SummaryWriter(tb_dir, purge_step=None if resume is None
+                                        else resume[0] + 1)
 
     def write(self, step: int, values: dict) -> None:
         row = {"step": step, **values}
