@@ -105,6 +105,43 @@ def test_cdpo_code_refuses_pad_to_multiple_of(tok, tmp_path):
     C.config(TISDPOConfig, tmp_path, method="dpo", pad_to_multiple_of=64)
 
 
+def test_per_sequence_reference_columns_are_ignored_without_precompute(tok, tmp_path):
+    """A dataset saved with TRL's per-sequence ref_*_logps (floats) trains as DPOTrainer
+    trains it without precompute_ref_log_probs: the columns are not read."""
+    rows = C.records(4)
+    for r in rows:
+        r["ref_chosen_logps"], r["ref_rejected_logps"] = -5.0, -6.0
+    train = datasets.Dataset.from_list(rows)
+    stock = C.run(DPOTrainer, C.config(DPOConfig, tmp_path / "trl"), tok=tok, train=train)
+    mine = C.run(TISDPOTrainer, C.config(TISDPOConfig, tmp_path / "tisdpo"), tok=tok,
+                 train=train)
+    assert stock[0] and len(stock[0]) == len(mine[0])
+    for a, b in zip(stock[0], mine[0]):
+        C.assert_logs_match(a, b, beta=0.1, what="ref columns")
+
+
+def test_weight_columns_that_are_not_lists_are_named(tok, tmp_path):
+    rows = C.records(4)
+    for r in rows:
+        r["chosen_weight"], r["rejected_weight"] = 1.0, 1.0
+    with pytest.raises(ValueError, match=r"^train field 'chosen_weight' holds double values; "
+                                         r"TISDPOTrainer needs per-token lists") as err:
+        _trainer(tok, tmp_path, datasets.Dataset.from_list(rows), method="tisdpo")
+    _one_line(err)
+
+
+def test_a_stream_with_one_weight_column_is_refused_at_its_first_batch(tok, tmp_path):
+    """An IterableDataset's columns are known only when it is read: one of the two weight
+    columns is an error there, not an unweighted loss."""
+    rows = _weighted(tok, 4).remove_columns("chosen_weight").to_list()
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
+    trainer = _trainer(tok, tmp_path, stream, max_steps=1)
+    with pytest.raises(ValueError, match=r"^column 'chosen_weight' is missing but "
+                                         r"'rejected_weight' is given") as err:
+        trainer.train()
+    _one_line(err)
+
+
 # ------------------------------------------------------------------ the same as DPOTrainer
 
 def test_an_uneven_last_batch_truncated_from_the_end_steps_as_dpo_trainer(tok, tmp_path):

@@ -203,7 +203,8 @@ class TISDPOTrainer(_TRLDPOTrainer):
             self.data_collator = TISDPOCollator(
                 pad_token_id=c.pad_token_id, max_length=c.max_length,
                 truncation_mode=c.truncation_mode, pad_to_multiple_of=c.pad_to_multiple_of,
-                return_tensors=c.return_tensors, weight_columns=self._tisdpo_columns)
+                return_tensors=c.return_tensors, weight_columns=self._tisdpo_columns,
+                ref_columns=REF_COLUMNS if self.precompute_ref_logps else None)
 
     # ------------------------------------------------------------------ data (TRL private)
 

@@ -46,9 +46,13 @@ def _token_row(example: dict, side: str, values, column: str) -> list[float]:
 @dataclass
 class TISDPOCollator(DataCollatorForPreference):
     """TRL's preference collator plus the per-token ``weights`` and ``ref_logps`` (module
-    docstring). ``weight_columns``: (chosen, rejected) column names, None for none."""
+    docstring). ``weight_columns``, ``ref_columns``: (chosen, rejected) column names, None
+    for none (``TISDPOTrainer`` reads the reference columns only when it precomputed them, as
+    ``DPOTrainer`` ignores them otherwise). A batch that has one column of a pair but not the
+    other is an error naming the missing one."""
 
     weight_columns: tuple[str, str] | None = ("chosen_weight", "rejected_weight")
+    ref_columns: tuple[str, str] | None = REF_COLUMNS
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
@@ -60,9 +64,14 @@ class TISDPOCollator(DataCollatorForPreference):
             sl = slice(None, self.max_length)
         else:
             sl = slice(-self.max_length, None)
-        for key, cols in (("weights", self.weight_columns), ("ref_logps", REF_COLUMNS)):
-            if cols is None or cols[0] not in examples[0]:
+        for key, cols in (("weights", self.weight_columns), ("ref_logps", self.ref_columns)):
+            have = [] if cols is None else [c for c in cols if c in examples[0]]
+            if not have:
                 continue
+            if len(have) == 1:
+                missing = next(c for c in cols if c not in have)
+                raise ValueError(f"column {missing!r} is missing but {have[0]!r} is given: "
+                                 f"per-token columns come in (chosen, rejected) pairs")
             rows = [torch.tensor(_token_row(ex, side, ex[col], col)[sl], dtype=torch.float32)
                     for side, col in zip(("chosen", "rejected"), cols) for ex in examples]
             out[key] = pad(rows, padding_value=0.0, padding_side="right",
@@ -74,10 +83,16 @@ def check_token_columns(dataset, columns, *, name: str, rows=None) -> None:
     """ValueError naming the first record whose per-token ``columns`` (chosen, rejected)
     do not have one value per completion token of the tokenised ``dataset``; ``rows``: the
     record number of each row (default: its position)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     for side, col in zip(("chosen", "rejected"), columns):
         table = dataset.select_columns([col, f"{side}_ids"]).with_format("arrow")[:]
+        kind = table.column(col).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+                or pa.types.is_fixed_size_list(kind)):
+            raise ValueError(f"{name} field {col!r} holds {kind} values; TISDPOTrainer needs "
+                             f"per-token lists ({ALIGNMENT})")
         have = pc.list_value_length(table.column(col)).to_pylist()
         want = pc.list_value_length(table.column(f"{side}_ids")).to_pylist()
         for i, (h, w) in enumerate(zip(have, want)):
