@@ -113,15 +113,25 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
 
 
 def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, targets, *, b=1.0,
-                          bias_pos=None, bias_neg=None, ignore_index=-100, impl="auto"):
-    """cDPO's per-token log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[y_t], without logits.
+                          bias_pos=None, bias_neg=None, ignore_index=-100, softcap=None,
+                          impl="auto"):
+    """cDPO's per-token log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[y_t], without logits, where
+    z± = softcap(W±h± + b±) are each model's own logits (``softcap`` as both models apply it).
 
-    Since (1+b)·W⁺h⁺ − b·W⁻h⁻ = [W⁺ W⁻]·[(1+b)h⁺; −b·h⁻], this is ``linear_logprobs`` on
-    the concatenated heads (a [V, D⁺+D⁻] copy of the weights; meant for offline passes).
+    Without a softcap, (1+b)·W⁺h⁺ − b·W⁻h⁻ = [W⁺ W⁻]·[(1+b)h⁺; −b·h⁻]: this is
+    ``linear_logprobs`` on the concatenated heads (a [V, D⁺+D⁻] copy of the weights; meant for
+    offline passes), on any backend. With one, the cap bends each head's logits before they
+    are combined: the torch backend's chunked forward computes both (``impl`` "auto" or
+    "torch"; no Triton kernel), without a gradient (the scores are offline weights).
     """
     V.check_linear_inputs(hidden_pos, weight_pos, targets, bias_pos, prefix="pos_")
     V.check_linear_inputs(hidden_neg, weight_neg, targets, bias_neg, prefix="neg_")
     V.check_scalar("b", b)
+    V.check_softcap(softcap)
+    if softcap is not None:
+        return _capped_contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg,
+                                             targets, b, bias_pos, bias_neg, ignore_index,
+                                             softcap, impl)
     hidden = torch.cat([(1 + b) * hidden_pos, -b * hidden_neg], dim=-1)
     weight = torch.cat([weight_pos, weight_neg.to(weight_pos.dtype)], dim=-1)
     bias = None
@@ -131,6 +141,28 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
             - b * (zeros if bias_neg is None else bias_neg)
     return linear_logprobs(hidden.to(weight.dtype), weight, targets, bias=bias,
                            ignore_index=ignore_index, impl=impl)
+
+
+def _capped_contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, targets, b,
+                                  bias_pos, bias_neg, ignore_index, softcap, impl):
+    which = resolve_impl(impl, hidden_pos.device, op="contrastive_logscores")
+    if which is Impl.REFERENCE:
+        from tisdpo_kernels import reference
+        return reference.contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg,
+                                               targets, b=b, bias_pos=bias_pos,
+                                               bias_neg=bias_neg, ignore_index=ignore_index,
+                                               softcap=softcap)
+    V.require(which is Impl.TORCH or impl == "auto",
+              f"contrastive_logscores with a softcap has no Triton kernel: use impl='torch' "
+              f"or 'auto', got impl={impl!r}")
+    from tisdpo_kernels._common import chunk_size
+    from tisdpo_kernels._torch.contrastive_logscores import contrastive_logscores as run
+
+    d_pos, d_neg = hidden_pos.shape[-1], hidden_neg.shape[-1]
+    out = run(hidden_pos.reshape(-1, d_pos), weight_pos, hidden_neg.reshape(-1, d_neg),
+              weight_neg, targets.reshape(-1).long(), bias_pos, bias_neg, float(b), softcap,
+              ignore_index, chunk_size(None, weight_pos.shape[0]))
+    return out.view(targets.shape)
 
 
 def _segments_from(x, seq_ids, mask, *, name):

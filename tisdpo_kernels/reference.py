@@ -84,11 +84,12 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
 
 
 def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, targets, *, b=1.0,
-                          bias_pos=None, bias_neg=None, ignore_index=-100):
-    """cDPO's log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[target] (docs/ALGORITHMS.md §6.2)."""
+                          bias_pos=None, bias_neg=None, ignore_index=-100, softcap=None):
+    """cDPO's log s_t = log_softmax((1+b)·z⁺ − b·z⁻)[target] (docs/ALGORITHMS.md §6.2), z±
+    each model's own (softcapped) logits."""
     valid = targets != ignore_index
-    z = (1 + b) * _logits(hidden_pos, weight_pos, bias_pos, None, valid) \
-        - b * _logits(hidden_neg, weight_neg, bias_neg, None, valid)
+    z = (1 + b) * _logits(hidden_pos, weight_pos, bias_pos, softcap, valid) \
+        - b * _logits(hidden_neg, weight_neg, bias_neg, softcap, valid)
     safe = torch.where(valid, targets, 0).long().unsqueeze(-1)
     out = torch.log_softmax(z, dim=-1).gather(-1, safe).squeeze(-1)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))

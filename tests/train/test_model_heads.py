@@ -141,3 +141,33 @@ def test_check_head_refuses_heads_it_cannot_reproduce(model_type, dtype):
     with pytest.raises(ValueError, match=f"^{model_type}: .*{re.escape(cause)}") as info:
         check_head(build(model_type, kwargs, dtype=dtype))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "phi"])
+def test_cdpo_scores_combine_each_models_own_logits(model_type):
+    """The weights stage's cDPO scores log_softmax((1+b)·z⁺ − b·z⁻)[y] from two models'
+    own logits: a soft cap bends each model's logits before they are combined (the scores
+    once dropped it), a scale or a bias before too."""
+    import types
+
+    from tisdpo.pipeline.weights import _cdpo_logscores
+    from tisdpo.train.config import ModelConfig
+
+    kwargs = dict(SUPPORTED[model_type][0])
+    if model_type == "gemma2":
+        kwargs["final_logit_softcapping"] = 4.0      # felt by logits of ~5, not flattened
+    pos, neg = build(model_type, kwargs, seed=0), build(model_type, kwargs, seed=1)
+    b = 1.0
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), cfg=types.SimpleNamespace(
+        model=ModelConfig(), weights=types.SimpleNamespace(cdpo_b=b)))
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:-1] = ids[:, 5:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    got = torch.cat(_cdpo_logscores(ctx, {"positive": pos, "negative": neg}, batch, batch,
+                                    "torch"))
+    with torch.no_grad():
+        z = (1 + b) * pos(input_ids=ids).logits.double() - b * neg(input_ids=ids).logits.double()
+    kept = labels != -100
+    want = z.log_softmax(-1)[kept].gather(-1, labels[kept][:, None])[:, 0]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)

@@ -105,8 +105,12 @@ def _cdpo_logscores(ctx, models, batch_pos, batch_neg, impl) -> list[torch.Tenso
     hn, yn, wn, bn, _ = completion_hidden(ctx, models["negative"], batch_neg)
     if not torch.equal(yp, yn):
         raise ValueError("cdpo scores: pi+ and pi- batches have different completion tokens")
+    caps = (head(models["positive"]).softcap, head(models["negative"]).softcap)
+    if caps[0] != caps[1]:
+        raise ValueError(f"cdpo scores: pi+ and pi- cap their logits differently (softcap "
+                         f"{caps[0]} and {caps[1]}); the contrast needs the same model family")
     s = contrastive_logscores(hp, wp, hn, wn, yp, b=ctx.cfg.weights.cdpo_b, bias_pos=bp,
-                              bias_neg=bn, impl=impl)
+                              bias_neg=bn, softcap=caps[0], impl=impl)
     return list(s.float().cpu().split(counts))
 
 
