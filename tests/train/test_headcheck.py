@@ -117,3 +117,23 @@ def test_the_option_is_on_by_default_and_a_flag():
 
     assert ModelConfig().check_head is True and build_config().model.check_head is True
     assert build_config(overrides={"model.check_head": "false"}).model.check_head is False
+
+
+def test_an_adapter_on_the_head_is_refused_and_a_trained_copy_is_not():
+    """LoRA on lm_head: the fused head reads lm_head.weight, so the adapter (zero at the
+    start, so the check passes) would silently never train. modules_to_save trains a copy."""
+    peft = pytest.importorskip("peft")
+    from tisdpo.train.headcheck import head
+
+    def tiny():
+        return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+            "llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    lora = peft.get_peft_model(tiny(), peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4))
+    with pytest.raises(ValueError, match=r"^llama: lm_head is wrapped by a PEFT adapter layer "
+                                         r"\(Linear\); .*modules_to_save") as err:
+        head(lora)
+    assert "\n" not in str(err.value)
+    copy = peft.get_peft_model(tiny(), peft.LoraConfig(target_modules=["q_proj"], r=4,
+                                                       modules_to_save=["lm_head"]))
+    assert head(copy).weight.requires_grad

@@ -112,6 +112,11 @@ def head(model) -> HeadSpec:
     if lm is None or not hasattr(lm, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse")
     kind = model_type(model)
+    if getattr(lm, "base_layer", None) is not None:     # a PEFT tuner layer (LoRA, IA3, ...)
+        raise ValueError(f"{kind}: lm_head is wrapped by a PEFT adapter layer "
+                         f"({type(lm).__name__}); the fused head reads lm_head.weight alone, so "
+                         f"the adapter would never train: leave lm_head out of the adapter's "
+                         f"target_modules (modules_to_save=['lm_head'] trains it in full)")
     weight, bias = lm.weight, getattr(lm, "bias", None)
     terms: list[str] = []
     softcap = None
