@@ -137,3 +137,20 @@ def test_an_adapter_on_the_head_is_refused_and_a_trained_copy_is_not():
     copy = peft.get_peft_model(tiny(), peft.LoraConfig(target_modules=["q_proj"], r=4,
                                                        modules_to_save=["lm_head"]))
     assert head(copy).weight.requires_grad
+
+
+def test_load_model_refuses_a_router_loss_it_would_drop(tmp_path):
+    """A mixture-of-experts config asking for its load-balancing loss in training: the
+    objectives never add it, so training is refused (a frozen reference loads)."""
+    from tisdpo.train.model import load_model
+
+    moe = dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)
+    path = _save(tmp_path / "on", "mixtral", dict(moe, output_router_logits=True,
+                                                  router_aux_loss_coef=0.02))
+    with pytest.raises(ValueError, match=r"sets output_router_logits with "
+                                         r"router_aux_loss_coef=0.02") as err:
+        load_model(ModelConfig(path=path), device=CPU)
+    assert "\n" not in str(err.value)
+    assert not load_model(ModelConfig(path=path), device=CPU, trainable=False).training
+    off = _save(tmp_path / "off", "mixtral", dict(moe, output_router_logits=False))
+    assert load_model(ModelConfig(path=off), device=CPU).training

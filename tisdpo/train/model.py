@@ -163,6 +163,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
     if cfg.check_head:
         check_head(model, autocast=autocast(cfg, device))
     if trainable:
+        _refuse_router_aux_loss(model, src or "(the tiny demo model)")
         model.train()
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -170,6 +171,21 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def _refuse_router_aux_loss(model, src: str) -> None:
+    """A mixture-of-experts config that asks for its load-balancing loss in training: the
+    objective is computed from the hidden states and never adds it, so refuse, not drop it."""
+    conf = model.config
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    for c in (conf, text):
+        coef = getattr(c, "router_aux_loss_coef", 0) or 0
+        if getattr(c, "output_router_logits", False) and coef:
+            raise ValueError(f"model {src}: its config sets output_router_logits with "
+                             f"router_aux_loss_coef={coef}, but tisdpo's objectives do not add "
+                             f"the mixture-of-experts load-balancing loss; set "
+                             f"output_router_logits to false in its config.json to train "
+                             f"without it")
 
 
 def _from_pretrained(auto, src: str, cfg: ModelConfig):
