@@ -142,6 +142,19 @@ def test_a_stream_with_one_weight_column_is_refused_at_its_first_batch(tok, tmp_
     _one_line(err)
 
 
+def test_a_kl_preset_refuses_a_reference_capped_otherwise(tok, tmp_path):
+    """The token-KL op caps the policy's and the reference's logits with one softcap."""
+    ref = C.tiny_model(tok)
+    ref.config.final_logit_softcapping = 5.0
+    args = C.config(TISDPOConfig, tmp_path, method="tdpo2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"policy's softcap is None and the ref_model's "
+                                             r"5.0; give a reference of the same family"):
+            TISDPOTrainer(model=C.tiny_model(tok), ref_model=ref, args=args,
+                          train_dataset=C.dataset(4), processing_class=tok)
+
+
 # ------------------------------------------------------------------ the same as DPOTrainer
 
 def test_an_uneven_last_batch_truncated_from_the_end_steps_as_dpo_trainer(tok, tmp_path):

@@ -195,6 +195,12 @@ class TISDPOTrainer(_TRLDPOTrainer):
         lm = lm_of(self.model)
         check_head(lm)
         self._tisdpo_loss = build_loss(args, softcap=head(lm).softcap)
+        if self.ref_model is not None and self._tisdpo_loss.config.uses_kl:
+            ref_cap = head(lm_of(self.ref_model)).softcap    # the KL op caps both heads alike
+            if ref_cap != head(lm).softcap:
+                raise ValueError(f"TISDPOTrainer: the KL preset caps both heads' logits alike, "
+                                 f"but the policy's softcap is {head(lm).softcap} and the "
+                                 f"ref_model's {ref_cap}; give a reference of the same family")
         for m in (self.model, self.ref_model):
             if m is not None:
                 attach_head(m)
