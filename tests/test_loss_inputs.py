@@ -95,6 +95,17 @@ def test_a_bad_environment_variable_is_named_on_any_machine(name, value, monkeyp
         TISDPOLoss("dpo", impl="torch")
 
 
+@pytest.mark.parametrize("name", ["TISDPO_TMA", "TISDPO_HEAD_LOGITS", "TISDPO_DZ_MB",
+                                  "TISDPO_AUTOTUNE", "TISDPO_ONE_SWEEP_MIN_TOKENS",
+                                  "TISDPO_CHECKS", "TISDPO_CHUNK_TOKENS"])
+def test_an_empty_environment_variable_is_its_default(name, monkeypatch):
+    from tisdpo_kernels import _env
+
+    monkeypatch.setenv(name, "")
+    _env.check_all()
+    TISDPOLoss("dpo", impl="torch")
+
+
 def test_normalizer_count_is_pairs_or_position_slots():
     """Padded [2B, T]: B pairs; packed: P pairs; cdpo_code averages over its B·T slots. The
     count is what the default normaliser divides by when every pair has a response token,

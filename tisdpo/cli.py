@@ -69,7 +69,12 @@ COMMANDS = {
 _TOP = ("seed", "run_dir", "device", "threads")
 
 
-def _add_options(parser: argparse.ArgumentParser, sections) -> None:
+# defaults a command sets for itself (``demo_config``), shown by its --help
+_COMMAND_DEFAULTS = {("demo", "run_dir"): "'runs/demo'; 'runs/demo-hard' with --task hard; "
+                                          "'-fast' appended with --fast"}
+
+
+def _add_options(parser: argparse.ArgumentParser, sections, command: str) -> None:
     groups = {}
     for spec in field_specs():
         section = spec.name.split(".")[0] if "." in spec.name else None
@@ -84,7 +89,8 @@ def _add_options(parser: argparse.ArgumentParser, sections) -> None:
         help_text = spec.help
         if spec.choices:
             help_text += f" {{{', '.join(map(str, spec.choices))}}}"
-        default = "empty" if spec.default is None else repr(spec.default)
+        default = _COMMAND_DEFAULTS.get((command, spec.name)) or (
+            "empty" if spec.default is None else repr(spec.default))
         help_text += f" (default: {default})".replace("%", "%%")
         kwargs = dict(dest=spec.name, default=argparse.SUPPRESS, help=help_text,
                       metavar=spec.type.__name__.upper())
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, metavar="DIR",
                            help="where to write inspect.html/inspect.png "
                                 "(default: <run_dir>/inspect)")
-        _add_options(p, sections)
+        _add_options(p, sections, name)
     return parser
 
 

@@ -129,7 +129,7 @@ def value_checks() -> str:
     device assertion (no host sync). ``full``: ValueError checks everywhere (one host sync
     per call on CUDA). ``off``: shape and dtype checks only.
     """
-    raw = os.environ.get("TISDPO_CHECKS", "auto").strip().lower()
+    raw = os.environ.get("TISDPO_CHECKS", "").strip().lower() or "auto"
     if raw not in {"auto", "full", "off"}:
         raise ValueError(f"environment variable TISDPO_CHECKS={raw!r}: expected auto, full or off")
     return raw

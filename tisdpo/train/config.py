@@ -193,8 +193,8 @@ class PolicyConfig(TrainConfig):
 @dataclass
 class WeightsConfig:
     method: str | None = opt(None, "weight rule: exp_clamp (paper), rank_based (official code), "
-                                   "threshold_and_scale, threshold, binary, origin; empty: the "
-                                   "policy preset's rule (rank_based for tisdpo)")
+                                   "threshold_and_scale, threshold, binary, origin, cdpo; "
+                                   "empty: the policy preset's rule (rank_based for tisdpo)")
     k: float = opt(1.0, "exp_clamp: scale k")
     lower: float = opt(-0.5, "exp_clamp: L, the clamp on c_t before exp")
     upper: float = opt(1.5, "exp_clamp: U")
