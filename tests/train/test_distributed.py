@@ -289,7 +289,8 @@ def test_training_equals_single_process_on_the_global_batch(runs, name):
     got = [r[name]["result"] for r in runs["ranks"]]
     truth = s[f"{pre}f64"]["result"]
     keys = ("eval/loss", "loss", "nll", "eval/nll") if kind == "sft" else \
-        ("eval/loss", "eval/rewards/margins", "loss", "rewards/accuracies")
+        ("eval/loss", "eval/rewards/margins", "loss", "rewards/accuracies", "weights/chosen",
+         "eval/weights/rejected")
     mags = {}
     if kind != "sft":      # the preference metrics' magnitudes (nll and accuracies: their own)
         cfg = TISDPOLoss("tisdpo_paper" if kind == "kl" else "tisdpo").config

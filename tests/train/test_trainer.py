@@ -87,6 +87,28 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, kind):
                       name=f"{kind} grad {name}", metric="rms")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_metrics_of_accumulated_micro_batches_are_the_big_batch_metrics(tmp_path, packed):
+    """8 pairs of uneven lengths with random token weights: one batch of 8, or 4 micro-batches
+    of 2. Per-pair metrics average over pairs, weights/* over each side's response tokens
+    (micro-batches holding more tokens count more), so both give the big batch's values."""
+    collate = PackedPairCollator(0) if packed else PaddedPairCollator(0)
+
+    def metrics(bs, accum):
+        t = _trainer(_model(), _pref_objective(), _records(8), tmp_path / f"{bs}",
+                     collate=collate, batch_size=bs, grad_accum=accum, max_grad_norm=None)
+        return {k: float(v) for k, v in t._step()[1].items()}
+    big, small = metrics(8, 1), metrics(2, 4)
+    tokens = {}
+    for rec in _records(8):
+        for side in ("chosen", "rejected"):
+            tokens.setdefault(side, []).extend(rec[f"{side}_weight"])
+    for side, ws in tokens.items():             # the token mean, not a mean of batch means
+        assert big[f"weights/{side}"] == pytest.approx(sum(ws) / len(ws), rel=1e-5)
+    for key in ("weights/chosen", "weights/rejected", "rewards/margins", "logps/chosen"):
+        assert small[key] == pytest.approx(big[key], rel=1e-4, abs=1e-5), key
+
+
 def test_accumulation_normaliser_is_the_whole_window(tmp_path):
     # the objective sees normalizer = pairs of the whole accumulated batch, not its own
     seen = []

@@ -314,23 +314,25 @@ class Parallel:
             (loss * self.world_size if self.distributed else loss).backward()
         return loss.detach(), metrics
 
-    def reduce_metrics(self, total: torch.Tensor, metrics: dict, count: float):
+    def reduce_metrics(self, total: torch.Tensor, metrics: dict, counts: dict):
         """Global loss (sum of the ranks' shares) and count-weighted metric means.
 
-        One device all-reduce, no host sync. ``metrics`` are this rank's means over
-        ``count`` pairs (tokens).
+        One device all-reduce, no host sync. ``metrics`` are this rank's means, each over
+        ``counts[key]`` (pairs, tokens, or one side's response tokens).
         """
         if not self.distributed:
             return total, metrics
         import torch.distributed as dist
 
         keys = sorted(metrics)
-        parts = [total.float().reshape(())] + [metrics[k].detach().float().reshape(()) * count
-                                               for k in keys]
-        buf = torch.stack(parts + [torch.full((), float(count), device=total.device)])
+        weights = [float(counts.get(k, 0.0)) for k in keys]
+        parts = [total.float().reshape(())] + [metrics[k].detach().float().reshape(()) * w
+                                               for k, w in zip(keys, weights)]
+        buf = torch.cat([torch.stack(parts),
+                         torch.tensor(weights, dtype=torch.float32, device=total.device)])
         dist.all_reduce(buf)
-        n = buf[-1].clamp(min=1e-12)
-        return buf[0], {k: buf[1 + i] / n for i, k in enumerate(keys)}
+        n = buf[1 + len(keys):].clamp(min=1e-12)
+        return buf[0], {k: buf[1 + i] / n[i] for i, k in enumerate(keys)}
 
     def clip_grad_norm(self, params, max_norm: float | None) -> torch.Tensor:
         """``clip_grad_norm_`` over all ranks' gradients (sharded ones included); with

@@ -126,17 +126,19 @@ def rows_of(data, idx) -> list[dict]:
     return [data[i] for i in idx]
 
 
-def _mean_metrics(chunks: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
-    """Per-key mean of batch-mean metrics, weighted by each batch's count; on device."""
+def _mean_metrics(chunks: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """(per-key mean of batch-mean metrics, per-key total count): each batch's value weighted
+    by its count for that key (``counts[key]``, else ``counts[""]``, its pairs); on device."""
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = {}
-    for metrics, count in chunks:
+    totals: dict[str, float] = {}
+    for metrics, counts in chunks:
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
+                count = counts.get(k, counts[""])
                 v = v.detach().float().mean() * count
                 sums[k] = sums[k] + v if k in sums else v
-                counts[k] = counts.get(k, 0.0) + count
-    return {k: sums[k] / max(counts[k], 1e-12) for k in sums}
+                totals[k] = totals.get(k, 0.0) + count
+    return {k: sums[k] / max(totals[k], 1e-12) for k in sums}, totals
 
 
 class Trainer:
@@ -288,9 +290,8 @@ class Trainer:
                 self._run, _to_device(b, self.device), max(normalizer, 1.0),
                 padded=shares[k][1], last=k == len(batches) - 1)
             total = total + loss.float()
-            chunks.append((metrics, 0.0 if shares[k][1] else self._metric_weight(b)))
-        total, metrics = self.par.reduce_metrics(total, _mean_metrics(chunks),
-                                                 sum(w for _, w in chunks))
+            chunks.append((metrics, {"": 0.0} if shares[k][1] else self._metric_weights(b)))
+        total, metrics = self.par.reduce_metrics(total, *_mean_metrics(chunks))
         # the total norm over every rank's (sharded) gradient, clipped to max_grad_norm if set
         metrics["grad_norm"] = self.par.clip_grad_norm(self.model.parameters(),
                                                        self.cfg.max_grad_norm)
@@ -310,11 +311,13 @@ class Trainer:
         self.state.step += 1
         return total, metrics
 
-    def _metric_weight(self, batch: dict) -> float:
-        """What a batch's metrics are means over: the objective's ``metric_weight`` (pairs)
-        where it has one, else its ``count`` (an SFT objective's tokens)."""
+    def _metric_weights(self, batch: dict) -> dict[str, float]:
+        """What a batch's metrics are means over: ``""``, the objective's ``metric_weight``
+        (pairs) where it has one, else its ``count`` (an SFT objective's tokens); and the
+        counts of the metrics that average over something else (``metric_counts``)."""
         weight = getattr(self.objective, "metric_weight", None) or self.objective.count
-        return float(weight(batch))
+        per_key = getattr(self.objective, "metric_counts", None)
+        return {"": float(weight(batch)), **(per_key(batch) if per_key else {})}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -335,11 +338,11 @@ class Trainer:
             loss, metrics = self._run(_to_device(batch, self.device), max(c, 1.0))
             weighted += float(loss) * c
             count += c
-            chunks.append((metrics, 0.0 if pad else self._metric_weight(batch)))
+            chunks.append((metrics, {"": 0.0} if pad else self._metric_weights(batch)))
         self.model.train(was_training)
         weighted, total = self.par.sum_host([weighted, count])
         _, metrics = self.par.reduce_metrics(torch.zeros((), device=self.device),
-                                             _mean_metrics(chunks), sum(w for _, w in chunks))
+                                             *_mean_metrics(chunks))
         out = {f"eval/{k}": float(v) for k, v in metrics.items()}
         out["eval/loss"] = weighted / max(total, 1.0)
         return out
