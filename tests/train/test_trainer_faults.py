@@ -212,3 +212,16 @@ def test_signal_checkpoints_after_the_step_then_resumes_exactly(tmp_path, uninte
     assert not stage_done(str(tmp_path))
     assert os.path.basename(checkpoints(str(tmp_path))[0]) == "step-0000003"
     _assert_same(uninterrupted, _resume(tmp_path))
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_host_shows(monkeypatch):
+    """A checkpoint holds one CUDA RNG state per GPU its writer saw; resuming where fewer are
+    visible restores those (torch's set_rng_state_all raised IndexError)."""
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.tensor([k], dtype=torch.uint8) for k in range(4)]   # 4 GPUs saw it
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: seen.append((int(s[0]), i)))
+    checkpoint.restore_rng_state(state)
+    assert seen == [(0, 0), (1, 1)]

@@ -188,7 +188,10 @@ def rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: a host that shows fewer GPUs (another
+        # node, a narrower CUDA_VISIBLE_DEVICES) takes those it has, instead of an IndexError
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
