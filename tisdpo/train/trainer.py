@@ -357,8 +357,10 @@ class Trainer:
         """
         os.makedirs(self.out_dir, exist_ok=True)
         ckpt = self._resume() if resume else None
-        if not resume:
-            remove_checkpoints(self.out_dir)
+        if not resume:                  # one remover, and no rank writes before it is done
+            if self.par.is_main:
+                remove_checkpoints(self.out_dir)
+            self.par.barrier()
         if self.par.is_main:
             self._sink = MetricSink(self.out_dir, self.log.tensorboard,
                                     None if ckpt is None else (self.state.step, self._log_rows),
