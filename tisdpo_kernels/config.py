@@ -5,7 +5,7 @@ The unified formulation (docs/ALGORITHMS.md §8), per pair b and side s ∈ {w, 
     A_s = (1/N_s) Σ_t m_t ω_t (lp_t − ρ·lr_t)         N_s = 1 ("sum") or Σ_t m_t ("mean")
     K_s = Σ_t m_t ν_t k_t                              ν = ω ("kl_token_weighted") or 1
     z   = A_w − A_l + c_w·K̂_w + c_l·K_l − γ₀           K̂_w = sg(K_w) when kl_stop_grad_chosen
-    ℓ   = link_β,ε(z)                                   loss = Σ_b ℓ_b / #pairs
+    ℓ   = link_β,ε(z)                                   loss = Σ_b ℓ_b / #pairs with tokens
 """
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ class PreferenceConfig:
                 f"granularity must be 'seq' or 'pos', got {self.granularity!r}")
         require(not (self.granularity == "pos" and self.kl is not None),
                 "granularity='pos' does not support KL terms")
+        require(not (self.granularity == "pos" and (self.margin != 0 or self.reduction != "sum")),
+                f"granularity='pos' (per-position pairs) has no margin and no length "
+                f"normalisation: margin must be 0 and reduction 'sum', got margin={self.margin} "
+                f"and reduction={self.reduction!r}")
 
     @property
     def uses_kl(self) -> bool:

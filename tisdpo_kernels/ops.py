@@ -200,7 +200,8 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
     """Per-token importance weights from contrastive log-probs (docs/ALGORITHMS.md §2, §6.2).
 
     logp_pos / logp_neg: log π⁺(y_t) and log π⁻(y_t), either [N] packed with ``seq_ids`` [N]
-    (−1 outside every response; needed by the per-sequence methods rank_based and binary) or
+    (−1 outside every response; without it the [N] tokens are one sequence, which the
+    per-sequence methods rank_based and binary then rank as a whole) or
     [B, T] padded with ``mask`` [B, T] (each row one sequence). side: "chosen" (μ = +1),
     "rejected" (μ = −1) or a bool tensor of logp's shape (True = chosen). method: exp_clamp
     (paper), rank_based, threshold_and_scale, threshold, binary, origin (official code), or

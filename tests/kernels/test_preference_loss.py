@@ -406,6 +406,11 @@ def test_validation_errors_name_the_argument(impl):
     raises("beta", lambda: PreferenceConfig(beta=-1.0))
     raises("epsilon", lambda: PreferenceConfig(link="robust", epsilon=0.5))
     raises("epsilon", lambda: PreferenceConfig(link="conservative", epsilon=-0.1))
+    # per-position pairs have no margin and no length normalisation: refused, not ignored
+    pos = get_preset("cdpo_code").config
+    raises(r"margin must be 0 and reduction 'sum', got margin=5.0",
+           lambda: pos.replace(margin=5.0))
+    raises(r"got margin=0.0 and reduction='mean'", lambda: pos.replace(reduction="mean"))
     raises("lower", lambda: get_preset("tisdpo_paper") and
            __import__("tisdpo_kernels").WeightParams(lower=1.5, upper=-0.5))
 
