@@ -266,11 +266,8 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config: PreferenceConf
         valid_all.append((nw + nl) > 0)
         parts.append((aw + cfg.kl_chosen_coef * kw, al - cfg.kl_rejected_coef * kl_, lw, ll,
                       kw, kl_))
-    # no pairs: empty per-pair tensors (still in lp's graph) and a loss of 0
-    none = (lp.to(sd) * 0).sum().reshape(1)[:0]
-
-    def stack(xs):
-        return torch.stack(xs) if xs else none
+    def stack(xs):      # no pairs: an empty per-pair tensor, still in lp's graph (loss 0)
+        return torch.stack(xs) if xs else (lp.to(sd) * 0).sum().reshape(1)[:0]
 
     losses = stack(loss_all)
     valid = stack(valid_all).bool()

@@ -18,7 +18,8 @@ import torch
 
 from tisdpo_kernels import linear_logprobs
 
-__all__ = ["HeadSpec", "HeadCheck", "head", "decoder", "hidden_states", "check_head"]
+__all__ = ["HeadSpec", "HeadCheck", "head", "decoder", "hidden_states", "check_head",
+           "config_value"]
 
 # Config names of the logit soft cap, z -> cap·tanh(z/cap) (Gemma 2/3, RecurrentGemma, xLSTM).
 SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
@@ -84,7 +85,9 @@ def _configs(model) -> list:
     return out
 
 
-def _read(model, name: str):
+def config_value(model, name: str):
+    """``name`` from the model's config or, for a composite model, its text config; None
+    where neither sets it."""
     for conf in _configs(model):
         value = getattr(conf, name, None)
         if value is not None:
@@ -121,7 +124,7 @@ def head(model) -> HeadSpec:
     terms: list[str] = []
     softcap = None
     for name in SOFTCAP_ATTRS:
-        value = _read(model, name)
+        value = config_value(model, name)
         if value is not None:
             softcap = _number(name, value, model)
             terms.append(f"{name}={value:g}")
@@ -129,7 +132,7 @@ def head(model) -> HeadSpec:
     scale, logit_scale = 1.0, 1.0
     for name, op, where in SCALE_ATTRS:
         rule = SCALE_OVERRIDES.get((kind, name), (op, where))
-        value = _read(model, name)
+        value = config_value(model, name)
         if rule is None or value is None or value in (1, 1.0):
             continue
         op, where = rule
@@ -139,7 +142,7 @@ def head(model) -> HeadSpec:
         if where == "logits":
             logit_scale *= factor
         terms.append(f"{name}={value:g} ({'×' if op == 'mul' else '÷'})")
-    keep = _read(model, "unpadded_vocab_size")
+    keep = config_value(model, "unpadded_vocab_size")
     if isinstance(keep, int) and 0 < keep < weight.shape[0]:
         weight = weight[:keep]
         bias = bias[:keep] if bias is not None else None

@@ -17,7 +17,9 @@ import os
 import torch
 
 from tisdpo.train.config import ModelConfig
-from tisdpo.train.headcheck import HeadSpec, check_head, decoder, head, hidden_states
+from tisdpo.train.headcheck import (
+    HeadSpec, check_head, config_value, decoder, head, hidden_states,
+)
 from tisdpo.train.validation import DEVICE_FORMS, DEVICE_RE
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
@@ -176,16 +178,12 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
 def _refuse_router_aux_loss(model, src: str) -> None:
     """A mixture-of-experts config that asks for its load-balancing loss in training: the
     objective is computed from the hidden states and never adds it, so refuse, not drop it."""
-    conf = model.config
-    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
-    for c in (conf, text):
-        coef = getattr(c, "router_aux_loss_coef", 0) or 0
-        if getattr(c, "output_router_logits", False) and coef:
-            raise ValueError(f"model {src}: its config sets output_router_logits with "
-                             f"router_aux_loss_coef={coef}, but tisdpo's objectives do not add "
-                             f"the mixture-of-experts load-balancing loss; set "
-                             f"output_router_logits to false in its config.json to train "
-                             f"without it")
+    coef = config_value(model, "router_aux_loss_coef") or 0
+    if config_value(model, "output_router_logits") and coef:
+        raise ValueError(f"model {src}: its config sets output_router_logits with "
+                         f"router_aux_loss_coef={coef}, but tisdpo's objectives do not add the "
+                         f"mixture-of-experts load-balancing loss; set output_router_logits to "
+                         f"false in its config.json to train without it")
 
 
 def _from_pretrained(auto, src: str, cfg: ModelConfig):

@@ -86,18 +86,10 @@ class PreferenceObjective:
         """The metrics that are means over something other than pairs: ``weights/chosen`` and
         ``weights/rejected`` average over that side's response tokens, so micro-batches and
         ranks are combined by those counts (a batch on the host: no device sync)."""
-        kept = (batch["labels"] != self.loss_fn.ignore_index).reshape(-1)
-        if _is_packed(batch):
-            starts = batch["seq_offsets"].long()[1:]
-            seq = torch.searchsorted(starts, torch.arange(kept.numel()), right=True)
-            pairs = batch["pairs"].long()
-            sides = (torch.isin(seq, pairs[:, 0]), torch.isin(seq, pairs[:, 1]))
-        else:
-            rows = batch["labels"].shape[0]
-            row = torch.arange(rows).repeat_interleave(batch["labels"].shape[1])
-            sides = (row < rows // 2, row >= rows // 2)
-        return {f"weights/{name}": float((kept & side).sum())
-                for name, side in zip(("chosen", "rejected"), sides)}
+        kept = batch["labels"] != self.loss_fn.ignore_index
+        _, counts = _sequence_sums(kept, kept, batch.get("seq_offsets"), batch.get("pairs"))
+        chosen, rejected = counts.sum(0).tolist()
+        return {"weights/chosen": chosen, "weights/rejected": rejected}
 
     def _ref_head(self, batch: dict) -> dict:
         with torch.no_grad():
