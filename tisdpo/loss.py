@@ -118,9 +118,8 @@ class TISDPOLoss(nn.Module):
             method, beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, alpha=alpha,
             gamma_beta_ratio=gamma_beta_ratio, weight_method=weight_method,
             weight_params=weight_params)
-        V.require(isinstance(ignore_index, int) and not isinstance(ignore_index, bool),
-                  f"ignore_index must be an int, got {ignore_index!r}")
-        V.check_softcap(softcap)
+        ignore_index = V.check_ignore_index(ignore_index)
+        softcap = V.check_softcap(softcap)
         try:
             Impl(impl)
         except ValueError:
@@ -131,7 +130,7 @@ class TISDPOLoss(nn.Module):
         why = one_sweep_unsupported(cfg) if strategy == "one_sweep" else None
         V.require(why is None, f"strategy='one_sweep' cannot compute method {method!r}: {why}; "
                   f"use strategy='recompute' or 'auto'")
-        V.check_filter_eps(filter_eps)
+        filter_eps = V.check_filter_eps(filter_eps)
         V.check_env()      # the TISDPO_* variables (each is read again where it is used)
         if filter_eps is not None:
             V.require(not cfg.uses_kl, f"filter_eps={filter_eps!r}: method {method!r} computes "
@@ -201,6 +200,8 @@ class TISDPOLoss(nn.Module):
                 V.require(tuple(t.shape) == tuple(labels.shape),
                           f"{name} shape {tuple(t.shape)} must equal labels shape "
                           f"{tuple(labels.shape)}")
+        V.check_same_device(hidden=hidden, ref_logps=ref_logps, weights=weights,
+                            pos_logps=pos_logps, neg_logps=neg_logps)
         V.check_linear_inputs(hidden, lm_head_weight, labels, bias,
                               names={"weight": "lm_head_weight", "targets": "labels"})
         V.check_targets("labels", labels, lm_head_weight.shape[0], self.ignore_index)
@@ -339,6 +340,7 @@ class TISDPOLoss(nn.Module):
         labels = torch.where(role[0] | role[1], labels, self.ignore_index)
         seq_ids = torch.where(labels != self.ignore_index, seq, -1)
         layout = {"seq_ids": seq_ids, "chosen_seq": pairs[:, 0], "rejected_seq": pairs[:, 1],
+                  "num_seqs": s,
                   "side": role[0], "rejected": role[1]}
         keys = ("ref_logps", "weights", "pos_logps", "neg_logps")
         return hidden, labels, ref_hidden, tuple(tok[k] for k in keys), layout

@@ -27,6 +27,20 @@ WEIGHT_METHODS = (
 )
 
 
+def _floats(obj, **bounds) -> None:
+    """Check each named field of a frozen dataclass as a finite number within its bounds
+    (``check_scalar``) and store it as a Python float (numpy scalars too)."""
+    for name, kw in bounds.items():
+        object.__setattr__(obj, name, check_scalar(name, getattr(obj, name), **kw))
+
+
+def _bools(obj, *names) -> None:
+    """Each named field is a bool: a string such as "false" would read as true."""
+    for name in names:
+        value = getattr(obj, name)
+        require(isinstance(value, bool), f"{name} must be a bool, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PreferenceConfig:
     """Options of ``preference_loss`` (docs/ALGORITHMS.md §8).
@@ -58,15 +72,14 @@ class PreferenceConfig:
 
     def __post_init__(self):
         require(self.link in LINKS, f"link must be one of {LINKS}, got {self.link!r}")
-        check_scalar("beta", self.beta, low=0.0, low_open=True)
-        check_scalar("epsilon", self.epsilon, low=0.0, high=0.5, high_open=True)
-        check_scalar("margin", self.margin)
+        _floats(self, beta=dict(low=0.0, low_open=True),
+                epsilon=dict(low=0.0, high=0.5, high_open=True), margin={},
+                kl_chosen_coef={}, kl_rejected_coef={})
+        _bools(self, "reference_free", "kl_stop_grad_chosen", "kl_token_weighted")
         require(self.reduction in ("sum", "mean"),
                 f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         require(self.kl is None or self.kl in KL_DIRECTIONS,
                 f"kl must be None or one of {KL_DIRECTIONS}, got {self.kl!r}")
-        check_scalar("kl_chosen_coef", self.kl_chosen_coef)
-        check_scalar("kl_rejected_coef", self.kl_rejected_coef)
         require(self.granularity in ("seq", "pos"),
                 f"granularity must be 'seq' or 'pos', got {self.granularity!r}")
         require(not (self.granularity == "pos" and self.kl is not None),
@@ -110,22 +123,19 @@ class WeightParams:
     round_decimals: int | None = None
 
     def __post_init__(self):
-        check_scalar("k", self.k, low=0.0, low_open=True)
-        check_scalar("lower", self.lower)
-        check_scalar("upper", self.upper)
+        _floats(self, k=dict(low=0.0, low_open=True), lower={}, upper={}, clip_lower={},
+                clip_upper={}, w_min={}, w_max={},
+                top_percent=dict(low=0.0, high=100.0, low_open=True))
         require(self.lower <= self.upper,
                 f"lower (L={self.lower}) must not exceed upper (U={self.upper})")
-        check_scalar("clip_lower", self.clip_lower)
-        check_scalar("clip_upper", self.clip_upper)
         require(self.clip_lower < self.clip_upper,
                 f"clip_lower ({self.clip_lower}) must be below clip_upper ({self.clip_upper})")
-        check_scalar("w_min", self.w_min)
-        check_scalar("w_max", self.w_max)
         require(self.w_min <= self.w_max,
                 f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
-        check_scalar("top_percent", self.top_percent, low=0.0, high=100.0, low_open=True)
+        _bools(self, "only_neg")
         require(self.round_decimals is None or
-                (isinstance(self.round_decimals, int) and 0 <= self.round_decimals <= 8),
+                (isinstance(self.round_decimals, int) and not isinstance(self.round_decimals, bool)
+                 and 0 <= self.round_decimals <= 8),
                 f"round_decimals must be None or an int in [0, 8], got {self.round_decimals!r}")
 
     def replace(self, **changes) -> WeightParams:

@@ -49,8 +49,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
     oracle: it refuses filter_eps).
     """
     V.check_linear_inputs(hidden, weight, targets, bias)
-    V.check_softcap(softcap)
-    V.check_filter_eps(filter_eps)
+    ignore_index = V.check_ignore_index(ignore_index)
+    softcap = V.check_softcap(softcap)
+    filter_eps = V.check_filter_eps(filter_eps)
     which = resolve_impl(impl, hidden.device, op="linear_logprobs")
     V.check_targets("targets", targets, weight.shape[0], ignore_index)
     V.require(filter_eps is None or which is not Impl.REFERENCE,
@@ -91,7 +92,8 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
               f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}")
     V.require(direction in ("policy_ref", "ref_policy"),
               f"direction must be 'policy_ref' or 'ref_policy', got {direction!r}")
-    V.check_softcap(softcap)
+    ignore_index = V.check_ignore_index(ignore_index)
+    softcap = V.check_softcap(softcap)
     which = resolve_impl(impl, hidden.device, op="linear_token_kl")
     V.check_targets("targets", targets, weight.shape[0], ignore_index)
     if which is Impl.REFERENCE:
@@ -126,8 +128,12 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
     """
     V.check_linear_inputs(hidden_pos, weight_pos, targets, bias_pos, prefix="pos_")
     V.check_linear_inputs(hidden_neg, weight_neg, targets, bias_neg, prefix="neg_")
-    V.check_scalar("b", b)
-    V.check_softcap(softcap)
+    V.require(weight_neg.shape[0] == weight_pos.shape[0],
+              f"neg_weight has V={weight_neg.shape[0]} but pos_weight has "
+              f"V={weight_pos.shape[0]}: the two models must share one vocabulary")
+    ignore_index = V.check_ignore_index(ignore_index)
+    b = V.check_scalar("b", b)
+    softcap = V.check_softcap(softcap)
     if softcap is not None:
         return _capped_contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg,
                                              targets, b, bias_pos, bias_neg, ignore_index,
@@ -165,8 +171,9 @@ def _capped_contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg
     return out.view(targets.shape)
 
 
-def _segments_from(x, seq_ids, mask, *, name):
-    """(flat seq_ids [N], num_seqs bound) for a [N] packed or [B, T] padded input."""
+def _segments_from(x, seq_ids, mask, *, name, num_seqs=None):
+    """(flat seq_ids [N], num_seqs bound) for a [N] packed or [B, T] padded input; a packed
+    input's bound is ``num_seqs`` when given (sequences may be empty), else N."""
     if x.dim() == 2:
         V.require(seq_ids is None, f"seq_ids is for a packed [N] {name}; a padded [B, T] one "
                   f"takes mask (each row one sequence)")
@@ -187,12 +194,12 @@ def _segments_from(x, seq_ids, mask, *, name):
         return ids, 1
     V.check_index("seq_ids", seq_ids)
     V.require(tuple(seq_ids.shape) == tuple(x.shape),
-              f"seq_ids has {seq_ids.shape[0] if seq_ids.dim() else 0} entries but {name} has "
-              f"{x.shape[0]} tokens")
+              f"seq_ids shape {tuple(seq_ids.shape)} must equal {name} shape {tuple(x.shape)} "
+              f"(one sequence id per packed token)")
     ids = seq_ids.long()
     if mask is not None:
         ids = torch.where(mask.bool(), ids, -1)
-    return ids, max(x.shape[0], 1)
+    return ids, max(x.shape[0], 1) if num_seqs is None else num_seqs
 
 
 def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=None,
@@ -234,6 +241,8 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
                   f"{tuple(logp_pos.shape)}, got " + (f"{side.dtype} {tuple(side.shape)}"
                                                       if isinstance(side, torch.Tensor)
                                                       else type(side).__name__))
+    V.check_same_device(logp_pos=logp_pos, logp_neg=logp_neg, seq_ids=seq_ids, mask=mask,
+                        side=side if isinstance(side, torch.Tensor) else None)
     which = resolve_impl(impl, logp_pos.device, op="token_weights")
     ids, num_seqs = _segments_from(logp_pos, seq_ids, mask, name="logp_pos")
     kept = (ids >= 0).view(logp_pos.shape)
@@ -259,7 +268,8 @@ def token_weights(logp_pos, logp_neg=None, *, side, method="exp_clamp", params=N
 
 
 def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq_ids=None,
-                    chosen_seq=None, rejected_seq=None, kl=None, normalizer=None, impl="auto"):
+                    chosen_seq=None, rejected_seq=None, kl=None, normalizer=None,
+                    num_seqs=None, impl="auto"):
     """The unified weighted preference loss (docs/ALGORITHMS.md §8) and per-pair metrics.
 
     Padded: logp [2B, T], chosen rows first, ``mask`` [2B, T] marks response tokens; pair b is
@@ -268,7 +278,9 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
     ``config.reference_free``), weights ω (default 1) and kl (required when config.uses_kl)
     have logp's shape. normalizer: divide the summed pair losses by this (e.g. the pairs of
     the whole accumulated batch); default: pairs with at least one response token, ≥ 1
-    (``granularity="pos"``, as cdpo_code: all B×T position slots).
+    (``granularity="pos"``, as cdpo_code: all B×T position slots). num_seqs (packed): the
+    number of sequences, which bounds the ids (default N; give it when sequences can be empty).
+    Values outside every response (mask false, seq_ids −1) are not read.
 
     Returns (loss, metrics): a scalar, and per-pair detached tensors named as TRL names them
     (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
@@ -292,8 +304,9 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         V.require(mask is not None, "padded layout needs mask [2B, T] of response tokens")
         V.require(tuple(mask.shape) == tuple(logp.shape),
                   f"mask shape {tuple(mask.shape)} must equal logp shape {tuple(logp.shape)}")
-        V.require(seq_ids is None and chosen_seq is None and rejected_seq is None,
-                  "padded layout takes mask only; seq_ids/chosen_seq/rejected_seq are packed")
+        V.require(seq_ids is None and chosen_seq is None and rejected_seq is None
+                  and num_seqs is None, "padded layout takes mask only; seq_ids/chosen_seq/"
+                  "rejected_seq/num_seqs are packed")
     else:
         V.require(config.granularity == "seq", "granularity='pos' needs the padded layout")
         V.require(logp.dim() == 1, f"logp must be [2B, T] or [N], got {tuple(logp.shape)}")
@@ -304,12 +317,17 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         V.require(chosen_seq.shape == rejected_seq.shape and chosen_seq.dim() == 1,
                   f"chosen_seq {tuple(chosen_seq.shape)} and rejected_seq "
                   f"{tuple(rejected_seq.shape)} must be 1-D of equal length")
-        ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp")
+        if num_seqs is not None:
+            V.require(isinstance(num_seqs, int) and not isinstance(num_seqs, bool)
+                      and num_seqs >= 1, f"num_seqs must be an int >= 1, got {num_seqs!r}")
+        ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp", num_seqs=num_seqs)
         V.check_same_device(logp=logp, seq_ids=seq_ids, chosen_seq=chosen_seq,
                             rejected_seq=rejected_seq)
         V.check_packed_pairs(ids, chosen_seq, rejected_seq, num_seqs)
+    V.check_same_device(logp=logp, ref_logp=ref_logp, weights=weights, kl=kl, mask=mask)
     if weights is not None:
-        V.check_finite("weights", weights)
+        kept = mask.bool() if logp.dim() == 2 else seq_ids >= 0
+        V.check_finite_at("weights", weights.detach(), kept)
     which = resolve_impl(impl, logp.device, op="preference_loss")
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
@@ -393,7 +411,8 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     why = one_sweep_unsupported(config)
     V.require(why is None, f"linear_preference_loss cannot compute this loss: {why}")
     V.check_linear_inputs(hidden, weight, targets, bias)
-    V.check_softcap(softcap)
+    ignore_index = V.check_ignore_index(ignore_index)
+    softcap = V.check_softcap(softcap)
     if config.uses_kl:
         V.require(ref_hidden is not None, f"config uses KL terms ({config.kl}); they need "
                   f"ref_hidden and ref_weight")
@@ -414,6 +433,7 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
             V.require(tuple(t.shape) == tuple(targets.shape),
                       f"{name} shape {tuple(t.shape)} must equal targets shape "
                       f"{tuple(targets.shape)}")
+    V.check_same_device(hidden=hidden, ref_logp=ref_logp, weights=weights)
     if seq_offsets is not None or pairs is not None:
         V.require(seq_offsets is not None and pairs is not None,
                   "the packed layout needs both seq_offsets [S+1] and pairs [P, 2]")

@@ -7,6 +7,7 @@ assertion so a training step never syncs with the host (see ``_env.value_checks`
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 import torch
@@ -41,10 +42,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_scalar(name: str, value: float, *, low=None, high=None, low_open=False,
-                 high_open=False) -> None:
-    """Finite ``value`` inside [low, high] (open ends when ``*_open``)."""
-    require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 high_open=False) -> float:
+    """Finite real ``value`` (int, float, a numpy scalar, not a bool) inside [low, high] (open
+    ends when ``*_open``); returns it as a Python float."""
+    require(isinstance(value, numbers.Real) and not isinstance(value, bool),
             f"{name} must be a number, got {value!r}")
+    value = float(value)
     require(math.isfinite(value), f"{name} must be finite, got {value!r}")
     if low is not None:
         bad = value <= low if low_open else value < low
@@ -52,6 +55,14 @@ def check_scalar(name: str, value: float, *, low=None, high=None, low_open=False
     if high is not None:
         bad = value >= high if high_open else value > high
         require(not bad, f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return value
+
+
+def check_ignore_index(ignore_index) -> int:
+    """An int (a Python or numpy integer, not a bool): the target value that marks no token."""
+    require(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
+            f"ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
 
 
 def value_check(cond_bad: torch.Tensor, msg_fn) -> None:
@@ -77,7 +88,8 @@ def check_env() -> None:
 
 def check_targets(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Every target is in [0, vocab) or equals ``ignore_index``."""
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    t = targets.int() if targets.dtype == torch.int16 else targets  # vocab may exceed int16
+    bad = ((t < 0) | (t >= vocab)) & (t != ignore_index)
 
     def msg(b):
         if b is None:
@@ -210,13 +222,21 @@ def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "",
     check_same_device(**{h: hidden, w: weight, t: targets, b: bias})
 
 
-def check_softcap(softcap) -> None:
-    if softcap is not None:
-        check_scalar("softcap", softcap, low=0.0, low_open=True)
+def check_softcap(softcap) -> float | None:
+    """None or a cap > 0; returns it as a Python float."""
+    if softcap is None:
+        return None
+    cap = check_scalar("softcap", softcap, low=0.0, low_open=True)
+    f32 = torch.finfo(torch.float32)       # the kernels read the cap as a float32
+    require(f32.tiny <= cap <= f32.max,
+            f"softcap must lie within float32's normal range [{f32.tiny:.3g}, {f32.max:.3g}], "
+            f"got {softcap!r}")
+    return cap
 
 
-def check_filter_eps(filter_eps) -> None:
-    """None (exact gradients) or a probability threshold in (0, 1)."""
-    if filter_eps is not None:
-        check_scalar("filter_eps", filter_eps, low=0.0, high=1.0, low_open=True,
-                     high_open=True)
+def check_filter_eps(filter_eps) -> float | None:
+    """None (exact gradients) or a probability threshold in (0, 1), as a Python float."""
+    if filter_eps is None:
+        return None
+    return check_scalar("filter_eps", filter_eps, low=0.0, high=1.0, low_open=True,
+                        high_open=True)
