@@ -19,6 +19,8 @@ never import each other).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import numbers
 
@@ -185,8 +187,28 @@ def chunks(n: int, size: int):
 
 def no_autocast(device: torch.device):
     """Both passes compute in the input dtype, whatever autocast the caller has on; so the
-    backward's recomputed logits are the forward's."""
+    backward's recomputed logits are the forward's. (A device without autocast, such as
+    'meta', has nothing to turn off.)"""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def first_order(op: str):
+    """Decorates a fused autograd backward, which builds no graph: under ``create_graph=True``
+    its gradients would silently count as constants (a gradient penalty through them would
+    lose its second-order term), so it refuses that instead. Grad mode is on inside a
+    backward exactly when the caller asked for ``create_graph``."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op}: the fused backward is first order and create_graph=True (a double "
+                    f"backward) is not supported; use impl='reference' for second derivatives")
+            return backward(ctx, *grads)
+        return run
+    return wrap
 
 
 def valid_and_safe(targets: torch.Tensor, ignore_index: int):

@@ -34,10 +34,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from tisdpo_kernels._common import (
-    chunks, kept_rows, link_loss, masked, no_autocast, stat_dtype, valid_and_safe,
+    chunks, first_order, kept_rows, link_loss, masked, no_autocast, stat_dtype, valid_and_safe,
 )
 from tisdpo_kernels.config import PairHeadOptions
 
@@ -232,12 +231,20 @@ def _uncovered(pair_rows, n):
 
 
 def _link_grad(z, cfg):
-    """ℓ'(z) elementwise, through the same ``link_loss`` the recompute path differentiates."""
+    """ℓ'(z) elementwise, through the same ``link_loss`` the recompute path differentiates.
+
+    Its small graph keeps its tensors to itself: a caller's saved-tensor hooks (those of
+    ``torch.utils.checkpoint``, which would rerun the whole checkpointed region to answer
+    them, or ``save_on_cpu``) do not see it."""
     zz = z.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_itself, _itself):
         loss = link_loss(zz, cfg).sum()
     (g,) = torch.autograd.grad(loss, zz)
     return g
+
+
+def _itself(t):
+    return t
 
 
 class _Rows:
@@ -384,7 +391,7 @@ class LinearPreferenceLossFunction(torch.autograd.Function):
         return loss, logp, ref_out, kl
 
     @staticmethod
-    @once_differentiable
+    @first_order("linear_preference_loss")
     def backward(ctx, g_loss, *_):
         # The stored gradients are scaled in place and handed to autograd, which frees the
         # saved references before passing them on: no second d_weight-sized tensor at the

@@ -31,6 +31,12 @@ def one_sweep_unsupported(config: PreferenceConfig) -> str | None:
     return None
 
 
+FLOAT16_REASON = (
+    "float16 gradients formed in the forward are rounded before the upstream gradient (a "
+    "GradScaler's loss scale) reaches them, so the small ones lose precision or flush to "
+    "zero; use bfloat16 or strategy='recompute' (which applies the scale first)")
+
+
 def device_free_bytes(device: torch.device) -> int | None:
     """Bytes a CUDA device can still hand out (driver-free plus what PyTorch's caching
     allocator holds unused); None off CUDA. A driver query, not a stream synchronisation."""
@@ -73,8 +79,10 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     """``"one_sweep"`` or ``"recompute"`` for one call (shapes and host metadata only).
 
     ``"one_sweep"`` asked for a preset it cannot compute raises ValueError saying why.
+    ``"one_sweep"`` with float16 hidden states and a gradient wanted raises too
+    (``FLOAT16_REASON``).
     ``"auto"`` picks one_sweep only when all hold: the preset is a sum of per-pair terms; a
-    gradient is wanted; the tensors are on CUDA (on CPU the trade-off is not measured, so auto
+    gradient is wanted; the hidden states are not float16; the tensors are on CUDA (on CPU the trade-off is not measured, so auto
     stays with recompute); impl is "auto", "triton" or "torch" (each has a one-sweep backend:
     cuBLAS GEMMs with a Triton epilogue, or with torch elementwise ops; "reference" is the
     materialising oracle, never a sweep); the mean tokens per pair (chosen +
@@ -91,12 +99,14 @@ def choose_strategy(strategy: str, config: PreferenceConfig, *, hidden, weight, 
     if strategy == "one_sweep" and why is not None:
         raise ValueError(f"strategy='one_sweep' cannot compute this loss: {why}; use "
                          f"strategy='recompute' or 'auto'")
-    if strategy != "auto":
-        return strategy
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if strategy == "one_sweep" and needs_grad and hidden.dtype == torch.float16:
+        raise ValueError(f"strategy='one_sweep' with float16 hidden states: {FLOAT16_REASON}")
+    if strategy != "auto":
+        return strategy
     if why is not None or not needs_grad or hidden.device.type != "cuda" \
-            or impl not in ("auto", "triton", "torch"):
+            or hidden.dtype == torch.float16 or impl not in ("auto", "triton", "torch"):
         return "recompute"
     packed = seq_offsets is not None or pairs is not None
     if packed:

@@ -63,10 +63,9 @@ def test_preset(method, layout, dtype, chunk, monkeypatch):
     both_ways(method, dtype, layout)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
 @pytest.mark.parametrize("method,layout", [("tisdpo_paper", "packed"), ("ipo", "padded")])
-def test_fp16_and_fp64(method, layout, dtype):
-    both_ways(method, dtype, layout)
+def test_fp64(method, layout):
+    both_ways(method, torch.float64, layout)
 
 
 @pytest.mark.parametrize("method,weights", [("tisdpo_paper", "given"), ("tisdpo_paper", None),
@@ -438,3 +437,27 @@ def test_backward_scales_the_stored_gradients_in_place(impl):
         else:
             once = first
     assert all(torch.equal(a, b) for a, b in zip(once, first))
+
+
+@pytest.mark.parametrize("preset", ["tisdpo", "tisdpo_paper"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_logits(impl, preset):
+    """Logits of a few hundred (hidden × 60, no cap): every exponential of the sweep (the
+    softmax, the KL's two heads) must take out its row's max, or float32 overflows. The
+    reference head is the policy's (lp − lr = 0), so the pair margins are not saturated."""
+    (h, w, y), kw = _op_case(2, 48)
+    kw["config"] = get_preset(preset).config
+    out = {}
+    for name, dt in (("actual", torch.float32), ("ref", torch.float32), ("truth", torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (60 * h, w, kw["bias"])]
+        args = {**kw, "softcap": None, "bias": leaves[2], "ref_hidden": leaves[0].detach(),
+                "ref_weight": leaves[1].detach(), "ref_bias": leaves[2].detach(),
+                "weights": kw["weights"].to(dt)}
+        loss = linear_preference_loss(leaves[0], leaves[1], y, impl=impl if name == "actual"
+                                      else "reference", **args)[0]
+        loss.backward()
+        out[name] = [loss.detach()] + [t.grad for t in leaves]
+    assert out["truth"][2].abs().max() > 1e-3           # the gradients are not all saturated
+    for i, what in enumerate(("loss", "dhidden", "dweight", "dbias")):
+        assert_oracle(out["actual"][i], out["ref"][i], out["truth"][i], dtype=torch.float32,
+                      name=what)

@@ -24,9 +24,9 @@ def _default_chunks(monkeypatch):
 class _Stub:
     """Just what ``choose_strategy`` reads of a bf16 CUDA tensor: device, dtype, shape, sizes."""
 
-    def __init__(self, *shape, requires_grad=True):
+    def __init__(self, *shape, requires_grad=True, dtype=torch.bfloat16):
         self.shape, self.device = torch.Size(shape), torch.device("cuda")
-        self.dtype = torch.bfloat16
+        self.dtype = dtype
         self.requires_grad = requires_grad
 
     def numel(self):
@@ -102,6 +102,21 @@ def test_auto_rule_packed_and_cpu(monkeypatch):
     assert pick(torch.tensor([[0, 1], [2, 3]])) == "recompute"   # no gradient wanted
     h = torch.zeros(2, 8192, 8, requires_grad=True)               # CPU: never one_sweep
     assert S.choose_strategy("auto", cfg, hidden=h, weight=torch.zeros(64, 8)) == "recompute"
+
+
+def test_auto_never_sweeps_float16(monkeypatch):
+    """float16 gradients formed before the loss scale would underflow: auto recomputes, an
+    explicit one_sweep is refused (bfloat16 at the same shapes sweeps)."""
+    monkeypatch.setattr(S, "device_free_bytes", lambda dev: 80 << 30)
+    cfg = get_preset("tisdpo").config
+    weight = _Stub(128256, 4096)
+    for dtype, expect in ((torch.bfloat16, "one_sweep"), (torch.float16, "recompute")):
+        hidden = _Stub(2, 4096, 4096, dtype=dtype)
+        assert S.choose_strategy("auto", cfg, hidden=hidden, weight=weight) == expect
+    with pytest.raises(ValueError, match="float16"):
+        S.choose_strategy("one_sweep", cfg, hidden=hidden, weight=weight)
+    hidden.requires_grad = weight.requires_grad = False               # no gradient: no harm
+    assert S.choose_strategy("one_sweep", cfg, hidden=hidden, weight=weight) == "one_sweep"
 
 
 @pytest.mark.parametrize("impl,expect", [("triton", "one_sweep"), ("auto", "one_sweep"),

@@ -15,9 +15,8 @@ factor).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from tisdpo_kernels._common import kept_columns
+from tisdpo_kernels._common import first_order, kept_columns
 from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, chunks, kept_rows, logsumexp, masked, no_autocast,
     softcap_grad_factor, stat_dtype, valid_and_safe,
@@ -95,7 +94,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return logp, masked(lse, valid)
 
     @staticmethod
-    @once_differentiable
+    @first_order("linear_logprobs")
     def backward(ctx, g_logp, g_lse):
         hidden, weight, targets, bias, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -19,8 +19,8 @@ holds more than a few C × V tensors.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from tisdpo_kernels._common import first_order
 from tisdpo_kernels._torch.common import (
     HeadGrads, chunk_logits, chunk_size, chunks, kept_rows, log_softmax_, log_softmax_stats_,
     masked, no_autocast, softcap_grad_factor, stat_dtype, valid_and_safe,
@@ -119,7 +119,7 @@ class LinearTokenKLFunction(torch.autograd.Function):
         return kl, logp, ref_logp
 
     @staticmethod
-    @once_differentiable
+    @first_order("linear_token_kl")
     def backward(ctx, g_kl, g_logp, _g_ref_logp):
         hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, kl, *stats = \
             ctx.saved_tensors
