@@ -32,14 +32,16 @@ check = partial(check_three_way, run_logprobs, "torch")
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 2048])
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 4.0), (True, 2.5)],
-                         ids=["plain", "bias", "softcap", "bias+softcap"])
+@pytest.mark.parametrize("bias,softcap,scale", [
+    (False, None, 2.0), (True, None, 2.0), (False, 4.0, 2.0), (True, 2.5, 2.0), (True, None, 40.0),
+], ids=["plain", "bias", "softcap", "bias+softcap", "large-logits"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_matches_oracle(dtype, bias, softcap, chunk, monkeypatch):
+def test_matches_oracle(dtype, bias, softcap, scale, chunk, monkeypatch):
     """Odd shapes, ignored tokens, zero/negative upstream grads on logp and lse, chunk sizes
-    that do not divide N (and chunk 1)."""
+    that do not divide N (and chunk 1); logits of a few hundred ("large-logits"), whose
+    exponentials overflow float32 unless the logsumexp takes out each row's max."""
     monkeypatch.setenv("TISDPO_CHUNK_TOKENS", str(chunk))
-    masters, y, grads = make_inputs(bias=bias)
+    masters, y, grads = make_inputs(bias=bias, scale=scale)
     act = check(masters, y, grads, dtype=dtype, softcap=softcap)
     ignored = y == -100
     assert torch.all(act["logp"][ignored] == 0) and torch.all(act["lse"][ignored] == 0)

@@ -17,8 +17,10 @@ Backward (docs/ALGORITHMS.md §8 "Gradients for a fused backward")
      written only for inputs that need a gradient.
 Besides these, a step costs one memset per direction (the float64 buffers), one async copy
 of five float64 constants from pinned memory, and the public op's range checks (device
-assertions on CUDA; TISDPO_CHECKS=off drops them). All arithmetic is float64 (O(tokens); the
-float64 atomics then give the same float32 result in any order). Nothing syncs with the
+assertions on CUDA; TISDPO_CHECKS=off drops them). All arithmetic is float64 (O(tokens)); the
+float64 atomics' order changes only their float64 rounding, far below the float32 results
+(these rarely differ in the last bit between runs; the head GEMMs, where the work is, have no
+atomics). Nothing syncs with the
 host: the normaliser stays on the device. (The cDPO "pos" granularity has one
 implementation, in torch; ``tisdpo_kernels.ops`` sends it there for every impl.)
 """
