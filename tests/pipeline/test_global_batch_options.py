@@ -140,3 +140,19 @@ def test_finished_stage_is_reused_with_the_same_global_batch_on_two_processes(tm
     stages.run_sft(ctx)
     assert _read(sft)["options"]["sft.global_batch_size"] == 4
     assert "sft.batch_size" not in _read(sft)["options"] and stage_digest(sft) == digest
+
+
+def test_cdpo_code_records_the_batch_sizes_that_set_its_padding(tmp_path, monkeypatch):
+    """cdpo_code's loss is a mean over padded slots, so the per-process and evaluation batch
+    sizes (which set each micro-batch's padding) are options of its result; other presets
+    record only the global batch."""
+    _fake_world(monkeypatch, 1)
+    cfg = tiny_cfg(tmp_path)
+    plain = stage_options(cfg, ("policy",))["options"]
+    assert "policy.process_batch_size" not in plain and "policy.eval_batch_size" not in plain
+    cfg.policy.method = "cdpo_code"
+    opts = stage_options(cfg, ("policy",))["options"]
+    assert opts["policy.process_batch_size"] == cfg.policy.batch_size
+    assert opts["policy.eval_batch_size"] == cfg.policy.eval_batch_size
+    cfg.policy.eval_batch_size += 1
+    assert stage_options(cfg, ("policy",))["options"] != opts

@@ -74,6 +74,21 @@ def test_one_sweep_with_a_per_position_preset_is_refused_before_any_stage(capsys
                      "--policy.strategy", "recompute"]) == 0
 
 
+@pytest.mark.parametrize("section", ["policy", "contrastive"])
+@pytest.mark.parametrize("data", [["--data.pad_to_multiple_of", "64"],
+                                  ["--data.packing", "true"]])
+def test_cdpo_code_refuses_padding_or_packing_that_would_change_its_loss(section, data,
+                                                                         capsys):
+    """cdpo_code averages over padded position slots: extra padding changes its loss and
+    packing has no position slots. Refused in one line before any stage."""
+    args = ["pipeline", "--print-config", f"--{section}.method", "cdpo_code"]
+    assert cli.main(args + data) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{data[0][2:]}=" in err and f"{section}.method=cdpo_code" in err
+    assert err.count("\n") == 0
+    assert cli.main(args) == 0
+
+
 @pytest.mark.parametrize("extra,why", [
     (["--policy.method", "tisdpo_paper"], "KL terms"),
     (["--policy.strategy", "one_sweep"], "one_sweep"), (["--policy.impl", "reference"], "oracle")])

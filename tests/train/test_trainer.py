@@ -60,17 +60,17 @@ def _captured_grads(trainer):
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
-@pytest.mark.parametrize("kind", ["preference", "preference_packed", "sft"])
+@pytest.mark.parametrize("kind", ["preference", "preference_packed", "sft", "sft_packed"])
 def test_grad_accumulation_equals_one_big_batch(tmp_path, kind):
     # 8 pairs: one micro-batch of 8 vs 4 accumulated micro-batches of 2 (same pairs: the
     # epoch order depends only on the seed). Truth: the big padded batch in float64
     # (reference ops); eager: the same in float32; actual: the accumulated float32 run
     # (padded, or padding-free packed rows with block-diagonal attention).
     data = _records(8)
-    collate = PackedPairCollator(0) if kind == "preference_packed" else PaddedPairCollator(0)
+    collate = PackedPairCollator(0) if kind.endswith("_packed") else PaddedPairCollator(0)
 
     def objective(impl):
-        if kind == "sft":
+        if kind.startswith("sft"):
             return SFTObjective(model_cfg=MCFG, device=CPU, impl=impl)
         return _pref_objective(impl)
 
@@ -139,6 +139,26 @@ def test_lr_schedules():
     assert lr_factor(10, warmup=4, total=10, schedule="cosine") == pytest.approx(0.0)
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(5, warmup=0, total=10, schedule="exp")
+
+
+def test_logged_lr_is_the_lr_each_update_used(tmp_path):
+    """Five updates, warmup 2 then linear: metrics.jsonl gives each step the lr its update
+    used (not the next step's, which would log 0 for the last update)."""
+    t = _trainer(_model(), _pref_objective(), _records(6), tmp_path, lr=1.0, warmup_steps=2,
+                 schedule="linear", batch_size=2, grad_accum=1, max_steps=5, optimizer="rmsprop")
+    t.train()
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    logged = [r["lr"] for r in rows if "loss" in r]
+    assert logged == pytest.approx([lr_factor(k, warmup=2, total=5, schedule="linear")
+                                    for k in range(5)])
+    assert logged[-1] > 0
+
+
+def test_fractional_epochs_count_exact_steps(tmp_path):
+    """1.1 epochs of 50 steps is 55 steps (1.1 × 50 is 55.00000000000001 in floats)."""
+    t = _trainer(_model(), _pref_objective(), _records(50), tmp_path, batch_size=1,
+                 grad_accum=1, epochs=1.1)
+    assert t.steps_per_epoch == 50 and t.state.total_steps == 55
 
 
 def test_outputs_metrics_and_eval(tmp_path):

@@ -137,6 +137,15 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
             if (k.split(".")[0] in keep or k in keep) and _kept(k)
             and not (v is None and (k in _OMITTED_WHEN_NONE or
                                     k.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE))}
+    for section in sections:
+        if flat.get(f"{section}.method") == "cdpo_code":
+            # a mean over padded position slots: each micro-batch's padding is part of the
+            # result, so the batch sizes that set it (per process, and the evaluation's) are
+            # options of it (recorded for this preset only: others do not depend on them)
+            sub = tree[section]
+            flat[f"{section}.process_batch_size"] = sub["batch_size"]
+            if "eval_batch_size" in sub:
+                flat[f"{section}.eval_batch_size"] = sub["eval_batch_size"]
     return {"options": _global_batches(flat), "upstream": dict(upstream or {}),
             "inputs": input_identity(cfg)}
 

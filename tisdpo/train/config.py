@@ -114,7 +114,8 @@ class TrainConfig:
     eps: float = opt(1e-8, "optimiser epsilon")
     schedule: str = opt("constant", "after warmup: constant, linear decay to 0, or cosine to 0",
                         ("constant", "linear", "cosine"))
-    warmup_steps: int = opt(150, "linear warmup steps (from 0 to lr)")
+    warmup_steps: int = opt(150, "linear warmup steps: update k (from 0) uses "
+                                 "lr·(k+1)/(warmup_steps+1), as the official code")
     batch_size: int = opt(8, "pairs (or sequences for SFT) per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step; the loss is normalised over "
                              "the pairs of the whole accumulated batch")

@@ -249,8 +249,9 @@ class SFTObjective:
     def __call__(self, model, batch: dict, *, normalizer: float):
         sub, labels = self._select(batch)
         hidden, weight, bias = forward_hidden(model, sub, self.model_cfg, self.device)
-        logp = linear_logprobs(hidden, weight, labels, bias=bias, softcap=self.softcap,
-                               impl=self.impl)
+        # padded [B, T, D] / [B, T] or packed [1, N, D] / [N]: the same tokens, flattened
+        logp = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                               bias=bias, softcap=self.softcap, impl=self.impl)
         total = logp.sum()
         tokens = (labels != -100).sum().clamp(min=1)
         return -total / normalizer, {"nll": (-total / tokens).detach()}

@@ -7,7 +7,9 @@ tokenised records and a collator. Per optimiser step the loop takes ``grad_accum
 micro-batches, sums their counts on the host (pairs for preference losses, tokens for SFT;
 the batches are still on the CPU, so this is no device sync), and backpropagates each
 micro-batch's loss divided by that total: the accumulated gradient equals the gradient of
-one big batch. Then gradient clipping, the optimiser and the schedule step.
+one big batch (for every preset but ``cdpo_code``, a mean over padded position slots, whose
+loss depends on each micro-batch's padding). Then gradient clipping, the optimiser and the
+schedule step.
 
 Checkpoints (``<out_dir>/checkpoints/step-N/state.pt``) hold the model, optimiser and
 scheduler state, the torch/CUDA/python/numpy RNG states and the data position (epoch and
@@ -168,8 +170,9 @@ class Trainer:
         self._run = self.par.wrap(model, objective)     # before the optimiser (FSDP2 shards)
         self.micro_per_epoch = math.ceil(len(train_data) / self.par.global_batch(cfg.batch_size))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
-        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs *
-                                                                   self.steps_per_epoch)
+        # rounded first: 1.1 epochs of 50 steps is 55 steps, not ceil(55.00000000000001)
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(round(
+            cfg.epochs * self.steps_per_epoch, 6))
         self.state = TrainState(total_steps=max(int(total), 1))
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.state.total_steps)
@@ -305,6 +308,7 @@ class Trainer:
                 f"{self.desc}: the {what} became non-finite at step {self.state.step + 1} "
                 f"(loss {loss}, gradient norm {norm}); stopped before the update, not marked "
                 f"done (a lower lr, or fp32, usually helps)")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]     # the lr of this update
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -380,7 +384,7 @@ class Trainer:
                 step = self.state.step
                 bar.update(1)
                 if step % max(self.log.every, 1) == 0 or step == self.state.total_steps:
-                    self._last = {"loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
+                    self._last = {"loss": float(loss), "lr": metrics.pop("lr"),
                                   "epoch": self.state.epoch + self.state.micro /
                                   self.micro_per_epoch,
                                   **{k: float(v) for k, v in metrics.items()}}

@@ -97,6 +97,12 @@ def model_max_positions(path: str | None) -> tuple[int, str] | None:
             conf = json.load(fh)
     except (OSError, ValueError):
         return None
+    return max_positions_of(conf)
+
+
+def max_positions_of(conf: dict) -> tuple[int, str] | None:
+    """(longest sequence, the key giving it) of a model config as a dict (or its
+    ``text_config``); None when it names none."""
     for section in (conf, conf.get("text_config") if isinstance(conf, dict) else None):
         if not isinstance(section, dict):
             continue
@@ -240,6 +246,18 @@ def _check_methods(cfg) -> None:
             resolve_preset(method, beta=beta)
         except ValueError as err:
             raise ValueError(f"{name}.method={method} with {name}.beta={beta}: {err}") from None
+    for name in ("contrastive", "policy"):
+        if getattr(cfg, name).method != "cdpo_code":
+            continue
+        # its mean over padded position slots makes the padding part of the loss
+        if cfg.data.pad_to_multiple_of:
+            raise ValueError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of} with "
+                             f"{name}.method=cdpo_code: that loss averages over padded "
+                             f"position slots, so extra padding changes it; leave "
+                             f"data.pad_to_multiple_of unset")
+        if cfg.data.packing:
+            raise ValueError(f"data.packing=true with {name}.method=cdpo_code: that loss "
+                             f"pairs positions of padded rows; set data.packing false")
     _number("policy.filter_eps", cfg.policy.filter_eps, low=0, high=1, low_open=True,
             high_open=True, optional=True)
     if cfg.policy.filter_eps is not None:
