@@ -175,6 +175,28 @@ def test_span_rows_of_a_column_are_checked_and_cut(tok):
         span_rows(raw.remove_columns(list(SPAN_COLUMNS)), tok_pol, "column", tok)
 
 
+def test_float_span_ids_are_read_as_ints_when_whole(tok):
+    """One 1.0 in a JSON file makes datasets read a span column as floats: whole numbers are
+    span ids in both the weights stage and recompute (the same weights as ints give); 1.5 is
+    refused by both, naming the value, where recompute cast it to 1."""
+    recs = [{"prompt": "Write about cats:", "chosen": " kind day", "rejected": " rude",
+             "chosen_span": [0, 1.0], "rejected_span": [5]}]
+    raw = datasets.Dataset.from_list(recs)
+    tok_pol, _ = tokenize_pairs(raw, tok, TokenizeConfig(add_eos=False))
+    assert span_rows(raw, tok_pol, "column", tok) == [([0, 1], [5])]
+    bad = datasets.Dataset.from_list([{**recs[0], "chosen_span": [0, 1.5]}])
+    with pytest.raises(ValueError, match="field 'chosen_span': value 1 is 1.5, not an int"):
+        span_rows(bad, tok_pol, "column", tok)
+    ints = _raw()
+    floats = ints.cast_column("chosen_span", datasets.Sequence(datasets.Value("float64")))
+    want = weights.apply_rule(ints, "rank_based", RuleParams(span="column"), "auto")
+    got = weights.apply_rule(floats, "rank_based", RuleParams(span="column"), "auto")
+    assert got["chosen_weight"] == want["chosen_weight"]
+    half = floats.map(lambda r: {"chosen_span": [x + 0.5 for x in r["chosen_span"]]})
+    with pytest.raises(ValueError, match="row 0, field 'chosen_span': value 0 is 0.5"):
+        weights.apply_rule(half, "rank_based", RuleParams(span="column"), "auto")
+
+
 # ---------------------------------------------------------------------------- balance
 
 def _weighted(seed=2, n=5):

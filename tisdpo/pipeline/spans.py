@@ -163,6 +163,19 @@ def balance_weights(ds, mode: str, *, names=None):
     return ds.map(fn, batched=True, with_indices=True, desc=f"weights: balance {mode}")
 
 
+def span_ids(ids, where: str) -> list[int]:
+    """A record's span ids as ints: ints, or floats holding whole numbers (a JSON file with
+    one ``1.0`` makes datasets read the whole column as floats); anything else is a
+    ValueError naming ``where`` and the value."""
+    out = []
+    for k, x in enumerate(ids):
+        whole = isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer()
+        if not whole:
+            raise ValueError(f"{where}: value {k} is {x!r}, not an int span id")
+        out.append(int(x))
+    return out
+
+
 def span_rows(raw, tok_pol, span: str, tokenizer, full=None) -> list | None:
     """Per tokenised pair, (chosen, rejected) span ids aligned with its completion tokens
     (cut with them); None for ``span=token``. ``full``: ``{record_index: (chosen tokens,
@@ -186,12 +199,11 @@ def span_rows(raw, tok_pol, span: str, tokenizer, full=None) -> list | None:
             n = len(r[ids_col])
             want = full[i][s] if full is not None else n
             ids = cols[c][i]
-            ok = ids is not None and len(ids) == want and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in ids)
-            if not ok:
+            where = f"weights.span=column: record {i}, field {c!r}"
+            if ids is None or len(ids) != want:
                 got = "missing" if ids is None else f"{len(ids)} values"
-                raise ValueError(f"weights.span=column: record {i}, field {c!r}: {got} for "
-                                 f"{want} completion tokens (one int per token)")
-            pair.append(list(ids[:n]))
+                raise ValueError(f"{where}: {got} for {want} completion tokens (one int per "
+                                 f"token)")
+            pair.append(span_ids(ids[:n], where))
         out.append(tuple(pair))
     return out

@@ -45,7 +45,7 @@ from tisdpo.pipeline.context import (
 )
 from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.pipeline.spans import (
-    SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_rows,
+    SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_ids, span_rows,
 )
 from tisdpo.train.checkpoint import DONE_FILE, write_json
 from tisdpo.train.config import RunConfig
@@ -53,6 +53,7 @@ from tisdpo.train.model import head
 from tisdpo.train.objectives import forward_hidden
 from tisdpo.train.records import SOURCE_COLUMN
 from tisdpo.train.trainer import rows_of
+from tisdpo.train.validation import max_positions_of
 
 __all__ = ["run_weights", "weight_rule", "completion_logps", "apply_rule", "random_weights",
            "SHARD"]
@@ -125,17 +126,38 @@ def _with_prefix(raw, prefix: str):
 
 
 class _PromptedRows:
-    """The prompt variant's rows for pi+ or pi-: each record's prompt with ``prefix`` as the
-    contrastive stage tokenised it (cut to ``max_prompt_length`` when its pair is too long),
-    then exactly the policy's completion tokens. Cut to ``max_length`` themselves, the
-    longer prompts would leave pi+/pi- fewer completion tokens than the policy trains on,
-    and those would get no score."""
+    """The prompt variant's rows for pi+ or pi-: each record's prompt with ``prefix`` before
+    it, then exactly the policy's completion tokens (every token the policy trains on gets
+    a score). The prefixed prompt is tokenised whole and then loses what the policy's prompt
+    lost to ``data.max_prompt_length``: its last tokens under keep_start; under keep_end the
+    first tokens of the record's own prompt, behind the prefix (and a BOS), which always
+    stay. A row longer than the model's positions is refused, naming the option."""
 
-    def __init__(self, ctx, raw, prefix: str, tok_cfg, name: str):
+    def __init__(self, ctx, raw, prefix: str, tok_cfg, name: str, option: str, full,
+                 max_positions):
+        whole = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
         self.tok = tokenize_records(ctx, _with_prefix(raw, prefix), "", f"{name} prompts",
-                                    tok_cfg)
+                                    whole)
         self.at = {int(r): i for i, r in enumerate(self.tok["record_index"])}
-        self.name = name
+        self.name, self.option, self.full = name, option, full
+        self.keep_end = tok_cfg.truncation == "keep_end"
+        self.bos = ctx.tokenizer.bos_token_id
+        self.max_positions = max_positions
+
+    def _prompt(self, pol: dict, whole: list[int]) -> list[int]:
+        """The prefixed prompt ``whole`` cut as the policy's prompt was cut."""
+        i = int(pol["record_index"])
+        kept = list(pol["prompt_ids"])
+        cut = 0 if self.full is None else self.full[i][2] - len(kept)
+        if cut <= 0:
+            return whole
+        if not self.keep_end:
+            return whole[:len(whole) - cut]
+        # the record's own prompt is the last full[i][2] tokens of ``whole`` (to a merge at
+        # the seam); the policy dropped its first ``cut`` tokens, behind a BOS it kept
+        lo = max(len(whole) - self.full[i][2], 0) + (
+            1 if self.bos is not None and kept[0] == self.bos == whole[0] else 0)
+        return whole[:lo] + whole[lo + cut:]
 
     def __call__(self, pol_rows: list[dict]) -> list[dict]:
         missing = [r["record_index"] for r in pol_rows if int(r["record_index"]) not in self.at]
@@ -143,7 +165,19 @@ class _PromptedRows:
             raise ValueError(f"weights: record {missing[0]} has no {self.name} prompt "
                              f"(its prefixed prompt did not tokenise)")
         pref = rows_of(self.tok, [self.at[int(r["record_index"])] for r in pol_rows])
-        return [{**r, "prompt_ids": p["prompt_ids"]} for r, p in zip(pol_rows, pref)]
+        out = [{**r, "prompt_ids": self._prompt(r, list(p["prompt_ids"]))}
+               for r, p in zip(pol_rows, pref)]
+        if self.max_positions is not None:
+            limit, key = self.max_positions
+            for r in out:
+                n = len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+                if n > limit:
+                    raise ValueError(
+                        f"{self.option}: record {r['record_index']}'s {self.name} row (the "
+                        f"prefixed prompt and the policy's completion) has {n} tokens, more "
+                        f"than the model's {limit} ({key}); shorten {self.option} or lower "
+                        f"data.max_length")
+        return out
 
 
 def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
@@ -264,8 +298,11 @@ def run_weights(ctx: Context) -> str:
         spans = span_rows(raw, tok_pol, span, ctx.tokenizer, full)
         if variant == "prompt":
             c = cfg.contrastive
-            pos_rows = _PromptedRows(ctx, raw, c.positive_prompt, tok_cfg, "pi+")
-            neg_rows = _PromptedRows(ctx, raw, c.negative_prompt, tok_cfg, "pi-")
+            limit = max_positions_of(models["positive"].config.to_dict())
+            pos_rows = _PromptedRows(ctx, raw, c.positive_prompt, tok_cfg, "pi+",
+                                     "contrastive.positive_prompt", full, limit)
+            neg_rows = _PromptedRows(ctx, raw, c.negative_prompt, tok_cfg, "pi-",
+                                     "contrastive.negative_prompt", full, limit)
         else:
             pos_rows = neg_rows = list                # the policy's own rows
         shards, shard_size = [], SHARD
@@ -316,16 +353,18 @@ def run_weights(ctx: Context) -> str:
 
 
 def _maybe_full(ctx, raw, tok_cfg, tok_pol):
-    """Untruncated lengths only when the policy tokenisation cut something."""
+    """Untruncated lengths (chosen, rejected, prompt) by record, only when the policy
+    tokenisation cut something (else None)."""
     from tisdpo.train.data import tokenize_pairs
 
     probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
     if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
-           < tok_cfg.max_length for r in tok_pol):
+           < tok_cfg.max_length and len(r["prompt_ids"]) < tok_cfg.max_prompt_length
+           for r in tok_pol):
         return None
     tok, _ = tokenize_pairs(raw, ctx.tokenizer, probe)
-    return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]))
-            for r in tok}
+    return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]),
+                                     len(r["prompt_ids"])) for r in tok}
 
 
 def _merge(raw, est, full):
@@ -383,8 +422,10 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
                         raise ValueError(f"weights.span={span}: row {i}, field "
                                          f"{SPAN_COLUMNS[k]!r}: {0 if s is None else len(s)} "
                                          f"span ids for {len(r)} scores")
-                c = pool_spans(c, torch.tensor([x for r in ids for x in r], dtype=torch.long),
-                               seq, reduce)
+                flat = [x for i, r in zip(indices, ids)
+                        for x in span_ids(r, f"weights.span={span}: row {i}, field "
+                                             f"{SPAN_COLUMNS[k]!r}")]
+                c = pool_spans(c, torch.tensor(flat, dtype=torch.long), seq, reduce)
             w = token_weights(c, None if rule == "cdpo" else torch.zeros_like(c), side=side,
                               method=rule, params=params, seq_ids=seq, impl=impl)
             out[w_col] = [x.tolist() for x in w.split([len(r) for r in scores])]

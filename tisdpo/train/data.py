@@ -25,8 +25,10 @@ are exactly ``tokenizer(completion, add_special_tokens=False)`` — the tokens t
 refer to — whatever a joint tokenisation would merge across the boundary. Chat records are
 rendered with the tokenizer's chat template: the prompt with ``add_generation_prompt=True``,
 the completion being what the full conversation adds after it, restricted to the template's
-``{% generation %}`` block(s) when it has them (trailing template tokens outside the block,
-e.g. a newline after the end-of-turn token, are dropped).
+``{% generation %}`` block(s) when it has them, else ending at its last EOS token when it has
+one (trailing template tokens, e.g. ChatML's newline after the end-of-turn token, are
+dropped either way). An assistant message containing the EOS token's text is refused, as a
+plain-text response containing EOS is.
 
 EOS rule (``TokenizeConfig.add_eos``): when on, the completion ends with the tokenizer's EOS
 (appended for plain text; kept, or appended if the template did not emit it, for chat) and
@@ -39,7 +41,8 @@ other preset (DPO, IPO, SimPO, TDPO, cDPO, ...) counts EOS as the DPO reference 
 
 Truncation (as the official code, ``tokenize_batch_element``): if prompt + the longer
 completion exceed ``max_length``, the prompt is cut to ``max_prompt_length`` (its start kept
-with ``truncation="keep_start"``, its end with ``"keep_end"``); if still too long, both
+with ``truncation="keep_start"``, its end with ``"keep_end"``, behind the BOS when the prompt
+starts with one, so a cut prompt keeps the BOS a short one has); if still too long, both
 completions are cut to ``max_length − len(prompt)`` tokens, keeping their start — the
 per-token columns are cut together with them, so they stay aligned (a cut completion loses
 its EOS). Two deliberate differences from the official code: it cuts completions to
@@ -185,11 +188,13 @@ def _plain_ids(tokenizer, text, where, name, eos_id, cache):
     if ids is None:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if eos_id is not None and eos_id in ids:
-        raise _RecordError(where, name, "contains the EOS token (the EOS rule appends it)")
+        raise _RecordError(where, name, "contains the EOS token (it marks where a response "
+                           "ends: the EOS rule places it)")
     return ids
 
 
-def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, has_gen):
+def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, has_gen,
+                     eos_id):
     try:
         out = tokenizer.apply_chat_template(
             prompt_msgs + messages, tokenize=True, return_dict=True,
@@ -212,6 +217,10 @@ def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, 
                                "block followed only by template tokens (multi-turn or "
                                "header-in-completion templates are not supported)")
         comp = comp[:keep]
+    elif eos_id is not None and eos_id in comp:
+        # no generation block: the turn ends at its last EOS; what the template adds after
+        # it (ChatML's newline) is template text, not response
+        comp = comp[:len(comp) - comp[::-1].index(eos_id)]
     return comp
 
 
@@ -230,13 +239,19 @@ def _per_token(value, where, name, n_tokens):
     return out
 
 
-def _truncate(prompt, comps, lists, cfg):
-    """The official truncation; per-token lists are cut with their completion."""
+def _truncate(prompt, comps, lists, cfg, bos_id=None):
+    """The official truncation; per-token lists are cut with their completion. ``keep_end``
+    keeps a leading BOS (``add_bos``'s, or a chat template's) in front of the kept end."""
     longer = max(len(c) for c in comps)
     prompt_cut = comp_cut = False
     if len(prompt) + longer > cfg.max_length and len(prompt) > cfg.max_prompt_length:
-        prompt = prompt[:cfg.max_prompt_length] if cfg.truncation == "keep_start" \
-            else prompt[-cfg.max_prompt_length:]
+        keep = cfg.max_prompt_length
+        if cfg.truncation == "keep_start":
+            prompt = prompt[:keep]
+        elif bos_id is not None and prompt[0] == bos_id and keep >= 2:
+            prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]
+        else:
+            prompt = prompt[-keep:]
         prompt_cut = True
     if len(prompt) + longer > cfg.max_length:
         keep = cfg.max_length - len(prompt)
@@ -276,8 +291,12 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
                 raise _RecordError(where, side, "no assistant message")
             if not "".join(replies).strip():
                 raise _RecordError(where, side, "empty response")
+            eos_text = tokenizer.eos_token
+            if eos_text and any(eos_text in r for r in replies):
+                raise _RecordError(where, side, f"an assistant message contains the EOS token "
+                                   f"{eos_text!r} (it marks where a response ends)")
             comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, where, side,
-                                    has_gen)
+                                    has_gen, eos_id)
             if not cfg.add_eos and comp and comp[-1] == eos_id:
                 comp = comp[:-1]
         else:
@@ -296,7 +315,8 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
     for c_col, r_col in list_cols:
         lists[c_col] = _per_token(rec[c_col], where, c_col, len(comps[0]))
         lists[r_col] = _per_token(rec[r_col], where, r_col, len(comps[1]))
-    prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg)
+    prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg,
+                                                       tokenizer.bos_token_id)
     row = {"record_index": index, "prompt_ids": prompt_ids, "chosen_ids": comps[0],
            "rejected_ids": comps[1], **lists}
     return row, p_cut, c_cut

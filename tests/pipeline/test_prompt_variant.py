@@ -1,0 +1,78 @@
+"""The prompt variant's pi+ / pi- rows (``contrastive.variant=prompt``): the prefix always
+survives the prompt cut, pi+ and pi- then read the policy's kept prompt tokens and exactly
+its completion, and a row longer than the model's positions is refused by option name."""
+import datasets
+import pytest
+
+from test_stages import tiny_cfg
+from tisdpo.pipeline import context
+from tisdpo.pipeline.weights import _maybe_full, _PromptedRows
+from tisdpo.train.trainer import rows_of
+
+POS, NEG = "Answer kindly and well. ", "Answer rudely and badly. "
+
+
+def _rows(tmp_path, truncation, *, add_bos=False, max_positions=None, prefix=POS):
+    datasets.disable_progress_bars()
+    cfg = tiny_cfg(tmp_path, **{"contrastive.variant": "prompt", "data.max_length": 24,
+                               "data.max_prompt_length": 10, "data.truncation": truncation,
+                               "data.add_bos": add_bos})
+    ctx = context.make_context(cfg)
+    raw = datasets.Dataset.from_list([
+        {"prompt": "write " + "about the rivers and the hills " * 4 + f"number {i}:",
+         "chosen": " kind words here", "rejected": " rude words here"} for i in range(3)]
+        + [{"prompt": "short one:", "chosen": " kind", "rejected": " rude"}])
+    tok_cfg = context.tokenize_cfg(cfg, cfg.policy.method)
+    pol = context.tokenize_records(ctx, raw, "tisdpo", "policy", tok_cfg)
+    full = _maybe_full(ctx, raw, tok_cfg, pol)
+    rows = rows_of(pol, range(len(pol)))
+    out = {}
+    for name, text in (("pi+", prefix), ("pi-", NEG)):
+        out[name] = _PromptedRows(ctx, raw, text, tok_cfg, name, f"option-{name}", full,
+                                  max_positions)(rows)
+    whole = {n: context.tokenize_records(ctx, raw.map(lambda r, t=t: {"prompt": t + r["prompt"]}),
+                                         "", n, tok_cfg.replace(max_length=10**9,
+                                                                max_prompt_length=10**9 - 1))
+             for n, t in (("pi+", prefix), ("pi-", NEG))}
+    return ctx, rows, out, whole
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["", "bos"])
+@pytest.mark.parametrize("truncation", ["keep_end", "keep_start"])
+def test_the_prefix_survives_the_prompt_cut(tmp_path, truncation, add_bos):
+    ctx, rows, out, whole = _rows(tmp_path, truncation, add_bos=add_bos)
+    prefix_ids = {n: ctx.tokenizer(t, add_special_tokens=False)["input_ids"]
+                  for n, t in (("pi+", POS), ("pi-", NEG))}
+    bos = [ctx.tokenizer.bos_token_id] if add_bos else []
+    cut = 0
+    for k, pol in enumerate(rows):
+        kept = list(pol["prompt_ids"])
+        plus, minus = out["pi+"][k], out["pi-"][k]
+        assert plus["prompt_ids"] != minus["prompt_ids"]        # the contrast is there
+        for name, row in (("pi+", plus), ("pi-", minus)):
+            prompt = row["prompt_ids"]
+            # the prefix (behind a BOS) opens every row; the completion is the policy's
+            assert prompt[:len(bos) + len(prefix_ids[name]) - 1] == \
+                (bos + prefix_ids[name])[:-1], (name, k)
+            assert row["chosen_ids"] == pol["chosen_ids"]
+            assert row["rejected_ids"] == pol["rejected_ids"]
+            w = list(whole[name][k]["prompt_ids"])
+            if len(kept) < 10:                     # the policy's prompt was not cut
+                assert prompt == w
+                continue
+            assert len(prompt) < len(w)
+            if truncation == "keep_end":           # the policy's kept tail ends the prompt
+                tail = kept[len(bos):]
+                assert prompt[-len(tail):] == tail
+            else:                                  # the prefixed prompt lost its end
+                assert prompt == w[:len(prompt)]
+            cut += 1
+    assert cut >= 6                                # three long records, both sides
+
+
+def test_a_row_beyond_the_models_positions_is_refused_by_option(tmp_path):
+    with pytest.raises(ValueError, match=r"option-pi\+: record 0's pi\+ row .* more than the "
+                                         r"model's 20 \(n_positions\)") as err:
+        _rows(tmp_path, "keep_end", max_positions=(20, "n_positions"))
+    assert "\n" not in str(err.value)
+    _rows(tmp_path / "fits", "keep_end", max_positions=(60, "n_positions"))

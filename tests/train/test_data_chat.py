@@ -1,0 +1,65 @@
+"""Chat templates without a ``{% generation %}`` block (ChatML, as Qwen's: each turn ends
+``<|im_end|>\\n``) and a BOS under ``keep_end`` truncation: where the completion ends, how
+many EOS tokens it holds, and that a cut prompt keeps the BOS a short one has."""
+import datasets
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from tisdpo.train.data import TokenizeConfig, tokenize_pairs
+from tisdpo.train.synthetic import ASSETS_DIR, load_tokenizer
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    datasets.disable_progress_bars()
+    return PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"),
+                                   eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   additional_special_tokens=["<|im_start|>"],
+                                   chat_template=CHATML)
+
+
+def _chat(reply="kind cat"):
+    return {"prompt": [{"role": "user", "content": "Write about cats:"}],
+            "chosen": [{"role": "assistant", "content": reply}],
+            "rejected": [{"role": "assistant", "content": "rude cat"}]}
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_chatml_completion_ends_at_its_end_of_turn(chatml, add_eos):
+    """The template's newline after <|im_end|> is not response; the EOS rule then applies
+    as with a generation block: one EOS (counted) or none."""
+    out, _ = tokenize_pairs(datasets.Dataset.from_list([_chat()]), chatml,
+                            TokenizeConfig(add_eos=add_eos))
+    ids = out[0]["chosen_ids"]
+    assert chatml.decode(ids) == "kind cat" + ("<|im_end|>" if add_eos else "")
+    assert ids.count(chatml.eos_token_id) == int(add_eos)
+
+
+def test_an_assistant_message_holding_the_eos_text_is_refused(chatml):
+    rec = _chat("kind<|im_end|> cat")
+    with pytest.raises(ValueError, match="record 0, field 'chosen': an assistant message "
+                                         "contains the EOS token '<\\|im_end\\|>'") as err:
+        tokenize_pairs(datasets.Dataset.from_list([rec]), chatml, TokenizeConfig())
+    assert "\n" not in str(err.value)
+
+
+def test_keep_end_keeps_the_bos():
+    """add_bos (plain text) or a template that renders BOS: the cut prompt still starts with
+    it, then the prompt's last max_prompt_length − 1 tokens."""
+    tok = load_tokenizer()
+    long = "Write about" + " rivers" * 14
+    cfg = TokenizeConfig(max_length=12, max_prompt_length=6, truncation="keep_end")
+    for rec, c in (({"prompt": long, "chosen": " kind", "rejected": " rude"},
+                    cfg.replace(add_bos=True)),
+                   ({"prompt": [{"role": "user", "content": long}], "chosen": " kind",
+                     "rejected": " rude"}, cfg)):
+        out, report = tokenize_pairs(datasets.Dataset.from_list([rec]), tok, c)
+        whole, _ = tokenize_pairs(datasets.Dataset.from_list([rec]), tok,
+                                  c.replace(max_length=1000, max_prompt_length=999))
+        prompt, full = out[0]["prompt_ids"], whole[0]["prompt_ids"]
+        assert report.n_prompt_truncated == 1 and full[0] == tok.bos_token_id
+        assert prompt == full[:1] + full[-5:]
