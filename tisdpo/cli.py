@@ -7,7 +7,7 @@
     tisdpo weights --run_dir runs/x --trl         # ... and a copy aligned to TRL's tokenisation
     tisdpo train --run_dir runs/x --policy.method tisdpo --policy.lr 5e-7
     tisdpo inspect --run_dir runs/x               # token-weight heat map (HTML + PNG)
-    tisdpo train --run_dir runs/x --policy.name dpo-s1 --policy.method dpo --seed 1
+    tisdpo train --run_dir runs/x --policy.name dpo-s1 --policy.method dpo --policy.seed 1
     tisdpo compare --run_dir runs/x --baseline dpo  # named policies: mean ± SE, paired diffs
     torchrun --nproc_per_node=8 -m tisdpo.cli train --run_dir runs/x --distributed.mode fsdp2
 
@@ -32,11 +32,12 @@ from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
 from tisdpo.pipeline.lock import RankFailed, RunLocked, run_lock
-from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, coerce, dump_yaml,
+from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, dump_yaml,
                                  field_specs)
 from tisdpo.train.model import resolve_device
 from tisdpo.train.parallel import setup, teardown, torchrun_env
 from tisdpo.train.trainer import TrainingDiverged
+from tisdpo_kernels.validate import check_env
 
 COMMANDS = {
     "sft": ("supervised fine-tuning on the chosen responses (optional first stage)",
@@ -99,8 +100,19 @@ def _add_options(parser: argparse.ArgumentParser, sections, command: str) -> Non
         parser.add_argument(f"--{spec.name}", **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--policy.warmup`` is not ``warmup_steps``), whose
+    errors are one line naming the command, as every other refusal of the CLI is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tisdpo", description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `tisdpo <command> --help` for the options of a command.")
@@ -202,17 +214,22 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    base = None
-    if args.command == "demo":
-        fast = args.fast or _flag_in(args, "demo.fast")
-        task = args.task or (vars(args).get("data.synthetic_task") or "easy")
-        base = demo_config(fast=fast, task=task)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:                            # named under the command, in one line
+        print(f"tisdpo {args.command}: unrecognized arguments: {' '.join(extra)} (see tisdpo "
+              f"{args.command} --help)", file=sys.stderr)
+        return 2
     if args.command == "compare":
         _compare_config(args)
     try:
         _check_args(args)
+        base = None
+        if args.command == "demo":       # its defaults follow demo.fast and the task, which
+            probe = resolve(args)        # the file may set as well as the flags
+            base = demo_config(fast=probe.demo.fast, task=probe.data.synthetic_task)
         cfg = resolve(args, base)
+        if args.command in STAGES or args.command == "demo":
+            check_env()              # the TISDPO_* variables, before any stage reads them
     except ConfigFileError as err:
         print(f"tisdpo {args.command}: --config {err.path}: {err.reason}", file=sys.stderr)
         return 2
@@ -346,10 +363,6 @@ def _locked_run(args, cfg: RunConfig) -> int:
         if first:
             dump_yaml(cfg, path)
         return code
-
-
-def _flag_in(args, name: str) -> bool:
-    return bool(coerce(name, vars(args)[name])) if name in vars(args) else False
 
 
 # the stage commands: what each runs on the run's context

@@ -164,3 +164,40 @@ def test_a_distributed_command_ends_its_process_group(mode, stop, tmp_path):
     assert cli.main(argv) == 0
     assert os.path.isfile(tmp_path / "run" / "policy" / "done.json") != stop
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--policy.warmup", "3"], "unrecognized arguments: --policy.warmup 3"),
+    (["train", "--policy.lrr", "1e-3"], "unrecognized arguments: --policy.lrr"),
+    (["train", "--policy.method", "dpo", "--policy.beta"], "--policy.beta: expected one"),
+])
+def test_abbreviated_or_unknown_options_are_one_line(argv, message, capsys):
+    """No prefix matching (--policy.warmup was taken for warmup_steps); argparse's errors
+    name the command in one line. (A flag given twice takes its last value, as argparse
+    does, so that a command line can override an earlier part of itself.)"""
+    with pytest.raises(SystemExit) as exc:
+        code = cli.main(argv + ["--print-config"])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and message in err and err.startswith("tisdpo train")
+    assert "\n" not in err
+
+
+def test_demo_fast_and_task_from_the_config_file_pick_the_demos_defaults(tmp_path, capsys):
+    """demo.fast / data.synthetic_task in --config choose the demo's sizes, run folder and
+    weight span as the flags do (in a file they were read after the defaults were chosen)."""
+    path = tmp_path / "demo.yaml"
+    for text, flags in (("demo: {fast: true}\n", ["--fast"]),
+                        ("data: {synthetic_task: hard}\n", ["--task", "hard"])):
+        path.write_text(text)
+        from_file = _resolved(["demo", "--config", str(path)], capsys)
+        from_flags = _resolved(["demo", *flags], capsys)
+        assert from_file == from_flags
+    assert from_file["run_dir"] == "runs/demo-hard" and from_file["weights"]["span"] == "word"
+
+
+def test_bad_environment_variable_stops_every_stage_command(monkeypatch, capsys):
+    monkeypatch.setenv("TISDPO_DZ_MB", "x")
+    for command in ("sft", "weights", "train"):
+        assert cli.main([command, "--print-config"]) == 2
+        assert "TISDPO_DZ_MB='x'" in capsys.readouterr().err

@@ -108,3 +108,17 @@ def test_cli_compare_writes_markdown_and_json(run, capsys):
     # nothing to compare: one line, status 1
     code = cli.main(["compare", "--run_dir", os.path.join(run, "nowhere"), "--reward", "off"])
     assert code == 1 and "no finished policies" in capsys.readouterr().err
+
+
+def test_a_misspelled_metric_and_unfinished_policies_are_said(run, capsys, caplog):
+    """--metrics naming a key no policy has is one line, status 1 (it printed '-' cells); a
+    policy folder with checkpoints but no done.json is left out with a warning, not quietly."""
+    code = cli.main(["compare", "--run_dir", run, "--reward", "off", "--metrics",
+                     f"{ACC},eval/rewards/acuracies"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--metrics 'eval/rewards/acuracies': no policy's done.json" in err
+    os.makedirs(os.path.join(run, "policies", "dpo-s3", "checkpoints"))
+    with caplog.at_level("WARNING", logger="tisdpo"):
+        found = compare.find_policies(run)
+    assert "dpo-s3" not in found
+    assert any("dpo-s3: not finished" in r.getMessage() for r in caplog.records)

@@ -156,3 +156,22 @@ def test_cdpo_code_records_the_batch_sizes_that_set_its_padding(tmp_path, monkey
     assert opts["policy.eval_batch_size"] == cfg.policy.eval_batch_size
     cfg.policy.eval_batch_size += 1
     assert stage_options(cfg, ("policy",))["options"] != opts
+
+
+def test_fsdp2_bf16_compute_is_an_option_and_the_head_check_is_not(tmp_path, monkeypatch):
+    """FSDP2's bf16 compute over float32 weights changes results as model.dtype does: it is
+    recorded (only then); model.check_head, a load-time probe, is not, and an options.json
+    that recorded it still matches."""
+    _fake_world(monkeypatch, 1)
+    cfg = tiny_cfg(tmp_path)
+    plain = stage_options(cfg, ("policy",))
+    assert "distributed.compute_dtype" not in plain["options"]
+    assert "model.check_head" not in plain["options"]
+    cfg.distributed.mode, cfg.distributed.mixed_precision = "fsdp2", "bf16"
+    assert stage_options(cfg, ("policy",))["options"]["distributed.compute_dtype"] == "bfloat16"
+    out = tmp_path / "stage"
+    old = {**plain, "options": {**plain["options"], "model.check_head": True}}
+    _record(out, old)
+    _resume(out, plain)                                         # no difference
+    with pytest.raises(StageOptionsChanged, match="distributed.compute_dtype"):
+        _resume(out, stage_options(cfg, ("policy",)))

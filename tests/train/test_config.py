@@ -60,6 +60,7 @@ BAD = [("pipeline", f"--{s}.{o}", v) for s in TRAIN_SECTIONS for o, v in _TRAIN_
     ("demo", "--demo.samples_per_prompt", "0"), ("demo", "--demo.max_new_tokens", "0"),
     ("demo", "--demo.temperature", "0"), ("demo", "--policy.eval_max_pairs", "0"),
     ("train", "--policy.strategy", "fast"), ("train", "--policy.filter_eps", "0"),
+    ("train", "--distributed.mixed_precision", "bf16"),        # without distributed.mode fsdp2
     ("train", "--policy.filter_eps", "1"),
 ]
 

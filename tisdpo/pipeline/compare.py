@@ -90,6 +90,10 @@ def find_policies(run_dir: str, patterns=None) -> dict[str, str]:
     for name, path in [(n, os.path.join(root, n)) for n in named] + \
                       [(d, os.path.join(run_dir, d)) for d in top]:
         if not _is_policy(path):
+            if os.path.isdir(os.path.join(path, "checkpoints")) and not stage_done(path) and \
+                    (not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)):
+                log.warning("%s: not finished (checkpoints, no done.json), left out of the "
+                            "comparison", path)
             continue
         if name in found:
             raise ValueError(f"two policies are named {name!r}: {found[name]} and {path}")
@@ -255,6 +259,12 @@ def run_compare(cfg: RunConfig, *, policies=None, group: str | None = None,
                          f"{POLICIES_DIR}/<name>/"
                          + (f" matching {list(policies)}" if policies else "") + ")")
     runs = group_policies(found, group)
+    if metrics:
+        have = sorted({k for r in runs for k in r["metrics"]})
+        unknown = [k for k in metrics if k != REWARD and k not in have]
+        if unknown:
+            raise ValueError(f"--metrics {unknown[0]!r}: no policy's done.json has it; they "
+                             f"have {have}")
     metrics = list(metrics or DEFAULT_METRICS)
     if reward == "on" or (reward == "auto" and synthetic):
         _sample_rewards(cfg, runs)

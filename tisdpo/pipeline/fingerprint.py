@@ -43,7 +43,8 @@ log = logging.getLogger("tisdpo")
 
 OPTIONS_FILE = "options.json"
 _IGNORED_TOP = {"run_dir", "device", "threads", "log", "demo", "distributed"}
-_IGNORED = {"model.gradient_checkpointing", "model.attn_implementation", "data.packing",
+_IGNORED = {"model.gradient_checkpointing", "model.attn_implementation", "model.check_head",
+            "data.packing",
             "data.pad_to_multiple_of", "pipeline.resume", "weights.batch_size",
             "weights.jsonl", "weights.impl"}
 _IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "save_every",
@@ -137,6 +138,11 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
             if (k.split(".")[0] in keep or k in keep) and _kept(k)
             and not (v is None and (k in _OMITTED_WHEN_NONE or
                                     k.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE))}
+    dist = cfg.distributed
+    if dist.mode == "fsdp2" and dist.mixed_precision == "bf16" and cfg.model.dtype != "bfloat16":
+        # FSDP2 computes in bf16 over float32 weights: a precision of the result, as
+        # model.dtype is (recorded only then, so other runs' options are unchanged)
+        flat["distributed.compute_dtype"] = "bfloat16"
     for section in sections:
         if flat.get(f"{section}.method") == "cdpo_code":
             # a mean over padded position slots: each micro-batch's padding is part of the
@@ -284,6 +290,8 @@ def _differences(old: dict, new: dict, *, keys=None) -> list[str]:
     legacy = {k: v for k, v in _RENAMED.items() if k in b and k not in a and v in a}
     names = sorted(set(a) | set(b)) if keys is None else \
         sorted(k for k in set(a) & set(b) if keys(k))
+    # an option no longer recorded (model.check_head was) is no difference
+    names = [k for k in names if k not in _IGNORED]
     for k in names:
         if k in legacy.values():            # then it held the value now under another name
             continue

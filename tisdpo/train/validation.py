@@ -133,6 +133,11 @@ def _check_run(cfg) -> None:
     _count("threads", cfg.threads, optional=True)
     dist = cfg.distributed
     _count("distributed.timeout_minutes", dist.timeout_minutes)
+    if dist.mixed_precision == "bf16" and dist.mode != "fsdp2":
+        _fail("distributed.mixed_precision", f"auto or none under distributed.mode="
+                                             f"{dist.mode} (bf16 is FSDP2's; DDP trains in "
+                                             f"the model's dtype: use model.dtype=bfloat16)",
+              dist.mixed_precision)
     if dist.mode != "none" and cfg.device not in ("auto", "cuda", "cpu"):
         _fail("device", f"auto, cuda or cpu under distributed.mode={dist.mode} (each rank "
                         f"takes its LOCAL_RANK's GPU)", cfg.device)
