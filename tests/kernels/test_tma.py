@@ -138,6 +138,7 @@ def test_which_layouts_take_descriptors(monkeypatch):
     assert not tma(cpu, torch.randn(48, 100).t())               # inner stride 48
     assert not tma(cpu, torch.randn(4801).narrow(0, 1, 4800).view(100, 48))  # base +4 B
     assert not tma(cpu, torch.randn(0, 48))
+    assert not tma(cpu, torch.randn(1, 48).expand(100, 48))     # every row the same memory
     assert not tma(cpu, w, torch.randn(10, 7))                  # one head unfit: neither
     monkeypatch.setenv("TISDPO_TMA", "sometimes")
     with pytest.raises(ValueError, match="TISDPO_TMA"):

@@ -312,13 +312,13 @@ def tma(t: torch.Tensor, *tiled: torch.Tensor) -> bool:
     """The TMA constexpr of a head kernel launched on ``t``'s device that reads the matrices
     ``tiled`` (its weights) by tiles: ``TISDPO_TMA`` allows it (``auto``: Hopper or newer) and
     every one's layout fits a tensor descriptor (unit inner stride, 16-byte aligned base and
-    row stride, non-empty). Otherwise the kernels use pointers. (The backward's dz slab always
+    row stride, rows apart: not an expanded, stride-0 view; non-empty). Otherwise the kernels use pointers. (The backward's dz slab always
     fits: ``slabs.dz_slab`` allocates it so.)"""
     mode = _env.tma()
     if mode == "off" or (mode == "auto" and not (
             t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9)):
         return False
-    return all(w.dim() == 2 and w.numel() > 0 and w.stride(1) == 1
+    return all(w.dim() == 2 and w.numel() > 0 and w.stride(1) == 1 and w.stride(0) > 0
                and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
                for w in tiled)
 
