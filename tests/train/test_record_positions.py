@@ -95,7 +95,7 @@ def test_eos_in_text_and_data_eval_named_by_line(tmp_path, tok, records):
     assert len(train) == len(test) == 8
     msg = _tokenize_error(ctx, test.shuffle(seed=1))
     assert msg == (f"data.eval {bad} line 4 (record 2), field 'rejected': contains the EOS "
-                   f"token (the EOS rule appends it)")
+                   f"token (it marks where a response ends: the EOS rule places it)")
     # skip_invalid reports it by its position too, and the output has no position column
     out, report = tokenize_pairs(test, tok, TokenizeConfig(add_eos=False, skip_invalid=True))
     assert report.n_skipped == 1 and len(out) == 7
