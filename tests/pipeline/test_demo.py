@@ -43,10 +43,30 @@ def test_demo_fast_runs_every_stage_and_reports(demo_run, capsys):
     steps = {json.load(open(os.path.join(demo_run, f"policy-{n}-seed0", "done.json")))["steps"]
              for _, n, _, _ in POLICIES}
     assert steps == {res["policy_steps"]}                        # equal steps per method
+    import datasets
+    assert res["train_pairs"] == len(datasets.load_from_disk(
+        os.path.join(demo_run, "weights", "train")))
     # a second run resumes: every stage is skipped, the table is printed again
     capsys.readouterr()
     assert cli.main(["demo", "--fast", "--run_dir", demo_run, "--device", "cpu"]) == 0
     assert "| equal weights |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option,value,why", [
+    ("--data.train", "pairs.jsonl", "runs on its synthetic task"),
+    ("--sft.enabled", "false", "start from the SFT model")])
+def test_demo_refuses_options_its_table_cannot_mean(tmp_path, option, value, why, capsys):
+    """The demo's rows and rewards are the synthetic task's, relative to its SFT model: own
+    data (or model) or no SFT are refused in one line before any stage runs."""
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(
+        {"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    run = tmp_path / "run"
+    if option == "--data.train":
+        value = str(tmp_path / value)
+    code = cli.main(["demo", "--fast", "--run_dir", str(run), "--device", "cpu", option, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and option[2:] in err and why in err and "\n" not in err
+    assert not (run / "sft").exists()
 
 
 def test_inspect_writes_html_and_png(demo_run, tmp_path):

@@ -289,3 +289,28 @@ def test_base_model_with_other_sizes_is_refused(tmp_path):
     with pytest.raises(StageOptionsChanged, match="model.tiny_layers=1 then, 2 now"):
         context.base_model_path(context.make_context(other))
     context.base_model_path(context.make_context(_tiny_cfg(tmp_path)))     # same: reused
+
+
+def test_weights_refuse_a_contrastive_redo_stopped_half_way(tmp_path, monkeypatch):
+    """A redo of the contrastive stage (other lr, no resume) stopped while pi- trains leaves
+    the old pi- model on disk: the weights stage must not take it for the new one."""
+    from test_stages import tiny_cfg
+    from tisdpo.train import trainer as T
+
+    over = {"contrastive.max_steps": 1}
+    stages.run_contrastive(context.make_context(tiny_cfg(tmp_path, **over)))
+    real = T.Trainer.train
+
+    def stopped(self, **kw):
+        if self.desc == "contrastive-":
+            raise KeyboardInterrupt("stopped")
+        return real(self, **kw)
+    monkeypatch.setattr(T.Trainer, "train", stopped)
+    redo = {**over, "contrastive.lr": 0.05}
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_contrastive(context.make_context(
+            tiny_cfg(tmp_path, **redo, **{"pipeline.resume": False})))
+    monkeypatch.setattr(T.Trainer, "train", real)
+    assert os.path.isdir(tmp_path / "contrastive" / "negative" / "final")    # the old pi-
+    with pytest.raises(ValueError, match="has not finished"):
+        weights.run_weights(context.make_context(tiny_cfg(tmp_path, **redo)))

@@ -261,6 +261,9 @@ def contrastive_models(ctx: Context) -> dict:
     if variant in ("dpo", "sft"):
         options = contrastive_options(ctx, variant)
         for side, desc in (("positive", "contrastive+"), ("negative", "contrastive-")):
+            if not stage_done(os.path.join(root, side)):    # a redo stopped before its end
+                raise ValueError(f"{desc}: {os.path.join(root, side)} has not finished (no "
+                                 f"done.json); run `tisdpo contrastive` first")
             check_options(os.path.join(root, side), options, resume=True, reusable=True,
                           desc=desc if variant == "dpo" else f"contrastive/{side}",
                           is_main=False)

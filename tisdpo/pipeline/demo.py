@@ -364,6 +364,16 @@ def _aggregate(label: str, runs: list[dict]) -> dict:
 def run_demo(cfg: RunConfig) -> dict:
     """Run every stage (resumable), evaluate, print and save the table; returns the results."""
     t0 = time.perf_counter()
+    # the table's rows and its task reward are the synthetic task's, relative to SFT
+    for name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+                        ("model.path", cfg.model.path)):
+        if value:
+            raise ValueError(f"{name}={value}: the demo runs on its synthetic task and tiny "
+                             f"model (its rewards are the task's); use `tisdpo pipeline` and "
+                             f"`tisdpo compare` for your own data or model")
+    if not cfg.sft.enabled:
+        raise ValueError("sft.enabled=false: the demo's policies and its reference row start "
+                         "from the SFT model; use `tisdpo pipeline` to skip SFT")
     info = synthetic_info(cfg.data.synthetic_task)
     ctx = make_context(cfg)
     stages.run_sft(ctx)
@@ -409,7 +419,7 @@ def run_demo(cfg: RunConfig) -> dict:
         rows.append(by_label[label])
     res = {
         "task": cfg.data.synthetic_task, "weight_span": cfg.weights.span,
-        "train_pairs": cfg.data.synthetic_train, "eval_pairs": len(tok_eval),
+        "train_pairs": len(load_records(ctx)[0]), "eval_pairs": len(tok_eval),
         "policy_steps": read_done(ctx.path(f"policy-tisdpo-seed{seeds[0]}"))["steps"],
         "policy_seeds": seeds,
         "weight_method": weight_rule(cfg)[0],

@@ -15,6 +15,7 @@ import datasets
 
 from tisdpo.pipeline.context import tokenize_cfg
 from tisdpo.train.data import TokenizeConfig, load_preference_dataset, tokenize_pairs
+from tisdpo.train.records import SOURCE_COLUMN
 from tisdpo.train.model import load_tokenizer
 
 __all__ = ["inspect_run", "load_pairs", "render_html", "render_png"]
@@ -49,7 +50,7 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
                              f"--data")
         raw = datasets.load_from_disk(path)
     else:
-        raw = load_preference_dataset(data)
+        raw = load_preference_dataset(data, source_prefix="--data ")   # errors name the line
     for col in ("chosen_weight", "rejected_weight"):
         if col not in raw.column_names:
             raise ValueError(f"the records have no {col!r} column (columns: "
@@ -74,6 +75,11 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
         for side in ("chosen", "rejected"):
             ids = rec[f"{side}_ids"]
             scores = raw[i].get(f"{side}_score")
+            n = len(raw[i][f"{side}_weight"])
+            if scores is not None and len(scores) != n:
+                where = raw[i].get(SOURCE_COLUMN) or f"record {start + i}"
+                raise ValueError(f"{where}, field '{side}_score': {len(scores)} values for {n} "
+                                 f"completion tokens (one per {side}_weight value)")
             item[side] = [
                 {"text": tokenizer.decode([t]), "weight": float(w),
                  "score": None if scores is None else float(scores[k])}
@@ -133,8 +139,12 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
     cmap = matplotlib.colormaps["coolwarm"]
     norm = _norm([t["weight"] for it in items for s in ("chosen", "rejected") for t in it[s]])
     lines: list[list[tuple[str, tuple | None]]] = []
+    prompt_rows: set[int] = set()
     for it in items:
-        lines.append([(f"pair {it['index']}: {it['prompt']}", None)])
+        head = f"pair {it['index']}: {it['prompt']}".replace("\n", "\\n")   # one text row
+        for k in range(0, len(head), width_chars):                          # each, wrapped
+            prompt_rows.add(len(lines))
+            lines.append([(head[k:k + width_chars], None)])
         for side in ("chosen", "rejected"):
             row: list[tuple[str, tuple | None]] = [(f"{side:>9} ", None)]
             used = 10
@@ -164,7 +174,7 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
                 ax.add_patch(Rectangle(
                     (x, y - line_h * 0.42), w, line_h * 0.84, facecolor=rgb, linewidth=0))
             ax.text(x, y, text, family="monospace", fontsize=9, va="center",
-                    color="#777" if rgb is None and text.startswith("pair") else
+                    color="#777" if n in prompt_rows else
                     (_text_colour(rgb) if rgb is not None else "#000"))
             x += w
     cax = fig.add_axes((0.3, 0.45 / height, 0.4, 0.15 / height))
