@@ -76,3 +76,39 @@ def test_a_row_beyond_the_models_positions_is_refused_by_option(tmp_path):
         _rows(tmp_path, "keep_end", max_positions=(20, "n_positions"))
     assert "\n" not in str(err.value)
     _rows(tmp_path / "fits", "keep_end", max_positions=(60, "n_positions"))
+
+
+@pytest.mark.parametrize("template", ["builtin", "default-system"])
+def test_chat_prompts_keep_the_prefix_under_keep_end(tmp_path, template):
+    """Chat records: the prefix is a system message, which a template may render where it
+    would otherwise put a default system block of its own (as Qwen's does). Under keep_end
+    pi+ and pi- keep their own instruction and end with the policy's kept tail."""
+    from tisdpo.train.synthetic import CHAT_TEMPLATE
+
+    datasets.disable_progress_bars()
+    cfg = tiny_cfg(tmp_path, **{"contrastive.variant": "prompt", "data.max_length": 30,
+                               "data.max_prompt_length": 12, "data.truncation": "keep_end"})
+    ctx = context.make_context(cfg)
+    if template == "default-system":
+        ctx.tokenizer.chat_template = (
+            "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>You are a "
+            "helpful assistant, write about the rivers and the hills.{% endif %}"
+            + CHAT_TEMPLATE[len("{{ bos_token }}"):])
+    raw = datasets.Dataset.from_list([{
+        "prompt": [{"role": "user", "content": "write " + "about the rivers and the hills " * 3
+                    + f"number {i}:"}],
+        "chosen": [{"role": "assistant", "content": " kind words here"}],
+        "rejected": [{"role": "assistant", "content": " rude words here"}]} for i in range(2)])
+    tok_cfg = context.tokenize_cfg(cfg, cfg.policy.method)
+    pol = context.tokenize_records(ctx, raw, "tisdpo", "policy", tok_cfg)
+    rows = rows_of(pol, range(len(pol)))
+    full = _maybe_full(ctx, raw, tok_cfg, pol)
+    bos = ctx.tokenizer.bos_token_id
+    for word, text in (("kindly", "Answer kindly. "), ("rudely", "Answer rudely. ")):
+        out = _PromptedRows(ctx, raw, text, tok_cfg, "pi", "opt", full, None)(rows)
+        for pol_row, row in zip(rows, out):
+            kept = list(pol_row["prompt_ids"])
+            assert len(kept) == 12 and kept[0] == bos                  # the policy's was cut
+            prompt = row["prompt_ids"]
+            assert f"Answer {word}" in ctx.tokenizer.decode(prompt)
+            assert prompt[0] == bos and prompt[-(len(kept) - 1):] == kept[1:]

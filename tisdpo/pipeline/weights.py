@@ -129,9 +129,10 @@ class _PromptedRows:
     """The prompt variant's rows for pi+ or pi-: each record's prompt with ``prefix`` before
     it, then exactly the policy's completion tokens (every token the policy trains on gets
     a score). The prefixed prompt is tokenised whole and then loses what the policy's prompt
-    lost to ``data.max_prompt_length``: its last tokens under keep_start; under keep_end the
-    first tokens of the record's own prompt, behind the prefix (and a BOS), which always
-    stay. A row longer than the model's positions is refused, naming the option."""
+    lost to ``data.max_prompt_length``: its last tokens under keep_start; under keep_end it
+    keeps all that precedes the end it shares with the policy's prompt (the prefix, or the
+    system block a chat template made of it) and of that end the policy's kept tail. A row
+    longer than the model's positions is refused, naming the option."""
 
     def __init__(self, ctx, raw, prefix: str, tok_cfg, name: str, option: str, full,
                  max_positions):
@@ -148,16 +149,22 @@ class _PromptedRows:
         """The prefixed prompt ``whole`` cut as the policy's prompt was cut."""
         i = int(pol["record_index"])
         kept = list(pol["prompt_ids"])
-        cut = 0 if self.full is None else self.full[i][2] - len(kept)
+        full = [] if self.full is None else list(self.full[i][2])   # the policy's, uncut
+        cut = len(full) - len(kept)
         if cut <= 0:
             return whole
         if not self.keep_end:
             return whole[:len(whole) - cut]
-        # the record's own prompt is the last full[i][2] tokens of ``whole`` (to a merge at
-        # the seam); the policy dropped its first ``cut`` tokens, behind a BOS it kept
-        lo = max(len(whole) - self.full[i][2], 0) + (
-            1 if self.bos is not None and kept[0] == self.bos == whole[0] else 0)
-        return whole[:lo] + whole[lo + cut:]
+        # the policy kept the tail of its prompt (behind a BOS). ``whole`` ends as the
+        # policy's prompt does; what comes before that shared end (the prefix, a template's
+        # system block) stays, and of the shared end the policy's tail
+        tail = len(kept) - (1 if self.bos is not None and kept[0] == self.bos else 0)
+        shared = 0
+        while shared < min(len(whole), len(full)) and whole[-1 - shared] == full[-1 - shared]:
+            shared += 1
+        if tail >= shared:
+            return whole
+        return whole[:len(whole) - shared] + whole[len(whole) - tail:]
 
     def __call__(self, pol_rows: list[dict]) -> list[dict]:
         missing = [r["record_index"] for r in pol_rows if int(r["record_index"]) not in self.at]
@@ -353,8 +360,8 @@ def run_weights(ctx: Context) -> str:
 
 
 def _maybe_full(ctx, raw, tok_cfg, tok_pol):
-    """Untruncated lengths (chosen, rejected, prompt) by record, only when the policy
-    tokenisation cut something (else None)."""
+    """By record, the untruncated completion lengths (chosen, rejected) and prompt ids, only
+    when the policy tokenisation cut something (else None)."""
     from tisdpo.train.data import tokenize_pairs
 
     probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
@@ -364,7 +371,7 @@ def _maybe_full(ctx, raw, tok_cfg, tok_pol):
         return None
     tok, _ = tokenize_pairs(raw, ctx.tokenizer, probe)
     return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]),
-                                     len(r["prompt_ids"])) for r in tok}
+                                     r["prompt_ids"]) for r in tok}
 
 
 def _merge(raw, est, full):

@@ -45,9 +45,10 @@ with ``truncation="keep_start"``, its end with ``"keep_end"``, behind the BOS wh
 starts with one, so a cut prompt keeps the BOS a short one has); if still too long, both
 completions are cut to ``max_length − len(prompt)`` tokens, keeping their start — the
 per-token columns are cut together with them, so they stay aligned (a cut completion loses
-its EOS). Two deliberate differences from the official code: it cuts completions to
+its EOS). Deliberate differences from the official code: it cuts completions to
 ``max_length − max_prompt_length`` (≤ ours) even when the prompt is shorter than its cap,
-and it zeroes the last kept token's weight; we do neither.
+and it zeroes the last kept token's weight; we do neither; and ``keep_end`` keeps a leading
+BOS (the official code has none to keep).
 """
 from __future__ import annotations
 
