@@ -225,13 +225,14 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config: PreferenceConf
     if cfg.granularity == "pos":
         half = lp.shape[0] // 2
         m = mask.bool()
-        delta = torch.where(m, w * (lp - lr), 0.0)        # masked slots: 0, whatever they hold
+        # masked slots read as 0 before any product, so not even their gradient sees them
+        lp, lr, w = (torch.where(m, x, 0.0) for x in (lp, lr, w))
+        delta = w * (lp - lr)
         z = delta[:half] - delta[half:]
         loss_bt = _link(z, cfg)
         loss = loss_bt.mean() if normalizer is None else loss_bt.sum() / normalizer
-        mlp = torch.where(m, lp, 0.0)
         return loss, _pair_metrics(cfg, (delta[:half].sum(-1), delta[half:].sum(-1)),
-                                   (mlp[:half].sum(-1), mlp[half:].sum(-1)), None)
+                                   (lp[:half].sum(-1), lp[half:].sum(-1)), None)
 
     if lp.dim() == 2:
         rows, _ = lp.shape

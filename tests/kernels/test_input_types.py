@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from markers import requires_triton
 from tisdpo import TISDPOLoss
 from tisdpo_kernels import (
     PRESETS, PreferenceConfig, WeightParams, contrastive_logscores, linear_logprobs,
@@ -151,9 +152,18 @@ def test_values_outside_the_mask_are_never_read(method, impl):
     mask[:, 0] = False
     nan = lambda t: torch.where(mask, t, float("nan"))  # noqa: E731
     cfg = PRESETS[method].config
-    clean = preference_loss(lp, lr, w, config=cfg, mask=mask, impl=impl)[0]
-    dirty = preference_loss(nan(lp), nan(lr), nan(w), config=cfg, mask=mask, impl=impl)[0]
+    runs = []
+    for fill in (lambda t: t.clone(), nan):
+        leaves = [fill(t).requires_grad_() for t in (lp, lr, w)]
+        loss = preference_loss(*leaves, config=cfg, mask=mask, impl=impl)[0]
+        loss.backward()
+        grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+        runs.append([loss.detach()] + [g.masked_fill(~mask, 0) for g in grads]
+                    + [g[~mask] for g in grads])
+    (clean, *gc), (dirty, *gd) = runs
     assert torch.isfinite(clean) and torch.equal(clean, dirty)
+    for a, b in zip(gc, gd):             # gradients equal, and exactly 0 in masked slots
+        assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"weights\[0, 1\] = nan is not finite"):
         bad = w.clone()
         bad[0, 1] = float("nan")
@@ -165,3 +175,30 @@ def test_token_weights_names_the_seq_ids_shape():
                                          r"\(6,\)"):
         token_weights(torch.zeros(6), torch.zeros(6), side="chosen",
                       seq_ids=torch.zeros(1, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_token_kl", "preference_loss"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_double_backward_through_a_fused_op_is_refused(op, impl):
+    """create_graph=True (a gradient penalty) through a fused backward, which builds no
+    graph, raises in one line instead of giving gradients without their second-order term
+    (the torch backend of preference_loss is plain autograd: there it is exact)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(9, 4, generator=g)
+    y = torch.randint(0, 9, (6,), generator=g)
+    if op == "linear_logprobs":
+        out, leaf = linear_logprobs(h, w, y, impl=impl).sum(), h
+    elif op == "linear_token_kl":
+        out, leaf = linear_token_kl(h, w, h.detach() + 0.1, w, y, impl=impl)[0].sum(), h
+    else:
+        leaf = -torch.rand(2, 3, generator=g).requires_grad_()
+        out = preference_loss(leaf, leaf.detach() * 0.9, config=PRESETS["dpo"].config,
+                              mask=torch.ones(2, 3, dtype=torch.bool), impl=impl)[0]
+    if op == "preference_loss" and impl == "torch":
+        (grad,) = torch.autograd.grad(out, leaf, create_graph=True)
+        assert grad.requires_grad
+        return
+    with pytest.raises(RuntimeError, match=f"{op}: the fused backward is first order") as err:
+        torch.autograd.grad(out, leaf, create_graph=True)
+    assert "\n" not in str(err.value)

@@ -58,6 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._common import first_order
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
@@ -334,6 +335,7 @@ class LinearLogprobsFunction:
         ctx.ignore_index, ctx.softcap, ctx.filter_eps = ignore_index, softcap, filter_eps
 
     @staticmethod
+    @first_order("linear_logprobs")
     def backward(ctx, g_logp, g_lse):
         hidden, weight, targets, bias, lse = ctx.saved_tensors
         need_dh, need_dw, _, need_db = ctx.needs_input_grad[:4]

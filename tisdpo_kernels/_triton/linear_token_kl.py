@@ -66,6 +66,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tisdpo_kernels import _env
+from tisdpo_kernels._common import first_order
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import (
     check_blocks, check_dtype, compact_rows, device_guard, dot_precision, gather_cols,
@@ -395,6 +396,7 @@ class LinearTokenKLFunction:
         ctx.mark_non_differentiable(output[2], output[3])
 
     @staticmethod
+    @first_order("linear_token_kl")
     def backward(ctx, g_kl, g_logp, _g_ref_logp, _g_stats):
         hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, stats = \
             ctx.saved_tensors

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tisdpo_kernels._common import normalizer_tensor, stat_dtype
+from tisdpo_kernels._common import first_order, normalizer_tensor, stat_dtype
 from tisdpo_kernels._triton import configs
 from tisdpo_kernels._triton.common import f64_constants, upcast
 from tisdpo_kernels.config import PreferenceConfig
@@ -373,6 +373,7 @@ class PreferenceLossFunction(torch.autograd.Function):
         return loss, met
 
     @staticmethod
+    @first_order("preference_loss")
     def backward(ctx, dloss, dmet):
         lp, lr, w, kl, ids, cs, rs, acc, gz, norm, sc = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
