@@ -6,7 +6,7 @@ import pytest
 
 from test_stages import tiny_cfg
 from tisdpo.pipeline import context
-from tisdpo.pipeline.weights import _maybe_full, _PromptedRows
+from tisdpo.pipeline.weights import _maybe_full, _prompted_sides
 from tisdpo.train.trainer import rows_of
 
 POS, NEG = "Answer kindly and well. ", "Answer rudely and badly. "
@@ -26,10 +26,8 @@ def _rows(tmp_path, truncation, *, add_bos=False, max_positions=None, prefix=POS
     pol = context.tokenize_records(ctx, raw, "tisdpo", "policy", tok_cfg)
     full = _maybe_full(ctx, raw, tok_cfg, pol)
     rows = rows_of(pol, range(len(pol)))
-    out = {}
-    for name, text in (("pi+", prefix), ("pi-", NEG)):
-        out[name] = _PromptedRows(ctx, raw, text, tok_cfg, name, f"option-{name}", full,
-                                  max_positions)(rows)
+    sides = _prompted_sides(ctx, raw, (prefix, NEG), tok_cfg, full, max_positions)
+    out = {name: side(rows) for name, side in zip(("pi+", "pi-"), sides)}
     whole = {n: context.tokenize_records(ctx, raw.map(lambda r, t=t: {"prompt": t + r["prompt"]}),
                                          "", n, tok_cfg.replace(max_length=10**9,
                                                                 max_prompt_length=10**9 - 1))
@@ -71,7 +69,7 @@ def test_the_prefix_survives_the_prompt_cut(tmp_path, truncation, add_bos):
 
 
 def test_a_row_beyond_the_models_positions_is_refused_by_option(tmp_path):
-    with pytest.raises(ValueError, match=r"option-pi\+: record 0's pi\+ row .* more than the "
+    with pytest.raises(ValueError, match=r"contrastive.positive_prompt: record 0's pi\+ row .* more than the "
                                          r"model's 20 \(n_positions\)") as err:
         _rows(tmp_path, "keep_end", max_positions=(20, "n_positions"))
     assert "\n" not in str(err.value)
@@ -104,11 +102,22 @@ def test_chat_prompts_keep_the_prefix_under_keep_end(tmp_path, template):
     rows = rows_of(pol, range(len(pol)))
     full = _maybe_full(ctx, raw, tok_cfg, pol)
     bos = ctx.tokenizer.bos_token_id
-    for word, text in (("kindly", "Answer kindly. "), ("rudely", "Answer rudely. ")):
-        out = _PromptedRows(ctx, raw, text, tok_cfg, "pi", "opt", full, None)(rows)
-        for pol_row, row in zip(rows, out):
-            kept = list(pol_row["prompt_ids"])
-            assert len(kept) == 12 and kept[0] == bos                  # the policy's was cut
-            prompt = row["prompt_ids"]
-            assert f"Answer {word}" in ctx.tokenizer.decode(prompt)
-            assert prompt[0] == bos and prompt[-(len(kept) - 1):] == kept[1:]
+    default = "You are a helpful assistant, write about the rivers and the hills."
+    for prefixes in (("Answer kindly. ", "Answer rudely. "), (default, "Answer rudely."),
+                     ("", "Answer rudely.")):
+        sides = _prompted_sides(ctx, raw, prefixes, tok_cfg, full, None)
+        for text, side in zip(prefixes, sides):
+            for pol_row, row in zip(rows, side(rows)):
+                kept = list(pol_row["prompt_ids"])
+                assert len(kept) == 12 and kept[0] == bos              # the policy's was cut
+                prompt = row["prompt_ids"]
+                assert text.strip() in ctx.tokenizer.decode(prompt)    # the whole instruction
+                assert prompt[0] == bos and prompt[-(len(kept) - 1):] == kept[1:]
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["", "bos"])
+def test_an_empty_prefix_reads_the_policys_own_prompt(tmp_path, add_bos):
+    """No prefix: pi+'s prompt is the policy's, BOS included, cut or not."""
+    _, rows, out, _ = _rows(tmp_path, "keep_end", add_bos=add_bos, prefix="")
+    assert [r["prompt_ids"] for r in out["pi+"]] == [r["prompt_ids"] for r in rows]
+    assert any(len(r["prompt_ids"]) == 10 for r in rows)                 # some were cut

@@ -126,54 +126,61 @@ def _with_prefix(raw, prefix: str):
 
 
 class _PromptedRows:
-    """The prompt variant's rows for pi+ or pi-: each record's prompt with ``prefix`` before
-    it, then exactly the policy's completion tokens (every token the policy trains on gets
-    a score). The prefixed prompt is tokenised whole and then loses what the policy's prompt
-    lost to ``data.max_prompt_length``: its last tokens under keep_start; under keep_end it
-    keeps all that precedes the end it shares with the policy's prompt (the prefix, or the
-    system block a chat template made of it) and of that end the policy's kept tail. A row
-    longer than the model's positions is refused, naming the option."""
+    """The prompt variant's rows for pi+ or pi-: each record's prompt with the side's prefix
+    before it, then exactly the policy's completion tokens (every token the policy trains on
+    gets a score). The prefixed prompt is tokenised whole (``tok``) and then loses what the
+    policy's prompt lost to ``data.max_prompt_length``: its last tokens under keep_start;
+    under keep_end the tokens between its head and the policy's kept tail, its head being
+    all before the end it shares with the policy's prompt and with the prompt prefixed by a
+    marker no prefix ends with (``other``), so the BOS and the whole prefix (or the system
+    block a chat template made of it) stay. Made by :func:`_prompted_sides`. A row longer
+    than the model's positions is refused, naming the option."""
 
-    def __init__(self, ctx, raw, prefix: str, tok_cfg, name: str, option: str, full,
-                 max_positions):
-        whole = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
-        self.tok = tokenize_records(ctx, _with_prefix(raw, prefix), "", f"{name} prompts",
-                                    whole)
-        self.at = {int(r): i for i, r in enumerate(self.tok["record_index"])}
+    def __init__(self, tok, other, bos, tok_cfg, name: str, option: str, full, max_positions):
+        self.tok, self.other, self.bos = tok, other, bos
+        self.at = {int(r): i for i, r in enumerate(tok["record_index"])}
+        self.other_at = {} if other is None else \
+            {int(r): i for i, r in enumerate(other["record_index"])}
         self.name, self.option, self.full = name, option, full
         self.keep_end = tok_cfg.truncation == "keep_end"
-        self.bos = ctx.tokenizer.bos_token_id
         self.max_positions = max_positions
 
-    def _prompt(self, pol: dict, whole: list[int]) -> list[int]:
-        """The prefixed prompt ``whole`` cut as the policy's prompt was cut."""
-        i = int(pol["record_index"])
+    def _prompt(self, pol: dict, whole: list[int], other: list[int]) -> list[int]:
+        """The prefixed prompt ``whole`` cut as the policy's prompt was cut (``other``: the
+        record's prompt prefixed by the marker)."""
         kept = list(pol["prompt_ids"])
-        full = [] if self.full is None else list(self.full[i][2])   # the policy's, uncut
-        cut = len(full) - len(kept)
+        full = [] if self.full is None else list(self.full[int(pol["record_index"])][2])
+        cut = len(full) - len(kept)                 # the policy's prompt, uncut, lost these
         if cut <= 0:
             return whole
         if not self.keep_end:
             return whole[:len(whole) - cut]
-        # the policy kept the tail of its prompt (behind a BOS). ``whole`` ends as the
-        # policy's prompt does; what comes before that shared end (the prefix, a template's
-        # system block) stays, and of the shared end the policy's tail
-        tail = len(kept) - (1 if self.bos is not None and kept[0] == self.bos else 0)
+
+        def bos(x):
+            return 1 if self.bos is not None and x and x[0] == self.bos else 0
+        tail = len(kept) - bos(kept)                # kept = its head (a BOS) + its tail
+        bound = min(len(whole) - bos(whole), len(full) - bos(kept), len(other) - bos(other))
         shared = 0
-        while shared < min(len(whole), len(full)) and whole[-1 - shared] == full[-1 - shared]:
+        while shared < bound and whole[-1 - shared] == full[-1 - shared] \
+                == other[-1 - shared]:
             shared += 1
         if tail >= shared:
             return whole
         return whole[:len(whole) - shared] + whole[len(whole) - tail:]
 
     def __call__(self, pol_rows: list[dict]) -> list[dict]:
-        missing = [r["record_index"] for r in pol_rows if int(r["record_index"]) not in self.at]
+        missing = [r["record_index"] for r in pol_rows if int(r["record_index"]) not in self.at
+                   or self.other is not None and int(r["record_index"]) not in self.other_at]
         if missing:
             raise ValueError(f"weights: record {missing[0]} has no {self.name} prompt "
                              f"(its prefixed prompt did not tokenise)")
-        pref = rows_of(self.tok, [self.at[int(r["record_index"])] for r in pol_rows])
-        out = [{**r, "prompt_ids": self._prompt(r, list(p["prompt_ids"]))}
-               for r, p in zip(pol_rows, pref)]
+        idx = [int(r["record_index"]) for r in pol_rows]
+        pref = rows_of(self.tok, [self.at[i] for i in idx])
+        other = [{"prompt_ids": []}] * len(idx) if self.other is None else \
+            rows_of(self.other, [self.other_at[i] for i in idx])
+        out = [{**r, "prompt_ids": self._prompt(r, list(p["prompt_ids"]),
+                                                list(o["prompt_ids"]))}
+               for r, p, o in zip(pol_rows, pref, other)]
         if self.max_positions is not None:
             limit, key = self.max_positions
             for r in out:
@@ -185,6 +192,24 @@ class _PromptedRows:
                         f"than the model's {limit} ({key}); shorten {self.option} or lower "
                         f"data.max_length")
         return out
+
+
+def _prompted_sides(ctx, raw, prefixes: tuple[str, str], tok_cfg, full, max_positions):
+    """(pi+ rows, pi- rows) of the prompt variant (:class:`_PromptedRows`), ``prefixes`` the
+    positive and negative prompts; ``full``: ``_maybe_full`` of the policy's tokenisation."""
+    whole = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
+    toks = [tokenize_records(ctx, _with_prefix(raw, p), "", f"{n} prompts", whole)
+            for p, n in zip(prefixes, ("pi+", "pi-"))]
+    marked = None                      # where a prefix ends: no prefix ends as this one does
+    if full is not None and tok_cfg.truncation == "keep_end":
+        marked = tokenize_records(ctx, _with_prefix(raw, _MARK), "", "prefix end", whole)
+    return tuple(_PromptedRows(toks[k], marked, ctx.tokenizer.bos_token_id, tok_cfg,
+                               name, f"contrastive.{side}_prompt", full, max_positions)
+                 for k, (name, side) in enumerate((("pi+", "positive"), ("pi-", "negative"))))
+
+
+#: the prefix of a third rendering of the prompts, whose end no real prefix shares
+_MARK = "\u2063\u2063"
 
 
 def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
@@ -306,10 +331,9 @@ def run_weights(ctx: Context) -> str:
         if variant == "prompt":
             c = cfg.contrastive
             limit = max_positions_of(models["positive"].config.to_dict())
-            pos_rows = _PromptedRows(ctx, raw, c.positive_prompt, tok_cfg, "pi+",
-                                     "contrastive.positive_prompt", full, limit)
-            neg_rows = _PromptedRows(ctx, raw, c.negative_prompt, tok_cfg, "pi-",
-                                     "contrastive.negative_prompt", full, limit)
+            pos_rows, neg_rows = _prompted_sides(ctx, raw, (c.positive_prompt,
+                                                            c.negative_prompt),
+                                                 tok_cfg, full, limit)
         else:
             pos_rows = neg_rows = list                # the policy's own rows
         shards, shard_size = [], SHARD
