@@ -29,7 +29,7 @@ import traceback
 from tisdpo.pipeline import stages, weights
 from tisdpo.pipeline.compare import DEFAULT_GROUP, run_compare
 from tisdpo.pipeline.context import StageStopped, make_context
-from tisdpo.pipeline.demo import demo_config, run_demo
+from tisdpo.pipeline.demo import check_demo_options, demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
 from tisdpo.pipeline.lock import RankFailed, RunLocked, run_lock
 from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, dump_yaml,
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             probe = resolve(args)        # the file may set as well as the flags
             base = demo_config(fast=probe.demo.fast, task=probe.data.synthetic_task)
         cfg = resolve(args, base)
+        if args.command == "demo":
+            check_demo_options(cfg)  # before a run folder is written
         if args.command in STAGES or args.command == "demo":
             check_env()              # the TISDPO_* variables, before any stage reads them
     except ConfigFileError as err:

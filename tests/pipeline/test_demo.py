@@ -65,8 +65,8 @@ def test_demo_refuses_options_its_table_cannot_mean(tmp_path, option, value, why
         value = str(tmp_path / value)
     code = cli.main(["demo", "--fast", "--run_dir", str(run), "--device", "cpu", option, value])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and option[2:] in err and why in err and "\n" not in err
-    assert not (run / "sft").exists()
+    assert code == 2 and option[2:] in err and why in err and "\n" not in err
+    assert not run.exists()                       # no run folder, no config.yaml
 
 
 def test_inspect_writes_html_and_png(demo_run, tmp_path):

@@ -361,10 +361,9 @@ def _aggregate(label: str, runs: list[dict]) -> dict:
     return row
 
 
-def run_demo(cfg: RunConfig) -> dict:
-    """Run every stage (resumable), evaluate, print and save the table; returns the results."""
-    t0 = time.perf_counter()
-    # the table's rows and its task reward are the synthetic task's, relative to SFT
+def check_demo_options(cfg: RunConfig) -> None:
+    """The demo's table (its rows, its task reward) is the synthetic task's, relative to the
+    SFT model: own data, an own model or no SFT are a ValueError naming the option."""
     for name, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
                         ("model.path", cfg.model.path)):
         if value:
@@ -374,6 +373,12 @@ def run_demo(cfg: RunConfig) -> dict:
     if not cfg.sft.enabled:
         raise ValueError("sft.enabled=false: the demo's policies and its reference row start "
                          "from the SFT model; use `tisdpo pipeline` to skip SFT")
+
+
+def run_demo(cfg: RunConfig) -> dict:
+    """Run every stage (resumable), evaluate, print and save the table; returns the results."""
+    t0 = time.perf_counter()
+    check_demo_options(cfg)
     info = synthetic_info(cfg.data.synthetic_task)
     ctx = make_context(cfg)
     stages.run_sft(ctx)

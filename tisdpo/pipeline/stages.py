@@ -140,11 +140,6 @@ def run_contrastive(ctx: Context) -> tuple[str, str]:
     c = ctx.cfg.contrastive
     root = ctx.path("contrastive")
     os.makedirs(root, exist_ok=True)
-    if ctx.par.is_main and os.path.isfile(os.path.join(root, "done.json")):
-        # written again at the end: until then the stage is not done, whatever pi+ and pi-
-        # find on disk (an old record must not outlive a redo that stops half-way)
-        os.remove(os.path.join(root, "done.json"))
-    ctx.par.barrier()
     pos_dir, neg_dir = os.path.join(root, "positive"), os.path.join(root, "negative")
     train_raw, eval_raw = load_records(ctx)
     if c.variant == "dpo":
