@@ -249,3 +249,21 @@ def test_cdpo_code_is_a_mean_over_its_position_slots(tmp_path, tok, data, monkey
                     max_steps=1)
     C.run(TISDPOTrainer, args, tok=tok, train=data[0], with_ref=True)
     assert seen and all(norm == slots for slots, norm in seen), seen
+
+
+def test_one_sweep_with_fp16_is_refused_at_config_time():
+    """fp16 training asks for float16 hidden states, which one_sweep refuses (its gradients
+    would be rounded before the loss scale): TISDPOConfig says so at once, not at step 1.
+    (TrainingArguments refuses fp16 on a machine without CUDA, so the check is called here.)"""
+    from types import SimpleNamespace
+
+    from tisdpo import TISDPOLoss
+    from tisdpo.integrations.trl import _check_trainer_options
+
+    loss = TISDPOLoss("dpo")
+    with pytest.raises(ValueError, match="strategy='one_sweep' with fp16=True: float16") as e:
+        _check_trainer_options(SimpleNamespace(strategy="one_sweep", fp16=True), loss, "dpo")
+    assert "\n" not in str(e.value)
+    for ok in (SimpleNamespace(strategy="auto", fp16=True),
+               SimpleNamespace(strategy="one_sweep", fp16=False, bf16=True)):
+        _check_trainer_options(ok, loss, "dpo")

@@ -59,6 +59,7 @@ from tisdpo.integrations.trl_options import (
 )
 from tisdpo.integrations.trl_weights import align_weights_to_trl, load_trl_weights
 from tisdpo.train.headcheck import check_head, head
+from tisdpo_kernels.strategy import FLOAT16_REASON
 
 __all__ = ["TISDPOConfig", "TISDPOTrainer", "DPOConfig", "DPOTrainer", "TISDPOCollator",
            "align_weights_to_trl", "load_trl_weights", "TESTED_TRL_VERSION"]
@@ -129,6 +130,8 @@ def _check_trainer_options(args, loss, method: str) -> None:
         raise ValueError(f"TISDPOConfig pad_to_multiple_of={multiple}: method {method!r} "
                          f"averages over every position slot of a batch, padding included, so "
                          f"extra padding would shrink its loss and gradient; leave it None")
+    if getattr(args, "strategy", "auto") == "one_sweep" and getattr(args, "fp16", False):
+        raise ValueError(f"TISDPOConfig strategy='one_sweep' with fp16=True: {FLOAT16_REASON}")
 
 
 class TISDPOTrainer(_TRLDPOTrainer):
