@@ -156,7 +156,8 @@ def load_records(ctx: Context):
         path = getattr(cfg.data, option)
         try:
             return load_preference_dataset(path, check_records=not cfg.data.skip_invalid,
-                                           source_prefix=f"data.{option} ")
+                                           source_prefix=f"data.{option} ",
+                                           held_out=option == "eval")
         except FileNotFoundError:
             raise FileNotFoundError(f"data.{option} {path}: no such file or directory") \
                 from None

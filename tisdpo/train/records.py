@@ -19,13 +19,14 @@ record's position in the column ``SOURCE_COLUMN``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import tempfile
 from pathlib import Path
+
+from tisdpo.train.json_records import objects_only, scan_json
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
            "load_preference_dataset", "record_problem", "messages_problem"]
@@ -42,10 +43,8 @@ DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 #: its file ("data.train pairs.jsonl line 5 (record 4)"), which ``tokenize_pairs`` names in
 #: its errors in place of "record N" (and drops from its output).
 SOURCE_COLUMN = "_record_source"
-_BOM = b"\xef\xbb\xbf"
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")          # the Hub's split-00000-of-00002 files
 # a JSON \u escape of a UTF-16 surrogate: json accepts one without its pair, pyarrow does not
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_JSON_SPACE = " \t\r\n"                 # JSON's whitespace (str.strip() takes more)
 
 log = logging.getLogger("tisdpo")
 
@@ -139,114 +138,10 @@ class _NonObjects(list):
 
 # --------------------------------------------------------------------------- file scans
 
-def _json_error(where: str, line: int, err: json.JSONDecodeError) -> ValueError:
-    cut = err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string")
-    at = "" if err.msg.endswith(" at") else " at"
-    return ValueError(f"{where} line {line}: invalid JSON{', cut short' if cut else ''} "
-                      f"({err.msg}{at} column {err.colno})")
-
-
-def _utf8_error(where: str, line: int, err: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{where} line {line}: not UTF-8 text ({err.reason}, byte "
-                      f"{err.object[err.start:err.start + 1]!r})")
-
-
-def _lone_surrogate(rec) -> bool:
-    """Whether a decoded record holds a lone UTF-16 surrogate (not text: pyarrow refuses it)."""
-    if isinstance(rec, str):
-        try:
-            rec.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(rec, dict):
-        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in rec.items())
-    return isinstance(rec, list) and any(_lone_surrogate(v) for v in rec)
-
-
-def _check_text(where: str, at: str, raw: bytes, rec) -> None:
-    if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(rec):
-        raise ValueError(f"{where} {at}: a \\u escape of a lone UTF-16 surrogate "
-                         f"(\\ud800-\\udfff without its pair), which is not text")
-
-
-def _scan_json_array(where: str, data: bytes, check) -> list[str]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _utf8_error(where, data.count(b"\n", 0, err.start) + 1, err) from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _json_error(where, err.lineno, err) from None
-    ats = [f"record {i}" for i in range(len(records))]
-    for rec, at in zip(records, ats):
-        _check_text(where, at, data, rec)
-        check(rec, at)
-    return ats
-
-
-def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | None]:
-    """(each record's position, None) of a JSON Lines file; ([], the error) when its first
-    record is not valid JSON on one line (the file may instead be one multi-line JSON
-    document)."""
-    ats = []
-    for line_no, raw in enumerate(fh, start=1):
-        if line_no == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _utf8_error(where, line_no, err) from None
-        if not line.strip(_JSON_SPACE):
-            continue
-        if not line.strip():
-            odd = next(c for c in line if c not in _JSON_SPACE)
-            raise ValueError(f"{where} line {line_no}: a blank line holding {odd!r}, which "
-                             f"JSON does not take as whitespace (only space, tab, CR, LF)")
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if not ats:
-                return [], _json_error(where, line_no, err)
-            raise _json_error(where, line_no, err) from None
-        at = f"line {line_no} (record {len(ats)})"
-        _check_text(where, at, raw, rec)
-        check(rec, at)
-        ats.append(at)
-    return ats, None
-
-
 def _scan_json(path: str, check: bool) -> tuple[list[str], list[tuple[str, str]]]:
     """(each record's position in the JSON file ``path``, checking them if ``check``; else
     the (position, type) of those that are not JSON objects)."""
-    checker = _Checker(path) if check else _NonObjects()
-    with open(path, "rb") as fh:
-        head = fh.read(4096).removeprefix(_BOM).lstrip()
-        fh.seek(0)
-        if head.startswith(b"["):
-            ats, first = _scan_json_array(path, fh.read().removeprefix(_BOM), checker), None
-        else:
-            ats, first = _scan_json_lines(path, fh, checker)
-    if first is not None:
-        # one multi-line JSON object (datasets reads it as one record), else the first
-        # line's error
-        data = Path(path).read_bytes()
-        try:
-            doc = json.loads(data.decode("utf-8-sig"))
-        except ValueError:                      # JSONDecodeError, UnicodeDecodeError
-            doc = None
-        if not isinstance(doc, dict):
-            raise first
-        _check_text(path, "record 0", data, doc)
-        checker(doc, "record 0")
-        return ["record 0"], []
-    if not ats:
-        raise ValueError(f"{path}: no records (an empty file)")
-    odd = [] if check else list(checker)
-    if len(odd) == len(ats):
-        raise ValueError(f"{path}: no JSON object among its records ({odd[0][0]}: {odd[0][1]})")
-    return ats, odd
+    return scan_json(path, _Checker(path) if check else _NonObjects(), check)
 
 
 def _scan_parquet(path: str, check: bool) -> tuple[list[str], list]:
@@ -296,20 +191,23 @@ def _check_dataset(where: str, ds, check: bool) -> None:
 
 # ------------------------------------------------------------------------------- loading
 
-def _pick_split(available, split, where, path_of):
-    """The split to load; ``path_of(split)``: a path that loads that split alone."""
+def _pick_split(available, split, where, path_of, held_out=False):
+    """The split to load (by default "train", or with ``held_out`` the first of "test",
+    "validation", "eval"); ``path_of(split)``: a path that loads that split alone."""
     available = list(available)
     if split is not None:
         if split not in available:
             raise ValueError(f"split={split!r} not found in {where}; available splits: "
                              f"{available}")
         return split
-    if "train" in available:
-        return "train"
+    for name in ("test", "validation", "eval") if held_out else ("train",):
+        if name in available:
+            return name
     if len(available) == 1:
         return available[0]
     shown = ", ".join(str(path_of(name)) for name in available[:3])
-    raise ValueError(f"{where} holds several splits {available}, none named 'train': give the "
+    wanted = "'test', 'validation' or 'eval'" if held_out else "'train'"
+    raise ValueError(f"{where} holds several splits {available}, none named {wanted}: give the "
                      f"path of the one to load ({shown}{', ...' if len(available) > 3 else ''})")
 
 
@@ -349,7 +247,7 @@ def _load_files(files: list[str], check: bool, prefix: str | None) -> tuple:
                 what, n, "" if n == 1 else "s")
     # datasets reads no such line: a copy of those files with {} in their place
     with tempfile.TemporaryDirectory(prefix="tisdpo-records-") as tmp:
-        paths = [_objects_only(f, os.path.join(tmp, f"{i}.jsonl")) if odd[f] else f
+        paths = [objects_only(f, os.path.join(tmp, f"{i}.jsonl")) if odd[f] else f
                  for i, f in enumerate(files)]
         ds = _read(lambda: datasets.load_dataset(
             "json", data_files=paths, split="train", cache_dir=os.path.join(tmp, "cache"),
@@ -371,22 +269,6 @@ def _read(load, files: list[str]):
         why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ValueError(f"{', '.join(map(str, files))}: datasets could not read it ({why})") \
             from None
-
-
-def _objects_only(src: str, dst: str) -> str:
-    """``dst``: the JSON or JSON Lines file ``src`` as JSON Lines, each record that is not a
-    JSON object replaced by ``{}`` (a record with no field, in its place)."""
-    with open(src, "rb") as fh:
-        array = fh.read(4096).removeprefix(_BOM).lstrip().startswith(b"[")
-    with open(src, "rb") as fh, open(dst, "wb") as out:
-        if array:
-            for rec in json.loads(fh.read().decode("utf-8-sig")):
-                out.write(json.dumps(rec if isinstance(rec, dict) else {}).encode() + b"\n")
-        else:
-            for raw in fh:
-                keep = not raw.strip() or isinstance(json.loads(raw), dict)
-                out.write(raw if keep else b"{}\n")
-    return dst
 
 
 #: data whose identical pairs were reported in this process (each stage loads its records)
@@ -420,13 +302,16 @@ def _report_identical(ds, sources: list[str], label: str) -> None:
 
 
 def load_preference_dataset(path_or_dir, split: str | None = None, *,
-                            check_records: bool = True, source_prefix: str | None = None):
+                            check_records: bool = True, source_prefix: str | None = None,
+                            held_out: bool = False):
     """Load preference records as a ``datasets.Dataset``, in the files' order.
 
     path_or_dir: a ``.json``/``.jsonl``/``.parquet`` file, a list of such files, a directory
     written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, or a directory of data
-    files (``{split}.jsonl`` etc.). split: which split of a DatasetDict or data directory
-    (default: "train" if present, else the only one). Nothing is fetched from the network.
+    files (``{split}.jsonl`` etc.; the Hub's ``{split}-00000-of-00002.parquet`` shards load
+    together). split: which split of a DatasetDict or data directory (default: "train" if
+    present, or with ``held_out`` the first of "test", "validation", "eval"; else the only
+    one). Nothing is fetched from the network.
 
     Each file is read first (see the module docstring): an empty file, invalid JSON and bad
     UTF-8 raise a one-line ``ValueError`` naming the file and line. check_records: also check
@@ -441,12 +326,13 @@ def load_preference_dataset(path_or_dir, split: str | None = None, *,
     "`` gives "data.train pairs.jsonl line 5 (record 4)"); ``tokenize_pairs`` then names it
     in its errors instead of the record's row, which a later split or shuffle changes.
     """
-    ds, sources = _load(path_or_dir, split, check_records, source_prefix)
+    ds, sources = _load(path_or_dir, split, check_records, source_prefix, held_out)
     _report_identical(ds, sources, f"{source_prefix or ''}{path_or_dir}")
     return _with_sources(ds, sources, source_prefix)
 
 
-def _load(path_or_dir, split: str | None, check: bool, prefix: str | None) -> tuple:
+def _load(path_or_dir, split: str | None, check: bool, prefix: str | None,
+          held_out: bool) -> tuple:
     """(the records, each record's position) of :func:`load_preference_dataset`."""
     import datasets
 
@@ -465,7 +351,7 @@ def _load(path_or_dir, split: str | None, check: bool, prefix: str | None) -> tu
         ds = datasets.load_from_disk(str(path))
         where = str(path)
         if isinstance(ds, datasets.DatasetDict):
-            name = _pick_split(ds.keys(), split, str(path), lambda n: path / n)
+            name = _pick_split(ds.keys(), split, str(path), lambda n: path / n, held_out)
             ds, where = ds[name], f"{path} split {name!r}"
         elif split is not None:
             raise ValueError(f"split={split!r} given but {str(path)!r} holds a single Dataset")
@@ -474,9 +360,9 @@ def _load(path_or_dir, split: str | None, check: bool, prefix: str | None) -> tu
     by_split = {}
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix.lower() in DATA_EXTS:
-            by_split.setdefault(f.stem, []).append(str(f))
+            by_split.setdefault(_SHARD.sub("", f.stem), []).append(str(f))
     if not by_split:
         raise ValueError(f"path_or_dir: {str(path)!r} has no .json/.jsonl/.parquet files and "
                          "is not a save_to_disk directory")
     return _load_files(by_split[_pick_split(by_split, split, str(path),
-                                            lambda n: by_split[n][0])], check, prefix)
+                                            lambda n: by_split[n][0], held_out)], check, prefix)
