@@ -29,6 +29,8 @@
 #   mkdir -p .whl && cp /path/to/peer/wheels/*.whl .whl/    # liger-kernel, cut-cross-entropy, trl
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20"
+#
+# .whl/ is ignored by git: when the tree is copied to the GPU machine, copy it too.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,9 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/session.log"
 STATUS="$OUT_DIR/status.txt"
 DEADLINE=$(( $(date +%s) + 540 ))          # 9 minutes from now
+# every benchmark row of this session carries it: the README tables read the steps as one run
+TISDPO_BENCH_SESSION="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
+export TISDPO_BENCH_SESSION
 PY="${PYTHON:-python3}"
 # every print reaches the log at once, also from a step that is killed at its limit
 export PYTHONUNBUFFERED=1
@@ -95,6 +100,8 @@ BENCH=("$PY" -m benchmarks --device "$DEV" --dtype bf16 --reps "$REPS" --warmup 
        --out "$CSV")
 
 environment() {
+  git log -1 --format='commit %H %cd' 2>/dev/null \
+    || echo "commit ${TISDPO_GIT_COMMIT:-unknown (no git repository here)}"
   date -u
   uname -a
   nproc
@@ -132,8 +139,6 @@ try:                               # what trl-chunked's backward imports
 except Exception as err:
     print("trl.trainer.utils does not import:", type(err).__name__, str(err)[:200])
 EOF
-  git log -1 --format='commit %H %cd' 2>/dev/null \
-    || echo "commit ${TISDPO_GIT_COMMIT:-unknown (no git repository here)}"
   command -v ncu >/dev/null && ncu --version | tail -1
   return 0
 }
@@ -188,10 +193,10 @@ export PY
 export -f environment wheels ncu_bwd          # run under `timeout` through bash -c
 step wheels 20 bash -c wheels
 export PYTHONPATH="$PWD/.peers${PYTHONPATH:+:$PYTHONPATH}"
-step environment 15 bash -c environment        # the versions the steps below run with
+step environment 25 bash -c environment        # the versions the steps below run with
 cp "$LOG" "$OUT_DIR/env.txt"
 # -v: each test's name as it ends, so a step cut at its limit still says how far it got
-step tests 150 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
+step tests 140 "$PY" -m pytest -v --tb=short -p no:cacheprovider \
      -o faulthandler_timeout=120 "${TESTS[@]}"
 sed -n '/=== tests/,/^=== /p' "$LOG" > "$OUT_DIR/tests.log"
 # every logprobs provider but torch.compile, uniform then peaked logits (the filtering
@@ -208,8 +213,8 @@ step logprobs_compile 35 "${BENCH[@]}" --op logprobs --mode fwd,bwd,fwdbwd --sha
 step loss_given 35 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
      --reference precomputed --providers ours-one-sweep,ours-triton,liger-dpo
 step loss 55 "${BENCH[@]}" --op loss --mode fwdbwd --shapes "$SHAPE" --tokens "$PAIR" \
-     --providers ours-one-sweep,ours-triton,liger-dpo,eager,trl-chunked,torch-lce,cce_exact,\
-ours-torch,ours-one-sweep-torch
+     --providers ours-one-sweep,ours-triton,eager,trl-chunked,torch-lce,cce_exact,ours-torch,\
+ours-one-sweep-torch,liger-dpo
 # peak memory is one call per row: 5 timed repetitions are enough here, so 64k is reached
 step memory_sweep 60 "${BENCH[@]}" --op logprobs --mode fwdbwd --shapes "$SHAPE" \
      --tokens "$SWEEP" --providers ours-triton,eager --no-check --reps 5 --warmup 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -108,7 +109,17 @@ def _fwdbwd(rows, op, provider, **where) -> dict | None:
 
 
 def _run_key(r: dict) -> tuple[str, str]:
-    return r["date"], r["command"]
+    """(date, command): one invocation; the rows of a session's commands (``extra.session``,
+    from TISDPO_BENCH_SESSION: gpu_session.sh runs torch.compile in a command of its own) are
+    one run, keyed by the session's start."""
+    session = json.loads(r["extra"] or "{}").get("session")
+    return (session, "session") if session else (r["date"], r["command"])
+
+
+def _shown_command(cmd: str) -> str:
+    """A row's command as the README prints it: without its --out path (a folder of the
+    machine that ran it; the results live under benchmarks/results/)."""
+    return re.sub(r" --out(?:=| )\S+", "", cmd)
 
 
 def _best_run(rows: list[dict], ours: str, op: str, where: dict) -> tuple[dict, list[dict]]:
@@ -420,7 +431,7 @@ def render(rows: list[dict], tokens: tuple[int, ...] = HEADLINE_TOKENS) -> str:
         for op in ("logprobs", "loss", "kl"):
             lines += _op_table(runs, op, tokens)
         lines += _e2e_table(dev)
-        cmds = sorted({r["command"] for r in dev})
+        cmds = sorted({_shown_command(r["command"]) for r in dev})
         lines += ["Commands:", "", "```bash", *cmds, "```", ""]
         checks = [r for r in dev if r["mode"] == "check" and r["metric"].startswith("err_")
                   and int(r["x_value"]) in tokens]

@@ -94,6 +94,8 @@ def make_row(env: dict, *, op, provider, mode, shape, tokens, metric, unit, valu
              p20=None, p80=None, status="ok", dtype="", hidden="", vocab="", softcap=None,
              extra=None, x_name="tokens") -> dict[str, str]:
     row = dict(env)
+    session = os.environ.get("TISDPO_BENCH_SESSION")   # one run across separate commands
+    extra = {**(extra or {}), **({"session": session} if session else {})}
     row.update(op=op, provider=provider, mode=mode, shape=shape, x_name=x_name,
                x_value=str(tokens), metric=metric, unit=unit, value=_fmt(value), p20=_fmt(p20),
                p80=_fmt(p80), status=status, dtype=dtype, hidden=_fmt(hidden),

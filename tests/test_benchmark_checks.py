@@ -172,3 +172,28 @@ def test_cuda_run_all_providers():
                 if e["metric"].startswith("err_")]
         assert errs and all(math.isfinite(R.error_value(e)) for e in errs), (r["op"],
                                                                             r["provider"])
+
+
+def test_a_sessions_separate_commands_are_one_run(monkeypatch):
+    """gpu_session.sh measures torch.compile in a command of its own (its cold compile
+    apart): with TISDPO_BENCH_SESSION its rows join the session's run, so the head target
+    compares it; without, it stays a run of its own, as any other command."""
+    def judged(session):
+        if session:
+            monkeypatch.setenv("TISDPO_BENCH_SESSION", session)
+        else:
+            monkeypatch.delenv("TISDPO_BENCH_SESSION", raising=False)
+        rows = _head_rows({"ours-triton": 1e-3})
+        env = dict(R.environment(CPU, ["--providers", "torch-compile", "--out", "/x/r.csv"]),
+                   date="2099-01-01T00:00:01+00:00", **GPU)
+        rows.append(R.make_row(env, op="logprobs", provider="torch-compile", metric="time",
+                               unit="ms", value=10.0, mode="fwdbwd", shape="llama3-8b",
+                               tokens=8192, dtype="bf16"))
+        return readme_table._head_judgement(rows, "ours-triton"), rows
+    alone, _ = judged(None)
+    assert "torch-compile" in alone.split("not in that run:")[1]
+    joined, rows = judged("2099-01-01T00:00:00+00:00")
+    assert "fastest peer torch-compile 10.0 ms (met)" in joined
+    assert "torch-compile" not in joined.split("not in that run:")[1]
+    assert readme_table._shown_command(rows[-1]["command"]) == \
+        "python -m benchmarks --providers torch-compile"
