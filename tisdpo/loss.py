@@ -118,7 +118,7 @@ class TISDPOLoss(nn.Module):
             method, beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, alpha=alpha,
             gamma_beta_ratio=gamma_beta_ratio, weight_method=weight_method,
             weight_params=weight_params)
-        ignore_index = V.check_ignore_index(ignore_index)
+        ignore_index = V.check_int("ignore_index", ignore_index)
         softcap = V.check_softcap(softcap)
         try:
             Impl(impl)

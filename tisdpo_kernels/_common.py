@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +100,8 @@ def normalizer_tensor(normalizer, device) -> torch.Tensor | None:
         V.value_check(~(norm > 0) | ~torch.isfinite(norm), lambda b: (
             "normalizer must be finite and > 0" + ("" if b is None else f", got {float(norm)}")))
         return norm
-    if isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
-        normalizer = float(normalizer)            # numpy scalars too
-    V.check_scalar("normalizer", normalizer, low=0.0, low_open=True)
-    return torch.full((), float(normalizer), dtype=_F64, device=device)
+    normalizer = V.check_scalar("normalizer", normalizer, low=0.0, low_open=True)  # numpy too
+    return torch.full((), normalizer, dtype=_F64, device=device)
 
 
 def per_sequence_weights(s, seq_ids, method: str, params: WeightParams):

@@ -49,7 +49,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
     oracle: it refuses filter_eps).
     """
     V.check_linear_inputs(hidden, weight, targets, bias)
-    ignore_index = V.check_ignore_index(ignore_index)
+    ignore_index = V.check_int("ignore_index", ignore_index)
     softcap = V.check_softcap(softcap)
     filter_eps = V.check_filter_eps(filter_eps)
     which = resolve_impl(impl, hidden.device, op="linear_logprobs")
@@ -92,7 +92,7 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
               f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}")
     V.require(direction in ("policy_ref", "ref_policy"),
               f"direction must be 'policy_ref' or 'ref_policy', got {direction!r}")
-    ignore_index = V.check_ignore_index(ignore_index)
+    ignore_index = V.check_int("ignore_index", ignore_index)
     softcap = V.check_softcap(softcap)
     which = resolve_impl(impl, hidden.device, op="linear_token_kl")
     V.check_targets("targets", targets, weight.shape[0], ignore_index)
@@ -131,7 +131,7 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
     V.require(weight_neg.shape[0] == weight_pos.shape[0],
               f"neg_weight has V={weight_neg.shape[0]} but pos_weight has "
               f"V={weight_pos.shape[0]}: the two models must share one vocabulary")
-    ignore_index = V.check_ignore_index(ignore_index)
+    ignore_index = V.check_int("ignore_index", ignore_index)
     b = V.check_scalar("b", b)
     softcap = V.check_softcap(softcap)
     if softcap is not None:
@@ -166,7 +166,7 @@ def _capped_contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg
 
     d_pos, d_neg = hidden_pos.shape[-1], hidden_neg.shape[-1]
     out = run(hidden_pos.reshape(-1, d_pos), weight_pos, hidden_neg.reshape(-1, d_neg),
-              weight_neg, targets.reshape(-1).long(), bias_pos, bias_neg, float(b), softcap,
+              weight_neg, targets.reshape(-1).long(), bias_pos, bias_neg, b, softcap,
               ignore_index, chunk_size(None, weight_pos.shape[0]))
     return out.view(targets.shape)
 
@@ -318,15 +318,14 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
                   f"chosen_seq {tuple(chosen_seq.shape)} and rejected_seq "
                   f"{tuple(rejected_seq.shape)} must be 1-D of equal length")
         if num_seqs is not None:
-            V.require(isinstance(num_seqs, int) and not isinstance(num_seqs, bool)
-                      and num_seqs >= 1, f"num_seqs must be an int >= 1, got {num_seqs!r}")
+            num_seqs = V.check_int("num_seqs", num_seqs, low=1)
         ids, num_seqs = _segments_from(logp, seq_ids, None, name="logp", num_seqs=num_seqs)
         V.check_same_device(logp=logp, seq_ids=seq_ids, chosen_seq=chosen_seq,
                             rejected_seq=rejected_seq)
         V.check_packed_pairs(ids, chosen_seq, rejected_seq, num_seqs)
     V.check_same_device(logp=logp, ref_logp=ref_logp, weights=weights, kl=kl, mask=mask)
     if weights is not None:
-        kept = mask.bool() if logp.dim() == 2 else seq_ids >= 0
+        kept = mask.bool() if logp.dim() == 2 else ids >= 0
         V.check_finite_at("weights", weights.detach(), kept)
     which = resolve_impl(impl, logp.device, op="preference_loss")
     if which is Impl.REFERENCE:
@@ -411,7 +410,7 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     why = one_sweep_unsupported(config)
     V.require(why is None, f"linear_preference_loss cannot compute this loss: {why}")
     V.check_linear_inputs(hidden, weight, targets, bias)
-    ignore_index = V.check_ignore_index(ignore_index)
+    ignore_index = V.check_int("ignore_index", ignore_index)
     softcap = V.check_softcap(softcap)
     if config.uses_kl:
         V.require(ref_hidden is not None, f"config uses KL terms ({config.kl}); they need "

@@ -58,11 +58,12 @@ def check_scalar(name: str, value: float, *, low=None, high=None, low_open=False
     return value
 
 
-def check_ignore_index(ignore_index) -> int:
-    """An int (a Python or numpy integer, not a bool): the target value that marks no token."""
-    require(isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool),
-            f"ignore_index must be an int, got {ignore_index!r}")
-    return int(ignore_index)
+def check_int(name: str, value, *, low: int | None = None) -> int:
+    """An int (a Python or numpy integer, not a bool), ``>= low`` when given; as a Python int."""
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and (low is None or value >= low),
+            f"{name} must be an int{'' if low is None else f' >= {low}'}, got {value!r}")
+    return int(value)
 
 
 def value_check(cond_bad: torch.Tensor, msg_fn) -> None:

@@ -24,7 +24,7 @@ def _inspect(tmp_path, records, *extra):
     ({"chosen_weight": [1.2, 0.8, 1.0]}, "field 'chosen_weight': 3 values for 2"),
     ({"chosen_score": [0.1]}, "field 'chosen_score': 1 values for 2 completion tokens"),
     ({"chosen_score": [0.1, None]}, "field 'chosen_score': value 1 is None, not a finite"),
-    ({"chosen_score": 0.5}, "field 'chosen_score': expected a list of numbers, got float"),
+    ({"chosen_score": 0.5}, "field 'chosen_score': expected a list of floats, got float"),
     ({"chosen_score": ["a", "b"]}, "field 'chosen_score'"),
 ])
 def test_a_bad_record_is_named_by_file_and_line(tmp_path, capsys, bad, message):

@@ -197,12 +197,13 @@ class TISDPOTrainer(_TRLDPOTrainer):
                              f"the MoE load-balancing loss is not supported; set it to 0.0")
         lm = lm_of(self.model)
         check_head(lm)
-        self._tisdpo_loss = build_loss(args, softcap=head(lm).softcap)
+        cap = head(lm).softcap
+        self._tisdpo_loss = build_loss(args, softcap=cap)
         if self.ref_model is not None and self._tisdpo_loss.config.uses_kl:
             ref_cap = head(lm_of(self.ref_model)).softcap    # the KL op caps both heads alike
-            if ref_cap != head(lm).softcap:
+            if ref_cap != cap:
                 raise ValueError(f"TISDPOTrainer: the KL preset caps both heads' logits alike, "
-                                 f"but the policy's softcap is {head(lm).softcap} and the "
+                                 f"but the policy's softcap is {cap} and the "
                                  f"ref_model's {ref_cap}; give a reference of the same family")
         for m in (self.model, self.ref_model):
             if m is not None:

@@ -150,8 +150,7 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
             # options of it (recorded for this preset only: others do not depend on them)
             sub = tree[section]
             flat[f"{section}.process_batch_size"] = sub["batch_size"]
-            if "eval_batch_size" in sub:
-                flat[f"{section}.eval_batch_size"] = sub["eval_batch_size"]
+            flat[f"{section}.eval_batch_size"] = sub["eval_batch_size"]
     return {"options": _global_batches(flat), "upstream": dict(upstream or {}),
             "inputs": input_identity(cfg)}
 

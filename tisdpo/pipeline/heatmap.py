@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 
 import datasets
 
 from tisdpo.pipeline.context import tokenize_cfg
-from tisdpo.train.data import TokenizeConfig, load_preference_dataset, tokenize_pairs
+from tisdpo.train.data import (
+    TokenizeConfig, load_preference_dataset, per_token_floats, tokenize_pairs,
+)
 from tisdpo.train.model import load_tokenizer
 from tisdpo.train.records import SOURCE_COLUMN
 
@@ -77,28 +78,14 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
             ids = rec[f"{side}_ids"]
             scores = raw[i].get(f"{side}_score")
             if scores is not None:
-                _check_scores(scores, len(raw[i][f"{side}_weight"]), f"{side}_score",
-                              raw[i].get(SOURCE_COLUMN) or f"record {start + i}")
+                per_token_floats(scores, raw[i].get(SOURCE_COLUMN) or f"record {start + i}",
+                                 f"{side}_score", len(raw[i][f"{side}_weight"]))
             item[side] = [
                 {"text": tokenizer.decode([t]), "weight": float(w),
                  "score": None if scores is None else float(scores[k])}
                 for k, (t, w) in enumerate(zip(ids, rec[f"{side}_weight"]))]
         out.append(item)
     return out
-
-
-def _check_scores(scores, n: int, name: str, where: str) -> None:
-    """A record's score list: ``n`` finite numbers (one per weight), else a one-line error."""
-    if not isinstance(scores, (list, tuple)):
-        raise ValueError(f"{where}, field {name!r}: expected a list of numbers, got "
-                         f"{type(scores).__name__}")
-    if len(scores) != n:
-        raise ValueError(f"{where}, field {name!r}: {len(scores)} values for {n} completion "
-                         f"tokens (one per weight)")
-    for k, v in enumerate(scores):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}, field {name!r}: value {k} is {v!r}, not a finite "
-                             f"number")
 
 
 def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weights") -> str:

@@ -197,7 +197,7 @@ class _PromptedRows:
 def _prompted_sides(ctx, raw, prefixes: tuple[str, str], tok_cfg, full, max_positions):
     """(pi+ rows, pi- rows) of the prompt variant (:class:`_PromptedRows`), ``prefixes`` the
     positive and negative prompts; ``full``: ``_maybe_full`` of the policy's tokenisation."""
-    whole = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
+    whole = _untruncated(tok_cfg)
     toks = [tokenize_records(ctx, _with_prefix(raw, p), "", f"{n} prompts", whole)
             for p, n in zip(prefixes, ("pi+", "pi-"))]
     marked = None                      # where a prefix ends: no prefix ends as this one does
@@ -383,12 +383,17 @@ def run_weights(ctx: Context) -> str:
     return out_dir
 
 
+def _untruncated(tok_cfg):
+    """``tok_cfg`` with no length limit: every token of a record."""
+    return tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
+
+
 def _maybe_full(ctx, raw, tok_cfg, tok_pol):
     """By record, the untruncated completion lengths (chosen, rejected) and prompt ids, only
     when the policy tokenisation cut something (else None)."""
     from tisdpo.train.data import tokenize_pairs
 
-    probe = tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
+    probe = _untruncated(tok_cfg)
     if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
            < tok_cfg.max_length and len(r["prompt_ids"]) < tok_cfg.max_prompt_length
            for r in tok_pol):

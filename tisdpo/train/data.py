@@ -64,7 +64,7 @@ from tisdpo.train.records import (
 
 __all__ = [
     "PER_TOKEN_COLUMNS", "TokenizeConfig", "TokenizeReport", "load_preference_dataset",
-    "tokenize_pairs", "reverse_pairs", "eos_counted_for_preset",
+    "tokenize_pairs", "reverse_pairs", "eos_counted_for_preset", "per_token_floats",
 ]
 
 _TEXT_FIELDS = TEXT_FIELDS
@@ -155,7 +155,7 @@ class TokenizeReport:
         return s
 
 
-class _RecordError(Exception):
+class _RecordError(ValueError):
     """An invalid record: ``{where}, field {field!r}: {message}``, where is ``record {index}``
     or the record's SOURCE_COLUMN ("data.train pairs.jsonl line 5 (record 4)")."""
 
@@ -225,7 +225,9 @@ def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, 
     return comp
 
 
-def _per_token(value, where, name, n_tokens):
+def per_token_floats(value, where: str, name: str, n_tokens: int) -> list[float]:
+    """A record's per-token list ``name`` as floats: ``n_tokens`` finite numbers, else a
+    ValueError ``{where}, field {name!r}: ...``."""
     if value is None:
         raise _RecordError(where, name, "missing")
     if not isinstance(value, (list, tuple)):
@@ -314,8 +316,8 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
         comps.append(comp)
     lists = {}
     for c_col, r_col in list_cols:
-        lists[c_col] = _per_token(rec[c_col], where, c_col, len(comps[0]))
-        lists[r_col] = _per_token(rec[r_col], where, r_col, len(comps[1]))
+        lists[c_col] = per_token_floats(rec[c_col], where, c_col, len(comps[0]))
+        lists[r_col] = per_token_floats(rec[r_col], where, r_col, len(comps[1]))
     prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg,
                                                        tokenizer.bos_token_id)
     row = {"record_index": index, "prompt_ids": prompt_ids, "chosen_ids": comps[0],

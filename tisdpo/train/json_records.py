@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = ["scan_json", "objects_only"]
 
 _BOM = b"\xef\xbb\xbf"
+# a JSON \u escape of a UTF-16 surrogate: json accepts one without its pair, pyarrow does not
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _JSON_SPACE = " \t\r\n"                 # JSON's whitespace (str.strip() takes more)
 
@@ -39,9 +40,9 @@ def _lone_surrogate(rec) -> bool:
     return isinstance(rec, list) and any(_lone_surrogate(v) for v in rec)
 
 
-def _check_text(where: str, at: str, raw: bytes | bool, rec) -> None:
-    """``raw``: the record's bytes, or whether its file holds a surrogate escape at all."""
-    if (raw if isinstance(raw, bool) else _SURROGATE_ESCAPE.search(raw)) and _lone_surrogate(rec):
+def _check_text(where: str, at: str, escapes: bool, rec) -> None:
+    """``escapes``: whether the record's bytes (or its file's) hold a surrogate escape."""
+    if escapes and _lone_surrogate(rec):
         raise ValueError(f"{where} {at}: a \\u escape of a lone UTF-16 surrogate "
                          f"(\\ud800-\\udfff without its pair), which is not text")
 
@@ -81,7 +82,7 @@ def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | Non
     ats = []
     for line_no, raw in enumerate(fh, start=1):
         if line_no == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.removeprefix(_BOM)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -101,10 +102,18 @@ def _scan_json_lines(where: str, fh, check) -> tuple[list[str], ValueError | Non
             raise _json_error(where, line_no, err) from None
         except _RepeatedKey as err:      # Python keeps the last, datasets' reader refuses it
             raise ValueError(f"{where} {at}: key {err.args[0]!r} given twice") from None
-        _check_text(where, at, raw, rec)
+        _check_text(where, at, _SURROGATE_ESCAPE.search(raw) is not None, rec)
         check(rec, at)
         ats.append(at)
     return ats, None
+
+
+def _is_array(path: str) -> bool:
+    """A JSON file holding one array of records (a .jsonl file is always read as lines)."""
+    if path.lower().endswith(".jsonl"):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4096).removeprefix(_BOM).lstrip().startswith(b"[")
 
 
 def scan_json(path: str, checker, check: bool) -> tuple[list[str], list[tuple[str, str]]]:
@@ -112,9 +121,7 @@ def scan_json(path: str, checker, check: bool) -> tuple[list[str], list[tuple[st
     ``checker(rec, position)``; with ``check`` off, also the (position, type) of those that
     are not JSON objects, which ``checker`` then collects)."""
     with open(path, "rb") as fh:
-        head = fh.read(4096).removeprefix(_BOM).lstrip()
-        fh.seek(0)
-        if head.startswith(b"[") and not path.lower().endswith(".jsonl"):
+        if _is_array(path):
             ats, first = _scan_json_array(path, fh.read().removeprefix(_BOM), checker), None
         else:
             ats, first = _scan_json_lines(path, fh, checker)
@@ -128,7 +135,7 @@ def scan_json(path: str, checker, check: bool) -> tuple[list[str], list[tuple[st
             doc = None
         if not isinstance(doc, dict):
             raise first
-        _check_text(path, "record 0", data, doc)
+        _check_text(path, "record 0", _SURROGATE_ESCAPE.search(data) is not None, doc)
         checker(doc, "record 0")
         return ["record 0"], []
     if not ats:
@@ -142,11 +149,8 @@ def scan_json(path: str, checker, check: bool) -> tuple[list[str], list[tuple[st
 def objects_only(src: str, dst: str) -> str:
     """``dst``: the JSON or JSON Lines file ``src`` as JSON Lines, each record that is not a
     JSON object replaced by ``{}`` (a record with no field, in its place)."""
-    with open(src, "rb") as fh:
-        array = fh.read(4096).removeprefix(_BOM).lstrip().startswith(b"[") \
-            and not src.lower().endswith(".jsonl")
     with open(src, "rb") as fh, open(dst, "wb") as out:
-        if array:
+        if _is_array(src):
             for rec in json.loads(fh.read().decode("utf-8-sig")):
                 out.write(json.dumps(rec if isinstance(rec, dict) else {}).encode() + b"\n")
         else:

@@ -44,7 +44,6 @@ DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 #: its errors in place of "record N" (and drops from its output).
 SOURCE_COLUMN = "_record_source"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")          # the Hub's split-00000-of-00002 files
-# a JSON \u escape of a UTF-16 surrogate: json accepts one without its pair, pyarrow does not
 
 log = logging.getLogger("tisdpo")
 
