@@ -5,6 +5,8 @@ Record format (one row per preference pair):
 - ``prompt``, ``chosen``, ``rejected``: plain strings, or chat messages (lists of
   ``{"role", "content"}``; ``prompt`` the conversation so far, ``chosen``/``rejected`` the
   assistant turn(s) that follow, or a plain string taken as one assistant message).
+- or, without a ``prompt`` field, ``chosen`` and ``rejected`` holding the whole text or chat:
+  the prompt is the start they share, split off as TRL does (:mod:`tisdpo.train.prompts`);
 - optional ``chosen_weight`` / ``rejected_weight``: per completion-token float lists (TIS-DPO
   token weights, as the offline pass writes them);
 - optional ``ref_chosen_logps`` / ``ref_rejected_logps``: per completion-token reference
@@ -58,6 +60,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tisdpo.train.prompts import NoSharedPrompt, with_shared_prompt
 from tisdpo.train.records import (
     PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEXT_FIELDS, load_preference_dataset, messages_problem,
 )
@@ -264,11 +267,28 @@ def _truncate(prompt, comps, lists, cfg, bos_id=None):
     return prompt, comps, lists, prompt_cut, comp_cut
 
 
+def _shared_prompt(rec: dict) -> dict:
+    """``rec`` with the prompt its chosen and rejected share split off when it has no
+    ``prompt`` (:mod:`tisdpo.train.prompts`); as it is when it has one, or none is shared
+    (``_tokenize_record`` then says why)."""
+    if "prompt" in rec:
+        return rec
+    try:
+        return with_shared_prompt(rec)
+    except NoSharedPrompt:
+        return rec
+
+
 def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cache):
     eos_id = tokenizer.eos_token_id
-    for f in _TEXT_FIELDS:
+    for f in _TEXT_FIELDS if "prompt" in rec else _TEXT_FIELDS[1:]:
         if rec[f] is None:
             raise _RecordError(where, f, "missing")
+    if "prompt" not in rec:                         # _shared_prompt found none: say why
+        try:
+            with_shared_prompt(rec)
+        except NoSharedPrompt as err:
+            raise _RecordError(where, err.field, err.problem) from None
     chat = not isinstance(rec["prompt"], str)
     if chat:
         prompt_msgs = _check_messages(rec["prompt"], where, "prompt", allow_string=False)
@@ -364,7 +384,8 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
     if not isinstance(cfg, TokenizeConfig):
         raise ValueError(f"cfg must be a TokenizeConfig, got {type(cfg).__name__}")
     cols = list(dataset.column_names)
-    for f in _TEXT_FIELDS:
+    texts = _TEXT_FIELDS if "prompt" in cols else _TEXT_FIELDS[1:]   # else shared prompts
+    for f in texts:
         if f not in cols:
             raise ValueError(f"record 0, field {f!r}: missing (no record has it; columns: "
                              f"{cols})")
@@ -380,19 +401,19 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
         raise ValueError("add_eos=True but the tokenizer has no eos_token")
     template = getattr(tokenizer, "chat_template", None)
     has_gen = isinstance(template, str) and bool(_GENERATION_RE.search(template))
-    needed = list(_TEXT_FIELDS) + [c for pair in list_cols for c in pair]
+    needed = list(texts) + [c for pair in list_cols for c in pair]
     named = SOURCE_COLUMN in cols
     features = _features(list_cols)
 
     def fn(batch, indices):
         out = {k: [] for k in features}
         # plain texts of the batch in one tokenizer call (fast path; same ids as one by one)
-        texts = list({t for f in _TEXT_FIELDS for t in batch[f] if isinstance(t, str)})
-        cache = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) \
-            if texts else {}
+        recs = [_shared_prompt({k: batch[k][j] for k in needed}) for j in range(len(indices))]
+        strings = list({r[f] for r in recs for f in _TEXT_FIELDS if isinstance(r.get(f), str)})
+        cache = dict(zip(strings, tokenizer(strings, add_special_tokens=False)["input_ids"])) \
+            if strings else {}
         sources = batch[SOURCE_COLUMN] if named else [None] * len(indices)
-        for j, (index, source) in enumerate(zip(indices, sources)):
-            rec = {k: batch[k][j] for k in needed}
+        for rec, index, source in zip(recs, indices, sources):
             where = source if isinstance(source, str) and source else f"record {index}"
             try:
                 row, p_cut, c_cut = _tokenize_record(rec, index, where, tokenizer, cfg,

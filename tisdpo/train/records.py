@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from tisdpo.train.json_records import objects_only, scan_json
+from tisdpo.train.prompts import IMPLICIT, NoSharedPrompt, with_prompts, with_shared_prompt
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
            "load_preference_dataset", "record_problem", "messages_problem"]
@@ -68,10 +69,17 @@ def messages_problem(value, *, allow_string: bool) -> str | None:
 
 def record_problem(rec: dict) -> tuple[str, str] | None:
     """(field, problem) of the first fault of a raw record that needs no tokenizer; None
-    when there is none. The rules (and words) are those of ``tokenize_pairs``."""
-    for f in TEXT_FIELDS:
+    when there is none. The rules (and words) are those of ``tokenize_pairs``; a record
+    without a ``prompt`` key has the prompt chosen and rejected share
+    (:mod:`tisdpo.train.prompts`)."""
+    for f in ("chosen", "rejected") if "prompt" not in rec else TEXT_FIELDS:
         if rec.get(f) is None:
             return f, "missing"
+    if "prompt" not in rec:
+        try:
+            rec = with_shared_prompt(rec)
+        except NoSharedPrompt as err:
+            return err.field, err.problem
     chat = not isinstance(rec["prompt"], str)
     if chat:
         problem = messages_problem(rec["prompt"], allow_string=False)
@@ -115,10 +123,17 @@ class _Checker:
         if not isinstance(rec, dict):
             raise ValueError(f"{self.where} {at}: expected a JSON object (one record), got "
                              f"{type(rec).__name__}")
+        implicit = "prompt" not in rec
+        first_implicit, first_at = self.kinds.setdefault("implicit", (implicit, at))
+        if implicit != first_implicit:
+            problem = "missing" if implicit else (
+                f"given, but the record in {first_at} has none (one file holds records with "
+                f"a prompt or records without one, and {IMPLICIT}; not both)")
+            raise ValueError(f"{self.where} {at}, field 'prompt': {problem}")
         problem = record_problem(rec)
         if problem:
             raise ValueError(f"{self.where} {at}, field {problem[0]!r}: {problem[1]}")
-        for f in TEXT_FIELDS:
+        for f in TEXT_FIELDS[1:] if implicit else TEXT_FIELDS:
             kind = "string" if isinstance(rec[f], str) else "chat message list"
             first, first_at = self.kinds.setdefault(f, (kind, at))
             if kind != first:
@@ -320,12 +335,16 @@ def load_preference_dataset(path_or_dir, split: str | None = None, *,
     as a record without fields). Records whose chosen equals their rejected are legal and
     kept; a warning counts them (once per ``source_prefix`` and path in a process).
 
+    Records without a ``prompt`` field get the prompt their chosen and rejected share
+    (:mod:`tisdpo.train.prompts`): the loaded dataset has a ``prompt`` column either way.
+
     source_prefix: when given, add the string column ``SOURCE_COLUMN`` holding each
     record's position as these errors name it, after the prefix (``source_prefix="data.train
     "`` gives "data.train pairs.jsonl line 5 (record 4)"); ``tokenize_pairs`` then names it
     in its errors instead of the record's row, which a later split or shuffle changes.
     """
     ds, sources = _load(path_or_dir, split, check_records, source_prefix, held_out)
+    ds = with_prompts(ds)
     _report_identical(ds, sources, f"{source_prefix or ''}{path_or_dir}")
     return _with_sources(ds, sources, source_prefix)
 
