@@ -255,6 +255,32 @@ def test_pairs_whose_chosen_equals_rejected_are_counted_in_a_warning(tmp_path, c
     assert "identical" not in caplog.text
 
 
+def test_pairs_truncation_makes_identical_are_counted_in_a_warning(tmp_path, caplog):
+    from tisdpo.pipeline.context import Context, tokenize_records
+
+    recs = [{"prompt": "write", "chosen": " good nice kind", "rejected": " good nice mean"},
+            {"prompt": "write", "chosen": " kind", "rejected": " mean"}]
+    path = _jsonl(tmp_path / "pairs.jsonl", [json.dumps(r) for r in recs])
+    raw = load_preference_dataset(path, source_prefix="data.train ")
+    cfg = build_config(overrides={"data.train": path})
+    tok = load_tokenizer(cfg.model)
+    ctx = Context(cfg, torch.device("cpu"), tok)
+    n_prompt, n_shared = (len(tok(t, add_special_tokens=False)["input_ids"])
+                          for t in ("write", " good nice"))
+    tok_cfg = TokenizeConfig(max_length=n_prompt + n_shared, max_prompt_length=n_prompt,
+                             add_bos=False)
+    with caplog.at_level(logging.WARNING, logger="tisdpo"):
+        rows = tokenize_records(ctx, raw, "dpo", "policy train", tok_cfg)
+    assert len(rows) == 2 and rows[0]["chosen_ids"] == rows[0]["rejected_ids"]
+    assert f"policy train: truncation left 1 pair with chosen identical to rejected (first: " \
+           f"data.train {path} line 1 (record 0)); kept" in caplog.text
+    caplog.clear()
+    tok_cfg = tok_cfg.replace(max_length=n_prompt + n_shared + 1)
+    with caplog.at_level(logging.WARNING, logger="tisdpo"):
+        tokenize_records(ctx, raw, "dpo", "policy train", tok_cfg)
+    assert "identical" not in caplog.text
+
+
 @pytest.mark.parametrize("pairs", [0, -3])
 def test_load_pairs_refuses_a_count_that_shows_nothing(tmp_path, pairs):
     """The Python entry behind inspect: no silent one-pair page for pairs < 1."""

@@ -231,6 +231,12 @@ def tokenize_cfg(cfg: RunConfig, method: str):
 def tokenize_records(ctx: Context, raw, method: str, what: str, tok_cfg=None):
     tok, report = tokenize_pairs(raw, ctx.tokenizer, tok_cfg or tokenize_cfg(ctx.cfg, method))
     log.info("%s: %s", what, report.summary())
+    if report.n_identical_after_truncation:
+        n = report.n_identical_after_truncation
+        log.warning("%s: truncation left %d pair%s with chosen identical to rejected (first: "
+                    "%s); kept, though a DPO-style loss learns nothing from such a pair (a "
+                    "larger data.max_length keeps them apart)", what, n, "" if n == 1 else "s",
+                    report.first_identical)
     if len(tok) == 0:
         raise ValueError(f"{what}: no valid pairs left ({report.summary()})")
     return tok

@@ -139,7 +139,9 @@ class TokenizeReport:
     n_records: input records; n_kept: output pairs; n_skipped: invalid records dropped
     (only with skip_invalid); reasons: the first few skip reasons ("record i, field 'f': …", or
     the record's SOURCE_COLUMN in place of "record i");
-    n_prompt_truncated / n_completion_truncated: pairs whose prompt / completions were cut.
+    n_prompt_truncated / n_completion_truncated: pairs whose prompt / completions were cut;
+    n_identical_after_truncation: pairs whose completions the cut made identical (kept; a
+    DPO-style loss learns nothing from them), the first named by ``first_identical``.
     """
 
     n_records: int = 0
@@ -148,11 +150,16 @@ class TokenizeReport:
     reasons: list[str] = field(default_factory=list)
     n_prompt_truncated: int = 0
     n_completion_truncated: int = 0
+    n_identical_after_truncation: int = 0
+    first_identical: str = ""
 
     def summary(self) -> str:
         s = (f"{self.n_kept}/{self.n_records} pairs kept, {self.n_skipped} invalid skipped, "
              f"{self.n_prompt_truncated} prompts and {self.n_completion_truncated} "
              f"completions truncated")
+        if self.n_identical_after_truncation:
+            s += (f", {self.n_identical_after_truncation} of them to identical chosen and "
+                  f"rejected (first: {self.first_identical})")
         if self.reasons:
             s += "; first reasons: " + "; ".join(self.reasons)
         return s
@@ -357,7 +364,7 @@ def _features(list_cols):
         for col in pair:
             feats[col] = seq(datasets.Value("float32"))
     feats.update({"_error": datasets.Value("string"), "_prompt_cut": datasets.Value("bool"),
-                  "_comp_cut": datasets.Value("bool")})
+                  "_comp_cut": datasets.Value("bool"), "_same_cut": datasets.Value("string")})
     return datasets.Features(feats)
 
 
@@ -429,21 +436,27 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
             out["_error"].append(error)
             out["_prompt_cut"].append(p_cut)
             out["_comp_cut"].append(c_cut)
+            # a cut that leaves chosen equal to rejected: named, as the pair learns nothing
+            same = c_cut and row["chosen_ids"] == row["rejected_ids"]
+            out["_same_cut"].append(where if same else "")
         return out
 
     tok = dataset.map(fn, batched=True, with_indices=True, remove_columns=cols,
                       features=features, desc="tokenize_pairs")
     # read the bookkeeping columns from Arrow in one go (a Column iterates row by row)
-    errors, p_cut, c_cut = (tok.data.column(c).to_pylist()
-                            for c in ("_error", "_prompt_cut", "_comp_cut"))
+    errors, p_cut, c_cut, same = (tok.data.column(c).to_pylist()
+                                  for c in ("_error", "_prompt_cut", "_comp_cut", "_same_cut"))
     bad = [e for e in errors if e]
     report = TokenizeReport(n_records=len(errors), n_kept=len(errors) - len(bad),
                             n_skipped=len(bad), reasons=bad[:5])
     report.n_prompt_truncated = sum(1 for e, x in zip(errors, p_cut) if x and not e)
     report.n_completion_truncated = sum(1 for e, x in zip(errors, c_cut) if x and not e)
+    same = [w for w in same if w]
+    report.n_identical_after_truncation = len(same)
+    report.first_identical = same[0] if same else ""
     if bad:
         tok = tok.filter(lambda e: e == "", input_columns="_error", desc="skip_invalid")
-    return tok.remove_columns(["_error", "_prompt_cut", "_comp_cut"]), report
+    return tok.remove_columns(["_error", "_prompt_cut", "_comp_cut", "_same_cut"]), report
 
 
 def reverse_pairs(dataset):
