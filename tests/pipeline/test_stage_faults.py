@@ -2,6 +2,7 @@
 SIGTERM to a running command, a diverging stage, the user's own token weights."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +315,31 @@ def test_weights_refuse_a_contrastive_redo_stopped_half_way(tmp_path, monkeypatc
     assert os.path.isdir(tmp_path / "contrastive" / "negative" / "final")    # the old pi-
     with pytest.raises(ValueError, match="has not finished"):
         weights.run_weights(context.make_context(tiny_cfg(tmp_path, **redo)))
+
+
+@pytest.mark.parametrize("original", ["redone", "deleted"])
+def test_weights_read_pi_plus_and_minus_of_their_own_run_folder(tmp_path, monkeypatch, original):
+    """A copy of a run folder (or one named by a relative path from elsewhere) must read its
+    own contrastive models, not the folder its contrastive stage recorded in done.json."""
+    from test_stages import tiny_cfg
+
+    over = {"contrastive.max_steps": 1}
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    stages.run_contrastive(context.make_context(tiny_cfg(first, **over)))
+    shutil.copytree(first, copy)
+    if original == "deleted":
+        shutil.rmtree(first)
+    else:       # the original's pi+/pi- redone with another lr: the copy keeps the old ones
+        stages.run_contrastive(context.make_context(
+            tiny_cfg(first, **over, **{"contrastive.lr": 0.05, "pipeline.resume": False})))
+    monkeypatch.chdir(tmp_path)                 # the copy named by a relative path
+    ctx = context.make_context(tiny_cfg("copy", **over))
+    assert context.contrastive_models(ctx)["positive"] == \
+        os.path.join("copy", "contrastive", "positive", "final")
+    loaded = []
+    real = weights.load_stage_model
+    monkeypatch.setattr(weights, "load_stage_model",
+                        lambda ctx, path, **kw: loaded.append(path) or real(ctx, path, **kw))
+    weights.run_weights(ctx)
+    assert loaded[:2] == [os.path.join("copy", "contrastive", side, "final")
+                          for side in ("positive", "negative")]

@@ -251,9 +251,13 @@ def make_collator(ctx: Context, *, packed: bool | None = None):
 
 
 def contrastive_models(ctx: Context) -> dict:
-    """The contrastive stage's record of where pi+ and pi− are; refused, as ``tisdpo
-    contrastive`` (and ``tisdpo pipeline``) would refuse it, when made with another
-    ``contrastive.variant`` or pi+ / pi− with other options than this run's."""
+    """The contrastive stage's record, with where pi+ and pi− are in *this* run folder
+    (``contrastive/{positive,negative}/final``, or for the prompt variant the model every
+    stage starts from): never the paths the record holds, which name the folder the stage
+    ran in (another, when the run was copied, moved or named by a relative path from
+    elsewhere). Refused, as ``tisdpo contrastive`` (and ``tisdpo pipeline``) would refuse
+    it, when made with another ``contrastive.variant`` or pi+ / pi− with other options than
+    this run's."""
     root = ctx.path("contrastive")
     if not stage_done(root):
         raise ValueError(f"the contrastive stage has not finished ({root}/done.json missing); "
@@ -274,4 +278,6 @@ def contrastive_models(ctx: Context) -> dict:
             check_options(os.path.join(root, side), options, resume=True, reusable=True,
                           desc=desc if variant == "dpo" else f"contrastive/{side}",
                           is_main=False)
-    return info
+        return {**info, **{side: os.path.join(root, side, "final")
+                           for side in ("positive", "negative")}}
+    return {**info, "positive": init_path(ctx), "negative": init_path(ctx)}
