@@ -183,6 +183,48 @@ def test_weights_stage_resumes_from_finished_shards(tmp_path, monkeypatch):
     assert json.load(open(ctx.path("weights", "meta.json")))["variant"] == "prompt"
 
 
+def test_a_resumed_weights_pass_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Resumed from its finished shards, the pass writes what one uninterrupted pass writes;
+    shards of another split-up (a pass killed under another shard size) are refused."""
+    over = {"contrastive.variant": "prompt", "weights.jsonl": True}
+    whole = context.make_context(tiny_cfg(tmp_path / "whole", **over))
+    stages.run_contrastive(whole)
+    weights.run_weights(whole)
+    real = weights._estimate_shard
+
+    def killed_at_the_second_shard(name):
+        ctx = context.make_context(tiny_cfg(tmp_path / name, **over))
+        stages.run_contrastive(ctx)
+        monkeypatch.setattr(weights, "SHARD", 8)             # 20 pairs -> shards 8, 8, 4
+        calls = []
+
+        def estimate(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(weights, "_estimate_shard", estimate)
+        with pytest.raises(RuntimeError, match="killed"):
+            weights.run_weights(ctx)
+        monkeypatch.setattr(weights, "_estimate_shard", real)
+        return ctx
+
+    ctx = killed_at_the_second_shard("resumed")
+    weights.run_weights(ctx)
+    for split in ("train", "eval"):
+        assert datasets.load_from_disk(ctx.path("weights", split)).to_list() == \
+            datasets.load_from_disk(whole.path("weights", split)).to_list()
+        with open(ctx.path("weights", f"{split}.jsonl"), "rb") as a, \
+                open(whole.path("weights", f"{split}.jsonl"), "rb") as b:
+            assert a.read() == b.read()
+    ctx = killed_at_the_second_shard("other_size")
+    monkeypatch.setattr(weights, "SHARD", 16)     # the finished 8-pair shard, then pairs 16-19
+    with pytest.raises(ValueError, match=r"^weights train: the shards in .*_shards hold 12 pairs, "
+                                         r"not this split's 20 in order; delete that folder"):
+        weights.run_weights(ctx)
+
+
 def test_sft_based_contrastive_variant(tmp_path):
     ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "sft",
                                                     "contrastive.max_steps": 1}))

@@ -356,6 +356,10 @@ def run_weights(ctx: Context) -> str:
         if not ctx.par.is_main:                  # rank 0 merges them in record order
             continue
         est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
+        if est["record_index"] != tok_pol["record_index"]:     # shards of another split-up
+            raise ValueError(f"weights {split}: the shards in {os.path.dirname(shards[0])} "
+                             f"hold {len(est)} pairs, not this split's {len(tok_pol)} in "
+                             f"order; delete that folder to redo them")
         if cfg.weights.balance != "none":        # over the kept tokens, before 0-padding
             est = balance_weights(est, cfg.weights.balance,
                                   names=[f"record {i}" for i in est["record_index"]])
