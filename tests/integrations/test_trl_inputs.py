@@ -130,6 +130,28 @@ def test_weight_columns_that_are_not_lists_are_named(tok, tmp_path):
     _one_line(err)
 
 
+@pytest.mark.parametrize("value, shown", [(None, "None"), (float("nan"), "nan"),
+                                          (float("-inf"), "-inf")])
+def test_a_weight_that_is_not_a_finite_number_is_named_before_training(tok, tmp_path, value,
+                                                                          shown):
+    train = _weighted(tok, 6).to_list()
+    train[4]["rejected_weight"][2] = value
+    with pytest.raises(ValueError, match=rf"^train record 4, field 'rejected_weight': value 2 "
+                                         rf"is {shown}, not a finite number$") as err:
+        _trainer(tok, tmp_path, datasets.Dataset.from_list(train), method="tisdpo")
+    _one_line(err)
+    train[4]["rejected_weight"] = None                       # the whole list
+    with pytest.raises(ValueError, match=r"^train record 4, field 'rejected_weight': missing$"):
+        _trainer(tok, tmp_path, datasets.Dataset.from_list(train), method="tisdpo")
+    train = _weighted(tok, 4).to_list()                      # a stream: at its first batch
+    train[1]["chosen_weight"][0] = value
+    stream = datasets.IterableDataset.from_generator(lambda: iter(train))
+    trainer = _trainer(tok, tmp_path, stream, method="tisdpo", max_steps=1)
+    with pytest.raises(ValueError, match=rf"^column 'chosen_weight': value 0 is {shown}, not a "
+                                         rf"finite number$"):
+        trainer.train()
+
+
 def test_a_stream_with_one_weight_column_is_refused_at_its_first_batch(tok, tmp_path):
     """An IterableDataset's columns are known only when it is read: one of the two weight
     columns is an error there, not an unweighted loss."""

@@ -16,6 +16,7 @@ names the record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,10 @@ ALIGNMENT = ("one value per completion token as TRL tokenises the record (prompt
              "completion jointly, the EOS TRL appends included)")
 
 
-def _token_row(example: dict, side: str, values, column: str) -> list[float]:
+def _token_row(example: dict, side: str, values, column: str, *, finite: bool) -> list[float]:
+    """The row of a per-token column: 0 at the prompt, then ``values``; ``finite``: each
+    value must be a finite number (weights; precomputed reference log-probs are NaN where
+    max_length cut the completion, and those positions are sliced off)."""
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"column {column!r} holds {type(values).__name__} values; "
                          f"TISDPOTrainer needs per-token lists ({ALIGNMENT}), not TRL "
@@ -40,6 +44,9 @@ def _token_row(example: dict, side: str, values, column: str) -> list[float]:
     if len(values) != n:
         raise ValueError(f"column {column!r}: {len(values)} values for {n} completion tokens "
                          f"({ALIGNMENT})")
+    for k, v in enumerate(values if finite else ()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"column {column!r}: value {k} is {v!r}, not a finite number")
     return [0.0] * len(example["prompt_ids"]) + [float(v) for v in values]
 
 
@@ -72,7 +79,8 @@ class TISDPOCollator(DataCollatorForPreference):
                 missing = next(c for c in cols if c not in have)
                 raise ValueError(f"column {missing!r} is missing but {have[0]!r} is given: "
                                  f"per-token columns come in (chosen, rejected) pairs")
-            rows = [torch.tensor(_token_row(ex, side, ex[col], col)[sl], dtype=torch.float32)
+            rows = [torch.tensor(_token_row(ex, side, ex[col], col,
+                                            finite=key == "weights")[sl], dtype=torch.float32)
                     for side, col in zip(("chosen", "rejected"), cols) for ex in examples]
             out[key] = pad(rows, padding_value=0.0, padding_side="right",
                            pad_to_multiple_of=self.pad_to_multiple_of)
@@ -93,11 +101,39 @@ def check_token_columns(dataset, columns, *, name: str, rows=None) -> None:
                 or pa.types.is_fixed_size_list(kind)):
             raise ValueError(f"{name} field {col!r} holds {kind} values; TISDPOTrainer needs "
                              f"per-token lists ({ALIGNMENT})")
-        have = pc.list_value_length(table.column(col)).to_pylist()
+        values = table.column(col)
+        have = pc.list_value_length(values).to_pylist()
         want = pc.list_value_length(table.column(f"{side}_ids")).to_pylist()
         for i, (h, w) in enumerate(zip(have, want)):
+            rec = i if rows is None else rows[i]
+            if h is None:
+                raise ValueError(f"{name} record {rec}, field {col!r}: missing")
             if h != w:
-                rec = i if rows is None else rows[i]
                 raise ValueError(f"{name} record {rec}, field {col!r}: {h} values for {w} "
                                  f"completion tokens ({ALIGNMENT}; "
                                  f"tisdpo.integrations.trl.align_weights_to_trl builds them)")
+        _check_finite(values, col, name, rows)
+
+
+def _check_finite(values, col: str, name: str, rows) -> None:
+    """ValueError naming the record and the value of the first entry of the list column
+    ``values`` that is not a finite number (a null, NaN or ±inf, or not a number at all)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(values)
+    if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
+            or pa.types.is_null(flat.type)):
+        raise ValueError(f"{name} field {col!r} holds lists of {flat.type}, not numbers")
+    if not len(flat):
+        return
+    finite = pc.is_finite(flat) if pa.types.is_floating(flat.type) else pc.is_valid(flat)
+    first = pc.index(pc.fill_null(finite, False), False).as_py()
+    if first < 0:
+        return
+    parents = pc.list_parent_indices(values)
+    i = parents[first].as_py()
+    k = first - pc.index(parents, i).as_py()
+    rec = i if rows is None else rows[i]
+    raise ValueError(f"{name} record {rec}, field {col!r}: value {k} is {flat[first].as_py()!r}, "
+                     f"not a finite number")
