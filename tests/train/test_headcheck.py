@@ -154,3 +154,20 @@ def test_load_model_refuses_a_router_loss_it_would_drop(tmp_path):
     assert not load_model(ModelConfig(path=path), device=CPU, trainable=False).training
     off = _save(tmp_path / "off", "mixtral", dict(moe, output_router_logits=False))
     assert load_model(ModelConfig(path=off), device=CPU).training
+    # JetMoE weights its loss by aux_loss_coef
+    jet = _save(tmp_path / "jet", "jetmoe", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, kv_channels=8, intermediate_size=64, num_local_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, aux_loss_coef=0.01))
+    with pytest.raises(ValueError, match=r"sets output_router_logits with aux_loss_coef=0.01"):
+        load_model(ModelConfig(path=jet), device=CPU)
+    # DBRX by ffn_config.moe_loss_weight (its tiny config does not build here: checked alone)
+    from tisdpo.train.model import _refuse_router_aux_loss
+
+    dbrx = torch.nn.Module()
+    dbrx.config = transformers.PretrainedConfig(output_router_logits=True,
+                                                ffn_config={"moe_loss_weight": 0.05})
+    with pytest.raises(ValueError, match=r"with ffn_config.moe_loss_weight=0.05"):
+        _refuse_router_aux_loss(dbrx, "dbrx")
+    dbrx.config.ffn_config = {"moe_loss_weight": 0.0}
+    _refuse_router_aux_loss(dbrx, "dbrx")

@@ -44,6 +44,7 @@ SUPPORTED = {
     "xlstm": (dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_blocks=1,
                    qk_dim_factor=1.0, chunk_size=8, output_logit_soft_cap=1.5),
               "output_logit_soft_cap"),
+    "llama4_text": (LLAMA_LIKE, "body at .model under another base_model_prefix"),
 }
 # model_type -> (config kwargs, the cause check_head must name)
 REFUSED = {

@@ -153,12 +153,15 @@ def head(model) -> HeadSpec:
 
 
 def decoder(model):
-    """The transformer body whose ``last_hidden_state`` feeds ``lm_head``."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder body "
-                         f"(model.{getattr(model, 'base_model_prefix', 'model')})")
-    return base
+    """The transformer body whose ``last_hidden_state`` feeds ``lm_head``: the attribute
+    ``base_model_prefix`` names, else ``model.model`` (a text-only class of a multimodal
+    family, e.g. Llama 4's, names the composite's prefix but keeps its body there)."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    for name in dict.fromkeys((prefix, "model")):
+        base = getattr(model, name, None)
+        if isinstance(base, torch.nn.Module) and base is not model:
+            return base
+    raise ValueError(f"{type(model).__name__}: cannot find the decoder body (model.{prefix})")
 
 
 def hidden_states(model, batch: dict, *, attention=None) -> torch.Tensor:

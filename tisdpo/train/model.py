@@ -175,15 +175,25 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: torch.devic
     return model
 
 
+#: config fields that weight a mixture-of-experts load-balancing loss in a model's forward
+_AUX_LOSS_COEFS = ("router_aux_loss_coef", "aux_loss_coef")
+
+
 def _refuse_router_aux_loss(model, src: str) -> None:
     """A mixture-of-experts config that asks for its load-balancing loss in training: the
     objective is computed from the hidden states and never adds it, so refuse, not drop it."""
-    coef = config_value(model, "router_aux_loss_coef") or 0
-    if config_value(model, "output_router_logits") and coef:
-        raise ValueError(f"model {src}: its config sets output_router_logits with "
-                         f"router_aux_loss_coef={coef}, but tisdpo's objectives do not add the "
-                         f"mixture-of-experts load-balancing loss; set output_router_logits to "
-                         f"false in its config.json to train without it")
+    if not config_value(model, "output_router_logits"):
+        return
+    ffn = config_value(model, "ffn_config")                     # DBRX keeps it there
+    ffn = ffn if isinstance(ffn, dict) else vars(ffn) if ffn is not None else {}
+    coefs = {name: config_value(model, name) for name in _AUX_LOSS_COEFS}
+    coefs["ffn_config.moe_loss_weight"] = ffn.get("moe_loss_weight")
+    name, coef = next(((n, c) for n, c in coefs.items() if c), (None, 0))
+    if coef:
+        raise ValueError(f"model {src}: its config sets output_router_logits with {name}="
+                         f"{coef}, but tisdpo's objectives do not add the mixture-of-experts "
+                         f"load-balancing loss; set output_router_logits to false in its "
+                         f"config.json to train without it")
 
 
 def _from_pretrained(auto, src: str, cfg: ModelConfig):
