@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 
 import torch
 
@@ -26,8 +27,8 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 __all__ = [
     "HeadSpec", "build_tiny_model", "load_model", "load_tokenizer", "hidden_states", "head",
-    "disable_dropout", "autocast", "compute_dtype", "resolve_device", "save_model",
-    "enable_activation_checkpointing", "check_model_dir", "check_head", "decoder",
+    "disable_dropout", "config_as_loaded", "autocast", "compute_dtype", "resolve_device",
+    "save_model", "enable_activation_checkpointing", "check_model_dir", "check_head", "decoder",
 ]
 
 log = logging.getLogger("tisdpo")
@@ -230,19 +231,68 @@ def enable_activation_checkpointing(model) -> None:
 
 def save_model(model, out_dir: str, tokenizer=None) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    with config_as_loaded(model):
+        model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
+#: per model disable_dropout zeroed config rates of: [(config, name, value it had)]
+_ZEROED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_rate(name: str, value) -> bool:
+    """A dropout-like rate: a non-zero float whose name says drop (dropout, attn_pdrop,
+    residual_dropout, activation_dropout, layerdrop, ...)."""
+    return "drop" in name.lower() and isinstance(value, float) and value != 0.0
+
+
+def _configs_of(model) -> list:
+    """Every transformers config the model's modules hold, with the configs nested in them
+    (text_config, attn_config, ...), each once."""
+    from transformers import PretrainedConfig
+
+    found, todo = {}, [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        conf = todo.pop()
+        if isinstance(conf, PretrainedConfig) and id(conf) not in found:
+            found[id(conf)] = conf
+            todo += [v for v in vars(conf).values() if isinstance(v, PretrainedConfig)]
+    return list(found.values())
+
+
 def disable_dropout(model) -> None:
-    """Dropout off everywhere (as the official TIS-DPO code): modules and attention rates.
+    """Dropout off everywhere (as the official TIS-DPO code): every ``nn.Dropout``, and every
+    rate whose name says drop (:func:`_is_rate`) on the modules and on the configs that some
+    architectures read in their forward (Falcon's hidden_dropout, Persimmon's
+    attention_dropout, OPT's layerdrop, GPT-BigCode's attn_pdrop, ...). What
+    :func:`save_model` writes keeps the config's own rates (:func:`config_as_loaded`).
 
     The model stays in train mode (activation checkpointing only runs in train mode).
     """
+    zeroed = _ZEROED.setdefault(model, [])
+    for conf in _configs_of(model):
+        for name, value in list(vars(conf).items()):
+            if _is_rate(name, value):
+                zeroed.append((conf, name, value))
+                setattr(conf, name, 0.0)
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
-            if isinstance(getattr(mod, attr, None), float):
-                setattr(mod, attr, 0.0)
+        for name, value in list(vars(mod).items()):
+            if _is_rate(name, value):
+                setattr(mod, name, 0.0)
+
+
+@contextlib.contextmanager
+def config_as_loaded(model):
+    """Within: the model's configs hold the rates :func:`disable_dropout` zeroed, so that a
+    saved ``config.json`` is the model's own."""
+    zeroed = _ZEROED.get(model, [])
+    for conf, name, value in zeroed:
+        setattr(conf, name, value)
+    try:
+        yield
+    finally:
+        for conf, name, _ in zeroed:
+            setattr(conf, name, 0.0)

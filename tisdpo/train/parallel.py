@@ -66,7 +66,7 @@ from torch import nn
 from tisdpo.train.checkpoint import (
     fqns_by_group, optimizer_state_to_fqns, optimizer_state_to_indices,
 )
-from tisdpo.train.model import head, hidden_states, save_model
+from tisdpo.train.model import config_as_loaded, head, hidden_states, save_model
 from tisdpo_kernels.validate import check_not_sharded  # re-exported: the loss refuses shards
 
 __all__ = ["Parallel", "setup", "teardown", "PolicyWithLoss", "fully_shard_model",
@@ -391,7 +391,8 @@ class Parallel:
                                                                   cpu_offload=True))
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
-            model.save_pretrained(out_dir, state_dict=sd)
+            with config_as_loaded(model):
+                model.save_pretrained(out_dir, state_dict=sd)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
         self.barrier()
