@@ -22,7 +22,8 @@ from tisdpo.train.config import RunConfig
 from tisdpo.train.data import (
     TokenizeConfig, eos_counted_for_preset, load_preference_dataset, tokenize_pairs,
 )
-from tisdpo.train.model import load_model, load_tokenizer, resolve_device, save_model
+from tisdpo.train.model import autocast, load_model, load_tokenizer, resolve_device, save_model
+from tisdpo.train.packcheck import check_packing
 from tisdpo.train.parallel import Parallel, setup
 from tisdpo.train.synthetic import make_synthetic_task
 
@@ -129,10 +130,15 @@ def reference_path(ctx: Context) -> str:
 
 
 def load_stage_model(ctx: Context, path: str, *, trainable: bool):
+    """The model at ``path`` (:func:`load_model`); with ``data.packing``, checked to keep
+    packed sequences apart (:func:`check_packing`)."""
     # a model FSDP2 will train loads on the CPU; fully_shard moves it layer by layer
     device = ctx.par.load_device(ctx.device) if trainable else ctx.device
-    return load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
-                      seed=ctx.cfg.seed, trainable=trainable)
+    model = load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
+                       seed=ctx.cfg.seed, trainable=trainable)
+    if ctx.cfg.data.packing:
+        check_packing(model, autocast=autocast(ctx.cfg.model, device))
+    return model
 
 
 # ---------------------------------------------------------------------------- data
