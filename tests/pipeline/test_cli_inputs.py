@@ -259,7 +259,9 @@ def test_pairs_truncation_makes_identical_are_counted_in_a_warning(tmp_path, cap
     from tisdpo.pipeline.context import Context, tokenize_records
 
     recs = [{"prompt": "write", "chosen": " good nice kind", "rejected": " good nice mean"},
-            {"prompt": "write", "chosen": " kind", "rejected": " mean"}]
+            {"prompt": "write", "chosen": " kind", "rejected": " mean"},
+            # identical as given (the load warns): not counted again when cut
+            {"prompt": "write", "chosen": " good nice same", "rejected": " good nice same"}]
     path = _jsonl(tmp_path / "pairs.jsonl", [json.dumps(r) for r in recs])
     raw = load_preference_dataset(path, source_prefix="data.train ")
     cfg = build_config(overrides={"data.train": path})
@@ -271,7 +273,7 @@ def test_pairs_truncation_makes_identical_are_counted_in_a_warning(tmp_path, cap
                              add_bos=False)
     with caplog.at_level(logging.WARNING, logger="tisdpo"):
         rows = tokenize_records(ctx, raw, "dpo", "policy train", tok_cfg)
-    assert len(rows) == 2 and rows[0]["chosen_ids"] == rows[0]["rejected_ids"]
+    assert len(rows) == 3 and rows[0]["chosen_ids"] == rows[0]["rejected_ids"]
     assert f"policy train: truncation left 1 pair with chosen identical to rejected (first: " \
            f"data.train {path} line 1 (record 0)); kept" in caplog.text
     caplog.clear()

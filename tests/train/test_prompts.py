@@ -124,6 +124,35 @@ def test_bad_implicit_records_are_named_by_file_line_and_field(tmp_path, tok):
         tokenize_pairs(datasets.Dataset.from_list([HH, bad]), tok, TokenizeConfig())
 
 
+def test_unchecked_records_without_any_shared_prompt_load(tmp_path, tok):
+    """More than a writer batch (1000) of records without a shared prompt, unchecked: they
+    load with a typed, empty prompt column and tokenising drops them."""
+    path = tmp_path / "pairs.jsonl"
+    bad = {"chosen": "Yes, I can.", "rejected": "No."}
+    path.write_text("".join(json.dumps(bad) + "\n" for _ in range(1001))
+                    + json.dumps(HH) + "\n")
+    loaded = load_preference_dataset(path, check_records=False)
+    assert loaded["prompt"][:1001] == [None] * 1001 and loaded[1001]["prompt"]
+    out, report = tokenize_pairs(loaded, tok, TokenizeConfig(skip_invalid=True))
+    assert (len(out), report.n_skipped) == (1, 1001)
+
+
+def test_the_files_of_a_split_hold_records_with_a_prompt_or_without_one(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    first, second = folder / "train-00000-of-00002.jsonl", folder / "train-00001-of-00002.jsonl"
+    first.write_text(json.dumps({"prompt": "Q", "chosen": " a", "rejected": " b"}) + "\n")
+    second.write_text(json.dumps(HH) + "\n")
+    with pytest.raises(ValueError, match=rf"^{second} line 1 \(record 0\), field 'prompt': "
+                                         rf"missing$"):
+        load_preference_dataset(folder)
+    first.write_text(json.dumps(HH) + "\n")
+    second.write_text(json.dumps({"prompt": "Q", "chosen": " a", "rejected": " b"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{second} line 1 \(record 0\), field 'prompt': "
+                                         rf"given, but the record in {first} line 1"):
+        load_preference_dataset(folder)
+
+
 def test_a_file_holds_records_with_a_prompt_or_without_one(tmp_path):
     path = tmp_path / "pairs.jsonl"
     explicit = {"prompt": "Q", "chosen": " a", "rejected": " b"}

@@ -212,6 +212,12 @@ def _prompted_sides(ctx, raw, prefixes: tuple[str, str], tok_cfg, full, max_posi
 _MARK = "\u2063\u2063"
 
 
+def _record_indices(ds) -> list[int]:
+    """The ``record_index`` column as a list, read from Arrow at once (a datasets Column
+    compares row by row)."""
+    return ds.with_format("arrow")["record_index"].to_pylist()
+
+
 def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
                     spans=None):
     """Columns for one shard of tokenised pairs (each list: rows in order); ``spans``: per
@@ -356,7 +362,7 @@ def run_weights(ctx: Context) -> str:
         if not ctx.par.is_main:                  # rank 0 merges them in record order
             continue
         est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
-        if est["record_index"] != tok_pol["record_index"]:     # shards of another split-up
+        if _record_indices(est) != _record_indices(tok_pol):   # shards of another split-up
             raise ValueError(f"weights {split}: the shards in {os.path.dirname(shards[0])} "
                              f"hold {len(est)} pairs, not this split's {len(tok_pol)} in "
                              f"order; delete that folder to redo them")

@@ -436,8 +436,10 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
             out["_error"].append(error)
             out["_prompt_cut"].append(p_cut)
             out["_comp_cut"].append(c_cut)
-            # a cut that leaves chosen equal to rejected: named, as the pair learns nothing
-            same = c_cut and row["chosen_ids"] == row["rejected_ids"]
+            # a cut that leaves chosen equal to rejected (not equal as given): named, as the
+            # pair learns nothing
+            same = c_cut and row["chosen_ids"] == row["rejected_ids"] \
+                and rec["chosen"] != rec["rejected"]
             out["_same_cut"].append(where if same else "")
         return out
 

@@ -97,4 +97,6 @@ def with_prompts(dataset):
                 out[k].append(rec[k])
         return out
 
-    return dataset.map(fn, batched=True, desc="shared prompts")
+    features = dataset.features.copy()
+    features["prompt"] = features["chosen"]     # typed, also when every prompt is None
+    return dataset.map(fn, batched=True, features=features, desc="shared prompts")

@@ -114,21 +114,25 @@ def record_problem(rec: dict) -> tuple[str, str] | None:
 
 
 class _Checker:
-    """Checks the records of one file in order; remembers each text field's format."""
+    """Checks the records of one file in order; remembers each text field's format, and in
+    ``prompts`` (shared by the files of one split) whether records have a prompt."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, prompts: dict | None = None):
         self.where, self.kinds = where, {}
+        self.prompts = {} if prompts is None else prompts
 
     def __call__(self, rec, at: str) -> None:
         if not isinstance(rec, dict):
             raise ValueError(f"{self.where} {at}: expected a JSON object (one record), got "
                              f"{type(rec).__name__}")
         implicit = "prompt" not in rec
-        first_implicit, first_at = self.kinds.setdefault("implicit", (implicit, at))
+        first_implicit, where, first_at = self.prompts.setdefault("implicit",
+                                                                  (implicit, self.where, at))
         if implicit != first_implicit:
+            first_at = first_at if where == self.where else f"{where} {first_at}"
             problem = "missing" if implicit else (
-                f"given, but the record in {first_at} has none (one file holds records with "
-                f"a prompt or records without one, and {IMPLICIT}; not both)")
+                f"given, but the record in {first_at} has none (the files of a split hold "
+                f"records with a prompt or records without one, and {IMPLICIT}; not both)")
             raise ValueError(f"{self.where} {at}, field 'prompt': {problem}")
         problem = record_problem(rec)
         if problem:
@@ -152,13 +156,13 @@ class _NonObjects(list):
 
 # --------------------------------------------------------------------------- file scans
 
-def _scan_json(path: str, check: bool) -> tuple[list[str], list[tuple[str, str]]]:
+def _scan_json(path: str, check: bool, prompts: dict) -> tuple[list[str], list[tuple[str, str]]]:
     """(each record's position in the JSON file ``path``, checking them if ``check``; else
-    the (position, type) of those that are not JSON objects)."""
-    return scan_json(path, _Checker(path) if check else _NonObjects(), check)
+    the (position, type) of those that are not JSON objects); ``prompts``: see _Checker."""
+    return scan_json(path, _Checker(path, prompts) if check else _NonObjects(), check)
 
 
-def _scan_parquet(path: str, check: bool) -> tuple[list[str], list]:
+def _scan_parquet(path: str, check: bool, prompts: dict) -> tuple[list[str], list]:
     """Each record's position in the Parquet file ``path`` (checking them if ``check``)."""
     import pyarrow.parquet as pq
 
@@ -171,7 +175,7 @@ def _scan_parquet(path: str, check: bool) -> tuple[list[str], list]:
         raise ValueError(f"{path}: no records (an empty table)")
     if check:
         _check_batches(path, (b.to_pylist() for b in pf.iter_batches(
-            batch_size=1024, columns=_present(pf.schema_arrow.names))))
+            batch_size=1024, columns=_present(pf.schema_arrow.names))), prompts)
     return [f"record {i}" for i in range(pf.metadata.num_rows)], []
 
 
@@ -179,8 +183,8 @@ def _present(names) -> list[str]:
     return [c for c in TEXT_FIELDS + PER_TOKEN_FIELDS if c in names]
 
 
-def _check_batches(where: str, batches) -> None:
-    checker, i = _Checker(where), 0
+def _check_batches(where: str, batches, prompts: dict | None = None) -> None:
+    checker, i = _Checker(where, prompts), 0
     for rows in batches:
         for rec in rows:
             checker(rec, f"record {i}")
@@ -247,9 +251,9 @@ def _load_files(files: list[str], check: bool, prefix: str | None) -> tuple:
         raise ValueError(f"path_or_dir: expected .json, .jsonl or .parquet files of one kind, "
                          f"got {[str(f) for f in files]}")
     kind = kinds.pop()
-    sources, odd = [], {}
+    sources, odd, prompts = [], {}, {}
     for f in files:
-        ats, odd[f] = (_scan_json if kind == "json" else _scan_parquet)(f, check)
+        ats, odd[f] = (_scan_json if kind == "json" else _scan_parquet)(f, check, prompts)
         sources += [f"{f} {at}" for at in ats]
     if not any(odd.values()):
         return _read(lambda: datasets.load_dataset(kind, data_files=files, split="train"),
