@@ -174,6 +174,21 @@ def test_one_percent_error_on_a_bf16_run_fails(op):
         _fails(bad, ref, truth, torch.bfloat16, name, mag)
 
 
+def test_a_wrong_small_vocabulary_row_of_a_bf16_gradient_fails():
+    """Eager's allowance is scaled to each element's magnitude: a bfloat16 d_weight whose
+    least used vocabulary row is zero fails, though that error is below twice eager's largest
+    error on d_weight (the whole allowance before it was scaled)."""
+    act, ref, truth, mag = _outputs("linear_logprobs", torch.bfloat16)["d_weight"]
+    t = truth.detach().to(F64)
+    largest = t.abs().amax(-1)
+    row = int(torch.argmin(torch.where(largest > 0, largest, torch.inf)))
+    bad = act.detach().to(F64).clone()
+    bad[row] = 0.0                                  # the row never written
+    e = (ref.detach().to(F64) - t).abs().max()
+    assert (bad[row] - t[row]).abs().max() < 2 * e           # within the unscaled allowance
+    _fails(bad.to(act.dtype), ref, truth, torch.bfloat16, "d_weight", mag)
+
+
 def test_the_bound_is_a_bound_not_a_table():
     """One formula for every test: the float32 floor is 7 unit roundoffs of the magnitude
     plus the output's own rounding, the eager term twice eager's error."""
@@ -184,6 +199,17 @@ def test_the_bound_is_a_bound_not_a_table():
     u = torch.finfo(accumulation_dtype(torch.bfloat16)).eps / 2
     want = 2 * 1e-7 + 7 * u * 4.0 + torch.finfo(torch.float32).eps / 2 * t.abs()
     assert e == 1e-7 and torch.allclose(allowed, want, rtol=0, atol=0)
+    # eager's term scaled to each element's magnitude, never above 2E: 2·min(E, E/M_j·M_i)
+    m = torch.tensor([8.0, 2.0, 0.0], dtype=F64)
+    allowed, e = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
+    want = 2 * torch.tensor([1e-7, 1e-7, 1e-7], dtype=F64) + 7 * u * m \
+        + torch.finfo(torch.float32).eps / 2 * t.abs()
+    assert torch.allclose(allowed, want, rtol=0, atol=0)
+    m = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
+    allowed, _ = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
+    want = 2 * torch.tensor([0.5e-7, 1e-7, 0.25e-7], dtype=F64) + 7 * u * m \
+        + torch.finfo(torch.float32).eps / 2 * t.abs()
+    assert torch.allclose(allowed, want, rtol=1e-15, atol=0)
 
 
 def test_magnitude_below_the_value_is_refused():
