@@ -60,3 +60,18 @@ def test_training_mode_forward_is_the_eval_forward(model_type, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {k: saved[k] for k in rates} == rates                 # the model's own config
     assert all(getattr(model.config, k) == 0.0 for k in rates)   # still off in training
+
+
+def test_models_sharing_a_config_each_save_its_own_rates(tmp_path):
+    conf = transformers.AutoConfig.for_model("llama", vocab_size=64, hidden_size=32,
+                                             intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=4, attention_dropout=0.3)
+    first, second = (transformers.AutoModelForCausalLM.from_config(conf) for _ in range(2))
+    for model in (first, second):
+        disable_dropout(model)
+    assert conf.attention_dropout == 0.0
+    for k, model in enumerate((second, first, second)):
+        save_model(model, str(tmp_path / str(k)))
+        assert json.loads((tmp_path / str(k) / "config.json").read_text())[
+            "attention_dropout"] == 0.3
+    assert conf.attention_dropout == 0.0

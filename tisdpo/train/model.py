@@ -237,8 +237,9 @@ def save_model(model, out_dir: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
-#: per model disable_dropout zeroed config rates of: [(config, name, value it had)]
-_ZEROED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: by id of a config, the rates disable_dropout zeroed there: {name: value it had}; an entry
+#: goes with its config (configs define __eq__, so they are not keys of a weak dict)
+_ZEROED: dict[int, dict] = {}
 
 
 def _is_rate(name: str, value) -> bool:
@@ -265,16 +266,21 @@ def disable_dropout(model) -> None:
     """Dropout off everywhere (as the official TIS-DPO code): every ``nn.Dropout``, and every
     rate whose name says drop (:func:`_is_rate`) on the modules and on the configs that some
     architectures read in their forward (Falcon's hidden_dropout, Persimmon's
-    attention_dropout, OPT's layerdrop, GPT-BigCode's attn_pdrop, ...). What
-    :func:`save_model` writes keeps the config's own rates (:func:`config_as_loaded`).
+    attention_dropout, OPT's layerdrop, GPT-BigCode's attn_pdrop, ...). The configs read 0
+    from then on; what :func:`save_model` writes keeps their own rates
+    (:func:`config_as_loaded`), also for another model sharing a config (a plain
+    ``save_pretrained`` writes the zeros).
 
     The model stays in train mode (activation checkpointing only runs in train mode).
     """
-    zeroed = _ZEROED.setdefault(model, [])
     for conf in _configs_of(model):
+        zeroed = _ZEROED.get(id(conf))
+        if zeroed is None:
+            zeroed = _ZEROED[id(conf)] = {}
+            weakref.finalize(conf, _ZEROED.pop, id(conf), None)
         for name, value in list(vars(conf).items()):
             if _is_rate(name, value):
-                zeroed.append((conf, name, value))
+                zeroed[name] = value
                 setattr(conf, name, 0.0)
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
@@ -288,7 +294,8 @@ def disable_dropout(model) -> None:
 def config_as_loaded(model):
     """Within: the model's configs hold the rates :func:`disable_dropout` zeroed, so that a
     saved ``config.json`` is the model's own."""
-    zeroed = _ZEROED.get(model, [])
+    zeroed = [(conf, name, value) for conf in _configs_of(model)
+              for name, value in _ZEROED.get(id(conf), {}).items()]
     for conf, name, value in zeroed:
         setattr(conf, name, value)
     try:
