@@ -17,8 +17,8 @@ a record means the same thing here and in TRL:
 
 Two records have no such prompt and are refused (TRL would cut them somewhere arbitrary):
 chosen equal to rejected or the start of it (or the reverse), and two that differ from their
-first character or message on. A file holds records with a ``prompt`` field or records
-without one, not both.
+first character or message on. The files of a split hold records with a ``prompt`` field
+or records without one, not both.
 """
 from __future__ import annotations
 
