@@ -12,8 +12,9 @@ The check packs two short sequences, the second the same in two probes and the f
 different, and compares the second sequence's hidden states between the probes. In a model
 that keeps them apart they are equal bit for bit: the shapes, and hence the kernels and
 their summation orders, are the same in both probes, and masked attention weights are
-exactly zero. A slack of two roundings of the largest value covers a kernel that is not
-deterministic run to run.
+exactly zero. The slack: two roundings of the largest value, plus eight times the
+difference between two runs of the same probe, for kernels that are not deterministic run
+to run (atomic adds in some mixture-of-experts paths on a GPU).
 """
 from __future__ import annotations
 
@@ -50,12 +51,16 @@ def check_packing(model, *, autocast=None, seed: int = 0) -> float:
     try:
         with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext():
             hidden = [_packed_hidden(model, row[None].to(device), positions.to(device),
-                                     offsets.to(device), kind)[0, first:] for row in ids]
+                                     offsets.to(device), kind)[0, first:]
+                      for row in (ids[0], ids[1], ids[0])]
     finally:
         model.train(was_training)
-    diff = (hidden[0].float() - hidden[1].float()).abs().max().item()
-    scale = hidden[0].float().abs().max().item()
-    slack = 2 * torch.finfo(hidden[0].dtype).eps / 2 * scale
+    eps = torch.finfo(hidden[0].dtype).eps
+    a, b, again = (h.float() for h in hidden)
+    diff = (a - b).abs().max().item()
+    noise = (a - again).abs().max().item()          # the same probe, run again
+    scale = a.abs().max().item()
+    slack = eps * scale + 8 * noise
     if not diff <= slack:
         raise ValueError(f"data.packing: {kind} lets one packed sequence change the next one's "
                          f"hidden states (by up to {diff:.3g}, largest {scale:.3g}): a layer "
