@@ -129,14 +129,15 @@ def reference_path(ctx: Context) -> str:
     return init_path(ctx)
 
 
-def load_stage_model(ctx: Context, path: str, *, trainable: bool):
-    """The model at ``path`` (:func:`load_model`); with ``data.packing``, checked to keep
-    packed sequences apart (:func:`check_packing`)."""
+def load_stage_model(ctx: Context, path: str, *, trainable: bool, packed: bool = False):
+    """The model at ``path`` (:func:`load_model`); ``packed``: it runs the stage's batches,
+    packed under ``data.packing``, and is then checked to keep packed sequences apart
+    (:func:`check_packing`)."""
     # a model FSDP2 will train loads on the CPU; fully_shard moves it layer by layer
     device = ctx.par.load_device(ctx.device) if trainable else ctx.device
     model = load_model(ctx.cfg.model, path, device=device, tokenizer=ctx.tokenizer,
                        seed=ctx.cfg.seed, trainable=trainable)
-    if ctx.cfg.data.packing:
+    if packed and ctx.cfg.data.packing:
         check_packing(model, autocast=autocast(ctx.cfg.model, device))
     return model
 

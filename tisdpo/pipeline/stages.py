@@ -68,7 +68,7 @@ def _train(ctx: Context, tcfg: TrainConfig, out_dir: str, *, init: str, objectiv
     final = os.path.join(out_dir, "final")
     if enter_stage(ctx, out_dir, options, desc):
         return final
-    model = load_stage_model(ctx, init, trainable=True)
+    model = load_stage_model(ctx, init, trainable=True, packed=True)
     trainer = Trainer(model=model, objective=objective_fn(model), train_data=train_tok,
                       eval_data=eval_tok, collate_fn=make_collator(ctx), cfg=tcfg,
                       out_dir=out_dir, device=ctx.device,
@@ -127,7 +127,7 @@ def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta:
     tok_train = tokenize_records(ctx, train_raw, method, f"{desc} train")
     tok_eval = tokenize_records(ctx, eval_raw, method, f"{desc} eval")
     ref_path = reference_path(ctx)
-    ref = load_stage_model(ctx, ref_path, trainable=False)
+    ref = load_stage_model(ctx, ref_path, trainable=False, packed=True)
     return _train(ctx, tcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
                   eval_tok=tok_eval, desc=desc, options=options,
                   extra={"reference": ref_path, "method": method},
@@ -316,7 +316,8 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
                  "rewards/accuracies_unweighted and logps/*_delta are not reported", name,
                  pcfg.method)
     ref_path = reference_path(ctx) if needs_ref else None
-    ref = load_stage_model(ctx, ref_path, trainable=False) if needs_ref else None
+    ref = load_stage_model(ctx, ref_path, trainable=False, packed=True) if needs_ref \
+        else None
     extra = {"method": pcfg.method, "token_weights": pcfg.token_weights,
              "reference": ref_path or "precomputed ref_logps",
              "seed": ctx.cfg.seed if seed is None else seed, "lr": pcfg.lr, "beta": pcfg.beta}
