@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -306,14 +307,19 @@ _EXPECTED = (ValueError, OSError, RunLocked, RankFailed, TrainingDiverged)
 # where torch raises when a collective fails: a peer closed the connection or timed out
 _COLLECTIVE_FILES = (os.sep.join(("torch", "distributed", "")),
                      os.sep.join(("torch", "nn", "parallel", "distributed.py")))
+# autograd's engine, where DDP's gradient all-reduce raises (from C++: the message then
+# starts with the communication library's source location, e.g. "[.../pair.cc:553] ...")
+_BACKWARD_FILE = os.sep.join(("torch", "autograd", "graph.py"))
+_NATIVE_LOCATION = re.compile(r"^\[[^\]\s]+\.(cc|cpp|cu|h):\d+\] ")
 
 
 def _collective_failure(err: BaseException) -> bool:
     """Whether ``err`` is this rank's collective failing, with no error of its own before.
 
     Recognised by where torch raised it, not by its text (gloo raises a plain RuntimeError):
-    a DistError, or a RuntimeError raised in torch.distributed or DDP, while several
-    processes share a process group and no other exception was being handled.
+    a DistError, or a RuntimeError raised in torch.distributed or DDP, or in autograd's
+    engine (DDP's gradient all-reduce) with a native source location leading its message,
+    while several processes share a process group and no other exception was being handled.
     """
     import torch.distributed as dist
 
@@ -324,8 +330,11 @@ def _collective_failure(err: BaseException) -> bool:
     if isinstance(err, dist.DistError):
         return True
     frames = traceback.extract_tb(err.__traceback__)
-    return type(err) is RuntimeError and bool(frames) and any(
-        part in frames[-1].filename for part in _COLLECTIVE_FILES)
+    if type(err) is not RuntimeError or not frames:
+        return False
+    last = frames[-1].filename
+    return any(part in last for part in _COLLECTIVE_FILES) or (
+        _BACKWARD_FILE in last and bool(_NATIVE_LOCATION.match(str(err))))
 
 
 def _gist(err: BaseException) -> str:

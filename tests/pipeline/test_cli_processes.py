@@ -32,6 +32,13 @@ WORKER = textwrap.dedent("""
     def stage(args, cfg):
         par = setup(cfg.distributed, "cpu")            # as make_context does
         par.barrier()
+        if job.startswith("ddp_"):                     # both ranks wrap a model in DDP
+            net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+            par.barrier()
+            if job == "ddp_raise":
+                raise ValueError("injected bad record on this rank")
+            time.sleep(0.5)
+            net(torch.ones(2, 4)).sum().backward()     # DDP's all-reduce: the peer is gone
         if job == "raise":
             raise ValueError("injected bad record on this rank")
         if job == "slow":
@@ -126,3 +133,16 @@ def test_one_ranks_error_is_one_line_on_the_others(tmp_path):
     (rc0, err0), _ = _launch(tmp_path, [("wait", 0.0, _argv(run_dir, "--debug")),
                                         ("raise", 0.0, _argv(run_dir, "--debug"))])
     assert rc0 != 0 and "Traceback" in err0, err0      # --debug: torch's own error
+
+
+def test_a_peer_gone_during_ddp_backward_is_one_line(tmp_path):
+    """DDP all-reduces gradients inside autograd's engine, so the failing collective is
+    raised from torch/autograd, not torch/distributed: still one line on the surviving rank."""
+    run_dir = tmp_path / "run"
+    (rc0, err0), (rc1, err1) = _launch(tmp_path, [("ddp_backward", 0.0, _argv(run_dir)),
+                                                  ("ddp_raise", 0.0, _argv(run_dir))])
+    assert rc1 == 1 and "error: injected bad record on this rank" in err1, err1
+    assert rc0 == 1, err0
+    assert "error: another rank failed (see its error above); this rank stopped at a " \
+           "collective" in err0, err0
+    assert "Traceback" not in err0, err0
