@@ -389,6 +389,12 @@ class Parallel:
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                   cpu_offload=True))
+        # a tied parameter comes back as a copy under each name: keep the first, as
+        # save_pretrained does for tensors that share storage
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                sd.pop(name, None)
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
             with config_as_loaded(model):
