@@ -492,8 +492,7 @@ def test_stages_under_two_processes_match_one(runs, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(dist_dir / "policy" / "final"))
     assert model.get_output_embeddings().weight.shape[0] == len(ctx.tokenizer)
-    # the tied head is stored once, as one process stores it
-    from safetensors import safe_open
+    from safetensors import safe_open           # a tied head stored once, as by one process
 
     assert model.config.tie_word_embeddings
     for final in (dist_dir / "policy" / "final", dist_dir / "base"):
