@@ -4,17 +4,19 @@ Three values per output: ``truth`` (the reference in float64 on the same, alread
 inputs), ``ref`` (the reference at the test dtype: what eager PyTorch gives) and ``actual``
 (the implementation under test). ``assert_oracle`` passes when, for every element i,
 
-    |actual_i − truth_i|  ≤  c·E_i  +  λ·u·M_i  +  u_out·|truth_i|                     (1)
+    |actual_i − truth_i|  ≤  c·E_i  +  λ·u·M_i  +  u_out·|truth_i|  +  η               (1)
 
 - E_i = min(E, ρ·M_i), E = max_j |ref_j − truth_j| eager's own error on this output and
   ρ = max_j |ref_j − truth_j| / M_j the largest ratio of eager's error to an element's
-  magnitude (E_i = E where M_i = 0). It carries what eager shares with every correct
+  magnitude, over the elements with M_j > η (E_i = E where M_i = 0). It carries what eager shares with every correct
   implementation: conditioning, and intermediates eager also rounds to a 16-bit input dtype
   (bf16 logits, bf16 operands of the gradient GEMMs), in proportion to each element's
   magnitude, as those roundings are.
 - M_i, the rounding magnitude of element i (defined below), default max_j |truth_j|.
 - u, the unit roundoff of the accumulation dtype: 2⁻²⁴ (float32) for float32, bfloat16 and
   float16 tests (every backend accumulates in float32 at least), 2⁻⁵³ for float64 tests.
+- η, the smallest normal number of actual's dtype: underflow, which no relative term
+  covers (an implementation may flush subnormals to zero where eager keeps them).
 - u_out·|truth_i|, u_out the unit roundoff of actual's dtype: the last rounding, to nearest,
   to the output's dtype (torch's casts and compiled Triton's round to nearest; under the
   Triton interpreter, whose float → 16-bit casts truncate, kernels write such outputs in
@@ -75,27 +77,30 @@ def allowed_error(ref_err: torch.Tensor, truth: torch.Tensor, magnitude, *, dtyp
     """The right-hand side of (1): elementwise for metric="max", one number for "rms".
     Returns (allowed, E) with E eager's max (or rms) error."""
     u = unit_roundoff(accumulation_dtype(dtype))
-    floor = LAMBDA * u * magnitude + unit_roundoff(out_dtype) * truth.abs()
+    eta = torch.finfo(out_dtype).tiny
+    floor = LAMBDA * u * magnitude + unit_roundoff(out_dtype) * truth.abs() + eta
     if metric == "max":
         e = ref_err.max().item() if ref_err.numel() else 0.0
-        return c * _scaled(ref_err, magnitude, e) + floor, e
+        return c * _scaled(ref_err, magnitude, e, eta) + floor, e
     if metric == "rms":
         e = _rms(ref_err)
         return c * e + _rms(floor), e
     raise ValueError(f"metric must be 'max' or 'rms', got {metric!r}")
 
 
-def _scaled(ref_err: torch.Tensor, magnitude: torch.Tensor, e: float) -> torch.Tensor:
+def _scaled(ref_err: torch.Tensor, magnitude, e: float, eta: float) -> torch.Tensor:
     """Eager's error allowance per element: E, or less where the element's magnitude is
     smaller — eager's largest error relative to the magnitude, times the element's
-    magnitude, min(E, max_j(|ref_j − truth_j| / M_j) · M_i) (E where M_i = 0)."""
+    magnitude: min(E, ρ·M_i), ρ = max_j |ref_j − truth_j| / M_j over the elements the output
+    can represent (M_j > η: one that underflows in every implementation would set ρ = 1),
+    and E where M_i = 0."""
     magnitude = torch.broadcast_to(torch.as_tensor(magnitude, dtype=ref_err.dtype),
                                    ref_err.shape)
-    positive = magnitude > 0
-    if not positive.any():
+    counted = magnitude > eta
+    if not counted.any():
         return torch.full_like(magnitude, e)
-    rel = torch.where(positive, ref_err / torch.where(positive, magnitude, 1.0), 0.0).max()
-    return torch.where(positive, torch.clamp(rel * magnitude, max=e), e)
+    rel = torch.where(counted, ref_err / torch.where(counted, magnitude, 1.0), 0.0).max()
+    return torch.where(magnitude > 0, torch.clamp(rel * magnitude, max=e), e)
 
 
 def _rms(x: torch.Tensor) -> float:

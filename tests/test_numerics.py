@@ -197,19 +197,38 @@ def test_the_bound_is_a_bound_not_a_table():
     allowed, e = allowed_error(ref_err, t, torch.full_like(t, 4.0), dtype=torch.bfloat16,
                                out_dtype=torch.float32)
     u = torch.finfo(accumulation_dtype(torch.bfloat16)).eps / 2
-    want = 2 * 1e-7 + 7 * u * 4.0 + torch.finfo(torch.float32).eps / 2 * t.abs()
+    eta = torch.finfo(torch.float32).tiny                     # underflow
+    want = 2 * 1e-7 + 7 * u * 4.0 + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
     assert e == 1e-7 and torch.allclose(allowed, want, rtol=0, atol=0)
     # eager's term scaled to each element's magnitude, never above 2E: 2·min(E, E/M_j·M_i)
     m = torch.tensor([8.0, 2.0, 0.0], dtype=F64)
     allowed, e = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
     want = 2 * torch.tensor([1e-7, 1e-7, 1e-7], dtype=F64) + 7 * u * m \
-        + torch.finfo(torch.float32).eps / 2 * t.abs()
+        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
     assert torch.allclose(allowed, want, rtol=0, atol=0)
     m = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
     allowed, _ = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
     want = 2 * torch.tensor([0.5e-7, 1e-7, 0.25e-7], dtype=F64) + 7 * u * m \
-        + torch.finfo(torch.float32).eps / 2 * t.abs()
+        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
     assert torch.allclose(allowed, want, rtol=1e-15, atol=0)
+    # ρ over the elements the output can represent: one below η does not set it
+    ref_err = torch.tensor([1e-39, 1e-7, 0.0], dtype=F64)
+    m = torch.tensor([1e-39, 2.0, 0.5], dtype=F64)
+    allowed, _ = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
+    want = 2 * torch.tensor([0.5e-46, 1e-7, 0.25e-7], dtype=F64) + 7 * u * m \
+        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
+    assert torch.allclose(allowed, want, rtol=1e-15, atol=0)
+
+
+def test_a_subnormal_flushed_to_zero_passes():
+    """Underflow is allowed for: an implementation may flush subnormal outputs to zero where
+    eager keeps them (float16 gradients of tiny elements), which no relative term covers."""
+    t = torch.tensor([0.5, 3e-6, -1e-5], dtype=F64)
+    ref = t.to(torch.float16)                                  # eager keeps the subnormals
+    flushed = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float16)
+    assert_oracle(flushed, ref, t, dtype=torch.float16, name="x", magnitude=t.abs())
+    _fails(torch.tensor([0.5, 3e-6, -2e-4], dtype=torch.float16), ref, t, torch.float16, "x",
+           t.abs().clamp(min=1e-5))
 
 
 def test_magnitude_below_the_value_is_refused():
