@@ -4,19 +4,21 @@ Three values per output: ``truth`` (the reference in float64 on the same, alread
 inputs), ``ref`` (the reference at the test dtype: what eager PyTorch gives) and ``actual``
 (the implementation under test). ``assert_oracle`` passes when, for every element i,
 
-    |actual_i − truth_i|  ≤  c·E_i  +  λ·u·M_i  +  u_out·|truth_i|  +  η               (1)
+    |actual_i − truth_i|  ≤  c·E_i  +  λ·u·M_i  +  u_out·|truth_i|  (+ η)             (1)
 
 - E_i = min(E, ρ·M_i), E = max_j |ref_j − truth_j| eager's own error on this output and
   ρ = max_j |ref_j − truth_j| / M_j the largest ratio of eager's error to an element's
-  magnitude, over the elements with M_j > η (E_i = E where M_i = 0). It carries what eager shares with every correct
+  magnitude, over the elements with M_j > η (E_i = 0 where M_i = 0: an exact zero). It carries what eager shares with every correct
   implementation: conditioning, and intermediates eager also rounds to a 16-bit input dtype
   (bf16 logits, bf16 operands of the gradient GEMMs), in proportion to each element's
   magnitude, as those roundings are.
 - M_i, the rounding magnitude of element i (defined below), default max_j |truth_j|.
 - u, the unit roundoff of the accumulation dtype: 2⁻²⁴ (float32) for float32, bfloat16 and
   float16 tests (every backend accumulates in float32 at least), 2⁻⁵³ for float64 tests.
-- η, the smallest normal number of actual's dtype: underflow, which no relative term
-  covers (an implementation may flush subnormals to zero where eager keeps them).
+- η, the smallest normal number of actual's dtype, added where |truth_i| is below η plus
+  the rest of the bound (where the value may be computed below η): underflow, which no
+  relative term covers (an implementation may flush subnormals to zero where eager keeps
+  them).
 - u_out·|truth_i|, u_out the unit roundoff of actual's dtype: the last rounding, to nearest,
   to the output's dtype (torch's casts and compiled Triton's round to nearest; under the
   Triton interpreter, whose float → 16-bit casts truncate, kernels write such outputs in
@@ -78,10 +80,12 @@ def allowed_error(ref_err: torch.Tensor, truth: torch.Tensor, magnitude, *, dtyp
     Returns (allowed, E) with E eager's max (or rms) error."""
     u = unit_roundoff(accumulation_dtype(dtype))
     eta = torch.finfo(out_dtype).tiny
-    floor = LAMBDA * u * magnitude + unit_roundoff(out_dtype) * truth.abs() + eta
+    floor = LAMBDA * u * magnitude + unit_roundoff(out_dtype) * truth.abs()
     if metric == "max":
         e = ref_err.max().item() if ref_err.numel() else 0.0
-        return c * _scaled(ref_err, magnitude, e, eta) + floor, e
+        allowed = c * _scaled(ref_err, magnitude, e, eta) + floor
+        # underflow: a value that may be computed below η may be flushed to zero
+        return allowed + torch.where(truth.abs() < eta + allowed, eta, 0.0), e
     if metric == "rms":
         e = _rms(ref_err)
         return c * e + _rms(floor), e
@@ -92,15 +96,16 @@ def _scaled(ref_err: torch.Tensor, magnitude, e: float, eta: float) -> torch.Ten
     """Eager's error allowance per element: E, or less where the element's magnitude is
     smaller — eager's largest error relative to the magnitude, times the element's
     magnitude: min(E, ρ·M_i), ρ = max_j |ref_j − truth_j| / M_j over the elements the output
-    can represent (M_j > η: one that underflows in every implementation would set ρ = 1),
-    and E where M_i = 0."""
+    can represent (M_j > η: one that underflows in every implementation would set ρ = 1);
+    0 where M_i = 0 (an exact zero: every term of it is zero). E for every element when no
+    magnitude exceeds η."""
     magnitude = torch.broadcast_to(torch.as_tensor(magnitude, dtype=ref_err.dtype),
                                    ref_err.shape)
     counted = magnitude > eta
     if not counted.any():
         return torch.full_like(magnitude, e)
     rel = torch.where(counted, ref_err / torch.where(counted, magnitude, 1.0), 0.0).max()
-    return torch.where(magnitude > 0, torch.clamp(rel * magnitude, max=e), e)
+    return torch.clamp(rel * magnitude, max=e)
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -160,11 +165,12 @@ def assert_oracle(actual, ref, truth, *, dtype, name="output", c=2.0, metric="ma
         if t.numel() == 0 or over.max().item() <= 0:
             return
         idx = tuple(torch.nonzero(over == over.max())[0].tolist())
+        e_i = _scaled(ref_err, m, e, torch.finfo(out_dtype).tiny)[idx].item()
         raise AssertionError(
             f"{name}: error {err[idx].item():.3e} > allowed {allowed[idx].item():.3e} at "
-            f"index {idx} (c={c} × eager error {e:.3e} + {LAMBDA:g}·u·M with M="
-            f"{m[idx].item():.3e} + u_out·|truth|): actual {a[idx].item():.9g}, truth "
-            f"{t[idx].item():.9g}, eager {r[idx].item():.9g}")
+            f"index {idx} (c={c} × eager error {e_i:.3e} here, {e:.3e} at most, + "
+            f"{LAMBDA:g}·u·M with M={m[idx].item():.3e} + u_out·|truth| (+ η)): actual "
+            f"{a[idx].item():.9g}, truth {t[idx].item():.9g}, eager {r[idx].item():.9g}")
     measured = _rms(err)
     if measured > allowed:
         raise AssertionError(

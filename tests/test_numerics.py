@@ -197,38 +197,47 @@ def test_the_bound_is_a_bound_not_a_table():
     allowed, e = allowed_error(ref_err, t, torch.full_like(t, 4.0), dtype=torch.bfloat16,
                                out_dtype=torch.float32)
     u = torch.finfo(accumulation_dtype(torch.bfloat16)).eps / 2
-    eta = torch.finfo(torch.float32).tiny                     # underflow
-    want = 2 * 1e-7 + 7 * u * 4.0 + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
+    want = 2 * 1e-7 + 7 * u * 4.0 + torch.finfo(torch.float32).eps / 2 * t.abs()
     assert e == 1e-7 and torch.allclose(allowed, want, rtol=0, atol=0)
-    # eager's term scaled to each element's magnitude, never above 2E: 2·min(E, E/M_j·M_i)
+    # eager's term scaled to each element's magnitude, never above 2E: 2·min(E, ρ·M_i), and
+    # none at an exact zero (M = 0)
     m = torch.tensor([8.0, 2.0, 0.0], dtype=F64)
     allowed, e = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
-    want = 2 * torch.tensor([1e-7, 1e-7, 1e-7], dtype=F64) + 7 * u * m \
-        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
+    want = 2 * torch.tensor([1e-7, 1e-7, 0.0], dtype=F64) + 7 * u * m \
+        + torch.finfo(torch.float32).eps / 2 * t.abs()
     assert torch.allclose(allowed, want, rtol=0, atol=0)
     m = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
     allowed, _ = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
     want = 2 * torch.tensor([0.5e-7, 1e-7, 0.25e-7], dtype=F64) + 7 * u * m \
-        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
+        + torch.finfo(torch.float32).eps / 2 * t.abs()
     assert torch.allclose(allowed, want, rtol=1e-15, atol=0)
     # ρ over the elements the output can represent: one below η does not set it
     ref_err = torch.tensor([1e-39, 1e-7, 0.0], dtype=F64)
     m = torch.tensor([1e-39, 2.0, 0.5], dtype=F64)
     allowed, _ = allowed_error(ref_err, t, m, dtype=torch.bfloat16, out_dtype=torch.float32)
     want = 2 * torch.tensor([0.5e-46, 1e-7, 0.25e-7], dtype=F64) + 7 * u * m \
-        + torch.finfo(torch.float32).eps / 2 * t.abs() + eta
+        + torch.finfo(torch.float32).eps / 2 * t.abs()
     assert torch.allclose(allowed, want, rtol=1e-15, atol=0)
 
 
-def test_a_subnormal_flushed_to_zero_passes():
-    """Underflow is allowed for: an implementation may flush subnormal outputs to zero where
-    eager keeps them (float16 gradients of tiny elements), which no relative term covers."""
-    t = torch.tensor([0.5, 3e-6, -1e-5], dtype=F64)
+def test_a_subnormal_flushed_to_zero_passes_and_nothing_else_gains():
+    """Underflow is allowed for where it can happen: an implementation may flush subnormal
+    outputs to zero where eager keeps them (float16 gradients of tiny elements), which no
+    relative term covers; a value in the normal range gets no such allowance, and an exact
+    zero (magnitude 0) none of eager's error either."""
+    t = torch.tensor([0.5, 3e-6, -1e-5, 1e-2, 0.0], dtype=F64)
     ref = t.to(torch.float16)                                  # eager keeps the subnormals
-    flushed = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float16)
-    assert_oracle(flushed, ref, t, dtype=torch.float16, name="x", magnitude=t.abs())
-    _fails(torch.tensor([0.5, 3e-6, -2e-4], dtype=torch.float16), ref, t, torch.float16, "x",
-           t.abs().clamp(min=1e-5))
+    ref[0] += 1e-3                                             # and errs on the largest
+    m = t.abs().clamp(min=1e-6)
+    m[4] = 0.0
+    flushed = t.to(torch.float16)
+    flushed[1:3] = 0.0
+    assert_oracle(flushed, ref, t, dtype=torch.float16, name="x", magnitude=m)
+    eta = torch.finfo(torch.float16).tiny
+    for i, bad in ((3, 1e-2 + 0.9 * eta), (4, 2 * eta)):
+        off = t.to(torch.float16)
+        off[i] = bad
+        _fails(off, ref, t, torch.float16, "x", m)
 
 
 def test_magnitude_below_the_value_is_refused():
