@@ -75,3 +75,6 @@ def test_models_sharing_a_config_each_save_its_own_rates(tmp_path):
         assert json.loads((tmp_path / str(k) / "config.json").read_text())[
             "attention_dropout"] == 0.3
     assert conf.attention_dropout == 0.0
+    conf.attention_dropout = 0.1                     # a user's own change survives a save
+    save_model(first, str(tmp_path / "again"))
+    assert conf.attention_dropout == 0.1

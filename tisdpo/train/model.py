@@ -269,7 +269,8 @@ def disable_dropout(model) -> None:
     attention_dropout, OPT's layerdrop, GPT-BigCode's attn_pdrop, ...). The configs read 0
     from then on; what :func:`save_model` writes keeps their own rates
     (:func:`config_as_loaded`), also for another model sharing a config (a plain
-    ``save_pretrained`` writes the zeros).
+    ``save_pretrained``, or a copy of the model made by deepcopy or pickle, writes the
+    zeros).
 
     The model stays in train mode (activation checkpointing only runs in train mode).
     """
@@ -294,12 +295,12 @@ def disable_dropout(model) -> None:
 def config_as_loaded(model):
     """Within: the model's configs hold the rates :func:`disable_dropout` zeroed, so that a
     saved ``config.json`` is the model's own."""
-    zeroed = [(conf, name, value) for conf in _configs_of(model)
+    zeroed = [(conf, name, value, getattr(conf, name, None)) for conf in _configs_of(model)
               for name, value in _ZEROED.get(id(conf), {}).items()]
-    for conf, name, value in zeroed:
+    for conf, name, value, _ in zeroed:
         setattr(conf, name, value)
     try:
         yield
     finally:
-        for conf, name, _ in zeroed:
-            setattr(conf, name, 0.0)
+        for conf, name, _, now in zeroed:             # as they were, a user's change kept
+            setattr(conf, name, now)
