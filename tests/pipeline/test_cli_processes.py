@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tisdpo.pipeline.lock import run_lock
@@ -121,28 +122,21 @@ def test_a_refused_run_lock_ends_every_rank_at_once(tmp_path):
     assert not (run_dir / "config.yaml").exists()
 
 
-def test_one_ranks_error_is_one_line_on_the_others(tmp_path):
+@pytest.mark.parametrize("jobs", [("wait", "raise"), ("ddp_backward", "ddp_raise")],
+                         ids=["barrier", "ddp_backward"])
+def test_one_ranks_error_is_one_line_on_the_others(tmp_path, jobs):
+    """Also when the surviving rank is in DDP's backward: DDP all-reduces gradients inside
+    autograd's engine, so that collective fails from torch/autograd, not torch/distributed."""
     run_dir = tmp_path / "run"
-    (rc0, err0), (rc1, err1) = _launch(tmp_path, [("wait", 0.0, _argv(run_dir)),
-                                                  ("raise", 0.0, _argv(run_dir))])
+    (rc0, err0), (rc1, err1) = _launch(tmp_path, [(jobs[0], 0.0, _argv(run_dir)),
+                                                  (jobs[1], 0.0, _argv(run_dir))])
     assert rc1 == 1 and "error: injected bad record on this rank" in err1, err1
     assert rc0 == 1, err0
     assert "error: another rank failed (see its error above); this rank stopped at a " \
            "collective" in err0, err0
     assert "Traceback" not in err0, err0
+    if jobs[0] != "wait":
+        return
     (rc0, err0), _ = _launch(tmp_path, [("wait", 0.0, _argv(run_dir, "--debug")),
                                         ("raise", 0.0, _argv(run_dir, "--debug"))])
     assert rc0 != 0 and "Traceback" in err0, err0      # --debug: torch's own error
-
-
-def test_a_peer_gone_during_ddp_backward_is_one_line(tmp_path):
-    """DDP all-reduces gradients inside autograd's engine, so the failing collective is
-    raised from torch/autograd, not torch/distributed: still one line on the surviving rank."""
-    run_dir = tmp_path / "run"
-    (rc0, err0), (rc1, err1) = _launch(tmp_path, [("ddp_backward", 0.0, _argv(run_dir)),
-                                                  ("ddp_raise", 0.0, _argv(run_dir))])
-    assert rc1 == 1 and "error: injected bad record on this rank" in err1, err1
-    assert rc0 == 1, err0
-    assert "error: another rank failed (see its error above); this rank stopped at a " \
-           "collective" in err0, err0
-    assert "Traceback" not in err0, err0
