@@ -16,13 +16,14 @@ names the record.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
+
+from tisdpo.train.records import non_finite
 
 __all__ = ["TISDPOCollator", "check_token_columns", "REF_COLUMNS", "ALIGNMENT"]
 
@@ -44,9 +45,9 @@ def _token_row(example: dict, side: str, values, column: str, *, finite: bool) -
     if len(values) != n:
         raise ValueError(f"column {column!r}: {len(values)} values for {n} completion tokens "
                          f"({ALIGNMENT})")
-    for k, v in enumerate(values if finite else ()):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"column {column!r}: value {k} is {v!r}, not a finite number")
+    problem = non_finite(values) if finite else None
+    if problem:
+        raise ValueError(f"column {column!r}: {problem}")
     return [0.0] * len(example["prompt_ids"]) + [float(v) for v in values]
 
 

@@ -55,7 +55,6 @@ BOS (the official code has none to keep).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,6 +62,7 @@ from typing import Literal
 from tisdpo.train.prompts import NoSharedPrompt, with_shared_prompt
 from tisdpo.train.records import (
     PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEXT_FIELDS, load_preference_dataset, messages_problem,
+    non_finite,
 )
 
 __all__ = [
@@ -244,12 +244,10 @@ def per_token_floats(value, where: str, name: str, n_tokens: int) -> list[float]
         raise _RecordError(where, name, f"expected a list of floats, got {type(value).__name__}")
     if len(value) != n_tokens:
         raise _RecordError(where, name, f"{len(value)} values for {n_tokens} completion tokens")
-    out = []
-    for k, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _RecordError(where, name, f"value {k} is {v!r}, not a finite number")
-        out.append(float(v))
-    return out
+    problem = non_finite(value)
+    if problem:
+        raise _RecordError(where, name, problem)
+    return [float(v) for v in value]
 
 
 def _truncate(prompt, comps, lists, cfg, bos_id=None):

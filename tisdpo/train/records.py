@@ -30,7 +30,7 @@ from tisdpo.train.json_records import objects_only, scan_json
 from tisdpo.train.prompts import IMPLICIT, NoSharedPrompt, with_prompts, with_shared_prompt
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
-           "load_preference_dataset", "record_problem", "messages_problem"]
+           "load_preference_dataset", "record_problem", "messages_problem", "non_finite"]
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 #: Per-token list columns, per side: (chosen column, rejected column).
@@ -107,9 +107,18 @@ def record_problem(rec: dict) -> tuple[str, str] | None:
             continue
         if not isinstance(value, (list, tuple)):
             return col, f"expected a list of floats, got {type(value).__name__}"
-        for k, v in enumerate(value):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                return col, f"value {k} is {v!r}, not a finite number"
+        problem = non_finite(value)
+        if problem:
+            return col, problem
+    return None
+
+
+def non_finite(values) -> str | None:
+    """``"value k is v, not a finite number"`` for the first entry of ``values`` that is not
+    a finite number (a bool is not one); None when every entry is."""
+    for k, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"value {k} is {v!r}, not a finite number"
     return None
 
 
