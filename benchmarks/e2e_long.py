@@ -21,6 +21,7 @@ smoke test. ``python -m benchmarks.e2e_long --help``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -135,7 +136,7 @@ def run(args, device: torch.device, env: dict,
     dtype = torch.bfloat16
     model = build_model(config, device, dtype, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-    lengths = parse_tokens(args.lengths or ("64,128" if args.toy else DEFAULT_LENGTHS))
+    lengths = _lengths(args)
     rows = []
 
     def emit(new: list[dict]) -> None:
@@ -146,7 +147,18 @@ def run(args, device: torch.device, env: dict,
     cols = dict(shape=shape_name, dtype="bf16", hidden=config.hidden_size,
                 vocab=config.vocab_size, x_name="pair_tokens")
     for name in args.providers:
-        why = P.skip_reason(name, "loss", device, dtype=dtype)
+        # the probe of our losses is their first compile: its failure is this provider's
+        # error rows, and the next provider still runs
+        st, why = M.guarded(lambda: P.skip_reason(name, "loss", device, dtype=dtype))
+        if st != "ok":
+            print(f"  {name}: {st} in its probe: {why}", file=sys.stderr)
+            emit([R.make_row(env, op="e2e_step", provider=name, mode="step", tokens=length,
+                             metric="status", unit="", status=st,
+                             extra={"layout": args.layout, "attn": attn,
+                                    "message": f"probe: {why}"}, **cols)
+                  for length in lengths])
+            M.free_memory(device)
+            continue
         if why is not None:
             print(f"skipped {name}: {why}", file=sys.stderr)
             continue
@@ -154,10 +166,8 @@ def run(args, device: torch.device, env: dict,
 
         def loss_fn(h, w, labels, **kw):
             return loss_mod(h, w, labels, **kw)
-        longest = 0
+        longest, failed = 0, None
         for length in lengths:
-            if length % 2:
-                raise ValueError(f"--lengths: {length} must be even (chosen + rejected)")
             extra = {"layout": args.layout, "attn": attn, "activation_checkpointing": True,
                      "reference": "precomputed", "steps": args.steps, "warmup": args.warmup,
                      "token_weights": P.PROVIDERS[name].token_weights}
@@ -176,7 +186,9 @@ def run(args, device: torch.device, env: dict,
                                  extra={**extra, "message": out}, **common)])
                 batch = step = None
                 M.free_memory(device)
-                if args.stop_at_oom:
+                if st != "oom":         # an error says nothing of what fits
+                    failed = failed or f"{st} at {length} tokens: {out}"
+                elif args.stop_at_oom:
                     break
                 continue
             stats = M.Stats.of(out)
@@ -197,12 +209,23 @@ def run(args, device: torch.device, env: dict,
                   file=sys.stderr)
             batch = step = None
             M.free_memory(device)
+        # an error (not an OOM) at some length leaves the longest pair that fits unknown
         emit([R.make_row(env, op="e2e_step", provider=name, mode="summary",
                          tokens=max(lengths), metric="longest_pair_fits",
                          unit="pair_tokens", value=longest or None,
-                         extra={"tested": list(lengths), "layout": args.layout,
-                                "attn": attn}, **cols)])
+                         status="error" if failed else "ok",
+                         extra={"tested": list(lengths), "layout": args.layout, "attn": attn,
+                                **({"message": failed} if failed else {})}, **cols)])
     return rows
+
+
+def _lengths(args) -> tuple[int, ...]:
+    """The pair lengths to run (``--lengths``, else the defaults), each even."""
+    lengths = parse_tokens(args.lengths or ("64,128" if args.toy else DEFAULT_LENGTHS))
+    for length in lengths:
+        if length % 2:
+            raise ValueError(f"--lengths: {length} must be even (chosen + rejected)")
+    return lengths
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -217,7 +240,9 @@ def _print_summary(rows: list[dict]) -> None:
         by.setdefault((r["provider"], int(r["x_value"]), r["mode"]), {})[r["metric"]] = r
     for (prov, length, mode), m in by.items():
         if mode == "summary":
-            fit = m["longest_pair_fits"]["value"] or "none"
+            r = m["longest_pair_fits"]
+            fit = (f"unknown ({json.loads(r['extra']).get('message')})"
+                   if r["status"] == "error" else r["value"] or "none")
             print(f"{prov:<12} longest pair that fits: {fit}")
             continue
         if "status" in m:
@@ -267,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                else "ours-torch,eager")
     try:
         args.providers = P.resolve_providers(args.providers or default)
+        _lengths(args)
         for name in args.providers:
             if "loss" not in P.PROVIDERS[name].ops:
                 raise ValueError(f"--providers: {name} has no loss op")

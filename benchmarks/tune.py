@@ -136,6 +136,12 @@ def main(argv=None) -> int:
     if args.op == "loss" and args.logits == "gemm":
         ap.error("--logits applies to the logprobs and kl heads; the one-sweep head always "
                  "reads cuBLAS logits")
+    if args.shape not in PRESETS:        # tuning draws uniform inputs: no peaked variants
+        ap.error(f"--shape: unknown preset {args.shape!r}; one of {', '.join(sorted(PRESETS))}")
+    try:
+        tokens = parse_tokens(args.tokens)[0]
+    except ValueError as err:
+        ap.error(str(err))
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         device, (n, d, v), dtype = torch.device("cpu"), (64, 32, 500), torch.float32
@@ -143,8 +149,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             ap.error("autotuning needs a CUDA GPU (use --cpu-smoke to check the script)")
         shape = PRESETS[args.shape]
-        device, (n, d, v) = torch.device("cuda"), (parse_tokens(args.tokens)[0],
-                                                   shape.hidden, shape.vocab)
+        device, (n, d, v) = torch.device("cuda"), (tokens, shape.hidden, shape.vocab)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype]
     if n % 2 and args.op == "loss":

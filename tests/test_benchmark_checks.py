@@ -15,7 +15,7 @@ if importlib.util.find_spec("benchmarks") is None:   # pytest run from outside t
 
 from markers import requires_cuda  # noqa: E402
 
-from benchmarks import providers, readme_table  # noqa: E402
+from benchmarks import providers, readme_rows, readme_table, readme_targets  # noqa: E402
 from benchmarks import results as R  # noqa: E402
 from benchmarks.runner import RunConfig, run  # noqa: E402
 from benchmarks.shapes import PRESETS, HeadShape  # noqa: E402
@@ -31,6 +31,11 @@ def _env(on=CPU, **columns):
 
 def _by(rows, **where):
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def _judged(rows: list[dict], provider: str) -> str | None:
+    """The head target's judgement of ``provider`` as the README section makes it."""
+    return readme_targets.head_judgement(readme_rows.prepare(rows), provider)
 
 
 def _config(**kw):
@@ -83,19 +88,17 @@ def _head_rows(errors: dict[str, float | None]) -> list[dict]:
 
 
 def test_a_target_counts_only_finite_outputs():
-    ok = readme_table._head_judgement(_head_rows({"ours-triton": 1e-3, "liger-flce": 2e-3}),
-                                      "ours-triton")
+    ok = _judged(_head_rows({"ours-triton": 1e-3, "liger-flce": 2e-3}), "ours-triton")
     absent = "not in that run: eager, torch-compile, trl-chunked, torch-lce"
-    assert ok == ("9.0 ms; max error 1.0e-03 of the fp32 reference's largest value; 1.12× the "
-                  f"dense GEMMs (4 × 2.0 ms) (met); fastest peer liger-flce 12.0 ms (met); "
-                  f"{absent}")
-    ours_nan = readme_table._head_judgement(_head_rows({"ours-triton": math.inf}),
-                                            "ours-triton")
-    assert ours_nan == ("9.0 ms; output NOT FINITE against the fp32 reference; 1.12× the dense "
-                        "GEMMs (4 × 2.0 ms) (not met); fastest peer liger-flce 12.0 ms (not "
-                        f"met); {absent}")
+    assert ok == ("9.0 ms (run 1); max error 1.0e-03 of the fp32 reference's largest value; "
+                  "1.12× the dense GEMMs (4 × 2.0 ms) (met); fastest peer liger-flce 12.0 ms "
+                  f"(met); {absent}")
+    ours_nan = _judged(_head_rows({"ours-triton": math.inf}), "ours-triton")
+    assert ours_nan == ("9.0 ms (run 1); output NOT FINITE against the fp32 reference; 1.12× "
+                        "the dense GEMMs (4 × 2.0 ms) (not met); fastest peer liger-flce 12.0 "
+                        f"ms (not met); {absent}")
     # a peer whose output is not finite is no competition: the next one is
-    peer_nan = readme_table._head_judgement(
+    peer_nan = _judged(
         _head_rows({"ours-triton": 0.0, "liger-flce": math.inf, "cce_exact": 0.0}),
         "ours-triton")
     assert peer_nan.endswith("fastest peer cce_exact 15.0 ms (met); left out, output not "
@@ -144,8 +147,8 @@ def test_end_to_end_layouts_and_models_never_mix(tmp_path):
     R.append_csv(rows, tmp_path / "e2e.csv")
     text = readme_table.render(readme_table.load(tmp_path))
     assert ("ours-triton (packed layout): longest pair that fitted 131072 tokens, peak 64.0 "
-            "GiB (met); ours-triton (rows layout): longest pair that fitted 65536 tokens, peak "
-            "32.0 GiB (not met)") in text
+            "GiB (run 1) (met); ours-triton (rows layout): longest pair that fitted 65536 "
+            "tokens, peak 32.0 GiB (run 1) (not met)") in text
     assert "262144 tokens" not in text.split("Performance targets")[1].split("\n\n")[1]
     for model, layout, n in (("a Llama-3.2-1B-shaped model", "packed", 131072),
                              ("a Llama-3.2-1B-shaped model", "rows", 65536),
@@ -189,7 +192,7 @@ def test_a_sessions_separate_commands_are_one_run(monkeypatch):
         rows.append(R.make_row(env, op="logprobs", provider="torch-compile", metric="time",
                                unit="ms", value=10.0, mode="fwdbwd", shape="llama3-8b",
                                tokens=8192, dtype="bf16"))
-        return readme_table._head_judgement(rows, "ours-triton"), rows
+        return _judged(rows, "ours-triton"), rows
     alone, _ = judged(None)
     assert "torch-compile" in alone.split("not in that run:")[1]
     joined, rows = judged("2099-01-01T00:00:00+00:00")

@@ -343,25 +343,28 @@ def test_readme_table(tmp_path):
     R.append_csv(_fake_gpu_rows(), tmp_path / "gpu.csv")
     text = readme_table.render(readme_table.load(tmp_path))
     assert "### Test GPU" in text and "No GPU results" not in text
-    assert "| llama3-8b | 8192 | ours-triton | 10.00 (10.00–10.00) | 100 | 1 | 50 | 2.00 |" \
+    assert "| llama3-8b | 8192 | ours-triton | 10.00 (10.00–10.00) | 100 | 1 | 50 | 2.00 | 2 |" \
         in text
     assert "| llama3-8b | 8192 | liger-dpo | OOM |" in text
     assert "Longest pair that fits: ours-triton: 131072" in text
     unchecked = "output not checked in that run"
     absent = "not in that run: torch-compile, trl-chunked, torch-lce, cce_exact, liger-flce"
-    assert (f"liger-flce): 10.0 ms; {unchecked}; 1.25× the dense GEMMs (4 × 2.0 ms) (met); "
-            f"fastest peer cce 15.0 ms (met); {absent} | with TISDPO_HEAD_LOGITS=gemm "
-            f"(ours-gemm): 9.0 ms; {unchecked}; 1.12× the dense GEMMs (4 × 2.0 ms) (met); "
-            f"fastest peer cce 15.0 ms (met); {absent}") in text
-    assert f"(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms; {unchecked} (met)" in text
-    assert "+ 64 bytes per token: 100 MiB of 2090 allowed (met)" in text
-    assert (f"(8NDV against 10NDV): precomputed reference log-probs: 30.0 ms; {unchecked}; "
-            f"0.67× the recompute path 45.0 ms (met); 0.60× Liger's 50.0 ms (not met) | online "
-            f"reference head: 40.0 ms; {unchecked}; 0.67× the recompute path 60.0 ms (met); "
-            f"0.57× Liger's 70.0 ms (not met)") in text
+    # cce filters its gradients: it is in the table but no peer of the exact head's target
+    assert (f"liger-flce): 10.0 ms (run 2); {unchecked}; 1.25× the dense GEMMs (4 × 2.0 ms) "
+            f"(met); fastest peer eager 20.0 ms (met); {absent} | with TISDPO_HEAD_LOGITS=gemm "
+            f"(ours-gemm): 9.0 ms (run 2); {unchecked}; 1.12× the dense GEMMs (4 × 2.0 ms) "
+            f"(met); fastest peer eager 20.0 ms (met); {absent}") in text
+    assert "| llama3-8b | 8192 | cce | 15.00 (15.00–15.00) |" in text
+    assert f"(llama3-8b-peaked, N=8192) ≤ 35 ms: 30.0 ms (run 2); {unchecked} (met)" in text
+    assert "+ 64 bytes per token: 100 MiB of 2090 allowed (run 2) (met)" in text
+    assert (f"(8NDV against 10NDV): precomputed reference log-probs: 30.0 ms (run 2); "
+            f"{unchecked}; 0.67× the recompute path 45.0 ms (met); 0.60× Liger's 50.0 ms (not "
+            f"met) | online reference head: 40.0 ms (run 2); {unchecked}; 0.67× the recompute "
+            f"path 60.0 ms (met); 0.57× Liger's 70.0 ms (not met)") in text
     assert "| 16384 | ours-one-sweep | 30.00" not in text       # the table: an online head
-    assert "3000–3100 MiB over pairs of 1024–131072 tokens (1.03×, met)" in text
-    assert "ours-triton (packed layout): longest pair that fitted 131072 tokens (met)" in text
+    assert "3000–3100 MiB over pairs of 1024–131072 tokens (1.03×, met; run 2)" in text
+    assert ("ours-triton (packed layout): longest pair that fitted 131072 tokens (run 2) (met)"
+            in text)
     assert "| llama3-8b | 16384 | ours-one-sweep | 40.00 (40.00–40.00) |" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{readme_table.BEGIN}\nold\n{readme_table.END}\ntail\n")

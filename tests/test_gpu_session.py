@@ -37,7 +37,7 @@ DEVICE_COMMAND_LIMIT_S = 600     # the device machine's limit on one command
 
 class _FakeCompilationError(Exception):
     """Stands for triton.compiler.errors.CompilationError: an Exception, not one of the
-    "unavailable" types (ImportError, NotImplementedError, ...) the probe turns into a skip."""
+    "unavailable" types (ImportError, NotImplementedError) the probe turns into a skip."""
 
 
 @pytest.fixture
@@ -47,15 +47,20 @@ def fresh_probes():
     providers._cached_probe.cache_clear()
 
 
-def test_a_probe_that_fails_gives_error_rows_and_the_run_goes_on(monkeypatch, fresh_probes):
+@pytest.mark.parametrize("error", [_FakeCompilationError, TypeError, ValueError,
+                                   AttributeError])
+def test_a_probe_that_fails_gives_error_rows_and_the_run_goes_on(error, monkeypatch,
+                                                                fresh_probes):
     """Our loss providers are probed at a tiny size before they run; on a GPU that probe is
-    the first compile of the Triton kernels. A compile or CUDA error there must become the
-    provider's error rows, not end the step with every peer after it unmeasured."""
+    the first compile of the Triton kernels. A compile or CUDA error there, or a bug in our
+    loss (a TypeError, a ValueError), must become the provider's error rows: not a skip that
+    leaves it out of the tables, and not the end of the step with every peer after it
+    unmeasured."""
     real = providers.make_loss
 
     def make_loss(name, beta, softcap):
         if name == "ours-one-sweep":
-            raise _FakeCompilationError("at 12:4: cannot compile")
+            raise error("at 12:4: cannot compile")
         return real(name, beta, softcap)
 
     monkeypatch.setattr(providers, "make_loss", make_loss)
