@@ -15,7 +15,8 @@ Every option is ``--section.option value`` (``tisdpo <command> --help`` lists th
 defaults) and may instead be set in the YAML file given by ``--config``; flags win over the
 file, the file over the defaults. The resolved configuration is logged, and written to
 ``<run_dir>/config.yaml`` by a run's first command and by every command that finishes (by
-rank 0 alone when there are several processes).
+rank 0 alone when there are several processes), with the options of one command alone
+(``pipeline.resume``, ``*.stop_after``) at their defaults.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from tisdpo.pipeline.context import StageStopped, make_context
 from tisdpo.pipeline.demo import check_demo_options, demo_config, run_demo
 from tisdpo.pipeline.heatmap import inspect_run
 from tisdpo.pipeline.lock import RankFailed, RunLocked, run_lock
-from tisdpo.train.config import (ConfigFileError, RunConfig, build_config, dump_yaml,
-                                 field_specs)
+from tisdpo.train.config import (ConfigFileError, RunConfig, as_recorded, build_config,
+                                 dump_yaml, field_specs)
 from tisdpo.train.model import resolve_device
 from tisdpo.train.parallel import setup, teardown, torchrun_env
 from tisdpo.train.trainer import TrainingDiverged
@@ -365,14 +366,14 @@ def _locked_run(args, cfg: RunConfig) -> int:
     first = par is None or par.is_main
     with run_lock(cfg.run_dir, par):       # before anything in run_dir is written
         if first and not os.path.isfile(path):   # a new run: its options from its first command
-            dump_yaml(cfg, path)
+            dump_yaml(as_recorded(cfg), path)
         logging.getLogger("tisdpo").info("tisdpo %s, resolved configuration:\n%s",
                                          args.command, text)
         code = _run(args, cfg)
         # only a command that finished replaces it: a refused, failed or stopped one (options
         # that do not match the run's outputs, say) leaves the run's record as it was
         if first:
-            dump_yaml(cfg, path)
+            dump_yaml(as_recorded(cfg), path)
         return code
 
 

@@ -113,6 +113,9 @@ def test_train_stopped_then_resumed_in_a_new_process_matches_uninterrupted(tmp_p
         assert cli.main(common + ["--run_dir", cut, "--policy.stop_after", "2"]) == 0
     finally:
         torch.set_num_threads(threads)
+    # the run's record leaves stop_after out: a command given it would stop again
+    saved = yaml.safe_load(open(os.path.join(cut, "config.yaml")))
+    assert saved["policy"]["stop_after"] is None and saved["policy"]["max_steps"] == 4
     assert not os.path.isfile(os.path.join(cut, "policy", "done.json"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "tisdpo.cli"] + common + ["--run_dir", cut],

@@ -10,7 +10,7 @@ import yaml
 
 from tisdpo import cli
 from tisdpo.pipeline.demo import demo_config
-from tisdpo.train.config import ModelConfig, RunConfig, validate
+from tisdpo.train.config import ModelConfig, RunConfig, build_config, validate
 from tisdpo.train.model import load_model, load_tokenizer, resolve_device
 from tisdpo_kernels.config import WEIGHT_METHODS
 
@@ -219,3 +219,52 @@ def test_resolve_device_names_the_allowed_forms(name, message):
     with pytest.raises(ValueError, match=message):
         resolve_device(name)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_runs_record_leaves_out_the_options_of_one_command():
+    """config.yaml keeps what defines the run; resume and stop_after steer one command: read
+    back by the next, ``pipeline.resume false`` would redo every finished stage again."""
+    from tisdpo.train.config import as_recorded
+
+    cfg = build_config(overrides={"pipeline.resume": "false", "sft.stop_after": "3",
+                                  "contrastive.stop_after": "4", "policy.stop_after": "5",
+                                  "policy.lr": "0.001"})
+    kept = as_recorded(cfg)
+    assert kept.pipeline.resume is True
+    assert (kept.sft.stop_after, kept.contrastive.stop_after, kept.policy.stop_after) == \
+        (None, None, None)
+    assert kept.policy.lr == 0.001 and cfg.pipeline.resume is False     # cfg as it was
+
+
+def test_a_config_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write cut short (a full disk, a kill) leaves the previous file, not half of one that
+    still parses with options lost."""
+    import builtins
+
+    from tisdpo.train.config import dump_yaml
+
+    path = tmp_path / "config.yaml"
+    dump_yaml(build_config(overrides={"policy.lr": "0.001"}), str(path))
+    before = path.read_text()
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[:100])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **kw: Full(
+        real_open(f, mode, *a, **kw)) if "w" in mode else real_open(f, mode, *a, **kw))
+    with pytest.raises(OSError, match="No space left"):
+        dump_yaml(build_config(overrides={"policy.lr": "0.002"}), str(path))
+    monkeypatch.undo()
+    assert path.read_text() == before

@@ -32,7 +32,7 @@ __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "SFTConfig", "ContrastiveConfig",
     "PolicyConfig", "WeightsConfig", "PipelineConfig", "LogConfig", "DemoConfig",
     "DistributedConfig", "RunConfig", "ConfigFileError", "apply_overrides", "build_config",
-    "validate", "config_to_dict", "load_yaml", "field_specs", "dump_yaml",
+    "validate", "config_to_dict", "load_yaml", "field_specs", "dump_yaml", "as_recorded",
 ]
 
 
@@ -430,14 +430,29 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def as_recorded(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as a run's config.yaml records it: the options that steer one command alone
+    (``pipeline.resume``, each stage's ``stop_after``) at their defaults, so that the next
+    command given the file neither redoes finished stages nor stops again."""
+    steps = {f.name: dataclasses.replace(getattr(cfg, f.name), stop_after=None)
+             for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), TrainConfig)}
+    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, resume=True),
+                               **steps)
+
+
 def dump_yaml(cfg: RunConfig, path: str | None = None) -> str:
-    """The resolved configuration as YAML (written to ``path`` when given)."""
+    """The resolved configuration as YAML (written to ``path`` when given, whole or not at
+    all: a write cut short leaves the previous file)."""
+    import os
+
     import yaml
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     if path is not None:
-        with open(path, "w", encoding="utf-8") as fh:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.replace(tmp, path)
     return text
 
 

@@ -36,14 +36,15 @@ def _unique_keys_loader():
                 if key_node.tag == "tag:yaml.org,2002:merge":    # <<: keys it may override
                     continue
                 key = self.construct_object(key_node, deep=deep)
+                at = (key_node.start_mark.line, key_node.start_mark.column)
                 try:
-                    line = first.setdefault(key, key_node.start_mark.line)
+                    seen = first.setdefault(key, at)
                 except TypeError:               # unhashable: the base class says so
                     continue
-                if line != key_node.start_mark.line:
+                if seen != at:          # also within one line: {lr: 1, lr: 2}
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} again (first on line {line + 1})",
-                        key_node.start_mark)
+                        None, None, f"the key {key!r} again (first on line {seen[0] + 1}, "
+                                    f"column {seen[1] + 1})", key_node.start_mark)
             return super().construct_mapping(node, deep)
 
     return UniqueKeys
