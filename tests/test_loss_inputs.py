@@ -59,13 +59,31 @@ def test_labels_that_cannot_hold_ignore_index_are_refused():
                                         pairs=torch.tensor([[0, 1]]))
 
 
-@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
-def test_a_tensor_normalizer_is_checked_like_a_number(bad):
+@pytest.mark.parametrize("impl,strategy", [("torch", "recompute"), ("torch", "one_sweep"),
+                                           ("reference", "recompute")])
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf"), True])
+def test_a_tensor_normalizer_is_checked_like_a_number(bad, impl, strategy):
+    """Every backend, the float64 oracle too: a negative normaliser would flip the loss's
+    sign and a zero one make every gradient NaN, silently."""
     kw = _packed(scores=False)
-    loss = TISDPOLoss("dpo", impl="torch")
-    for norm in (bad, torch.tensor(bad)):
+    loss = TISDPOLoss("dpo", impl=impl, strategy=strategy)
+    for norm in (bad,) if bad is True else (bad, torch.tensor(bad)):
         with pytest.raises(ValueError, match="normalizer must be"):
             loss(**kw, pairs=torch.tensor([[0, 1]]), normalizer=norm)
+
+
+@pytest.mark.parametrize("bad", [-2.0, 0.0])
+def test_the_fused_loss_op_checks_its_normalizer_on_the_oracle_too(bad):
+    from tisdpo_kernels import linear_preference_loss
+    from tisdpo_kernels.config import PreferenceConfig
+
+    kw = _packed(scores=False)
+    with pytest.raises(ValueError, match="normalizer must be > 0.0"):
+        linear_preference_loss(kw["hidden"], kw["lm_head_weight"], kw["labels"],
+                               seq_offsets=kw["seq_offsets"], pairs=torch.tensor([[0, 1]]),
+                               config=PreferenceConfig(), ref_hidden=kw["ref_hidden"],
+                               ref_weight=kw["lm_head_weight"], normalizer=bad,
+                               impl="reference")
 
 
 def test_a_numpy_normalizer_is_a_number():
@@ -138,3 +156,30 @@ def test_arguments_a_call_would_ignore_are_refused():
     with pytest.raises(ValueError, match="pair_metrics must be True or False, got 'yes'"):
         TISDPOLoss("dpo", impl="torch")(**_packed(scores=False), pairs=torch.tensor([[0, 1]]),
                                         pair_metrics="yes")
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "one_sweep"])
+@pytest.mark.parametrize("method,frozen", [("tdpo1", "ref_hidden"), ("tdpo1", "labels"),
+                                           ("dpo", "labels"), ("tisdpo", "weights")])
+def test_inputs_made_under_inference_mode_give_the_same_loss_and_gradients(method, frozen,
+                                                                          strategy):
+    """A frozen reference run under ``torch.inference_mode()`` (or labels collated there):
+    autograd cannot save such tensors, so the loss copies them, whatever the preset."""
+    def run(inference: bool):
+        g = torch.Generator().manual_seed(0)
+        kw = dict(lm_head_weight=(torch.randn(V_, D_, generator=g) * 0.5).requires_grad_(),
+                  hidden=torch.randn(4, 3, D_, generator=g).requires_grad_(),
+                  labels=torch.randint(0, V_, (4, 3), generator=g),
+                  ref_hidden=torch.randn(4, 3, D_, generator=g),
+                  weights=torch.rand(4, 3, generator=g))
+        kw["labels"][:, 0] = -100
+        if inference:
+            with torch.inference_mode():
+                kw[frozen] = kw[frozen].clone()
+        if method != "tisdpo":
+            del kw["weights"]
+        out, _ = TISDPOLoss(method, impl="torch", strategy=strategy)(**kw)
+        out.backward()
+        return out.detach(), kw["hidden"].grad, kw["lm_head_weight"].grad
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)

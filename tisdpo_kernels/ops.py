@@ -69,8 +69,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
         from tisdpo_kernels._triton.linear_logprobs import linear_logprobs as run
     else:
         from tisdpo_kernels._torch.linear_logprobs import linear_logprobs as run
-    logp, lse = run(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                    bias, opts)
+    logp, lse = run(hidden.reshape(-1, hidden.shape[-1]), weight,
+                    _saveable(targets.reshape(-1).long()), bias, opts)
     logp = logp.view(shape)
     return (logp, lse.view(shape)) if return_lse else logp
 
@@ -109,8 +109,9 @@ def linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=Non
         from tisdpo_kernels._torch.linear_token_kl import linear_token_kl as run
     outs = run(
         hidden.reshape(-1, hidden.shape[-1]), weight,
-        ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach(), ref_weight.detach(),
-        targets.reshape(-1).long(), bias, None if ref_bias is None else ref_bias.detach(), opts)
+        _saveable(ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()),
+        _saveable(ref_weight.detach()), _saveable(targets.reshape(-1).long()), bias,
+        None if ref_bias is None else _saveable(ref_bias.detach()), opts)
     return tuple(o.view(shape) for o in outs)
 
 
@@ -328,6 +329,7 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         kept = mask.bool() if logp.dim() == 2 else ids >= 0
         V.check_finite_at("weights", weights.detach(), kept)
     which = resolve_impl(impl, logp.device, op="preference_loss")
+    normalizer_tensor(normalizer, logp.device)     # > 0 and finite, whichever backend runs
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
         return reference.preference_loss(
@@ -457,6 +459,7 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     ref_bias = None if ref_bias is None else ref_bias.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
     rows = _pair_rows(targets, seq_offsets, pairs)
+    normalizer_tensor(normalizer, hidden.device)   # > 0 and finite, whichever backend runs
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
         return reference.linear_preference_loss(
@@ -480,3 +483,10 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     shape = targets.shape
     return (loss, logp.view(shape), None if ref_out is None else ref_out.view(shape),
             None if kl is None else kl.view(shape))
+
+
+def _saveable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where autograd would refuse to save it for the backward: a
+    tensor made under ``torch.inference_mode()`` (a frozen reference's hidden states, labels
+    collated there) while gradients are being recorded."""
+    return t.clone() if torch.is_grad_enabled() and t.is_inference() else t
