@@ -181,7 +181,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_config(args: argparse.Namespace) -> None:
-    """compare reads the run's own options: --config defaults to <run_dir>/config.yaml."""
+    """compare and inspect read the run's own options: --config defaults to
+    <run_dir>/config.yaml."""
     if args.config is None:
         run_dir = vars(args).get("run_dir", RunConfig().run_dir)
         path = os.path.join(run_dir, "config.yaml")
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tisdpo {args.command}: unrecognized arguments: {' '.join(extra)} (see tisdpo "
               f"{args.command} --help)", file=sys.stderr)
         return 2
-    if args.command == "compare":
+    if args.command in ("compare", "inspect"):   # the run's own tokenizer and lengths
         _compare_config(args)
     try:
         _check_args(args)

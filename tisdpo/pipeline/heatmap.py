@@ -22,6 +22,15 @@ from tisdpo.train.records import SOURCE_COLUMN
 
 __all__ = ["inspect_run", "load_pairs", "render_html", "render_png"]
 
+_CONTEXT = 8      # tokens decoded before each token to find its text (O(n) decodes in all)
+#: the hover letter and legend of each stored score (``weights/meta.json``'s ``score_kind``)
+_SCORES = {
+    "c_t": ("c", "score c<sub>t</sub> = log &pi;<sup>+</sup> &minus; log &pi;<sup>&minus;"
+                 "</sup>"),
+    "cdpo_log_score": ("s", "cDPO's log-score s<sub>t</sub> = log softmax((1+b) z<sup>+</sup>"
+                            " &minus; b z<sup>&minus;</sup>)[y<sub>t</sub>]"),
+}
+
 
 def _norm(values):
     from matplotlib.colors import TwoSlopeNorm
@@ -41,6 +50,28 @@ def _text_colour(rgb) -> str:
     return "#000" if lum > 0.5 else "#fff"
 
 
+def _token_texts(tokenizer, ids, context=()) -> list[str]:
+    """The text each token adds to the decoded text before it (``context``: the ids before
+    ``ids``, e.g. the prompt's). Decoding a token alone loses a SentencePiece piece's leading
+    space and splits a multi-byte character over byte-level tokens into U+FFFD; here a token
+    ending in an incomplete character shows the text before it and the token completing it
+    shows the character."""
+    ids = [int(t) for t in ids]
+    before = [int(t) for t in context][-_CONTEXT:]
+
+    def dec(seq):
+        return tokenizer.decode(seq, clean_up_tokenization_spaces=False)
+
+    out = []
+    for k, t in enumerate(ids):
+        prev = (before + ids[:k])[-_CONTEXT:]
+        old, new = dec(prev).rstrip("\ufffd"), dec(prev + [t])
+        if k < len(ids) - 1:
+            new = new.rstrip("\ufffd")         # an incomplete character: wait for its end
+        out.append(new[len(old):] if new.startswith(old) else dec([t]))
+    return out
+
+
 def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int = 6,
                start: int = 0) -> list[dict]:
     """Up to ``pairs`` weighted pairs: prompt and per-side tokens, weights and scores."""
@@ -51,16 +82,21 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
             raise ValueError(f"no weighted data at {path}: run `tisdpo weights` first or pass "
                              f"--data")
         raw = datasets.load_from_disk(path)
+        where = path                                   # errors name this folder's record
     else:
         raw = load_preference_dataset(data, source_prefix="--data ")   # errors name the line
+        where = None
     for col in ("chosen_weight", "rejected_weight"):
         if col not in raw.column_names:
             raise ValueError(f"the records have no {col!r} column (columns: "
                              f"{raw.column_names}); run `tisdpo weights` first")
     meta_path = os.path.join(wdir, "meta.json")
+    score_kind = "c_t"
     if data is None and os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as fh:
-            tok_cfg = TokenizeConfig(**json.load(fh)["tokenize"])
+            meta = json.load(fh)
+        tok_cfg = TokenizeConfig(**meta["tokenize"])
+        score_kind = meta.get("score_kind", "c_t")
     else:
         tok_cfg = tokenize_cfg(cfg, cfg.policy.method)
     if not 0 <= start < len(raw):
@@ -68,22 +104,29 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
     if not (isinstance(pairs, int) and pairs >= 1):
         raise ValueError(f"pairs={pairs!r}: show at least 1 pair")
     raw = raw.select(range(start, min(start + pairs, len(raw))))
+    if where is not None:
+        if SOURCE_COLUMN in raw.column_names:
+            raw = raw.remove_columns(SOURCE_COLUMN)
+        raw = raw.add_column(SOURCE_COLUMN, [f"{where} record {start + i}"
+                                             for i in range(len(raw))])
     tokenizer = load_tokenizer(cfg.model)
     tok, _ = tokenize_pairs(raw, tokenizer, tok_cfg)
     out = []
     for rec in tok:
         i = int(rec["record_index"])
-        item = {"index": start + i, "prompt": tokenizer.decode(rec["prompt_ids"])}
+        item = {"index": start + i, "prompt": tokenizer.decode(rec["prompt_ids"]),
+                "score_kind": score_kind}
         for side in ("chosen", "rejected"):
             ids = rec[f"{side}_ids"]
             scores = raw[i].get(f"{side}_score")
             if scores is not None:
                 per_token_floats(scores, raw[i].get(SOURCE_COLUMN) or f"record {start + i}",
                                  f"{side}_score", len(raw[i][f"{side}_weight"]))
+            texts = _token_texts(tokenizer, ids, rec["prompt_ids"])
             item[side] = [
-                {"text": tokenizer.decode([t]), "weight": float(w),
+                {"text": text, "weight": float(w),
                  "score": None if scores is None else float(scores[k])}
-                for k, (t, w) in enumerate(zip(ids, rec[f"{side}_weight"]))]
+                for k, (text, w) in enumerate(zip(texts, rec[f"{side}_weight"]))]
         out.append(item)
     return out
 
@@ -93,6 +136,8 @@ def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weight
 
     cmap = matplotlib.colormaps["coolwarm"]
     norm = _norm([t["weight"] for it in items for s in ("chosen", "rejected") for t in it[s]])
+    letter, legend = _SCORES.get(items[0].get("score_kind", "c_t") if items else "c_t",
+                                 _SCORES["c_t"])
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>",
@@ -104,7 +149,7 @@ def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weight
         f"<h2>{html.escape(title)}</h2>",
         f"<p>Colour: token weight on a diverging scale centred at 1 (blue {norm.vmin:.2f} "
         f"&middot; white 1 &middot; red {norm.vmax:.2f}). Hover a token for its weight and "
-        f"score c<sub>t</sub> = log &pi;<sup>+</sup> &minus; log &pi;<sup>&minus;</sup>.</p>",
+        f"{legend}.</p>",
     ]
     for it in items:
         parts.append(f"<div class='pair'><div>pair {it['index']}: "
@@ -115,7 +160,7 @@ def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weight
                 rgb = _colour(cmap, norm, t["weight"])
                 bg = "#%02x%02x%02x" % tuple(int(255 * c) for c in rgb)
                 tip = f"w={t['weight']:.3f}" + ("" if t["score"] is None
-                                               else f", c={t['score']:.3f}")
+                                               else f", {letter}={t['score']:.3f}")
                 spans.append(f"<span class='tok' style='background:{bg};color:"
                              f"{_text_colour(rgb)}' title='{tip}'>"
                              f"{html.escape(t['text'])}</span>")
@@ -165,7 +210,8 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
     ax.set_xlim(0, width_chars * char_w + 0.6)
     ax.set_ylim(-(len(lines) * line_h + 0.2), 0.3)
     ax.axis("off")
-    ax.text(0.3, 0.1, title, fontsize=11, weight="bold", va="center")
+    # parse_math=False: '$' in a text is literal (no mathtext; an unmatched '$x^$' raised)
+    ax.text(0.3, 0.1, title, fontsize=11, weight="bold", va="center", parse_math=False)
     for n, row in enumerate(lines):
         x, y = 0.3, -(n + 1) * line_h
         for text, rgb in row:
@@ -173,7 +219,7 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
             if rgb is not None:
                 ax.add_patch(Rectangle(
                     (x, y - line_h * 0.42), w, line_h * 0.84, facecolor=rgb, linewidth=0))
-            ax.text(x, y, text, family="monospace", fontsize=9, va="center",
+            ax.text(x, y, text, family="monospace", fontsize=9, va="center", parse_math=False,
                     color="#777" if n in prompt_rows else
                     (_text_colour(rgb) if rgb is not None else "#000"))
             x += w

@@ -13,7 +13,8 @@ chosen and first pieces in rejected responses, whatever the word).
   space) are joined and cut into segments — leading whitespace plus a run of letters/digits,
   or plus a run of other symbols — and each token belongs to the segment its first character
   is in. The first completion token always starts a word; special tokens (EOS) are spans of
-  their own. A piece of a multi-byte character (decoded U+FFFD) counts as a letter. Text
+  their own. A piece of a multi-byte character (decoded U+FFFD) and a combining mark (Unicode
+  category M: Devanagari vowel signs, a decomposed accent) count as letters. Text
   without spaces between words (Chinese, Japanese) becomes one span per run: use ``column``.
 - ``column``: spans come with the records, in the int list columns ``chosen_span`` /
   ``rejected_span``: one id per completion token, aligned like every per-token column of
@@ -46,6 +47,7 @@ weights) is an error.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +83,8 @@ def word_span_ids(ids, tokenizer) -> list[int]:
     run: list[str] = []                        # pieces of the current text between specials
 
     def close():
-        text = "".join(run)
+        # marks are no \w in re: as letters, so 'नमस्ते' or 'e\u0301cole' stays one word
+        text = "".join("a" if unicodedata.category(c)[0] == "M" else c for c in "".join(run))
         starts = [m.start() for m in _SEGMENT_RE.finditer(text)]
         base, pos = (out[-1] + 1 if out else 0), 0
         for piece in run:
