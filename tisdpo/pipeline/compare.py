@@ -13,6 +13,12 @@ named group ``method`` and optionally ``seed``; the default, :data:`DEFAULT_GROU
 without a seed part is its own method with the seed its done.json records. Two policies
 with the same method and seed are an error.
 
+Refused, naming the option and two policies (:func:`check_comparable`, from each policy's
+``options.json``): policies evaluated on different held-out pairs (any ``data.*`` option,
+the run's ``seed``, the model or tokenizer, ``policy.eval_max_pairs``), and, within a
+method, policies trained differently (done.json's method or any recorded option other than
+``policy.seed``): a method's seeds are repeats of one recipe.
+
 What is compared: each policy's final held-out metrics from its ``done.json`` (by default
 :data:`DEFAULT_METRICS`: the unweighted DPO implicit-reward accuracy, which means the same
 for every method, the method's own accuracy, and the per-token likelihood displacement of
@@ -37,13 +43,14 @@ import math
 import os
 import re
 
+from tisdpo.pipeline.fingerprint import OPTIONS_FILE, omitted_when_none
 from tisdpo.pipeline.stages import POLICIES_DIR
-from tisdpo.train.checkpoint import read_done, stage_done, write_json
+from tisdpo.train.checkpoint import jsonable, read_done, read_json, stage_done, write_json
 from tisdpo.train.config import RunConfig
 from tisdpo.train.objectives import COLLAPSE_THRESHOLD
 
 __all__ = ["DEFAULT_GROUP", "DEFAULT_METRICS", "find_policies", "group_policies", "summarize",
-           "format_markdown", "run_compare", "mean_se"]
+           "format_markdown", "run_compare", "mean_se", "check_comparable"]
 
 log = logging.getLogger("tisdpo")
 
@@ -105,7 +112,8 @@ def find_policies(run_dir: str, patterns=None) -> dict[str, str]:
 
 
 def group_policies(policies: dict[str, str], group: str | None = None) -> list[dict]:
-    """One record per policy: name, folder, method, seed, the done.json metrics."""
+    """One record per policy: name, folder, method, seed, the done.json metrics; policies
+    that cannot be compared are refused (:func:`check_comparable`)."""
     try:
         rx = re.compile(group or DEFAULT_GROUP)
     except re.error as err:
@@ -131,7 +139,86 @@ def group_policies(policies: dict[str, str], group: str | None = None) -> list[d
                      "trained_seed": done.get("seed"),
                      "policy_method": done.get("method"), "steps": done.get("steps"),
                      "metrics": metrics})
+    check_comparable(runs)
     return runs
+
+
+#: the recorded options that say which held-out pairs a policy was evaluated on, and how
+#: they were tokenised (``data.*`` by prefix); with the inputs' content identity
+_EVAL_OPTIONS = ("seed", "model.path", "model.tokenizer", "policy.eval_max_pairs")
+
+
+def _is_eval_option(name: str) -> bool:
+    return name.startswith("data.") or name in _EVAL_OPTIONS
+
+
+def _options(path: str) -> dict | None:
+    """A policy's recorded options and its inputs' content identity (``input:<option>``);
+    ``policy.seed`` also from an options.json written before it was recorded (then
+    ``seed``). None without an options.json."""
+    file = os.path.join(path, OPTIONS_FILE)
+    if not os.path.isfile(file):
+        return None
+    doc = read_json(file)
+    opts = dict(doc.get("options", {}))
+    if "policy.seed" not in opts and "seed" in opts:   # then the policy's seed was ``seed``
+        opts["policy.seed"] = opts.pop("seed")
+    opts.pop("policy.name", None)
+    return {**opts, **{f"input:{k}": v for k, v in doc.get("inputs", {}).items()}}
+
+
+_UNRECORDED = object()
+
+
+def _value(opts: dict, name: str):
+    """An option's recorded value: one recorded only when set is None when absent, any other
+    absent one (an older options.json) is not compared."""
+    if name in opts:
+        return opts[name]
+    if omitted_when_none(name):
+        return None
+    return _UNRECORDED
+
+
+def _difference(a: dict, b: dict, keep) -> str | None:
+    """The first option (by name) ``keep`` selects whose values differ, said in words."""
+    for name in sorted(k for k in set(a) | set(b) if keep(k)):
+        va, vb = _value(a, name), _value(b, name)
+        if _UNRECORDED not in (va, vb) and va != vb:
+            if name.startswith("input:"):
+                return f"{name.removeprefix('input:')} (its content: {va[:19]} vs {vb[:19]})"
+            return f"{name}: {va!r} vs {vb!r}"
+    return None
+
+
+def check_comparable(runs: list[dict]) -> None:
+    """Refuse (ValueError, one line naming two policies and the option) policies evaluated on
+    different held-out pairs, and policies of one method trained differently (other than by
+    their seed). Policies without an options.json are checked by done.json's method only."""
+    opts = {r["name"]: _options(r["dir"]) for r in runs}
+    recorded = [r["name"] for r in runs if opts[r["name"]] is not None]
+    for name in recorded[1:]:
+        diff = _difference(opts[recorded[0]], opts[name],
+                           lambda k: _is_eval_option(k.removeprefix("input:")))
+        if diff:
+            raise ValueError(f"policies {recorded[0]!r} and {name!r} were evaluated on "
+                             f"different held-out pairs: {diff}; compare policies trained "
+                             f"with the same data and evaluation options")
+    for method in sorted({r["method"] for r in runs}):
+        first, *rest = [r for r in runs if r["method"] == method]
+        for r in rest:
+            a, b = opts[first["name"]], opts[r["name"]]
+            if first["policy_method"] != r["policy_method"]:
+                diff = f"done.json method: {first['policy_method']!r} vs {r['policy_method']!r}"
+            elif a is not None and b is not None:
+                diff = _difference(a, b, lambda k: k != "policy.seed")
+            else:
+                diff = None
+            if diff:
+                raise ValueError(f"policies {first['name']!r} and {r['name']!r} are both "
+                                 f"method {method!r} but trained differently: {diff}; only "
+                                 f"the seed may differ within a method (name them apart or "
+                                 f"pass --group)")
 
 
 def _stat(values) -> dict:
@@ -259,6 +346,13 @@ def run_compare(cfg: RunConfig, *, policies=None, group: str | None = None,
                          f"{POLICIES_DIR}/<name>/"
                          + (f" matching {list(policies)}" if policies else "") + ")")
     runs = group_policies(found, group)
+    sampled = reward == "on" or (reward == "auto" and synthetic)
+    if not metrics and not sampled and not any(k in r["metrics"] for r in runs
+                                               for k in DEFAULT_METRICS):
+        have = sorted({k for r in runs for k in r["metrics"]})
+        raise ValueError(f"no held-out metrics: policies {[r['name'] for r in runs]} have none "
+                         f"of {list(DEFAULT_METRICS)} in done.json (no eval split?); pass "
+                         f"--metrics with keys they have: {have}")
     if metrics:
         have = sorted({k for r in runs for k in r["metrics"]})
         unknown = [k for k in metrics if k != REWARD and k not in have]
@@ -266,22 +360,12 @@ def run_compare(cfg: RunConfig, *, policies=None, group: str | None = None,
             raise ValueError(f"--metrics {unknown[0]!r}: no policy's done.json has it; they "
                              f"have {have}")
     metrics = list(metrics or DEFAULT_METRICS)
-    if reward == "on" or (reward == "auto" and synthetic):
+    if sampled:
         _sample_rewards(cfg, runs)
         if REWARD not in metrics:
             metrics.append(REWARD)
     res = summarize(runs, metrics, baseline)
     text = format_markdown(res, cfg.run_dir)
     print(text)
-    write_json(out or os.path.join(cfg.run_dir, "compare.json"), _jsonable(res))
+    write_json(out or os.path.join(cfg.run_dir, "compare.json"), jsonable(res))
     return res
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

@@ -56,14 +56,14 @@ from tisdpo.pipeline.context import (
 )
 from tisdpo.pipeline.spans import pool_spans, word_span_ids
 from tisdpo.pipeline.weights import completion_logps, run_weights, weight_rule
-from tisdpo.train.checkpoint import read_done
+from tisdpo.train.checkpoint import jsonable, read_done
 from tisdpo.train.config import RunConfig
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.synthetic import synthetic_info
 from tisdpo.train.trainer import rows_of
 
 __all__ = ["demo_config", "run_demo", "auc", "format_table", "held_out_prompts",
-           "sample_rewards", "standard_error"]
+           "sample_rewards", "standard_error", "write_results"]
 
 log = logging.getLogger("tisdpo")
 
@@ -244,6 +244,10 @@ _se = standard_error
 
 # ---------------------------------------------------------------------------- table
 
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def format_table(res: dict) -> str:
     a = res["auc"]
     f = lambda x: "n/a" if x is None or x != x else f"{x:.3f}"  # noqa: E731
@@ -278,9 +282,9 @@ def format_table(res: dict) -> str:
     for row in res["rows"]:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
         rew = f"{row['reward']:+.3f}"
-        if row.get("accuracy_se") is not None:
+        if _finite(row.get("accuracy_se")):     # nan (one pair, one prompt): no ± at all
             acc += f" ± {row['accuracy_se']:.3f}"
-        if row.get("reward_se") is not None:
+        if _finite(row.get("reward_se")):
             rew += f" ± {row['reward_se']:.3f}"
         own = "-" if row.get("own_accuracy") is None else f"{row['own_accuracy']:.3f}"
         lines.append(f"| {row['method']} | {acc} | {rew} | {own} |")
@@ -304,9 +308,10 @@ def _verdict(rows: dict, n_seeds: int, items: dict | None = None) -> str:
     One seed: the SE of the per-item differences in ``items`` (``{label: {"accuracy":
     per-pair wins, "reward": per-prompt rewards}}``: both models saw the same held-out pairs
     and prompts), else the two rows' SEs combined as if independent. A zero or undefined SE
-    decides nothing (no "beat" from a difference whose spread was not measured)."""
+    decides nothing: no "beat" and no "did NOT beat" from a difference whose spread was not
+    measured, the summary calls that metric undecided."""
     t, d = rows["TIS-DPO"], rows["DPO"]
-    parts, wins, losses = [], [], []
+    parts, wins, losses, level, untested = [], [], [], [], []
     for key, name in (("reward", "task reward"), ("accuracy", "held-out accuracy")):
         diffs = np.asarray(t[f"{key}_per_seed"]) - np.asarray(d[f"{key}_per_seed"])
         diff = float(diffs.mean())
@@ -323,19 +328,31 @@ def _verdict(rows: dict, n_seeds: int, items: dict | None = None) -> str:
         zs = f"{z:+.1f} SE" if math.isfinite(z) else "SE 0: untested" if se == 0 \
             else "SE n/a: untested"
         parts.append(f"{name} {diff:+.3f} ({zs}; per seed {seeds})")
-        if z > 2:
+        if not math.isfinite(z):
+            untested.append(name)
+        elif z > 2:
             wins.append(name)
         elif z < -2:
             losses.append(name)
+        else:
+            level.append(name)
     if wins and losses:
         summary = f"Mixed: better on {', '.join(wins)}, worse on {', '.join(losses)}."
     elif wins:
         summary = f"TIS-DPO beat DPO on {' and '.join(wins)} by more than 2 standard errors."
     elif losses:
         summary = f"TIS-DPO did NOT beat DPO: worse on {' and '.join(losses)}."
-    else:
+    elif level and untested:
+        summary = (f"TIS-DPO did NOT beat DPO beyond noise on {' and '.join(level)} (its "
+                   f"difference is within 2 standard errors).")
+    elif level:
         summary = ("TIS-DPO did NOT beat DPO beyond noise (no difference exceeds 2 standard "
                    "errors).")
+    else:
+        summary = ""
+    if untested:                         # a difference whose spread was not measured
+        summary = (f"{summary} Undecided on {' and '.join(untested)}: the standard error of "
+                   f"the difference is 0 or not available, so it was not tested.").lstrip()
     scope = (f"Standard errors over {n_seeds} policy-training seeds (paired by seed); the "
              f"data, SFT model and pi+/pi- come from one seed, so they do not cover that "
              f"variation."
@@ -436,8 +453,14 @@ def run_demo(cfg: RunConfig) -> dict:
     }
     table = format_table(res)
     print(table)
+    write_results(ctx, res, table)
+    return res
+
+
+def write_results(ctx, res: dict, table: str) -> None:
+    """The results as strict JSON (a nan standard error or AUC is null) and the table as
+    markdown, in the run directory."""
     with open(ctx.path("demo_results.json"), "w", encoding="utf-8") as fh:
-        json.dump(res, fh, indent=2)
+        json.dump(jsonable(res), fh, indent=2, allow_nan=False)
     with open(ctx.path("demo_results.md"), "w", encoding="utf-8") as fh:
         fh.write(table + "\n")
-    return res

@@ -37,7 +37,8 @@ from tisdpo.train.records import DATA_EXTS
 
 __all__ = ["StageOptionsChanged", "stage_options", "stage_digest", "check_options",
            "enter_stage", "upstream", "contrastive_options", "recorded_options",
-           "input_identity", "check_ignored_options", "OPTIONS_FILE", "RUN_OPTIONS"]
+           "input_identity", "check_ignored_options", "OPTIONS_FILE", "RUN_OPTIONS",
+           "omitted_when_none"]
 
 log = logging.getLogger("tisdpo")
 
@@ -54,6 +55,11 @@ _IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "save_ever
 # stay reusable. eval_max_pairs picks the pairs of the final evaluation in done.json.
 _OMITTED_WHEN_NONE = {"policy.filter_eps"}
 _OMITTED_LEAF_WHEN_NONE = {"eval_max_pairs"}
+
+
+def omitted_when_none(name: str) -> bool:
+    """Whether option ``name`` is recorded only when set (absent from options.json: None)."""
+    return name in _OMITTED_WHEN_NONE or name.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE
 #: the options that say which records, model and seed a run uses (with ``model.tiny_*`` and
 #: the inputs' content): every stage of a run shares them
 RUN_OPTIONS = ("seed", "data.train", "data.eval", "data.synthetic_train", "data.synthetic_eval",
@@ -136,8 +142,7 @@ def stage_options(cfg, sections: tuple[str, ...], *, overrides: dict | None = No
     keep = {"seed", "model", "data", *sections}
     flat = {k: v for k, v in _flat(tree).items()
             if (k.split(".")[0] in keep or k in keep) and _kept(k)
-            and not (v is None and (k in _OMITTED_WHEN_NONE or
-                                    k.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE))}
+            and not (v is None and omitted_when_none(k))}
     dist = cfg.distributed
     if dist.mode == "fsdp2" and dist.mixed_precision == "bf16" and cfg.model.dtype != "bfloat16":
         # FSDP2 computes in bf16 over float32 weights: a precision of the result, as

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -173,6 +174,17 @@ def write_json(path: str, doc, *, indent: int = 2, sort_keys: bool = False) -> N
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=indent, sort_keys=sort_keys)
     os.replace(tmp, path)
+
+
+def jsonable(x):
+    """``x`` with every non-finite float None (strict JSON: no NaN, no Infinity)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
 
 
 def rng_state() -> dict:
