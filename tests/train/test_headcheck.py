@@ -171,3 +171,27 @@ def test_load_model_refuses_a_router_loss_it_would_drop(tmp_path):
         _refuse_router_aux_loss(dbrx, "dbrx")
     dbrx.config.ffn_config = {"moe_loss_weight": 0.0}
     _refuse_router_aux_loss(dbrx, "dbrx")
+
+
+def test_a_checkpoint_without_some_weights_is_refused(tmp_path):
+    """A folder that lacks a weight the model has (a base model's checkpoint without its LM
+    head): transformers would start it at random, unseeded, so that every load of the
+    folder (policy, reference, each stage) differs. Refused, naming the folder and weight;
+    a tied head is no missing weight."""
+    from safetensors.torch import load_file, save_file
+
+    from tisdpo.train.model import load_model
+
+    path = _save(tmp_path / "untied", "llama", dict(LLAMA_LIKE, tie_word_embeddings=False))
+    assert load_model(ModelConfig(path=path), device=CPU).training
+    file = f"{path}/model.safetensors"
+    weights = load_file(file)
+    del weights["lm_head.weight"]
+    save_file(weights, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^model {path}: its checkpoint lacks "
+                                         r"lm_head.weight, which the model has;") as err:
+        load_model(ModelConfig(path=path), device=CPU, trainable=False)
+    assert "\n" not in str(err.value)
+    tied = _save(tmp_path / "tied", "llama", dict(LLAMA_LIKE, tie_word_embeddings=True))
+    assert "lm_head.weight" not in load_file(f"{tied}/model.safetensors")
+    load_model(ModelConfig(path=tied), device=CPU)

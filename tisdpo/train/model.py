@@ -200,10 +200,11 @@ def _refuse_router_aux_loss(model, src: str) -> None:
 def _from_pretrained(auto, src: str, cfg: ModelConfig):
     """``from_pretrained`` with ``cfg.attn_implementation``; the default ``sdpa`` falls back to
     ``eager`` (with a log line) for a class that does not support it, any other choice raises
-    a one-line error naming the option."""
+    a one-line error naming the option. A checkpoint that lacks weights the model has is
+    refused (:func:`_all_weights`)."""
     try:
-        return auto.from_pretrained(src, dtype=_weight_dtype(cfg),
-                                    attn_implementation=cfg.attn_implementation)
+        loaded = auto.from_pretrained(src, dtype=_weight_dtype(cfg), output_loading_info=True,
+                                      attn_implementation=cfg.attn_implementation)
     except (ValueError, ImportError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "attention" not in msg.lower() or cfg.attn_implementation == "eager":
@@ -212,8 +213,24 @@ def _from_pretrained(auto, src: str, cfg: ModelConfig):
             raise ValueError(f"--model.attn_implementation {cfg.attn_implementation}: not "
                              f"usable for {src} ({msg}); choose another, e.g. eager or sdpa"
                              ) from None
-    log.warning("model %s does not support attn_implementation=sdpa; using eager", src)
-    return auto.from_pretrained(src, dtype=_weight_dtype(cfg), attn_implementation="eager")
+        log.warning("model %s does not support attn_implementation=sdpa; using eager", src)
+        loaded = auto.from_pretrained(src, dtype=_weight_dtype(cfg), output_loading_info=True,
+                                      attn_implementation="eager")
+    return _all_weights(src, *loaded)
+
+
+def _all_weights(src: str, model, info: dict):
+    """``model``, refused when its checkpoint lacked weights the model has: transformers
+    starts those at random from the unseeded global generator (and its warning is silenced
+    here), so each load of the folder (policy, reference, every stage) would differ."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise ValueError(f"model {src}: its checkpoint lacks {shown}, which the model has; "
+                         f"loading would start them at random (a base model without its "
+                         f"LM head, or an incomplete save?)")
+    return model
 
 
 def enable_activation_checkpointing(model) -> None:
