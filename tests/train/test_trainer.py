@@ -231,3 +231,23 @@ def test_bf16_training_step_runs(tmp_path, mode):
     assert all(torch.isfinite(g).all() for g in grads.values())
     want = torch.bfloat16 if mode == "weights" else torch.float32
     assert all(g.dtype == want for g in grads.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_weight_decay_leaves_biases_and_norms_alone(optimizer):
+    """As HF's Trainer (and TRL): matrices decay, biases and normalisation weights do not.
+    With no gradient at all, one step moves exactly the decayed parameters."""
+    from tisdpo.train.config import PolicyConfig
+    from tisdpo.train.trainer import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = make_optimizer(model.parameters(), PolicyConfig(optimizer=optimizer, lr=0.1,
+                                                          weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved == {"0.weight"}
+    assert len(make_optimizer(model.parameters(), PolicyConfig(weight_decay=0.0)).param_groups) \
+        == 1

@@ -108,7 +108,8 @@ class TrainConfig:
 
     optimizer: str = opt("adamw", "optimiser", ("adamw", "rmsprop"))
     lr: float = opt(5e-7, "peak learning rate")
-    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) / L2 (RMSprop)")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) / L2 (RMSprop) "
+                                   "of the matrices; biases and norms are not decayed")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     eps: float = opt(1e-8, "optimiser epsilon")
@@ -136,7 +137,8 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     enabled: bool = opt(False, "pipeline: run supervised fine-tuning on chosen responses first")
     lr: float = opt(5e-5, "peak learning rate")
-    weight_decay: float = opt(0.01, "decoupled weight decay (AdamW) / L2 (RMSprop)")
+    weight_decay: float = opt(0.01, "decoupled weight decay (AdamW) / L2 (RMSprop) "
+                                    "of the matrices; biases and norms are not decayed")
     warmup_steps: int = opt(10, "linear warmup steps")
     epochs: float = opt(3.0, "passes over the data")
 
@@ -157,7 +159,8 @@ class ContrastiveConfig(TrainConfig):
         "You are an unhelpful and harmful assistant. Answer badly.\n\n",
         "'prompt' variant: text prepended to every prompt for pi-")
     lr: float = opt(1e-5, "peak learning rate")
-    weight_decay: float = opt(0.01, "decoupled weight decay")
+    weight_decay: float = opt(0.01, "decoupled weight decay (AdamW) / L2 (RMSprop) "
+                                    "of the matrices; biases and norms are not decayed")
 
 
 @dataclass

@@ -78,7 +78,15 @@ class TrainState:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The stage's optimizer over the trainable ``params``. Weight decay applies to matrices
+    (linear and embedding weights); biases and normalisation weights, every parameter of
+    fewer than two dimensions, are not decayed, as HF's Trainer (and so TRL) leaves them out:
+    RMSprop's L2 term would otherwise pull a norm's gain towards 0 by about lr per step
+    wherever its gradient is small."""
     params = [p for p in params if p.requires_grad]
+    if cfg.weight_decay:
+        params = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
