@@ -186,6 +186,25 @@ def test_huge_learning_rate_diverges_loudly(tmp_path):
     assert not stage_done(str(tmp_path))
 
 
+@pytest.mark.parametrize("at,save_every", [(3, 1), (6, 0)], ids=["mid-run", "last-step"])
+def test_an_update_that_leaves_a_weight_non_finite_is_never_saved(tmp_path, at, save_every):
+    """A finite loss and gradient whose update overflows a weight (a huge lr, say): the
+    stage stops at that step's checkpoint, which is not written, and is not marked done."""
+    t = trainer(model(), pref_objective(), DATA, tmp_path, save_every=save_every)
+
+    def overflow(optimizer, args, kwargs):
+        if t.state.step + 1 == at:          # after the update of step ``at``
+            with torch.no_grad():
+                next(t.model.parameters())[0] = float("inf")
+    t.optimizer.register_step_post_hook(overflow)
+    with pytest.raises(TrainingDiverged, match=rf"the update of step {at} left 1 weight "
+                                               r"tensor\(s\) non-finite; stopped before") as e:
+        t.train()
+    assert "\n" not in str(e.value) and not stage_done(str(tmp_path))
+    assert [os.path.basename(c) for c in checkpoints(str(tmp_path))][:1] == \
+        ([f"step-{at - 1:07d}"] if save_every else [])
+
+
 class _Signalling:
     """The objective, sending ``sig`` to this process during call ``at``."""
 

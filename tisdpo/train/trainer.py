@@ -66,8 +66,8 @@ _SIGNALS = ("SIGTERM", "SIGINT")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became non-finite; the stage stopped before the update
-    and is not marked done."""
+    """The loss or the gradient norm became non-finite (the stage stopped before the update),
+    or an update left a weight non-finite (stopped before saving it); not marked done."""
 
 @dataclass
 class TrainState:
@@ -221,6 +221,7 @@ class Trainer:
         final = os.path.join(root, f"step-{self.state.step:07d}")
         if self._saved == self.state.step:
             return final
+        self._check_weights()
         model_sd, optim_sd = self.par.state_dicts(self.model, self.optimizer)
         if not self.par.is_main:                  # rank 0 writes, the others wait for it
             self.par.barrier()
@@ -241,6 +242,19 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         self.par.barrier()
         return final
+
+    def _check_weights(self) -> None:
+        """Before a checkpoint (each stage's last step included): an update that left a
+        weight non-finite with a finite loss and gradient (a huge lr, say) stops the stage
+        there, neither saved nor marked done. One host sync; every rank agrees."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        flags = [torch.isfinite(p).all() for p in local if p.numel()]
+        bad = self.par.sum_host([float((~torch.stack(flags)).sum()) if flags else 0.0])[0]
+        if bad:
+            raise TrainingDiverged(
+                f"{self.desc}: the update of step {self.state.step} left {int(bad)} weight "
+                f"tensor(s) non-finite; stopped before saving it, not marked done (a lower lr "
+                f"usually helps)")
 
     def load_checkpoint(self, path: str) -> None:
         ckpt = read_state(path, mmap=self.par.distributed)
