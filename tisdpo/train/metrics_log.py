@@ -54,7 +54,7 @@ class MetricSink:
     def __init__(self, out_dir: str, tensorboard: bool,
                  resume: tuple[int, int | None] | None, desc: str = "train"):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.rows = 0
+        self.rows, keep = 0, []
         if resume is not None and os.path.isfile(self.path):
             step, rows = resume
             keep = _read_rows(self.path, desc)
@@ -79,10 +79,15 @@ class MetricSink:
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                # resumed: the events logged after the checkpoint's step are redone, so the
-                # writer purges them (as the log above is cut back)
+                # resumed: what was logged after the checkpoint is redone, so the writer
+                # purges it (as the log above is cut back). TensorBoard purges by step, and
+                # the checkpoint's own step may have more events after it (the final
+                # evaluation): its step goes too, and its kept rows are logged again.
                 self.tb = SummaryWriter(tb_dir, purge_step=None if resume is None
-                                        else resume[0] + 1)
+                                        else resume[0])
+                for row, _ in keep:
+                    if row.get("step") == resume[0]:
+                        self._add(row)
 
     def write(self, step: int, values: dict) -> None:
         row = {"step": step, **values}
@@ -90,9 +95,12 @@ class MetricSink:
             fh.write(json.dumps(row) + "\n")
         self.rows += 1
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            self._add(row)
+
+    def _add(self, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
