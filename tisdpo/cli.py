@@ -72,12 +72,20 @@ COMMANDS = {
 _TOP = ("seed", "run_dir", "device", "threads")
 
 
-# defaults a command sets for itself (``demo_config``), shown by its --help
+# defaults a command sets for itself (``demo_config``, whose values its --help shows) that
+# --task and --fast change
 _COMMAND_DEFAULTS = {("demo", "run_dir"): "'runs/demo'; 'runs/demo-hard' with --task hard; "
                                           "'-fast' appended with --fast"}
 
 
+def _option(cfg, name: str):
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def _add_options(parser: argparse.ArgumentParser, sections, command: str) -> None:
+    own = demo_config() if command == "demo" else None      # the demo's own defaults
     groups = {}
     for spec in field_specs():
         section = spec.name.split(".")[0] if "." in spec.name else None
@@ -92,8 +100,9 @@ def _add_options(parser: argparse.ArgumentParser, sections, command: str) -> Non
         help_text = spec.help
         if spec.choices:
             help_text += f" {{{', '.join(map(str, spec.choices))}}}"
+        value = spec.default if own is None else _option(own, spec.name)
         default = _COMMAND_DEFAULTS.get((command, spec.name)) or (
-            "empty" if spec.default is None else repr(spec.default))
+            "empty" if value is None else repr(value))
         help_text += f" (default: {default})".replace("%", "%%")
         kwargs = dict(dest=spec.name, default=argparse.SUPPRESS, help=help_text,
                       metavar=spec.type.__name__.upper())
@@ -190,14 +199,17 @@ def _compare_config(args: argparse.Namespace) -> None:
             args.config = path
 
 
-def resolve(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+def resolve(args: argparse.Namespace, base: RunConfig | None = None, *,
+            check: bool = True) -> RunConfig:
     """Defaults (or ``base``) < YAML file < command-line flags."""
     flags = {k: v for k, v in vars(args).items() if k in _TOP or "." in k}
-    if getattr(args, "fast", False):
-        flags.setdefault("demo.fast", True)
-    if getattr(args, "task", None):
-        flags.setdefault("data.synthetic_task", args.task)
-    return build_config(args.config, flags, base=base)
+    for short, name, value in (("--fast", "demo.fast", getattr(args, "fast", False) or None),
+                               ("--task", "data.synthetic_task", getattr(args, "task", None))):
+        if value is not None:
+            if name in flags:
+                raise ValueError(f"{short} and --{name} both given; give one")
+            flags[name] = value
+    return build_config(args.config, flags, base=base, check=check)
 
 
 def _quiet_libraries() -> None:
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         base = None
         if args.command == "demo":       # its defaults follow demo.fast and the task, which
-            probe = resolve(args)        # the file may set as well as the flags
+            probe = resolve(args, check=False)    # the file may set as well as the flags
             base = demo_config(fast=probe.demo.fast, task=probe.data.synthetic_task)
         cfg = resolve(args, base)
         if args.command == "demo":

@@ -315,3 +315,38 @@ def test_a_one_process_command_under_torchrun_says_so(tmp_path, capsys, monkeypa
     assert err == (f"tisdpo {command[0]}: {command[0]} runs as one process; launch it without "
                    f"torchrun (WORLD_SIZE=2)"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_options_are_checked_against_the_demos_own_defaults(capsys):
+    """--data.max_length 100 is valid beside the demo's max_prompt_length 16 (the general
+    default 256 would refuse it); --help shows the values the demo uses."""
+    assert cli.main(["demo", "--data.max_length", "100", "--print-config"]) == 0
+    assert "max_length: 100\n  max_prompt_length: 16\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--policy.lr FLOAT peak learning rate", "0.0005"),
+                            ("--data.max_length INT max prompt+response tokens per sequence",
+                             "48")):
+        assert f"{option} (default: {default})" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "hard", "--data.synthetic_task", "easy"],
+     "--task and --data.synthetic_task both given; give one"),
+    (["--fast", "--demo.fast", "false"], "--fast and --demo.fast both given; give one"),
+])
+def test_a_demo_shortcut_and_its_option_together_are_refused(argv, message, capsys):
+    assert cli.main(["demo", *argv, "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == f"tisdpo demo: {message}"
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["a-file", "under-a-file"])
+def test_a_run_dir_that_cannot_be_a_folder_is_named(tmp_path, capsys, inside):
+    run = tmp_path / "run"
+    run.write_text("not a folder")
+    where = run / "sub" if inside else run
+    assert cli.main([*DPO, *TINY, "--run_dir", str(where)]) == 1
+    err = _one_line(capsys.readouterr().err, f"tisdpo train: error: run_dir {where}: cannot "
+                                             f"be the run folder (")
+    assert ("it is a file" if not inside else "not a directory") in err

@@ -59,7 +59,11 @@ def _acquire(run_dir: str, path: str):
 
 
 def _enter(run_dir: str) -> str:
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:            # a file there, a read-only place: say it is run_dir
+        why = "it is a file" if os.path.isfile(run_dir) else (err.strerror or str(err)).lower()
+        raise ValueError(f"run_dir {run_dir}: cannot be the run folder ({why})") from None
     path = _lock_path(run_dir)
     if path in _HELD:
         _HELD[path][1] += 1

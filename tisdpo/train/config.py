@@ -468,8 +468,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None = None,
-                 base: RunConfig | None = None) -> RunConfig:
-    """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags); validated."""
+                 base: RunConfig | None = None, *, check: bool = True) -> RunConfig:
+    """Defaults (or ``base``), then the YAML file, then ``overrides`` (CLI flags); validated
+    unless ``check`` is false (a probe of a few options, before the defaults that apply are
+    known)."""
     cfg = base if base is not None else RunConfig()
     if yaml_path:
         data = load_yaml(yaml_path)
@@ -479,4 +481,4 @@ def build_config(yaml_path: str | None = None, overrides: dict[str, Any] | None 
             raise ConfigFileError(yaml_path, str(err)) from None
     if overrides:
         apply_overrides(cfg, overrides)
-    return validate(cfg)
+    return validate(cfg) if check else cfg
