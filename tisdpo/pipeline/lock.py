@@ -1,14 +1,15 @@
 """One process per run directory: an exclusive lock on ``<run_dir>/.lock``.
 
 ``with run_lock(run_dir):`` holds an advisory ``flock`` for the block (every ``tisdpo``
-command but ``inspect`` runs inside one). The operating system drops the lock when the
-process ends, however it ends, so a killed run leaves no stale lock. The file holds the
-holder's pid, which a refused second process names. Nested blocks on the same directory in
-one process share the lock. Several processes (``run_lock(run_dir, par)`` with a
-distributed :class:`~tisdpo.train.parallel.Parallel`, its process group made first): rank 0
-holds the lock for the job and tells every rank whether it got it, so a refused job ends on
-every rank at once (RunLocked everywhere; RankFailed on the others when rank 0 failed
-otherwise). Under torchrun without one, only rank 0 takes it and the others skip it.
+command but ``inspect`` and ``compare``, which only read a run, runs inside one). The
+operating system drops the lock when the process ends, however it ends, so a killed run
+leaves no stale lock. The file holds the holder's pid, which a refused second process names.
+Nested blocks on the same directory in one process share the lock. Several processes
+(``run_lock(run_dir, par)`` with a distributed :class:`~tisdpo.train.parallel.Parallel`, its
+process group made first): rank 0 holds the lock for the job and tells every rank whether it
+got it, so a refused job ends on every rank at once (RunLocked everywhere; RankFailed on the
+others when rank 0 failed otherwise). Under torchrun without one, only rank 0 takes it and
+the others skip it.
 """
 from __future__ import annotations
 

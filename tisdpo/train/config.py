@@ -401,7 +401,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if not isinstance(k, str):
-            raise ValueError(f"config key {k!r} under {prefix or 'the top level'} must be a string")
+            raise ValueError(f"config key {k!r} under {prefix.rstrip('.') or 'the top level'} "
+                             f"must be a string")
         name = prefix + k
         if isinstance(v, dict):
             out.update(_flatten(v, name + "."))
