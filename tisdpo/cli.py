@@ -332,8 +332,10 @@ def _collective_failure(err: BaseException) -> bool:
 
     Recognised by where torch raised it, not by its text (gloo raises a plain RuntimeError):
     a DistError, or a RuntimeError raised in torch.distributed or DDP, or in autograd's
-    engine (DDP's gradient all-reduce) with a native source location leading its message,
-    while several processes share a process group and no other exception was being handled.
+    engine (DDP's gradient all-reduce), from the communication library (a native source
+    location leading its message), while several processes share a process group and no
+    other exception was being handled. A RuntimeError that torch.distributed's own Python
+    code raises (FSDP2 refusing a shape, say) is this rank's error: its traceback stands.
     """
     import torch.distributed as dist
 
@@ -347,8 +349,8 @@ def _collective_failure(err: BaseException) -> bool:
     if type(err) is not RuntimeError or not frames:
         return False
     last = frames[-1].filename
-    return any(part in last for part in _COLLECTIVE_FILES) or (
-        _BACKWARD_FILE in last and bool(_NATIVE_LOCATION.match(str(err))))
+    return (any(part in last for part in _COLLECTIVE_FILES) or _BACKWARD_FILE in last) and \
+        bool(_NATIVE_LOCATION.match(str(err)))
 
 
 def _gist(err: BaseException) -> str:

@@ -140,3 +140,30 @@ def test_one_ranks_error_is_one_line_on_the_others(tmp_path, jobs):
     (rc0, err0), _ = _launch(tmp_path, [("wait", 0.0, _argv(run_dir, "--debug")),
                                         ("raise", 0.0, _argv(run_dir, "--debug"))])
     assert rc0 != 0 and "Traceback" in err0, err0      # --debug: torch's own error
+
+
+@pytest.mark.parametrize("where,message,peer", [
+    ("torch/distributed/distributed_c10d.py",
+     "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer", True),
+    ("torch/distributed/fsdp/_fully_shard/_fsdp_param.py",
+     "FSDP expects uniform shard sizes on dim 0", False),
+    ("torch/autograd/graph.py",
+     "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Read error", True),
+    ("mine/model.py",
+     "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer", False),
+])
+def test_only_the_communication_librarys_error_is_a_peers_failure(monkeypatch, where, message,
+                                                                   peer):
+    """A RuntimeError from torch.distributed's own Python code (FSDP2 refusing a shape) is
+    this rank's error, with its traceback; gloo's, from C++, is a peer gone."""
+    import torch.distributed as dist
+
+    from tisdpo.cli import _collective_failure
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    path = os.path.join(os.sep, "site-packages", *where.split("/"))
+    try:
+        exec(compile(f"raise RuntimeError({message!r})", path, "exec"))
+    except RuntimeError as err:
+        assert _collective_failure(err) is peer
