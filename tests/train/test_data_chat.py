@@ -1,4 +1,4 @@
-"""Chat templates without a ``{% generation %}`` block (ChatML, as Qwen's: each turn ends
+"""ChatML templates, with and without a ``{% generation %}`` block (each turn ends
 ``<|im_end|>\\n``) and a BOS under ``keep_end`` truncation: where the completion ends, how
 many EOS tokens it holds, and that a cut prompt keeps the BOS a short one has."""
 import datasets
@@ -12,14 +12,25 @@ CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
           "{{ message['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+# as TRL's training templates: the generation block holds the end-of-turn and its newline
+CHATML_GEN = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+              "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>\n"
+              "{% endgeneration %}{% else %}<|im_start|>{{ message['role'] }}\n"
+              "{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-@pytest.fixture(scope="module")
-def chatml():
+
+def _chatml(template):
     datasets.disable_progress_bars()
     return PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"),
                                    eos_token="<|im_end|>", pad_token="<|pad|>",
                                    additional_special_tokens=["<|im_start|>"],
-                                   chat_template=CHATML)
+                                   chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return _chatml(CHATML)
 
 
 def _chat(reply="kind cat"):
@@ -28,10 +39,12 @@ def _chat(reply="kind cat"):
             "rejected": [{"role": "assistant", "content": "rude cat"}]}
 
 
+@pytest.mark.parametrize("template", [CHATML, CHATML_GEN], ids=["no-block", "generation-block"])
 @pytest.mark.parametrize("add_eos", [True, False])
-def test_chatml_completion_ends_at_its_end_of_turn(chatml, add_eos):
-    """The template's newline after <|im_end|> is not response; the EOS rule then applies
-    as with a generation block: one EOS (counted) or none."""
+def test_chatml_completion_ends_at_its_end_of_turn(add_eos, template):
+    """The template's newline after <|im_end|> is not response, inside a generation block
+    too; the EOS rule then applies: one EOS (counted) or none, never <|im_end|> twice."""
+    chatml = _chatml(template)
     out, _ = tokenize_pairs(datasets.Dataset.from_list([_chat()]), chatml,
                             TokenizeConfig(add_eos=add_eos))
     ids = out[0]["chosen_ids"]

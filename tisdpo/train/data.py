@@ -24,13 +24,21 @@ anyway (weight 0, i.e. not counted).
 Plain-text records are tokenised as *prompt and completion separately* (no special tokens;
 BOS in front of the prompt only with ``add_bos``) and concatenated, so the completion tokens
 are exactly ``tokenizer(completion, add_special_tokens=False)`` — the tokens the weights
-refer to — whatever a joint tokenisation would merge across the boundary. Chat records are
+refer to — whatever a joint tokenisation would merge across the boundary. (TRL tokenises
+prompt + completion jointly. With SentencePiece tokenizers that mark a word start on the
+first piece, Llama-2's or Mistral's, a completion tokenised alone starts a new word: "The"
+after a prompt ending in a newline is scored as " The", and " Yes" as a lone word-start
+piece then " Yes".) Chat records are
 rendered with the tokenizer's chat template: the prompt with ``add_generation_prompt=True``,
 the completion being what the full conversation adds after it, restricted to the template's
-``{% generation %}`` block(s) when it has them, else ending at its last EOS token when it has
+``{% generation %}`` block(s) when it has them, and ending at its last EOS token when it has
 one (trailing template tokens, e.g. ChatML's newline after the end-of-turn token, are
-dropped either way). An assistant message containing the EOS token's text is refused, as a
-plain-text response containing EOS is.
+dropped, inside a generation block too). The EOS is the tokenizer's ``eos_token``: a template
+that ends turns with another token (a base model's tokenizer under a chat template) keeps
+that token and what follows it as response, and ``add_eos`` appends ``eos_token`` after
+them; give such a model the tokenizer whose ``eos_token`` is its end-of-turn token. An
+assistant message containing the EOS token's text is refused, as a plain-text response
+containing EOS is.
 
 EOS rule (``TokenizeConfig.add_eos``): when on, the completion ends with the tokenizer's EOS
 (appended for plain text; kept, or appended if the template did not emit it, for chat) and
@@ -228,9 +236,10 @@ def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, 
                                "block followed only by template tokens (multi-turn or "
                                "header-in-completion templates are not supported)")
         comp = comp[:keep]
-    elif eos_id is not None and eos_id in comp:
-        # no generation block: the turn ends at its last EOS; what the template adds after
-        # it (ChatML's newline) is template text, not response
+    if eos_id is not None and eos_id in comp:
+        # the turn ends at its last EOS; what the template adds after it (ChatML's newline,
+        # also inside a generation block such as "content + '<|im_end|>\n'") is template
+        # text, not response
         comp = comp[:len(comp) - comp[::-1].index(eos_id)]
     return comp
 
