@@ -489,4 +489,6 @@ def _saveable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it where autograd would refuse to save it for the backward: a
     tensor made under ``torch.inference_mode()`` (a frozen reference's hidden states, labels
     collated there) while gradients are being recorded."""
-    return t.clone() if torch.is_grad_enabled() and t.is_inference() else t
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():   # dynamo cannot ask
+        return t
+    return t.clone() if t.is_inference() else t
