@@ -9,7 +9,7 @@ from dataclasses import replace
 import datasets
 import pytest
 from matplotlib.axes import Axes
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tisdpo import cli
@@ -149,3 +149,30 @@ def _jsonl(tmp_path, records):
     path = tmp_path / "w.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def test_byte_fallback_pieces_join_to_the_text():
+    """SentencePiece with byte fallback (Llama-2, Mistral, Gemma): a character outside the
+    vocabulary is several <0xHH> tokens, and the decoder turns a whole run of them into
+    U+FFFD while one is incomplete. Each character is shown once, by the token completing
+    it, also where the decoded window restarts inside a long run."""
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                          normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.train_from_iterator(["hello world this is a test", "naive cafe ok"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                               special_tokens=["<unk>", "<s>", "</s>"] +
+                                               [f"<0x{i:02X}>" for i in range(256)]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+
+    def dec(ids):
+        return tok.decode(ids, clean_up_tokenization_spaces=False)
+    ctx = tok.encode("Q: 日本", add_special_tokens=False)
+    for text in ("ab€𝄞cd", "€€€€€€", "xxx" + "€𝄞" * 4 + " ok", "naïve café 😀"):
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        got = heatmap._token_texts(tok, ids, ctx)
+        assert "".join(got) == dec(ctx + ids)[len(dec(ctx)):], (text, got)
+        assert not any("\ufffd" in g for g in got), (text, got)

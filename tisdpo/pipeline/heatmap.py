@@ -52,23 +52,34 @@ def _text_colour(rgb) -> str:
 
 def _token_texts(tokenizer, ids, context=()) -> list[str]:
     """The text each token adds to the decoded text before it (``context``: the ids before
-    ``ids``, e.g. the prompt's). Decoding a token alone loses a SentencePiece piece's leading
-    space and splits a multi-byte character over byte-level tokens into U+FFFD; here a token
-    ending in an incomplete character shows the text before it and the token completing it
-    shows the character."""
-    ids = [int(t) for t in ids]
-    before = [int(t) for t in context][-_CONTEXT:]
-
+    ``ids``, e.g. the prompt's), so that the texts join to the response as decoded after
+    its prompt. Decoding a token alone loses a SentencePiece piece's leading space and
+    shows a piece of a multi-byte character (byte-level BPE, byte fallback) as U+FFFD: here
+    the tokens of an incomplete character show nothing and the token completing it shows
+    the character. The window decoded is a few tokens long, restarted as it grows: O(n)."""
     def dec(seq):
         return tokenizer.decode(seq, clean_up_tokenization_spaces=False)
 
+    window = [int(t) for t in context][-_CONTEXT:]
+    shown = dec(window)                 # the window's text already given to tokens
     out = []
-    for k, t in enumerate(ids):
-        prev = (before + ids[:k])[-_CONTEXT:]
-        old, new = dec(prev).rstrip("\ufffd"), dec(prev + [t])
-        if k < len(ids) - 1:
-            new = new.rstrip("\ufffd")         # an incomplete character: wait for its end
-        out.append(new[len(old):] if new.startswith(old) else dec([t]))
+    for k, t in enumerate(int(t) for t in ids):
+        window.append(t)
+        text = dec(window)
+        last = k == len(ids) - 1
+        if text.startswith(shown) and (last or not text.endswith("\ufffd")):
+            out.append(text[len(shown):])
+            shown = text
+            if len(window) > 2 * _CONTEXT:      # restart from the last few tokens, at a
+                for j in range(len(window) - _CONTEXT, len(window)):   # character's start
+                    head = dec(window[j:])
+                    if not head.startswith("\ufffd"):
+                        window, shown = window[j:], head
+                        break
+        elif last:                      # never completed: what is new after the common start
+            out.append(text[len(os.path.commonprefix([text, shown])):])
+        else:       # an incomplete character, or a byte run decoded anew: wait for its end
+            out.append("")
     return out
 
 
