@@ -347,8 +347,10 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         ids, num_seqs = _segments_from(logp, None, mask, name="logp")
         chosen_seq = torch.arange(half, device=logp.device)
         rejected_seq = torch.arange(half, 2 * half, device=logp.device)
-    flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
-    return run(*flat, ids, chosen_seq.long(), rejected_seq.long(), num_seqs, config, normalizer)
+    flat = [None if t is None else _saveable(t.reshape(-1)) for t in (logp, ref_logp, weights,
+                                                                       kl)]
+    return run(*flat, _saveable(ids), chosen_seq.long(), rejected_seq.long(), num_seqs, config,
+               normalizer)
 
 
 def _pair_rows(targets, seq_offsets, pairs):

@@ -453,3 +453,24 @@ def test_no_host_sync_on_cuda(impl, layout):
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("frozen", ["ref_logp", "weights", "mask"])
+def test_inputs_made_under_inference_mode_give_the_same_loss_and_gradient(impl, frozen):
+    """A frozen reference's log-probs (or weights, a mask) made under
+    torch.inference_mode(): autograd cannot save such a tensor, so the op copies it."""
+    def run(inference):
+        g = torch.Generator().manual_seed(0)
+        logp = (-3 * torch.rand(4, 3, generator=g)).requires_grad_()
+        kw = dict(ref_logp=-3 * torch.rand(4, 3, generator=g),
+                  weights=torch.rand(4, 3, generator=g) + 0.5,
+                  mask=torch.tensor([[1, 1, 0]] * 4, dtype=torch.bool))
+        if inference:
+            with torch.inference_mode():
+                kw[frozen] = kw[frozen].clone()
+        loss, _ = preference_loss(logp, config=PreferenceConfig(), impl=impl, **kw)
+        loss.backward()
+        return loss.detach(), logp.grad
+    for a, b in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, b)
