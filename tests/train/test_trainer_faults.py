@@ -205,6 +205,19 @@ def test_an_update_that_leaves_a_weight_non_finite_is_never_saved(tmp_path, at, 
         ([f"step-{at - 1:07d}"] if save_every else [])
 
 
+def test_a_checkpoint_of_another_optimizer_layout_is_refused_in_one_line(tmp_path):
+    """A checkpoint whose optimizer has one parameter group (no weight decay, or written
+    before biases and norms were left out of it) resumed by a run with weight decay: one
+    line naming the checkpoint and the way out, not torch's message."""
+    _stopped_run(tmp_path, weight_decay=0.0, stop_after=2)
+    t = trainer(model(), pref_objective(), DATA, tmp_path, weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"^test: checkpoint .*step-0000002 holds 1 optimizer "
+                                         r"parameter group\(s\) but this run's optimizer has 2 "
+                                         r".* with --pipeline.resume false$") as err:
+        t.train()
+    assert "\n" not in str(err.value)
+
+
 class _Signalling:
     """The objective, sending ``sig`` to this process during call ``at``."""
 

@@ -265,6 +265,13 @@ class Trainer:
                              f"this run has {gb} (batch_size {self.cfg.batch_size} x "
                              f"{self.par.world_size} processes); keep batch_size x processes "
                              f"the same to resume")
+        saved, live = len(ckpt["optimizer"]["param_groups"]), len(self.optimizer.param_groups)
+        if saved != live:
+            raise ValueError(f"{self.desc}: checkpoint {path} holds {saved} optimizer parameter "
+                             f"group(s) but this run's optimizer has {live} (with weight decay, "
+                             f"biases and norm weights form a group without it, which "
+                             f"checkpoints written before that lack); start the stage afresh "
+                             f"with --pipeline.resume false")
         self.par.load_state_dicts(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         saved = TrainState(**ckpt["state"])
