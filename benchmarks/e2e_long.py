@@ -150,13 +150,16 @@ def run(args, device: torch.device, env: dict,
         # the probe of our losses is their first compile: its failure is this provider's
         # error rows, and the next provider still runs
         st, why = M.guarded(lambda: P.skip_reason(name, "loss", device, dtype=dtype))
-        if st != "ok":
+        if st != "ok":          # its status rows, and a summary that says nothing fits
             print(f"  {name}: {st} in its probe: {why}", file=sys.stderr)
+            extra = {"layout": args.layout, "attn": attn, "message": f"probe: {why}"}
             emit([R.make_row(env, op="e2e_step", provider=name, mode="step", tokens=length,
-                             metric="status", unit="", status=st,
-                             extra={"layout": args.layout, "attn": attn,
-                                    "message": f"probe: {why}"}, **cols)
-                  for length in lengths])
+                             metric="status", unit="", status=st, extra=extra, **cols)
+                  for length in lengths] +
+                 [R.make_row(env, op="e2e_step", provider=name, mode="summary",
+                             tokens=max(lengths), metric="longest_pair_fits",
+                             unit="pair_tokens", status="error",
+                             extra={**extra, "tested": list(lengths)}, **cols)])
             M.free_memory(device)
             continue
         if why is not None:

@@ -52,8 +52,8 @@ def run_key(r: dict) -> tuple[str, str]:
 def prepare(rows: list[dict]) -> list[dict]:
     """``rows`` with one measurement per case and run, each numbered by its run.
 
-    A session may measure a case twice (its memory sweep times ours and eager again at 8k and
-    16k tokens): the rows of the session's first command that measured it stand, so that a
+    A session may measure a case twice (its memory sweep times ours and eager again at the
+    head's 8k tokens): the rows of the session's first command that measured it stand, so that a
     table and a target never read two different numbers for one case. Each kept row gets
     ``_run``, its run's number among the runs of its device (1 = the earliest).
     """
@@ -103,8 +103,9 @@ def runs_cited(rows: list[dict]) -> str:
 
 def e2e_runs(rows: list[dict]) -> list[dict]:
     """The end-to-end rows shown: for each model shape, layout and provider, the rows of one
-    run, the one that tried the longest pair (the latest of equals), so that a shorter later
-    run does not hide a longer one and an old OOM never stands beside a later fit."""
+    run, the one that tried the longest pair (measured it or ran out of memory; an error
+    tries nothing), the latest of equals: a shorter later run does not hide a longer one,
+    and an old OOM never stands beside a later fit."""
     by: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["op"] == "e2e_step":
@@ -112,6 +113,8 @@ def e2e_runs(rows: list[dict]) -> list[dict]:
     out = []
     for runs in by.values():
         def reach(key, runs=runs):
-            return (max(int(r["x_value"]) for r in runs[key]), key[0])
+            tried = [int(r["x_value"]) for r in runs[key]
+                     if r["mode"] == "step" and r["status"] in ("ok", "oom")]
+            return (max(tried, default=0), key[0])
         out += runs[max(runs, key=reach)]
     return out

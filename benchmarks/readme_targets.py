@@ -117,8 +117,12 @@ def head_judgement(rows: list[dict], provider: str) -> str | None:
              if r["op"] == "logprobs" and r["mode"] == "fwdbwd" and r["metric"] == "time"
              and r["value"] != "" and r["provider"] in HEAD_PEERS
              and all(r[k] == v for k, v in HEAD.items())}
-    wrong = sorted(p for p in peers if not _checked(run, p, "logprobs", HEAD)[0])
+    wrong = {p: _checked(run, p, "logprobs", HEAD) for p in peers}
+    wrong = {p: why for p, (fine, why) in sorted(wrong.items()) if not fine}
     peers = {p: t for p, t in peers.items() if p not in wrong}
+    failed = {r["provider"]: r["status"] for r in run
+              if (r["op"], r["mode"], r["metric"]) == ("logprobs", "fwdbwd", "status")
+              and r["provider"] in HEAD_PEERS and all(r[k] == v for k, v in HEAD.items())}
     if peers:
         best = min(peers, key=peers.get)
         out.append(f"fastest peer {best} {peers[best]:.1f} ms "
@@ -126,8 +130,11 @@ def head_judgement(rows: list[dict], provider: str) -> str | None:
     else:
         out.append("no peer measured in that run")
     if wrong:
-        out.append(f"left out, output not finite: {', '.join(wrong)}")
-    missing = [p for p in HEAD_PEERS if p not in peers and p not in wrong]
+        out.append("left out: " + ", ".join(f"{p} ({why})" for p, why in wrong.items()))
+    if failed:
+        out.append("failed in that run: " + ", ".join(f"{p} ({st.upper()})"
+                                                      for p, st in sorted(failed.items())))
+    missing = [p for p in HEAD_PEERS if p not in peers and p not in wrong and p not in failed]
     if missing:
         out.append(f"not in that run: {', '.join(missing)}")
     return "; ".join(out)
@@ -178,10 +185,11 @@ def _loss_judgement(rows: list[dict]) -> str:
     for name, bound, word in (("ours-triton", 0.8, "the recompute path"),
                               ("liger-dpo", 0.5, "Liger's")):
         other = rr.fwdbwd(run, "loss", name, **LOSS)
+        fine, why = _checked(run, name, "loss", LOSS)
         if other is None:
             out.append(f"{word}: not measured in that run")
-        elif not _checked(run, name, "loss", LOSS)[0]:
-            out.append(f"{word}: its output was not finite in that run")
+        elif not fine:
+            out.append(f"{word}: {why}")
         else:
             t = float(other["value"])
             out.append(f"{sweep / t:.2f}× {word} {t:.1f} ms "

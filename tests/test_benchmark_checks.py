@@ -101,8 +101,8 @@ def test_a_target_counts_only_finite_outputs():
     peer_nan = _judged(
         _head_rows({"ours-triton": 0.0, "liger-flce": math.inf, "cce_exact": 0.0}),
         "ours-triton")
-    assert peer_nan.endswith("fastest peer cce_exact 15.0 ms (met); left out, output not "
-                             f"finite: liger-flce; {absent}")
+    assert peer_nan.endswith("fastest peer cce_exact 15.0 ms (met); left out: liger-flce "
+                             f"(output NOT FINITE against the fp32 reference); {absent}")
 
 
 def test_a_filtering_backward_gets_no_tflops(monkeypatch):

@@ -89,6 +89,20 @@ def test_a_failed_check_never_meets_a_target():
         "peer eager 20.0 ms (met)" in said
 
 
+def test_a_peer_that_failed_or_whose_check_failed_is_named_so():
+    env = _env("2026-01-01T00:00:00+00:00")
+    rows = [_time(env, "ours-triton", 10.0), _time(env, "eager", 20.0),
+            _time(env, "liger-flce", 5.0),
+            R.make_row(env, op="logprobs", provider="liger-flce", metric="status", unit="",
+                       status="error", extra={"message": "shape"}, **dict(HEAD, mode="check")),
+            R.make_row(env, op="logprobs", provider="torch-compile", metric="status", unit="",
+                       status="oom", **dict(HEAD, mode="fwdbwd"))]
+    said = readme_targets.head_judgement(readme_rows.prepare(rows), "ours-triton")
+    assert "fastest peer eager 20.0 ms (met); left out: liger-flce (its check FAILED " \
+           "(shape)); failed in that run: torch-compile (OOM); not in that run: " \
+           "trl-chunked, torch-lce, cce_exact" in said, said
+
+
 def _e2e(env, n, metric="step_time", value=100.0, mode="step", status="ok", extra=None):
     return R.make_row(env, op="e2e_step", provider="ours-triton", mode=mode,
                       shape="llama3.2-1b", tokens=n, metric=metric, unit="", value=value,
@@ -151,9 +165,23 @@ def test_an_end_to_end_probe_failure_is_error_rows_and_the_next_provider_runs(
                           "--warmup", "0", "--providers", "ours-torch,eager",
                           "--out", str(out)]) == 0
     rows = R.read_csv(out)
-    (failed,) = [r for r in rows if r["provider"] == "ours-torch"]
-    assert failed["status"] == "error" and "cannot compile" in failed["extra"]
+    failed = [(r["mode"], r["metric"], r["status"]) for r in rows
+              if r["provider"] == "ours-torch"]
+    assert failed == [("step", "status", "error"), ("summary", "longest_pair_fits", "error")]
+    assert all("probe: RuntimeError: at 12:4: cannot compile" in r["extra"] for r in rows
+               if r["provider"] == "ours-torch")
     assert [r for r in rows if r["provider"] == "eager" and r["metric"] == "step_time"]
+    # what fits is unknown, and an earlier run's fit is not hidden by this one
+    for r in rows:
+        r.update(GPU, shape="llama3.2-1b", _file="e2e.csv")
+    earlier = _env("2000-01-01T00:00:00+00:00")
+    fit = [dict(_e2e(earlier, 32), provider="ours-torch"),
+           dict(_e2e(earlier, 32, "longest_pair_fits", 32, "summary"), provider="ours-torch")]
+    said = readme_targets.targets(readme_rows.prepare(rows))[-2]
+    assert "ours-torch (packed layout): unknown, probe: RuntimeError: at 12:4: cannot " \
+           "compile (run 1) (not met)" in said, said
+    said = readme_targets.targets(readme_rows.prepare(fit + rows))[-2]
+    assert "ours-torch (packed layout): longest pair that fitted 32 tokens (run 1)" in said
 
 
 def test_an_odd_pair_length_is_refused_before_the_model_is_built(tmp_path, monkeypatch,
