@@ -372,3 +372,27 @@ def test_cut_tokens_get_span_id_minus_one():
                                        "chosen_span": [0, 0], "rejected_span": [0]}])
     out = weights._merge(raw, est, {0: (4, 1)})[0]
     assert out["chosen_span"] == [0, 0, -1, -1] and out["chosen_score"] == [0.5, 0.25, 0, 0]
+
+
+@pytest.mark.parametrize("balance", ["none", "sequence"])
+def test_recompute_of_truncated_records_equals_the_stage(tmp_path, balance):
+    """data.max_length cuts responses: the weights stage ranks and balances the kept tokens
+    (its columns are 0-padded past them); recompute does the same on the kept tokens, and
+    the cut ones get weight 0."""
+    datasets.disable_progress_bars()
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path, **{"data.synthetic_train": 8, "data.synthetic_eval": 4,
+                                "data.max_length": 22, "data.max_prompt_length": 12})
+    cfg.weights = dataclasses.replace(cfg.weights, method="rank_based", balance=balance)
+    ctx = context.make_context(cfg)
+    stages.run_contrastive(ctx)
+    weights.run_weights(ctx)
+    raw = datasets.load_from_disk(ctx.path("weights", "train"))
+    kept = stages._kept(ctx, raw, "tisdpo")
+    assert any(n < len(r) for i, r in enumerate(raw["chosen_score"]) for n in kept[i][:1])
+    rule, params = weights.weight_rule(ctx.cfg, "tisdpo")
+    again = weights.apply_rule(raw, rule, params, "auto", kept=kept)
+    for col in ("chosen_weight", "rejected_weight"):
+        assert again[col] == raw[col]
+    whole = weights.apply_rule(raw, rule, params, "auto")       # the 0.0 padding ranked too
+    assert whole["chosen_weight"] != raw["chosen_weight"]

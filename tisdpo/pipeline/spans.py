@@ -138,29 +138,34 @@ def _mean(values, what: str, mode: str) -> float:
     return m
 
 
-def balance_weights(ds, mode: str, *, names=None):
+def balance_weights(ds, mode: str, *, names=None, kept=None):
     """``ds`` (a ``datasets.Dataset`` with ``chosen_weight``/``rejected_weight``) with its
     weights rescaled to mean 1 per response (``sequence``) or per side (``side``); float32
-    values. ``names``: a label per row for errors (default "row i")."""
+    values. ``names``: a label per row for errors (default "row i"). ``kept``: by row, the
+    (chosen, rejected) tokens that truncation keeps: the means are over those, and the
+    weights of the tokens cut stay 0."""
     if mode == "none":
         return ds
     if mode not in ("sequence", "side"):
         raise ValueError(f"weights.balance must be none, sequence or side, got {mode!r}")
+
+    def cut(i, r, k):
+        return r if kept is None or i not in kept else r[:kept[i][k]]
     side_mean = {}
     if mode == "side":
-        for w in WEIGHT_COLUMNS:
-            rows = [np.asarray(r, np.float64) for r in ds[w]]
+        for k, w in enumerate(WEIGHT_COLUMNS):
+            rows = [np.asarray(cut(i, r, k), np.float64) for i, r in enumerate(ds[w])]
             side_mean[w] = _mean(np.concatenate(rows) if rows else [], f"the {w} column", mode)
 
     def fn(batch, indices):
         out = {}
-        for w in WEIGHT_COLUMNS:
+        for k, w in enumerate(WEIGHT_COLUMNS):
             rows = []
-            for i, r in zip(indices, batch[w]):
-                r = np.asarray(r, np.float64)
+            for i, full in zip(indices, batch[w]):
+                r = np.asarray(cut(i, full, k), np.float64)
                 name = names[i] if names is not None else f"row {i}"
                 m = side_mean[w] if mode == "side" else _mean(r, f"{name}, {w}", mode)
-                rows.append((r / m).astype(np.float32).tolist())
+                rows.append((r / m).astype(np.float32).tolist() + [0.0] * (len(full) - len(r)))
             out[w] = rows
         return out
     return ds.map(fn, batched=True, with_indices=True, desc=f"weights: balance {mode}")

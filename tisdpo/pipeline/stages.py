@@ -47,7 +47,7 @@ from tisdpo.pipeline.fingerprint import (
 from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, weight_rule
 from tisdpo.train.checkpoint import read_done, stage_done, write_json
 from tisdpo.train.config import PolicyConfig, TrainConfig
-from tisdpo.train.data import reverse_pairs
+from tisdpo.train.data import reverse_pairs, tokenize_pairs
 from tisdpo.train.model import head
 from tisdpo.train.objectives import PreferenceObjective, SFTObjective, displacement_warning
 from tisdpo.train.trainer import Trainer
@@ -244,7 +244,8 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         log.info("policy (%s): token_weights=recompute: applying the weight rule %s (%s) to "
                  "the stored %s scores%s", pcfg.method, rule, _rule_params(rule, params), kind,
                  f" (the stored weights were made with {made_with})" if made_with else "")
-        train_raw, eval_raw = (apply_rule(r, rule, params, pcfg.impl, score_kind=kind)
+        train_raw, eval_raw = (apply_rule(r, rule, params, pcfg.impl, score_kind=kind,
+                                          kept=_kept(ctx, r, pcfg.method))
                                for r in (train_raw, eval_raw))
     elif mode == "random":
         lo, hi = ctx.cfg.weights.w_min, ctx.cfg.weights.w_max
@@ -256,6 +257,14 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         drop = [c for c in WEIGHT_COLUMNS if c in train_raw.column_names]
         train_raw, eval_raw = train_raw.remove_columns(drop), eval_raw.remove_columns(drop)
     return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
+
+
+def _kept(ctx: Context, raw, method: str) -> dict[int, tuple[int, int]]:
+    """By row of ``raw``, the (chosen, rejected) completion tokens the policy's tokenisation
+    keeps: the weights stage's rule saw these alone (its columns are 0-padded past them)."""
+    tok, _ = tokenize_pairs(raw, ctx.tokenizer, tokenize_cfg(ctx.cfg, method))
+    return {int(i): (len(c), len(r)) for i, c, r in
+            zip(tok["record_index"], tok["chosen_ids"], tok["rejected_ids"])}
 
 
 def _check_stored_weights(ctx: Context, pcfg: PolicyConfig, mode: str, made_with) -> None:

@@ -430,11 +430,14 @@ def _merge(raw, est, full):
 # ---------------------------------------------------------------------------- at training time
 
 def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | None = None,
-               span_reduce: str | None = None, balance: str | None = None):
+               span_reduce: str | None = None, balance: str | None = None, kept=None):
     """Records with ``*_weight`` recomputed from the stored ``*_score`` by ``rule``: the
     scores pooled over ``chosen_span``/``rejected_span`` first unless ``span`` is token, the
     weights balanced after (:mod:`tisdpo.pipeline.spans`). ``span``, ``span_reduce``,
-    ``balance`` default to ``params``' (a ``RuleParams``; token, sum, none otherwise)."""
+    ``balance`` default to ``params``' (a ``RuleParams``; token, sum, none otherwise).
+    ``kept``: by row, the (chosen, rejected) completion tokens that truncation keeps (None:
+    all): the rule ranks, pools and balances those alone, as this stage did, and the tokens
+    cut get weight 0 (their stored scores are the 0.0 padding, no scores)."""
     from tisdpo_kernels import token_weights
 
     span = span or getattr(params, "span", "token")
@@ -458,26 +461,31 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
         out = {}
         for k, (s_col, w_col, side) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS,
                                                      ("chosen", "rejected"))):
-            scores = batch[s_col]
+            full = batch[s_col]
+            n = [len(r) if kept is None or i not in kept else kept[i][k]
+                 for i, r in zip(indices, full)]
+            scores = [r[:m] for r, m in zip(full, n)]
             c = torch.tensor([x for row in scores for x in row], dtype=torch.float32)
             seq = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scores)])
             if span != "token":
                 ids = batch[SPAN_COLUMNS[k]]
-                for i, r, s in zip(indices, scores, ids):
+                for i, r, s in zip(indices, full, ids):
                     if s is None or len(s) != len(r):
                         raise ValueError(f"weights.span={span}: row {i}, field "
                                          f"{SPAN_COLUMNS[k]!r}: {0 if s is None else len(s)} "
                                          f"span ids for {len(r)} scores")
+                ids = [s[:m] for s, m in zip(ids, n)]
                 flat = [x for i, r in zip(indices, ids)
                         for x in span_ids(r, f"weights.span={span}: row {i}, field "
                                              f"{SPAN_COLUMNS[k]!r}")]
                 c = pool_spans(c, torch.tensor(flat, dtype=torch.long), seq, reduce)
             w = token_weights(c, None if rule == "cdpo" else torch.zeros_like(c), side=side,
                               method=rule, params=params, seq_ids=seq, impl=impl)
-            out[w_col] = [x.tolist() for x in w.split([len(r) for r in scores])]
+            out[w_col] = [x.tolist() + [0.0] * (len(r) - m)
+                          for x, r, m in zip(w.split(n), full, n)]
         return out
     out = raw.map(fn, batched=True, with_indices=True, desc=f"weights: {rule}")
-    return balance_weights(out, balance)
+    return balance_weights(out, balance, kept=kept)
 
 
 def random_weights(raw, lo: float, hi: float, seed: int):
