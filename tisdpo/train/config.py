@@ -84,7 +84,10 @@ class DataConfig:
                                       "quality depends on the prompt's audience "
                                       "(tisdpo.train.synthetic_hard)", ("easy", "hard"))
     eval_fraction: float = opt(0.05, "fraction of train held out when no eval file is given")
-    max_records: int | None = opt(None, "use at most this many training records")
+    max_records: int | None = opt(None, "use at most this many training records: the "
+                                        "first of data.train, or, when the held-out pairs "
+                                        "come from it, the first of its shuffled rest (the "
+                                        "held-out pairs are drawn from the whole file)")
     max_length: int = opt(512, "max prompt+response tokens per sequence")
     max_prompt_length: int = opt(256, "max prompt tokens (the prompt is cut first)")
     truncation: str = opt("keep_start", "which end of an over-long prompt to keep",
