@@ -57,12 +57,16 @@ def prepare(rows: list[dict]) -> list[dict]:
     table and a target never read two different numbers for one case. Each kept row gets
     ``_run``, its run's number among the runs of its device (1 = the earliest).
     """
+    order: dict[tuple, int] = {}        # each command's first row: which of two commands
+    for n, r in enumerate(rows):        # that started in the same second wrote first
+        order.setdefault((r["date"], r["command"]), n)
     first: dict[tuple, tuple] = {}
     for r in rows:
-        k, cmd = (run_key(r), _case(r)), (r["date"], r["command"])
+        k, cmd = (run_key(r), _case(r)), (r["date"], order[(r["date"], r["command"])])
         if k not in first or cmd < first[k]:
             first[k] = cmd
-    kept = [r for r in rows if (r["date"], r["command"]) == first[(run_key(r), _case(r))]]
+    kept = [r for r in rows
+            if (r["date"], order[(r["date"], r["command"])]) == first[(run_key(r), _case(r))]]
     starts: dict[str, set] = defaultdict(set)
     for r in kept:
         starts[r["device"]].add(run_key(r))

@@ -57,6 +57,15 @@ def test_a_session_measuring_a_case_twice_shows_its_first_command_everywhere(
     assert "4.0 ms" not in text and "4.00" not in text
 
 
+def test_of_two_session_commands_started_in_one_second_the_first_written_stands(monkeypatch):
+    monkeypatch.setenv("TISDPO_BENCH_SESSION", "2099-01-01T00:00:00+00:00")
+    same = "2099-01-01T00:00:01+00:00"
+    rows = [_time(_env(same, command="--zzz"), "ours-triton", 10.0),
+            _time(_env(same, command="--aaa"), "ours-triton", 4.0)]
+    (kept,) = readme_rows.prepare(rows)
+    assert kept["value"] == "10"
+
+
 def test_every_number_names_the_run_and_commit_it_comes_from(tmp_path):
     """An older run with every peer and a newer one with ours alone: the target compares
     within the older run and says so; the header lists both runs with their commits."""
