@@ -330,6 +330,8 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         V.check_finite_at("weights", weights.detach(), kept)
     which = resolve_impl(impl, logp.device, op="preference_loss")
     normalizer_tensor(normalizer, logp.device)     # > 0 and finite, whichever backend runs
+    logp, ref_logp, weights, kl, mask = (None if t is None else _saveable(t)
+                                         for t in (logp, ref_logp, weights, kl, mask))
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
         return reference.preference_loss(
@@ -347,8 +349,7 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         ids, num_seqs = _segments_from(logp, None, mask, name="logp")
         chosen_seq = torch.arange(half, device=logp.device)
         rejected_seq = torch.arange(half, 2 * half, device=logp.device)
-    flat = [None if t is None else _saveable(t.reshape(-1)) for t in (logp, ref_logp, weights,
-                                                                       kl)]
+    flat = [None if t is None else t.reshape(-1) for t in (logp, ref_logp, weights, kl)]
     return run(*flat, _saveable(ids), chosen_seq.long(), rejected_seq.long(), num_seqs, config,
                normalizer)
 

@@ -455,11 +455,15 @@ def test_no_host_sync_on_cuda(impl, layout):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("granularity", ["seq", "pos"])
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
 @pytest.mark.parametrize("frozen", ["ref_logp", "weights", "mask"])
-def test_inputs_made_under_inference_mode_give_the_same_loss_and_gradient(impl, frozen):
+def test_inputs_made_under_inference_mode_give_the_same_loss_and_gradient(impl, frozen,
+                                                                          granularity):
     """A frozen reference's log-probs (or weights, a mask) made under
     torch.inference_mode(): autograd cannot save such a tensor, so the op copies it."""
+    config = PreferenceConfig() if granularity == "seq" else get_preset("cdpo_code").config
+
     def run(inference):
         g = torch.Generator().manual_seed(0)
         logp = (-3 * torch.rand(4, 3, generator=g)).requires_grad_()
@@ -469,7 +473,7 @@ def test_inputs_made_under_inference_mode_give_the_same_loss_and_gradient(impl, 
         if inference:
             with torch.inference_mode():
                 kw[frozen] = kw[frozen].clone()
-        loss, _ = preference_loss(logp, config=PreferenceConfig(), impl=impl, **kw)
+        loss, _ = preference_loss(logp, config=config, impl=impl, **kw)
         loss.backward()
         return loss.detach(), logp.grad
     for a, b in zip(run(False), run(True), strict=True):
