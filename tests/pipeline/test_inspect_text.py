@@ -176,3 +176,7 @@ def test_byte_fallback_pieces_join_to_the_text():
         got = heatmap._token_texts(tok, ids, ctx)
         assert "".join(got) == dec(ctx + ids)[len(dec(ctx)):], (text, got)
         assert not any("\ufffd" in g for g in got), (text, got)
+    # truncation cut the last character: 日 shown once, the cut one's two bytes as U+FFFD
+    # (the decoder turns the whole run, 日 too, into U+FFFD)
+    ids = tok.encode("ok 日本", add_special_tokens=False)[:-1]
+    assert "".join(heatmap._token_texts(tok, ids, ctx)) == " ok 日\ufffd\ufffd"

@@ -62,6 +62,7 @@ def _token_texts(tokenizer, ids, context=()) -> list[str]:
 
     window = [int(t) for t in context][-_CONTEXT:]
     shown = dec(window)                 # the window's text already given to tokens
+    done = len(window)                  # the window's tokens whose text that is
     out = []
     for k, t in enumerate(int(t) for t in ids):
         window.append(t)
@@ -69,15 +70,15 @@ def _token_texts(tokenizer, ids, context=()) -> list[str]:
         last = k == len(ids) - 1
         if text.startswith(shown) and (last or not text.endswith("\ufffd")):
             out.append(text[len(shown):])
-            shown = text
+            shown, done = text, len(window)
             if len(window) > 2 * _CONTEXT:      # restart from the last few tokens, at a
                 for j in range(len(window) - _CONTEXT, len(window)):   # character's start
                     head = dec(window[j:])
                     if not head.startswith("\ufffd"):
-                        window, shown = window[j:], head
+                        window, shown, done = window[j:], head, len(window) - j
                         break
-        elif last:                      # never completed: what is new after the common start
-            out.append(text[len(os.path.commonprefix([text, shown])):])
+        elif last:      # a character cut by truncation: its bytes, decoded on their own
+            out.append(dec(window[done:]))
         else:       # an incomplete character, or a byte run decoded anew: wait for its end
             out.append("")
     return out
