@@ -331,7 +331,7 @@ def _collective_failure(err: BaseException) -> bool:
     """Whether ``err`` is this rank's collective failing, with no error of its own before.
 
     Recognised by where torch raised it, not by its text (gloo raises a plain RuntimeError):
-    a DistError, or a RuntimeError raised in torch.distributed or DDP, or in autograd's
+    a DistError, or a RuntimeError raised within torch.distributed or DDP, or in autograd's
     engine (DDP's gradient all-reduce), from the communication library (a native source
     location leading its message), while several processes share a process group and no
     other exception was being handled. A RuntimeError that torch.distributed's own Python
@@ -348,8 +348,9 @@ def _collective_failure(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     if type(err) is not RuntimeError or not frames:
         return False
-    last = frames[-1].filename
-    return (any(part in last for part in _COLLECTIVE_FILES) or _BACKWARD_FILE in last) and \
+    # the collective may be a few frames down (FSDP2's state dict gathers through torch._ops)
+    inside = any(part in f.filename for f in frames for part in _COLLECTIVE_FILES)
+    return (inside or _BACKWARD_FILE in frames[-1].filename) and \
         bool(_NATIVE_LOCATION.match(str(err)))
 
 

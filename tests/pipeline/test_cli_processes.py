@@ -167,3 +167,10 @@ def test_only_the_communication_librarys_error_is_a_peers_failure(monkeypatch, w
         exec(compile(f"raise RuntimeError({message!r})", path, "exec"))
     except RuntimeError as err:
         assert _collective_failure(err) is peer
+    # raised a few frames below torch.distributed (FSDP2's state dict, through torch._ops)
+    ops = os.path.join(os.sep, "site-packages", "torch", "_ops.py")
+    below = compile(f"raise RuntimeError({message!r})", ops, "exec")
+    try:
+        exec(compile("exec(below)", path, "exec"), {"below": below})
+    except RuntimeError as err:
+        assert _collective_failure(err) is (peer and "distributed" in where)
