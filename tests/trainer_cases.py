@@ -70,3 +70,45 @@ class Poisoned:
             p = next(model.parameters())
             return loss + torch.where(torch.tensor(True), torch.zeros(()), p.sum() / 0.0), metrics
         return loss * float("nan"), metrics
+
+
+class DyingFile:
+    """A file opened for writing whose process is killed after its first line."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def _die(self, text):
+        self.fh.write(text[: max(text.find("\n") + 1, 1)])
+        self.fh.flush()
+        raise SystemExit("killed")
+
+    def write(self, text):
+        self._die(text)
+
+    def writelines(self, lines):
+        self._die("".join(lines))
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def die_writing(monkeypatch, name_start: str) -> None:
+    """Every file opened for writing whose name starts with ``name_start`` is a DyingFile."""
+    import builtins
+    import os
+
+    real_open = builtins.open
+
+    def dying_open(path, mode="r", *a, **k):
+        fh = real_open(path, mode, *a, **k)
+        if "w" in mode and os.path.basename(str(path)).startswith(name_start):
+            return DyingFile(fh)
+        return fh
+    monkeypatch.setattr(builtins, "open", dying_open)

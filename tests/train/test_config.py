@@ -239,32 +239,15 @@ def test_a_runs_record_leaves_out_the_options_of_one_command():
 def test_a_config_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """A write cut short (a full disk, a kill) leaves the previous file, not half of one that
     still parses with options lost."""
-    import builtins
+    from trainer_cases import die_writing
 
     from tisdpo.train.config import dump_yaml
 
     path = tmp_path / "config.yaml"
     dump_yaml(build_config(overrides={"policy.lr": "0.001"}), str(path))
     before = path.read_text()
-    real_open = builtins.open
-
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, text):
-            self.fh.write(text[:100])
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **kw: Full(
-        real_open(f, mode, *a, **kw)) if "w" in mode else real_open(f, mode, *a, **kw))
-    with pytest.raises(OSError, match="No space left"):
+    die_writing(monkeypatch, "config.yaml")
+    with pytest.raises(SystemExit, match="killed"):
         dump_yaml(build_config(overrides={"policy.lr": "0.002"}), str(path))
     monkeypatch.undo()
     assert path.read_text() == before

@@ -2,7 +2,6 @@
 gradient without clipping, a torn or damaged metrics.jsonl, a checkpoint written twice, a
 kill between the last checkpoint and done.json, and a rerun already at ``stop_after``. Each
 ends as an uninterrupted run would, or stops with a one-line message naming what to do."""
-import builtins
 import json
 import logging
 import os
@@ -11,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from trainer_cases import Poisoned, model, pref_objective, records, trainer
+from trainer_cases import Poisoned, die_writing, model, pref_objective, records, trainer
 from tisdpo import cli
 from tisdpo.train import checkpoint, trainer as trainer_module
 from tisdpo.train.checkpoint import checkpoints, read_state, stage_done, write_state
@@ -185,46 +184,11 @@ def test_damaged_metrics_line_before_the_last_names_the_file_and_line(tmp_path):
     assert str(log) in str(info.value) and "\n" not in str(info.value)
 
 
-class _DyingFile:
-    """A file opened for writing whose process is killed after its first line."""
-
-    def __init__(self, fh):
-        self.fh = fh
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.fh.close()
-
-    def _die(self, text):
-        self.fh.write(text[: max(text.find("\n") + 1, 1)])
-        self.fh.flush()
-        raise SystemExit("killed")
-
-    def write(self, text):
-        self._die(text)
-
-    def writelines(self, lines):
-        self._die("".join(lines))
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-
 def test_kill_while_cutting_back_metrics_leaves_the_log_whole(tmp_path, monkeypatch):
     assert _run(tmp_path, stop_after=4).train()["stopped"]
     log = tmp_path / "metrics.jsonl"
     before = log.read_bytes()
-    real_open = builtins.open
-
-    def dying_open(path, mode="r", *a, **k):
-        fh = real_open(path, mode, *a, **k)
-        if "w" in mode and os.path.basename(str(path)).startswith("metrics.jsonl"):
-            return _DyingFile(fh)
-        return fh
-
-    monkeypatch.setattr(builtins, "open", dying_open)
+    die_writing(monkeypatch, "metrics.jsonl")
     with pytest.raises(SystemExit):
         _run(tmp_path).train()
     monkeypatch.undo()
