@@ -60,6 +60,8 @@ _OMITTED_LEAF_WHEN_NONE = {"eval_max_pairs"}
 def omitted_when_none(name: str) -> bool:
     """Whether option ``name`` is recorded only when set (absent from options.json: None)."""
     return name in _OMITTED_WHEN_NONE or name.split(".")[-1] in _OMITTED_LEAF_WHEN_NONE
+
+
 #: the options that say which records, model and seed a run uses (with ``model.tiny_*`` and
 #: the inputs' content): every stage of a run shares them
 RUN_OPTIONS = ("seed", "data.train", "data.eval", "data.synthetic_train", "data.synthetic_eval",
