@@ -314,6 +314,34 @@ def test_builtin_tokenizer_warns_on_data_it_does_not_fit(caplog):
     assert "alien.jsonl" in rec.getMessage() and "model.tokenizer" in rec.getMessage()
 
 
+def test_plain_prompts_without_the_bos_their_tokenizer_adds_warn_once(caplog):
+    """data.add_bos off (the default) while the tokenizer puts a BOS on every text, as
+    Llama's and Gemma's do: said once per file; chat records and tokenizers that add no
+    BOS (the built-in one) say nothing."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import processors
+
+    from tisdpo.pipeline.context import warn_no_bos
+    from tisdpo.train.synthetic import ASSETS_DIR, load_tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"),
+                                  bos_token="<|bos|>", eos_token="<|eos|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+    plain = datasets.Dataset.from_list([{"prompt": "p", "chosen": " a", "rejected": " b"}])
+    chat = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "p"}],
+                                        "chosen": " a", "rejected": " b"}])
+    with caplog.at_level("WARNING", logger="tisdpo"):
+        assert not warn_no_bos(load_tokenizer(), plain, "plain-builtin.jsonl")
+        assert not warn_no_bos(tok, chat, "chat.jsonl")
+        assert not caplog.records
+        assert warn_no_bos(tok, plain, "plain.jsonl")
+        assert not warn_no_bos(tok, plain, "plain.jsonl")                # once per file
+    (rec,) = caplog.records
+    assert "plain.jsonl" in rec.getMessage() and "--data.add_bos true" in rec.getMessage()
+
+
 def test_weights_pass_is_done_before_its_shards_go(tmp_path, monkeypatch):
     """A kill while the finished pass removes its shards leaves it done (done.json is
     renamed into place first), never a pass that must start over."""

@@ -193,11 +193,34 @@ def load_records(ctx: Context):
         train = train.select(range(min(cfg.data.max_records, len(train))))
     if cfg.data.train and not (cfg.model.tokenizer or cfg.model.path):
         warn_builtin_tokenizer(ctx.tokenizer, train, cfg.data.train)
+    if cfg.data.train and not cfg.data.add_bos:
+        warn_no_bos(ctx.tokenizer, train, cfg.data.train)
     return train, test
 
 
 #: data files already checked by :func:`warn_builtin_tokenizer` in this process
 _TOKENIZER_CHECKED: set = set()
+#: data files already checked by :func:`warn_no_bos` in this process
+_BOS_CHECKED: set = set()
+
+
+def warn_no_bos(tokenizer, records, where: str) -> bool:
+    """Warn (once per data file) when plain-text prompts go without the BOS that the
+    tokenizer itself adds to a text (data.add_bos off, as the official TIS-DPO code; TRL's
+    tokenisation keeps it): models trained with one (Llama, Gemma) expect it. True when
+    it warned."""
+    if tokenizer is None or where in _BOS_CHECKED or "prompt" not in records.column_names:
+        return False
+    _BOS_CHECKED.add(where)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not records.num_rows or not isinstance(records[0]["prompt"], str):
+        return False
+    if list(tokenizer("a")["input_ids"][:1]) != [bos]:
+        return False
+    log.warning("data.train %s: plain-text prompts get no BOS (data.add_bos is off), though "
+                "this tokenizer adds one to a text; a model trained with a BOS expects it: "
+                "--data.add_bos true", where)
+    return True
 
 
 def warn_builtin_tokenizer(tokenizer, records, where: str, *, sample: int = 200,
