@@ -413,6 +413,10 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
             list_cols.append((c_col, r_col))
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token")
+    if cfg.add_bos and tokenizer.bos_token_id is None and len(dataset) and \
+            isinstance(dataset[0]["prompt" if "prompt" in cols else "chosen"], str):
+        raise ValueError("add_bos=True but the tokenizer has no bos_token (plain-text prompts "
+                         "would get none)")
     template = getattr(tokenizer, "chat_template", None)
     has_gen = isinstance(template, str) and bool(_GENERATION_RE.search(template))
     needed = list(texts) + [c for pair in list_cols for c in pair]
