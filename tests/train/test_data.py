@@ -135,18 +135,6 @@ def test_add_bos(tok, records):
     assert out[0]["prompt_ids"] == [tok.bos_token_id] + _ids(tok, records[0]["prompt"])
 
 
-def test_add_bos_without_a_bos_token_is_refused_for_plain_text(tok, records):
-    """Silently no BOS would be what add_bos=False gives; chat records get their
-    template's, so they do not need one."""
-    import copy
-
-    nobos = copy.deepcopy(tok)
-    nobos.bos_token = None
-    assert nobos.bos_token_id is None
-    with pytest.raises(ValueError, match=r"^add_bos=True but the tokenizer has no bos_token"):
-        tokenize_pairs(datasets.Dataset.from_list(records), nobos, TokenizeConfig(add_bos=True))
-
-
 @pytest.mark.parametrize("add_eos", [True, False])
 def test_chat_records_match_plain(tok, add_eos):
     plain, _, _ = make_synthetic_task(4, 0, seed=5)

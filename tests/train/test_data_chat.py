@@ -76,3 +76,15 @@ def test_keep_end_keeps_the_bos():
         prompt, full = out[0]["prompt_ids"], whole[0]["prompt_ids"]
         assert report.n_prompt_truncated == 1 and full[0] == tok.bos_token_id
         assert prompt == full[:1] + full[-5:]
+
+
+def test_add_bos_without_a_bos_token_is_refused_for_plain_text(chatml):
+    """Silently no BOS would be what add_bos=False gives; chat records get their
+    template's, so they need none."""
+    assert chatml.bos_token_id is None
+    plain = {"prompt": "Write about cats:", "chosen": " kind cat", "rejected": " rude cat"}
+    with pytest.raises(ValueError, match=r"^add_bos=True but the tokenizer has no bos_token"):
+        tokenize_pairs(datasets.Dataset.from_list([plain]), chatml, TokenizeConfig(add_bos=True))
+    out, _ = tokenize_pairs(datasets.Dataset.from_list([_chat()]), chatml,
+                            TokenizeConfig(add_bos=True))
+    assert out[0]["prompt_ids"][0] == chatml.convert_tokens_to_ids("<|im_start|>")
