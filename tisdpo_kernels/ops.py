@@ -329,11 +329,11 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
         kept = mask.bool() if logp.dim() == 2 else ids >= 0
         V.check_finite_at("weights", weights.detach(), kept)
     which = resolve_impl(impl, logp.device, op="preference_loss")
-    normalizer_tensor(normalizer, logp.device)     # > 0 and finite, whichever backend runs
     logp, ref_logp, weights, kl, mask = (None if t is None else _saveable(t)
                                          for t in (logp, ref_logp, weights, kl, mask))
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
+        normalizer_tensor(normalizer, logp.device)   # > 0 and finite, as the backends check
         return reference.preference_loss(
             logp, ref_logp, weights, config=config, mask=mask, seq_ids=seq_ids,
             chosen_seq=chosen_seq, rejected_seq=rejected_seq, kl=kl, normalizer=normalizer)
@@ -462,9 +462,9 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     ref_bias = None if ref_bias is None else ref_bias.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
     rows = _pair_rows(targets, seq_offsets, pairs)
-    normalizer_tensor(normalizer, hidden.device)   # > 0 and finite, whichever backend runs
     if which is Impl.REFERENCE:
         from tisdpo_kernels import reference
+        normalizer_tensor(normalizer, hidden.device)   # > 0 and finite, as the backends check
         return reference.linear_preference_loss(
             hidden, weight, targets, config=config, bias=bias, ref_hidden=ref_hidden,
             ref_weight=ref_weight, ref_bias=ref_bias, ref_logp=ref_logp, weights=weights,

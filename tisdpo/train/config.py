@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -450,8 +451,6 @@ def as_recorded(cfg: RunConfig) -> RunConfig:
 def dump_yaml(cfg: RunConfig, path: str | None = None) -> str:
     """The resolved configuration as YAML (written to ``path`` when given, whole or not at
     all: a write cut short leaves the previous file)."""
-    import os
-
     import yaml
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

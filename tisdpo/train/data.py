@@ -28,17 +28,16 @@ refer to — whatever a joint tokenisation would merge across the boundary. (TRL
 prompt + completion jointly. With SentencePiece tokenizers that mark a word start on the
 first piece, Llama-2's or Mistral's, a completion tokenised alone starts a new word: "The"
 after a prompt ending in a newline is scored as " The", and " Yes" as a lone word-start
-piece then " Yes".) Chat records are
-rendered with the tokenizer's chat template: the prompt with ``add_generation_prompt=True``,
-the completion being what the full conversation adds after it, restricted to the template's
-``{% generation %}`` block(s) when it has them, and ending at its last EOS token when it has
-one (trailing template tokens, e.g. ChatML's newline after the end-of-turn token, are
-dropped, inside a generation block too). The EOS is the tokenizer's ``eos_token``: a template
-that ends turns with another token (a base model's tokenizer under a chat template) keeps
-that token and what follows it as response, and ``add_eos`` appends ``eos_token`` after
-them; give such a model the tokenizer whose ``eos_token`` is its end-of-turn token. An
-assistant message containing the EOS token's text is refused, as a plain-text response
-containing EOS is.
+piece then " Yes".) Chat records are rendered with the tokenizer's chat template: the prompt
+with ``add_generation_prompt=True``, the completion being what the full conversation adds
+after it, restricted to the template's ``{% generation %}`` block(s) when it has them, and
+ending at its last EOS token when it has one (trailing template tokens, e.g. ChatML's
+newline after the end-of-turn token, are dropped, inside a generation block too). The EOS is
+the tokenizer's ``eos_token``: a template that ends turns with another token (a base model's
+tokenizer under a chat template) keeps that token and what follows it as response, and
+``add_eos`` appends ``eos_token`` after them; give such a model the tokenizer whose
+``eos_token`` is its end-of-turn token. An assistant message containing the EOS token's text
+is refused, as a plain-text response containing EOS is.
 
 EOS rule (``TokenizeConfig.add_eos``): when on, the completion ends with the tokenizer's EOS
 (appended for plain text; kept, or appended if the template did not emit it, for chat) and
