@@ -16,6 +16,7 @@ import torch
 from trainer_cases import Poisoned, model, pref_objective, records, trainer
 from tisdpo.train import checkpoint
 from tisdpo.train.checkpoint import checkpoints, stage_done, write_state
+from tisdpo.train.parallel import Parallel
 from tisdpo.train.trainer import TrainingDiverged
 
 
@@ -203,6 +204,23 @@ def test_an_update_that_leaves_a_weight_non_finite_is_never_saved(tmp_path, at, 
     assert "\n" not in str(e.value) and not stage_done(str(tmp_path))
     assert [os.path.basename(c) for c in checkpoints(str(tmp_path))][:1] == \
         ([f"step-{at - 1:07d}"] if save_every else [])
+
+
+class _TwoReplicas(Parallel):
+    """A single process standing for 2 DDP ranks: each holds the same weights, so a host
+    sum over ranks doubles every value."""
+
+    def sum_host(self, values):
+        return [2 * v for v in values]
+
+
+def test_a_non_finite_weight_is_counted_once_however_many_ranks_hold_it(tmp_path):
+    t = trainer(model(), pref_objective(), DATA, tmp_path)
+    t.par = _TwoReplicas()
+    with torch.no_grad():
+        next(t.model.parameters())[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"left 1 weight tensor\(s\) non-finite"):
+        t._check_weights()
 
 
 def test_a_checkpoint_of_another_optimizer_layout_is_refused_in_one_line(tmp_path):

@@ -248,8 +248,10 @@ class Trainer:
         weight non-finite with a finite loss and gradient (a huge lr, say) stops the stage
         there, neither saved nor marked done. One host sync; every rank agrees."""
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        flags = [torch.isfinite(p).all() for p in local if p.numel()]
-        bad = self.par.sum_host([float((~torch.stack(flags)).sum()) if flags else 0.0])[0]
+        # a flag per parameter: counted once however many ranks hold a copy or shard of it
+        flags = [~torch.isfinite(p).all() if p.numel() else torch.tensor(False, device=p.device)
+                 for p in local]
+        bad = sum(v > 0 for v in self.par.sum_host(torch.stack(flags).double().tolist()))
         if bad:
             raise TrainingDiverged(
                 f"{self.desc}: the update of step {self.state.step} left {int(bad)} weight "
