@@ -80,6 +80,13 @@ class PreferenceConfig:
                 f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         require(self.kl is None or self.kl in KL_DIRECTIONS,
                 f"kl must be None or one of {KL_DIRECTIONS}, got {self.kl!r}")
+        require(self.epsilon == 0 or self.link in ("conservative", "robust"),
+                f"epsilon={self.epsilon} is the label smoothing of the conservative and robust "
+                f"links; link {self.link!r} has none (it would be ignored)")
+        require(self.kl is not None or not (self.kl_chosen_coef or self.kl_rejected_coef
+                                            or self.kl_stop_grad_chosen or self.kl_token_weighted),
+                "kl_chosen_coef, kl_rejected_coef, kl_stop_grad_chosen and kl_token_weighted "
+                "need kl='policy_ref' or 'ref_policy' (with kl=None they would be ignored)")
         require(self.granularity in ("seq", "pos"),
                 f"granularity must be 'seq' or 'pos', got {self.granularity!r}")
         require(not (self.granularity == "pos" and self.kl is not None),

@@ -406,6 +406,14 @@ def test_validation_errors_name_the_argument(impl):
     raises("beta", lambda: PreferenceConfig(beta=-1.0))
     raises("epsilon", lambda: PreferenceConfig(link="robust", epsilon=0.5))
     raises("epsilon", lambda: PreferenceConfig(link="conservative", epsilon=-0.1))
+    # options the config would ignore: label smoothing without a smoothing link, KL terms
+    # without a KL direction
+    for link in ("sigmoid", "ipo", "hinge"):
+        raises(rf"epsilon=0.3 .* link '{link}' has none",
+               lambda: PreferenceConfig(link=link, epsilon=0.3))
+    for opt in ({"kl_chosen_coef": 1.0}, {"kl_rejected_coef": -1.0},
+                {"kl_stop_grad_chosen": True}, {"kl_token_weighted": True}):
+        raises("need kl='policy_ref' or 'ref_policy'", lambda: PreferenceConfig(**opt))
     # per-position pairs have no margin and no length normalisation: refused, not ignored
     pos = get_preset("cdpo_code").config
     raises(r"margin must be 0 and reduction 'sum', got margin=5.0",
