@@ -102,6 +102,46 @@ def test_chat_records_align_by_their_tokens(tok):
         assert rec["rejected_weight"][n:] == [0.0]        # the template's EOS: unscored
 
 
+def test_tokens_the_stage_did_not_score_are_nan_and_refused_where_trl_keeps_them(tok,
+                                                                                 tmp_path):
+    """The weights stage's data.max_length cut each response after a few tokens (its
+    columns hold 0.0 padding there): the export marks those tokens NaN, and TISDPOTrainer
+    refuses them where its own max_length keeps them, instead of training them with a
+    weight of 0 that no one computed."""
+    ds = C.dataset(4)
+    full = TokenizeConfig(add_eos=False)
+    ds, tokenized = _with_index_weights(ds, tok, full)
+    p = max(len(r["prompt_ids"]) for r in tokenized)
+    cut = full.replace(max_length=p + 2, max_prompt_length=p)
+    scored, _ = tokenize_pairs(ds, tok, cut)
+    ds = ds.map(lambda r, i: {c: [v if k < len(scored[i][f"{c[:-7]}_ids"]) else 0.0
+                                  for k, v in enumerate(r[c])]
+                              for c in ("chosen_weight", "rejected_weight")}, with_indices=True)
+    out = align_weights_to_trl(ds, tok, cut)
+    for rec, src, kept in zip(out, tokenized, scored):
+        n, m = len(src["chosen_ids"]), len(kept["chosen_ids"])
+        assert m < n and rec["chosen_weight"][:m] == [float(k + 1) for k in range(m)]
+        assert all(math.isnan(v) for v in rec["chosen_weight"][m:n])
+        assert rec["chosen_weight"][n:] == [0.0]                 # TRL's EOS: unscored
+    args = C.config(TISDPOConfig, tmp_path, method="tisdpo")
+    with pytest.raises(ValueError, match=r"^train record 0, field '(chosen|rejected)_weight': "
+                                         r"value \d+ is nan, not a finite number \(a NaN "
+                                         r"weight is a token the weights stage did not score"):
+        TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), args=args,
+                      train_dataset=out, processing_class=tok)
+    short = min(len(r["prompt_ids"]) for r in tokenized) + 1   # keeps none of the NaN tokens
+    args = C.config(TISDPOConfig, tmp_path, method="tisdpo", max_length=short)
+    TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), args=args,
+                  train_dataset=out, processing_class=tok)
+    ex = [{"prompt_ids": [5, 6], "chosen_ids": [8, 9, 10], "rejected_ids": [11],
+           "chosen_weight": [0.5, math.nan, None], "rejected_weight": [3.0]}]
+    batch = TISDPOCollator(pad_token_id=0, max_length=3, ref_columns=None)(ex)
+    assert batch["weights"].tolist() == [[0, 0, 0.5], [0, 0, 3.0]]
+    with pytest.raises(ValueError, match=r"^column 'chosen_weight': value 1 is nan, not a "
+                                         r"finite number \(a NaN weight"):
+        TISDPOCollator(pad_token_id=0, max_length=4, ref_columns=None)(ex)
+
+
 def test_collator_carries_columns_truncated_with_the_tokens():
     ex = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10], "rejected_ids": [11],
            "chosen_weight": [0.5, 1.5, 2.5], "rejected_weight": [3.0],

@@ -234,7 +234,9 @@ class TISDPOTrainer(_TRLDPOTrainer):
             dataset = dataset.add_column(_ROW, list(range(len(dataset))))
         out = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if check:
-            check_token_columns(out, cols, name=dataset_name, rows=out[_ROW])
+            check_token_columns(out, cols, name=dataset_name, rows=out[_ROW],
+                                max_length=args.max_length,
+                                truncation_mode=args.truncation_mode)
             out = out.remove_columns(_ROW)
         return out
 

@@ -16,6 +16,7 @@ names the record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ from trl.trainer.utils import pad
 
 from tisdpo.train.records import non_finite
 
-__all__ = ["TISDPOCollator", "check_token_columns", "REF_COLUMNS", "ALIGNMENT"]
+__all__ = ["TISDPOCollator", "check_token_columns", "kept_completion", "REF_COLUMNS",
+           "ALIGNMENT"]
 
 #: TRL's reference columns; per-token lists for TISDPOTrainer.
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -33,10 +35,10 @@ ALIGNMENT = ("one value per completion token as TRL tokenises the record (prompt
              "completion jointly, the EOS TRL appends included)")
 
 
-def _token_row(example: dict, side: str, values, column: str, *, finite: bool) -> list[float]:
-    """The row of a per-token column: 0 at the prompt, then ``values``; ``finite``: each
-    value must be a finite number (weights; precomputed reference log-probs are NaN where
-    max_length cut the completion, and those positions are sliced off)."""
+def _token_row(example: dict, side: str, values, column: str) -> list[float]:
+    """The row of a per-token column: 0 at the prompt, then ``values`` (NaN, or None, where
+    nothing was computed: precomputed reference log-probs where max_length cut the
+    completion, weights the weights stage did not score; the caller checks what it keeps)."""
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"column {column!r} holds {type(values).__name__} values; "
                          f"TISDPOTrainer needs per-token lists ({ALIGNMENT}), not TRL "
@@ -45,10 +47,36 @@ def _token_row(example: dict, side: str, values, column: str, *, finite: bool) -
     if len(values) != n:
         raise ValueError(f"column {column!r}: {len(values)} values for {n} completion tokens "
                          f"({ALIGNMENT})")
-    problem = non_finite(values) if finite else None
+    return [0.0] * len(example["prompt_ids"]) + [math.nan if v is None else float(v)
+                                                  for v in values]
+
+
+_UNSCORED = (" (a NaN weight is a token the weights stage did not score: its data.max_length "
+             "cut it; rerun that stage with a data.max_length that keeps as much as this "
+             "max_length does)")
+
+
+def _check_kept(values, kept: tuple[int, int], where: str) -> None:
+    """ValueError ``{where}: value k is v, not a finite number`` for the first entry of
+    ``values`` within ``kept`` [start, stop) that is not one."""
+    lo, hi = kept
+    problem = non_finite(values[lo:hi])
     if problem:
-        raise ValueError(f"column {column!r}: {problem}")
-    return [0.0] * len(example["prompt_ids"]) + [float(v) for v in values]
+        k = next(j for j, v in enumerate(values[lo:hi]) if non_finite([v]))
+        v = values[lo + k]
+        raise ValueError(f"{where}: value {lo + k} is {v!r}, not a finite number"
+                         + (_UNSCORED if v is None or v != v else ""))
+
+
+def kept_completion(n_prompt: int, n_completion: int, max_length: int | None,
+                    truncation_mode: str) -> tuple[int, int]:
+    """The [start, stop) of the completion tokens TRL's collator keeps of a row of
+    ``n_prompt`` + ``n_completion`` tokens: the first (keep_start) or last ``max_length``."""
+    if max_length is None:
+        return 0, n_completion
+    if truncation_mode == "keep_start":
+        return 0, max(0, min(n_completion, max_length - n_prompt))
+    return max(0, n_completion - max_length), n_completion
 
 
 @dataclass
@@ -80,18 +108,25 @@ class TISDPOCollator(DataCollatorForPreference):
                 missing = next(c for c in cols if c not in have)
                 raise ValueError(f"column {missing!r} is missing but {have[0]!r} is given: "
                                  f"per-token columns come in (chosen, rejected) pairs")
-            rows = [torch.tensor(_token_row(ex, side, ex[col], col,
-                                            finite=key == "weights")[sl], dtype=torch.float32)
+            rows = [torch.tensor(_token_row(ex, side, ex[col], col)[sl], dtype=torch.float32)
                     for side, col in zip(("chosen", "rejected"), cols) for ex in examples]
+            if key == "weights":          # every weight of a token the batch keeps is a number
+                for side, col in zip(("chosen", "rejected"), cols):
+                    for ex in examples:
+                        _check_kept(ex[col], kept_completion(
+                            len(ex["prompt_ids"]), len(ex[col]), self.max_length,
+                            self.truncation_mode), f"column {col!r}")
             out[key] = pad(rows, padding_value=0.0, padding_side="right",
                            pad_to_multiple_of=self.pad_to_multiple_of)
         return out
 
 
-def check_token_columns(dataset, columns, *, name: str, rows=None) -> None:
+def check_token_columns(dataset, columns, *, name: str, rows=None, max_length=None,
+                        truncation_mode: str = "keep_start") -> None:
     """ValueError naming the first record whose per-token ``columns`` (chosen, rejected)
-    do not have one value per completion token of the tokenised ``dataset``; ``rows``: the
-    record number of each row (default: its position)."""
+    do not have one value per completion token of the tokenised ``dataset``, or a value that
+    is not a finite number at a token ``max_length`` keeps (:func:`kept_completion`);
+    ``rows``: the record number of each row (default: its position)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -113,15 +148,22 @@ def check_token_columns(dataset, columns, *, name: str, rows=None) -> None:
                 raise ValueError(f"{name} record {rec}, field {col!r}: {h} values for {w} "
                                  f"completion tokens ({ALIGNMENT}; "
                                  f"tisdpo.integrations.trl.align_weights_to_trl builds them)")
-        _check_finite(values, col, name, rows)
+        prompt = pc.list_value_length(dataset.select_columns(["prompt_ids"])
+                                      .with_format("arrow")[:].column(0)).to_pylist()
+        kept = [kept_completion(p, w, max_length, truncation_mode)
+                for p, w in zip(prompt, want)]
+        _check_finite(values, kept, col, name, rows)
 
 
-def _check_finite(values, col: str, name: str, rows) -> None:
+def _check_finite(values, kept, col: str, name: str, rows) -> None:
     """ValueError naming the record and the value of the first entry of the list column
-    ``values`` that is not a finite number (a null, NaN or ±inf, or not a number at all)."""
+    ``values`` within its row's ``kept`` [start, stop) that is not a finite number (a null,
+    NaN or ±inf, or not a number at all)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     flat = pc.list_flatten(values)
     if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
             or pa.types.is_null(flat.type)):
@@ -129,12 +171,17 @@ def _check_finite(values, col: str, name: str, rows) -> None:
     if not len(flat):
         return
     finite = pc.is_finite(flat) if pa.types.is_floating(flat.type) else pc.is_valid(flat)
-    first = pc.index(pc.fill_null(finite, False), False).as_py()
-    if first < 0:
+    bad = ~pc.fill_null(finite, False).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(values).to_numpy()
+    offsets = values.offsets.to_numpy()
+    pos = np.arange(len(flat)) - (offsets[:-1] - offsets[0])[parents]  # index within its row
+    lo, hi = np.asarray(kept, dtype=np.int64).reshape(-1, 2).T
+    bad &= (pos >= lo[parents]) & (pos < hi[parents])
+    if not bad.any():
         return
-    parents = pc.list_parent_indices(values)
-    i = parents[first].as_py()
-    k = first - pc.index(parents, i).as_py()
+    first = int(np.argmax(bad))
+    i, value = int(parents[first]), flat[first].as_py()
     rec = i if rows is None else rows[i]
-    raise ValueError(f"{name} record {rec}, field {col!r}: value {k} is {flat[first].as_py()!r}, "
-                     f"not a finite number")
+    raise ValueError(f"{name} record {rec}, field {col!r}: value {int(pos[first])} is "
+                     f"{value!r}, not a finite number"
+                     + (_UNSCORED if value is None or value != value else ""))

@@ -20,11 +20,15 @@ preset's rule — not for ``tisdpo*``). :func:`align_weights_to_trl` maps them o
   fast tokenizers; chat records that do not line up are an error naming the record);
 - TRL tokens that no tisdpo token scored — the EOS TRL appends when the stage counted none,
   chat-template tokens after the response — get ``unscored_weight`` (default 0: not counted
-  by the weighted sum, which is how TIS-DPO's official code treats EOS).
+  by the weighted sum, which is how TIS-DPO's official code treats EOS);
+- TRL tokens of the part of a response the stage's ``data.max_length`` cut (it scored none of
+  them) get NaN: ``TISDPOTrainer`` refuses a record whose NaN tokens its own ``max_length``
+  keeps, naming it, rather than train them with a weight no one computed.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
@@ -117,11 +121,15 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
     keep = [c for c in dataset.column_names
             if c in ("prompt", "chosen", "rejected") or c in columns]
     src, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer, full)
+    # what the stage scored: the completion tokens its own truncation kept (the rest of each
+    # column is padding)
+    cut, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer,
+                            cfg.replace(skip_invalid=False))
     recs = dataset.select_columns(["prompt", "chosen", "rejected"]).to_list()
     eos_id = tokenizer.eos_token_id
     fast = bool(getattr(tokenizer, "is_fast", False))
     out = {c: [] for c in columns}
-    for i, (rec, row) in enumerate(zip(recs, src)):
+    for i, (rec, row, scored) in enumerate(zip(recs, src, cut)):
         plain = isinstance(rec["prompt"], str)
         trl_ids, trl_spans = trl_completion_ids(tokenizer, rec["prompt"], rec["chosen"],
                                                 rec["rejected"], offsets=plain and fast)
@@ -132,7 +140,9 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
                                 return_offsets_mapping=True)
                 src_spans = [tuple(x) for x in enc["offset_mapping"]]
             try:
-                out[col].append(_align(row[f"{side}_ids"], row[col], src_spans, trl_ids[s],
+                n = len(scored[f"{side}_ids"])
+                values = list(row[col][:n]) + [math.nan] * (len(row[col]) - n)
+                out[col].append(_align(row[f"{side}_ids"], values, src_spans, trl_ids[s],
                                        None if trl_spans is None else trl_spans[s], eos_id,
                                        float(unscored_weight)))
             except _Unaligned as e:
