@@ -4,6 +4,7 @@ import warnings
 
 import datasets
 import pytest
+import torch
 
 pytest.importorskip("trl", reason="the TRL integration needs trl (pip install 'tisdpo[trl]')")
 
@@ -65,24 +66,54 @@ def test_a_weighted_method_refuses_an_unweighted_dataset_given_to_evaluate(tok, 
     _one_line(err)
 
 
+NAMED = "chosen_weight,rejected_weight"
+
+
 @pytest.mark.parametrize("train_weighted", [True, False])
 def test_an_eval_split_weighted_unlike_train_is_refused(tok, tmp_path, train_weighted):
-    """token_weights='auto' with an unweighted preset (loss_type='sigmoid') uses the columns
-    where present: an eval split that differs would log another loss as eval_loss."""
+    """Columns named for an unweighted preset (loss_type='sigmoid') are used where present:
+    an eval split that differs would log another loss as eval_loss."""
     weighted, plain = _weighted(tok, 4), C.dataset(4, seed=1)
     train, evaluation = (weighted, plain) if train_weighted else (plain, _weighted(tok, 4, 1))
     how = "has no" if train_weighted else "has the"
-    with pytest.raises(ValueError, match=rf"token_weights='auto': the 'eval' dataset {how} "
+    with pytest.raises(ValueError, match=rf"token_weights='{NAMED}': the 'eval' dataset {how} "
                                          rf"{COLS} columns but train_dataset") as err:
-        _trainer(tok, tmp_path, train, eval_dataset=evaluation)
+        _trainer(tok, tmp_path, train, eval_dataset=evaluation, token_weights=NAMED)
     _one_line(err)
 
 
 def test_eval_splits_weighted_like_train_are_accepted(tok, tmp_path):
-    _trainer(tok, tmp_path, _weighted(tok, 4), eval_dataset=_weighted(tok, 4, 1))
+    _trainer(tok, tmp_path, _weighted(tok, 4), eval_dataset=_weighted(tok, 4, 1),
+             token_weights=NAMED)
     _trainer(tok, tmp_path / "none", _weighted(tok, 4), eval_dataset=C.dataset(4, seed=1),
              token_weights="none")
     _trainer(tok, tmp_path / "plain", C.dataset(4), eval_dataset=C.dataset(4, seed=1))
+
+
+def test_auto_trains_an_unweighted_preset_as_dpo_trainer_does_on_weighted_data(tok, tmp_path):
+    """The one-import switch: a dataset with weight columns (the weights stage's TRL export,
+    say) under loss_type='sigmoid' trains plain DPO, as TRL's DPOTrainer does (which
+    ignores the columns), and says so; naming the columns trains with them."""
+    rows = _weighted(tok, 4).to_list()
+    g = torch.Generator().manual_seed(0)
+    for r in rows:
+        for c in ("chosen_weight", "rejected_weight"):
+            r[c] = (0.2 + 2 * torch.rand(len(r[c]), generator=g)).tolist()
+    train = datasets.Dataset.from_list(rows)
+
+    def first_loss(**options):
+        args = C.config(TISDPOConfig, tmp_path / str(options), max_steps=1,
+                        gradient_accumulation_steps=1, **options)
+        return C.run(TISDPOTrainer, args, tok=tok, train=train,
+                     ref_model=C.tiny_model(tok, seed=1))[0][0]["loss"]
+
+    with pytest.warns(UserWarning, match=r"method 'dpo' does not weight tokens: "
+                                         r"train_dataset's \['chosen_weight', "
+                                         r"'rejected_weight'\] columns are ignored"):
+        TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), train_dataset=train,
+                      args=C.config(TISDPOConfig, tmp_path), processing_class=tok)
+    plain = first_loss(token_weights="none")
+    assert first_loss() == plain != first_loss(token_weights=NAMED)
 
 
 # ------------------------------------------------------------------ options TRL honours
@@ -163,7 +194,7 @@ def test_a_stream_with_one_weight_column_is_refused_at_its_first_batch(tok, tmp_
     columns is an error there, not an unweighted loss."""
     rows = _weighted(tok, 4).remove_columns("chosen_weight").to_list()
     stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
-    trainer = _trainer(tok, tmp_path, stream, max_steps=1)
+    trainer = _trainer(tok, tmp_path, stream, max_steps=1, token_weights=NAMED)
     with pytest.raises(ValueError, match=r"^column 'chosen_weight' is missing but "
                                          r"'rejected_weight' is given") as err:
         trainer.train()

@@ -55,7 +55,7 @@ from tisdpo.integrations.trl_data import REF_COLUMNS, TISDPOCollator, check_toke
 from tisdpo.integrations.trl_head import PolicyStep, ReferenceStep, attach_head, lm_of
 from tisdpo.integrations.trl_metrics import record_metrics
 from tisdpo.integrations.trl_options import (
-    build_loss, check_reference, needs_weights, resolve_method, weight_columns,
+    WEIGHT_COLUMNS, build_loss, check_reference, needs_weights, resolve_method, weight_columns,
 )
 from tisdpo.integrations.trl_weights import align_weights_to_trl, load_trl_weights
 from tisdpo.train.headcheck import check_head, head
@@ -77,8 +77,9 @@ class TISDPOConfig(_TRLDPOConfig):
 
     method: a tisdpo preset (``tisdpo_kernels.PRESETS``); None: from ``loss_type``
         (sigmoid → dpo, ipo → ipo, hinge → hinge, robust → robust).
-    token_weights: "auto" (``chosen_weight``/``rejected_weight`` when the data has them;
-        weighted presets require them), "none" (unit weights) or "<chosen>,<rejected>".
+    token_weights: "auto" (weighted presets: ``chosen_weight``/``rejected_weight``,
+        required; other presets: unit weights, as TRL's DPOTrainer), "none" (unit weights)
+        or "<chosen>,<rejected>" (those columns, for any preset).
     alpha: α of the KL terms of tdpo2 / tisdpo_token_level; gamma_beta_ratio: SimPO's γ/β
         (TRL CPOConfig's ``simpo_gamma / beta``); impl: the kernels' backend; strategy:
         ``TISDPOLoss``'s (recompute, one_sweep or auto); filter_eps: opt-in gradient
@@ -165,6 +166,12 @@ class TISDPOTrainer(_TRLDPOTrainer):
             raise ValueError(f"TISDPOConfig method={self._tisdpo_method!r} weights tokens but "
                              f"train_dataset has no {list(cols)} columns ({_ALIGNMENT_HINT}); or "
                              f"set token_weights='none' for unit weights")
+        if cols is None and getattr(args, "token_weights", "auto") == "auto" \
+                and set(WEIGHT_COLUMNS) <= set(names):
+            warnings.warn(f"TISDPOTrainer: method {self._tisdpo_method!r} does not weight "
+                          f"tokens: train_dataset's {list(WEIGHT_COLUMNS)} columns are ignored "
+                          f"(as DPOTrainer ignores them); token_weights='chosen_weight,"
+                          f"rejected_weight' trains with them", stacklevel=2)
         # whether the training loss is weighted (None: unknown, an IterableDataset)
         self._tisdpo_train_weighted = (cols is not None and any(c in names for c in cols)) \
             if names else None

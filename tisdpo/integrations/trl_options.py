@@ -110,13 +110,14 @@ def check_reference(args, loss: TISDPOLoss, method: str) -> None:
 
 def weight_columns(args, method: str) -> tuple[str, str] | None:
     """The (chosen, rejected) weight columns ``token_weights`` names: ``"auto"`` →
-    ``chosen_weight``/``rejected_weight`` (used when present, required by weighted
-    presets), ``"none"`` → None (unit weights), ``"<chosen>,<rejected>"`` → those."""
+    ``chosen_weight``/``rejected_weight`` for a weighted preset (which requires them), None
+    (unit weights, as TRL's DPOTrainer: columns ignored) for any other; ``"none"`` → None;
+    ``"<chosen>,<rejected>"`` → those, for any preset (used when present)."""
     spec = getattr(args, "token_weights", "auto")
     if spec in (None, "none"):
         return None
     if spec == "auto":
-        return WEIGHT_COLUMNS
+        return WEIGHT_COLUMNS if needs_weights(method) else None
     parts = [p.strip() for p in str(spec).split(",")]
     if len(parts) != 2 or not all(parts):
         _refuse(f"token_weights={spec!r}", "must be 'auto', 'none' or "
