@@ -127,10 +127,10 @@ def contrastive_logscores(hidden_pos, weight_pos, hidden_neg, weight_neg, target
     are combined: the torch backend's chunked forward computes both (``impl`` "auto" or
     "torch"; no Triton kernel), without a gradient (the scores are offline weights).
     """
-    V.check_linear_inputs(hidden_pos, weight_pos, targets, bias_pos, prefix="pos_")
-    V.check_linear_inputs(hidden_neg, weight_neg, targets, bias_neg, prefix="neg_")
+    V.check_linear_inputs(hidden_pos, weight_pos, targets, bias_pos, suffix="_pos")
+    V.check_linear_inputs(hidden_neg, weight_neg, targets, bias_neg, suffix="_neg")
     V.require(weight_neg.shape[0] == weight_pos.shape[0],
-              f"neg_weight has V={weight_neg.shape[0]} but pos_weight has "
+              f"weight_neg has V={weight_neg.shape[0]} but weight_pos has "
               f"V={weight_pos.shape[0]}: the two models must share one vocabulary")
     ignore_index = V.check_int("ignore_index", ignore_index)
     b = V.check_scalar("b", b)
@@ -426,6 +426,8 @@ def linear_preference_loss(hidden, weight, targets, *, config, bias=None, ref_hi
     else:
         V.require((ref_hidden is None) != (ref_logp is None),
                   "pass exactly one of ref_hidden (+ ref_weight) and ref_logp")
+    V.require(ref_hidden is not None or (ref_weight is None and ref_bias is None),
+              "ref_weight/ref_bias given without ref_hidden (they would be ignored)")
     if ref_hidden is not None:
         V.require(ref_weight is not None, "ref_hidden needs ref_weight")
         V.check_linear_inputs(ref_hidden, ref_weight, targets, ref_bias, prefix="ref_")

@@ -184,17 +184,17 @@ def check_not_sharded(weight, name: str = "lm_head_weight") -> None:
         f"the weight and reduce-scatters its gradient: see tisdpo.train.parallel.PolicyWithLoss")
 
 
-def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "",
+def check_linear_inputs(hidden, weight, targets, bias, *, prefix: str = "", suffix: str = "",
                         names: dict[str, str] | None = None) -> None:
     """hidden [..., D], weight [V, D] (V, D >= 1), targets [...] matching hidden[..., :-1],
     bias [V].
 
-    Errors name the arguments ``{prefix}hidden``, ``{prefix}weight``, ``targets`` and
-    ``{prefix}bias``; ``names`` overrides any of them (keys hidden, weight, targets, bias), so a
-    caller can report the names its own users passed.
+    Errors name the arguments ``{prefix}hidden{suffix}``, ``{prefix}weight{suffix}``,
+    ``targets`` and ``{prefix}bias{suffix}``; ``names`` overrides any of them (keys hidden,
+    weight, targets, bias), so a caller can report the names its own users passed.
     """
-    n = {"hidden": f"{prefix}hidden", "weight": f"{prefix}weight", "targets": "targets",
-         "bias": f"{prefix}bias", **(names or {})}
+    n = {"hidden": f"{prefix}hidden{suffix}", "weight": f"{prefix}weight{suffix}",
+         "targets": "targets", "bias": f"{prefix}bias{suffix}", **(names or {})}
     h, w, t, b = n["hidden"], n["weight"], n["targets"], n["bias"]
     check_not_sharded(weight, w)
     check_float(h, hidden)

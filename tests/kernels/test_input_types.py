@@ -88,9 +88,15 @@ def test_softcap_outside_float32_is_refused(cap):
 def test_contrastive_heads_must_share_a_vocabulary():
     h, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     for cap in (None, 5.0):
-        with pytest.raises(ValueError, match="neg_weight has V=8 but pos_weight has V=7") as e:
+        with pytest.raises(ValueError, match="weight_neg has V=8 but weight_pos has V=7") as e:
             contrastive_logscores(h, torch.randn(7, 4), h, torch.randn(8, 4), y, softcap=cap)
         _one_line(e)
+    # errors name the arguments as the signature spells them
+    with pytest.raises(ValueError, match="hidden_neg has D=4 but weight_neg has D=3"):
+        contrastive_logscores(h, torch.randn(7, 4), h, torch.randn(7, 3), y)
+    with pytest.raises(ValueError, match="bias_pos must be"):
+        contrastive_logscores(h, torch.randn(7, 4), h, torch.randn(7, 4), y,
+                              bias_pos=torch.zeros(6))
 
 
 def test_per_token_tensors_on_another_device_are_named():

@@ -415,6 +415,21 @@ def test_op_refusals():
                                pairs=torch.tensor([[0, 1], [2, 1]]),
                                **{**kw, "ref_hidden": kw["ref_hidden"].reshape(hp.shape),
                                   "weights": kw["weights"].reshape(-1)})
+    ref_logp = torch.zeros(y.shape)                 # a reference head with it: never read
+    with pytest.raises(ValueError, match="ref_weight/ref_bias given without ref_hidden"):
+        linear_preference_loss(h, w, y, **{**kw, "ref_hidden": None, "ref_logp": ref_logp,
+                                           "config": get_preset("dpo").config})
+
+
+def test_torch_backend_runs_on_another_device(monkeypatch):
+    """"Any device": the sweep's host-built schedule goes to the inputs' device whatever it
+    is ('meta' stands in for mps/xpu; value checks off, as they read values)."""
+    monkeypatch.setenv("TISDPO_CHECKS", "off")
+    (h, w, y), kw = _op_case(1, 64)
+    meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in kw.items()}
+    loss = linear_preference_loss(h.detach().to("meta").requires_grad_(), w.detach().to("meta"),
+                                  y.to("meta"), **{**meta, "impl": "torch"})[0]
+    assert loss.device.type == "meta"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
