@@ -134,7 +134,7 @@ def test_empty_vocabulary_or_width_names_the_tensor(impl):
         (lambda: linear_token_kl(h, w, h[:, :0], no_cols, y, impl=impl),
          r"^ref_hidden has 0 columns"),
         (lambda: tk.contrastive_logscores(h, w, h[:, :0], no_cols, y, impl=impl),
-         r"^neg_hidden has 0 columns"),
+         r"^hidden_neg has 0 columns"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match) as err:
