@@ -1,6 +1,7 @@
 """Per-token weights through TRL: the column format, its alignment to TRL's tokenisation,
 the collator, the errors, and TIS-DPO trained by TISDPOTrainer on the weights stage's output."""
 import copy
+import json
 import math
 import os
 
@@ -19,6 +20,7 @@ from tisdpo.integrations.trl import (  # noqa: E402
 from tisdpo.integrations.trl_weights import trl_completion_ids  # noqa: E402
 from tisdpo.train.config import dump_yaml  # noqa: E402
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs  # noqa: E402
+from tisdpo.train.records import template_kwargs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,48 @@ def test_trl_tokenisation_is_reproduced(tok, tmp_path):
         for i, rec in enumerate(ds):
             ids, _ = trl_completion_ids(tok, rec["prompt"], rec["chosen"], rec["rejected"])
             assert list(ids[0]) == chosen[i] and list(ids[1]) == rejected[i], (name, i)
+
+
+# a template that renders per-record tools (before the turns) and chat_template_kwargs (one
+# in the context, one inside the response's generation block)
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | length }}{% endif %}"
+    "{% if sys is defined %}<|system|>{{ sys }}{% endif %}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}"
+    "{% if style is defined %}{{ style }}{% endif %}{{ message['content'] }}<|eos|>"
+    "{% endgeneration %}{% else %}<|{{ message['role'] }}|>{{ message['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TOOL = {"type": "function", "function": {"name": "f", "description": "d",
+                                         "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("extra", [{"tools": [TOOL]}, {"tools": json.dumps([TOOL])},
+                                   {"chat_template_kwargs": {"sys": "be brief"}},
+                                   {"chat_template_kwargs": {"style": " very"}}],
+                         ids=["tools", "tools-json", "kwargs-context", "kwargs-completion"])
+def test_tools_and_chat_template_kwargs_render_as_trl_renders_them(tok, tmp_path, extra):
+    """TRL renders a chat record with its ``tools`` and ``chat_template_kwargs``: tisdpo's
+    own tokenisation (what the weights stage scores) and the TRL alignment do too."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = TOOLS_TEMPLATE
+    rec = {"prompt": [{"role": "user", "content": "Write about the sea:"}],
+           "chosen": [{"role": "assistant", "content": " water small"}],
+           "rejected": [{"role": "assistant", "content": " nasty night"}], **extra}
+    ds = datasets.Dataset.from_list([rec, rec])
+    model = C.tiny_model(tok)
+    stock = DPOTrainer(model=model, ref_model=copy.deepcopy(model), train_dataset=ds,
+                       args=C.config(DPOConfig, tmp_path), processing_class=tok).train_dataset[0]
+    ours, _ = tokenize_pairs(ds, tok, TokenizeConfig(add_eos=False))
+    assert ours[0]["prompt_ids"] == stock["prompt_ids"]
+    assert stock["chosen_ids"][:len(ours[0]["chosen_ids"])] == ours[0]["chosen_ids"]
+    ids, _ = trl_completion_ids(tok, rec["prompt"], rec["chosen"], rec["rejected"],
+                                template=template_kwargs(rec)[0])
+    assert (list(ids[0]), list(ids[1])) == (stock["chosen_ids"], stock["rejected_ids"])
+    weighted, _ = _with_index_weights(ds, tok, TokenizeConfig(add_eos=False))
+    out = align_weights_to_trl(weighted, tok, TokenizeConfig(add_eos=False))[0]
+    n = len(ours[0]["chosen_ids"])
+    assert out["chosen_weight"] == [float(k + 1) for k in range(n)] + \
+        [0.0] * (len(stock["chosen_ids"]) - n)
 
 
 def test_same_tokens_copy_weights_and_eos_gets_the_unscored_weight(tok):

@@ -88,3 +88,16 @@ def test_add_bos_without_a_bos_token_is_refused_for_plain_text(chatml):
     out, _ = tokenize_pairs(datasets.Dataset.from_list([_chat()]), chatml,
                             TokenizeConfig(add_bos=True))
     assert out[0]["prompt_ids"][0] == chatml.convert_tokens_to_ids("<|im_start|>")
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("tools", "[{not json", "not valid JSON"),
+    ("tools", 5, "expected a list of tool schemas, got int"),
+    ("chat_template_kwargs", "x", "expected a dict, got str")])
+def test_malformed_template_options_name_the_record(chatml, field, value, problem):
+    """A chat record's tools / chat_template_kwargs (rendered as TRL renders them) that
+    cannot be: one line naming the record and the field."""
+    rows = [{**_chat(), field: value}]
+    with pytest.raises(ValueError, match=rf"^record 0, field '{field}': {problem}") as err:
+        tokenize_pairs(datasets.Dataset.from_list(rows), chatml, TokenizeConfig())
+    assert "\n" not in str(err.value)

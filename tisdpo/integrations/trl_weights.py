@@ -32,6 +32,7 @@ import math
 import os
 
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
+from tisdpo.train.records import TEMPLATE_FIELDS, template_kwargs
 
 __all__ = ["align_weights_to_trl", "load_trl_weights", "export_trl_weights", "trl_weight_paths",
            "trl_completion_ids", "TISDPO_TOKEN_COLUMNS"]
@@ -55,14 +56,16 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def trl_completion_ids(tokenizer, prompt, chosen, rejected, *, offsets: bool = False):
+def trl_completion_ids(tokenizer, prompt, chosen, rejected, *, offsets: bool = False,
+                       template: dict | None = None):
     """TRL 1.16 DPOTrainer's (chosen, rejected) completion ids of one record, and with
     ``offsets`` each token's character span relative to the start of the completion text
-    (plain text only; None for chat records)."""
+    (plain text only; None for chat records). ``template``: the chat template's keyword
+    arguments (the record's ``tools`` and ``chat_template_kwargs``: ``template_kwargs``)."""
     if not isinstance(prompt, str):                     # conversational
         def chat(msgs, **kw):
             return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
-                                                      **kw)["input_ids"])
+                                                      **kw, **(template or {}))["input_ids"])
         p = chat(prompt, add_generation_prompt=True)
         full = [chat(list(prompt) + list(c)) for c in (chosen, rejected)]
         n = min(_common_prefix(p, f) for f in full)
@@ -119,20 +122,21 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
     cfg = tokenize if isinstance(tokenize, TokenizeConfig) else TokenizeConfig(**tokenize)
     full = cfg.replace(max_length=10 ** 9, max_prompt_length=10 ** 9 - 1, skip_invalid=False)
     keep = [c for c in dataset.column_names
-            if c in ("prompt", "chosen", "rejected") or c in columns]
+            if c in ("prompt", "chosen", "rejected") + TEMPLATE_FIELDS or c in columns]
     src, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer, full)
     # what the stage scored: the completion tokens its own truncation kept (the rest of each
     # column is padding)
     cut, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer,
                             cfg.replace(skip_invalid=False))
-    recs = dataset.select_columns(["prompt", "chosen", "rejected"]).to_list()
+    recs = dataset.select_columns([c for c in keep if c not in columns]).to_list()
     eos_id = tokenizer.eos_token_id
     fast = bool(getattr(tokenizer, "is_fast", False))
     out = {c: [] for c in columns}
     for i, (rec, row, scored) in enumerate(zip(recs, src, cut)):
         plain = isinstance(rec["prompt"], str)
         trl_ids, trl_spans = trl_completion_ids(tokenizer, rec["prompt"], rec["chosen"],
-                                                rec["rejected"], offsets=plain and fast)
+                                                rec["rejected"], offsets=plain and fast,
+                                                template=template_kwargs(rec)[0])
         for s, (side, col) in enumerate(zip(("chosen", "rejected"), columns)):
             src_spans = None
             if plain and fast:

@@ -28,7 +28,8 @@ refer to — whatever a joint tokenisation would merge across the boundary. (TRL
 prompt + completion jointly. With SentencePiece tokenizers that mark a word start on the
 first piece, Llama-2's or Mistral's, a completion tokenised alone starts a new word: "The"
 after a prompt ending in a newline is scored as " The", and " Yes" as a lone word-start
-piece then " Yes".) Chat records are rendered with the tokenizer's chat template: the prompt
+piece then " Yes".) Chat records are rendered with the tokenizer's chat template (and, as
+TRL renders them, the record's ``tools`` and ``chat_template_kwargs``): the prompt
 with ``add_generation_prompt=True``, the completion being what the full conversation adds
 after it, restricted to the template's ``{% generation %}`` block(s) when it has them, and
 ending at its last EOS token when it has one (trailing template tokens, e.g. ChatML's
@@ -68,8 +69,8 @@ from typing import Literal
 
 from tisdpo.train.prompts import NoSharedPrompt, with_shared_prompt
 from tisdpo.train.records import (
-    PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEXT_FIELDS, load_preference_dataset, messages_problem,
-    non_finite,
+    PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEMPLATE_FIELDS, TEXT_FIELDS, load_preference_dataset,
+    messages_problem, non_finite, template_kwargs,
 )
 
 __all__ = [
@@ -212,11 +213,11 @@ def _plain_ids(tokenizer, text, where, name, eos_id, cache):
 
 
 def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, has_gen,
-                     eos_id):
+                     eos_id, template):
     try:
         out = tokenizer.apply_chat_template(
             prompt_msgs + messages, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=has_gen)
+            return_assistant_tokens_mask=has_gen, **template)
     except Exception as e:  # jinja errors, unknown roles, ...
         raise _RecordError(where, name, f"chat template failed: {e}") from None
     full = list(out["input_ids"])
@@ -305,9 +306,13 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
     chat = not isinstance(rec["prompt"], str)
     if chat:
         prompt_msgs = _check_messages(rec["prompt"], where, "prompt", allow_string=False)
+        template, problem = template_kwargs(rec)       # tools, chat_template_kwargs
+        if problem:
+            raise _RecordError(where, *problem)
         try:
             prompt_ids = _ids(tokenizer.apply_chat_template(
-                prompt_msgs, tokenize=True, add_generation_prompt=True, return_dict=True))
+                prompt_msgs, tokenize=True, add_generation_prompt=True, return_dict=True,
+                **template))
         except Exception as e:
             raise _RecordError(where, "prompt", f"chat template failed: {e}") from None
     else:
@@ -332,7 +337,7 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
                 raise _RecordError(where, side, f"an assistant message contains the EOS token "
                                    f"{eos_text!r} (it marks where a response ends)")
             comp = _chat_completion(tokenizer, prompt_msgs, prompt_ids, msgs, where, side,
-                                    has_gen, eos_id)
+                                    has_gen, eos_id, template)
             if not cfg.add_eos and comp and comp[-1] == eos_id:
                 comp = comp[:-1]
         else:
@@ -418,7 +423,8 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
                          "would get none)")
     template = getattr(tokenizer, "chat_template", None)
     has_gen = isinstance(template, str) and bool(_GENERATION_RE.search(template))
-    needed = list(texts) + [c for pair in list_cols for c in pair]
+    needed = list(texts) + [c for pair in list_cols for c in pair] + \
+        [c for c in TEMPLATE_FIELDS if c in cols]
     named = SOURCE_COLUMN in cols
     features = _features(list_cols)
 

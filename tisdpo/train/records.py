@@ -19,6 +19,7 @@ record's position in the column ``SOURCE_COLUMN``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,8 @@ from tisdpo.train.json_records import objects_only, scan_json
 from tisdpo.train.prompts import IMPLICIT, NoSharedPrompt, with_prompts, with_shared_prompt
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
-           "load_preference_dataset", "record_problem", "messages_problem", "non_finite"]
+           "TEMPLATE_FIELDS", "load_preference_dataset", "record_problem", "messages_problem",
+           "non_finite", "template_kwargs"]
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 #: Per-token list columns, per side: (chosen column, rejected column).
@@ -39,6 +41,8 @@ PER_TOKEN_COLUMNS = {
     "ref_logps": ("ref_chosen_logps", "ref_rejected_logps"),
 }
 PER_TOKEN_FIELDS = tuple(c for pair in PER_TOKEN_COLUMNS.values() for c in pair)
+#: Per-record options of a chat template, as TRL's DPOTrainer reads them.
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs")
 DATA_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 #: The column ``load_preference_dataset(source_prefix=...)`` adds: each record's position in
 #: its file ("data.train pairs.jsonl line 5 (record 4)"), which ``tokenize_pairs`` names in
@@ -111,6 +115,24 @@ def record_problem(rec: dict) -> tuple[str, str] | None:
         if problem:
             return col, problem
     return None
+
+
+def template_kwargs(rec: dict) -> tuple[dict, tuple[str, str] | None]:
+    """The keyword arguments a chat record's template is rendered with, as TRL's DPOTrainer
+    renders it: ``tools`` (a list, or its JSON text) and the ``chat_template_kwargs`` dict
+    (both optional); and (field, problem) of a malformed one, else None."""
+    tools = rec.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            return {}, ("tools", f"not valid JSON ({e})")
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        return {}, ("tools", f"expected a list of tool schemas, got {type(tools).__name__}")
+    extra = rec.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        return {}, ("chat_template_kwargs", f"expected a dict, got {type(extra).__name__}")
+    return {"tools": tools, **extra}, None
 
 
 def non_finite(values) -> str | None:
