@@ -119,3 +119,31 @@ def test_cli_train_named_policies_then_compare(tmp_path, capsys):
     assert res["baseline"] == "dpo" and set(res["methods"]) == {"dpo", "ipo"}
     assert res["methods"]["ipo"]["eval/rewards/accuracies_unweighted"]["n"] == 2
     assert res["paired"]["ipo"]["reward"]["seeds"] == [0, 1]
+
+
+def test_auto_applies_the_presets_own_rule_to_stored_scores(tmp_path, caplog):
+    """Weights made for tisdpo (rank-based) and a policy of tisdpo_paper_no_eta (exp-clamp):
+    token_weights=auto applies the preset's own rule to the stored scores, as recompute
+    does; stored keeps the stored weights and says so."""
+    import dataclasses
+
+    from tisdpo.pipeline import weights
+
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt"}))
+    stages.run_contrastive(ctx)
+    weights.run_weights(ctx)
+
+    def inputs(mode):
+        pcfg = dataclasses.replace(ctx.cfg.policy, method="tisdpo_paper_no_eta",
+                                   token_weights=mode)
+        return stages._policy_inputs(ctx, pcfg)
+
+    auto, recompute = inputs("auto"), inputs("recompute")
+    assert auto[4:] == ("recompute", "exp_clamp") and \
+        auto[0]["chosen_weight"] == recompute[0]["chosen_weight"]
+    with caplog.at_level(logging.WARNING, logger="tisdpo"):
+        stored = inputs("stored")
+    assert stored[4:] == ("stored", "rank_based")
+    assert stored[0]["chosen_weight"] != auto[0]["chosen_weight"]
+    assert "using the stored rank_based weights, not this preset's own rule exp_clamp" \
+        in caplog.text

@@ -197,6 +197,12 @@ def policy_dir(name: str = "policy") -> str:
 
 def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     """(train_raw, eval_raw, use_weights, has_ref) for policy training."""
+    return _policy_inputs(ctx, pcfg, seed)[:4]
+
+
+def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
+    """:func:`_policy_data` plus (the weights mode ``policy.token_weights`` resolved to, the
+    rule of the weights used: None for equal or random ones)."""
     preset = get_preset(pcfg.method)
     wdir = ctx.path("weights")
     if stage_done(wdir):
@@ -226,9 +232,13 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     made_with = (meta or {}).get("weight_method")
     if mode == "stored" and made_with and preset.weight_method not in (None, made_with) \
             and ctx.cfg.weights.method is None:
-        log.info("policy (%s): using the stored %s weights (this preset's own rule is %s; "
-                 "policy.token_weights=recompute applies it)", pcfg.method, made_with,
-                 preset.weight_method)
+        if pcfg.token_weights == "auto" and has_scores:      # this preset's own rule
+            mode = "recompute"
+        else:
+            log.warning("policy (%s): using the stored %s weights, not this preset's own "
+                        "rule %s (%s)", pcfg.method, made_with, preset.weight_method,
+                        "policy.token_weights=stored" if pcfg.token_weights == "stored" else
+                        "the data has no scores to apply it to")
     if meta is not None and same:
         _check_stored_weights(ctx, pcfg, mode, made_with)
     if mode == "stored" and not set(WEIGHT_COLUMNS) <= cols:
@@ -256,7 +266,10 @@ def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     if not use:
         drop = [c for c in WEIGHT_COLUMNS if c in train_raw.column_names]
         train_raw, eval_raw = train_raw.remove_columns(drop), eval_raw.remove_columns(drop)
-    return train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names)
+    rule = weight_rule(ctx.cfg, pcfg.method)[0] if mode == "recompute" else \
+        made_with if mode == "stored" else None
+    return (train_raw, eval_raw, use, set(REF_COLUMNS) <= set(train_raw.column_names), mode,
+            rule)
 
 
 def _kept(ctx: Context, raw, method: str) -> dict[int, tuple[int, int]]:
@@ -316,7 +329,7 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
     if enter_stage(ctx, out_dir, options, name):
         return os.path.join(out_dir, "final")
     preset = get_preset(pcfg.method)
-    train_raw, eval_raw, use_weights, has_ref = _policy_data(ctx, pcfg, seed)
+    train_raw, eval_raw, use_weights, has_ref, mode, rule = _policy_inputs(ctx, pcfg, seed)
     tok_train = tokenize_records(ctx, train_raw, pcfg.method, f"{name} train")
     tok_eval = tokenize_records(ctx, eval_raw, pcfg.method, f"{name} eval")
     needs_ref = not preset.config.reference_free and (preset.config.uses_kl or not has_ref)
@@ -330,9 +343,9 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
     extra = {"method": pcfg.method, "token_weights": pcfg.token_weights,
              "reference": ref_path or "precomputed ref_logps",
              "seed": ctx.cfg.seed if seed is None else seed, "lr": pcfg.lr, "beta": pcfg.beta}
-    if pcfg.token_weights == "recompute":
-        rule, params = weight_rule(ctx.cfg, pcfg.method)
-        extra.update(weight_rule=rule, weight_params=_params_dict(params))
+    extra.update(token_weights_used=mode, weight_rule=rule)
+    if mode == "recompute":
+        extra.update(weight_params=_params_dict(weight_rule(ctx.cfg, pcfg.method)[1]))
     return _train(ctx, pcfg, out_dir, init=init_path(ctx), train_tok=tok_train,
                   eval_tok=tok_eval, desc=name, options=options, extra=extra, seed=seed,
                   objective_fn=lambda m: _preference_objective(

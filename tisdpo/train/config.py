@@ -181,7 +181,8 @@ class PolicyConfig(TrainConfig):
     beta: float | None = opt(None, "override the preset's beta")
     token_weights: str = opt(
         "auto", "token weights used in the loss: 'auto' = the stored weight columns when the "
-                "preset is token-weighted, none otherwise; 'stored' = require them; 'recompute' "
+                "preset is token-weighted (made by another rule: its own rule applied to the "
+                "stored scores), none otherwise; 'stored' = require them; 'recompute' "
                 "= apply the weights.* rule to the stored scores; 'equal' = 1 on every response "
                 "token; 'random' = U(weights.w_min, weights.w_max) per token (ablation)",
         ("auto", "stored", "recompute", "equal", "random"))
