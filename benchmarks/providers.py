@@ -244,6 +244,8 @@ def make_logprobs(name: str, softcap: float | None) -> Callable:
     if name == "trl-chunked":
         return _trl_chunked(softcap)
     if name == "torch-lce":
+        if softcap is not None:
+            raise NotImplementedError("F.linear_cross_entropy has no logit softcap")
         return _torch_lce
     raise ValueError(f"provider {name!r} has no logprobs op")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks import readme_rows as rr
 from benchmarks import results as R
-from benchmarks.readme_targets import E2E_SHAPE, TARGETS, targets
+from benchmarks.readme_targets import CHECK_BOUND, E2E_SHAPE, TARGETS, targets
 from benchmarks.shapes import parse_tokens
 
 __all__ = ["render", "main", "GPU_COMMAND", "GIVEN_REF_COMMAND", "E2E_COMMAND", "BEGIN", "END"]
@@ -183,15 +183,19 @@ def _errors_table(dev: list[dict], tokens: tuple[int, ...]) -> list[str]:
     for r in checks:
         ref = json.loads(r["extra"] or "{}").get("ref_max") or 0.0
         if ref:
-            k = (r["op"], r["provider"], r["metric"][4:])
+            k = (r["op"], r["provider"], r["metric"][4:], r["dtype"])
             err, runs = worst.get(k, (0.0, set()))
             worst[k] = (max(err, R.error_value(r) / ref), runs | {r["_run"]})
     if not worst:
         return []
-    out = ["Largest error against the fp32 reference (max |Δ| / max |reference|):",
-           "", "| op | provider | output | error | runs |", "|---|---|---|---:|---:|"]
-    out += [f"| {op} | {p} | {o} | {e:.1e} | {', '.join(map(str, sorted(runs)))} |"
-            for (op, p, o), (e, runs) in sorted(worst.items())]
+    out = ["Largest error against the fp32 reference (max |Δ| / max |reference|; FAILED: "
+           "above what a correct result stays within, "
+           + ", ".join(f"{d} {b:.0e}" for d, b in CHECK_BOUND.items()) + "):",
+           "", "| op | provider | dtype | output | error | runs |", "|---|---|---|---|---:|---:|"]
+    out += [f"| {op} | {p} | {d} | {o} | {e:.1e}"
+            f"{' FAILED' if e > CHECK_BOUND.get(d, CHECK_BOUND['bf16']) else ''} "
+            f"| {', '.join(map(str, sorted(runs)))} |"
+            for (op, p, o, d), (e, runs) in sorted(worst.items())]
     return out + [""]
 
 

@@ -65,7 +65,7 @@ def test_a_nan_output_is_an_infinite_error_that_every_table_shows(monkeypatch, t
     gpu = [dict(r, **GPU) for r in rows]
     R.append_csv(gpu, tmp_path / "gpu.csv")
     text = readme_table.render(readme_table.load(tmp_path), tokens=(32,))
-    assert "| logprobs | eager | logp | inf |" in text
+    assert "| logprobs | eager | bf16 | logp | inf FAILED |" in text
 
 
 def _head_rows(errors: dict[str, float | None]) -> list[dict]:
@@ -103,6 +103,20 @@ def test_a_target_counts_only_finite_outputs():
         "ours-triton")
     assert peer_nan.endswith("fastest peer cce_exact 15.0 ms (met); left out: liger-flce "
                              f"(output NOT FINITE against the fp32 reference); {absent}")
+
+
+def test_a_finite_but_wrong_result_fails_its_check():
+    """An error far above what a correct bf16 result shows (a sign, a missing term: 0.1 to
+    2) fails the check: such a result meets no target and is no competition."""
+    wrong = _judged(_head_rows({"ours-triton": 1.0, "liger-flce": 2e-3}), "ours-triton")
+    assert wrong.startswith("9.0 ms (run 1); its check FAILED: max error 1.0e+00 of the fp32 "
+                            "reference's largest value, above the 5e-02 a correct result "
+                            "stays within; 1.12× the dense GEMMs (4 × 2.0 ms) (not met); "
+                            "fastest peer liger-flce 12.0 ms (not met)")
+    peer = _judged(_head_rows({"ours-triton": 1e-2, "liger-flce": 0.5, "cce_exact": 1e-3}),
+                   "ours-triton")
+    assert "max error 1.0e-02" in peer and "fastest peer cce_exact 15.0 ms (met); left out: " \
+        "liger-flce (its check FAILED: max error 5.0e-01" in peer
 
 
 def test_a_filtering_backward_gets_no_tflops(monkeypatch):

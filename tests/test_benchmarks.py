@@ -89,6 +89,10 @@ def test_new_peers_skip_with_a_reason_or_run():
                                                         dtype=torch.bfloat16, softcap=30.0)
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         assert providers.skip_reason("torch-lce", "loss", CPU, dtype=torch.bfloat16) is None
+    for make in (lambda: providers.make_logprobs("torch-lce", 30.0),     # never dropped
+                 lambda: providers.make_loss("torch-lce", 0.1, 30.0)):
+        with pytest.raises(NotImplementedError, match="no logit softcap"):
+            make()
 
 
 def test_peaked_shape_concentrates_the_softmax():
