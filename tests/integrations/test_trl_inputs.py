@@ -189,6 +189,17 @@ def test_a_weight_that_is_not_a_finite_number_is_named_before_training(tok, tmp_
         trainer.train()
 
 
+def test_negative_weights_are_used_and_named(tok, tmp_path):
+    """As in files of TIS-DPO's official code (sign-flipped raw scores): a warning."""
+    rows = _weighted(tok, 4).to_list()
+    rows[2]["chosen_weight"][0] = -0.3
+    args = C.config(TISDPOConfig, tmp_path, method="tisdpo")
+    with pytest.warns(UserWarning, match=r"^1 of \d+ token weights in the train dataset are "
+                                         r"negative: used as given"):
+        TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+
+
 def test_a_stream_with_one_weight_column_is_refused_at_its_first_batch(tok, tmp_path):
     """An IterableDataset's columns are known only when it is read: one of the two weight
     columns is an error there, not an unweighted loss."""

@@ -147,3 +147,33 @@ def test_auto_applies_the_presets_own_rule_to_stored_scores(tmp_path, caplog):
     assert stored[0]["chosen_weight"] != auto[0]["chosen_weight"]
     assert "using the stored rank_based weights, not this preset's own rule exp_clamp" \
         in caplog.text
+
+
+def test_negative_weights_in_a_users_data_are_used_and_named(tmp_path, caplog):
+    """A data file's own weights (no weights stage) are used as given; negative ones, as in
+    files of TIS-DPO's official code (sign-flipped raw scores), get a warning."""
+    import dataclasses
+
+    import datasets
+
+    from tisdpo.train.data import tokenize_pairs
+    from tisdpo.train.synthetic import make_synthetic_task
+
+    train, _, _ = make_synthetic_task(12, 0)
+    ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                     for r in train])
+    cfg = tiny_cfg(tmp_path / "run")
+    probe = context.make_context(cfg)
+    tok, _ = tokenize_pairs(ds, probe.tokenizer, context.tokenize_cfg(cfg, "tisdpo"))
+    rows = ds.to_list()
+    for r, t in zip(rows, tok):
+        for side in ("chosen", "rejected"):
+            r[f"{side}_weight"] = [0.5 - k % 2 for k in range(len(t[f"{side}_ids"]))]
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg.data.train = str(path)
+    ctx = context.make_context(cfg)
+    pcfg = dataclasses.replace(ctx.cfg.policy, method="tisdpo")
+    with caplog.at_level(logging.WARNING, logger="tisdpo"):
+        stages._policy_data(ctx, pcfg)
+    assert "token weights in data.train are negative: used as given" in caplog.text

@@ -59,6 +59,7 @@ from tisdpo.integrations.trl_options import (
 )
 from tisdpo.integrations.trl_weights import align_weights_to_trl, load_trl_weights
 from tisdpo.train.headcheck import check_head, head
+from tisdpo.train.records import NEGATIVE_WEIGHTS, negative_values
 from tisdpo_kernels.strategy import FLOAT16_REASON
 
 __all__ = ["TISDPOConfig", "TISDPOTrainer", "DPOConfig", "DPOTrainer", "TISDPOCollator",
@@ -233,6 +234,7 @@ class TISDPOTrainer(_TRLDPOTrainer):
                                             getattr(args, "token_weights", "auto"))
         check = isinstance(dataset, Dataset) and cols is not None and any(c in names
                                                                             for c in cols)
+
         if check:
             missing = [c for c in cols if c not in names]
             if missing:
@@ -244,6 +246,10 @@ class TISDPOTrainer(_TRLDPOTrainer):
             check_token_columns(out, cols, name=dataset_name, rows=out[_ROW],
                                 max_length=args.max_length,
                                 truncation_mode=args.truncation_mode)
+            neg, total = negative_values(out, cols)
+            if neg:
+                warnings.warn(NEGATIVE_WEIGHTS % (neg, total, f"the {dataset_name} dataset"),
+                              stacklevel=2)
             out = out.remove_columns(_ROW)
         return out
 

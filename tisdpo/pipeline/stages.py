@@ -48,6 +48,7 @@ from tisdpo.pipeline.weights import apply_rule, random_weights, run_weights, wei
 from tisdpo.train.checkpoint import read_done, stage_done, write_json
 from tisdpo.train.config import PolicyConfig, TrainConfig
 from tisdpo.train.data import reverse_pairs, tokenize_pairs
+from tisdpo.train.records import NEGATIVE_WEIGHTS, negative_values
 from tisdpo.train.model import head
 from tisdpo.train.objectives import PreferenceObjective, SFTObjective, displacement_warning
 from tisdpo.train.trainer import Trainer
@@ -241,6 +242,10 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
                         "the data has no scores to apply it to")
     if meta is not None and same:
         _check_stored_weights(ctx, pcfg, mode, made_with)
+    if meta is None and mode == "stored" and set(WEIGHT_COLUMNS) <= cols:   # a user's own
+        neg, total = negative_values(train_raw, WEIGHT_COLUMNS)
+        if neg:
+            log.warning(NEGATIVE_WEIGHTS, neg, total, "data.train")
     if mode == "stored" and not set(WEIGHT_COLUMNS) <= cols:
         raise ValueError(f"policy.method={pcfg.method!r} uses token weights but the data has no "
                          f"{WEIGHT_COLUMNS} columns: run `tisdpo weights` first (or set "

@@ -32,7 +32,7 @@ from tisdpo.train.prompts import IMPLICIT, NoSharedPrompt, with_prompts, with_sh
 
 __all__ = ["TEXT_FIELDS", "PER_TOKEN_COLUMNS", "PER_TOKEN_FIELDS", "DATA_EXTS", "SOURCE_COLUMN",
            "TEMPLATE_FIELDS", "load_preference_dataset", "record_problem", "messages_problem",
-           "non_finite", "template_kwargs"]
+           "non_finite", "template_kwargs", "negative_values", "NEGATIVE_WEIGHTS"]
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 #: Per-token list columns, per side: (chosen column, rejected column).
@@ -133,6 +133,24 @@ def template_kwargs(rec: dict) -> tuple[dict, tuple[str, str] | None]:
     if not isinstance(extra, dict):
         return {}, ("chat_template_kwargs", f"expected a dict, got {type(extra).__name__}")
     return {"tools": tools, **extra}, None
+
+
+def negative_values(dataset, columns) -> tuple[int, int]:
+    """(values below 0, values) over the per-token list ``columns`` of ``dataset``."""
+    import pyarrow.compute as pc
+
+    neg = total = 0
+    for col in columns:
+        flat = pc.list_flatten(dataset.select_columns([col]).with_format("arrow")[:].column(0))
+        total += len(flat)
+        neg += int(pc.sum(pc.less(flat, 0)).as_py() or 0)
+    return neg, total
+
+
+NEGATIVE_WEIGHTS = ("%d of %d token weights in %s are negative: used as given (a negative weight "
+                    "reverses its token's gradient). Files of TIS-DPO's official code hold "
+                    "sign-flipped raw scores under these names, not weights: transform them "
+                    "first (docs/ALGORITHMS.md §2.2)")
 
 
 def non_finite(values) -> str | None:
