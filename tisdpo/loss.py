@@ -92,7 +92,8 @@ class TISDPOLoss(nn.Module):
     Under gradient accumulation pass the sum of :meth:`normalizer_count` over the step's
     micro-batches: the step's loss is then the one big batch's when every pair has a response
     token (counted from shapes, ``normalizer_count`` also counts a pair without one, as TRL's
-    mean over pairs does; the default normalizer does not).
+    mean over pairs does; the default normalizer does not); for ``cdpo_code`` only when every
+    micro-batch is padded to the big batch's length (its slots count the padding).
 
     pair_metrics: True gives the rewards/*, logps/* (and kl/*) metrics per pair ([P]
     tensors, pair order) instead of their batch means; weights/* stay batch means.
@@ -102,7 +103,8 @@ class TISDPOLoss(nn.Module):
     logps/rejected (TRL's names and meaning: token sums, as DPOTrainer logs them — for ipo too,
     whose per-token means, what its loss uses, come as rewards_per_token/* and
     logps_per_token/*; per-token means for simpo, as CPOTrainer logs them; the rewards of a
-    weighted method are its weighted implicit reward β·Σ ω·(log π − log π_ref)),
+    weighted method are its weighted implicit reward β·Σ ω·(log π − log π_ref), and with KL
+    terms each side's share of β·z: docs/ALGORITHMS.md §3),
     weights/chosen and weights/rejected (mean token weight over response tokens), and
     kl/chosen, kl/rejected for KL methods. No host synchronisation.
     """

@@ -283,9 +283,9 @@ def preference_loss(logp, ref_logp=None, weights=None, *, config, mask=None, seq
     number of sequences, which bounds the ids (default N; give it when sequences can be empty).
     Values outside every response (mask false, seq_ids −1) are not read.
 
-    Returns (loss, metrics): a scalar, and per-pair detached tensors named as TRL names them
-    (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
-    logps/rejected; kl/chosen, kl/rejected with KL terms).
+    Returns (loss, metrics): a scalar, and per-pair detached tensors of what the link compares
+    (per-token means under reduction "mean": TISDPOLoss logs IPO's as TRL's sums) as rewards/*,
+    logps/chosen, logps/rejected (TRL's names); kl/chosen, kl/rejected with KL terms.
     """
     V.require(isinstance(config, PreferenceConfig),
               f"config must be a PreferenceConfig, got {type(config).__name__}")
