@@ -115,6 +115,10 @@ def test_policy_weight_modes(weighted_run):
     train_d, _, use_d, has_ref_d = data(method="dpo", token_weights="auto")
     # dpo counts EOS: the stored columns (made without EOS) are not used, nor weights
     assert not use_d and not has_ref_d and "chosen_weight" not in train_d.column_names
+    # cdpo counts EOS too: its weights cannot come from them, and the error says why
+    with pytest.raises(ValueError, match=r"made for another tokenisation \(add_eos=False then, "
+                                         r"True now, as method 'cdpo' tokenises\)"):
+        data(method="cdpo", token_weights="stored")
     ctx.cfg.weights.method = "exp_clamp"
     try:
         train_x, _, _, _ = data(method="tisdpo", token_weights="recompute")

@@ -219,8 +219,14 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         train_raw, eval_raw = load_records(ctx)
         meta, same = None, False
     cols = set(train_raw.column_names)
+    hint = "run `tisdpo weights` first"
     if meta is not None and not same:      # a user's own per-token columns are used as given
         stale = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in cols]
+        hint = (f"the weights stage's columns were made for another tokenisation ("
+                + ", ".join(f"{k}={tok_then.get(k)!r} then, {v!r} now" for k, v in
+                            tok_now.items() if k != "skip_invalid" and v != tok_then.get(k))
+                + f", as method {pcfg.method!r} tokenises) and do not line up: run "
+                  f"`tisdpo weights` for this tokenisation (another run_dir)")
         if stale:
             log.info("policy (%s): the stored per-token columns were made for another "
                      "tokenisation (EOS/length); not using them", pcfg.method)
@@ -248,11 +254,11 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
             log.warning(NEGATIVE_WEIGHTS, neg, total, "data.train")
     if mode == "stored" and not set(WEIGHT_COLUMNS) <= cols:
         raise ValueError(f"policy.method={pcfg.method!r} uses token weights but the data has no "
-                         f"{WEIGHT_COLUMNS} columns: run `tisdpo weights` first (or set "
+                         f"{WEIGHT_COLUMNS} columns: {hint} (or set "
                          f"policy.token_weights=equal)")
     if mode in ("recompute", "random") and not has_scores:
         raise ValueError(f"policy.token_weights={mode} needs the weights stage's per-token "
-                         f"columns ({SCORE_COLUMNS}); run `tisdpo weights` first")
+                         f"columns ({SCORE_COLUMNS}); {hint}")
     if mode == "recompute":
         rule, params = weight_rule(ctx.cfg, pcfg.method)
         kind = (meta or {}).get("score_kind", "c_t")
