@@ -207,3 +207,42 @@ def test_wheels_and_environment_steps_in_a_tree_without_git(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
+
+
+def test_gpu_session_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh --cpu-smoke: every step runs (toy sizes, interpreter), within
+    its deadline, and the output is at most 8 files with results rows for ours and eager."""
+    import csv
+    import json
+    root = ROOT
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "--cpu-smoke"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = (tmp_path / "status.txt").read_text()
+    for name in ("environment", "wheels", "tests", "logprobs", "logprobs_compile",
+                 "loss_given", "loss", "memory_sweep", "ncu", "plots"):
+        assert f"{name}: rc=0" in status, status
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and "results.csv" in files and "plots.tgz" in files, files
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    shapes = {r["shape"] for r in rows}
+    assert {"toy", "toy-peaked"} <= shapes
+    assert {"ours-triton", "ours-torch", "eager"} <= {r["provider"] for r in rows}
+    assert any(json.loads(r["extra"] or "{}").get("ref_logps") == "precomputed" for r in rows)
+    # a step exits 0 whatever its providers did: every one that can run on a CPU timed and
+    # passed its check (an adapter broken by a typo would be error rows here, not on a GPU)
+    import importlib.util
+    peers = ["trl-chunked"] if importlib.util.find_spec("trl") else []
+    peers += ["torch-lce"] if hasattr(torch.nn, "LinearCrossEntropyOptions") else []
+    want = {("logprobs", p, m) for p in ["ours-triton", "ours-gemm", "ours-no-tma",
+                                         "ours-filtered", "ours-torch", "eager",
+                                         "torch-compile", *peers]
+            for m in ("fwd", "bwd", "fwdbwd", "check")}
+    want |= {("loss", p, m) for p in ["ours-one-sweep", "ours-one-sweep-torch", "ours-triton",
+                                      "ours-torch", "eager", *peers]
+             for m in ("fwdbwd", "check")}
+    ok = {(r["op"], r["provider"], r["mode"]) for r in rows if r["status"] == "ok"}
+    assert want <= ok, sorted(want - ok)
+    assert not [r for r in rows if r["status"] == "error"]
