@@ -185,8 +185,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                         "unweighted, eval/rewards/accuracies, eval/logps/chosen_delta, "
                         "eval/logps/rejected_delta)")
     p.add_argument("--reward", default="auto", choices=("auto", "on", "off"),
-                   help="sample responses for held-out prompts and score them with the "
-                        "synthetic task's reward (auto: when data.train is empty)")
+                   help="sample responses for the held-out pairs' prompts and score them with "
+                        "the synthetic task's reward (auto: when data.train is empty)")
 
 
 def _compare_config(args: argparse.Namespace) -> None:

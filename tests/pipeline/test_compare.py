@@ -122,3 +122,24 @@ def test_a_misspelled_metric_and_unfinished_policies_are_said(run, capsys, caplo
         found = compare.find_policies(run)
     assert "dpo-s3" not in found
     assert any("dpo-s3: not finished" in r.getMessage() for r in caplog.records)
+
+
+def test_each_policy_samples_its_reward_with_its_own_seed(run, monkeypatch):
+    """As the demo samples: policies of one seed share a sampling seed (paired), other
+    seeds sample otherwise; the run's seed is not every policy's."""
+    from tisdpo.pipeline import context, demo
+    from tisdpo.train.config import build_config
+
+    seen = {}
+    monkeypatch.setattr(context, "make_context", lambda cfg: None)
+    monkeypatch.setattr(context, "load_stage_model", lambda ctx, path, trainable: path)
+    monkeypatch.setattr(demo, "held_out_prompts", lambda ctx: (None, ["p"]))
+    monkeypatch.setattr(demo, "sample_rewards", lambda ctx, model, prompts, info, seed: (
+        seen.__setitem__(os.path.basename(os.path.dirname(model)), seed)
+        or {"reward": 0.0, "samples": [], "examples": []}))
+    runs = [r for r in compare.group_policies(compare.find_policies(run))
+            if r["name"] != "policy"]
+    compare._sample_rewards(build_config(None, {"seed": 7}), runs)
+    assert seen == {
+        "dpo-s0": 0, "dpo-s1": 1, "dpo-s2": 2, "tisdpo-s0": 0, "tisdpo-s1": 1, "tisdpo-s2": 2,
+        "tisdpo_lr1e-2-s0": 0}

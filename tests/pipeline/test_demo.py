@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,18 +101,30 @@ def test_auc_mann_whitney():
 
 
 def test_table_reports_a_loss_for_tisdpo_honestly():
-    se = {"accuracy_se": 0.02, "reward_se": 0.01}
+    # one seed, 100 held-out pairs (DPO wins 80) and 100 prompts: TIS-DPO differs from DPO on
+    # ``flips`` pairs and by ``dr`` ± 0.01 on every prompt (paired SE 0.001)
+    d_wins = (np.arange(100) < 80).astype(float)
+    d_rew = np.linspace(-0.2, 0.8, 100)
 
-    def rows(acc, rew):
-        return {"DPO": {"accuracy_per_seed": [0.8], "reward_per_seed": [0.3], **se},
-                "TIS-DPO": {"accuracy_per_seed": [acc], "reward_per_seed": [rew], **se}}
-    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in \
-        _verdict(rows(0.7, 0.2), 1)
-    assert "did NOT beat DPO beyond noise" in _verdict(rows(0.81, 0.305), 1)
-    assert "TIS-DPO beat DPO on task reward by more than 2" in _verdict(rows(0.81, 0.4), 1)
-    assert "Mixed: better on task reward, worse on held-out accuracy" in \
-        _verdict(rows(0.6, 0.4), 1)
-    # several seeds: the paired differences' spread decides, not the per-run SE
+    def verdict(flips, dr):
+        t_wins = d_wins.copy()
+        if flips < 0:
+            t_wins[:-flips] = 0.0                  # loses -flips of the pairs DPO wins
+        else:
+            t_wins[80:80 + flips] = 1.0            # wins flips of the pairs DPO loses
+        t_rew = d_rew + dr + 0.01 * (-1.0) ** np.arange(100)
+        rows = {"DPO": {"accuracy_per_seed": [d_wins.mean()], "reward_per_seed": [d_rew.mean()]},
+                "TIS-DPO": {"accuracy_per_seed": [t_wins.mean()],
+                            "reward_per_seed": [t_rew.mean()]}}
+        items = {"DPO": {"accuracy": d_wins, "reward": d_rew},
+                 "TIS-DPO": {"accuracy": t_wins, "reward": t_rew}}
+        return _verdict(rows, 1, items)
+    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in verdict(-10, -0.1)
+    assert "did NOT beat DPO beyond noise" in verdict(1, 0.0005)
+    assert "TIS-DPO beat DPO on task reward beyond the two-sided 95% t bound" in \
+        verdict(1, 0.1)
+    assert "Mixed: better on task reward, worse on held-out accuracy" in verdict(-10, 0.1)
+    # several seeds, no per-item values: the paired differences' spread decides
     many = {"DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8], "reward_per_seed": [0.3, 0.3, 0.3]},
             "TIS-DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8],
                         "reward_per_seed": [0.35, 0.25, 0.31]}}

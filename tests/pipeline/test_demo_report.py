@@ -56,10 +56,16 @@ def test_untested_differences_are_undecided_not_a_loss():
     note = _verdict(_rows(0.6, 0.1, {"accuracy_se": NAN, "reward_se": NAN}), 1)
     assert "did NOT beat" not in note and "Undecided on task reward and held-out accuracy" \
         in note
-    # one tested within noise, one untested: each said as it is
-    note = _verdict(_rows(0.5, 0.01, {"accuracy_se": 0.0, "reward_se": 0.1}), 1)
+    # one tested within noise, one untested (every pair agreed): each said as it is
+    agree = {"TIS-DPO": {"accuracy": [1.0, 0.0, 1.0, 0.0]},
+             "DPO": {"accuracy": [1.0, 0.0, 1.0, 0.0]}}
+    noisy = {"TIS-DPO": {"reward": [0.2, -0.1, 0.1, -0.16], **agree["TIS-DPO"]},
+             "DPO": {"reward": [0.0] * 4, **agree["DPO"]}}
+    note = _verdict(_rows(0.5, 0.01, {}), 1, noisy)
     assert "did NOT beat DPO beyond noise on task reward" in note
     assert "Undecided on held-out accuracy" in note
     # a tested win stays a win, the untested metric is undecided beside it
-    note = _verdict(_rows(0.5, 0.9, {"accuracy_se": 0.0, "reward_se": 0.1}), 1)
+    clear = {"TIS-DPO": {"reward": [0.9, 0.91, 0.89, 0.9], **agree["TIS-DPO"]},
+             "DPO": {"reward": [0.0] * 4, **agree["DPO"]}}
+    note = _verdict(_rows(0.5, 0.9, {}), 1, clear)
     assert "TIS-DPO beat DPO on task reward" in note and "Undecided on held-out accuracy" in note

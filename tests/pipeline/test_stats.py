@@ -51,7 +51,11 @@ def test_verdict_n_se_is_the_mean_paired_difference_over_its_se():
     diffs = np.subtract(t, d)
     z = diffs.mean() / (diffs.std(ddof=1) / 2)
     note = _verdict(_rows([0.8] * 4, [0.7, 0.8, 0.8, 0.8], t, d), 4)
-    assert f"task reward {diffs.mean():+.3f} ({z:+.1f} SE;" in note
+    se = diffs.std(ddof=1) / 2
+    # no per-item values: the SE is over the seeds only, with 3 df, and the note says so
+    assert f"task reward {diffs.mean():+.3f} ({z:+.1f} SE of {se:.4f}; 95% t bound 3.18, t_3;" \
+        in note
+    assert "SE over the 4 policy seeds only" in note
 
 
 def test_one_seed_verdict_pairs_the_same_pairs_and_prompts():
@@ -70,14 +74,16 @@ def test_one_seed_verdict_pairs_the_same_pairs_and_prompts():
     z_acc = acc_d.mean() / (acc_d.std(ddof=1) / 4)
     rew_d = np.subtract(t_rew, d_rew)
     z_rew = rew_d.mean() / (rew_d.std(ddof=1) / math.sqrt(8))
-    assert f"held-out accuracy +0.062 ({z_acc:+.1f} SE;" in note           # +1.0 SE
-    assert f"task reward {rew_d.mean():+.3f} ({z_rew:+.1f} SE;" in note
-    assert "TIS-DPO beat DPO on task reward by more than 2" in note
+    assert f"held-out accuracy +0.062 ({z_acc:+.1f} SE of" in note         # +1.0 SE
+    assert "t_15;" in note and "t_7;" in note                     # 16 pairs, 8 prompts
+    assert f"task reward {rew_d.mean():+.3f} ({z_rew:+.1f} SE of" in note
+    assert "TIS-DPO beat DPO on task reward beyond the two-sided 95% t bound" in note
 
 
 def test_zero_spread_across_seeds_claims_nothing():
-    # the same difference on every seed (up to float rounding): SE 0, so no "N SE" (it
-    # would be infinite, or 1e15 from the rounding residue)
+    # the same difference on every seed (up to float rounding) and no per-item values: SE 0,
+    # so no "N SE" (it would be infinite, or 1e15 from the rounding residue); with per-item
+    # values the items' spread decides (test_demo_stats.py)
     note = _verdict(_rows([0.8] * 3, [0.8] * 3, [0.35, 0.45, 0.55], [0.30, 0.40, 0.50]), 3)
     assert "inf" not in note and "SE 0" in note
     assert "did NOT beat" not in note

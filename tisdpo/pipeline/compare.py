@@ -300,8 +300,9 @@ def format_markdown(res: dict, run_dir: str = "") -> str:
                   "rewards/accuracies: each method's own (weighted) reward, not comparable "
                   "across methods; logps/*_delta: per-token mean of log π − log π_ref."]
     if REWARD in metrics:
-        lines += ["reward: task reward of responses sampled for held-out prompts (same prompts "
-                  "and sampling seed for every policy)."]
+        lines += ["reward: task reward of responses sampled for the held-out pairs' prompts "
+                  "(training prompts too: only the response pairs are held out), the same for "
+                  "every policy, each sampling with its own seed (as the demo does)."]
     if res.get("seed_notes"):
         lines += ["", "Seeds: the name and the training seed differ (such runs may repeat "
                       "another seed's data order):"] + [f"- {n}" for n in res["seed_notes"]]
@@ -314,7 +315,8 @@ def format_markdown(res: dict, run_dir: str = "") -> str:
 
 def _sample_rewards(cfg: RunConfig, runs: list[dict]) -> None:
     """Adds ``metrics["reward"]`` to every run: the synthetic task's reward of sampled
-    responses (the demo's sampling, same prompts and seed for every policy)."""
+    responses (the demo's sampling: the same prompts for every policy, each policy sampling
+    with its own seed, so that policies of one seed are paired)."""
     from tisdpo.pipeline.context import load_stage_model, make_context
     from tisdpo.pipeline.demo import held_out_prompts, sample_rewards
     from tisdpo.train.synthetic import synthetic_info
@@ -324,7 +326,7 @@ def _sample_rewards(cfg: RunConfig, runs: list[dict]) -> None:
     _, prompts = held_out_prompts(ctx)
     for r in runs:
         model = load_stage_model(ctx, os.path.join(r["dir"], "final"), trainable=False)
-        out = sample_rewards(ctx, model, prompts, info, seed=cfg.seed)
+        out = sample_rewards(ctx, model, prompts, info, seed=r["seed"])
         r["metrics"][REWARD] = out["reward"]
         r["reward_samples"], r["reward_examples"] = out["samples"], out["examples"]
         del model

@@ -28,21 +28,26 @@ Reported, as measured (nothing is tuned per method):
   and on held-out pairs; and the AUC of the final weights in the direction the method wants
   (chosen: good tokens weighted above bad ones; rejected: bad above good).
 - per policy (each trained ``demo.policy_seeds`` times, 3 by default, with different data
-  orders; mean ± standard error across seeds): held-out preference accuracy — the fraction
-  of held-out pairs whose implicit reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the
-  response's text tokens (no EOS, no weights: one yardstick for every method) is higher for
-  the chosen response — and the task reward (#good − #bad words)/#words of responses sampled
-  for held-out prompts (two samples per prompt at temperature 1, the same seed for every
-  model; ``demo.do_sample=false`` for greedy), with the SFT reference as a baseline row; each
-  ± one standard error (the reference row's, and with one seed every row's: over the held-out
-  pairs, or over the prompts' mean rewards).
+  orders and random weights): held-out preference accuracy — the fraction of held-out pairs
+  whose implicit reward Σ_t (log pi(y_t) − log pi_ref(y_t)) over the response's text tokens
+  (no EOS whatever ``data.eos`` says, no weights: one yardstick for every method) is higher
+  for the chosen response — and the task reward (#good − #bad words)/#words of responses
+  sampled for the held-out pairs' prompts (the first ``demo.sample_prompts``; they are
+  training prompts too: only the response pairs are held out), two samples per prompt at
+  temperature 1 (``demo.do_sample=false`` for greedy). Every policy of one policy seed
+  samples with that seed, so sampling noise varies across seeds as training noise does; the
+  SFT reference row samples with the first policy seed (``seed``).
+- ± one standard error (:func:`~tisdpo.pipeline.stats.combined_se`): with several seeds
+  √(SE over seeds² + SE over the held-out pairs, or prompts, of the seed-averaged values²),
+  with one seed (and the reference row) the SE over the pairs or the prompts' mean rewards.
+- a verdict, TIS-DPO against DPO per metric: the mean paired difference, its standard error
+  (the same combination, of the paired differences) and the two-sided 95% Student-t bound at
+  the Welch–Satterthwaite degrees of freedom (:func:`~tisdpo.pipeline.demo_report.verdict`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import time
 
@@ -52,11 +57,14 @@ import torch
 
 from tisdpo.pipeline import stages
 from tisdpo.pipeline.context import (
-    load_records, load_stage_model, make_collator, make_context, reference_path, tokenize_records,
+    load_records, load_stage_model, make_collator, make_context, reference_path, tokenize_cfg,
+    tokenize_records,
 )
+from tisdpo.pipeline.demo_report import ITEMS, aggregate, format_table, verdict, write_results
 from tisdpo.pipeline.spans import pool_spans, word_span_ids
+from tisdpo.pipeline.stats import standard_error
 from tisdpo.pipeline.weights import completion_logps, run_weights, weight_rule
-from tisdpo.train.checkpoint import jsonable, read_done
+from tisdpo.train.checkpoint import read_done
 from tisdpo.train.config import RunConfig
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.synthetic import synthetic_info
@@ -66,6 +74,8 @@ __all__ = ["demo_config", "run_demo", "auc", "format_table", "held_out_prompts",
            "sample_rewards", "standard_error", "write_results"]
 
 log = logging.getLogger("tisdpo")
+_se = standard_error
+_verdict, _aggregate = verdict, aggregate         # their names before demo_report held them
 
 #: (row label, run name, policy method, policy.token_weights)
 POLICIES = (
@@ -191,10 +201,13 @@ def _sequence_sums(ctx, model, tok, impl: str) -> torch.Tensor:
 
 
 def held_out_prompts(ctx):
-    """(tokenised held-out pairs: text tokens, no EOS; the first ``demo.sample_prompts`` of
-    their prompt ids): what the task reward is sampled for."""
+    """(tokenised held-out pairs: text tokens, no EOS whatever ``data.eos`` says; the first
+    ``demo.sample_prompts`` of their prompt ids): what the task reward is sampled for. The
+    prompts are the held-out pairs' prompts, which are training prompts too (the synthetic
+    tasks have 12 or 24 prompt strings): only the response pairs are held out."""
     _, eval_raw = load_records(ctx)
-    tok_eval = tokenize_records(ctx, eval_raw, "tisdpo", "demo eval")  # text, no EOS
+    text_only = dataclasses.replace(tokenize_cfg(ctx.cfg, "tisdpo"), add_eos=False)
+    tok_eval = tokenize_records(ctx, eval_raw, "tisdpo", "demo eval", text_only)
     n = min(ctx.cfg.demo.sample_prompts, len(tok_eval))
     return tok_eval, [tok_eval[i]["prompt_ids"] for i in range(n)]
 
@@ -202,8 +215,9 @@ def held_out_prompts(ctx):
 @torch.no_grad()
 def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> dict:
     """Mean task reward of ``demo.samples_per_prompt`` responses per prompt (one when
-    greedy; same RNG stream for every model). ``reward_se``: the standard error over the
-    per-prompt mean rewards (``prompt_rewards``; a prompt's samples are not independent)."""
+    greedy), sampled in an RNG stream of its own seeded with ``seed``. ``reward_se``: the
+    standard error over the per-prompt mean rewards (``prompt_rewards``; a prompt's samples
+    are not independent)."""
     d, tok = ctx.cfg.demo, ctx.tokenizer
     pad = tok.pad_token_id
     per_prompt = max(d.samples_per_prompt, 1) if d.do_sample else 1
@@ -231,151 +245,6 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
     by_prompt = np.asarray(rewards, dtype=np.float64).reshape(-1, per_prompt).mean(1)
     return {"reward": float(np.mean(rewards)), "reward_se": _se(by_prompt),
             "samples": len(rewards), "examples": examples, "prompt_rewards": by_prompt.tolist()}
-
-
-def standard_error(values) -> float:
-    """Standard error of the mean (sample standard deviation / √n); nan for fewer than 2."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
-
-
-_se = standard_error
-
-
-# ---------------------------------------------------------------------------- table
-
-def _finite(x) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def format_table(res: dict) -> str:
-    a = res["auc"]
-    f = lambda x: "n/a" if x is None or x != x else f"{x:.3f}"  # noqa: E731
-    lines = [
-        f"## TIS-DPO demo, {res.get('task', 'easy')} task ({res['train_pairs']} training pairs, "
-        f"{res['eval_pairs']} held out; "
-        f"{res['policy_steps']} policy steps per method and seed, "
-        f"{len(res.get('policy_seeds', [0]))} seed(s); wall time {res['wall_s']:.0f} s)",
-        "",
-        "Token weights vs planted token quality (AUC, 0.5 = chance):",
-        "",
-        "| estimate | chosen | rejected |",
-        "|---|---|---|",
-        f"| c_t = log pi+ - log pi-: good > bad, train | {f(a['train/chosen/score'])} | "
-        f"{f(a['train/rejected/score'])} |",
-        f"| c_t: good > bad, held-out | {f(a['eval/chosen/score'])} | "
-        f"{f(a['eval/rejected/score'])} |",
-        f"| c_t summed over each word's tokens: good > bad, train | "
-        f"{f(a['train/chosen/word_score'])} | {f(a['train/rejected/word_score'])} |",
-        f"| c_t summed over each word's tokens: good > bad, held-out | "
-        f"{f(a['eval/chosen/word_score'])} | {f(a['eval/rejected/word_score'])} |",
-        f"| {res['weight_method']} weights as used ({res.get('weight_span', 'token')} scores), "
-        f"train (chosen: good > bad; rejected: bad > good) | {f(a['train/chosen/weight'])} | "
-        f"{f(a['train/rejected/weight'])} |",
-        "",
-        "Policies from the same SFT model (same data, steps, optimiser, lr and beta):",
-        "",
-        "| method | held-out preference accuracy | task reward of sampled responses | "
-        "accuracy by its own training reward |",
-        "|---|---|---|---|",
-    ]
-    for row in res["rows"]:
-        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        rew = f"{row['reward']:+.3f}"
-        if _finite(row.get("accuracy_se")):     # nan (one pair, one prompt): no ± at all
-            acc += f" ± {row['accuracy_se']:.3f}"
-        if _finite(row.get("reward_se")):
-            rew += f" ± {row['reward_se']:.3f}"
-        own = "-" if row.get("own_accuracy") is None else f"{row['own_accuracy']:.3f}"
-        lines.append(f"| {row['method']} | {acc} | {rew} | {own} |")
-    n_seeds = len(res.get("policy_seeds", [0]))
-    lines += ["", (f"Mean over {n_seeds} policy-training seeds ± its standard error across "
-                   f"seeds (the reference row: ± the sampling standard error); "
-                   if n_seeds > 1 else "± one standard error; ")
-              + f"accuracy over {res['eval_pairs']} held-out pairs "
-              f"(implicit reward = summed log-ratio over the text tokens, unweighted, for every "
-              f"method); reward over {res['rows'][0].get('samples', '?')} sampled responses "
-              f"({res.get('sampling', '')}); last column: the held-out accuracy of the implicit "
-              f"reward each method trains (weighted for TIS-DPO and random, EOS counted for "
-              f"DPO)."]
-    lines += ["", res["note"]]
-    return "\n".join(lines)
-
-
-def _verdict(rows: dict, n_seeds: int, items: dict | None = None) -> str:
-    """TIS-DPO against DPO per metric: the mean paired difference over seeds and its SE.
-
-    One seed: the SE of the per-item differences in ``items`` (``{label: {"accuracy":
-    per-pair wins, "reward": per-prompt rewards}}``: both models saw the same held-out pairs
-    and prompts), else the two rows' SEs combined as if independent. A zero or undefined SE
-    decides nothing: no "beat" and no "did NOT beat" from a difference whose spread was not
-    measured, the summary calls that metric undecided."""
-    t, d = rows["TIS-DPO"], rows["DPO"]
-    parts, wins, losses, level, untested = [], [], [], [], []
-    for key, name in (("reward", "task reward"), ("accuracy", "held-out accuracy")):
-        diffs = np.asarray(t[f"{key}_per_seed"]) - np.asarray(d[f"{key}_per_seed"])
-        diff = float(diffs.mean())
-        if diffs.size > 1:
-            se = _se(diffs)
-        elif items and key in items.get("TIS-DPO", {}) and key in items.get("DPO", {}):
-            se = _se(np.asarray(items["TIS-DPO"][key], dtype=np.float64)
-                     - np.asarray(items["DPO"][key], dtype=np.float64))
-        else:
-            se = math.hypot(t.get(f"{key}_se") or 0.0, d.get(f"{key}_se") or 0.0)
-        se = 0.0 if se < 1e-9 else se        # equal differences up to rounding: spread 0
-        z = diff / se if se > 0 else math.nan              # se 0 or nan: no test
-        seeds = ", ".join(f"{x:+.3f}" for x in diffs)
-        zs = f"{z:+.1f} SE" if math.isfinite(z) else "SE 0: untested" if se == 0 \
-            else "SE n/a: untested"
-        parts.append(f"{name} {diff:+.3f} ({zs}; per seed {seeds})")
-        if not math.isfinite(z):
-            untested.append(name)
-        elif z > 2:
-            wins.append(name)
-        elif z < -2:
-            losses.append(name)
-        else:
-            level.append(name)
-    if wins and losses:
-        summary = f"Mixed: better on {', '.join(wins)}, worse on {', '.join(losses)}."
-    elif wins:
-        summary = f"TIS-DPO beat DPO on {' and '.join(wins)} by more than 2 standard errors."
-    elif losses:
-        summary = f"TIS-DPO did NOT beat DPO: worse on {' and '.join(losses)}."
-    elif level and untested:
-        summary = (f"TIS-DPO did NOT beat DPO beyond noise on {' and '.join(level)} (its "
-                   f"difference is within 2 standard errors).")
-    elif level:
-        summary = ("TIS-DPO did NOT beat DPO beyond noise (no difference exceeds 2 standard "
-                   "errors).")
-    else:
-        summary = ""
-    if untested:                         # a difference whose spread was not measured
-        summary = (f"{summary} Undecided on {' and '.join(untested)}: the standard error of "
-                   f"the difference is 0 or not available, so it was not tested.").lstrip()
-    scope = (f"Standard errors over {n_seeds} policy-training seeds (paired by seed); the "
-             f"data, SFT model and pi+/pi- come from one seed, so they do not cover that "
-             f"variation."
-             if n_seeds > 1 else "One seed: the standard errors cover sampling and held-out-"
-             "set noise, not run-to-run training variance.")
-    return f"TIS-DPO vs DPO: {'; '.join(parts)}. {summary} {scope}"
-
-
-def _aggregate(label: str, runs: list[dict]) -> dict:
-    """Mean over seeds; SE across seeds when there are several, else within the one run."""
-    row = {"method": label}
-    for key in ("accuracy", "reward", "own_accuracy"):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        if not vals:
-            row[key] = None
-            continue
-        row[key] = float(np.mean(vals))
-        row[f"{key}_per_seed"] = vals
-        if key != "own_accuracy":
-            row[f"{key}_se"] = _se(vals) if len(vals) > 1 else runs[0].get(f"{key}_se")
-    row["samples"] = runs[0].get("samples")
-    row["examples"] = runs[0].get("examples", [])
-    return row
 
 
 def check_demo_options(cfg: RunConfig) -> None:
@@ -421,23 +290,24 @@ def run_demo(cfg: RunConfig) -> dict:
     tok_eval, prompts = held_out_prompts(ctx)
     ref = load_stage_model(ctx, reference_path(ctx), trainable=False)
     ref_sums = _sequence_sums(ctx, ref, tok_eval, impl)
+    # each policy seed samples with its own seed (the reference: the first policy seed's)
     rows = [{"method": "reference (SFT)", "accuracy": None,
-             **sample_rewards(ctx, ref, prompts, info, seed=cfg.seed)}]
+             **sample_rewards(ctx, ref, prompts, info, seed=seeds[0])}]
     rows[0].pop("prompt_rewards")
     by_label, items = {}, {}
     for label, paths in finals.items():
         runs = []
-        for path in paths:
+        for seed, path in zip(seeds, paths):
             model = load_stage_model(ctx, path, trainable=False)
             sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
             wins = (sums[:, 0] > sums[:, 1]).double().numpy()
             own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")
             runs.append({"accuracy": float(wins.mean()), "accuracy_se": _se(wins),
                          "own_accuracy": own,
-                         **sample_rewards(ctx, model, prompts, info, seed=cfg.seed)})
+                         **sample_rewards(ctx, model, prompts, info, seed=seed)})
             runs[-1]["wins"] = wins.tolist()
-        items[label] = {"accuracy": runs[0]["wins"], "reward": runs[0]["prompt_rewards"]}
-        by_label[label] = _aggregate(label, runs)
+        items[label] = {key: [r[name] for r in runs] for key, name in ITEMS.items()}
+        by_label[label] = aggregate(label, runs)
         rows.append(by_label[label])
     res = {
         "task": cfg.data.synthetic_task, "weight_span": cfg.weights.span,
@@ -446,21 +316,16 @@ def run_demo(cfg: RunConfig) -> dict:
         "policy_seeds": seeds,
         "weight_method": weight_rule(cfg)[0],
         "auc": weight_aucs(ctx, info), "rows": rows,
-        "note": _verdict(by_label, len(seeds), items), "wall_s": time.perf_counter() - t0,
-        "device": str(ctx.device), "sampling": "greedy" if not cfg.demo.do_sample else
-        f"{cfg.demo.samples_per_prompt} per prompt, temperature {cfg.demo.temperature}, "
-        f"seed {cfg.seed}",
+        "note": verdict(by_label, len(seeds), items), "wall_s": time.perf_counter() - t0,
+        "device": str(ctx.device), "data_eos": cfg.data.eos, "sample_prompts": len(prompts),
+        "sampling": ("greedy" if not cfg.demo.do_sample else
+                     f"{cfg.demo.samples_per_prompt} per prompt, temperature "
+                     f"{cfg.demo.temperature}")
+        + f"; each policy seed's models sample with that seed ({', '.join(map(str, seeds))}), "
+        f"the reference with {seeds[0]}",
+        "items": items,
     }
     table = format_table(res)
     print(table)
     write_results(ctx, res, table)
     return res
-
-
-def write_results(ctx, res: dict, table: str) -> None:
-    """The results as strict JSON (a nan standard error or AUC is null) and the table as
-    markdown, in the run directory."""
-    with open(ctx.path("demo_results.json"), "w", encoding="utf-8") as fh:
-        json.dump(jsonable(res), fh, indent=2, allow_nan=False)
-    with open(ctx.path("demo_results.md"), "w", encoding="utf-8") as fh:
-        fh.write(table + "\n")

@@ -258,7 +258,7 @@ class DemoConfig:
                                "seed+1, ...; they change the data order and the random "
                                "weights); the table reports the mean and its standard error "
                                "across seeds")
-    sample_prompts: int = opt(200, "held-out prompts sampled for the task reward")
+    sample_prompts: int = opt(200, "prompts of held-out pairs sampled for the task reward")
     samples_per_prompt: int = opt(2, "responses sampled per prompt (with do_sample)")
     max_new_tokens: int = opt(24, "tokens generated per sampled response")
     do_sample: bool = opt(True, "sample one response per prompt (fixed seed); false: greedy")
