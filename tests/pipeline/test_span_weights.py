@@ -371,14 +371,15 @@ def test_cut_tokens_get_span_id_minus_one():
     est = datasets.Dataset.from_list([{"record_index": 0, "chosen_score": [0.5, 0.25],
                                        "chosen_span": [0, 0], "rejected_span": [0]}])
     out = weights._merge(raw, est, {0: (4, 1)})[0]
-    assert out["chosen_span"] == [0, 0, -1, -1] and out["chosen_score"] == [0.5, 0.25, 0, 0]
+    assert out["chosen_span"] == [0, 0, -1, -1] and out["chosen_score"][:2] == [0.5, 0.25]
+    assert np.isnan(out["chosen_score"][2:]).all()            # not scored: NaN, not 0
 
 
 @pytest.mark.parametrize("balance", ["none", "sequence"])
 def test_recompute_of_truncated_records_equals_the_stage(tmp_path, balance):
     """data.max_length cuts responses: the weights stage ranks and balances the kept tokens
-    (its columns are 0-padded past them); recompute does the same on the kept tokens, and
-    the cut ones get weight 0."""
+    (its columns are NaN past them); recompute does the same on the kept tokens, bitwise,
+    and the cut ones get weight NaN; without the kept tokens it refuses the NaN scores."""
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
     cfg = tiny_cfg(tmp_path, **{"data.synthetic_train": 8, "data.synthetic_eval": 4,
@@ -392,7 +393,11 @@ def test_recompute_of_truncated_records_equals_the_stage(tmp_path, balance):
     assert any(n < len(r) for i, r in enumerate(raw["chosen_score"]) for n in kept[i][:1])
     rule, params = weights.weight_rule(ctx.cfg, "tisdpo")
     again = weights.apply_rule(raw, rule, params, "auto", kept=kept)
-    for col in ("chosen_weight", "rejected_weight"):
-        assert again[col] == raw[col]
-    whole = weights.apply_rule(raw, rule, params, "auto")       # the 0.0 padding ranked too
-    assert whole["chosen_weight"] != raw["chosen_weight"]
+    for k, col in enumerate(("chosen_weight", "rejected_weight")):
+        for i, (a, b) in enumerate(zip(again[col], raw[col])):
+            n = kept[i][k]
+            assert a[:n] == b[:n] and np.isnan(a[n:]).all() and np.isnan(b[n:]).all()
+    with pytest.raises(ValueError, match=r"^record \d+, field '(chosen|rejected)_score': value "
+                                         r"\d+ is nan, not a finite number \(a token the "
+                                         r"weights stage did not score"):
+        weights.apply_rule(raw, rule, params, "auto")          # the NaN would be ranked

@@ -238,9 +238,10 @@ def test_sft_based_contrastive_variant(tmp_path):
     assert side == {pos: "chosen", neg: "rejected"}
 
 
-def test_truncated_completions_get_zero_padded_columns(tmp_path):
-    """Tokens cut by max_length get 0; every token the policy keeps gets a score, also under
-    the prompt variant, whose longer prefixed prompts would leave pi+/pi- fewer tokens."""
+def test_truncated_completions_get_nan_padded_columns(tmp_path):
+    """Tokens cut by max_length get NaN (not scored); every token the policy keeps gets a
+    score, also under the prompt variant, whose longer prefixed prompts would leave pi+/pi-
+    fewer tokens."""
     ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
                                                     "data.max_length": 12,
                                                     "data.max_prompt_length": 6}))
@@ -249,15 +250,18 @@ def test_truncated_completions_get_zero_padded_columns(tmp_path):
     raw = datasets.load_from_disk(ctx.path("weights", "train"))
     from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 
-    full, _ = tokenize_pairs(raw, ctx.tokenizer, TokenizeConfig(add_eos=False))
+    texts = raw.select_columns(["prompt", "chosen", "rejected"])   # all tokens: no NaN read
+    full, _ = tokenize_pairs(texts, ctx.tokenizer, TokenizeConfig(add_eos=False))
     cut, _ = tokenize_pairs(raw, ctx.tokenizer, context.tokenize_cfg(ctx.cfg, "tisdpo"))
     for f, c, rec in zip(full, cut, raw):
         n, k = len(f["chosen_ids"]), len(c["chosen_ids"])
         assert len(rec["chosen_weight"]) == n and k <= 12
-        assert all(x == 0.0 for x in rec["chosen_score"][k:])
-        assert all(x != 0.0 for x in rec["chosen_score"][:k]), (k, rec["chosen_score"])
+        assert all(math.isnan(x) for x in rec["chosen_score"][k:])
+        assert all(x != 0.0 and math.isfinite(x) for x in rec["chosen_score"][:k]), \
+            (k, rec["chosen_score"])
+        assert math.isfinite(sum(rec["chosen_weight"][:k]))
+        assert all(math.isnan(x) for x in rec["chosen_weight"][k:] + rec["ref_chosen_logps"][k:])
     assert any(len(c["chosen_ids"]) < len(f["chosen_ids"]) for f, c in zip(full, cut))
-    assert math.isfinite(sum(raw[0]["chosen_weight"]))
 
 
 @pytest.mark.parametrize("method", ["ipo", "simpo", "tdpo2", "tisdpo_paper"])

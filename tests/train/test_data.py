@@ -471,8 +471,8 @@ def test_record_errors_in_json_parquet_and_saved_datasets(tmp_path, records):
      "expected a list of floats, got str"),
     ({"chosen_weight": [1.0, "x"], "rejected_weight": [1.0]}, "chosen_weight",
      "value 1 is 'x', not a finite number"),
-    ({"chosen_weight": [1.0, float("nan")], "rejected_weight": [1.0]}, "chosen_weight",
-     "value 1 is nan, not a finite number"),
+    ({"chosen_weight": [1.0, float("inf")], "rejected_weight": [1.0]}, "chosen_weight",
+     "value 1 is inf, not a finite number"),
     ({"prompt": [{"role": "user", "content": "hi"}]}, "prompt",
      "a chat message list, but a string in line 1 (record 0) (one file holds plain-text or "
      "chat records, not both)"),

@@ -123,16 +123,17 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
     full = cfg.replace(max_length=10 ** 9, max_prompt_length=10 ** 9 - 1, skip_invalid=False)
     keep = [c for c in dataset.column_names
             if c in ("prompt", "chosen", "rejected") + TEMPLATE_FIELDS or c in columns]
-    src, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer, full)
+    text = dataset.select_columns([c for c in keep if c not in columns])
+    src, _ = tokenize_pairs(text, tokenizer, full)
     # what the stage scored: the completion tokens its own truncation kept (the rest of each
-    # column is padding)
-    cut, _ = tokenize_pairs(dataset.select_columns(keep), tokenizer,
-                            cfg.replace(skip_invalid=False))
-    recs = dataset.select_columns([c for c in keep if c not in columns]).to_list()
+    # column is its padding, NaN or, written before NaN was, 0.0)
+    cut, _ = tokenize_pairs(text, tokenizer, cfg.replace(skip_invalid=False))
+    recs = text.to_list()
+    given = dataset.select_columns(list(columns)).to_list()
     eos_id = tokenizer.eos_token_id
     fast = bool(getattr(tokenizer, "is_fast", False))
     out = {c: [] for c in columns}
-    for i, (rec, row, scored) in enumerate(zip(recs, src, cut)):
+    for i, (rec, row, scored, vals) in enumerate(zip(recs, src, cut, given)):
         plain = isinstance(rec["prompt"], str)
         trl_ids, trl_spans = trl_completion_ids(tokenizer, rec["prompt"], rec["chosen"],
                                                 rec["rejected"], offsets=plain and fast,
@@ -143,9 +144,14 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
                 enc = tokenizer(rec[side], add_special_tokens=False,
                                 return_offsets_mapping=True)
                 src_spans = [tuple(x) for x in enc["offset_mapping"]]
+            full_n, n = len(row[f"{side}_ids"]), len(scored[f"{side}_ids"])
+            if vals[col] is None or len(vals[col]) != full_n:
+                raise ValueError(f"record {i}, field {col!r}: "
+                                 f"{'no' if vals[col] is None else len(vals[col])} values for "
+                                 f"{full_n} completion tokens")
             try:
-                n = len(scored[f"{side}_ids"])
-                values = list(row[col][:n]) + [math.nan] * (len(row[col]) - n)
+                values = [math.nan if v is None else float(v) for v in vals[col][:n]] + \
+                    [math.nan] * (full_n - n)
                 out[col].append(_align(row[f"{side}_ids"], values, src_spans, trl_ids[s],
                                        None if trl_spans is None else trl_spans[s], eos_id,
                                        float(unscored_weight)))

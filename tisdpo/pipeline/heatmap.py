@@ -2,8 +2,10 @@
 
 Each completion token is drawn on a diverging colour scale centred at weight 1: red tokens
 are up-weighted (> 1), blue ones down-weighted (< 1), white ones left at 1. The prompt is
-grey. Written as ``inspect.html`` (hover a token for its weight and score c_t) and
-``inspect.png`` (matplotlib, no display needed).
+grey. Tokens the tokenisation cuts (``data.max_length``: the weights stage scored none of
+them, its columns hold NaN there) are not drawn; a grey note after the response counts them.
+Written as ``inspect.html`` (hover a token for its weight and score c_t) and ``inspect.png``
+(matplotlib, no display needed).
 """
 from __future__ import annotations
 
@@ -84,9 +86,16 @@ def _token_texts(tokenizer, ids, context=()) -> list[str]:
     return out
 
 
+def _cut_note(n: int) -> str:
+    """What stands for the ``n`` tokens of a response the tokenisation cut."""
+    return f"[+{n} token{'s' if n != 1 else ''} cut by data.max_length]"
+
+
 def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int = 6,
                start: int = 0) -> list[dict]:
-    """Up to ``pairs`` weighted pairs: prompt and per-side tokens, weights and scores."""
+    """Up to ``pairs`` weighted pairs: prompt and per-side tokens, weights and scores, and
+    per side (``chosen_cut``, ``rejected_cut``) how many tokens the tokenisation cut (the
+    weights stage scored none of them: NaN there; drawn as a note after the tokens)."""
     wdir = os.path.join(cfg.run_dir, "weights")
     if data is None:
         path = os.path.join(wdir, split)
@@ -131,14 +140,17 @@ def load_pairs(cfg, *, data: str | None = None, split: str = "eval", pairs: int 
         for side in ("chosen", "rejected"):
             ids = rec[f"{side}_ids"]
             scores = raw[i].get(f"{side}_score")
-            if scores is not None:
-                per_token_floats(scores, raw[i].get(SOURCE_COLUMN) or f"record {start + i}",
-                                 f"{side}_score", len(raw[i][f"{side}_weight"]))
+            whole = len(raw[i][f"{side}_weight"])          # the tokens past ids were cut
+            if scores is not None:                       # NaN there: the stage cut them too
+                scores = per_token_floats(scores, raw[i].get(SOURCE_COLUMN) or
+                                          f"record {start + i}", f"{side}_score", whole,
+                                          len(ids))
             texts = _token_texts(tokenizer, ids, rec["prompt_ids"])
             item[side] = [
                 {"text": text, "weight": float(w),
-                 "score": None if scores is None else float(scores[k])}
+                 "score": None if scores is None else scores[k]}
                 for k, (text, w) in enumerate(zip(texts, rec[f"{side}_weight"]))]
+            item[f"{side}_cut"] = whole - len(ids)
         out.append(item)
     return out
 
@@ -157,6 +169,7 @@ def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weight
         ".tok{font-family:monospace;white-space:pre;padding:1px 0;border-radius:2px}",
         ".prompt{color:#777;font-family:monospace;white-space:pre-wrap}",
         ".side{font-weight:bold;display:inline-block;width:6em}",
+        ".cut{color:#777;font-style:italic}",
         ".pair{border-bottom:1px solid #ddd;padding:0.5em 0}</style></head><body>",
         f"<h2>{html.escape(title)}</h2>",
         f"<p>Colour: token weight on a diverging scale centred at 1 (blue {norm.vmin:.2f} "
@@ -176,6 +189,8 @@ def render_html(items: list[dict], path: str, title: str = "TIS-DPO token weight
                 spans.append(f"<span class='tok' style='background:{bg};color:"
                              f"{_text_colour(rgb)}' title='{tip}'>"
                              f"{html.escape(t['text'])}</span>")
+            if it.get(f"{side}_cut"):
+                spans.append(f"<span class='cut'> {_cut_note(it[f'{side}_cut'])}</span>")
             parts.append(f"<div><span class='side'>{side}</span>{''.join(spans)}</div>")
         parts.append("</div>")
     parts.append("</body></html>")
@@ -212,6 +227,12 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
                     row, used = [(" " * 10, None)], 10
                 row.append((text, _colour(cmap, norm, t["weight"])))
                 used += len(text)
+            if it.get(f"{side}_cut"):                   # grey, as the prompt
+                note = " " + _cut_note(it[f"{side}_cut"])
+                if used + len(note) > width_chars:
+                    lines.append(row)
+                    row = [(" " * 10, None)]
+                row.append((note, "cut"))
             lines.append(row)
         lines.append([])
     char_w, line_h = 0.085, 0.26          # inches at fontsize 9
@@ -228,6 +249,11 @@ def render_png(items: list[dict], path: str, title: str = "TIS-DPO token weights
         x, y = 0.3, -(n + 1) * line_h
         for text, rgb in row:
             w = len(text) * char_w
+            if rgb == "cut":
+                ax.text(x, y, text, family="monospace", fontsize=9, va="center",
+                        parse_math=False, color="#777", style="italic")
+                x += w
+                continue
             if rgb is not None:
                 ax.add_patch(Rectangle(
                     (x, y - line_h * 0.42), w, line_h * 0.84, facecolor=rgb, linewidth=0))

@@ -38,9 +38,9 @@ Balance (``weights.balance``, :func:`balance_weights`), after the rule:
   tokens of the split, every rejected weight by the mean over all rejected tokens (each
   side's mean is 1; how much one response weighs against another is kept).
 
-The weights stage balances over the kept tokens exactly (tokens cut by ``data.max_length``
-neither count nor change: they keep 0.0); recompute, which has no tokenisation, balances the
-stored columns whole (cut tokens included), so the two agree exactly when nothing was cut.
+The weights stage and recompute (given the tokens truncation keeps) balance over the kept
+tokens alone: tokens cut by ``data.max_length`` neither count nor change (they were not
+scored: their weight is NaN, never read).
 A side or response whose mean weight is not positive (a rule that gives 0 or negative
 weights) is an error.
 """
@@ -143,7 +143,7 @@ def balance_weights(ds, mode: str, *, names=None, kept=None):
     weights rescaled to mean 1 per response (``sequence``) or per side (``side``); float32
     values. ``names``: a label per row for errors (default "row i"). ``kept``: by row, the
     (chosen, rejected) tokens that truncation keeps: the means are over those, and the
-    weights of the tokens cut stay 0."""
+    weights of the tokens cut are NaN (never read)."""
     if mode == "none":
         return ds
     if mode not in ("sequence", "side"):
@@ -165,7 +165,7 @@ def balance_weights(ds, mode: str, *, names=None, kept=None):
                 r = np.asarray(cut(i, full, k), np.float64)
                 name = names[i] if names is not None else f"row {i}"
                 m = side_mean[w] if mode == "side" else _mean(r, f"{name}, {w}", mode)
-                rows.append((r / m).astype(np.float32).tolist() + [0.0] * (len(full) - len(r)))
+                rows.append((r / m).astype(np.float32).tolist() + [np.nan] * (len(full) - len(r)))
             out[w] = rows
         return out
     return ds.map(fn, batched=True, with_indices=True, desc=f"weights: balance {mode}")

@@ -222,7 +222,7 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     hint = "run `tisdpo weights` first"
     if meta is not None and not same:      # a user's own per-token columns are used as given
         stale = [c for c in SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS if c in cols]
-        hint = (f"the weights stage's columns were made for another tokenisation ("
+        hint = ("the weights stage's columns were made for another tokenisation ("
                 + ", ".join(f"{k}={tok_then.get(k)!r} then, {v!r} now" for k, v in
                             tok_now.items() if k != "skip_invalid" and v != tok_then.get(k))
                 + f", as method {pcfg.method!r} tokenises) and do not line up: run "

@@ -19,11 +19,14 @@ tokenisation (recorded in ``weights/meta.json``):
 - ``ref_chosen_logps`` / ``ref_rejected_logps`` (``weights.ref_logps``): the reference
   model's log-probs, so policy training needs no reference model (unless its loss has a KL).
 
-Tokens cut off by ``data.max_length`` get 0.0 in every column (they are cut again, with their
-tokens, when the same configuration tokenises the records for training); every token the
-policy keeps is scored, also under the prompt variant, where pi+/pi- read the prefixed
-prompt followed by exactly the policy's completion tokens. The pass writes
-shards of 2048 pairs and resumes from the last finished shard.
+Tokens cut off by ``data.max_length`` were not scored: they get NaN in every column (null
+in the JSONL; −1 in the span columns), and are cut again, with their tokens, when the same
+configuration tokenises the records for training; a tokenisation that keeps any of them (a
+larger ``data.max_length``) refuses the record, naming it and the field
+(:mod:`tisdpo.pipeline.weights_io`). Every token the policy keeps is scored, also under the
+prompt variant, where pi+/pi- read the prefixed prompt followed by exactly the policy's
+completion tokens. The pass writes shards of 2048 pairs and resumes from the last finished
+shard.
 
 Spans and balance (``weights.span``, ``weights.span_reduce``, ``weights.balance``; see
 :mod:`tisdpo.pipeline.spans`): the rule may see c_t pooled over each word's (or a given
@@ -47,8 +50,14 @@ from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.pipeline.spans import (
     SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_ids, span_rows,
 )
+from tisdpo.pipeline.weights_io import UNSCORED_PAD
+from tisdpo.pipeline.weights_io import full_lengths as _maybe_full
+from tisdpo.pipeline.weights_io import merge_columns as _merge
+from tisdpo.pipeline.weights_io import record_indices as _record_indices
+from tisdpo.pipeline.weights_io import untruncated as _untruncated
 from tisdpo.train.checkpoint import DONE_FILE, write_json
 from tisdpo.train.config import RunConfig
+from tisdpo.train.data import per_token_floats
 from tisdpo.train.model import head
 from tisdpo.train.objectives import forward_hidden
 from tisdpo.train.records import SOURCE_COLUMN
@@ -212,12 +221,6 @@ def _prompted_sides(ctx, raw, prefixes: tuple[str, str], tok_cfg, full, max_posi
 _MARK = "\u2063\u2063"
 
 
-def _record_indices(ds) -> list[int]:
-    """The ``record_index`` column as a list, read from Arrow at once (a datasets Column
-    compares row by row)."""
-    return ds.with_format("arrow")["record_index"].to_pylist()
-
-
 def _estimate_shard(ctx, rows_pol, rows_pos, rows_neg, models, rule, params, impl,
                     spans=None):
     """Columns for one shard of tokenised pairs (each list: rows in order); ``spans``: per
@@ -366,7 +369,7 @@ def run_weights(ctx: Context) -> str:
             raise ValueError(f"weights {split}: the shards in {os.path.dirname(shards[0])} "
                              f"hold {len(est)} pairs, not this split's {len(tok_pol)} in "
                              f"order; delete that folder to redo them")
-        if cfg.weights.balance != "none":        # over the kept tokens, before 0-padding
+        if cfg.weights.balance != "none":        # over the kept tokens, before NaN-padding
             est = balance_weights(est, cfg.weights.balance,
                                   names=[f"record {i}" for i in est["record_index"]])
         if SOURCE_COLUMN in raw.column_names:    # file positions name records in errors only
@@ -393,40 +396,6 @@ def run_weights(ctx: Context) -> str:
     return out_dir
 
 
-def _untruncated(tok_cfg):
-    """``tok_cfg`` with no length limit: every token of a record."""
-    return tok_cfg.replace(max_length=10**9, max_prompt_length=10**9 - 1)
-
-
-def _maybe_full(ctx, raw, tok_cfg, tok_pol):
-    """By record, the untruncated completion lengths (chosen, rejected) and prompt ids, only
-    when the policy tokenisation cut something (else None)."""
-    from tisdpo.train.data import tokenize_pairs
-
-    probe = _untruncated(tok_cfg)
-    if all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
-           < tok_cfg.max_length and len(r["prompt_ids"]) < tok_cfg.max_prompt_length
-           for r in tok_pol):
-        return None
-    tok, _ = tokenize_pairs(raw, ctx.tokenizer, probe)
-    return {int(r["record_index"]): (len(r["chosen_ids"]), len(r["rejected_ids"]),
-                                     r["prompt_ids"]) for r in tok}
-
-
-def _merge(raw, est, full):
-    """Raw records of the estimated pairs plus their per-token columns (0-padded to full)."""
-    cols = est.to_dict()                       # plain lists (column access is lazy and slow)
-    idx = cols.pop("record_index")             # tokenised order = increasing record index
-    out = raw.select(idx)
-    for name, vals in cols.items():
-        if full is not None:
-            side = 0 if "chosen" in name else 1
-            pad = -1 if name in SPAN_COLUMNS else 0.0
-            vals = [v + [pad] * (full[i][side] - len(v)) for i, v in zip(idx, vals)]
-        out = out.add_column(name, vals)
-    return out
-
-
 # ---------------------------------------------------------------------------- at training time
 
 def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | None = None,
@@ -437,7 +406,8 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
     ``balance`` default to ``params``' (a ``RuleParams``; token, sum, none otherwise).
     ``kept``: by row, the (chosen, rejected) completion tokens that truncation keeps (None:
     all): the rule ranks, pools and balances those alone, as this stage did, and the tokens
-    cut get weight 0 (their stored scores are the 0.0 padding, no scores)."""
+    cut get weight NaN, as there (their stored scores are NaN: never read). A kept score
+    that is not a finite number is an error naming the record and the field."""
     from tisdpo_kernels import token_weights
 
     span = span or getattr(params, "span", "token")
@@ -459,12 +429,16 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
 
     def fn(batch, indices):
         out = {}
+        names = [s or f"record {i}" for i, s in zip(indices, batch[SOURCE_COLUMN])] \
+            if SOURCE_COLUMN in batch else [f"record {i}" for i in indices]
         for k, (s_col, w_col, side) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS,
                                                      ("chosen", "rejected"))):
             full = batch[s_col]
             n = [len(r) if kept is None or i not in kept else kept[i][k]
                  for i, r in zip(indices, full)]
-            scores = [r[:m] for r, m in zip(full, n)]
+            # the kept scores (the NaN of the tokens cut is never read), finite
+            scores = [per_token_floats(r, name, s_col, len(r), m)[:m]
+                      for r, m, name in zip(full, n, names)]
             c = torch.tensor([x for row in scores for x in row], dtype=torch.float32)
             seq = torch.cat([torch.full((len(r),), i) for i, r in enumerate(scores)])
             if span != "token":
@@ -481,7 +455,7 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
                 c = pool_spans(c, torch.tensor(flat, dtype=torch.long), seq, reduce)
             w = token_weights(c, None if rule == "cdpo" else torch.zeros_like(c), side=side,
                               method=rule, params=params, seq_ids=seq, impl=impl)
-            out[w_col] = [x.tolist() + [0.0] * (len(r) - m)
+            out[w_col] = [x.tolist() + [UNSCORED_PAD] * (len(r) - m)
                           for x, r, m in zip(w.split(n), full, n)]
         return out
     out = raw.map(fn, batched=True, with_indices=True, desc=f"weights: {rule}")

@@ -55,10 +55,11 @@ with ``truncation="keep_start"``, its end with ``"keep_end"``, behind the BOS wh
 starts with one, so a cut prompt keeps the BOS a short one has); if still too long, both
 completions are cut to ``max_length − len(prompt)`` tokens, keeping their start — the
 per-token columns are cut together with them, so they stay aligned (a cut completion loses
-its EOS). Deliberate differences from the official code: it cuts completions to
-``max_length − max_prompt_length`` (≤ ours) even when the prompt is shorter than its cap,
-and it zeroes the last kept token's weight; we do neither; and ``keep_end`` keeps a leading
-BOS (the official code has none to keep).
+its EOS); a value they cut may be NaN or null (the weights stage's padding of the tokens its
+own ``max_length`` cut), one they keep may not. Deliberate differences from the official
+code: it cuts completions to ``max_length − max_prompt_length`` (≤ ours) even when the
+prompt is shorter than its cap, and it zeroes the last kept token's weight; we do neither;
+and ``keep_end`` keeps a leading BOS (the official code has none to keep).
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ from typing import Literal
 from tisdpo.train.prompts import NoSharedPrompt, with_shared_prompt
 from tisdpo.train.records import (
     PER_TOKEN_COLUMNS, SOURCE_COLUMN, TEMPLATE_FIELDS, TEXT_FIELDS, load_preference_dataset,
-    messages_problem, non_finite, template_kwargs,
+    messages_problem, template_kwargs,
 )
+from tisdpo.train.token_lists import RecordError as _RecordError
+from tisdpo.train.token_lists import per_token_floats
 
 __all__ = [
     "PER_TOKEN_COLUMNS", "TokenizeConfig", "TokenizeReport", "load_preference_dataset",
@@ -173,14 +176,6 @@ class TokenizeReport:
         return s
 
 
-class _RecordError(ValueError):
-    """An invalid record: ``{where}, field {field!r}: {message}``, where is ``record {index}``
-    or the record's SOURCE_COLUMN ("data.train pairs.jsonl line 5 (record 4)")."""
-
-    def __init__(self, where, field_name, message):
-        super().__init__(f"{where}, field {field_name!r}: {message}")
-
-
 # ----------------------------------------------------------------------------- tokenisation
 
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -244,24 +239,10 @@ def _chat_completion(tokenizer, prompt_msgs, prompt_ids, messages, where, name, 
     return comp
 
 
-def per_token_floats(value, where: str, name: str, n_tokens: int) -> list[float]:
-    """A record's per-token list ``name`` as floats: ``n_tokens`` finite numbers, else a
-    ValueError ``{where}, field {name!r}: ...``."""
-    if value is None:
-        raise _RecordError(where, name, "missing")
-    if not isinstance(value, (list, tuple)):
-        raise _RecordError(where, name, f"expected a list of floats, got {type(value).__name__}")
-    if len(value) != n_tokens:
-        raise _RecordError(where, name, f"{len(value)} values for {n_tokens} completion tokens")
-    problem = non_finite(value)
-    if problem:
-        raise _RecordError(where, name, problem)
-    return [float(v) for v in value]
-
-
-def _truncate(prompt, comps, lists, cfg, bos_id=None):
-    """The official truncation; per-token lists are cut with their completion. ``keep_end``
-    keeps a leading BOS (``add_bos``'s, or a chat template's) in front of the kept end."""
+def _truncate(prompt, comps, cfg, bos_id=None):
+    """The official truncation (the per-token lists are cut with their completion after it).
+    ``keep_end`` keeps a leading BOS (``add_bos``'s, or a chat template's) in front of the
+    kept end."""
     longer = max(len(c) for c in comps)
     prompt_cut = comp_cut = False
     if len(prompt) + longer > cfg.max_length and len(prompt) > cfg.max_prompt_length:
@@ -277,8 +258,7 @@ def _truncate(prompt, comps, lists, cfg, bos_id=None):
         keep = cfg.max_length - len(prompt)
         comp_cut = True
         comps = [c[:keep] for c in comps]
-        lists = {k: v[:keep] for k, v in lists.items()}
-    return prompt, comps, lists, prompt_cut, comp_cut
+    return prompt, comps, prompt_cut, comp_cut
 
 
 def _shared_prompt(rec: dict) -> dict:
@@ -352,12 +332,13 @@ def _tokenize_record(rec, index, where, tokenizer, cfg, list_cols, has_gen, cach
         if not comp:
             raise _RecordError(where, side, "empty response (no completion tokens)")
         comps.append(comp)
-    lists = {}
-    for c_col, r_col in list_cols:
-        lists[c_col] = per_token_floats(rec[c_col], where, c_col, len(comps[0]))
-        lists[r_col] = per_token_floats(rec[r_col], where, r_col, len(comps[1]))
-    prompt_ids, comps, lists, p_cut, c_cut = _truncate(prompt_ids, comps, lists, cfg,
-                                                       tokenizer.bos_token_id)
+    whole = [len(c) for c in comps]
+    prompt_ids, comps, p_cut, c_cut = _truncate(prompt_ids, comps, cfg, tokenizer.bos_token_id)
+    lists = {}                          # each cut with its completion: only what is kept read
+    for pair in list_cols:
+        for s, col in enumerate(pair):
+            n = len(comps[s])
+            lists[col] = per_token_floats(rec[col], where, col, whole[s], n)[:n]
     row = {"record_index": index, "prompt_ids": prompt_ids, "chosen_ids": comps[0],
            "rejected_ids": comps[1], **lists}
     return row, p_cut, c_cut
@@ -391,12 +372,13 @@ def tokenize_pairs(dataset, tokenizer, cfg: TokenizeConfig | None = None):
     Invalid records raise ``ValueError("record 17, field 'chosen_weight': 12 values for 11
     completion tokens")``: a missing field, a non-string (or malformed chat) value, an empty
     response, a per-token list whose length differs from the completion's token count, a
-    non-finite value. When the dataset has the string column ``SOURCE_COLUMN`` (records
-    loaded with ``load_preference_dataset(source_prefix=...)``), a record with a non-empty
-    value there is named by it instead of by its row ("data.train pairs.jsonl line 18
-    (record 17), field 'chosen_weight': …", right after any split or shuffle); the column is
-    not in the output. With ``cfg.skip_invalid`` invalid records are dropped instead and
-    counted in the report (a column missing from every record still raises).
+    non-finite value among the tokens truncation keeps. When the dataset has the string
+    column ``SOURCE_COLUMN`` (records loaded with ``load_preference_dataset(source_prefix=
+    ...)``), a record with a non-empty value there is named by it instead of by its row
+    ("data.train pairs.jsonl line 18 (record 17), field 'chosen_weight': …", right after any
+    split or shuffle); the column is not in the output. With ``cfg.skip_invalid`` invalid
+    records are dropped instead and counted in the report (a column missing from every
+    record still raises).
     """
     cfg = TokenizeConfig() if cfg is None else cfg
     if not isinstance(cfg, TokenizeConfig):

@@ -5,8 +5,9 @@ line for JSON Lines; Parquet with pyarrow), so that an empty file, a truncated o
 JSON line or bytes that are not UTF-8 raise one line naming the file and the line, and not
 an Arrow traceback from deep inside ``datasets``. With ``check_records`` every record is
 also checked for what needs no tokenizer (the text fields present and of the right type,
-chat messages well formed, responses not empty, per-token lists of finite numbers, one
-record format per file), and the error names the file, the line as an editor shows it
+chat messages well formed, responses not empty, per-token lists of numbers: finite, or
+NaN/null, which tokenisation refuses only where it keeps the token; one record format per
+file), and the error names the file, the line as an editor shows it
 (JSON Lines) or the record's index in the file, and the field:
 
     pairs.jsonl line 5 (record 4), field 'chosen': missing
@@ -111,7 +112,7 @@ def record_problem(rec: dict) -> tuple[str, str] | None:
             continue
         if not isinstance(value, (list, tuple)):
             return col, f"expected a list of floats, got {type(value).__name__}"
-        problem = non_finite(value)
+        problem = non_finite(value, unscored=True)
         if problem:
             return col, problem
     return None
@@ -153,10 +154,14 @@ NEGATIVE_WEIGHTS = ("%d of %d token weights in %s are negative: used as given (a
                     "first (docs/ALGORITHMS.md §2.2)")
 
 
-def non_finite(values) -> str | None:
+def non_finite(values, *, unscored: bool = False) -> str | None:
     """``"value k is v, not a finite number"`` for the first entry of ``values`` that is not
-    a finite number (a bool is not one); None when every entry is."""
+    a finite number (a bool is not one); None when every entry is. ``unscored``: NaN and None
+    pass (the weights stage's padding of the tokens its data.max_length cut: tokenisation,
+    which knows the tokens it keeps, refuses one it would read)."""
     for k, v in enumerate(values):
+        if unscored and (v is None or isinstance(v, float) and math.isnan(v)):
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return f"value {k} is {v!r}, not a finite number"
     return None
