@@ -304,11 +304,11 @@ def linear_preference_loss_fwd(backend: SweepBackend, hidden, weight, targets, b
     sd = stat_dtype(hidden.dtype)
     valid, safe = valid_and_safe(targets, opts.ignore_index)
     steps, *meta = _schedule(opts.pair_rows, chunk)
-    if dev.type != "cpu":                        # one small host-to-device copy, no sync
-        sizes = [t.numel() for t in meta]
+    if dev.type != "cpu":                        # one small host-to-device copy
+        sizes = [t.numel() for t in meta]        # (asynchronous from pinned memory on CUDA)
+        cuda = dev.type == "cuda"
         host = torch.cat(meta)
-        meta = (host.pin_memory() if dev.type == "cuda" else host).to(
-            dev, non_blocking=True).split(sizes)
+        meta = (host.pin_memory() if cuda else host).to(dev, non_blocking=cuda).split(sizes)
     order, side, bounds, seg_pair = meta
     num_pairs = len(opts.pair_rows)
     rows_ = _Rows(cfg, valid, weights, order, side, num_pairs, normalizer, dev)

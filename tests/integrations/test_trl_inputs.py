@@ -270,3 +270,38 @@ def test_compute_metrics_and_predict_see_what_dpo_trainer_gives(tok, tmp_path):
     assert pr_a.predictions.shape == pr_b.predictions.shape
     C.assert_logs_match(pr_a.metrics, pr_b.metrics, beta=0.1, what="predict",
                         keys=["test_loss", "test_mean_logit"])
+
+
+def test_token_columns_are_checked_where_max_length_keeps_them():
+    """check_token_columns on any list layout (fixed-size, several chunks, a slice): a NaN
+    is refused, naming the record, only where TRL's collator keeps its token (the first
+    max_length tokens of prompt + completion, or the last under keep_end)."""
+    from tisdpo.integrations.trl_data import check_token_columns
+
+    nan = float("nan")
+    base = {"prompt_ids": [[1, 2], [3, 4]], "chosen_ids": [[5, 6, 7], [5, 6, 7]],
+            "rejected_ids": [[8, 9, 9], [8, 9, 9]],
+            "chosen_weight": [[1.0, 1.0, 1.0], [1.0, nan, 1.0]],   # record 1: middle token
+            "rejected_weight": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]}
+    seq = getattr(datasets, "List", None) or datasets.Sequence
+    fixed = datasets.Features({**{c: seq(datasets.Value("int64")) for c in
+                                  ("prompt_ids", "chosen_ids", "rejected_ids")},
+                               **{c: seq(datasets.Value("float32"), length=3) for c in
+                                  ("chosen_weight", "rejected_weight")}})
+    one = datasets.Dataset.from_dict(base)
+    layouts = {"list": one, "fixed": datasets.Dataset.from_dict(base, features=fixed),
+               "chunks": datasets.concatenate_datasets([one.select([0]), one.select([1])]),
+               "slice": datasets.concatenate_datasets([one, one]).select([2, 3])}
+    cols = ("chosen_weight", "rejected_weight")
+    for layout, ds in layouts.items():
+        for max_length, mode, refused in ((None, "keep_start", True), (3, "keep_start", False),
+                                          (4, "keep_start", True), (1, "keep_end", False),
+                                          (2, "keep_end", True)):
+            check = lambda: check_token_columns(ds, cols, name="train", max_length=max_length,
+                                                truncation_mode=mode)
+            if refused:
+                with pytest.raises(ValueError, match=r"^train record 1, field 'chosen_weight': "
+                                                     r"value 1 is nan"):
+                    check()
+            else:
+                check()

@@ -161,7 +161,9 @@ def test_tokens_the_stage_did_not_score_are_nan_and_refused_where_trl_keeps_them
     ds = ds.map(lambda r, i: {c: [v if k < len(scored[i][f"{c[:-7]}_ids"]) else 0.0
                                   for k, v in enumerate(r[c])]
                               for c in ("chosen_weight", "rejected_weight")}, with_indices=True)
-    out = align_weights_to_trl(ds, tok, cut)
+    mine = align_weights_to_trl(ds, tok, cut)        # a user's own weights: all used
+    assert [r["chosen_weight"][:-1] for r in mine] == [r["chosen_weight"] for r in ds]
+    out = align_weights_to_trl(ds, tok, cut, scored_by_stage=True)
     for rec, src, kept in zip(out, tokenized, scored):
         n, m = len(src["chosen_ids"]), len(kept["chosen_ids"])
         assert m < n and rec["chosen_weight"][:m] == [float(k + 1) for k in range(m)]

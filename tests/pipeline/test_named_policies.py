@@ -177,3 +177,34 @@ def test_negative_weights_in_a_users_data_are_used_and_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tisdpo"):
         stages._policy_data(ctx, pcfg)
     assert "token weights in data.train are negative: used as given" in caplog.text
+
+
+def test_auto_recompute_is_recorded_and_other_score_kinds_keep_the_stored_weights(tmp_path,
+                                                                                  caplog):
+    """The resolved mode is among the policy's options: a policy made while auto meant the
+    stored weights is not resumed as if it had applied the preset's own rule. Scores of
+    another kind than the preset's rule takes (c_t for cdpo) leave the stored weights, said
+    once as a warning; weights dropped for another tokenisation get only the error."""
+    import dataclasses
+
+    from tisdpo.pipeline import weights
+
+    ctx = context.make_context(tiny_cfg(tmp_path, **{"contrastive.variant": "prompt",
+                                                     "data.eos": "count"}))
+    stages.run_contrastive(ctx)
+    weights.run_weights(ctx)
+    paper = dataclasses.replace(ctx.cfg.policy, method="tisdpo_paper_no_eta", name="paper")
+    stages.run_policy(ctx, paper)
+    opts_path = tmp_path / "policies" / "paper" / "options.json"
+    opts = json.load(open(opts_path))
+    assert opts["options"]["policy.token_weights_resolved"] == "recompute"
+    del opts["options"]["policy.token_weights_resolved"]          # as made before
+    json.dump(opts, open(opts_path, "w"))
+    with pytest.raises(StageOptionsChanged, match=r"policy.token_weights_resolved="
+                                                  r"'<unset>' then, 'recompute' now"):
+        stages.run_policy(ctx, paper)
+    cdpo = dataclasses.replace(ctx.cfg.policy, method="cdpo")
+    with caplog.at_level(logging.WARNING, logger="tisdpo"):
+        got = stages._policy_inputs(ctx, cdpo)
+    assert got[4:] == ("stored", "rank_based")
+    assert "its scores are c_t, which that rule does not take" in caplog.text

@@ -1,5 +1,6 @@
 """Pipeline stages on a tiny model: weights alignment, resumability, weight modes, variants."""
 import json
+import logging
 import math
 import os
 
@@ -95,7 +96,7 @@ def test_weights_are_contrastive_logprobs_aligned_with_completion_tokens(weighte
     assert os.path.isfile(os.path.join(wdir, "train.jsonl")) and stage_done(wdir)
 
 
-def test_policy_weight_modes(weighted_run):
+def test_policy_weight_modes(weighted_run, caplog):
     ctx = weighted_run
     pcfg = ctx.cfg.policy
     import dataclasses
@@ -116,9 +117,13 @@ def test_policy_weight_modes(weighted_run):
     # dpo counts EOS: the stored columns (made without EOS) are not used, nor weights
     assert not use_d and not has_ref_d and "chosen_weight" not in train_d.column_names
     # cdpo counts EOS too: its weights cannot come from them, and the error says why
-    with pytest.raises(ValueError, match=r"made for another tokenisation \(add_eos=False then, "
-                                         r"True now, as method 'cdpo' tokenises\)"):
-        data(method="cdpo", token_weights="stored")
+    for mode in ("stored", "auto"):       # the error alone: no warning about other weights
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tisdpo"), pytest.raises(
+                ValueError, match=r"made for another tokenisation \(add_eos=False then, True "
+                                  r"now, as method 'cdpo' tokenises\)"):
+            data(method="cdpo", token_weights=mode)
+        assert "using the stored" not in caplog.text
     ctx.cfg.weights.method = "exp_clamp"
     try:
         train_x, _, _, _ = data(method="tisdpo", token_weights="recompute")

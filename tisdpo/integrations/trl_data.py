@@ -158,30 +158,33 @@ def check_token_columns(dataset, columns, *, name: str, rows=None, max_length=No
 def _check_finite(values, kept, col: str, name: str, rows) -> None:
     """ValueError naming the record and the value of the first entry of the list column
     ``values`` within its row's ``kept`` [start, stop) that is not a finite number (a null,
-    NaN or ±inf, or not a number at all)."""
+    NaN or ±inf, or not a number at all). One chunk at a time (any list type)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    flat = pc.list_flatten(values)
-    if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
-            or pa.types.is_null(flat.type)):
-        raise ValueError(f"{name} field {col!r} holds lists of {flat.type}, not numbers")
-    if not len(flat):
-        return
-    finite = pc.is_finite(flat) if pa.types.is_floating(flat.type) else pc.is_valid(flat)
-    bad = ~pc.fill_null(finite, False).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(values).to_numpy()
-    offsets = values.offsets.to_numpy()
-    pos = np.arange(len(flat)) - (offsets[:-1] - offsets[0])[parents]  # index within its row
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
     lo, hi = np.asarray(kept, dtype=np.int64).reshape(-1, 2).T
-    bad &= (pos >= lo[parents]) & (pos < hi[parents])
-    if not bad.any():
-        return
-    first = int(np.argmax(bad))
-    i, value = int(parents[first]), flat[first].as_py()
-    rec = i if rows is None else rows[i]
-    raise ValueError(f"{name} record {rec}, field {col!r}: value {int(pos[first])} is "
-                     f"{value!r}, not a finite number"
-                     + (_UNSCORED if value is None or value != value else ""))
+    row0 = 0                                       # the first row of the chunk
+    for chunk in chunks:
+        flat = pc.list_flatten(chunk)
+        if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
+                or pa.types.is_null(flat.type)):
+            raise ValueError(f"{name} field {col!r} holds lists of {flat.type}, not numbers")
+        rows_here, row0 = row0, row0 + len(chunk)
+        if not len(flat):
+            continue
+        finite = pc.is_finite(flat) if pa.types.is_floating(flat.type) else pc.is_valid(flat)
+        bad = ~pc.fill_null(finite, False).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(chunk).to_numpy()
+        starts = np.concatenate([[0], np.cumsum(np.bincount(parents, minlength=len(chunk)))])
+        pos = np.arange(len(flat)) - starts[parents]                # index within its row
+        row = parents + rows_here
+        bad &= (pos >= lo[row]) & (pos < hi[row])
+        if bad.any():
+            first = int(np.argmax(bad))
+            i, value = int(row[first]), flat[first].as_py()
+            rec = i if rows is None else rows[i]
+            raise ValueError(f"{name} record {rec}, field {col!r}: value {int(pos[first])} is "
+                             f"{value!r}, not a finite number"
+                             + (_UNSCORED if value is None or value != value else ""))

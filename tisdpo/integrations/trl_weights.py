@@ -104,14 +104,17 @@ def _align(src_ids, values, src_spans, trl_ids, trl_spans, eos_id, fill):
 
 
 def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
-                         unscored_weight: float = 0.0):
+                         unscored_weight: float = 0.0, scored_by_stage: bool = False):
     """``dataset`` (records with prompt, chosen, rejected and per-token ``chosen_weight`` /
     ``rejected_weight`` aligned with ``tokenize_pairs`` under ``tokenize`` — the weights
     stage's output and its ``meta.json["tokenize"]``) with those columns re-aligned to TRL's
     tokenisation; the
     stage's other per-token columns (scores, reference log-probs, spans) are dropped, as
     they no longer line up (``TISDPOConfig(precompute_ref_log_probs=True)`` recomputes the
-    reference log-probs in TRL's alignment). Errors name the record."""
+    reference log-probs in TRL's alignment). ``scored_by_stage``: the columns are a weights
+    stage's, which scored only what ``tokenize`` kept: the tokens it cut are NaN (unscored)
+    whatever their stored padding; otherwise every given value is used. Errors name the
+    record."""
     import datasets
 
     columns = ("chosen_weight", "rejected_weight")
@@ -127,7 +130,8 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
     src, _ = tokenize_pairs(text, tokenizer, full)
     # what the stage scored: the completion tokens its own truncation kept (the rest of each
     # column is its padding, NaN or, written before NaN was, 0.0)
-    cut, _ = tokenize_pairs(text, tokenizer, cfg.replace(skip_invalid=False))
+    cut = tokenize_pairs(text, tokenizer, cfg.replace(skip_invalid=False))[0] \
+        if scored_by_stage else src
     recs = text.to_list()
     given = dataset.select_columns(list(columns)).to_list()
     eos_id = tokenizer.eos_token_id
@@ -180,7 +184,7 @@ def load_trl_weights(weights_dir: str, tokenizer, split: str = "train", *,
         meta = json.load(fh)
     raw = datasets.load_from_disk(os.path.join(weights_dir, split))
     return align_weights_to_trl(raw, tokenizer, meta["tokenize"],
-                                unscored_weight=unscored_weight)
+                                unscored_weight=unscored_weight, scored_by_stage=True)
 
 
 def trl_weight_paths(weights_dir: str, out_dir: str | None = None) -> list[str]:

@@ -52,8 +52,10 @@ _IGNORED_LEAF = {"impl", "strategy", "eval_every", "eval_batch_size", "save_ever
                  "keep_checkpoints", "stop_after"}
 # options recorded only when set: at their default (None: the exact computation, every
 # held-out pair) a result is what it was before they were recorded, so outputs recorded then
-# stay reusable. eval_max_pairs picks the pairs of the final evaluation in done.json.
-_OMITTED_WHEN_NONE = {"policy.filter_eps"}
+# stay reusable. eval_max_pairs picks the pairs of the final evaluation in done.json;
+# policy.token_weights_resolved is "recompute" where token_weights=auto applies the preset's
+# own rule to stored scores made for another.
+_OMITTED_WHEN_NONE = {"policy.filter_eps", "policy.token_weights_resolved"}
 _OMITTED_LEAF_WHEN_NONE = {"eval_max_pairs"}
 
 

@@ -196,6 +196,33 @@ def policy_dir(name: str = "policy") -> str:
     return "policy" if name == "policy" else os.path.join(POLICIES_DIR, name)
 
 
+def _recomputes_on_auto(ctx: Context, pcfg: PolicyConfig) -> bool:
+    """Whether ``policy.token_weights=auto`` applies the preset's own rule to the stored
+    scores: the weights stage made its weights with another rule (weights.method unset),
+    under this tokenisation, from scores of the kind the preset's rule takes. Recorded
+    among the policy's options, so a policy made before it was is not resumed as if it were."""
+    rule, wdir = get_preset(pcfg.method).weight_method, ctx.path("weights")
+    if pcfg.token_weights != "auto" or rule is None or ctx.cfg.weights.method is not None \
+            or not stage_done(wdir):
+        return False
+    meta = read_done(wdir)
+    made_with, kind = meta.get("weight_method"), meta.get("score_kind", "c_t")
+    if made_with in (None, rule) or (rule == "cdpo") != (kind == "cdpo_log_score"):
+        return False
+    import datasets
+
+    cols = datasets.load_from_disk(os.path.join(wdir, "train")).column_names
+    return _same_tokenisation(ctx, pcfg, meta)[0] and set(SCORE_COLUMNS) <= set(cols)
+
+
+def _same_tokenisation(ctx: Context, pcfg: PolicyConfig, meta: dict):
+    """(whether the weights stage tokenised as ``pcfg.method`` does, then, now)."""
+    tok_now = asdict(tokenize_cfg(ctx.cfg, pcfg.method))
+    tok_then = dict(meta["tokenize"])
+    return (all(tok_now[k] == tok_then.get(k) for k in tok_now if k != "skip_invalid"),
+            tok_then, tok_now)
+
+
 def _policy_data(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     """(train_raw, eval_raw, use_weights, has_ref) for policy training."""
     return _policy_inputs(ctx, pcfg, seed)[:4]
@@ -212,9 +239,7 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
         train_raw = datasets.load_from_disk(os.path.join(wdir, "train"))
         eval_raw = datasets.load_from_disk(os.path.join(wdir, "eval"))
         meta = read_done(wdir)
-        tok_now = asdict(tokenize_cfg(ctx.cfg, pcfg.method))
-        tok_then = dict(meta["tokenize"])
-        same = all(tok_now[k] == tok_then.get(k) for k in tok_now if k != "skip_invalid")
+        same, tok_then, tok_now = _same_tokenisation(ctx, pcfg, meta)
     else:
         train_raw, eval_raw = load_records(ctx)
         meta, same = None, False
@@ -238,14 +263,16 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
     has_scores = set(SCORE_COLUMNS) <= cols
     made_with = (meta or {}).get("weight_method")
     if mode == "stored" and made_with and preset.weight_method not in (None, made_with) \
-            and ctx.cfg.weights.method is None:
-        if pcfg.token_weights == "auto" and has_scores:      # this preset's own rule
+            and ctx.cfg.weights.method is None and set(WEIGHT_COLUMNS) <= cols:
+        if _recomputes_on_auto(ctx, pcfg):                   # this preset's own rule
             mode = "recompute"
         else:
             log.warning("policy (%s): using the stored %s weights, not this preset's own "
                         "rule %s (%s)", pcfg.method, made_with, preset.weight_method,
                         "policy.token_weights=stored" if pcfg.token_weights == "stored" else
-                        "the data has no scores to apply it to")
+                        "the data has no scores to apply it to" if not has_scores else
+                        f"its scores are {(meta or {}).get('score_kind', 'c_t')}, which "
+                        f"that rule does not take")
     if meta is not None and same:
         _check_stored_weights(ctx, pcfg, mode, made_with)
     if meta is None and mode == "stored" and set(WEIGHT_COLUMNS) <= cols:   # a user's own
@@ -337,6 +364,8 @@ def run_policy(ctx: Context, pcfg: PolicyConfig | None = None, name: str | None 
     # the policy's own seed (data order, random weights) as it resolves; ``seed`` stays the
     # run's, which made the base model, the train/eval split and the synthetic data
     options["options"]["policy.seed"] = ctx.cfg.seed if seed is None else seed
+    if _recomputes_on_auto(ctx, pcfg):
+        options["options"]["policy.token_weights_resolved"] = "recompute"
     if enter_stage(ctx, out_dir, options, name):
         return os.path.join(out_dir, "final")
     preset = get_preset(pcfg.method)
