@@ -149,9 +149,10 @@ def negative_values(dataset, columns) -> tuple[int, int]:
 
 
 NEGATIVE_WEIGHTS = ("%d of %d token weights in %s are negative: used as given (a negative weight "
-                    "reverses its token's gradient). Files of TIS-DPO's official code hold "
-                    "sign-flipped raw scores under these names, not weights: transform them "
-                    "first (docs/ALGORITHMS.md §2.2)")
+                    "reverses its token's gradient; the weight rules origin and threshold make "
+                    "such weights). Files of TIS-DPO's official code hold sign-flipped raw "
+                    "scores under these names, not weights: transform them first "
+                    "(docs/ALGORITHMS.md §2.2)")
 
 
 def non_finite(values, *, unscored: bool = False) -> str | None:
