@@ -6,6 +6,7 @@ log-prob)."""
 import dataclasses
 import json
 import math
+import os
 import re
 
 import datasets
@@ -18,7 +19,7 @@ from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 
 FLOATS = ("score", "weight")
 REFS = {"chosen": "ref_chosen_logps", "rejected": "ref_rejected_logps"}
-UNSCORED = r"not a finite number \(a token the weights stage did not score: its data\.max_length"
+UNSCORED = r"not a finite number \(no value was computed for this token: a weights stage"
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,11 @@ def test_a_tokenisation_keeping_more_tokens_refuses_the_padding(cut_run, source)
     with pytest.raises(ValueError, match=rf"^record {first}, field '(chosen|rejected)_score': "
                                          rf"value \d+ is {shown}, {UNSCORED}"):
         weights.apply_rule(raw, rule, params, "auto", kept=keeps)
+    # ... unless tokenisation skips that record (skip_invalid: absent from kept): not read
+    skipped = {i: k for i, k in keeps.items() if now[i] == then[i]}
+    for balance in ("none", "side"):
+        out = weights.apply_rule(raw, rule, params, "auto", kept=skipped, balance=balance)
+        assert all(math.isnan(x) for x in out[first]["chosen_weight"])
 
 
 @pytest.mark.parametrize("source", ["jsonl", "folder"])
@@ -143,7 +149,7 @@ def test_another_run_given_the_stage_output_as_data(cut_run, tmp_path, source):
         stages.run_policy(context.make_context(longer))
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"data.train {data['data.train']}"), msg
-    assert " field '" in msg and "(a token the weights stage did not score" in msg, msg
+    assert " field '" in msg and "(no value was computed for this token" in msg, msg
     same = tiny_cfg(tmp_path / "same", **data, **{"data.max_length": 14,
                                                   "data.max_prompt_length": 6})
     stages.run_policy(context.make_context(same))
@@ -190,3 +196,21 @@ def test_the_trl_export_of_a_cut_stage_keeps_its_scored_weights_and_marks_the_re
         got, src = rec["chosen_weight"], raw[i]["chosen_weight"]
         assert got[:kc] == pytest.approx(src[:kc], rel=1e-6)      # float32 copies
         assert all(math.isnan(x) for x in got[kc:wc]), (i, got)
+
+
+def test_stages_that_read_no_weights_take_the_stage_output_as_data(cut_run, tmp_path):
+    """SFT and the contrastive DPO runs read no weights (SFT no reference log-probs either):
+    another run's NaN-padded columns in their data are no reason to refuse it."""
+    ctx = cut_run
+    cfg = tiny_cfg(tmp_path, **{"data.train": ctx.path("weights", "train.jsonl"),
+                                "data.eval": ctx.path("weights", "eval.jsonl"),
+                                "data.max_length": 48, "data.max_prompt_length": 16})
+    cfg.log.progress = False
+    run = context.make_context(cfg)
+    assert os.path.isdir(stages.run_sft(run))
+    train, evaluation = context.load_records(run)
+    train, evaluation = (r.remove_columns(list(REFS.values())) for r in (train, evaluation))
+    out = stages.run_dpo(run, cfg.contrastive, str(tmp_path / "dpo"), method="dpo", beta=0.1,
+                         train_raw=train, eval_raw=evaluation, impl="torch", desc="dpo")
+    assert os.path.isdir(out)
+

@@ -50,6 +50,9 @@ def test_combined_se_and_df_on_a_hand_made_example():
     assert flat["se"] == pytest.approx(0.1 / math.sqrt(3)) and flat["df"] == 2
     none = combined_se([0.1, 0.1], [[0.1] * 3, [0.1] * 3])
     assert none["se"] == 0 and math.isnan(none["df"])
+    for bad in (combined_se([0.1, math.nan, 0.2], HAND),          # no SE from the rest alone
+                combined_se(np.mean(HAND, axis=1), [[math.nan, *HAND[0][1:]], *HAND[1:]])):
+        assert all(math.isnan(bad[k]) for k in ("se", "df", "bound", "se_seeds", "se_items"))
 
 
 def _case(rew_items_t, rew_items_d, acc_items_t, acc_items_d):

@@ -398,6 +398,6 @@ def test_recompute_of_truncated_records_equals_the_stage(tmp_path, balance):
             n = kept[i][k]
             assert a[:n] == b[:n] and np.isnan(a[n:]).all() and np.isnan(b[n:]).all()
     with pytest.raises(ValueError, match=r"^record \d+, field '(chosen|rejected)_score': value "
-                                         r"\d+ is nan, not a finite number \(a token the "
-                                         r"weights stage did not score"):
+                                         r"\d+ is nan, not a finite number \(no value was "
+                                         r"computed for this token"):
         weights.apply_rule(raw, rule, params, "auto")          # the NaN would be ranked

@@ -51,9 +51,9 @@ def _token_row(example: dict, side: str, values, column: str) -> list[float]:
                                                   for v in values]
 
 
-_UNSCORED = (" (a NaN weight is a token the weights stage did not score: its data.max_length "
-             "cut it; rerun that stage with a data.max_length that keeps as much as this "
-             "max_length does)")
+_UNSCORED = (" (no weight was computed for this token: a weights stage writes NaN for the "
+             "tokens its data.max_length cut; rerun it with a data.max_length that keeps as "
+             "much as this max_length does)")
 
 
 def _check_kept(values, kept: tuple[int, int], where: str) -> None:

@@ -149,8 +149,8 @@ def balance_weights(ds, mode: str, *, names=None, kept=None):
     if mode not in ("sequence", "side"):
         raise ValueError(f"weights.balance must be none, sequence or side, got {mode!r}")
 
-    def cut(i, r, k):
-        return r if kept is None or i not in kept else r[:kept[i][k]]
+    def cut(i, r, k):      # a row absent from ``kept`` is skipped by tokenisation: none read
+        return r if kept is None else r[:kept[i][k]] if i in kept else r[:0]
     side_mean = {}
     if mode == "side":
         for k, w in enumerate(WEIGHT_COLUMNS):

@@ -91,10 +91,17 @@ def _short(metrics: dict) -> str:
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
+def _without(raw, columns):
+    """``raw`` without the per-token ``columns`` a stage does not read (whose checks, e.g.
+    NaN where another run's weights stage cut, would refuse records for nothing)."""
+    return raw.remove_columns([c for c in columns if c in raw.column_names])
+
+
 def run_sft(ctx: Context, *, side: str = "chosen", name: str = "sft", raw=None,
             init: str | None = None, tcfg: TrainConfig | None = None) -> str:
     """Supervised fine-tuning on one side's responses (token-mean NLL); returns final dir."""
-    train_raw, eval_raw = load_records(ctx) if raw is None else raw
+    train_raw, eval_raw = (_without(r, SCORE_COLUMNS + WEIGHT_COLUMNS + REF_COLUMNS)
+                           for r in (load_records(ctx) if raw is None else raw))
     tok_train = tokenize_records(ctx, train_raw, "sft", f"{name} train")
     tok_eval = tokenize_records(ctx, eval_raw, "sft", f"{name} eval")
 
@@ -125,6 +132,8 @@ def run_dpo(ctx: Context, tcfg: TrainConfig, out_dir: str, *, method: str, beta:
     options = contrastive_options(ctx, "dpo")
     if enter_stage(ctx, out_dir, options, desc):
         return os.path.join(out_dir, "final")
+    train_raw, eval_raw = (_without(r, SCORE_COLUMNS + WEIGHT_COLUMNS)   # unit weights
+                           for r in (train_raw, eval_raw))
     tok_train = tokenize_records(ctx, train_raw, method, f"{desc} train")
     tok_eval = tokenize_records(ctx, eval_raw, method, f"{desc} eval")
     ref_path = reference_path(ctx)
@@ -312,7 +321,7 @@ def _policy_inputs(ctx: Context, pcfg: PolicyConfig, seed: int | None = None):
 
 def _kept(ctx: Context, raw, method: str) -> dict[int, tuple[int, int]]:
     """By row of ``raw``, the (chosen, rejected) completion tokens the policy's tokenisation
-    keeps: the weights stage's rule saw these alone (its columns are 0-padded past them)."""
+    keeps: the weights stage's rule saw these alone (its columns are NaN past them)."""
     tok, _ = tokenize_pairs(raw, ctx.tokenizer, tokenize_cfg(ctx.cfg, method))
     return {int(i): (len(c), len(r)) for i, c, r in
             zip(tok["record_index"], tok["chosen_ids"], tok["rejected_ids"])}

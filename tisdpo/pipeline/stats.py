@@ -122,8 +122,13 @@ def combined_se(per_seed, items=None) -> dict:
     available component alone when the other is nan; nan with neither). Under a two-way
     model (value = item + seed + seed×item) se_seeds² and se_items² both contain the
     seed×item interaction's variance / (S·I), so the sum counts it twice: conservative.
-    A component below :data:`ZERO_SE` is 0 (rounding), and an se that is 0 has no df."""
+    A component below :data:`ZERO_SE` is 0 (rounding), and an se that is 0 has no df. A
+    value that is not finite makes everything nan (no SE from the other part alone)."""
     per_seed = np.asarray(per_seed, dtype=np.float64).reshape(-1)
+    nan = float("nan")
+    if not np.isfinite(per_seed).all() or (
+            items is not None and not np.isfinite(np.asarray(items, dtype=np.float64)).all()):
+        return {"se_seeds": nan, "se_items": nan, "se": nan, "df": nan, "bound": nan}
     parts, out = [], {"se_seeds": standard_error(per_seed), "se_items": float("nan")}
     if items is not None:
         m = np.atleast_2d(np.asarray(items, dtype=np.float64))

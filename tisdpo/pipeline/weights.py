@@ -434,7 +434,8 @@ def apply_rule(raw, rule, params, impl, *, score_kind: str = "c_t", span: str | 
         for k, (s_col, w_col, side) in enumerate(zip(SCORE_COLUMNS, WEIGHT_COLUMNS,
                                                      ("chosen", "rejected"))):
             full = batch[s_col]
-            n = [len(r) if kept is None or i not in kept else kept[i][k]
+            # a row absent from ``kept`` is one tokenisation skips (skip_invalid): none read
+            n = [len(r) if kept is None else kept[i][k] if i in kept else 0
                  for i, r in zip(indices, full)]
             # the kept scores (the NaN of the tokens cut is never read), finite
             scores = [per_token_floats(r, name, s_col, len(r), m)[:m]

@@ -21,9 +21,11 @@ class RecordError(ValueError):
         super().__init__(f"{where}, field {field_name!r}: {message}")
 
 
-#: why a per-token value is NaN (JSON null): the weights stage's padding of the tokens it cut
-UNSCORED = ("a token the weights stage did not score: its data.max_length cut it; rerun it "
-            "with a data.max_length that keeps as much as this one")
+#: why a per-token value is NaN (JSON null), most likely: the weights stage's padding of the
+#: tokens it cut (a user's own NaN reads the same)
+UNSCORED = ("no value was computed for this token: a weights stage writes NaN for the tokens "
+            "its data.max_length cut; rerun it with a data.max_length that keeps as much as "
+            "this one")
 
 
 def per_token_floats(value, where: str, name: str, n_tokens: int,
