@@ -136,8 +136,7 @@ def test_a_filtering_backward_gets_no_tflops(monkeypatch):
     assert not providers.PROVIDERS["cce_exact"].filtered
 
 
-def _e2e_rows(shape: str, layout: str | None, fits: int) -> list[dict]:
-    env = _env(**GPU)
+def _e2e_rows(shape: str, layout: str | None, fits: int, env: dict) -> list[dict]:
     extra = {} if layout is None else {"layout": layout}
     return [R.make_row(env, op="e2e_step", provider="ours-triton", mode="step", shape=shape,
                        tokens=fits, metric="step_time", unit="ms", value=100.0, extra=extra,
@@ -156,8 +155,10 @@ def _e2e_rows(shape: str, layout: str | None, fits: int) -> list[dict]:
 def test_end_to_end_layouts_and_models_never_mix(tmp_path):
     """A rows-layout run and a toy run beside the packed Llama-3.2-1B one: each its own
     table; the target reads the Llama-3.2-1B runs, each layout named."""
-    rows = (_e2e_rows("llama3.2-1b", None, 131072) + _e2e_rows("llama3.2-1b", "rows", 65536)
-            + _e2e_rows("toy-llama", "packed", 262144))
+    env = _env(**GPU)                 # one invocation (one date): run 1 for every row
+    rows = (_e2e_rows("llama3.2-1b", None, 131072, env)
+            + _e2e_rows("llama3.2-1b", "rows", 65536, env)
+            + _e2e_rows("toy-llama", "packed", 262144, env))
     R.append_csv(rows, tmp_path / "e2e.csv")
     text = readme_table.render(readme_table.load(tmp_path))
     assert ("ours-triton (packed layout): longest pair that fitted 131072 tokens, peak 64.0 "
