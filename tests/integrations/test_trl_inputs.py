@@ -163,7 +163,7 @@ def test_weight_columns_that_are_not_lists_are_named(tok, tmp_path):
 
 # a NaN (null in JSON) is what the weights export writes for a token the weights stage did
 # not score: the error says so
-UNSCORED = r" \(no weight was computed for this token: .*\)"
+UNSCORED = r" \(no value was computed for this token: .*\)"
 
 
 @pytest.mark.parametrize("value, shown, note", [(None, "None", UNSCORED),

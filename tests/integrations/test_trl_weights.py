@@ -171,7 +171,7 @@ def test_tokens_the_stage_did_not_score_are_nan_and_refused_where_trl_keeps_them
         assert rec["chosen_weight"][n:] == [0.0]                 # TRL's EOS: unscored
     args = C.config(TISDPOConfig, tmp_path, method="tisdpo")
     with pytest.raises(ValueError, match=r"^train record 0, field '(chosen|rejected)_weight': "
-                                         r"value \d+ is nan, not a finite number \(no weight "
+                                         r"value \d+ is nan, not a finite number \(no value "
                                          r"was computed for this token"):
         TISDPOTrainer(model=C.tiny_model(tok), ref_model=C.tiny_model(tok), args=args,
                       train_dataset=out, processing_class=tok)
@@ -184,7 +184,7 @@ def test_tokens_the_stage_did_not_score_are_nan_and_refused_where_trl_keeps_them
     batch = TISDPOCollator(pad_token_id=0, max_length=3, ref_columns=None)(ex)
     assert batch["weights"].tolist() == [[0, 0, 0.5], [0, 0, 3.0]]
     with pytest.raises(ValueError, match=r"^column 'chosen_weight': value 1 is nan, not a "
-                                         r"finite number \(no weight was computed"):
+                                         r"finite number \(no value was computed"):
         TISDPOCollator(pad_token_id=0, max_length=4, ref_columns=None)(ex)
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from test_stages import tiny_cfg
 from tisdpo.pipeline import context
-from tisdpo.pipeline.weights import _maybe_full, _prompted_sides
+from tisdpo.pipeline.weights import _prompted_sides
+from tisdpo.pipeline.weights_io import full_lengths
 from tisdpo.train.trainer import rows_of
 
 POS, NEG = "Answer kindly and well. ", "Answer rudely and badly. "
@@ -24,7 +25,7 @@ def _rows(tmp_path, truncation, *, add_bos=False, max_positions=None, prefix=POS
         + [{"prompt": "short one:", "chosen": " kind", "rejected": " rude"}])
     tok_cfg = context.tokenize_cfg(cfg, cfg.policy.method)
     pol = context.tokenize_records(ctx, raw, "tisdpo", "policy", tok_cfg)
-    full = _maybe_full(ctx, raw, tok_cfg, pol)
+    full = full_lengths(ctx, raw, tok_cfg, pol)
     rows = rows_of(pol, range(len(pol)))
     sides = _prompted_sides(ctx, raw, (prefix, NEG), tok_cfg, full, max_positions)
     out = {name: side(rows) for name, side in zip(("pi+", "pi-"), sides)}
@@ -100,7 +101,7 @@ def test_chat_prompts_keep_the_prefix_under_keep_end(tmp_path, template):
     tok_cfg = context.tokenize_cfg(cfg, cfg.policy.method)
     pol = context.tokenize_records(ctx, raw, "tisdpo", "policy", tok_cfg)
     rows = rows_of(pol, range(len(pol)))
-    full = _maybe_full(ctx, raw, tok_cfg, pol)
+    full = full_lengths(ctx, raw, tok_cfg, pol)
     bos = ctx.tokenizer.bos_token_id
     default = "You are a helpful assistant, write about the rivers and the hills."
     for prefixes in (("Answer kindly. ", "Answer rudely. "), (default, "Answer rudely."),

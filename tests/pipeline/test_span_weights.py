@@ -13,6 +13,7 @@ from tisdpo.pipeline.demo import demo_config
 from tisdpo.pipeline.spans import (
     SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_rows, word_span_ids,
 )
+from tisdpo.pipeline.weights_io import merge_columns
 from tisdpo.train.config import RunConfig, validate
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.synthetic import load_tokenizer
@@ -370,7 +371,7 @@ def test_cut_tokens_get_span_id_minus_one():
     raw = datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
     est = datasets.Dataset.from_list([{"record_index": 0, "chosen_score": [0.5, 0.25],
                                        "chosen_span": [0, 0], "rejected_span": [0]}])
-    out = weights._merge(raw, est, {0: (4, 1)})[0]
+    out = merge_columns(raw, est, {0: (4, 1)})[0]
     assert out["chosen_span"] == [0, 0, -1, -1] and out["chosen_score"][:2] == [0.5, 0.25]
     assert np.isnan(out["chosen_score"][2:]).all()            # not scored: NaN, not 0
 

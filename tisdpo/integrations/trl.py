@@ -234,7 +234,6 @@ class TISDPOTrainer(_TRLDPOTrainer):
                                             getattr(args, "token_weights", "auto"))
         check = isinstance(dataset, Dataset) and cols is not None and any(c in names
                                                                             for c in cols)
-
         if check:
             missing = [c for c in cols if c not in names]
             if missing:

@@ -25,6 +25,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from tisdpo.train.records import non_finite
+from tisdpo.train.token_lists import UNSCORED
 
 __all__ = ["TISDPOCollator", "check_token_columns", "kept_completion", "REF_COLUMNS",
            "ALIGNMENT"]
@@ -51,21 +52,18 @@ def _token_row(example: dict, side: str, values, column: str) -> list[float]:
                                                   for v in values]
 
 
-_UNSCORED = (" (no weight was computed for this token: a weights stage writes NaN for the "
-             "tokens its data.max_length cut; rerun it with a data.max_length that keeps as "
-             "much as this max_length does)")
+_UNSCORED = f" ({UNSCORED})"
 
 
 def _check_kept(values, kept: tuple[int, int], where: str) -> None:
     """ValueError ``{where}: value k is v, not a finite number`` for the first entry of
     ``values`` within ``kept`` [start, stop) that is not one."""
     lo, hi = kept
-    problem = non_finite(values[lo:hi])
-    if problem:
-        k = next(j for j, v in enumerate(values[lo:hi]) if non_finite([v]))
-        v = values[lo + k]
-        raise ValueError(f"{where}: value {lo + k} is {v!r}, not a finite number"
-                         + (_UNSCORED if v is None or v != v else ""))
+    for k in range(lo, hi):
+        v = values[k]
+        if non_finite((v,)):
+            raise ValueError(f"{where}: value {k} is {v!r}, not a finite number"
+                             + (_UNSCORED if v is None or v != v else ""))
 
 
 def kept_completion(n_prompt: int, n_completion: int, max_length: int | None,

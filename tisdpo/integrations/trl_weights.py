@@ -33,6 +33,7 @@ import os
 
 from tisdpo.train.data import TokenizeConfig, tokenize_pairs
 from tisdpo.train.records import TEMPLATE_FIELDS, template_kwargs
+from tisdpo.train.token_lists import per_token_floats
 
 __all__ = ["align_weights_to_trl", "load_trl_weights", "export_trl_weights", "trl_weight_paths",
            "trl_completion_ids", "TISDPO_TOKEN_COLUMNS"]
@@ -149,13 +150,10 @@ def align_weights_to_trl(dataset, tokenizer, tokenize: TokenizeConfig | dict, *,
                                 return_offsets_mapping=True)
                 src_spans = [tuple(x) for x in enc["offset_mapping"]]
             full_n, n = len(row[f"{side}_ids"]), len(scored[f"{side}_ids"])
-            if vals[col] is None or len(vals[col]) != full_n:
-                raise ValueError(f"record {i}, field {col!r}: "
-                                 f"{'no' if vals[col] is None else len(vals[col])} values for "
-                                 f"{full_n} completion tokens")
+            # finite where scored; the rest (the stage's padding, whatever it is) unscored
+            values = per_token_floats(vals[col], f"record {i}", col, full_n, n)[:n] + \
+                [math.nan] * (full_n - n)
             try:
-                values = [math.nan if v is None else float(v) for v in vals[col][:n]] + \
-                    [math.nan] * (full_n - n)
                 out[col].append(_align(row[f"{side}_ids"], values, src_spans, trl_ids[s],
                                        None if trl_spans is None else trl_spans[s], eos_id,
                                        float(unscored_weight)))

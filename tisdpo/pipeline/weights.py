@@ -50,11 +50,9 @@ from tisdpo.pipeline.fingerprint import enter_stage, stage_options, upstream
 from tisdpo.pipeline.spans import (
     SPAN_COLUMNS, RuleParams, balance_weights, pool_spans, span_ids, span_rows,
 )
-from tisdpo.pipeline.weights_io import UNSCORED_PAD
-from tisdpo.pipeline.weights_io import full_lengths as _maybe_full
-from tisdpo.pipeline.weights_io import merge_columns as _merge
-from tisdpo.pipeline.weights_io import record_indices as _record_indices
-from tisdpo.pipeline.weights_io import untruncated as _untruncated
+from tisdpo.pipeline.weights_io import (
+    UNSCORED_PAD, full_lengths, merge_columns, record_indices, untruncated,
+)
 from tisdpo.train.checkpoint import DONE_FILE, write_json
 from tisdpo.train.config import RunConfig
 from tisdpo.train.data import per_token_floats
@@ -205,8 +203,8 @@ class _PromptedRows:
 
 def _prompted_sides(ctx, raw, prefixes: tuple[str, str], tok_cfg, full, max_positions):
     """(pi+ rows, pi- rows) of the prompt variant (:class:`_PromptedRows`), ``prefixes`` the
-    positive and negative prompts; ``full``: ``_maybe_full`` of the policy's tokenisation."""
-    whole = _untruncated(tok_cfg)
+    positive and negative prompts; ``full``: ``full_lengths`` of the policy's tokenisation."""
+    whole = untruncated(tok_cfg)
     toks = [tokenize_records(ctx, _with_prefix(raw, p), "", f"{n} prompts", whole)
             for p, n in zip(prefixes, ("pi+", "pi-"))]
     marked = None                      # where a prefix ends: no prefix ends as this one does
@@ -335,7 +333,7 @@ def run_weights(ctx: Context) -> str:
             (SPAN_COLUMNS if span == "word" else ())
         raw = raw.remove_columns([c for c in drop if c in raw.column_names])
         tok_pol = tokenize_records(ctx, raw, cfg.policy.method, f"weights {split}", tok_cfg)
-        full = _maybe_full(ctx, raw, tok_cfg, tok_pol)
+        full = full_lengths(ctx, raw, tok_cfg, tok_pol)
         spans = span_rows(raw, tok_pol, span, ctx.tokenizer, full)
         if variant == "prompt":
             c = cfg.contrastive
@@ -365,7 +363,7 @@ def run_weights(ctx: Context) -> str:
         if not ctx.par.is_main:                  # rank 0 merges them in record order
             continue
         est = datasets.concatenate_datasets([datasets.load_from_disk(d) for d in shards])
-        if _record_indices(est) != _record_indices(tok_pol):   # shards of another split-up
+        if record_indices(est) != record_indices(tok_pol):   # shards of another split-up
             raise ValueError(f"weights {split}: the shards in {os.path.dirname(shards[0])} "
                              f"hold {len(est)} pairs, not this split's {len(tok_pol)} in "
                              f"order; delete that folder to redo them")
@@ -374,7 +372,7 @@ def run_weights(ctx: Context) -> str:
                                   names=[f"record {i}" for i in est["record_index"]])
         if SOURCE_COLUMN in raw.column_names:    # file positions name records in errors only
             raw = raw.remove_columns(SOURCE_COLUMN)
-        result = _merge(raw, est, full)
+        result = merge_columns(raw, est, full)
         result.save_to_disk(os.path.join(out_dir, split))
         if cfg.weights.jsonl:
             result.to_json(os.path.join(out_dir, f"{split}.jsonl"), lines=True)
