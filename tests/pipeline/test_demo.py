@@ -8,8 +8,9 @@ import torch
 
 from tisdpo import cli
 from tisdpo.pipeline.demo import (
-    POLICIES, TOKEN_SCORES_ROW, _verdict, auc, format_table, sample_rewards,
+    POLICIES, TOKEN_SCORES_ROW, auc, format_table, sample_rewards,
 )
+from tisdpo.pipeline.demo_report import verdict
 from tisdpo.train.synthetic import load_tokenizer
 
 
@@ -106,7 +107,7 @@ def test_table_reports_a_loss_for_tisdpo_honestly():
     d_wins = (np.arange(100) < 80).astype(float)
     d_rew = np.linspace(-0.2, 0.8, 100)
 
-    def verdict(flips, dr):
+    def judged(flips, dr):
         t_wins = d_wins.copy()
         if flips < 0:
             t_wins[:-flips] = 0.0                  # loses -flips of the pairs DPO wins
@@ -118,17 +119,17 @@ def test_table_reports_a_loss_for_tisdpo_honestly():
                             "reward_per_seed": [t_rew.mean()]}}
         items = {"DPO": {"accuracy": d_wins, "reward": d_rew},
                  "TIS-DPO": {"accuracy": t_wins, "reward": t_rew}}
-        return _verdict(rows, 1, items)
-    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in verdict(-10, -0.1)
-    assert "did NOT beat DPO beyond noise" in verdict(1, 0.0005)
+        return verdict(rows, 1, items)
+    assert "did NOT beat DPO: worse on task reward and held-out accuracy" in judged(-10, -0.1)
+    assert "did NOT beat DPO beyond noise" in judged(1, 0.0005)
     assert "TIS-DPO beat DPO on task reward beyond the two-sided 95% t bound" in \
-        verdict(1, 0.1)
-    assert "Mixed: better on task reward, worse on held-out accuracy" in verdict(-10, 0.1)
+        judged(1, 0.1)
+    assert "Mixed: better on task reward, worse on held-out accuracy" in judged(-10, 0.1)
     # several seeds, no per-item values: the paired differences' spread decides
     many = {"DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8], "reward_per_seed": [0.3, 0.3, 0.3]},
             "TIS-DPO": {"accuracy_per_seed": [0.8, 0.8, 0.8],
                         "reward_per_seed": [0.35, 0.25, 0.31]}}
-    note = _verdict(many, 3)
+    note = verdict(many, 3)
     assert "beyond noise" in note and "per seed +0.050, -0.050, +0.010" in note
     res = {"train_pairs": 10, "eval_pairs": 5, "policy_steps": 3, "wall_s": 1.0,
            "weight_method": "rank_based", "note": "n",

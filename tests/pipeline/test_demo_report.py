@@ -3,7 +3,7 @@ negative verdict from a difference that was not tested."""
 import json
 from types import SimpleNamespace
 
-from tisdpo.pipeline.demo import _verdict, format_table
+from tisdpo.pipeline.demo_report import format_table, verdict
 
 NAN = float("nan")
 
@@ -50,10 +50,10 @@ def test_untested_differences_are_undecided_not_a_loss():
     noise'; it says the comparison is undecided for those metrics."""
     items = {"TIS-DPO": {"accuracy": [1.0] * 4, "reward": [0.5] * 2},
              "DPO": {"accuracy": [0.0] * 4, "reward": [0.0] * 2}}
-    note = _verdict(_rows(1.0, 0.5, {"accuracy_se": 0.0, "reward_se": 0.0}), 1, items)
+    note = verdict(_rows(1.0, 0.5, {"accuracy_se": 0.0, "reward_se": 0.0}), 1, items)
     assert "did NOT beat" not in note and "SE 0: untested" in note
     assert "Undecided on task reward and held-out accuracy" in note
-    note = _verdict(_rows(0.6, 0.1, {"accuracy_se": NAN, "reward_se": NAN}), 1)
+    note = verdict(_rows(0.6, 0.1, {"accuracy_se": NAN, "reward_se": NAN}), 1)
     assert "did NOT beat" not in note and "Undecided on task reward and held-out accuracy" \
         in note
     # one tested within noise, one untested (every pair agreed): each said as it is
@@ -61,11 +61,11 @@ def test_untested_differences_are_undecided_not_a_loss():
              "DPO": {"accuracy": [1.0, 0.0, 1.0, 0.0]}}
     noisy = {"TIS-DPO": {"reward": [0.2, -0.1, 0.1, -0.16], **agree["TIS-DPO"]},
              "DPO": {"reward": [0.0] * 4, **agree["DPO"]}}
-    note = _verdict(_rows(0.5, 0.01, {}), 1, noisy)
+    note = verdict(_rows(0.5, 0.01, {}), 1, noisy)
     assert "did NOT beat DPO beyond noise on task reward" in note
     assert "Undecided on held-out accuracy" in note
     # a tested win stays a win, the untested metric is undecided beside it
     clear = {"TIS-DPO": {"reward": [0.9, 0.91, 0.89, 0.9], **agree["TIS-DPO"]},
              "DPO": {"reward": [0.0] * 4, **agree["DPO"]}}
-    note = _verdict(_rows(0.5, 0.9, {}), 1, clear)
+    note = verdict(_rows(0.5, 0.9, {}), 1, clear)
     assert "TIS-DPO beat DPO on task reward" in note and "Undecided on held-out accuracy" in note

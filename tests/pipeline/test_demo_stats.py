@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tisdpo.pipeline import demo
-from tisdpo.pipeline.demo import _aggregate, _verdict, demo_config, held_out_prompts
+from tisdpo.pipeline.demo import demo_config, held_out_prompts
+from tisdpo.pipeline.demo_report import aggregate, verdict
 from tisdpo.pipeline.stats import betainc, combined_se, t_cdf, t_quantile
 from tisdpo.train.synthetic import load_tokenizer
 
@@ -77,7 +78,7 @@ def test_verdict_clear_win_states_the_t_rule():
     t_rew = d_rew + 0.1 + _noise(rng, 3, 200, 0.05)
     acc = (rng.random((3, 200)) < 0.8).astype(float)
     rows, items = _case(t_rew, d_rew, acc, acc)
-    note = _verdict(rows, 3, items)
+    note = verdict(rows, 3, items)
     st = combined_se(np.mean(t_rew - d_rew, axis=1), t_rew - d_rew)
     z = 0.1 / st["se"]
     assert f"task reward +0.100 ({z:+.1f} SE of {st['se']:.4f}; 95% t bound " \
@@ -99,7 +100,7 @@ def test_verdict_small_spread_across_seeds_is_within_item_noise():
     rows, items = _case(t_rew, d_rew, acc, acc)
     st = combined_se(np.mean(t_rew - d_rew, axis=1), t_rew - d_rew)
     assert 0.018 / st["se"] < st["bound"]                       # the case is what it claims
-    note = _verdict(rows, 3, items)
+    note = verdict(rows, 3, items)
     assert "beat DPO on task reward" not in note
     assert "did NOT beat DPO beyond noise on task reward" in note
 
@@ -111,7 +112,7 @@ def test_verdict_three_seeds_need_the_t_bound_not_2_se():
     d_rew = np.full((3, 10), 0.2)
     acc = np.ones((3, 10))
     rows, items = _case(d_rew + diffs[:, None], d_rew, acc, acc)
-    note = _verdict(rows, 3, items)
+    note = verdict(rows, 3, items)
     assert "(+3.0 SE of 0.0058; 95% t bound 4.30, t_2;" in note
     assert "did NOT beat DPO beyond noise on task reward" in note
 
@@ -125,7 +126,7 @@ def test_identical_seed_differences_are_decided_by_the_item_se():
     t_acc = d_acc.copy()
     t_acc[:, 10:12] = 1.0                                        # +0.1 on every seed
     rows, items = _case(t_rew, d_rew, t_acc, d_acc)
-    note = _verdict(rows, 3, items)
+    note = verdict(rows, 3, items)
     assert "Undecided" not in note and "SE 0" not in note
     assert "TIS-DPO beat DPO on task reward beyond" in note
     assert "Within the bound on held-out accuracy" in note       # 2 of 20 pairs: 1.45 SE
@@ -136,7 +137,7 @@ def test_identical_seed_differences_are_decided_by_the_item_se():
 def test_row_plus_minus_is_the_combined_se():
     runs = [{"accuracy": float(np.mean(h)), "wins": h, "reward": float(np.mean(h)),
              "prompt_rewards": h, "own_accuracy": None, "samples": 4} for h in HAND]
-    row = _aggregate("TIS-DPO", runs)
+    row = aggregate("TIS-DPO", runs)
     assert row["accuracy_se"] == pytest.approx(0.05) and row["reward_se"] == pytest.approx(0.05)
     assert row["accuracy_se_seeds"] == pytest.approx(0.025 / math.sqrt(3))
 

@@ -12,7 +12,8 @@ import torch
 
 from tisdpo import cli
 from tisdpo.pipeline import compare
-from tisdpo.pipeline.demo import _verdict, auc, sample_rewards, standard_error
+from tisdpo.pipeline.demo import auc, sample_rewards, standard_error
+from tisdpo.pipeline.demo_report import verdict
 from tisdpo.train.config import RunConfig
 from tisdpo.train.synthetic import load_tokenizer, synthetic_info
 
@@ -50,7 +51,7 @@ def test_verdict_n_se_is_the_mean_paired_difference_over_its_se():
     t, d = [0.35, 0.25, 0.31, 0.40], [0.30, 0.20, 0.30, 0.30]
     diffs = np.subtract(t, d)
     z = diffs.mean() / (diffs.std(ddof=1) / 2)
-    note = _verdict(_rows([0.8] * 4, [0.7, 0.8, 0.8, 0.8], t, d), 4)
+    note = verdict(_rows([0.8] * 4, [0.7, 0.8, 0.8, 0.8], t, d), 4)
     se = diffs.std(ddof=1) / 2
     # no per-item values: the SE is over the seeds only, with 3 df, and the note says so
     assert f"task reward {diffs.mean():+.3f} ({z:+.1f} SE of {se:.4f}; 95% t bound 3.18, t_3;" \
@@ -69,7 +70,7 @@ def test_one_seed_verdict_pairs_the_same_pairs_and_prompts():
                  accuracy_se=0.125, reward_se=0.1)
     items = {"DPO": {"accuracy": d_wins, "reward": d_rew},
              "TIS-DPO": {"accuracy": t_wins, "reward": t_rew}}
-    note = _verdict(rows, 1, items)
+    note = verdict(rows, 1, items)
     acc_d = np.subtract(t_wins, d_wins)
     z_acc = acc_d.mean() / (acc_d.std(ddof=1) / 4)
     rew_d = np.subtract(t_rew, d_rew)
@@ -84,7 +85,7 @@ def test_zero_spread_across_seeds_claims_nothing():
     # the same difference on every seed (up to float rounding) and no per-item values: SE 0,
     # so no "N SE" (it would be infinite, or 1e15 from the rounding residue); with per-item
     # values the items' spread decides (test_demo_stats.py)
-    note = _verdict(_rows([0.8] * 3, [0.8] * 3, [0.35, 0.45, 0.55], [0.30, 0.40, 0.50]), 3)
+    note = verdict(_rows([0.8] * 3, [0.8] * 3, [0.35, 0.45, 0.55], [0.30, 0.40, 0.50]), 3)
     assert "inf" not in note and "SE 0" in note
     assert "did NOT beat" not in note
     assert "Undecided on task reward and held-out accuracy" in note
@@ -93,7 +94,7 @@ def test_zero_spread_across_seeds_claims_nothing():
 def test_undefined_se_claims_nothing():
     # one seed, one sampled response each: the per-run SE is nan
     nan = float("nan")
-    note = _verdict(_rows([0.9], [0.8], [0.4], [0.3], accuracy_se=nan, reward_se=nan), 1)
+    note = verdict(_rows([0.9], [0.8], [0.4], [0.3], accuracy_se=nan, reward_se=nan), 1)
     assert "inf" not in note and "SE n/a" in note
     assert "did NOT beat" not in note
     assert "Undecided on task reward and held-out accuracy" in note

@@ -74,8 +74,6 @@ __all__ = ["demo_config", "run_demo", "auc", "format_table", "held_out_prompts",
            "sample_rewards", "standard_error", "write_results"]
 
 log = logging.getLogger("tisdpo")
-_se = standard_error
-_verdict, _aggregate = verdict, aggregate         # their names before demo_report held them
 
 #: (row label, run name, policy method, policy.token_weights)
 POLICIES = (
@@ -243,7 +241,7 @@ def sample_rewards(ctx, model, prompts: list[list[int]], info, *, seed: int) -> 
                 if len(examples) < 3:
                     examples.append(text)
     by_prompt = np.asarray(rewards, dtype=np.float64).reshape(-1, per_prompt).mean(1)
-    return {"reward": float(np.mean(rewards)), "reward_se": _se(by_prompt),
+    return {"reward": float(np.mean(rewards)), "reward_se": standard_error(by_prompt),
             "samples": len(rewards), "examples": examples, "prompt_rewards": by_prompt.tolist()}
 
 
@@ -302,7 +300,7 @@ def run_demo(cfg: RunConfig) -> dict:
             sums = _sequence_sums(ctx, model, tok_eval, impl) - ref_sums
             wins = (sums[:, 0] > sums[:, 1]).double().numpy()
             own = read_done(os.path.dirname(path))["metrics"].get("eval/rewards/accuracies")
-            runs.append({"accuracy": float(wins.mean()), "accuracy_se": _se(wins),
+            runs.append({"accuracy": float(wins.mean()), "accuracy_se": standard_error(wins),
                          "own_accuracy": own,
                          **sample_rewards(ctx, model, prompts, info, seed=seed)})
             runs[-1]["wins"] = wins.tolist()
